@@ -1,0 +1,173 @@
+"""Masks as plain functions (METHOD.md: Uniform Sampling, Secondary Masking, random masks).
+
+Convention everywhere: a mask is a bool tensor ``[N, L]`` over the ``L = gh * gw`` mask units
+of an image in row-major order, and **True = masked** (removed from the encoder, predicted by
+the decoder). Masks are drawn on the tensor's device for the whole batch at once; pass a
+``torch.Generator`` to make them reproducible from a seed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _device(generator: Optional[torch.Generator], device) -> torch.device:
+    if generator is not None:
+        return generator.device
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def check_uniform_grid(grid_h: int, grid_w: int) -> None:
+    if grid_h % 2 or grid_w % 2 or grid_h <= 0 or grid_w <= 0:
+        raise ValueError(
+            f"uniform sampling keeps one unit per 2x2 block, so the unit grid must have an even "
+            f"number of rows and columns; got a {grid_h}x{grid_w} grid "
+            f"(image size / mask unit size must be even)"
+        )
+
+
+def uniform_sampling(
+    n: int, grid_h: int, grid_w: int, *, device=None, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """Uniform Sampling: in every 2x2 block of units keep exactly one, chosen uniformly and
+    independently per block and per image (the paper's rule, not the reference's pooled
+    sampler). Returns the bool mask ``[n, grid_h * grid_w]``, True = masked (75%)."""
+    check_uniform_grid(grid_h, grid_w)
+    dev = _device(generator, device)
+    bh, bw = grid_h // 2, grid_w // 2
+    choice = torch.randint(0, 4, (n, bh, bw), device=dev, generator=generator)
+    return mask_from_choice(choice)
+
+
+def mask_from_choice(choice: Tensor) -> Tensor:
+    """``choice [N, bh, bw]`` in 0..3 (row-major inside the 2x2 block) -> mask ``[N, L]``."""
+    n, bh, bw = choice.shape
+    keep = torch.nn.functional.one_hot(choice, 4).bool()  # [N, bh, bw, 4]
+    keep = keep.view(n, bh, bw, 2, 2).permute(0, 1, 3, 2, 4).reshape(n, 2 * bh * 2 * bw)
+    return ~keep
+
+
+def block_choice(mask: Tensor, grid_h: int, grid_w: int) -> Tensor:
+    """Inverse of :func:`mask_from_choice`: which unit of each 2x2 block is kept.
+
+    Raises if a block does not keep exactly one unit (the mask is not a uniform-sampling mask).
+    """
+    check_uniform_grid(grid_h, grid_w)
+    n = mask.shape[0]
+    keep = (~mask).view(n, grid_h // 2, 2, grid_w // 2, 2).permute(0, 1, 3, 2, 4)
+    keep = keep.reshape(n, grid_h // 2, grid_w // 2, 4)
+    if not torch.equal(keep.sum(-1), torch.ones_like(keep[..., 0], dtype=torch.long)):
+        raise ValueError("mask does not keep exactly one unit per 2x2 block")
+    return keep.float().argmax(-1)
+
+
+def secondary_masking(
+    mask: Tensor, ratio: float, *, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """Secondary Masking: of the ``V`` visible units of each image choose exactly
+    ``floor(V * ratio)`` at random. Returns a bool ``[N, L]``, True = visible unit whose patch
+    embedding is replaced by the shared learnable token. The loss ignores these units.
+
+    Every image of the batch must have the same number of visible units (true for uniform and
+    for fixed-ratio random masks)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"secondary masking ratio must be in [0, 1), got {ratio}")
+    n, length = mask.shape
+    visible = (~mask).sum(1)
+    v = int(visible[0])
+    if not torch.all(visible == v):
+        raise ValueError("secondary masking needs the same number of visible units per image")
+    k = int(v * ratio)
+    if k == 0:
+        return torch.zeros_like(mask)
+    noise = torch.rand(n, length, device=mask.device, generator=generator)
+    noise = noise.masked_fill(mask, 2.0)  # masked units sort after every visible one
+    chosen = noise.argsort(dim=1)[:, :k]
+    sm = torch.zeros_like(mask)
+    sm.scatter_(1, chosen, True)
+    return sm
+
+
+def random_masking(
+    n: int, length: int, ratio: float, *, device=None, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """MAE random sampling / SimMIM random mask: exactly ``length - int(length * (1 - ratio))``
+    units masked per image, uniformly at random."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
+    dev = _device(generator, device)
+    num_keep = int(length * (1 - ratio))
+    if num_keep < 1:
+        raise ValueError(f"mask ratio {ratio} leaves no visible unit out of {length}")
+    noise = torch.rand(n, length, device=dev, generator=generator)
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    return ranks >= num_keep
+
+
+def unit_mask_to_tokens(mask: Tensor, grid_h: int, grid_w: int, k: int) -> Tensor:
+    """Unit mask ``[N, L]`` -> token mask ``[N, grid_h*k, grid_w*k]`` (each unit = k x k tokens)."""
+    m = mask.view(-1, grid_h, grid_w)
+    return m.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)
+
+
+# --- compaction ("reorganisation", METHOD.md) -------------------------------------------------
+
+
+def compact_image(x: Tensor, choice: Tensor, unit: int) -> Tensor:
+    """Gather the kept unit of every 2x2 block into a dense half-size image.
+
+    ``x [N, C, H, W]``, ``choice [N, H/(2u), W/(2u)]`` -> ``[N, C, H/2, W/2]``. The kept unit
+    lands at its block's position and keeps its own pixels, so patch-embedding the compact image
+    (stride 4 inside 16 px units) equals compacting the patch tokens of the full image, at a
+    quarter of the cost.
+    """
+    n, c, h, w = x.shape
+    bh, bw = choice.shape[1:]
+    units = x.view(n, c, bh, 2, unit, bw, 2, unit).permute(0, 2, 5, 3, 6, 1, 4, 7)
+    units = units.reshape(n, bh, bw, 4, c * unit * unit)
+    idx = choice.view(n, bh, bw, 1, 1).expand(n, bh, bw, 1, c * unit * unit)
+    kept = units.gather(3, idx).view(n, bh, bw, c, unit, unit)
+    return kept.permute(0, 3, 1, 4, 2, 5).reshape(n, c, bh * unit, bw * unit)
+
+
+def compact_positions(choice: Tensor, k: int) -> Tensor:
+    """True (row, col) on the full token grid of every token of the compact map.
+
+    ``choice [N, bh, bw]``, ``k`` tokens per unit side -> ``pos_hw [N, bh*k, bw*k, 2]`` (long).
+    Compact token ``(i, j)`` comes from block ``(i//k, j//k)``, offset ``(i%k, j%k)`` inside the
+    kept unit ``(2*bi + choice//2, 2*bj + choice%2)``.
+    """
+    n, bh, bw = choice.shape
+    dev = choice.device
+    rows = torch.arange(bh * k, device=dev)
+    cols = torch.arange(bw * k, device=dev)
+    c_rep = choice.repeat_interleave(k, 1).repeat_interleave(k, 2)  # [N, bh*k, bw*k]
+    r = (2 * (rows // k)).view(1, -1, 1) * k + (c_rep // 2) * k + (rows % k).view(1, -1, 1)
+    c = (2 * (cols // k)).view(1, 1, -1) * k + (c_rep % 2) * k + (cols % k).view(1, 1, -1)
+    return torch.stack([r, c], dim=-1)
+
+
+def dense_positions(n: int, h: int, w: int, device=None) -> Tensor:
+    """``pos_hw [n, h, w, 2]`` of a full (uncompacted) token grid."""
+    r = torch.arange(h, device=device).view(1, h, 1).expand(n, h, w)
+    c = torch.arange(w, device=device).view(1, 1, w).expand(n, h, w)
+    return torch.stack([r, c], dim=-1)
+
+
+def kept_unit_index(choice: Tensor) -> Tensor:
+    """Index (row-major on the full unit grid) of the kept unit of each block, in compact
+    row-major order: ``[N, bh*bw]``."""
+    n, bh, bw = choice.shape
+    gw = 2 * bw
+    br = torch.arange(bh, device=choice.device).view(1, bh, 1)
+    bc = torch.arange(bw, device=choice.device).view(1, 1, bw)
+    idx = (2 * br + choice // 2) * gw + 2 * bc + choice % 2
+    return idx.reshape(n, bh * bw)
+
+
+def reference_unit_index(choice: Tensor) -> Tensor:
+    """The reference code's (flawed) assignment: compact token ``k`` gets the ``k``-th visible
+    unit in row-major order of the FULL grid. Kept only for the named compatibility option."""
+    return kept_unit_index(choice).sort(dim=1).values
