@@ -1,0 +1,117 @@
+"""PVT (v1 style), UM-MAE variant: spatial-reduction attention whose keys/values are
+average-pooled by ``sr`` and then pass a 1x1 conv + LayerNorm, so the same weights serve any
+``sr`` (pre-training 4-2-1-1 on the compact map, fine-tuning 8-4-2-1 on the full map).
+A fixed 2-D sin-cos embedding of every token's TRUE position is added at each stage.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import Tensor
+
+from ..layers import sincos_2d
+from .base import PyramidBackbone
+
+
+class SRAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.sr = nn.Conv2d(dim, dim, 1)
+        self.sr_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, H, W, C]`` -> ``[B, H, W, C]``."""
+        b, h, w, c = x.shape
+        d = c // self.num_heads
+        q = self.q(x).view(b, h * w, self.num_heads, d).transpose(1, 2)
+        y = x.permute(0, 3, 1, 2)
+        if self.sr_ratio > 1:
+            y = F.avg_pool2d(y, self.sr_ratio, self.sr_ratio, ceil_mode=True)
+        y = self.sr_norm(self.sr(y).flatten(2).transpose(1, 2))
+        k, v = self.kv(y).view(b, -1, 2, self.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+
+
+class PVTBlock(nn.Module):
+    def __init__(self, dim, num_heads, sr_ratio, mlp_ratio, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SRAttention(dim, num_heads, sr_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Downsample(nn.Module):
+    """2x2 stride-2 conv + LayerNorm between stages; positions: top-left, halved."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, out_dim, 2, stride=2)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: Tensor, pos: Tensor):
+        x = self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return x, pos[:, ::2, ::2] // 2
+
+
+class PyramidVisionTransformer(PyramidBackbone):
+    def __init__(
+        self,
+        embed_dims: Sequence[int] = (64, 128, 320, 512),
+        depths: Sequence[int] = (3, 4, 6, 3),
+        num_heads: Sequence[int] = (1, 2, 5, 8),
+        mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+        sr_ratios: Sequence[int] = (4, 2, 1, 1),
+        drop_path: float = 0.0,
+        in_chans: int = 3,
+    ):
+        super().__init__(embed_dims, in_chans)
+        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        self.downsamples = nn.ModuleList(Downsample(embed_dims[s], embed_dims[s + 1]) for s in range(len(depths) - 1))
+        self.stages = nn.ModuleList()
+        i = 0
+        for s, depth in enumerate(depths):
+            self.stages.append(nn.ModuleList(
+                PVTBlock(embed_dims[s], num_heads[s], sr_ratios[s], mlp_ratios[s], dpr[i + j]) for j in range(depth)
+            ))
+            i += depth
+        self.norm = nn.LayerNorm(embed_dims[-1])
+        self.sr_ratios = list(sr_ratios)
+
+    def set_sr_ratios(self, sr_ratios: Sequence[int]) -> None:
+        """Pre-training uses 4-2-1-1 on the compact map, fine-tuning 8-4-2-1 on the full map;
+        pooling is parameter-free, so the weights carry over unchanged."""
+        if len(sr_ratios) != len(self.stages):
+            raise ValueError(f"need {len(self.stages)} sr ratios, got {list(sr_ratios)}")
+        self.sr_ratios = list(sr_ratios)
+        for stage, sr in zip(self.stages, sr_ratios):
+            for blk in stage:
+                blk.attn.sr_ratio = sr
+
+    def forward_stages(self, x: Tensor, pos: Tensor, extent: int) -> List[Tensor]:
+        outs = []
+        for s, stage in enumerate(self.stages):
+            if s > 0:
+                x, pos = self.downsamples[s - 1](x, pos)
+            x = x + sincos_2d(pos, x.shape[-1]).to(x.dtype)
+            for blk in stage:
+                x = blk(x)
+            if s == len(self.stages) - 1:
+                x = self.norm(x)
+            outs.append(x.permute(0, 3, 1, 2))
+        return outs

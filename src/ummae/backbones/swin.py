@@ -1,0 +1,202 @@
+"""Swin Transformer, UM-MAE variant: window attention whose relative position bias is a
+small MLP of the tokens' TRUE relative positions (METHOD.md "pos-MLP"), so the same weights
+run on the compact map (pre-training, window 8) and on the full map (fine-tuning, window 16).
+Patch merging = LayerNorm + 2x2 stride-2 conv.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import Tensor
+
+from .base import PyramidBackbone
+
+
+def log_spaced(d: Tensor) -> Tensor:
+    """``sign(d) * log(1 + |d|)``: relative coordinates squashed so that far offsets share
+    resolution (METHOD.md)."""
+    return torch.sign(d) * torch.log1p(d.abs())
+
+
+class PosMLPBias(nn.Module):
+    """Relative position bias ``heads x T x T`` from the tokens' true positions.
+
+    The MLP (1x1 conv 2->hidden, ReLU, 1x1 conv hidden->heads; 1x1 convs written as Linear) is
+    applied pointwise to each relative offset, and offsets are integers in
+    ``[-(E-1), E-1]^2`` on a grid of side ``E``. So we evaluate it once on that table and
+    gather, which is exactly the per-pair MLP at a fraction of the cost.
+    """
+
+    def __init__(self, num_heads: int, hidden: int = 32):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_heads))
+
+    def mlp_of_offsets(self, d: Tensor) -> Tensor:
+        """Reference path: the MLP on offsets ``d [..., 2]`` -> ``[..., heads]``."""
+        return self.mlp(log_spaced(d.float()))
+
+    def forward(self, pos: Tensor, extent: int) -> Tensor:
+        """``pos [..., T, 2]`` (long) -> bias ``[..., heads, T, T]``."""
+        e = extent
+        r = torch.arange(-(e - 1), e, device=pos.device)
+        grid = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1)  # [2E-1, 2E-1, 2]
+        table = self.mlp_of_offsets(grid).permute(2, 0, 1).reshape(-1, (2 * e - 1) ** 2)
+        d = pos.unsqueeze(-2) - pos.unsqueeze(-3)  # [..., T, T, 2]
+        idx = (d[..., 0] + e - 1) * (2 * e - 1) + (d[..., 1] + e - 1)
+        bias = table[:, idx]  # [heads, ..., T, T]
+        return bias.movedim(0, -3)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, pos_hidden: int = 32, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.pos_bias = PosMLPBias(num_heads, pos_hidden)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        """``x [B, nW, T, C]``, ``bias`` broadcastable to ``[B, nW, heads, T, T]``."""
+        b, nw, t, c = x.shape
+        qkv = self.qkv(x).view(b, nw, t, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # [B, nW, heads, T, d]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(out.transpose(2, 3).reshape(b, nw, t, c))
+
+
+def window_partition(x: Tensor, ws: int) -> Tensor:
+    """``[B, H, W, C]`` -> ``[B, nW, ws*ws, C]``."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c).transpose(2, 3)
+    return x.reshape(b, (h // ws) * (w // ws), ws * ws, c)
+
+
+def window_reverse(x: Tensor, ws: int, h: int, w: int) -> Tensor:
+    b, c = x.shape[0], x.shape[-1]
+    x = x.view(b, h // ws, w // ws, ws, ws, c).transpose(2, 3)
+    return x.reshape(b, h, w, c)
+
+
+def shift_region_mask(h: int, w: int, ws: int, shift: int, device) -> Tensor:
+    """Swin's mask for shifted windows: tokens that were not neighbours before the cyclic
+    shift must not attend to each other. ``[nW, 1, T, T]`` with 0 / -inf."""
+    region = torch.zeros(h, w, device=device)
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            region[hs, wsl] = cnt
+            cnt += 1
+    win = window_partition(region.view(1, h, w, 1), ws).squeeze(-1)[0]  # [nW, T]
+    diff = win.unsqueeze(1) != win.unsqueeze(2)
+    return torch.zeros(diff.shape, device=device).masked_fill(diff, float("-inf")).unsqueeze(1)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, num_heads, window_size, shift, mlp_ratio=4.0, drop_path=0.0, pos_hidden=32):
+        super().__init__()
+        self.window_size = window_size
+        self.shift = shift  # whether this block uses shifted windows (every second block)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, pos_hidden)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, pos: Tensor, extent: int) -> Tensor:
+        b, h, w, c = x.shape
+        ws = min(self.window_size, h, w)
+        if h % ws or w % ws:
+            raise ValueError(f"Swin window {ws} does not tile a {h}x{w} token map")
+        shift = ws // 2 if self.shift and min(h, w) > ws else 0
+        y = self.norm1(x)
+        if shift:
+            y = torch.roll(y, (-shift, -shift), dims=(1, 2))
+            pos = torch.roll(pos, (-shift, -shift), dims=(1, 2))
+        bias = self.attn.pos_bias(window_partition(pos, ws), extent)  # [P, nW, heads, T, T]
+        if shift:
+            bias = bias + shift_region_mask(h, w, ws, shift, x.device)
+        y = window_reverse(self.attn(window_partition(y, ws), bias), ws, h, w)
+        if shift:
+            y = torch.roll(y, (shift, shift), dims=(1, 2))
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """LayerNorm + 2x2 stride-2 conv (METHOD.md); positions: top-left of each 2x2, halved."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.reduction = nn.Conv2d(dim, out_dim, 2, stride=2)
+
+    def forward(self, x: Tensor, pos: Tensor):
+        x = self.reduction(self.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x, pos[:, ::2, ::2] // 2
+
+
+class SwinTransformer(PyramidBackbone):
+    def __init__(
+        self,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 8,
+        mlp_ratio: float = 4.0,
+        pos_hidden: int = 32,
+        drop_path: float = 0.0,
+        in_chans: int = 3,
+    ):
+        dims = [embed_dim * 2**i for i in range(len(depths))]
+        super().__init__(dims, in_chans)
+        self.window_size = window_size
+        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        i = 0
+        for s, (depth, heads) in enumerate(zip(depths, num_heads)):
+            self.stages.append(nn.ModuleList(
+                SwinBlock(dims[s], heads, window_size, shift=bool(j % 2), mlp_ratio=mlp_ratio,
+                          drop_path=dpr[i + j], pos_hidden=pos_hidden)
+                for j in range(depth)
+            ))
+            i += depth
+            if s < len(depths) - 1:
+                self.downsamples.append(PatchMerging(dims[s], dims[s + 1]))
+        self.norm = nn.LayerNorm(dims[-1])
+
+    def set_window_size(self, window_size: int) -> None:
+        """Pre-train at 8 on the compact map, fine-tune at 16 on the full map: the pos-MLP
+        needs no interpolation."""
+        self.window_size = window_size
+        for stage in self.stages:
+            for blk in stage:
+                blk.window_size = window_size
+
+    def check_map_size(self, side: int, what: str) -> None:
+        super().check_map_size(side, what)
+        for s in range(len(self.stages)):
+            m = side // 2**s
+            ws = min(self.window_size, m)
+            if m % ws:
+                raise ValueError(
+                    f"{what}: Swin window {self.window_size} does not tile the {m}x{m} map of stage {s + 1}; "
+                    f"choose an image size whose stage maps are multiples of the window"
+                )
+
+    def forward_stages(self, x: Tensor, pos: Tensor, extent: int) -> List[Tensor]:
+        outs = []
+        for s, stage in enumerate(self.stages):
+            for blk in stage:
+                x = blk(x, pos, extent)
+            if s == len(self.stages) - 1:
+                x = self.norm(x)
+            outs.append(x.permute(0, 3, 1, 2))
+            if s < len(self.downsamples):
+                x, pos = self.downsamples[s](x, pos)
+                extent = (extent + 1) // 2
+        return outs

@@ -1,0 +1,70 @@
+"""Plain ViT (MAE's encoder): global attention takes any subset of tokens, so UM-MAE and
+MAE random sampling simply drop the masked patches; no compaction needed."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+from torch import Tensor
+
+from ..layers import PatchEmbed, sincos_grid
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        in_chans: int = 3,
+    ):
+        super().__init__()
+        self.patch_size = patch_size
+        self.num_features = embed_dim
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        dpr = torch.linspace(0, drop_path, depth).tolist()
+        # timm's Block uses F.scaled_dot_product_attention (fused attention).
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i]) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module="norm")]
+
+    def _embed(self, imgs: Tensor) -> Tuple[Tensor, Tensor]:
+        """Patch tokens ``[N, L, D]`` (before position) and their fixed sin-cos positions."""
+        x = self.patch_embed(imgs)
+        h, w = x.shape[1:3]
+        pos = sincos_grid(h, w, x.shape[-1]).to(device=x.device, dtype=x.dtype)
+        return x.flatten(1, 2), pos
+
+    def _run(self, x: Tensor) -> Tensor:
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_visible(
+        self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = None, sm_token: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """MAE encoder: ``mask [N, L]`` True = dropped. SM units get ``sm_token`` plus their
+        position embedding. Returns visible features ``[N, V, D]`` (cls dropped) and their unit
+        indices ``[N, V]`` (row-major)."""
+        x, pos = self._embed(imgs)
+        if sm_mask is not None and sm_token is not None:
+            x = torch.where(sm_mask.unsqueeze(-1), sm_token.to(x.dtype), x)
+        x = x + pos
+        num_visible = int(mask.shape[1] - mask[0].sum())
+        ids = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]
+        x = x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self._run(x)[:, 1:], ids
+
+    def forward_features(self, imgs: Tensor) -> Tensor:
+        """All tokens ``[N, 1 + L, D]`` (cls first)."""
+        x, pos = self._embed(imgs)
+        return self._run(x + pos)

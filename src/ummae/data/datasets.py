@@ -1,0 +1,248 @@
+"""Pre-training datasets: the embedded demo photos, ImageFolder, flat folders and list files.
+
+Every dataset returns ``(image [3, S, S] float, label int)`` per sample, or ``None`` for an
+image that cannot be read (see :func:`collate_skip_bad`), so one bad file never stops a run.
+
+Samples are addressed by ``(index, sample_seed)`` keys from :class:`ResumableSampler`: the
+random crop and flip are a pure function of the key, whatever the number of workers, which is
+what makes a resumed run see exactly the images it would have seen.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+# Real photographs shipped inside scikit-image's wheel (the embedded default data). Synthetic
+# images (chessboard, logo, text, page, phantom, color chart, binary horse) are left out, and
+# so is microaneurysms.png (102x102 px: too small to crop from).
+DEMO_PHOTOS = (
+    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
+    "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
+    "moon.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
+)
+MIN_DEMO_PHOTOS = 5
+
+Key = Union[int, tuple]
+
+
+def is_image_file(name: str) -> bool:
+    """True for a non-hidden file name with one of :data:`IMG_EXTENSIONS` (any case)."""
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _scan_images(folder: str) -> list[str]:
+    """All image files below ``folder`` (recursive, hidden files and folders skipped), sorted so
+    the sample order is the same on every machine. Symlinked folders are followed, since
+    dataset trees are often assembled from links."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in sorted(files) if is_image_file(f))
+    return found
+
+
+def _no_images_error(folder: str) -> ValueError:
+    return ValueError(
+        f"no images were found in {folder} (looked for {' '.join(IMG_EXTENSIONS)}, any case)"
+    )
+
+
+def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 1.0)):
+    """The MAE / UM-MAE pre-training augmentation: PIL image -> normalised ``[3, S, S]``."""
+    return T.Compose([
+        T.RandomResizedCrop(
+            img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC
+        ),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+class PretrainDataset(Dataset):
+    """A list of ``(path, label)`` samples (label -1 = unlabelled) plus the augmentation.
+
+    ``dataset[(index, sample_seed)]`` -> ``(image [3, S, S] float, label int)``, or ``None``
+    when the file cannot be read (one warning is logged naming the path). A plain int index is
+    also accepted; the augmentation then draws from the global torch RNG.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform, kind: str, source: str,
+                 num_classes: int = 0, note: str = ""):
+        self.samples = samples
+        self.transform = transform
+        self.kind = kind
+        self.source = source
+        self.num_classes = num_classes
+        self.note = note
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self) -> str:
+        """One line for the log: kind, source, number of images, number of classes."""
+        classes = f"{self.num_classes} classes" if self.num_classes else "unlabelled"
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.kind} {self.source}: {len(self.samples)} images, {classes}{note}"
+
+    def __getitem__(self, key: Key) -> Optional[tuple[Tensor, int]]:
+        if isinstance(key, tuple):
+            index, seed = key
+        else:
+            index, seed = key, None
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as f:
+                img = f.convert("RGB")  # also forces the full decode, so truncation shows here
+        except Exception as e:
+            # Pillow raises a zoo of types for damaged files (OSError, SyntaxError, EOFError,
+            # struct.error, DecompressionBombError...); only open + decode run under this
+            # catch, so it hides no bug of ours and one bad file never stops a long run.
+            logger.warning("skipping unreadable image %s: %s: %s", path, type(e).__name__, e)
+            return None
+        if seed is None:
+            return self.transform(img), label
+        # Seed only the CPU generator (torch.manual_seed would also reseed CUDA, which
+        # fork_rng(devices=[]) does not restore, and so would disturb the training process's
+        # GPU randomness when num_workers=0); fork_rng restores the CPU state afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(seed))
+            image = self.transform(img)
+        return image, label
+
+
+def _demo_samples(repeats: int) -> tuple[list[tuple[str, int]], str, str]:
+    import skimage.data  # imported here: only the demo needs it
+
+    folder = os.path.dirname(skimage.data.__file__)
+    # Only files already in the wheel are opened: never skimage's fetch/download helpers.
+    photos = [os.path.join(folder, n) for n in DEMO_PHOTOS
+              if os.path.isfile(os.path.join(folder, n))]
+    if len(photos) < MIN_DEMO_PHOTOS:
+        raise ValueError(
+            f"embedded demo data: found only {len(photos)} of the {len(DEMO_PHOTOS)} sample "
+            f"photos in {folder} (need at least {MIN_DEMO_PHOTOS}); reinstall scikit-image or "
+            f"pass a data path"
+        )
+    if repeats < 1:
+        raise ValueError(f"demo_repeats must be >= 1, got {repeats}")
+    samples = [(p, -1) for _ in range(repeats) for p in photos]
+    return samples, folder, f"{len(photos)} scikit-image photos x {repeats} repeats"
+
+
+def _folder_samples(folder: str) -> tuple[list[tuple[str, int]], str, int]:
+    """ImageFolder layout if the top level holds only class sub-folders; otherwise (any image
+    directly in ``folder``) a flat unlabelled folder, searched recursively with label -1:
+    top-level images mean the sub-folders are not a class split."""
+    entries = sorted(e for e in os.listdir(folder) if not e.startswith("."))
+    top_images = [e for e in entries if is_image_file(e)
+                  and os.path.isfile(os.path.join(folder, e))]
+    if top_images:
+        paths = _scan_images(folder)
+        return [(p, -1) for p in paths], "flat folder", 0
+
+    classes = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
+    samples, direct = [], False
+    for label, name in enumerate(classes):  # labels = index in the sorted names, as ImageNet
+        class_dir = os.path.join(folder, name)
+        paths = _scan_images(class_dir)
+        if not paths:
+            logger.warning("class folder %s holds no images (its label %d stays unused)",
+                           class_dir, label)
+        direct = direct or any(os.path.dirname(p) == class_dir for p in paths)
+        samples.extend((p, label) for p in paths)
+    if not samples:
+        raise _no_images_error(folder)
+    if not direct:
+        # e.g. the dataset root with train/ and val/ was passed instead of train/
+        logger.warning("no class folder of %s holds images directly; its sub-folders (%s) are "
+                       "used as classes - is this the parent of the split folders?",
+                       folder, ", ".join(classes[:5]))
+    return samples, "ImageFolder", len(classes)
+
+
+def _list_file_samples(list_file: str, data_root: Optional[str]) -> tuple[list, str, int]:
+    """``relative/path [label]`` per line (the reference's IN1K/train.txt); blank lines and
+    lines starting with ``#`` are skipped. Paths may not contain spaces. Files are not checked
+    here (ImageNet lists have 1.28M lines): a missing one reads as a bad image later."""
+    root = data_root if data_root is not None else os.path.dirname(os.path.abspath(list_file))
+    if not os.path.isdir(root):
+        raise ValueError(f"data root not found: {root} (for list file {list_file})")
+    samples = []
+    with open(list_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) > 2:
+                raise ValueError(
+                    f"{list_file}, line {lineno}: expected 'path [label]', got {len(fields)} "
+                    f"fields (paths may not contain spaces)"
+                )
+            label = -1
+            if len(fields) == 2:
+                try:
+                    label = int(fields[1])
+                except ValueError:
+                    raise ValueError(
+                        f"{list_file}, line {lineno}: label {fields[1]!r} is not an integer"
+                    ) from None
+            samples.append((os.path.join(root, fields[0]), label))
+    if not samples:
+        raise ValueError(f"list file {list_file} lists no images")
+    return samples, root, len({lab for _, lab in samples if lab >= 0})
+
+
+def build_pretrain_dataset(
+    data: Optional[str],
+    img_size: int,
+    crop_scale: Sequence[float] = (0.2, 1.0),
+    data_root: Optional[str] = None,
+    demo_repeats: int = 8,
+) -> PretrainDataset:
+    """Build the pre-training dataset from ``data``:
+
+    - ``None``: the embedded demo (real photos from scikit-image's wheel, each listed
+      ``demo_repeats`` times per epoch, label -1);
+    - a folder of class sub-folders: ImageFolder, label = index of the sorted class name;
+    - a folder with images at its top level: flat, searched recursively, label -1;
+    - a file: list of ``relative/path [label]`` lines, relative to ``data_root`` (default: the
+      list file's folder).
+
+    Samples give ``(image [3, img_size, img_size], label)``; see :class:`PretrainDataset`.
+    """
+    if img_size <= 0:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    lo, hi = crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
+    transform = build_pretrain_transform(img_size, crop_scale)
+
+    if data is None:
+        samples, folder, note = _demo_samples(demo_repeats)
+        ds = PretrainDataset(samples, transform, "embedded demo", folder, note=note)
+    else:
+        path = os.path.expanduser(str(data))
+        if not os.path.exists(path):
+            raise ValueError(f"data path not found: {data}")
+        if os.path.isdir(path):
+            samples, kind, n_classes = _folder_samples(path)
+            ds = PretrainDataset(samples, transform, kind, path, n_classes)
+        else:
+            samples, root, n_classes = _list_file_samples(path, data_root)
+            ds = PretrainDataset(samples, transform, "list file", path, n_classes,
+                                 note=f"root {root}")
+    logger.info("pre-training data: %s", ds.describe())
+    return ds

@@ -1,0 +1,24 @@
+"""Fixed 2-D sin-cos position embeddings, evaluated at arbitrary (row, col) positions so that
+compact maps (UM-MAE) get the embedding of their tokens' true positions."""
+import torch
+from torch import Tensor
+
+
+def sincos_2d(pos_hw: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """``pos_hw [..., 2]`` (row, col) -> ``[..., dim]``: half the channels encode the row,
+    half the column, each as sin and cos of ``dim/4`` frequencies (MAE's embedding)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, device=pos_hw.device, dtype=torch.float32) / quarter)
+    pos = pos_hw.float()
+    out_r = pos[..., 0:1] * omega
+    out_c = pos[..., 1:2] * omega
+    return torch.cat([out_r.sin(), out_r.cos(), out_c.sin(), out_c.cos()], dim=-1)
+
+
+def sincos_grid(h: int, w: int, dim: int) -> Tensor:
+    """``[h*w, dim]`` embedding of a full row-major grid."""
+    r = torch.arange(h).view(h, 1).expand(h, w)
+    c = torch.arange(w).view(1, w).expand(h, w)
+    return sincos_2d(torch.stack([r, c], -1).reshape(h * w, 2), dim)

@@ -1,0 +1,180 @@
+"""UM-MAE and MAE: masked autoencoders over Swin / PVT (Uniform Masking + compaction) and ViT
+(Uniform Masking or MAE random sampling). METHOD.md is the specification; the whole method is
+in this file: patchify, masking, encoder, decoder, loss."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..backbones import PyramidBackbone, VisionTransformer
+from ..layers import init_weights
+from ..masking import (
+    block_choice, check_uniform_grid, kept_unit_index, random_masking, reference_unit_index,
+    secondary_masking, uniform_sampling,
+)
+from .decoder import MAEDecoder
+
+
+def patchify(imgs: Tensor, unit: int) -> Tensor:
+    """``[N, C, H, W]`` -> ``[N, L, unit*unit*C]`` (row-major units, pixels (dy, dx, c))."""
+    n, c, h, w = imgs.shape
+    x = imgs.reshape(n, c, h // unit, unit, w // unit, unit)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // unit) * (w // unit), unit * unit * c)
+
+
+def unpatchify(x: Tensor, unit: int, grid: Tuple[int, int], channels: int = 3) -> Tensor:
+    """Inverse of :func:`patchify`."""
+    n = x.shape[0]
+    gh, gw = grid
+    x = x.reshape(n, gh, gw, unit, unit, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(n, channels, gh * unit, gw * unit)
+
+
+def norm_pix_target(target: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-unit normalised pixels (MAE's norm_pix_loss): subtract the unit's mean, divide by
+    sqrt(var + eps) over its ``unit*unit*3`` values."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + eps) ** 0.5
+
+
+def masked_mean(per_unit: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``per_unit [N, L]`` over the masked units (True = masked)."""
+    m = mask.to(per_unit.dtype)
+    return (per_unit * m).sum() / m.sum()
+
+
+class MaskedAutoencoder(nn.Module):
+    """``forward(imgs) -> {"loss", "pred" [N, L, u*u*3], "mask" [N, L], "sm_mask" [N, L]}``;
+    masks: True = masked (mask) / True = visible unit replaced by the SM token (sm_mask)."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        img_size: int,
+        unit_size: int = 16,
+        sampling: str = "uniform",
+        mask_ratio: float = 0.75,
+        sm_ratio: float = 0.25,
+        norm_pix_loss: bool = True,
+        decoder_pos: str = "true",
+        decoder_dim: int = 512,
+        decoder_depth: int = 2,
+        decoder_heads: int = 16,
+    ):
+        super().__init__()
+        self.pyramid = isinstance(encoder, PyramidBackbone)
+        _validate(encoder, self.pyramid, img_size, unit_size, sampling, mask_ratio, sm_ratio, decoder_pos)
+        self.encoder = encoder
+        self.img_size = self.default_img_size = img_size
+        self.unit_size = unit_size
+        self.grid = (img_size // unit_size, img_size // unit_size)
+        self.sampling = sampling
+        self.mask_ratio = 0.75 if sampling == "uniform" else mask_ratio
+        self.sm_ratio = sm_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.decoder_pos = decoder_pos
+        if self.pyramid:
+            # Last compact map is S/64 a side; the unit-block grid is S/(2u): upsample by 32/u.
+            self.shuffle = 32 // unit_size
+            self.decoder_embed = nn.Linear(encoder.num_features, self.shuffle**2 * decoder_dim)
+            token_dim = encoder.embed_dims[0]
+        else:
+            self.shuffle = 1
+            self.decoder_embed = nn.Linear(encoder.num_features, decoder_dim)
+            token_dim = encoder.num_features
+        # One shared learnable token for every SM unit; absent when SM is off, so that no
+        # parameter goes without a gradient (DDP would need find_unused_parameters).
+        self.sm_token = nn.Parameter(torch.zeros(token_dim)) if sm_ratio > 0 else None
+        self.decoder = MAEDecoder(self.grid, unit_size * unit_size * 3, decoder_dim, decoder_depth, decoder_heads)
+        self.apply(init_weights)
+        if self.sm_token is not None:
+            nn.init.normal_(self.sm_token, std=0.02)
+        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        if not self.pyramid:
+            nn.init.normal_(encoder.cls_token, std=0.02)
+
+    def sample_masks(self, n: int, device, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        gh, gw = self.grid
+        if self.sampling == "uniform":
+            mask = uniform_sampling(n, gh, gw, device=device, generator=generator)
+        else:
+            mask = random_masking(n, gh * gw, self.mask_ratio, device=device, generator=generator)
+        sm_mask = secondary_masking(mask, self.sm_ratio, generator=generator) if self.sm_ratio > 0 else None
+        return mask, sm_mask
+
+    def forward_encoder(self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """-> decoder-width tokens of the visible units ``[N, V, D]`` and their unit indices."""
+        if not self.pyramid:
+            feats, index = self.encoder.forward_visible(imgs, mask, sm_mask, self.sm_token)
+            return self.decoder_embed(feats), index
+        choice = block_choice(mask, *self.grid)
+        feat = self.encoder.forward_compact(imgs, choice, self.unit_size, sm_mask, self.sm_token)
+        n, _, h, w = feat.shape
+        r, d = self.shuffle, self.decoder.mask_token.shape[-1]
+        # Linear to r*r*D, then pixel-shuffle: one token per 2x2 block, compact row-major.
+        x = self.decoder_embed(feat.permute(0, 2, 3, 1)).view(n, h, w, r, r, d)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(n, h * r * w * r, d)
+        if self.decoder_pos == "reference":
+            index = reference_unit_index(choice)  # the reference code's flaw, on request only
+        else:
+            index = kept_unit_index(choice)
+        return x, index
+
+    def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        """MSE on the US-masked units only (SM units are visible and carry no loss)."""
+        target = patchify(imgs, self.unit_size)
+        if self.norm_pix_loss:
+            target = norm_pix_target(target)
+        return masked_mean((pred.float() - target.float()).pow(2).mean(dim=-1), mask)
+
+    def forward(
+        self,
+        imgs: Tensor,
+        generator: Optional[torch.Generator] = None,
+        mask: Optional[Tensor] = None,
+        sm_mask: Optional[Tensor] = None,
+    ) -> Dict[str, Tensor]:
+        if imgs.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}")
+        if mask is None:
+            mask, sm_mask = self.sample_masks(imgs.shape[0], imgs.device, generator)
+        visible, index = self.forward_encoder(imgs, mask, sm_mask)
+        pred = self.decoder(visible, index)
+        loss = self.forward_loss(imgs, pred, mask)
+        return {"loss": loss, "pred": pred, "mask": mask, "sm_mask": sm_mask}
+
+
+def _validate(encoder, pyramid, img_size, unit, sampling, mask_ratio, sm_ratio, decoder_pos) -> None:
+    if sampling not in ("uniform", "random"):
+        raise ValueError(f"bad sampling {sampling!r}: must be 'uniform' (UM-MAE) or 'random' (MAE)")
+    if decoder_pos not in ("true", "reference"):
+        raise ValueError(f"bad decoder_pos {decoder_pos!r}: must be 'true' or 'reference'")
+    if not 0.0 <= sm_ratio < 1.0:
+        raise ValueError(f"bad sm_ratio {sm_ratio}: must be in [0, 1)")
+    if unit <= 0 or img_size <= 0 or img_size % unit:
+        raise ValueError(f"image size {img_size} is not a multiple of the mask unit size {unit}")
+    grid = img_size // unit
+    if sampling == "uniform":
+        if abs(mask_ratio - 0.75) > 1e-9:
+            raise ValueError(f"uniform sampling keeps one unit per 2x2 block, so the mask ratio is 0.75; got mask_ratio={mask_ratio}")
+        try:
+            check_uniform_grid(grid, grid)
+        except ValueError as e:
+            raise ValueError(f"image size {img_size} with {unit}px mask units gives a {grid}x{grid} unit grid: {e}") from None
+    elif not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
+    if pyramid:
+        if sampling != "uniform":
+            raise ValueError(
+                "random sampling leaves holes that a pyramid encoder (Swin, PVT) cannot compact into a "
+                "dense map; use sampling='uniform', or a ViT model for MAE random sampling"
+            )
+        if unit % encoder.patch_size or 32 % unit:
+            raise ValueError(f"mask unit size {unit} must be a multiple of the {encoder.patch_size}px patch and divide 32 (4, 8, 16 or 32)")
+        encoder.check_map_size(img_size // 8, f"image size {img_size} (compact map of side {img_size // 8})")
+    elif unit != encoder.patch_size:
+        raise ValueError(f"ViT masks whole patches: the mask unit size must equal the patch size {encoder.patch_size}, got {unit}")

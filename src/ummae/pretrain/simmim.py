@@ -1,0 +1,58 @@
+"""SimMIM baseline (METHOD.md): the pyramid encoder runs densely on the FULL token map with
+the masked 16 px units replaced by a learnable mask token; one linear layer + pixel shuffle
+predicts the pixels; L1 loss on the masked units."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backbones import PyramidBackbone
+from ..layers import init_weights
+from ..masking import random_masking, unit_mask_to_tokens
+from .mae import masked_mean, patchify
+
+
+class SimMIM(nn.Module):
+    def __init__(self, encoder: PyramidBackbone, img_size: int, unit_size: int = 16, mask_ratio: float = 0.75):
+        super().__init__()
+        if not isinstance(encoder, PyramidBackbone):
+            raise ValueError("SimMIM is implemented for pyramid encoders (Swin, PVT)")
+        if img_size % unit_size or unit_size % encoder.patch_size:
+            raise ValueError(f"image size {img_size} must be a multiple of the mask unit {unit_size}, itself a multiple of the {encoder.patch_size}px patch")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
+        encoder.check_map_size(img_size // encoder.patch_size, f"image size {img_size}")
+        self.encoder = encoder
+        self.img_size = self.default_img_size = img_size
+        self.unit_size = unit_size
+        self.grid = (img_size // unit_size, img_size // unit_size)
+        self.mask_ratio = mask_ratio
+        self.stride = encoder.feature_info[-1]["reduction"]
+        self.mask_token = nn.Parameter(torch.zeros(encoder.embed_dims[0]))
+        # One linear map to stride*stride*3 values (= 4 units of 16x16x3 at stride 32), then
+        # pixel shuffle back to the image.
+        self.decoder = nn.Conv2d(encoder.num_features, self.stride**2 * 3, 1)
+        self.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def sample_masks(self, n: int, device, generator: Optional[torch.Generator] = None):
+        gh, gw = self.grid
+        return random_masking(n, gh * gw, self.mask_ratio, device=device, generator=generator), None
+
+    def forward(self, imgs: Tensor, generator: Optional[torch.Generator] = None, mask: Optional[Tensor] = None, sm_mask=None) -> Dict[str, Tensor]:
+        if imgs.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}")
+        if mask is None:
+            mask, _ = self.sample_masks(imgs.shape[0], imgs.device, generator)
+        k = self.unit_size // self.encoder.patch_size
+        token_mask = unit_mask_to_tokens(mask, *self.grid, k)
+        feat = self.encoder.forward_dense(imgs, token_mask, self.mask_token)[-1]
+        rec = F.pixel_shuffle(self.decoder(feat), self.stride)  # [N, 3, S, S]
+        pred = patchify(rec, self.unit_size)
+        target = patchify(imgs, self.unit_size)
+        loss = masked_mean((pred.float() - target.float()).abs().mean(dim=-1), mask)
+        return {"loss": loss, "pred": pred, "mask": mask, "sm_mask": None}
