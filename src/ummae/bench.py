@@ -1,0 +1,449 @@
+"""Training-step throughput and peak memory of pre-training models, side by side.
+
+``run_bench`` times full optimiser steps (forward under autocast, backward through the grad
+scaler, AdamW step) of each model in turn, in one process, on one synthetic random batch, and
+reports images/s, ms/step, peak memory and the speed ratio to the first model. It is what
+``ummae bench`` runs (``add_bench_args`` + ``bench_main``); ``benchmarks/run_bench.sh`` runs the
+paper's comparisons (UM-MAE vs SimMIM on Swin-T and PVT-S).
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA. On CPU it is the growth of the
+process's resident set size over its value just before the model is built, sampled every ~2 ms
+by a background thread (``ru_maxrss`` is a process-wide high-water mark, useless for the second
+model of a run); between models the memory of the previous one is handed back to the OS
+(``gc.collect`` + glibc ``malloc_trim``) so that every model starts from a fair baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .engine.precision import autocast, grad_scaler, resolve_device, resolve_precision
+
+__all__ = ["run_bench", "format_table", "add_bench_args", "bench_main"]
+
+_MIB = 1024.0 * 1024.0
+_SAMPLE_INTERVAL_S = 0.002
+
+
+# ----------------------------------------------------------------------------- memory helpers
+
+
+def _rss_reader() -> Optional[Callable[[], int]]:
+    """A function returning the current resident set size in bytes, or None if unavailable."""
+    if os.path.exists("/proc/self/statm"):
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def read_statm() -> int:
+            with open("/proc/self/statm", "rb") as f:
+                fields = f.read().split()
+                return (int(fields[1]) - int(fields[2])) * page
+
+        try:
+            read_statm()
+            return read_statm
+        except (OSError, ValueError, IndexError):
+            pass
+    try:  # not Linux: psutil, when it happens to be installed
+        import psutil  # type: ignore
+
+        proc = psutil.Process()
+        return lambda: int(proc.memory_info().rss)
+    except Exception:
+        return None
+
+
+class _RssPeakSampler:
+    """Background thread recording the highest RSS seen while it runs."""
+
+    def __init__(self, read: Callable[[], int], interval: float = _SAMPLE_INTERVAL_S):
+        self._read = read
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ummae-bench-rss", daemon=True)
+        self.peak = read()
+
+    def sample(self) -> None:
+        try:
+            rss = self._read()
+        except Exception:
+            return
+        if rss > self.peak:
+            self.peak = rss
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> "_RssPeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+_LIBC = None
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere)."""
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):  # musl and friends have no malloc_trim
+        pass
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _malloc_trim()
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _environment(device: torch.device) -> Dict[str, object]:
+    return {
+        "torch": torch.__version__,
+        "device_name": _device_name(device),
+        "num_threads": torch.get_num_threads(),
+    }
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+class _RuntimeWarmup(torch.nn.Module):
+    """A throwaway module using the usual transformer ops (conv, norm, attention, MLP, gather)."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, width, 4, 4)
+        self.norm = torch.nn.LayerNorm(width)
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = self.embed(imgs).flatten(2).transpose(1, 2)
+        keep = torch.rand(x.shape[:2], device=x.device).argsort(dim=1)[:, : x.shape[1] // 2]
+        x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[2]))
+        q, k, v = self.qkv(self.norm(x)).reshape(x.shape[0], x.shape[1], 3, 4, -1).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + a.transpose(1, 2).reshape_as(x)
+        x = x + self.mlp(x)
+        return (x.float() - 1.0).pow(2).mean()
+
+
+def _warm_runtime(device: torch.device, precision: str) -> None:
+    """Run a few training steps of a throwaway model before measuring anything.
+
+    The first training step in a process pays one-time costs (thread pools, allocator arenas,
+    kernel libraries' lazy set-up) that would otherwise be charged to the first model's peak
+    memory and speed. The RNG state is saved and restored, so results do not depend on this.
+    """
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    model = _RuntimeWarmup().to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    scaler = grad_scaler(device, precision)
+    imgs = torch.randn(4, 3, 32, 32, device=device)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = model(imgs)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    del model, opt, scaler, imgs, loss
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+def _validate(models: List[str], batch_size: int, img_size: Optional[int], steps: int, warmup: int) -> None:
+    from .registry import model_kind
+
+    if isinstance(models, str):
+        raise ValueError("models must be a list of model names, not a string")
+    if not models:
+        raise ValueError("no models to benchmark")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if img_size is not None and img_size < 1:
+        raise ValueError(f"img_size must be >= 1, got {img_size}")
+    for name in models:  # all names checked before anything runs
+        kind = model_kind(name)  # raises ValueError naming an unknown model
+        if kind != "pretrain":
+            raise ValueError(f"model {name!r} is a {kind} model; bench times pre-training models")
+
+
+def _loss_of(out) -> torch.Tensor:
+    if isinstance(out, dict):
+        return out["loss"]
+    if isinstance(out, torch.Tensor):
+        return out
+    raise TypeError(f"model returned {type(out).__name__}; expected a dict with a 'loss' entry")
+
+
+def _bench_one(
+    name: str,
+    batch_size: int,
+    img_size: Optional[int],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    precision: str,
+    seed: int,
+    rss: Optional[Callable[[], int]],
+) -> Dict[str, object]:
+    from .registry import create_model
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        sampler = None
+    else:
+        sampler = _RssPeakSampler(rss) if rss is not None else None
+    baseline = sampler.peak if sampler is not None else 0
+
+    def run() -> Dict[str, object]:
+        torch.manual_seed(seed)  # same init and mask stream on every run
+        model = create_model(name, img_size=img_size).to(device).train()
+        size = img_size if img_size is not None else getattr(model, "default_img_size", None)
+        if size is None:
+            raise ValueError(f"model {name!r} has no default_img_size; pass img_size")
+        params = [p for p in model.parameters() if p.requires_grad]
+        n_params = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, **({"fused": True} if cuda else {}))
+        scaler = grad_scaler(device, precision)
+        # The same batch for every model (of one size): drawn from its own seeded generator.
+        gen = torch.Generator().manual_seed(seed)
+        imgs = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
+
+        def step() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, precision):
+                loss = _loss_of(model(imgs))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            return loss.detach()
+
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        return {
+            "img_size": int(size),
+            "elapsed": elapsed,
+            "loss": float(loss.float().item()),
+            "params_m": n_params / 1e6,
+        }
+
+    if sampler is not None:
+        with sampler:
+            out = run()
+    else:
+        out = run()
+    if cuda:
+        peak_mb: Optional[float] = torch.cuda.max_memory_allocated(device) / _MIB
+    elif sampler is not None:
+        peak_mb = max(0, sampler.peak - baseline) / _MIB
+    else:
+        peak_mb = None
+
+    elapsed = max(out["elapsed"], 1e-12)
+    return {
+        "model": name,
+        "batch_size": batch_size,
+        "img_size": out["img_size"],
+        "steps": steps,
+        "device": str(device),
+        "precision": precision,
+        "images_per_s": batch_size * steps / elapsed,
+        "step_time_ms": 1000.0 * elapsed / steps,
+        "peak_mem_mb": peak_mb,
+        "loss": out["loss"],
+        "params_m": out["params_m"],
+    }
+
+
+def run_bench(
+    models: List[str],
+    batch_size: int,
+    img_size: Optional[int],
+    steps: int,
+    warmup: int,
+    device: str,
+    precision: str,
+    seed: int = 0,
+) -> List[Dict[str, object]]:
+    """Time ``steps`` full training steps of each model (after ``warmup`` untimed ones).
+
+    Returns one dict per model, in order: ``model``, ``images_per_s``, ``step_time_ms``,
+    ``peak_mem_mb`` (MiB; CUDA: peak allocated, CPU: peak RSS growth), ``ratio`` (images/s over
+    the first model's), ``batch_size``, ``img_size``, ``steps``, ``device``, ``precision``,
+    ``loss`` (last step), ``params_m`` and the environment (``torch``, ``device_name``,
+    ``num_threads``). Raises ValueError for unknown models and bad sizes or counts.
+    """
+    models = list(models) if not isinstance(models, str) else models
+    _validate(models, batch_size, img_size, steps, warmup)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    env = _environment(dev)
+    rss = None if dev.type == "cuda" else _rss_reader()
+
+    _warm_runtime(dev, prec)
+    results: List[Dict[str, object]] = []
+    for name in models:
+        _release_memory(dev)  # previous model's memory back to the OS: a fair baseline
+        res = _bench_one(name, batch_size, img_size, steps, warmup, dev, prec, seed, rss)
+        res.update(env)
+        results.append(res)
+    _release_memory(dev)
+
+    first = results[0]["images_per_s"]
+    for res in results:
+        res["ratio"] = res["images_per_s"] / first if first > 0 else None
+    return results
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def format_table(results: List[Dict[str, object]]) -> str:
+    """A plain text table: model, batch, img, images/s, ms/step, peak MiB, ratio."""
+    header = ["model", "batch", "img", "images/s", "ms/step", "peak MiB", "ratio"]
+    rows = [
+        [
+            str(r["model"]),
+            str(r["batch_size"]),
+            str(r["img_size"]),
+            _fmt(r["images_per_s"], ".2f"),
+            _fmt(r["step_time_ms"], ".1f"),
+            _fmt(r["peak_mem_mb"], ".1f"),
+            _fmt(r.get("ratio"), ".3f"),
+        ]
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+
+    def line(cells: List[str]) -> str:
+        first = cells[0].ljust(widths[0])  # model name left, numbers right
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([first] + rest).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def _model_list(text: str) -> List[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated model names")
+    return names
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``ummae bench`` flags to ``parser`` (and return it)."""
+    parser.add_argument("--models", type=_model_list, required=True,
+                        help="comma-separated registered models, e.g. simmim_swin_tiny_256,mae_swin_tiny_256; "
+                             "ratio is relative to the first")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
+    parser.add_argument("--img-size", type=int, default=None, help="input size (default: each model's own)")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per model (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (grad scaler) or fp32")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the input batch, init and masks (default 0)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the results as a JSON list to PATH (folders are created)")
+    return parser
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; print the table; write JSON. Returns an exit code."""
+    models = args.models if isinstance(args.models, list) else _model_list(args.models)
+    try:
+        results = run_bench(
+            models,
+            batch_size=args.batch_size,
+            img_size=args.img_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=args.device,
+            precision=args.precision,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        print(f"ummae bench: error: {e}", file=sys.stderr)
+        return 2
+    r0 = results[0]
+    print(f"torch {r0['torch']} | device {r0['device']} ({r0['device_name']}) | "
+          f"threads {r0['num_threads']} | precision {r0['precision']} | "
+          f"steps {r0['steps']} (+{args.warmup} warm-up)")
+    print(format_table(results))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,297 @@
+"""The one training engine, for pre-training and fine-tuning alike.
+
+``Trainer`` owns: per-update warm-up + cosine lr, gradient accumulation (DDP ``no_sync`` on
+micro-steps), autocast + grad scaler, a non-finite-loss stop, metrics (JSON lines,
+TensorBoard, progress bar), atomic checkpoints and exact resume (model, optimiser, scaler,
+epoch, step, RNG states; data order and masks are pure functions of (seed, epoch, step)).
+
+The task plugs in a ``step_fn(model, batch, generator) -> dict`` whose ``"loss"`` is trained.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import dist as udist
+from . import ckpt
+from .optim import warmup_cosine
+from .precision import autocast, grad_scaler
+
+log = logging.getLogger("ummae")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _mix(*xs: int) -> int:
+    """Deterministic 63-bit seed from integers (SplitMix64 steps)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h >> 1
+
+
+class MetricsLog:
+    """JSON lines + TensorBoard on rank 0."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # tensorboard is a declared dependency; stay usable without it
+                log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines a killed run wrote after its last checkpoint, so the log reads
+        as one uninterrupted run."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        tmp.replace(self.path)
+
+    def write(self, record: Dict[str, Any], step: int, prefix: str) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader,
+        sampler,
+        device: torch.device,
+        precision: str,
+        base_lr: float,
+        dist_info: udist.DistInfo,
+        step_fn: Callable[[nn.Module, Any, torch.Generator], Dict[str, torch.Tensor]],
+        extra_state: Optional[Dict[str, Any]] = None,
+    ):
+        self.cfg = cfg
+        self.model = model  # unwrapped: what checkpoints hold
+        self.optimizer = optimizer
+        self.loader, self.sampler = loader, sampler
+        self.device, self.precision = device, precision
+        self.base_lr = base_lr
+        self.dist = dist_info
+        self.step_fn = step_fn
+        self.extra_state = extra_state or {}
+        self.scaler = grad_scaler(device, precision)
+        self.out = Path(cfg.output)
+        self.steps_per_epoch = sampler.num_batches()
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        self.updates_per_epoch = max(1, self.steps_per_epoch // cfg.accum_iter)
+        self.steps_per_epoch = self.updates_per_epoch * cfg.accum_iter  # whole updates only
+        self.total_updates = cfg.epochs * self.updates_per_epoch
+        self.warmup_updates = int(round(cfg.warmup_epochs * self.updates_per_epoch))
+        self.epoch, self.step_in_epoch, self.update = 0, 0, 0
+        self.epoch_loss_sum, self.epoch_skipped = 0.0, 0
+        self.net: nn.Module = model
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        if dist_info.enabled:
+            self.net = DDP(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.metrics = MetricsLog(self.out, dist_info.is_main)
+        self.generator = torch.Generator(device=device)
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def state(self) -> Dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "model_name": getattr(self.model, "model_name", None),
+            "model_args": getattr(self.model, "model_args", {}),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "update": self.update,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_skipped": self.epoch_skipped,
+            "config": _plain(vars(self.cfg)),
+            "rng": ckpt.rng_state(),
+            **self.extra_state,
+        }
+
+    def save(self, per_epoch: bool = False) -> None:
+        if not self.dist.is_main:
+            return
+        state = self.state()
+        ckpt.save_atomic(state, self.out / "checkpoint-last.pth")
+        if per_epoch:
+            ckpt.save_atomic(state, self.out / f"checkpoint-{self.epoch - 1}.pth")
+
+    def resume(self, path: str) -> None:
+        if path == "auto":
+            last = self.out / "checkpoint-last.pth"
+            if not last.exists():
+                log.info("resume auto: no checkpoint in %s, starting fresh", self.out)
+                return
+            path = str(last)
+        state = ckpt.load(path)
+        ckpt.check_compatible(state, path, self.model.model_name, self.model.model_args)
+        ckpt.load_state_strict(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch, self.update = state["epoch"], state["step_in_epoch"], state["update"]
+        self.epoch_loss_sum, self.epoch_skipped = state["epoch_loss_sum"], state["epoch_skipped"]
+        ckpt.set_rng_state(state["rng"])
+        self.metrics.truncate_after(self.update)
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_in_epoch)
+
+    # --- training ---------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        if self.cfg.resume:
+            self.resume(self.cfg.resume)
+        summary: Dict[str, Any] = {}
+        try:
+            while self.epoch < self.cfg.epochs:
+                summary = self.train_one_epoch()
+        finally:
+            self.metrics.close()
+        return summary
+
+    def _set_lr(self) -> float:
+        lr = warmup_cosine(self.update, self.total_updates, self.warmup_updates, self.base_lr, self.cfg.min_lr)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return lr
+
+    def _check_finite(self, bad: torch.Tensor) -> None:
+        # Checked at log and checkpoint points only: a per-step .item() would sync the GPU.
+        if bool(udist.all_reduce_sum(bad.clone().float()) > 0):
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {self.epoch}, step {self.step_in_epoch}: stopping. The last good "
+                f"checkpoint in {self.out} is intact; try a lower lr, --precision bf16/fp32 or --clip-grad"
+            )
+
+    def train_one_epoch(self) -> Dict[str, Any]:
+        cfg, epoch = self.cfg, self.epoch
+        self.net.train()
+        self.sampler.set_epoch(epoch)
+        start = self.step_in_epoch
+        self.sampler.set_start_batch(start)
+        if start == 0:
+            self.epoch_loss_sum, self.epoch_skipped = 0.0, 0
+        bad = torch.zeros((), device=self.device, dtype=torch.bool)
+        epoch_loss = torch.tensor(self.epoch_loss_sum, device=self.device, dtype=torch.float64)
+        window_loss = torch.zeros((), device=self.device)
+        window_n, window_imgs, t0 = 0, 0, time.time()
+        epoch_t0 = time.time()
+        bar = _progress(self.steps_per_epoch, start, epoch, self.dist.is_main)
+        lr = self._set_lr()
+        for step, batch in enumerate(self.loader, start=start):
+            if step >= self.steps_per_epoch:
+                break
+            images, n_skipped = batch[0], batch[-1]
+            if images.shape[0] == 0:
+                raise ValueError(f"every image of batch {step} of epoch {epoch} was unreadable; check the data (warnings above name the files)")
+            self.epoch_skipped += n_skipped
+            micro = step % cfg.accum_iter
+            if micro == 0:
+                lr = self._set_lr()
+            batch = [b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
+            self.generator.manual_seed(_mix(cfg.seed, self.dist.rank, epoch, step))
+            last_micro = micro == cfg.accum_iter - 1
+            sync = contextlib.nullcontext() if (last_micro or not self.dist.enabled) else self.net.no_sync()
+            with sync:
+                with autocast(self.device, self.precision):
+                    out = self.step_fn(self.net, batch, self.generator)
+                loss = out["loss"]
+                bad |= ~torch.isfinite(loss.detach())
+                self.scaler.scale(loss / cfg.accum_iter).backward()
+            if last_micro:
+                if cfg.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.update += 1
+            window_loss += loss.detach().float()
+            epoch_loss += loss.detach().double()
+            window_n += 1
+            window_imgs += images.shape[0]
+            self.step_in_epoch = step + 1
+            if last_micro and (self.update % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch):
+                self._check_finite(bad)
+                mean_loss = float(udist.all_reduce_sum(window_loss.clone())) / (window_n * self.dist.world_size)
+                dt = max(time.time() - t0, 1e-9)
+                ips = window_imgs * self.dist.world_size / dt
+                rec = {"epoch": epoch, "step": self.update, "epoch_1000x": int(1000 * (epoch + self.step_in_epoch / self.steps_per_epoch)),
+                       "loss": mean_loss, "lr": lr, "images_per_s": ips, "skipped_images": self.epoch_skipped}
+                self.metrics.write(rec, self.update, "train")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+                elif self.dist.is_main:
+                    log.info("epoch %d step %d/%d loss %.4f lr %.3e %.1f img/s", epoch, self.step_in_epoch, self.steps_per_epoch, mean_loss, lr, ips)
+                window_loss.zero_()
+                window_n, window_imgs, t0 = 0, 0, time.time()
+            if bar is not None:
+                bar.update(1)
+            if last_micro and cfg.save_every_steps and self.update % cfg.save_every_steps == 0 and self.step_in_epoch < self.steps_per_epoch:
+                self._check_finite(bad)
+                self.epoch_loss_sum = float(epoch_loss)
+                self.save()
+        if bar is not None:
+            bar.close()
+        self._check_finite(bad)
+        self.epoch_loss_sum = float(epoch_loss)
+        epoch_loss = float(udist.all_reduce_sum(epoch_loss.float())) / (self.steps_per_epoch * self.dist.world_size)
+        skipped = int(udist.all_reduce_sum(torch.tensor(self.epoch_skipped, device=self.device)))
+        record = {"epoch": epoch, "step": self.update, "epoch_1000x": 1000 * (epoch + 1), "train_loss": epoch_loss,
+                  "epoch_time_s": time.time() - epoch_t0, "skipped_images": skipped}
+        if self.dist.enabled:
+            record["replica_max_diff"] = udist.replica_max_diff(self.model)
+        if skipped:
+            log.warning("epoch %d: %d unreadable images were skipped", epoch, skipped)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.metrics.write(record, self.update, "epoch")
+        if self.dist.is_main:
+            log.info("epoch %d done: loss %.4f (%.1fs)", epoch, epoch_loss, record["epoch_time_s"])
+        self.save(per_epoch=(self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs))
+        return record
+
+
+def _progress(total: int, start: int, epoch: int, is_main: bool):
+    if not (is_main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
+
+
+def _plain(d: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
