@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="pre-train an encoder (UM-MAE, MAE or SimMIM)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pt.add_argument("--config", help="YAML file of options; command-line flags override it")
+    pt.add_argument("--config", help="YAML file of options, or a built-in config name (demo, swin_tiny_in1k); command-line flags override it")
     add_dataclass_flags(pt, PretrainConfig)
 
     from .bench import add_bench_args

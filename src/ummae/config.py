@@ -49,7 +49,8 @@ class PretrainConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     num_workers: int = field(default=8, metadata={"help": "data-loading processes per training process"})
     seed: int = field(default=0, metadata={"help": "seed of data order, augmentation, masks and init"})
-    save_every: int = field(default=1, metadata={"help": "checkpoint every N epochs (checkpoint-last.pth always, checkpoint-EPOCH.pth every N)"})
+    save_every: int = field(default=1, metadata={"help": "write checkpoint-last.pth every N epochs (and at the end)"})
+    keep_every: int = field(default=20, metadata={"help": "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)"})
     save_every_steps: int = field(default=0, metadata={"help": "also checkpoint-last.pth every N optimiser steps inside an epoch (0 = off)"})
     resume: Optional[str] = field(default=None, metadata={"help": "'auto' (checkpoint-last.pth of the output folder, if any) or a checkpoint path"})
     log_every: int = field(default=20, metadata={"help": "metrics every N steps"})
@@ -73,6 +74,7 @@ class PretrainConfig:
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
+        _check(self.keep_every >= 0, "keep_every", self.keep_every, "must be >= 0")
         _check(self.save_every_steps >= 0, "save_every_steps", self.save_every_steps, "must be >= 0")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
         _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch", self.max_steps_per_epoch, "must be >= 1")
@@ -131,10 +133,20 @@ def _coerce(cls, name: str, value: Any) -> Any:
         raise ValueError(f"bad config value {name}={value!r}: expected {'a list of ' if is_tuple else ''}{tp.__name__}") from None
 
 
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+
+
+def builtin_configs():
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+
+
 def load_yaml(cls, path: str | Path) -> Dict[str, Any]:
+    """Load a YAML file of options, or a built-in config by name (``demo``, ...)."""
     path = Path(path)
+    if not path.is_file() and (BUILTIN_CONFIGS / f"{path}.yaml").is_file():
+        path = BUILTIN_CONFIGS / f"{path}.yaml"
     if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
+        raise ValueError(f"config file not found: {path} (built-in configs: {', '.join(builtin_configs())})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

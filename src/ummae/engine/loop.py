@@ -144,12 +144,14 @@ class Trainer:
             **self.extra_state,
         }
 
-    def save(self, per_epoch: bool = False) -> None:
+    def save(self, keep: bool = False) -> None:
+        """checkpoint-last.pth (what --resume auto reads); with ``keep`` also a numbered copy
+        named after the last finished epoch."""
         if not self.dist.is_main:
             return
         state = self.state()
         ckpt.save_atomic(state, self.out / "checkpoint-last.pth")
-        if per_epoch:
+        if keep:
             ckpt.save_atomic(state, self.out / f"checkpoint-{self.epoch - 1}.pth")
 
     def resume(self, path: str) -> None:
@@ -281,7 +283,9 @@ class Trainer:
         self.metrics.write(record, self.update, "epoch")
         if self.dist.is_main:
             log.info("epoch %d done: loss %.4f (%.1fs)", epoch, epoch_loss, record["epoch_time_s"])
-        self.save(per_epoch=(self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs))
+        last = self.epoch == cfg.epochs
+        if last or self.epoch % cfg.save_every == 0:
+            self.save(keep=last or bool(cfg.keep_every and self.epoch % cfg.keep_every == 0))
         return record
 
 
