@@ -49,16 +49,17 @@ def mask_from_choice(choice: Tensor) -> Tensor:
     return ~keep
 
 
-def block_choice(mask: Tensor, grid_h: int, grid_w: int) -> Tensor:
+def block_choice(mask: Tensor, grid_h: int, grid_w: int, validate: bool = True) -> Tensor:
     """Inverse of :func:`mask_from_choice`: which unit of each 2x2 block is kept.
 
-    Raises if a block does not keep exactly one unit (the mask is not a uniform-sampling mask).
+    With ``validate`` (for masks from outside), raises if a block does not keep exactly one
+    unit; the check costs a host sync, so masks drawn by :func:`uniform_sampling` skip it.
     """
     check_uniform_grid(grid_h, grid_w)
     n = mask.shape[0]
     keep = (~mask).view(n, grid_h // 2, 2, grid_w // 2, 2).permute(0, 1, 3, 2, 4)
     keep = keep.reshape(n, grid_h // 2, grid_w // 2, 4)
-    if not torch.equal(keep.sum(-1), torch.ones_like(keep[..., 0], dtype=torch.long)):
+    if validate and not torch.equal(keep.sum(-1), torch.ones_like(keep[..., 0], dtype=torch.long)):
         raise ValueError("mask does not keep exactly one unit per 2x2 block")
     return keep.float().argmax(-1)
 

@@ -106,12 +106,12 @@ class MaskedAutoencoder(nn.Module):
         sm_mask = secondary_masking(mask, self.sm_ratio, generator=generator) if self.sm_ratio > 0 else None
         return mask, sm_mask
 
-    def forward_encoder(self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def forward_encoder(self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor], validate: bool = True) -> Tuple[Tensor, Tensor]:
         """-> decoder-width tokens of the visible units ``[N, V, D]`` and their unit indices."""
         if not self.pyramid:
             feats, index = self.encoder.forward_visible(imgs, mask, sm_mask, self.sm_token)
             return self.decoder_embed(feats), index
-        choice = block_choice(mask, *self.grid)
+        choice = block_choice(mask, *self.grid, validate=validate)
         feat = self.encoder.forward_compact(imgs, choice, self.unit_size, sm_mask, self.sm_token)
         n, _, h, w = feat.shape
         r, d = self.shuffle, self.decoder.mask_token.shape[-1]
@@ -140,9 +140,10 @@ class MaskedAutoencoder(nn.Module):
     ) -> Dict[str, Tensor]:
         if imgs.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}")
-        if mask is None:
+        given = mask is not None
+        if not given:
             mask, sm_mask = self.sample_masks(imgs.shape[0], imgs.device, generator)
-        visible, index = self.forward_encoder(imgs, mask, sm_mask)
+        visible, index = self.forward_encoder(imgs, mask, sm_mask, validate=given)
         pred = self.decoder(visible, index)
         loss = self.forward_loss(imgs, pred, mask)
         return {"loss": loss, "pred": pred, "mask": mask, "sm_mask": sm_mask}
