@@ -19,7 +19,6 @@ from ummae.masking import (
     block_choice,
     compact_positions,
     kept_unit_index,
-    mask_from_choice,
     random_masking,
     reference_unit_index,
     secondary_masking,
@@ -187,6 +186,48 @@ def test_pos_mlp_bias__table_gather_equals_per_pair_mlp():
                     )
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_swin_block__equals_loop_window_attention(shift):
+    """A Swin block on a compact map (irregular true positions) == a loop that, for every
+    token, attends to the tokens of its (shifted) window that were neighbours before the
+    cyclic shift, with the pos-MLP bias of the TRUE offset pos_i - pos_j."""
+    torch.manual_seed(1)
+    dim, heads, ws, side = 8, 2, 4, 8
+    blk = SwinBlock(dim, heads, ws, shift=shift, pos_hidden=8)
+    for p in blk.attn.pos_bias.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    choice = torch.randint(0, 4, (1, 2, 2), generator=_gen(31))
+    pos = brute_positions(choice, 4)  # [1, 8, 8, 2] on a 16x16 grid
+    x = torch.randn(1, side, side, dim, generator=_gen(32))
+    with torch.no_grad():
+        got = blk(x, pos, 16)
+        s = ws // 2 if shift else 0
+        y = blk.norm1(x)[0]
+        qkv = blk.attn.qkv(y).view(side, side, 3, heads, dim // heads)
+        hd = dim // heads
+        att = torch.zeros(side, side, dim)
+        for a in range(side):
+            for b in range(side):
+                win = ((a - s) % side // ws, (b - s) % side // ws)
+                nbrs = [
+                    (a2, b2) for a2 in range(side) for b2 in range(side)
+                    if ((a2 - s) % side // ws, (b2 - s) % side // ws) == win
+                    and (a < s) == (a2 < s) and (b < s) == (b2 < s)
+                ]
+                for h in range(heads):
+                    q = qkv[a, b, 0, h]
+                    logits = torch.stack([
+                        q @ qkv[a2, b2, 1, h] / math.sqrt(hd)
+                        + blk.attn.pos_bias.mlp_of_offsets(pos[0, a, b] - pos[0, a2, b2])[h]
+                        for a2, b2 in nbrs
+                    ])
+                    w = torch.softmax(logits, 0)
+                    att[a, b, h * hd:(h + 1) * hd] = sum(wi * qkv[a2, b2, 2, h] for wi, (a2, b2) in zip(w, nbrs))
+        x1 = x[0] + blk.attn.proj(att)
+        want = x1 + blk.mlp(blk.norm2(x1))
+    torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------- compact encoder
 
 
@@ -244,25 +285,27 @@ def test_forward_compact__true_positions_at_every_stage(monkeypatch, name):
 
 
 @pytest.mark.parametrize("name", PYRAMID_TEST_ENCODERS)
-def test_forward_compact__equals_stages_on_compacted_full_tokens(name):
+@pytest.mark.parametrize("unit", [8, 16, 32])
+def test_forward_compact__equals_stages_on_compacted_full_tokens(name, unit):
     """Compaction of pixels then patch-embedding == patch-embedding of the full image then
     gathering the kept tokens: the whole encoder gives the same output."""
-    model = _build(name)
+    model = _build(name, unit_size=unit)
     enc = model.encoder
+    grid, k = 64 // unit, unit // 4
     imgs = _imgs(2, 64, seed=7)
-    mask = uniform_sampling(2, 4, 4, generator=_gen(7))
+    mask = uniform_sampling(2, grid, grid, generator=_gen(7))
     sm = secondary_masking(mask, 0.25, generator=_gen(8))
-    choice = block_choice(mask, 4, 4)
+    choice = block_choice(mask, grid, grid)
     with torch.no_grad():
-        got = enc.forward_compact(imgs, choice, 16, sm, model.sm_token)
+        got = enc.forward_compact(imgs, choice, unit, sm, model.sm_token)
         full = enc.patch_embed(imgs)  # [2, 16, 16, C]
-        pos = brute_positions(choice, 4)
+        pos = brute_positions(choice, k)
         tokens = torch.stack([full[b, pos[b, ..., 0], pos[b, ..., 1]] for b in range(2)])
         for b in range(2):  # SM units: their tokens replaced by the shared token
             for i in range(8):
                 for j in range(8):
                     r, c = pos[b, i, j].tolist()
-                    if sm[b, (r // 4) * 4 + c // 4]:
+                    if sm[b, (r // k) * grid + c // k]:
                         tokens[b, i, j] = model.sm_token
         want = enc.forward_tokens(tokens, pos, 16)[-1]
     assert got.shape == (2, enc.num_features, 1, 1)
@@ -399,7 +442,7 @@ def test_pvt_set_sr_ratios__same_weights_run_dense():
 # ------------------------------------------------------------------- decoder positions
 
 
-def _decoder_probe(model, monkeypatch, feat_side):
+def _decoder_probe(model, monkeypatch):
     """Replace the encoder by a settable feature map and capture the decoder's inputs."""
     state = {}
 
@@ -417,18 +460,19 @@ def _decoder_probe(model, monkeypatch, feat_side):
     return state
 
 
-@pytest.mark.parametrize("decoder_pos", ["true", "reference"])
-def test_decoder__visible_token_gets_its_own_unit(monkeypatch, decoder_pos):
+@pytest.mark.parametrize("unit,decoder_pos", [(16, "true"), (16, "reference"), (8, "true")])
+def test_decoder__visible_token_gets_its_own_unit(monkeypatch, unit, decoder_pos):
     """Perturb one cell of the last compact map at a time: exactly the decoder tokens that came
     from the 2x2 blocks under that cell must change, and they must be scattered to the kept
-    units of those blocks; within a cell the 4 tokens map to the 4 blocks by one fixed rule."""
-    size, grid = 256, 16
-    model = _build("mae_swin_test", img_size=size, sm_ratio=0, decoder_pos=decoder_pos)
+    units of those blocks; within a cell the r*r tokens map to the r*r blocks by one fixed rule."""
+    size = 256
+    grid = size // unit
+    model = _build("mae_swin_test", img_size=size, unit_size=unit, sm_ratio=0, decoder_pos=decoder_pos)
     c = model.encoder.num_features
-    side = size // 64  # last compact map 4x4; one cell -> 2x2 blocks
+    side = size // 64  # last compact map 4x4; one cell -> r x r blocks
     r = (grid // 2) // side
     torch.nn.init.normal_(model.decoder_embed.bias)
-    state = _decoder_probe(model, monkeypatch, side)
+    state = _decoder_probe(model, monkeypatch)
     imgs = torch.zeros(2, 3, size, size)
     # a mask that mixes top-kept and bottom-kept units in every block row
     mask = uniform_sampling(2, grid, grid, generator=_gen(16))
@@ -470,7 +514,6 @@ def test_decoder__visible_token_gets_its_own_unit(monkeypatch, decoder_pos):
                     if bool(changed[b, t]) != ((bi // r, bj // r) == (hi, wi)):
                         consistent = False
     # offset of the block inside its cell -> a fixed token slot: zero features expose the slot
-    state["feat"] = torch.zeros_like(base)
     vis_z, _ = run(torch.zeros_like(base))
     slot_of = {}
     for b in range(2):
@@ -680,6 +723,9 @@ def test_model_options__refused_with_reason():
         create_model("mae_vit_test", sampling="grid")
     with pytest.raises(ValueError, match="built for 64px"):
         create_model("mae_swin_test")(_imgs(1, 128))
+    # a mask passed in from outside is validated: a pyramid model needs one kept unit per block
+    with pytest.raises(ValueError, match="one unit per 2x2 block"):
+        create_model("mae_swin_test")(_imgs(2, 64), mask=random_masking(2, 16, 0.75, generator=_gen(33)))
 
 
 # ------------------------------------------------------------------- over-fitting
@@ -695,7 +741,7 @@ def test_training__tiny_model_overfits_fixed_masks(name):
     else:
         mask = uniform_sampling(4, 4, 4, generator=g)
         sm = secondary_masking(mask, 0.25, generator=g)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(100):
         loss = model(imgs, mask=mask, sm_mask=sm)["loss"]

@@ -99,7 +99,7 @@ def random_masking(
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
     dev = _device(generator, device)
-    num_keep = int(length * (1 - ratio))
+    num_keep = int(length * (1 - ratio) + 1e-6)  # MAE's int(L*(1-r)), immune to 0.9999999
     if num_keep < 1:
         raise ValueError(f"mask ratio {ratio} leaves no visible unit out of {length}")
     noise = torch.rand(n, length, device=dev, generator=generator)
