@@ -62,5 +62,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     model = _MODELS[name](**kwargs)
     model.model_name = name
-    model.model_args = dict(kwargs)
+    # Record the resolved options (defaults included), so that an option given explicitly
+    # with its default value is recognised as the same model.
+    resolved = model.options() if hasattr(model, "options") else {}
+    model.model_args = {**kwargs, **resolved}
     return model

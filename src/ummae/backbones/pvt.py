@@ -81,6 +81,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         in_chans: int = 3,
     ):
         super().__init__(embed_dims, in_chans)
+        self.drop_path_rate = drop_path
         dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
         self.downsamples = nn.ModuleList(Downsample(embed_dims[s], embed_dims[s + 1]) for s in range(len(depths) - 1))
         self.stages = nn.ModuleList()

@@ -154,6 +154,7 @@ class SwinTransformer(PyramidBackbone):
         dims = [embed_dim * 2**i for i in range(len(depths))]
         super().__init__(dims, in_chans)
         self.window_size = window_size
+        self.drop_path_rate = drop_path
         dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()

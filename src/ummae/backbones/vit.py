@@ -26,6 +26,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.num_features = embed_dim
+        self.drop_path_rate = drop_path
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         dpr = torch.linspace(0, drop_path, depth).tolist()

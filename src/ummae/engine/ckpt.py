@@ -32,6 +32,13 @@ def save_atomic(obj: Dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def remove_stale_temp(folder: str | Path) -> None:
+    """Delete temp files that a kill during :func:`save_atomic` left behind (each can be as
+    large as a checkpoint)."""
+    for tmp in Path(folder).glob(".checkpoint-*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def load(path: str | Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -63,7 +63,13 @@ class MetricsLog:
         as one uninterrupted run."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                if json.loads(ln).get("step", 0) <= step:
+                    keep.append(ln)
+            except json.JSONDecodeError:  # a line torn by the kill
+                log.warning("dropping an unreadable line of %s: %.60s", self.path, ln)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(k + "\n" for k in keep))
         tmp.replace(self.path)
@@ -118,12 +124,17 @@ class Trainer:
         self.warmup_updates = int(round(cfg.warmup_epochs * self.updates_per_epoch))
         self.epoch, self.step_in_epoch, self.update = 0, 0, 0
         self.epoch_loss_sum, self.epoch_skipped = 0.0, 0
+        # losses since the last metrics line; checkpointed so a resumed log line averages the
+        # same steps as in an uninterrupted run
+        self.window_loss_sum, self.window_n = 0.0, 0
         self.net: nn.Module = model
         if cfg.compile:
             self.net = torch.compile(self.net)
         if dist_info.enabled:
             self.net = DDP(self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.metrics = MetricsLog(self.out, dist_info.is_main)
+        if dist_info.is_main:
+            ckpt.remove_stale_temp(self.out)
         self.generator = torch.Generator(device=device)
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -139,6 +150,8 @@ class Trainer:
             "update": self.update,
             "epoch_loss_sum": self.epoch_loss_sum,
             "epoch_skipped": self.epoch_skipped,
+            "window_loss_sum": self.window_loss_sum,
+            "window_n": self.window_n,
             "config": _plain(vars(self.cfg)),
             "rng": ckpt.rng_state(),
             **self.extra_state,
@@ -168,6 +181,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch, self.update = state["epoch"], state["step_in_epoch"], state["update"]
         self.epoch_loss_sum, self.epoch_skipped = state["epoch_loss_sum"], state["epoch_skipped"]
+        self.window_loss_sum, self.window_n = state["window_loss_sum"], state["window_n"]
         ckpt.set_rng_state(state["rng"])
         self.metrics.truncate_after(self.update)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_in_epoch)
@@ -208,8 +222,8 @@ class Trainer:
             self.epoch_loss_sum, self.epoch_skipped = 0.0, 0
         bad = torch.zeros((), device=self.device, dtype=torch.bool)
         epoch_loss = torch.tensor(self.epoch_loss_sum, device=self.device, dtype=torch.float64)
-        window_loss = torch.zeros((), device=self.device)
-        window_n, window_imgs, t0 = 0, 0, time.time()
+        window_loss = torch.tensor(self.window_loss_sum, device=self.device)
+        window_n, window_imgs, t0 = self.window_n, 0, time.time()
         epoch_t0 = time.time()
         bar = _progress(self.steps_per_epoch, start, epoch, self.dist.is_main)
         lr = self._set_lr()
@@ -265,11 +279,13 @@ class Trainer:
             if last_micro and cfg.save_every_steps and self.update % cfg.save_every_steps == 0 and self.step_in_epoch < self.steps_per_epoch:
                 self._check_finite(bad)
                 self.epoch_loss_sum = float(epoch_loss)
+                self.window_loss_sum, self.window_n = float(window_loss), window_n
                 self.save()
         if bar is not None:
             bar.close()
         self._check_finite(bad)
         self.epoch_loss_sum = float(epoch_loss)
+        self.window_loss_sum, self.window_n = 0.0, 0  # the epoch's last step always logs
         epoch_loss = float(udist.all_reduce_sum(epoch_loss.float())) / (self.steps_per_epoch * self.dist.world_size)
         skipped = int(udist.all_reduce_sum(torch.tensor(self.epoch_skipped, device=self.device)))
         record = {"epoch": epoch, "step": self.update, "epoch_1000x": 1000 * (epoch + 1), "train_loss": epoch_loss,

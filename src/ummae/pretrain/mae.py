@@ -97,6 +97,12 @@ class MaskedAutoencoder(nn.Module):
         if not self.pyramid:
             nn.init.normal_(encoder.cls_token, std=0.02)
 
+    def options(self) -> Dict[str, object]:
+        """The method options this model was built with (recorded in checkpoints)."""
+        return dict(img_size=self.img_size, unit_size=self.unit_size, sampling=self.sampling,
+                    mask_ratio=self.mask_ratio, sm_ratio=self.sm_ratio, norm_pix_loss=self.norm_pix_loss,
+                    decoder_pos=self.decoder_pos, drop_path=self.encoder.drop_path_rate)
+
     def sample_masks(self, n: int, device, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Optional[Tensor]]:
         gh, gw = self.grid
         if self.sampling == "uniform":

@@ -39,6 +39,10 @@ class SimMIM(nn.Module):
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def options(self) -> Dict[str, object]:
+        return dict(img_size=self.img_size, unit_size=self.unit_size, mask_ratio=self.mask_ratio,
+                    drop_path=self.encoder.drop_path_rate)
+
     def sample_masks(self, n: int, device, generator: Optional[torch.Generator] = None):
         gh, gw = self.grid
         return random_masking(n, gh * gw, self.mask_ratio, device=device, generator=generator), None

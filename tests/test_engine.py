@@ -1,0 +1,563 @@
+"""Tests of the training engine through ``ummae.train.pretrain``: exact resume (after an
+exception and after a real SIGKILL), DDP with two gloo processes, the non-finite-loss stop,
+bad input, the optimiser and schedule, gradient accumulation, atomic checkpoints, metrics.
+
+Runs use the tiny ``*_test`` models on small images written by the tests themselves, with one
+intra-op thread (in-process and in subprocesses): a tiny model is fastest that way on a small
+shared machine, and it keeps every run bit-for-bit reproducible.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import ummae.train as train
+from ummae.config import PretrainConfig
+from ummae.engine import ckpt
+from ummae.engine.ckpt import CheckpointError
+from ummae.engine.loop import NonFiniteLossError
+from ummae.engine.optim import param_groups, warmup_cosine
+from ummae.registry import create_model
+from ummae.train import pretrain
+
+VOLATILE = ("images_per_s", "epoch_time_s")  # wall-clock values: differ between runs
+
+
+# ---------------------------------------------------------------- helpers and fixtures
+
+
+
+
+
+
+def _smooth_images(folder: Path, n: int, size: int = 80, seed: int = 0) -> Path:
+    """``n`` smooth random RGB images (a 4x4 noise image, bicubic-upsampled)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+        small.resize((size, size), Image.BICUBIC).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+def _stripe_images(folder: Path, n: int, seed: int = 0) -> Path:
+    """64 px images of horizontal ramps with a 16 px period (one mask unit), a random phase,
+    colour and offset per image: a masked unit is predictable from the visible ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    y = np.arange(64)
+    for i in range(n):
+        ramp = ((y + rng.integers(0, 16)) % 16) / 15.0
+        colour, offset = rng.uniform(0.2, 1.0, 3), rng.uniform(0.0, 0.3, 3)
+        img = np.broadcast_to(offset + 0.7 * ramp[:, None, None] * colour, (64, 64, 3))
+        Image.fromarray((img * 255).clip(0, 255).astype(np.uint8)).save(folder / f"s_{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data24(tmp_path_factory) -> Path:
+    return _smooth_images(tmp_path_factory.mktemp("data24"), 24)
+
+
+def _cfg(out: Path, data: Path, **kw) -> PretrainConfig:
+    values = dict(model="mae_swin_test", data=str(data), output=str(out), epochs=1, warmup_epochs=1,
+                  batch_size=4, blr=0.05, num_workers=0, log_every=1, keep_every=0, seed=0)
+    values.update(kw)
+    return PretrainConfig(**values)
+
+
+def _records(out: Path) -> list:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _step_records(out: Path) -> list:
+    return [r for r in _records(out) if "loss" in r]
+
+
+def _epoch_records(out: Path) -> list:
+    return [r for r in _records(out) if "train_loss" in r]
+
+
+def _stable(records: list) -> list:
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+def _assert_tensors_equal(a, b, where="state"):
+    """Exact equality of two nested dicts/lists of tensors and plain values."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
+        for k in a:
+            _assert_tensors_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_tensors_equal(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype, f"{where}: tensor kind differs"
+        assert torch.equal(a, b), f"{where}: values differ (max |diff| {(a.double() - b.double()).abs().max():.3e})"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _assert_same_training(out_a: Path, out_b: Path) -> None:
+    """Same metrics (wall-clock fields aside) and bit-identical final model and optimiser."""
+    rec_a, rec_b = _stable(_records(out_a)), _stable(_records(out_b))
+    assert [r["step"] for r in rec_b] == [r["step"] for r in rec_a]
+    for ra, rb in zip(rec_a, rec_b):
+        assert ra == rb, f"metrics differ at step {ra['step']}: {ra} vs {rb}"
+    a = torch.load(Path(out_a) / "checkpoint-last.pth", weights_only=True)
+    b = torch.load(Path(out_b) / "checkpoint-last.pth", weights_only=True)
+    _assert_tensors_equal(a["model"], b["model"], "model")
+    _assert_tensors_equal(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer.state")
+    assert (a["epoch"], a["update"]) == (b["epoch"], b["update"])
+
+
+def _assert_no_duplicate_steps(out: Path, n_updates: int, n_epochs: int) -> None:
+    steps = [r["step"] for r in _step_records(out)]
+    assert steps == list(range(1, n_updates + 1)), f"step records are not one per update: {steps}"
+    assert [r["epoch"] for r in _epoch_records(out)] == list(range(n_epochs))
+
+
+def _tmp_files(folder: Path) -> list:
+    return sorted(n for n in os.listdir(folder) if n.endswith(".tmp"))
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def _step_wrapper(on_call):
+    """A ``pretrain_step`` replacement: ``on_call(n, model, batch, generator)`` may raise or
+    return a result; ``None`` means "run the real step"."""
+    real = train.pretrain_step
+    calls = {"n": 0}
+
+    def step(model, batch, generator):
+        calls["n"] += 1
+        out = on_call(calls["n"], model, batch, generator)
+        return real(model, batch, generator) if out is None else out
+
+    return step
+
+
+# ---------------------------------------------------------------- a reference run
+
+
+BASE = dict(epochs=3, batch_size=4, save_every_steps=4, log_every=1)  # 24 images: 6 steps/epoch
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, data24) -> Path:
+    out = tmp_path_factory.mktemp("run_a")
+    pretrain(_cfg(out, data24, **BASE))
+    return out
+
+
+def test_pretrain__metrics_jsonl_and_tensorboard(run_a):
+    steps, epochs = _step_records(run_a), _epoch_records(run_a)
+    assert len(steps) == 18 and len(epochs) == 3
+    for r in steps:
+        assert {"epoch", "step", "loss", "lr", "images_per_s", "skipped_images"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["lr"] >= 0 and r["images_per_s"] > 0
+    for r in epochs:
+        assert {"epoch", "step", "train_loss", "epoch_time_s", "skipped_images"} <= set(r)
+        assert "replica_max_diff" not in r  # single process
+    assert [r["step"] for r in epochs] == [6, 12, 18]
+    assert sorted(os.listdir(run_a / "tensorboard"))[0].startswith("events.out.tfevents")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(run_a / "tensorboard"))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "epoch/train_loss"} <= tags
+    assert [e.step for e in ev.Scalars("train/loss")] == list(range(1, 19))
+    assert ev.Scalars("train/loss")[4].value == pytest.approx(steps[4]["loss"], rel=1e-6)
+    assert sorted(p.name for p in run_a.glob("checkpoint-*.pth")) == ["checkpoint-2.pth", "checkpoint-last.pth"]
+    assert _tmp_files(run_a) == []
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+def test_pretrain__exact_resume_after_crash_mid_epoch(run_a, data24, tmp_path, monkeypatch):
+    # Checkpoints at updates 4, 6 (epoch end), 8, ...; the crash hits the 11th step, so the
+    # last checkpoint is update 8 (epoch 1, step 2) and steps 9-10 were logged after it.
+    def crash(n, *_):
+        if n == 11:
+            raise SimulatedCrash("power cut at step 11")
+
+    out = tmp_path / "b"
+    monkeypatch.setattr(train, "pretrain_step", _step_wrapper(crash))
+    with pytest.raises(SimulatedCrash):
+        pretrain(_cfg(out, data24, **BASE))
+    state = ckpt.load(out / "checkpoint-last.pth")
+    assert (state["epoch"], state["step_in_epoch"], state["update"]) == (1, 2, 8)
+    assert [r["step"] for r in _step_records(out)][-2:] == [9, 10]  # lines past the checkpoint
+
+    monkeypatch.undo()  # the real step again
+    pretrain(_cfg(out, data24, resume="auto", **BASE))
+    _assert_no_duplicate_steps(out, 18, 3)
+    _assert_same_training(run_a, out)
+    assert (out / "checkpoint-2.pth").is_file() and _tmp_files(out) == []
+
+
+def test_pretrain__exact_resume_with_checkpoint_inside_log_window(data24, tmp_path, monkeypatch):
+    kw = dict(epochs=1, save_every_steps=2, log_every=4)  # log at updates 4 and 6, checkpoint at 2
+    pretrain(_cfg(tmp_path / "a", data24, **kw))
+
+    def crash(n, *_):
+        if n == 3:
+            raise SimulatedCrash("crash inside a log window")
+
+    monkeypatch.setattr(train, "pretrain_step", _step_wrapper(crash))
+    with pytest.raises(SimulatedCrash):
+        pretrain(_cfg(tmp_path / "b", data24, **kw))
+    monkeypatch.undo()
+    pretrain(_cfg(tmp_path / "b", data24, resume="auto", **kw))
+    _assert_same_training(tmp_path / "a", tmp_path / "b")
+
+
+def test_pretrain__resume_tolerates_torn_metrics_line(data24, tmp_path):
+    out = tmp_path / "o"
+    pretrain(_cfg(out, data24, epochs=1))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "step": 7, "lo')  # a line cut short by a crash
+    pretrain(_cfg(out, data24, epochs=2, resume="auto"))
+    _assert_no_duplicate_steps(out, 12, 2)
+
+
+def test_pretrain__resume_auto_without_checkpoint_starts_fresh(run_a, data24, tmp_path):
+    out = tmp_path / "fresh"
+    pretrain(_cfg(out, data24, resume="auto", **BASE))
+    _assert_same_training(run_a, out)
+
+
+def test_pretrain__exact_resume_after_sigkill(data24, tmp_path):
+    """A real ``python -m ummae pretrain`` killed with SIGKILL, resumed with --resume auto,
+    trains exactly as a run that was never interrupted."""
+    kw = dict(epochs=10, batch_size=2, save_every_steps=1, log_every=1)  # 12 steps/epoch, 120 in all
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ummae", "pretrain", "--model", "mae_swin_test", "--data", str(data24),
+           "--output", str(killed), "--epochs", "10", "--warmup-epochs", "1", "--batch-size", "2",
+           "--blr", "0.05", "--num-workers", "0", "--log-every", "1", "--keep-every", "0",
+           "--seed", "0", "--save-every-steps", "1"]
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended (exit {proc.returncode}) before it could be killed: make it "
+                                f"longer. Log:\n{log_path.read_text()[-3000:]}")
+                metrics = killed / "metrics.jsonl"
+                if (killed / "checkpoint-last.pth").exists() and metrics.exists() and metrics.read_text().count("\n") >= 4:
+                    break
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no checkpoint and metrics after 240 s. Log:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines_at_kill = _step_records(killed)
+    state = ckpt.load(killed / "checkpoint-last.pth")
+    assert 1 <= state["update"] < 120, "the kill must land inside the run"
+    assert len(lines_at_kill) < 120
+
+    pretrain(_cfg(killed, data24, resume="auto", **kw))
+    _assert_no_duplicate_steps(killed, 120, 10)
+
+    # The uninterrupted reference (checkpoint frequency does not enter the numbers).
+    ref = tmp_path / "ref"
+    pretrain(_cfg(ref, data24, **{**kw, "save_every_steps": 0}))
+    _assert_same_training(ref, killed)
+
+
+# ---------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pretrain__torchrun_two_gloo_processes_keep_replicas_identical(data24, tmp_path):
+    out = tmp_path / "ddp"
+    # 24 images, 2 per rank, 2 ranks: 6 steps per epoch; accum 2 exercises DDP no_sync.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+           "-m", "ummae", "pretrain", "--model", "mae_swin_test", "--data", str(data24), "--output", str(out),
+           "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "2", "--accum-iter", "2", "--blr", "0.05",
+           "--num-workers", "0", "--log-every", "1", "--save-every-steps", "2", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+    epochs = _epoch_records(out)
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert [r["replica_max_diff"] for r in epochs] == [0.0, 0.0]
+    assert all(math.isfinite(r["train_loss"]) for r in epochs)
+    # rank 0 alone writes: one line per update, nothing twice, one event file
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))
+    _assert_no_duplicate_steps(out, 6, 2)
+    assert len(os.listdir(out / "tensorboard")) == 1
+    assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "checkpoint-last.pth", "metrics.jsonl", "tensorboard"]
+    state = ckpt.load(out / "checkpoint-last.pth")
+    assert state["update"] == 6 and not any(k.startswith("module.") for k in state["model"])
+    # the logged lr is the one of the effective batch: 2 per rank x 2 ranks x accum 2
+    assert max(r["lr"] for r in _step_records(out)) == pytest.approx(0.05 * 8 / 256, rel=1e-12)
+
+
+# ---------------------------------------------------------------- non-finite loss
+
+
+def test_pretrain__nan_loss_stops_and_keeps_last_good_checkpoint(data24, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    seen = {}
+
+    def poison(n, model, batch, generator):
+        if n == 3:  # after the checkpoint of update 2; found at the next check (step 4)
+            seen["bytes"] = (out / "checkpoint-last.pth").read_bytes()
+            loss = model(batch[0], generator=generator)["loss"]
+            return {"loss": loss * float("nan")}
+        return None
+
+    monkeypatch.setattr(train, "pretrain_step", _step_wrapper(poison))
+    with pytest.raises(NonFiniteLossError) as err:
+        pretrain(_cfg(out, data24, epochs=2, save_every_steps=2, log_every=100))
+    msg = str(err.value)
+    assert "non-finite loss" in msg and "last good checkpoint" in msg and "intact" in msg
+    assert str(out) in msg
+    assert (out / "checkpoint-last.pth").read_bytes() == seen["bytes"]
+    state = ckpt.load(out / "checkpoint-last.pth")
+    assert state["update"] == 2
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert _tmp_files(out) == []
+    assert not (out / "metrics.jsonl").exists()  # log_every=100: nothing logged, NaN neither
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_pretrain__missing_data_path(tmp_path):
+    with pytest.raises(ValueError, match="data path not found: .*nowhere"):
+        pretrain(_cfg(tmp_path / "o", tmp_path / "nowhere"))
+
+
+def test_pretrain__empty_data_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images were found in .*empty"):
+        pretrain(_cfg(tmp_path / "o", tmp_path / "empty"))
+
+
+def test_pretrain__corrupt_image_is_skipped_and_counted(tmp_path, caplog):
+    data = _smooth_images(tmp_path / "data", 8)
+    (data / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg" * 20)
+    out = tmp_path / "o"
+    with caplog.at_level(logging.WARNING):
+        pretrain(_cfg(out, data, batch_size=3))  # 9 images: every one is drawn once per epoch
+    (epoch,) = _epoch_records(out)
+    assert epoch["skipped_images"] == 1 and math.isfinite(epoch["train_loss"])
+    assert _step_records(out)[-1]["skipped_images"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("broken.jpg" in w and "unreadable" in w for w in warnings), warnings
+    assert (out / "checkpoint-last.pth").is_file()
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("precision", "fp8"), ("crop_scale", (0.9, 0.1)),
+                                          ("batch_size", 0), ("accum_iter", 0)])
+def test_pretrain__bad_config_value_names_the_field(tmp_path, data24, field, value):
+    with pytest.raises(ValueError, match=rf"bad config value {field}="):
+        pretrain(_cfg(tmp_path / "o", data24, **{field: value}))
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+@pytest.fixture(scope="module")
+def small_ckpts(tmp_path_factory, data24) -> dict:
+    """One-step checkpoints of a few model variants."""
+    made = {}
+    for key, kw in {"pvt": dict(model="mae_pvt_test"), "swin_sm0": dict(sm_ratio=0.0),
+                    "swin_default": dict()}.items():
+        out = tmp_path_factory.mktemp(key)
+        pretrain(_cfg(out, data24, max_steps_per_epoch=1, **kw))
+        made[key] = out / "checkpoint-last.pth"
+    return made
+
+
+def test_pretrain__resume_checkpoint_of_another_model_refused(tmp_path, data24, small_ckpts):
+    with pytest.raises(CheckpointError, match="mae_pvt_test") as err:
+        pretrain(_cfg(tmp_path / "o", data24, resume=str(small_ckpts["pvt"])))
+    assert isinstance(err.value, ValueError)
+    assert "mae_swin_test" in str(err.value) and str(small_ckpts["pvt"]) in str(err.value)
+
+
+def test_pretrain__resume_checkpoint_with_other_options_refused(tmp_path, data24, small_ckpts):
+    with pytest.raises(CheckpointError, match=r"other model options \(sm_ratio: checkpoint 0\.0 vs run 0\.25\)"):
+        pretrain(_cfg(tmp_path / "o", data24, sm_ratio=0.25, resume=str(small_ckpts["swin_sm0"])))
+
+
+def test_pretrain__resume_with_explicit_default_option_accepted(tmp_path, data24, small_ckpts):
+    # small_ckpts["swin_default"] was built with sm_ratio left at its default, 0.25
+    out = tmp_path / "o"
+    pretrain(_cfg(out, data24, sm_ratio=0.25, epochs=2, max_steps_per_epoch=1, resume=str(small_ckpts["swin_default"])))
+    assert [r["epoch"] for r in _epoch_records(out)] == [1]
+
+
+def test_pretrain__resume_corrupt_checkpoint_refused(tmp_path, data24):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*bad.pth"):
+        pretrain(_cfg(tmp_path / "o", data24, resume=str(bad)))
+
+
+def test_pretrain__resume_foreign_file_refused(tmp_path, data24):
+    other = tmp_path / "weights.pth"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
+    with pytest.raises(CheckpointError, match="not an ummae checkpoint"):
+        pretrain(_cfg(tmp_path / "o", data24, resume=str(other)))
+
+
+def test_pretrain__resume_missing_checkpoint_refused(tmp_path, data24):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pth"):
+        pretrain(_cfg(tmp_path / "o", data24, resume=str(tmp_path / "nope.pth")))
+
+
+# ---------------------------------------------------------------- optimiser and schedule
+
+
+def test_warmup_cosine__shape():
+    base, low, warm, total = 1e-3, 1e-5, 10, 100
+    lrs = [warmup_cosine(s, total, warm, base, low) for s in range(total + 1)]
+    assert lrs[0] == 0.0
+    assert lrs[5] == pytest.approx(base / 2)
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))  # linear rise
+    assert lrs[warm] == pytest.approx(base, rel=1e-12)
+    assert lrs[total] == pytest.approx(low, rel=1e-12)
+    assert all(a > b for a, b in zip(lrs[warm:total], lrs[warm + 1:total + 1]))  # strictly falling
+    assert lrs[(warm + total) // 2 + 0] == pytest.approx((base + low) / 2, rel=1e-9)  # cosine midpoint
+    assert warmup_cosine(total + 5, total, warm, base, low) == pytest.approx(low)  # stays at the floor
+    assert warmup_cosine(0, 10, 0, base, low) == base  # no warm-up
+
+
+@pytest.mark.parametrize("name", ["mae_swin_test", "mae_vit_test", "simmim_swin_test"])
+def test_param_groups__no_decay_on_biases_norms_tokens(name):
+    model = create_model(name)
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_decay = {names[id(p)] for p in decay["params"]}
+    in_no_decay = {names[id(p)] for p in no_decay["params"]}
+    assert not in_decay & in_no_decay
+    assert in_decay | in_no_decay == set(names.values())
+    tokens = {n for n in names.values() if n.split(".")[-1] in ("sm_token", "mask_token", "cls_token")}
+    assert tokens, "expected learnable tokens"
+    assert tokens <= in_no_decay
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if getattr(mod, "bias", None) is not None and isinstance(mod.bias, nn.Parameter):
+            assert prefix + "bias" in in_no_decay
+        if isinstance(mod, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)) and mod.weight is not None:
+            assert prefix + "weight" in in_no_decay
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            assert prefix + "weight" in in_decay
+    assert any("proj" in n or "conv" in n for n in in_decay)
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+def test_pretrain__accumulation_halves_updates_and_scales_lr(tmp_path):
+    data = _smooth_images(tmp_path / "data", 16)
+    out = tmp_path / "o"
+    pretrain(_cfg(out, data, epochs=2, batch_size=2, accum_iter=2, blr=0.1, min_lr=0.0))
+    epochs, steps = _epoch_records(out), _step_records(out)
+    assert [r["step"] for r in epochs] == [4, 8]  # 8 micro-steps per epoch, 4 updates
+    assert [r["step"] for r in steps] == list(range(1, 9))  # one record per update
+    base_lr = 0.1 * 2 * 2 / 256
+    # update 5 (the first of epoch 1) is the end of the 1-epoch warm-up
+    assert steps[4]["lr"] == pytest.approx(base_lr, rel=1e-12)
+    assert steps[0]["lr"] == 0.0
+    assert max(r["lr"] for r in steps) == pytest.approx(base_lr, rel=1e-12)
+    assert ckpt.load(out / "checkpoint-last.pth")["update"] == 8
+
+
+# ---------------------------------------------------------------- atomic checkpoints
+
+
+def _failing_save(fail_on: int):
+    real = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == fail_on:
+            f.write(b"half a checkpoint")
+            raise OSError("No space left on device (simulated)")
+        return real(obj, f, *a, **kw)
+
+    return save
+
+
+def test_save_atomic__failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint-last.pth"
+    first = {"model": {"w": torch.arange(6.0)}, "epoch": 1}
+    monkeypatch.setattr(ckpt.torch, "save", _failing_save(2))
+    ckpt.save_atomic(first, path)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_atomic({"model": {"w": torch.zeros(6)}, "epoch": 2}, path)
+    loaded = ckpt.load(path)
+    _assert_tensors_equal(loaded, first)
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
+def test_pretrain__failed_checkpoint_write_keeps_last_checkpoint(tmp_path, data24, monkeypatch):
+    out = tmp_path / "o"
+    monkeypatch.setattr(ckpt.torch, "save", _failing_save(2))
+    with pytest.raises(OSError, match="No space left"):
+        pretrain(_cfg(out, data24, save_every_steps=1))
+    state = ckpt.load(out / "checkpoint-last.pth")
+    assert (state["update"], state["step_in_epoch"]) == (1, 1)
+    assert _tmp_files(out) == []
+    monkeypatch.undo()
+    pretrain(_cfg(out, data24, save_every_steps=1, resume="auto"))  # and it resumes from there
+    _assert_no_duplicate_steps(out, 6, 1)
+
+
+# ---------------------------------------------------------------- learning
+
+
+def test_pretrain__loss_falls(tmp_path):
+    data = _stripe_images(tmp_path / "data", 16)
+    out = tmp_path / "o"
+    pretrain(_cfg(out, data, epochs=10, batch_size=4, blr=0.1, crop_scale=(1.0, 1.0), log_every=100))
+    losses = [r["train_loss"] for r in _epoch_records(out)]
+    assert len(losses) == 10
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert min(losses[-3:]) < min(losses[:3]), losses
+
+
+def test_trainer__removes_temp_files_left_by_a_killed_save(data24, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    stale = out / ".checkpoint-last.pth.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    pretrain(_cfg(out, data24, epochs=1))
+    assert not stale.exists() and _tmp_files(out) == []
