@@ -65,21 +65,24 @@ def block_choice(mask: Tensor, grid_h: int, grid_w: int, validate: bool = True) 
 
 
 def secondary_masking(
-    mask: Tensor, ratio: float, *, generator: Optional[torch.Generator] = None
+    mask: Tensor, ratio: float, *, generator: Optional[torch.Generator] = None, num_visible: Optional[int] = None
 ) -> Tensor:
     """Secondary Masking: of the ``V`` visible units of each image choose exactly
     ``floor(V * ratio)`` at random. Returns a bool ``[N, L]``, True = visible unit whose patch
     embedding is replaced by the shared learnable token. The loss ignores these units.
 
     Every image of the batch must have the same number of visible units (true for uniform and
-    for fixed-ratio random masks)."""
+    for fixed-ratio random masks). A caller that knows it passes ``num_visible`` and skips the
+    check, which costs a host sync."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"secondary masking ratio must be in [0, 1), got {ratio}")
     n, length = mask.shape
-    visible = (~mask).sum(1)
-    v = int(visible[0])
-    if not torch.all(visible == v):
-        raise ValueError("secondary masking needs the same number of visible units per image")
+    v = num_visible
+    if v is None:
+        visible = (~mask).sum(1)
+        v = int(visible[0])
+        if not torch.all(visible == v):
+            raise ValueError("secondary masking needs the same number of visible units per image")
     k = int(v * ratio)
     if k == 0:
         return torch.zeros_like(mask)
@@ -91,6 +94,12 @@ def secondary_masking(
     return sm
 
 
+def num_kept(length: int, ratio: float) -> int:
+    """Visible units of a fixed-ratio random mask: MAE's ``int(L * (1 - r))``, made immune to
+    float round-off (0.9999999 -> 1)."""
+    return int(length * (1 - ratio) + 1e-6)
+
+
 def random_masking(
     n: int, length: int, ratio: float, *, device=None, generator: Optional[torch.Generator] = None
 ) -> Tensor:
@@ -99,7 +108,7 @@ def random_masking(
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
     dev = _device(generator, device)
-    num_keep = int(length * (1 - ratio) + 1e-6)  # MAE's int(L*(1-r)), immune to 0.9999999
+    num_keep = num_kept(length, ratio)
     if num_keep < 1:
         raise ValueError(f"mask ratio {ratio} leaves no visible unit out of {length}")
     noise = torch.rand(n, length, device=dev, generator=generator)

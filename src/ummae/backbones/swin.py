@@ -5,6 +5,7 @@ Patch merging = LayerNorm + 2x2 stride-2 conv.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Sequence
 
 import torch
@@ -81,9 +82,11 @@ def window_reverse(x: Tensor, ws: int, h: int, w: int) -> Tensor:
     return x.reshape(b, h, w, c)
 
 
-def shift_region_mask(h: int, w: int, ws: int, shift: int, device) -> Tensor:
+@functools.lru_cache(maxsize=32)
+def shift_region_mask(h: int, w: int, ws: int, shift: int, device: torch.device) -> Tensor:
     """Swin's mask for shifted windows: tokens that were not neighbours before the cyclic
-    shift must not attend to each other. ``[nW, 1, T, T]`` with 0 / -inf."""
+    shift must not attend to each other. ``[nW, 1, T, T]`` with 0 / -inf. Cached: it depends
+    on the map geometry only, and is needed by every shifted block of every step."""
     region = torch.zeros(h, w, device=device)
     cnt = 0
     for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):

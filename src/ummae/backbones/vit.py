@@ -51,7 +51,8 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_visible(
-        self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = None, sm_token: Optional[Tensor] = None
+        self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = None, sm_token: Optional[Tensor] = None,
+        num_visible: Optional[int] = None,
     ) -> Tuple[Tensor, Tensor]:
         """MAE encoder: ``mask [N, L]`` True = dropped. SM units get ``sm_token`` plus their
         position embedding. Returns visible features ``[N, V, D]`` (cls dropped) and their unit
@@ -60,7 +61,11 @@ class VisionTransformer(nn.Module):
         if sm_mask is not None and sm_token is not None:
             x = torch.where(sm_mask.unsqueeze(-1), sm_token.to(x.dtype), x)
         x = x + pos
-        num_visible = int(mask.shape[1] - mask[0].sum())
+        if num_visible is None:
+            counts = (~mask).sum(1)
+            num_visible = int(counts[0])
+            if not torch.all(counts == num_visible):
+                raise ValueError("every image of a batch must have the same number of visible units")
         ids = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]
         x = x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self._run(x)[:, 1:], ids

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..backbones import PyramidBackbone, VisionTransformer
 from ..layers import init_weights
 from ..masking import (
-    block_choice, check_uniform_grid, kept_unit_index, random_masking, reference_unit_index,
+    block_choice, check_uniform_grid, kept_unit_index, num_kept, random_masking, reference_unit_index,
     secondary_masking, uniform_sampling,
 )
 from .decoder import MAEDecoder
@@ -74,6 +74,8 @@ class MaskedAutoencoder(nn.Module):
         self.grid = (img_size // unit_size, img_size // unit_size)
         self.sampling = sampling
         self.mask_ratio = 0.75 if sampling == "uniform" else mask_ratio
+        length = self.grid[0] * self.grid[1]
+        self.num_visible = length // 4 if sampling == "uniform" else num_kept(length, mask_ratio)
         self.sm_ratio = sm_ratio
         self.norm_pix_loss = norm_pix_loss
         self.decoder_pos = decoder_pos
@@ -109,13 +111,17 @@ class MaskedAutoencoder(nn.Module):
             mask = uniform_sampling(n, gh, gw, device=device, generator=generator)
         else:
             mask = random_masking(n, gh * gw, self.mask_ratio, device=device, generator=generator)
-        sm_mask = secondary_masking(mask, self.sm_ratio, generator=generator) if self.sm_ratio > 0 else None
+        sm_mask = None
+        if self.sm_ratio > 0:
+            sm_mask = secondary_masking(mask, self.sm_ratio, generator=generator, num_visible=self.num_visible)
         return mask, sm_mask
 
     def forward_encoder(self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor], validate: bool = True) -> Tuple[Tensor, Tensor]:
         """-> decoder-width tokens of the visible units ``[N, V, D]`` and their unit indices."""
         if not self.pyramid:
-            feats, index = self.encoder.forward_visible(imgs, mask, sm_mask, self.sm_token)
+            # Masks this model drew have a known visible count: no host sync to find it.
+            num_visible = None if validate else self.num_visible
+            feats, index = self.encoder.forward_visible(imgs, mask, sm_mask, self.sm_token, num_visible)
             return self.decoder_embed(feats), index
         choice = block_choice(mask, *self.grid, validate=validate)
         feat = self.encoder.forward_compact(imgs, choice, self.unit_size, sm_mask, self.sm_token)
