@@ -51,7 +51,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device)
         if info.is_main:
             Path(cfg.output).mkdir(parents=True, exist_ok=True)
-            log.info("model %s (%.1fM params), %s", cfg.model, sum(p.numel() for p in model.parameters()) / 1e6, dataset.describe())
+            log.info("model %s (%.1fM params)", cfg.model, sum(p.numel() for p in model.parameters()) / 1e6)
             log.info("device %s x%d, precision %s, effective batch %d, lr %.3e", device, info.world_size, precision, eff_batch, lr)
         trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, pretrain_step)
         summary = trainer.fit()

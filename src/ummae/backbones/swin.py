@@ -82,11 +82,10 @@ def window_reverse(x: Tensor, ws: int, h: int, w: int) -> Tensor:
     return x.reshape(b, h, w, c)
 
 
-@functools.lru_cache(maxsize=32)
 def shift_region_mask(h: int, w: int, ws: int, shift: int, device: torch.device) -> Tensor:
     """Swin's mask for shifted windows: tokens that were not neighbours before the cyclic
-    shift must not attend to each other. ``[nW, 1, T, T]`` with 0 / -inf. Cached: it depends
-    on the map geometry only, and is needed by every shifted block of every step."""
+    shift must not attend to each other. ``[nW, 1, T, T]`` with 0 / -inf. Eager runs use a
+    cached copy: it depends on the map geometry only and every shifted block needs it."""
     region = torch.zeros(h, w, device=device)
     cnt = 0
     for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
@@ -96,6 +95,9 @@ def shift_region_mask(h: int, w: int, ws: int, shift: int, device: torch.device)
     win = window_partition(region.view(1, h, w, 1), ws).squeeze(-1)[0]  # [nW, T]
     diff = win.unsqueeze(1) != win.unsqueeze(2)
     return torch.zeros(diff.shape, device=device).masked_fill(diff, float("-inf")).unsqueeze(1)
+
+
+_cached_shift_region_mask = functools.lru_cache(maxsize=32)(shift_region_mask)
 
 
 class SwinBlock(nn.Module):
@@ -121,7 +123,9 @@ class SwinBlock(nn.Module):
             pos = torch.roll(pos, (-shift, -shift), dims=(1, 2))
         bias = self.attn.pos_bias(window_partition(pos, ws), extent)  # [P, nW, heads, T, T]
         if shift:
-            bias = bias + shift_region_mask(h, w, ws, shift, x.device)
+            # torch.compile folds the mask into the graph itself and warns on lru_cache
+            fn = shift_region_mask if torch.compiler.is_compiling() else _cached_shift_region_mask
+            bias = bias + fn(h, w, ws, shift, x.device)
         y = window_reverse(self.attn(window_partition(y, ws), bias), ws, h, w)
         if shift:
             y = torch.roll(y, (shift, shift), dims=(1, 2))
