@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,16 @@ def test_build_pretrain_loader__workers_give_identical_batches(tmp_path):
         assert x0.shape[1:] == (3, 16, 16) and x0.shape[0] + n0 == 4
         skipped += n0
     assert skipped == 1
+
+
+def test_build_pretrain_dataset__dataset_root_uses_train_split(tmp_path):
+    # MAE users pass the ImageNet root (train/ + val/): val images must not be pre-trained on.
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("a", "b"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(d / f"{i}.png")
+    ds = build_pretrain_dataset(str(tmp_path), img_size=32)
+    assert len(ds) == 6 and all(f"{os.sep}train{os.sep}" in p for p, _ in ds.samples)
+    assert sorted({label for _, label in ds.samples}) == [0, 1]

@@ -214,6 +214,8 @@ def build_pretrain_dataset(
 ) -> PretrainDataset:
     """Build the pre-training dataset from ``data``:
 
+    - a dataset root holding ``train/`` (ImageNet: ``train/`` + ``val/``): its ``train/`` split,
+      as MAE's ``--data_path``;
     - ``None``: the embedded demo (real photos from scikit-image's wheel, each listed
       ``demo_repeats`` times per epoch, label -1);
     - a folder of class sub-folders: ImageFolder, label = index of the sorted class name;
@@ -237,6 +239,11 @@ def build_pretrain_dataset(
         path = os.path.expanduser(str(data))
         if not os.path.exists(path):
             raise ValueError(f"data path not found: {data}")
+        if os.path.isdir(path) and os.path.isdir(os.path.join(path, "train")):
+            # MAE's convention: --data names the dataset root; pre-training reads its train
+            # split (never val/, which would leak evaluation images into pre-training).
+            logger.info("%s has a train/ folder: pre-training on %s", path, os.path.join(path, "train"))
+            path = os.path.join(path, "train")
         if os.path.isdir(path):
             samples, kind, n_classes = _folder_samples(path)
             ds = PretrainDataset(samples, transform, kind, path, n_classes)
