@@ -21,8 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the registered models, one per line")
     m.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'mae_swin*'")
 
-    pt = sub.add_parser("pretrain", help="pre-train an encoder (UM-MAE, MAE or SimMIM)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pt = sub.add_parser("pretrain", help="pre-train an encoder (UM-MAE, MAE or SimMIM)")
     pt.add_argument("--config", help="YAML file of options, or a built-in config name (demo, swin_tiny_in1k); command-line flags override it")
     add_dataclass_flags(pt, PretrainConfig)
 

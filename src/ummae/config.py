@@ -117,7 +117,10 @@ def _coerce(cls, name: str, value: Any) -> Any:
         if is_tuple:
             if isinstance(value, str):
                 value = [v for v in value.replace(",", " ").split()]
-            return tuple(tp(v) for v in value)
+            value = tuple(tp(v) for v in value)
+            if len(value) != 2:
+                raise ValueError(value)
+            return value
         if tp is bool:
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):
@@ -130,7 +133,7 @@ def _coerce(cls, name: str, value: Any) -> Any:
             raise ValueError(value)
         return tp(value)
     except (TypeError, ValueError):
-        raise ValueError(f"bad config value {name}={value!r}: expected {'a list of ' if is_tuple else ''}{tp.__name__}") from None
+        raise ValueError(f"bad config value {name}={value!r}: expected {'two values of type ' if is_tuple else ''}{tp.__name__}") from None
 
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
@@ -171,7 +174,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         tp, is_tuple = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        help_ = f.metadata.get("help", "")
+        if default is not None:  # None defaults are explained by the help text itself
+            help_ += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         elif is_tuple:
