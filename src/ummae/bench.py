@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .engine.optim import build_optimizer
 from .engine.precision import autocast, grad_scaler, resolve_device, resolve_precision
 
 __all__ = ["run_bench", "format_table", "add_bench_args", "bench_main"]
@@ -255,9 +256,8 @@ def _bench_one(
         size = img_size if img_size is not None else getattr(model, "default_img_size", None)
         if size is None:
             raise ValueError(f"model {name!r} has no default_img_size; pass img_size")
-        params = [p for p in model.parameters() if p.requires_grad]
         n_params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, **({"fused": True} if cuda else {}))
+        opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), device)  # the training optimiser
         scaler = grad_scaler(device, precision)
         # The same batch for every model (of one size): drawn from its own seeded generator.
         gen = torch.Generator().manual_seed(seed)
