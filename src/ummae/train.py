@@ -3,28 +3,19 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any, Dict
 
-import numpy as np
-import torch
-
 from . import dist as udist
-from .config import PretrainConfig, config_to_dict
+from .config import PretrainConfig
 from .data import build_pretrain_dataset, build_pretrain_loader
 from .engine.loop import Trainer
 from .engine.optim import build_optimizer
 from .engine.precision import resolve_precision
 from .registry import create_model, model_kind
+from .seeds import seed_everything
 
 log = logging.getLogger("ummae")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def pretrain_step(model, batch, generator):
@@ -61,5 +52,3 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     finally:
         udist.cleanup()
 
-
-__all__ = ["pretrain", "config_to_dict"]

@@ -9,26 +9,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from ..seeds import mix_seed
+
 logger = logging.getLogger(__name__)
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    """SplitMix64 finaliser: a bijective scramble of a 64-bit int."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
     """Augmentation seed (63-bit, non-negative) of the sample at ``position`` of the global
     permutation of ``epoch``. Chained hashing, rather than a linear combination, so that no two
     (epoch, position) pairs of a run share a seed by arithmetic coincidence."""
-    h = _mix64(seed & _MASK64)
-    h = _mix64(h ^ (epoch & _MASK64))
-    return _mix64(h ^ (position & _MASK64)) >> 1
+    return mix_seed(seed, epoch, position)
 
 
 class ResumableSampler(Sampler):

@@ -23,6 +23,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import dist as udist
+from ..config import config_to_dict
+from ..seeds import mix_seed
 from . import ckpt
 from .optim import warmup_cosine
 from .precision import autocast, grad_scaler
@@ -32,15 +34,6 @@ log = logging.getLogger("ummae")
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def _mix(*xs: int) -> int:
-    """Deterministic 63-bit seed from integers (SplitMix64 steps)."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h >> 1
 
 
 class MetricsLog:
@@ -152,7 +145,7 @@ class Trainer:
             "epoch_skipped": self.epoch_skipped,
             "window_loss_sum": self.window_loss_sum,
             "window_n": self.window_n,
-            "config": _plain(vars(self.cfg)),
+            "config": config_to_dict(self.cfg),
             "rng": ckpt.rng_state(),
             **self.extra_state,
         }
@@ -238,7 +231,7 @@ class Trainer:
             if micro == 0:
                 lr = self._set_lr()
             batch = [b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
-            self.generator.manual_seed(_mix(cfg.seed, self.dist.rank, epoch, step))
+            self.generator.manual_seed(mix_seed(cfg.seed, self.dist.rank, epoch, step))
             last_micro = micro == cfg.accum_iter - 1
             sync = contextlib.nullcontext() if (last_micro or not self.dist.enabled) else self.net.no_sync()
             with sync:
@@ -312,6 +305,3 @@ def _progress(total: int, start: int, epoch: int, is_main: bool):
 
     return tqdm(total=total, initial=start, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
 
-
-def _plain(d: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

@@ -40,24 +40,24 @@ def _split(kw: Dict[str, Any], allowed, model: str):
     return kw.pop("drop_path", 0.0)
 
 
+def _pyramid_encoder(family, arch, window_or_sr, drop_path):
+    """Swin takes a pre-training window size, PVT its spatial-reduction ratios."""
+    if family == "swin":
+        return SwinTransformer(window_size=window_or_sr, drop_path=drop_path, **SWIN[arch])
+    return PyramidVisionTransformer(sr_ratios=window_or_sr, drop_path=drop_path, **PVT[arch])
+
+
 def _mae_pyramid(name, family, arch, img_size, window_or_sr, decoder, kw):
     drop_path = _split(kw, MAE_OPTIONS, name)
     img_size = kw.pop("img_size", img_size)
-    if family == "swin":
-        enc = SwinTransformer(window_size=window_or_sr, drop_path=drop_path, **SWIN[arch])
-    else:
-        enc = PyramidVisionTransformer(sr_ratios=window_or_sr, drop_path=drop_path, **PVT[arch])
+    enc = _pyramid_encoder(family, arch, window_or_sr, drop_path)
     return MaskedAutoencoder(enc, img_size, **{**DECODER[decoder], **kw})
 
 
 def _simmim(name, family, arch, img_size, window_or_sr, kw):
     drop_path = _split(kw, ("img_size", "unit_size", "mask_ratio"), name)
     img_size = kw.pop("img_size", img_size)
-    if family == "swin":
-        enc = SwinTransformer(window_size=window_or_sr, drop_path=drop_path, **SWIN[arch])
-    else:
-        enc = PyramidVisionTransformer(sr_ratios=window_or_sr, drop_path=drop_path, **PVT[arch])
-    return SimMIM(enc, img_size, **kw)
+    return SimMIM(_pyramid_encoder(family, arch, window_or_sr, drop_path), img_size, **kw)
 
 
 def _mae_vit(name, arch, img_size, patch, decoder, kw):
