@@ -9,7 +9,8 @@ grid it is given). Every token carries its true (row, col) on the full patch gri
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from collections import OrderedDict
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -91,6 +92,6 @@ class PyramidBackbone(nn.Module):
     def forward_features(self, imgs: Tensor) -> Tensor:
         return self.forward_dense(imgs)[-1]
 
-    def forward_feature_maps(self, imgs: Tensor) -> Dict[str, Tensor]:
+    def forward_feature_maps(self, imgs: Tensor) -> "OrderedDict[str, Tensor]":
         """torchvision's backbone seam: ``OrderedDict`` '0'..'3' of the stage maps."""
-        return {str(i): f for i, f in enumerate(self.forward_dense(imgs))}
+        return OrderedDict((str(i), f) for i, f in enumerate(self.forward_dense(imgs)))

@@ -12,11 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import torch
 import torch.nn as nn
@@ -95,7 +94,6 @@ class Trainer:
         base_lr: float,
         dist_info: udist.DistInfo,
         step_fn: Callable[[nn.Module, Any, torch.Generator], Dict[str, torch.Tensor]],
-        extra_state: Optional[Dict[str, Any]] = None,
     ):
         self.cfg = cfg
         self.model = model  # unwrapped: what checkpoints hold
@@ -105,7 +103,6 @@ class Trainer:
         self.base_lr = base_lr
         self.dist = dist_info
         self.step_fn = step_fn
-        self.extra_state = extra_state or {}
         self.scaler = grad_scaler(device, precision)
         self.out = Path(cfg.output)
         self.steps_per_epoch = sampler.num_batches()
@@ -147,7 +144,6 @@ class Trainer:
             "window_n": self.window_n,
             "config": config_to_dict(self.cfg),
             "rng": ckpt.rng_state(),
-            **self.extra_state,
         }
 
     def save(self, keep: bool = False) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..backbones import PyramidBackbone, VisionTransformer
+from ..backbones import PyramidBackbone
 from ..layers import init_weights
 from ..masking import (
     block_choice, check_uniform_grid, kept_unit_index, num_kept, random_masking, reference_unit_index,
