@@ -561,3 +561,9 @@ def test_trainer__removes_temp_files_left_by_a_killed_save(data24, tmp_path):
     stale.write_bytes(b"half a checkpoint")
     pretrain(_cfg(out, data24, epochs=1))
     assert not stale.exists() and _tmp_files(out) == []
+
+
+def test_pretrain__accumulation_longer_than_an_epoch_refused(data24, tmp_path):
+    # 24 images / batch 4 = 6 steps per epoch: accumulating over 8 would never update.
+    with pytest.raises(ValueError, match="fewer than accum_iter=8"):
+        pretrain(_cfg(tmp_path / "o", data24, accum_iter=8))

@@ -108,7 +108,12 @@ class Trainer:
         self.steps_per_epoch = sampler.num_batches()
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        self.updates_per_epoch = max(1, self.steps_per_epoch // cfg.accum_iter)
+        if self.steps_per_epoch < cfg.accum_iter:
+            raise ValueError(
+                f"an epoch has {self.steps_per_epoch} steps, fewer than accum_iter={cfg.accum_iter}: no optimiser "
+                f"update would ever happen; lower accum_iter or batch_size, or use more data"
+            )
+        self.updates_per_epoch = self.steps_per_epoch // cfg.accum_iter
         self.steps_per_epoch = self.updates_per_epoch * cfg.accum_iter  # whole updates only
         self.total_updates = cfg.epochs * self.updates_per_epoch
         self.warmup_updates = int(round(cfg.warmup_epochs * self.updates_per_epoch))
