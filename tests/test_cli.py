@@ -91,8 +91,10 @@ def test_cli_models__one_name_per_line(capsys):
 def test_cli_models__pattern_filters(capsys):
     assert main(["models", "mae_pvt*"]) == 0
     assert capsys.readouterr().out.splitlines() == ["mae_pvt_nano_128", "mae_pvt_small_256", "mae_pvt_test"]
-    assert main(["models", "*_test"]) == 0
+    assert main(["models", "*_test", "--kind", "pretrain"]) == 0
     assert sorted(capsys.readouterr().out.splitlines()) == sorted(TEST_MODELS)
+    assert main(["models", "*_test", "--kind", "classify"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["pvt_test", "swin_test", "vit_test"]
     assert main(["models", "no_such_thing*"]) == 0
     assert capsys.readouterr().out == ""
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,10 @@ import torch
 from PIL import Image
 
 from ummae.data import (
+    ImageDataset,
     ResumableSampler,
     build_pretrain_dataset,
-    build_pretrain_loader,
+    build_train_loader,
     collate_skip_bad,
 )
 
@@ -161,6 +163,30 @@ def test_build_pretrain_dataset__augmentation_is_function_of_key(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_image_dataset__timm_transform_is_function_of_key(tmp_path):
+    # timm's RandomResizedCropAndInterpolation, RandAugment and RandomErasing draw from python
+    # random and numpy too, not only torch: all three must follow the sample seed.
+    from timm.data import create_transform
+
+    tf = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                          re_prob=0.25, interpolation="bicubic")
+    ds = ImageDataset([(str(_img(tmp_path / "x.png", size=(64, 48))), 0)], tf, "test", "x")
+    a = ds[(0, 2**40 + 5)][0]  # > 32 bits: numpy gets seed % 2**32
+    random.random()
+    np.random.rand()
+    torch.rand(1)
+    b = ds[(0, 2**40 + 5)][0]
+    assert torch.equal(a, b)
+    assert all(not torch.equal(a, ds[(0, s)][0]) for s in (6, 7, 8))
+    # keyed access leaves the caller's python random and numpy streams where they were
+    py_state, np_state = random.getstate(), np.random.get_state()
+    expected = (random.random(), np.random.rand())
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    ds[(0, 11)]
+    assert (random.random(), np.random.rand()) == expected
+
+
 def test_build_pretrain_dataset__imagenette_mini():
     train = IMAGENETTE / "train"
     if not train.is_dir():
@@ -232,14 +258,14 @@ def test_resumable_sampler__too_small_dataset():
 # ---------------------------------------------------------------- loader
 
 
-def test_build_pretrain_loader__workers_give_identical_batches(tmp_path):
+def test_build_train_loader__workers_give_identical_batches(tmp_path):
     for i in range(12):
         _img(tmp_path / f"{i:02d}.png", size=(32, 24), seed=i)
     (tmp_path / "bad.png").write_bytes(b"garbage")
     ds = build_pretrain_dataset(str(tmp_path), img_size=16)
     runs = []
     for workers in (0, 2):
-        loader, sampler = build_pretrain_loader(ds, batch_size=4, num_workers=workers, seed=7)
+        loader, sampler = build_train_loader(ds, batch_size=4, num_workers=workers, seed=7)
         sampler.set_epoch(1)
         batches = list(loader)
         assert len(batches) == len(loader) == 3

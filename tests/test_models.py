@@ -27,7 +27,7 @@ from ummae.masking import (
 from ummae.pretrain import MaskedAutoencoder, SimMIM, patchify, unpatchify
 from ummae.registry import create_model, list_models
 
-TEST_MODELS = list_models("*_test")
+TEST_MODELS = list_models("*_test", kind="pretrain")
 MAE_TEST_MODELS = [n for n in TEST_MODELS if n.startswith("mae_")]
 PYRAMID_TEST_ENCODERS = ["mae_swin_test", "mae_pvt_test"]
 
@@ -92,7 +92,7 @@ def test_registry__reference_names_listed():
     assert set(TEST_MODELS) >= {"mae_swin_test", "mae_pvt_test", "mae_vit_test", "simmim_swin_test", "simmim_pvt_test"}
 
 
-@pytest.mark.parametrize("name", list_models("*_nano_128") + ["mae_swin_tiny_256", "simmim_swin_tiny_256"])
+@pytest.mark.parametrize("name", list_models("*_nano_128", kind="pretrain") + ["mae_swin_tiny_256", "simmim_swin_tiny_256"])
 def test_registry__construct(name):
     m = _build(name)
     assert m.model_name == name

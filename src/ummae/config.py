@@ -15,48 +15,38 @@ from typing import Any, Dict, Optional, Tuple
 import yaml
 
 
-@dataclass
-class PretrainConfig:
-    """Pre-training run. Defaults are the paper's recipe (METHOD.md)."""
+def _f(default, help_):
+    return field(default=default, metadata={"help": help_})
 
-    model: str = field(default="mae_swin_tiny_256", metadata={"help": "registered model (`ummae models`)"})
-    data: Optional[str] = field(default=None, metadata={"help": "ImageFolder tree, flat image folder, or list file of 'relative/path label' lines; omitted: the embedded demo photos"})
-    data_root: Optional[str] = field(default=None, metadata={"help": "root of the paths in a list file (default: the list file's folder)"})
-    output: str = field(default="runs/pretrain", metadata={"help": "output folder: checkpoints, metrics.jsonl, TensorBoard"})
-    # method (None = the model's default)
-    img_size: Optional[int] = field(default=None, metadata={"help": "input size (default: the model's, 256 for pyramid models, 224 for ViT)"})
-    unit_size: Optional[int] = field(default=None, metadata={"help": "mask unit size in pixels (default 16)"})
-    sampling: Optional[str] = field(default=None, metadata={"help": "uniform (UM-MAE) or random (MAE RS; ViT only)"})
-    mask_ratio: Optional[float] = field(default=None, metadata={"help": "masked fraction (uniform sampling is always 0.75)"})
-    sm_ratio: Optional[float] = field(default=None, metadata={"help": "secondary masking ratio of the visible units (default 0.25; 0 = US only)"})
-    norm_pix_loss: Optional[bool] = field(default=None, metadata={"help": "per-unit normalised pixel targets (default on for MAE models)"})
-    decoder_pos: Optional[str] = field(default=None, metadata={"help": "'true' (each visible token at its own unit) or 'reference' (the reference code's ordering, for reproduction only)"})
-    drop_path: Optional[float] = field(default=None, metadata={"help": "stochastic depth rate of the encoder"})
+
+@dataclass
+class RunConfig:
+    """What every training run shares: output, schedule, optimiser basics and the machinery
+    of the one engine (checkpoints, resume, logging, precision, devices)."""
+
+    output: str = _f("runs/run", "output folder: checkpoints, metrics.jsonl, TensorBoard")
     # optimisation
-    epochs: int = field(default=200, metadata={"help": "training epochs"})
-    warmup_epochs: float = field(default=10, metadata={"help": "linear warm-up epochs"})
-    batch_size: int = field(default=128, metadata={"help": "images per process per step"})
-    accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    blr: float = field(default=1.5e-4, metadata={"help": "base lr: lr = blr * effective batch / 256"})
-    lr: Optional[float] = field(default=None, metadata={"help": "absolute lr (overrides blr)"})
-    min_lr: float = field(default=0.0, metadata={"help": "lr at the end of the cosine"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
-    betas: Tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
-    clip_grad: Optional[float] = field(default=None, metadata={"help": "max gradient norm (default: no clipping)"})
-    crop_scale: Tuple[float, float] = field(default=(0.2, 1.0), metadata={"help": "RandomResizedCrop scale range"})
+    epochs: int = _f(200, "training epochs")
+    warmup_epochs: float = _f(10, "linear warm-up epochs")
+    batch_size: int = _f(128, "images per process per step")
+    accum_iter: int = _f(1, "gradient accumulation steps")
+    blr: float = _f(1.5e-4, "base lr: lr = blr * effective batch / 256")
+    lr: Optional[float] = _f(None, "absolute lr (overrides blr)")
+    min_lr: float = _f(0.0, "lr at the end of the cosine")
+    weight_decay: float = _f(0.05, "weight decay")
+    clip_grad: Optional[float] = _f(None, "max gradient norm (default: no clipping)")
     # machinery
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with a grad scaler) or fp32"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    num_workers: int = field(default=8, metadata={"help": "data-loading processes per training process"})
-    seed: int = field(default=0, metadata={"help": "seed of data order, augmentation, masks and init"})
-    save_every: int = field(default=1, metadata={"help": "write checkpoint-last.pth every N epochs (and at the end)"})
-    keep_every: int = field(default=20, metadata={"help": "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)"})
-    save_every_steps: int = field(default=0, metadata={"help": "also checkpoint-last.pth every N optimiser steps inside an epoch (0 = off)"})
-    resume: Optional[str] = field(default=None, metadata={"help": "'auto' (checkpoint-last.pth of the output folder, if any) or a checkpoint path"})
-    log_every: int = field(default=20, metadata={"help": "metrics every N steps"})
-    max_steps_per_epoch: Optional[int] = field(default=None, metadata={"help": "cap on steps per epoch (quick runs)"})
-    demo_repeats: int = field(default=8, metadata={"help": "embedded demo data: random crops per photo per epoch"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with a grad scaler) or fp32")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    num_workers: int = _f(8, "data-loading processes per training process")
+    seed: int = _f(0, "seed of data order, augmentation, masks and init")
+    save_every: int = _f(1, "write checkpoint-last.pth every N epochs (and at the end)")
+    keep_every: int = _f(20, "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)")
+    save_every_steps: int = _f(0, "also checkpoint-last.pth every N optimiser steps inside an epoch (0 = off)")
+    resume: Optional[str] = _f(None, "'auto' (checkpoint-last.pth of the output folder, if any) or a checkpoint path")
+    log_every: int = _f(20, "metrics every N steps")
+    max_steps_per_epoch: Optional[int] = _f(None, "cap on steps per epoch (quick runs)")
+    compile: bool = _f(False, "torch.compile the model")
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
@@ -67,9 +57,7 @@ class PretrainConfig:
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "must be > 0")
         _check(self.min_lr >= 0, "min_lr", self.min_lr, "must be >= 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _check(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "must be in [0, 1)")
-        lo, hi = self.crop_scale
-        _check(0 < lo <= hi <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1")
+        _check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", self.clip_grad, "must be > 0")
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision, "must be auto, bf16, fp16 or fp32")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
@@ -78,6 +66,38 @@ class PretrainConfig:
         _check(self.save_every_steps >= 0, "save_every_steps", self.save_every_steps, "must be >= 0")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
         _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch", self.max_steps_per_epoch, "must be >= 1")
+
+    def effective_lr(self, world_size: int) -> float:
+        """``lr``, or MAE's scaling rule ``blr * effective batch / 256``."""
+        return self.lr if self.lr is not None else self.blr * self.batch_size * self.accum_iter * world_size / 256
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """Pre-training run. Defaults are the paper's recipe (METHOD.md)."""
+
+    model: str = _f("mae_swin_tiny_256", "registered pre-training model (`ummae models`)")
+    data: Optional[str] = _f(None, "ImageFolder tree, flat image folder, or list file of 'relative/path label' lines; omitted: the embedded demo photos")
+    data_root: Optional[str] = _f(None, "root of the paths in a list file (default: the list file's folder)")
+    output: str = _f("runs/pretrain", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    # method (None = the model's default)
+    img_size: Optional[int] = _f(None, "input size (default: the model's, 256 for pyramid models, 224 for ViT)")
+    unit_size: Optional[int] = _f(None, "mask unit size in pixels (default 16)")
+    sampling: Optional[str] = _f(None, "uniform (UM-MAE) or random (MAE RS; ViT only)")
+    mask_ratio: Optional[float] = _f(None, "masked fraction (uniform sampling is always 0.75)")
+    sm_ratio: Optional[float] = _f(None, "secondary masking ratio of the visible units (default 0.25; 0 = US only)")
+    norm_pix_loss: Optional[bool] = _f(None, "per-unit normalised pixel targets (default on for MAE models)")
+    decoder_pos: Optional[str] = _f(None, "'true' (each visible token at its own unit) or 'reference' (the reference code's ordering, for reproduction only)")
+    drop_path: Optional[float] = _f(None, "stochastic depth rate of the encoder")
+    betas: Tuple[float, float] = _f((0.9, 0.95), "AdamW betas")
+    crop_scale: Tuple[float, float] = _f((0.2, 1.0), "RandomResizedCrop scale range")
+    demo_repeats: int = _f(8, "embedded demo data: random crops per photo per epoch")
+
+    def validate(self) -> None:
+        super().validate()
+        _check(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "must be in [0, 1)")
+        lo, hi = self.crop_scale
+        _check(0 < lo <= hi <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1")
         _check(self.demo_repeats >= 1, "demo_repeats", self.demo_repeats, "must be >= 1")
 
     def model_kwargs(self) -> Dict[str, Any]:
@@ -87,6 +107,142 @@ class PretrainConfig:
             mask_ratio=self.mask_ratio, sm_ratio=self.sm_ratio, norm_pix_loss=self.norm_pix_loss,
             decoder_pos=self.decoder_pos, drop_path=self.drop_path,
         )
+
+
+@dataclass
+class ClassifyData:
+    """Labelled data and the classifier options shared by fine-tuning, probing and eval."""
+
+    model: str = _f("swin_tiny_256", "registered classifier (`ummae models --kind classify`)")
+    data: Optional[str] = _f(None, "dataset root holding train/ and val/ ImageFolders, an ImageFolder, or a list file of 'relative/path label' lines")
+    val_data: Optional[str] = _f(None, "validation data (default: the val/ split of --data)")
+    data_root: Optional[str] = _f(None, "root of the paths in list files (default: each list file's folder)")
+    img_size: Optional[int] = _f(None, "input size (default: the model's)")
+    crop_pct: float = _f(0.875, "evaluation: resize to img_size / crop_pct, then center crop")
+
+    def validate_data(self, what: str) -> None:
+        if not self.data:
+            raise ValueError(f"{what} needs labelled data: pass --data (a dataset root with train/ and val/, an ImageFolder or a list file)")
+        _check(self.img_size is None or self.img_size > 0, "img_size", self.img_size, "must be > 0")
+        _check(0 < self.crop_pct <= 1, "crop_pct", self.crop_pct, "must be in (0, 1]")
+
+
+@dataclass
+class FinetuneConfig(RunConfig, ClassifyData):
+    """End-to-end fine-tuning. Defaults are the paper's recipe (METHOD.md)."""
+
+    pretrained: Optional[str] = _f(None, "pre-trained weights: an ummae checkpoint (.pth) or exported .safetensors; omitted: from scratch")
+    output: str = _f("runs/finetune", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    num_classes: Optional[int] = _f(None, "classes (default: those of the training data)")
+    drop_path: Optional[float] = _f(None, "stochastic depth rate (default: the model's, 0.1 for Swin-T)")
+    window_size: Optional[int] = _f(None, "Swin window (default: the model's, 16)")
+    layer_decay: Optional[float] = _f(None, "layer-wise lr decay (default: the model's, 0.85 for Swin-T; 1 = off)")
+    epochs: int = _f(100, "training epochs")
+    warmup_epochs: float = _f(5, "linear warm-up epochs")
+    blr: float = _f(5e-4, "base lr: lr = blr * effective batch / 256")
+    min_lr: float = _f(1e-6, "lr at the end of the cosine")
+    betas: Tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
+    smoothing: float = _f(0.1, "label smoothing")
+    mixup: float = _f(0.8, "mixup alpha (0 = off)")
+    cutmix: float = _f(1.0, "cutmix alpha (0 = off)")
+    mixup_prob: float = _f(1.0, "probability of mixup or cutmix per batch")
+    mixup_switch_prob: float = _f(0.5, "probability of cutmix rather than mixup when both are on")
+    auto_augment: str = _f("rand-m9-mstd0.5-inc1", "timm RandAugment policy ('none' = off)")
+    reprob: float = _f(0.25, "random erasing probability")
+    ema: bool = _f(False, "keep an exponential moving average of the weights (evaluated too)")
+    ema_decay: float = _f(0.9999, "EMA decay per optimiser update")
+    eval_every: int = _f(1, "evaluate on the val split every N epochs (and at the end)")
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_data("fine-tuning")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "must be in [0, 1)")
+        _check(self.num_classes is None or self.num_classes >= 1, "num_classes", self.num_classes, "must be >= 1")
+        _check(self.drop_path is None or 0 <= self.drop_path < 1, "drop_path", self.drop_path, "must be in [0, 1)")
+        _check(self.window_size is None or self.window_size >= 1, "window_size", self.window_size, "must be >= 1")
+        _check(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "must be in (0, 1]")
+        _check(0 <= self.smoothing < 1, "smoothing", self.smoothing, "must be in [0, 1)")
+        _check(self.mixup >= 0, "mixup", self.mixup, "must be >= 0")
+        _check(self.cutmix >= 0, "cutmix", self.cutmix, "must be >= 0")
+        _check(0 <= self.mixup_prob <= 1, "mixup_prob", self.mixup_prob, "must be in [0, 1]")
+        _check(0 <= self.mixup_switch_prob <= 1, "mixup_switch_prob", self.mixup_switch_prob, "must be in [0, 1]")
+        _check(0 <= self.reprob <= 1, "reprob", self.reprob, "must be in [0, 1]")
+        _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in (0, 1)")
+        _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        return dict(img_size=self.img_size, num_classes=self.num_classes, drop_path=self.drop_path,
+                    window_size=self.window_size)
+
+
+@dataclass
+class LinprobeConfig(RunConfig, ClassifyData):
+    """Linear probing (MAE's recipe): frozen encoder, BatchNorm without affine + linear head,
+    LARS, no weight decay, crop + flip only."""
+
+    pretrained: Optional[str] = _f(None, "pre-trained weights to probe (required): an ummae checkpoint or exported .safetensors")
+    output: str = _f("runs/linprobe", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    epochs: int = _f(90, "training epochs")
+    warmup_epochs: float = _f(10, "linear warm-up epochs")
+    batch_size: int = _f(256, "images per process per step")
+    blr: float = _f(0.1, "base lr: lr = blr * effective batch / 256")
+    weight_decay: float = _f(0.0, "weight decay")
+    eval_every: int = _f(1, "evaluate on the val split every N epochs (and at the end)")
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_data("linear probing")
+        if not self.pretrained:
+            raise ValueError("linear probing needs --pretrained (the encoder to probe)")
+        _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+
+
+@dataclass
+class InferenceConfig(ClassifyData):
+    """Shared by the commands that only run the model forward (eval, kNN)."""
+
+    batch_size: int = _f(128, "images per process per step")
+    num_workers: int = _f(8, "data-loading processes per process")
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+
+    def validate(self) -> None:
+        self.validate_data(self.what)
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision, "must be auto, bf16, fp16 or fp32")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class EvalConfig(InferenceConfig):
+    """Top-1 / top-5 of a classifier checkpoint on a validation split."""
+
+    what = "evaluation"
+    checkpoint: Optional[str] = _f(None, "classifier weights (required): a fine-tuning checkpoint or exported .safetensors")
+    split: str = _f("val", "split folder of --data to evaluate")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.checkpoint:
+            raise ValueError("evaluation needs --checkpoint")
+
+
+@dataclass
+class KnnConfig(InferenceConfig):
+    """Weighted kNN on frozen features (cosine similarity, weights exp(sim / T))."""
+
+    what = "kNN evaluation"
+    pretrained: Optional[str] = _f(None, "encoder weights (required): an ummae checkpoint or exported .safetensors")
+    k: int = _f(20, "neighbours")
+    temperature: float = _f(0.07, "temperature of the neighbour weights exp(sim / T)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.pretrained:
+            raise ValueError("kNN evaluation needs --pretrained (the encoder to evaluate)")
+        _check(self.k >= 1, "k", self.k, "must be >= 1")
+        _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:

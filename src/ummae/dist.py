@@ -2,6 +2,7 @@
 only rank 0 logs and writes files, by checking ``is_main``."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -63,3 +64,29 @@ def replica_max_diff(model: torch.nn.Module) -> float:
 def cleanup() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``[n_r, ...]`` tensor (``n_r`` may differ) in rank order."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(sizes, n)
+    most = int(max(s.item() for s in sizes))
+    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    torch_dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+@contextlib.contextmanager
+def distributed(device_name: str = "auto"):
+    """``with distributed(cfg.device) as (info, device):`` a run's process group, always
+    destroyed at the end (an error included), so a failed run never hangs its peers."""
+    info, device = init_distributed(device_name)
+    try:
+        yield info, device
+    finally:
+        cleanup()

@@ -32,7 +32,7 @@ def register_model(kind: str) -> Callable:
 
 def _ensure_loaded() -> None:
     # Importing the model modules runs their @register_model decorators.
-    from . import pretrain  # noqa: F401
+    from . import pretrain, tasks  # noqa: F401
 
 
 def list_models(pattern: str = "*", kind: str | None = None) -> List[str]:

@@ -8,7 +8,7 @@ from typing import Any, Dict
 
 from . import dist as udist
 from .config import PretrainConfig
-from .data import build_pretrain_dataset, build_pretrain_loader
+from .data import build_pretrain_dataset, build_train_loader
 from .engine.loop import Trainer
 from .engine.optim import build_optimizer
 from .engine.precision import resolve_precision
@@ -27,18 +27,17 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     cfg.validate()
     if model_kind(cfg.model) != "pretrain":
         raise ValueError(f"{cfg.model!r} is not a pre-training model; `ummae models` lists them")
-    info, device = udist.init_distributed(cfg.device)
-    try:
+    with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         model = create_model(cfg.model, **cfg.model_kwargs()).to(device)
         dataset = build_pretrain_dataset(cfg.data, model.img_size, cfg.crop_scale, cfg.data_root, cfg.demo_repeats)
         workers = min(cfg.num_workers, os.cpu_count() or 1)
-        loader, sampler = build_pretrain_loader(
+        loader, sampler = build_train_loader(
             dataset, cfg.batch_size, workers, info.world_size, info.rank, cfg.seed, pin_memory=device.type == "cuda"
         )
         eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
-        lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+        lr = cfg.effective_lr(info.world_size)
         optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device)
         if info.is_main:
             Path(cfg.output).mkdir(parents=True, exist_ok=True)
@@ -49,6 +48,4 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         if info.is_main:
             log.info("done: checkpoints and metrics.jsonl in %s", cfg.output)
         return summary
-    finally:
-        udist.cleanup()
 

@@ -5,4 +5,4 @@ from .pvt import PyramidVisionTransformer
 from .swin import SwinTransformer
 from .vit import VisionTransformer
 
-__all__ = ["PyramidBackbone", "SwinTransformer", "PyramidVisionTransformer", "VisionTransformer"]
+__all__ = ["PyramidBackbone", "PyramidVisionTransformer", "SwinTransformer", "VisionTransformer"]

@@ -10,11 +10,10 @@ grid it is given). Every token carries its true (row, col) on the full patch gri
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..layers import PatchEmbed
 from ..masking import compact_image, compact_positions, dense_positions, kept_unit_index
@@ -35,7 +34,7 @@ class PyramidBackbone(nn.Module):
         ]
 
     # family-specific ---------------------------------------------------------------------
-    def forward_stages(self, x: Tensor, pos: Tensor, extent: int) -> List[Tensor]:
+    def forward_stages(self, x: Tensor, pos: Tensor, extent: int) -> list[Tensor]:
         """``x [N, H, W, C]`` normalised patch tokens, ``pos [P, H, W, 2]`` their true
         positions on a full grid of side ``extent``. Returns the 4 stage maps ``[N, C, h, w]``
         (the last one after the final norm)."""
@@ -47,7 +46,28 @@ class PyramidBackbone(nn.Module):
             raise ValueError(f"{what}: token map side {side} must be divisible by 8 (three 2x down-samplings)")
 
     # shared -----------------------------------------------------------------------------
-    def forward_tokens(self, tokens: Tensor, pos: Tensor, extent: int) -> List[Tensor]:
+    @property
+    def num_layers(self) -> int:
+        return sum(self.depths)
+
+    def layer_id(self, name: str) -> int:
+        """Depth of parameter ``name`` for layer-wise lr decay (BEiT / SimMIM / MAE): 0 for the
+        patch embedding, 1..num_layers for the blocks in order, a down-sampling layer with the
+        last block before it, ``num_layers + 1`` for the final norm (and, in a classifier, the
+        head)."""
+        parts = name.split(".")
+        if parts[0] in ("patch_embed", "patch_norm"):
+            return 0
+        if parts[0] == "stages":
+            s, j = int(parts[1]), int(parts[2])
+            return sum(self.depths[:s]) + j + 1
+        if parts[0] == "downsamples":
+            return sum(self.depths[: int(parts[1]) + 1])
+        if parts[0] == "pos_embeds":  # added at the start of its stage
+            return sum(self.depths[: int(parts[1])])
+        return self.num_layers + 1
+
+    def forward_tokens(self, tokens: Tensor, pos: Tensor, extent: int) -> list[Tensor]:
         return self.forward_stages(self.patch_norm(tokens), pos, extent)
 
     def forward_compact(
@@ -55,8 +75,8 @@ class PyramidBackbone(nn.Module):
         imgs: Tensor,
         choice: Tensor,
         unit: int,
-        sm_mask: Optional[Tensor] = None,
-        sm_token: Optional[Tensor] = None,
+        sm_mask: Tensor | None = None,
+        sm_token: Tensor | None = None,
     ) -> Tensor:
         """UM-MAE encoder: run on the compact map of the kept units only.
 
@@ -76,8 +96,8 @@ class PyramidBackbone(nn.Module):
         return self.forward_tokens(tokens, pos, extent)[-1]
 
     def forward_dense(
-        self, imgs: Tensor, token_mask: Optional[Tensor] = None, mask_token: Optional[Tensor] = None
-    ) -> List[Tensor]:
+        self, imgs: Tensor, token_mask: Tensor | None = None, mask_token: Tensor | None = None
+    ) -> list[Tensor]:
         """Dense run on the full image: the four stage maps ``[N, C_i, S/4/2^i, S/4/2^i]``.
 
         token_mask ``[N, S/4, S/4]`` True = replace the patch embedding by ``mask_token``
@@ -92,6 +112,6 @@ class PyramidBackbone(nn.Module):
     def forward_features(self, imgs: Tensor) -> Tensor:
         return self.forward_dense(imgs)[-1]
 
-    def forward_feature_maps(self, imgs: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward_feature_maps(self, imgs: Tensor) -> OrderedDict[str, Tensor]:
         """torchvision's backbone seam: ``OrderedDict`` '0'..'3' of the stage maps."""
         return OrderedDict((str(i), f) for i, f in enumerate(self.forward_dense(imgs)))

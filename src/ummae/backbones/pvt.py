@@ -1,19 +1,20 @@
 """PVT (v1 style), UM-MAE variant: spatial-reduction attention whose keys/values are
 average-pooled by ``sr`` and then pass a 1x1 conv + LayerNorm, so the same weights serve any
 ``sr`` (pre-training 4-2-1-1 on the compact map, fine-tuning 8-4-2-1 on the full map).
-A fixed 2-D sin-cos embedding of every token's TRUE position is added at each stage.
+A 2-D sin-cos embedding of every token's TRUE position is added at each stage: fixed in
+pre-training; in fine-tuning (``pos_embed="learnable"``) a per-stage table initialised from it
+and looked up at the same positions (METHOD.md).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..layers import sincos_2d
+from ..layers import resize_pos_table, sincos_2d, sincos_grid
 from .base import PyramidBackbone
 
 
@@ -79,9 +80,23 @@ class PyramidVisionTransformer(PyramidBackbone):
         sr_ratios: Sequence[int] = (4, 2, 1, 1),
         drop_path: float = 0.0,
         in_chans: int = 3,
+        pos_embed: str = "sincos",
+        img_size: int = 256,
     ):
         super().__init__(embed_dims, in_chans)
+        if pos_embed not in ("sincos", "learnable"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'learnable', got {pos_embed!r}")
         self.drop_path_rate = drop_path
+        self.depths = list(depths)
+        self.pos_embed_kind = pos_embed
+        self.pos_embeds = None
+        if pos_embed == "learnable":
+            # [H_s, W_s, C_s] per stage, initialised to exactly the fixed embedding it replaces
+            side = img_size // self.patch_size
+            self.pos_embeds = nn.ParameterList(
+                nn.Parameter(sincos_grid(side >> s, side >> s, c).view(side >> s, side >> s, c))
+                for s, c in enumerate(embed_dims)
+            )
         dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
         self.downsamples = nn.ModuleList(Downsample(embed_dims[s], embed_dims[s + 1]) for s in range(len(depths) - 1))
         self.stages = nn.ModuleList()
@@ -104,12 +119,22 @@ class PyramidVisionTransformer(PyramidBackbone):
             for blk in stage:
                 blk.attn.sr_ratio = sr
 
-    def forward_stages(self, x: Tensor, pos: Tensor, extent: int) -> List[Tensor]:
+    def stage_pos_embed(self, s: int, pos: Tensor, extent: int) -> Tensor:
+        """Embedding of stage ``s`` at true positions ``pos [P, h, w, 2]`` of a stage grid of
+        side ``extent``; a learnable table of another size is resized (bicubic) first."""
+        if self.pos_embeds is None:
+            return sincos_2d(pos, self.embed_dims[s])
+        table = self.pos_embeds[s]
+        if table.shape[0] != extent or table.shape[1] != extent:
+            table = resize_pos_table(table, extent, extent)
+        return table[pos[..., 0], pos[..., 1]]
+
+    def forward_stages(self, x: Tensor, pos: Tensor, extent: int) -> list[Tensor]:
         outs = []
         for s, stage in enumerate(self.stages):
             if s > 0:
                 x, pos = self.downsamples[s - 1](x, pos)
-            x = x + sincos_2d(pos, x.shape[-1]).to(x.dtype)
+            x = x + self.stage_pos_embed(s, pos, -(-extent // 2**s)).to(x.dtype)
             for blk in stage:
                 x = blk(x)
             if s == len(self.stages) - 1:

@@ -6,13 +6,12 @@ Patch merging = LayerNorm + 2x2 stride-2 conv.
 from __future__ import annotations
 
 import functools
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import PyramidBackbone
 
@@ -162,6 +161,7 @@ class SwinTransformer(PyramidBackbone):
         super().__init__(dims, in_chans)
         self.window_size = window_size
         self.drop_path_rate = drop_path
+        self.depths = list(depths)
         dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -196,7 +196,7 @@ class SwinTransformer(PyramidBackbone):
                     f"choose an image size whose stage maps are multiples of the window"
                 )
 
-    def forward_stages(self, x: Tensor, pos: Tensor, extent: int) -> List[Tensor]:
+    def forward_stages(self, x: Tensor, pos: Tensor, extent: int) -> list[Tensor]:
         outs = []
         for s, stage in enumerate(self.stages):
             for blk in stage:

@@ -1,15 +1,16 @@
 """Plain ViT (MAE's encoder): global attention takes any subset of tokens, so UM-MAE and
-MAE random sampling simply drop the masked patches; no compaction needed."""
+MAE random sampling simply drop the masked patches; no compaction needed.
+
+Position embedding: fixed sin-cos of the input grid in pre-training; learnable in fine-tuning
+(``pos_embed="learnable"``, initialised from the sin-cos, resized bicubically for another
+input size), as MAE fine-tunes timm's ViT. The cls token carries no position."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
-import torch.nn as nn
 from timm.models.vision_transformer import Block
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..layers import PatchEmbed, sincos_grid
+from ..layers import PatchEmbed, resize_pos_table, sincos_grid
 
 
 class VisionTransformer(nn.Module):
@@ -22,9 +23,19 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         in_chans: int = 3,
+        pos_embed: str = "sincos",
+        img_size: int = 224,
     ):
         super().__init__()
+        if pos_embed not in ("sincos", "learnable"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'learnable', got {pos_embed!r}")
         self.patch_size = patch_size
+        self.depths = [depth]
+        self.pos_embed_kind = pos_embed
+        self.pos_embed = None
+        if pos_embed == "learnable":
+            g = img_size // patch_size
+            self.pos_embed = nn.Parameter(sincos_grid(g, g, embed_dim).view(g, g, embed_dim))
         self.num_features = embed_dim
         self.drop_path_rate = drop_path
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -37,12 +48,32 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module="norm")]
 
-    def _embed(self, imgs: Tensor) -> Tuple[Tensor, Tensor]:
+    def _embed(self, imgs: Tensor) -> tuple[Tensor, Tensor]:
         """Patch tokens ``[N, L, D]`` (before position) and their fixed sin-cos positions."""
         x = self.patch_embed(imgs)
         h, w = x.shape[1:3]
-        pos = sincos_grid(h, w, x.shape[-1]).to(device=x.device, dtype=x.dtype)
+        if self.pos_embed is None:
+            pos = sincos_grid(h, w, x.shape[-1]).to(device=x.device, dtype=x.dtype)
+        else:
+            table = self.pos_embed
+            if table.shape[:2] != (h, w):
+                table = resize_pos_table(table, h, w)
+            pos = table.reshape(h * w, -1).to(x.dtype)
         return x.flatten(1, 2), pos
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay depth (MAE's ``get_layer_id_for_vit``): embeddings 0, block i
+        -> i + 1, the rest ``num_layers + 1``."""
+        parts = name.split(".")
+        if parts[0] in ("patch_embed", "cls_token", "pos_embed"):
+            return 0
+        if parts[0] == "blocks":
+            return int(parts[1]) + 1
+        return self.num_layers + 1
 
     def _run(self, x: Tensor) -> Tensor:
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -51,9 +82,9 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_visible(
-        self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = None, sm_token: Optional[Tensor] = None,
-        num_visible: Optional[int] = None,
-    ) -> Tuple[Tensor, Tensor]:
+        self, imgs: Tensor, mask: Tensor, sm_mask: Tensor | None = None, sm_token: Tensor | None = None,
+        num_visible: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """MAE encoder: ``mask [N, L]`` True = dropped. SM units get ``sm_token`` plus their
         position embedding. Returns visible features ``[N, V, D]`` (cls dropped) and their unit
         indices ``[N, V]`` (row-major)."""

@@ -1,6 +1,19 @@
-"""Pre-training data: datasets, the resumable distributed sampler and the loader."""
-from .datasets import build_pretrain_dataset
-from .sampler import ResumableSampler, build_pretrain_loader, collate_skip_bad
+"""Image data: datasets (pre-training and labelled), the resumable sampler and the loaders."""
+from .classify import (
+    build_classify_dataset,
+    build_classify_transform,
+    build_eval_loader,
+)
+from .datasets import ImageDataset, build_pretrain_dataset
+from .sampler import ResumableSampler, build_train_loader, collate_skip_bad
 
-__all__ = ["build_pretrain_dataset", "collate_skip_bad", "ResumableSampler",
-           "build_pretrain_loader"]
+__all__ = [
+    "ImageDataset",
+    "ResumableSampler",
+    "build_classify_dataset",
+    "build_classify_transform",
+    "build_eval_loader",
+    "build_pretrain_dataset",
+    "build_train_loader",
+    "collate_skip_bad",
+]

@@ -1,18 +1,22 @@
-"""Pre-training datasets: the embedded demo photos, ImageFolder, flat folders and list files.
+"""Image datasets: the embedded demo photos, ImageFolder, flat folders and list files.
 
-Every dataset returns ``(image [3, S, S] float, label int)`` per sample, or ``None`` for an
-image that cannot be read (see :func:`collate_skip_bad`), so one bad file never stops a run.
+This module builds the pre-training dataset; :mod:`ummae.data.classify` builds the labelled
+ones (fine-tuning, probing, evaluation) on the same :class:`ImageDataset`. Every dataset
+returns ``(image [3, S, S] float, label int)`` per sample, or ``None`` for an image that
+cannot be read (see :func:`collate_skip_bad`), so one bad file never stops a run.
 
 Samples are addressed by ``(index, sample_seed)`` keys from :class:`ResumableSampler`: the
-random crop and flip are a pure function of the key, whatever the number of workers, which is
+augmentation is a pure function of the key, whatever the number of workers, which is
 what makes a resumed run see exactly the images it would have seen.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Sequence, Union
+import random
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -34,7 +38,7 @@ DEMO_PHOTOS = (
 )
 MIN_DEMO_PHOTOS = 5
 
-Key = Union[int, tuple]
+Key = int | tuple
 
 
 def is_image_file(name: str) -> bool:
@@ -71,22 +75,29 @@ def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 
     ])
 
 
-class PretrainDataset(Dataset):
+class ImageDataset(Dataset):
     """A list of ``(path, label)`` samples (label -1 = unlabelled) plus the augmentation.
 
     ``dataset[(index, sample_seed)]`` -> ``(image [3, S, S] float, label int)``, or ``None``
-    when the file cannot be read (one warning is logged naming the path). A plain int index is
-    also accepted; the augmentation then draws from the global torch RNG.
+    when the file cannot be read (one warning is logged naming the path). With a key the
+    transform is a pure function of ``sample_seed`` for all three RNGs augmentations draw from
+    (torch's CPU generator, python ``random`` and numpy's global state: timm's RandAugment and
+    RandomErasing use the latter two), and the caller's states of all three are restored. A
+    plain int index is also accepted; the augmentation then draws from the global RNGs.
+
+    ``class_names[label]`` names a label (empty when unlabelled).
     """
 
     def __init__(self, samples: list[tuple[str, int]], transform, kind: str, source: str,
-                 num_classes: int = 0, note: str = ""):
+                 num_classes: int = 0, note: str = "",
+                 class_names: list[str] | None = None):
         self.samples = samples
         self.transform = transform
         self.kind = kind
         self.source = source
         self.num_classes = num_classes
         self.note = note
+        self.class_names = list(class_names) if class_names is not None else []
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -97,7 +108,7 @@ class PretrainDataset(Dataset):
         note = f" ({self.note})" if self.note else ""
         return f"{self.kind} {self.source}: {len(self.samples)} images, {classes}{note}"
 
-    def __getitem__(self, key: Key) -> Optional[tuple[Tensor, int]]:
+    def __getitem__(self, key: Key) -> tuple[Tensor, int] | None:
         if isinstance(key, tuple):
             index, seed = key
         else:
@@ -106,7 +117,7 @@ class PretrainDataset(Dataset):
         try:
             with Image.open(path) as f:
                 img = f.convert("RGB")  # also forces the full decode, so truncation shows here
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (see below)
             # Pillow raises a zoo of types for damaged files (OSError, SyntaxError, EOFError,
             # struct.error, DecompressionBombError...); only open + decode run under this
             # catch, so it hides no bug of ours and one bad file never stops a long run.
@@ -114,12 +125,23 @@ class PretrainDataset(Dataset):
             return None
         if seed is None:
             return self.transform(img), label
-        # Seed only the CPU generator (torch.manual_seed would also reseed CUDA, which
-        # fork_rng(devices=[]) does not restore, and so would disturb the training process's
-        # GPU randomness when num_workers=0); fork_rng restores the CPU state afterwards.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(int(seed))
-            image = self.transform(img)
+        seed = int(seed)
+        # python random and numpy are saved and restored by hand (no fork_rng for them) so
+        # that, with num_workers=0, keyed access leaves the training process's streams as
+        # they were.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds only
+            # Seed only the CPU generator (torch.manual_seed would also reseed CUDA, which
+            # fork_rng(devices=[]) does not restore, and so would disturb the training
+            # process's GPU randomness when num_workers=0); fork_rng restores the CPU state.
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                image = self.transform(img)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
         return image, label
 
 
@@ -142,16 +164,19 @@ def _demo_samples(repeats: int) -> tuple[list[tuple[str, int]], str, str]:
     return samples, folder, f"{len(photos)} scikit-image photos x {repeats} repeats"
 
 
-def _folder_samples(folder: str) -> tuple[list[tuple[str, int]], str, int]:
+def _folder_samples(folder: str) -> tuple[list[tuple[str, int]], str, list[str]]:
     """ImageFolder layout if the top level holds only class sub-folders; otherwise (any image
     directly in ``folder``) a flat unlabelled folder, searched recursively with label -1:
-    top-level images mean the sub-folders are not a class split."""
+    top-level images mean the sub-folders are not a class split.
+
+    Returns ``(samples, kind, class_names)``: kind ``"ImageFolder"`` with the sorted class
+    folder names (label = index in them), or ``"flat folder"`` with ``[]``."""
     entries = sorted(e for e in os.listdir(folder) if not e.startswith("."))
     top_images = [e for e in entries if is_image_file(e)
                   and os.path.isfile(os.path.join(folder, e))]
     if top_images:
         paths = _scan_images(folder)
-        return [(p, -1) for p in paths], "flat folder", 0
+        return [(p, -1) for p in paths], "flat folder", []
 
     classes = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
     samples, direct = [], False
@@ -170,13 +195,18 @@ def _folder_samples(folder: str) -> tuple[list[tuple[str, int]], str, int]:
         logger.warning("no class folder of %s holds images directly; its sub-folders (%s) are "
                        "used as classes - is this the parent of the split folders?",
                        folder, ", ".join(classes[:5]))
-    return samples, "ImageFolder", len(classes)
+    return samples, "ImageFolder", classes
 
 
-def _list_file_samples(list_file: str, data_root: Optional[str]) -> tuple[list, str, int]:
+def _list_file_samples(list_file: str, data_root: str | None,
+                       require_labels: bool = False) -> tuple[list, str, int]:
     """``relative/path [label]`` per line (the reference's IN1K/train.txt); blank lines and
     lines starting with ``#`` are skipped. Paths may not contain spaces. Files are not checked
-    here (ImageNet lists have 1.28M lines): a missing one reads as a bad image later."""
+    here (ImageNet lists have 1.28M lines): a missing one reads as a bad image later.
+
+    ``require_labels`` (labelled data: fine-tuning, evaluation) refuses a line without a
+    label or with a negative one, naming it, since label -1 would otherwise be trained on.
+    Returns ``(samples, root, number of distinct labels)``."""
     root = data_root if data_root is not None else os.path.dirname(os.path.abspath(list_file))
     if not os.path.isdir(root):
         raise ValueError(f"data root not found: {root} (for list file {list_file})")
@@ -199,6 +229,12 @@ def _list_file_samples(list_file: str, data_root: Optional[str]) -> tuple[list, 
                     raise ValueError(
                         f"{list_file}, line {lineno}: label {fields[1]!r} is not an integer"
                     ) from None
+            if require_labels and label < 0:
+                problem = "has no label" if len(fields) == 1 else f"has negative label {label}"
+                raise ValueError(
+                    f"{list_file}, line {lineno}: {fields[0]} {problem}; labelled data needs "
+                    f"'path label' with an integer label >= 0 on every line"
+                )
             samples.append((os.path.join(root, fields[0]), label))
     if not samples:
         raise ValueError(f"list file {list_file} lists no images")
@@ -206,12 +242,12 @@ def _list_file_samples(list_file: str, data_root: Optional[str]) -> tuple[list, 
 
 
 def build_pretrain_dataset(
-    data: Optional[str],
+    data: str | None,
     img_size: int,
     crop_scale: Sequence[float] = (0.2, 1.0),
-    data_root: Optional[str] = None,
+    data_root: str | None = None,
     demo_repeats: int = 8,
-) -> PretrainDataset:
+) -> ImageDataset:
     """Build the pre-training dataset from ``data``:
 
     - a dataset root holding ``train/`` (ImageNet: ``train/`` + ``val/``): its ``train/`` split,
@@ -223,7 +259,7 @@ def build_pretrain_dataset(
     - a file: list of ``relative/path [label]`` lines, relative to ``data_root`` (default: the
       list file's folder).
 
-    Samples give ``(image [3, img_size, img_size], label)``; see :class:`PretrainDataset`.
+    Samples give ``(image [3, img_size, img_size], label)``; see :class:`ImageDataset`.
     """
     if img_size <= 0:
         raise ValueError(f"img_size must be positive, got {img_size}")
@@ -234,7 +270,7 @@ def build_pretrain_dataset(
 
     if data is None:
         samples, folder, note = _demo_samples(demo_repeats)
-        ds = PretrainDataset(samples, transform, "embedded demo", folder, note=note)
+        ds = ImageDataset(samples, transform, "embedded demo", folder, note=note)
     else:
         path = os.path.expanduser(str(data))
         if not os.path.exists(path):
@@ -245,11 +281,11 @@ def build_pretrain_dataset(
             logger.info("%s has a train/ folder: pre-training on %s", path, os.path.join(path, "train"))
             path = os.path.join(path, "train")
         if os.path.isdir(path):
-            samples, kind, n_classes = _folder_samples(path)
-            ds = PretrainDataset(samples, transform, kind, path, n_classes)
+            samples, kind, classes = _folder_samples(path)
+            ds = ImageDataset(samples, transform, kind, path, len(classes), class_names=classes)
         else:
             samples, root, n_classes = _list_file_samples(path, data_root)
-            ds = PretrainDataset(samples, transform, "list file", path, n_classes,
+            ds = ImageDataset(samples, transform, "list file", path, n_classes,
                                  note=f"root {root}")
     logger.info("pre-training data: %s", ds.describe())
     return ds

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -61,7 +61,7 @@ class ResumableSampler(Sampler):
             self.num_samples = math.ceil(dataset_len / num_replicas)
         self.total_size = self.num_samples * num_replicas
         self.epoch = 0
-        self._start_batch: Optional[int] = None  # pending: consumed by the next __iter__
+        self._start_batch: int | None = None  # pending: consumed by the next __iter__
         self._active_start = 0  # start batch of the pass in progress
 
     def set_epoch(self, epoch: int) -> None:
@@ -134,10 +134,12 @@ def collate_skip_bad(batch: list) -> tuple[Tensor, Tensor, int]:
     return images, labels.long(), n_skipped
 
 
-def build_pretrain_loader(dataset: Dataset, batch_size: int, num_workers: int,
-                          num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                          pin_memory: bool = False) -> tuple[DataLoader, ResumableSampler]:
-    """Loader of ``(images [B, 3, S, S], labels [B], n_skipped)`` batches for this rank, and
+def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
+                       num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                       pin_memory: bool = False) -> tuple[DataLoader, ResumableSampler]:
+    """Training loader (pre-training and fine-tuning): shuffled, resumable, drop_last.
+
+    Loader of ``(images [B, 3, S, S], labels [B], n_skipped)`` batches for this rank, and
     its sampler (call ``set_epoch`` / ``set_start_batch`` on it). No worker_init_fn is needed:
     augmentation seeds travel with the indices, so batches do not depend on ``num_workers``.
     """

@@ -5,7 +5,9 @@ micro-steps), autocast + grad scaler, a non-finite-loss stop, metrics (JSON line
 TensorBoard, progress bar), atomic checkpoints and exact resume (model, optimiser, scaler,
 epoch, step, RNG states; data order and masks are pure functions of (seed, epoch, step)).
 
-The task plugs in a ``step_fn(model, batch, generator) -> dict`` whose ``"loss"`` is trained.
+The task plugs in a ``step_fn(model, batch, generator) -> dict`` whose ``"loss"`` is trained,
+and optionally an ``evaluate(model) -> dict`` run every ``cfg.eval_every`` epochs (and on an
+EMA of the weights, when one is kept).
 """
 from __future__ import annotations
 
@@ -94,6 +96,8 @@ class Trainer:
         base_lr: float,
         dist_info: udist.DistInfo,
         step_fn: Callable[[nn.Module, Any, torch.Generator], Dict[str, torch.Tensor]],
+        evaluate: Callable[[nn.Module], Dict[str, float]] | None = None,
+        ema: nn.Module | None = None,
     ):
         self.cfg = cfg
         self.model = model  # unwrapped: what checkpoints hold
@@ -103,6 +107,10 @@ class Trainer:
         self.base_lr = base_lr
         self.dist = dist_info
         self.step_fn = step_fn
+        self.evaluate = evaluate
+        self.eval_every = getattr(cfg, "eval_every", 0)
+        self.ema = ema  # timm ModelEmaV3: updated after every optimiser step
+        self.best: Dict[str, Any] = {}
         self.scaler = grad_scaler(device, precision)
         self.out = Path(cfg.output)
         self.steps_per_epoch = sampler.num_batches()
@@ -149,6 +157,8 @@ class Trainer:
             "window_n": self.window_n,
             "config": config_to_dict(self.cfg),
             "rng": ckpt.rng_state(),
+            "best": self.best,
+            **({"ema": self.ema.module.state_dict()} if self.ema is not None else {}),
         }
 
     def save(self, keep: bool = False) -> None:
@@ -177,6 +187,11 @@ class Trainer:
         self.epoch_loss_sum, self.epoch_skipped = state["epoch_loss_sum"], state["epoch_skipped"]
         self.window_loss_sum, self.window_n = state["window_loss_sum"], state["window_n"]
         ckpt.set_rng_state(state["rng"])
+        self.best = state.get("best", {})
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ckpt.CheckpointError(f"checkpoint {path} holds no EMA weights, but this run keeps an EMA (--ema)")
+            ckpt.load_state_strict(self.ema.module, state["ema"], path)
         self.metrics.truncate_after(self.update)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_in_epoch)
 
@@ -205,6 +220,14 @@ class Trainer:
                 f"non-finite loss at epoch {self.epoch}, step {self.step_in_epoch}: stopping. The last good "
                 f"checkpoint in {self.out} is intact; try a lower lr, --precision bf16/fp32 or --clip-grad"
             )
+
+    def _run_evaluation(self) -> Dict[str, Any]:
+        """Validation metrics of the weights (and of their EMA), plus the best so far."""
+        out = dict(self.evaluate(self.model))
+        if self.ema is not None:
+            out.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
+        _best_update(self.best, out, self.epoch)
+        return {**out, **self.best}
 
     def train_one_epoch(self) -> Dict[str, Any]:
         cfg, epoch = self.cfg, self.epoch
@@ -249,6 +272,8 @@ class Trainer:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.update += 1
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.update)
             window_loss += loss.detach().float()
             epoch_loss += loss.detach().double()
             window_n += 1
@@ -286,17 +311,27 @@ class Trainer:
                   "epoch_time_s": time.time() - epoch_t0, "skipped_images": skipped}
         if self.dist.enabled:
             record["replica_max_diff"] = udist.replica_max_diff(self.model)
+        last = epoch + 1 == cfg.epochs
+        if self.evaluate is not None and (last or (self.eval_every and (epoch + 1) % self.eval_every == 0)):
+            record.update(self._run_evaluation())
         if skipped:
             log.warning("epoch %d: %d unreadable images were skipped", epoch, skipped)
         self.epoch += 1
         self.step_in_epoch = 0
         self.metrics.write(record, self.update, "epoch")
         if self.dist.is_main:
-            log.info("epoch %d done: loss %.4f (%.1fs)", epoch, epoch_loss, record["epoch_time_s"])
-        last = self.epoch == cfg.epochs
+            extra = "".join(f", {k} {v:.2f}" for k, v in record.items() if k.endswith("acc1"))
+            log.info("epoch %d done: loss %.4f%s (%.1fs)", epoch, epoch_loss, extra, record["epoch_time_s"])
         if last or self.epoch % cfg.save_every == 0:
             self.save(keep=last or bool(cfg.keep_every and self.epoch % cfg.keep_every == 0))
         return record
+
+
+def _best_update(best: Dict[str, Any], metrics: Dict[str, float], epoch: int) -> None:
+    for k, v in metrics.items():
+        if k.endswith("acc1") and v >= best.get(f"best_{k}", float("-inf")):
+            best[f"best_{k}"] = v
+            best[f"best_{k}_epoch"] = epoch
 
 
 def _progress(total: int, start: int, epoch: int, is_main: bool):

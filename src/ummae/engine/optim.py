@@ -1,5 +1,6 @@
-"""Optimiser and schedule: AdamW with no weight decay on biases, norms and tokens; per-step
-linear warm-up then cosine (MAE's schedule, evaluated per optimiser update)."""
+"""Optimiser and schedule: AdamW with no weight decay on biases, norms, tokens and position
+tables; optional layer-wise lr decay; per-step linear warm-up then cosine (MAE's schedule,
+evaluated per optimiser update)."""
 from __future__ import annotations
 
 import math
@@ -8,19 +9,33 @@ import torch
 import torch.nn as nn
 
 
-def param_groups(model: nn.Module, weight_decay: float):
-    decay, no_decay = [], []
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    # 1-d tensors are biases and norm scales; tokens and position tables are embeddings:
+    # decaying them hurts (MAE, timm).
+    return p.ndim <= 1 or name.endswith("token") or "pos_embed" in name
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None):
+    """AdamW groups. With ``layer_decay`` (fine-tuning, BEiT/MAE), a parameter at depth ``i``
+    of ``model.layer_id`` gets ``lr_scale = layer_decay ** (num_layers + 1 - i)``: the patch
+    embedding learns slowest, the head at the full lr. The Trainer applies ``lr_scale``."""
+    groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # 1-d tensors are biases, norm scales and learnable tokens: decaying them hurts (MAE, timm).
-        (no_decay if p.ndim <= 1 or name.endswith("token") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        wd = 0.0 if no_weight_decay(name, p) else weight_decay
+        scale, layer = 1.0, 0
+        if layer_decay is not None:
+            layer = model.layer_id(name)
+            scale = layer_decay ** (model.num_layers + 1 - layer)
+        groups.setdefault((layer, wd), {"params": [], "weight_decay": wd, "lr_scale": scale})["params"].append(p)
+    return [g for _, g in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, device: torch.device,
+                    layer_decay: float | None = None) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
-        param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=device.type == "cuda"
+        param_groups(model, weight_decay, layer_decay), lr=lr, betas=tuple(betas), fused=device.type == "cuda"
     )
 
 

@@ -1,6 +1,6 @@
 """Layers shared by the encoders. Generic ones (DropPath, Mlp, trunc_normal_) come from timm."""
 from .patch_embed import PatchEmbed
-from .pos_embed import sincos_2d, sincos_grid
+from .pos_embed import resize_pos_table, sincos_2d, sincos_grid
 from .init import init_weights
 
-__all__ = ["PatchEmbed", "sincos_2d", "sincos_grid", "init_weights"]
+__all__ = ["PatchEmbed", "resize_pos_table", "sincos_2d", "sincos_grid", "init_weights"]

@@ -1,6 +1,7 @@
 """Fixed 2-D sin-cos position embeddings, evaluated at arbitrary (row, col) positions so that
 compact maps (UM-MAE) get the embedding of their tokens' true positions."""
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -22,3 +23,11 @@ def sincos_grid(h: int, w: int, dim: int) -> Tensor:
     r = torch.arange(h).view(h, 1).expand(h, w)
     c = torch.arange(w).view(1, w).expand(h, w)
     return sincos_2d(torch.stack([r, c], -1).reshape(h * w, 2), dim)
+
+
+def resize_pos_table(table: Tensor, h: int, w: int) -> Tensor:
+    """Bicubic resize of a learnable position table ``[H, W, C]`` -> ``[h, w, C]`` (fine-tuning
+    at another image size, as timm and MAE interpolate ViT position embeddings)."""
+    t = table.permute(2, 0, 1).unsqueeze(0).float()
+    t = F.interpolate(t, size=(h, w), mode="bicubic", align_corners=False)
+    return t[0].permute(1, 2, 0).to(table.dtype)

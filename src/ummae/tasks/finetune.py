@@ -1,0 +1,253 @@
+"""Fine-tuning, linear probing and evaluation of classifiers, on the one training engine.
+
+``finetune``: the paper's recipe (METHOD.md; MAE's ``main_finetune``): layer-wise lr decay,
+RandAugment, mixup/cutmix, label smoothing, random erasing, drop path, optional EMA.
+``linprobe``: MAE's probing recipe: frozen encoder, BatchNorm (no affine) + linear head, LARS.
+``evaluate``: top-1 / top-5, sharded over ranks and summed exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import dist as udist
+from ..config import EvalConfig, FinetuneConfig, LinprobeConfig
+from ..data import build_classify_dataset, build_classify_transform, build_eval_loader, build_train_loader
+from ..engine.ckpt import CheckpointError
+from ..engine.loop import Trainer
+from ..engine.optim import build_optimizer
+from ..engine.precision import autocast, resolve_precision
+from ..registry import create_model, model_kind
+from ..seeds import seed_everything
+from .pretrained import load_pretrained, read_weights
+
+log = logging.getLogger("ummae")
+
+
+@contextlib.contextmanager
+def numpy_seeded(seed: int):
+    """timm's Mixup draws from numpy's global RNG: seed it per step (so a resumed run mixes
+    exactly as the uninterrupted one) and restore the state afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+class ClassifyStep:
+    """``step_fn`` of the Trainer for classification: optional mixup/cutmix, then the loss."""
+
+    def __init__(self, criterion: nn.Module, mixup=None):
+        self.criterion = criterion
+        self.mixup = mixup
+
+    def __call__(self, model: nn.Module, batch, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        images, targets = batch[0], batch[1]
+        if self.mixup is not None:
+            from timm.data.mixup import mixup_target
+
+            if images.shape[0] % 2 == 0:  # timm mixes a batch with its reverse: needs pairs
+                with numpy_seeded(generator.initial_seed()):
+                    images, targets = self.mixup(images, targets)
+            elif images.shape[0] > 1:  # odd only after an unreadable image was skipped
+                with numpy_seeded(generator.initial_seed()):
+                    images, targets = self.mixup(images[:-1], targets[:-1])
+            else:
+                targets = mixup_target(targets, self.mixup.num_classes, 1.0, self.mixup.label_smoothing)
+        return {"loss": self.criterion(model(images), targets)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over every rank's shard."""
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # images, top-1, top-5, loss
+    for images, labels, _ in loader:
+        if images.shape[0] == 0:
+            continue
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(labels.unsqueeze(1))
+        sums += torch.stack([
+            torch.tensor(float(labels.numel()), device=device, dtype=torch.float64),
+            hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+            F.cross_entropy(logits, labels, reduction="sum").double(),
+        ])
+    n, top1, top5, loss = udist.all_reduce_sum(sums).tolist()
+    if n == 0:
+        raise ValueError("the validation data yielded no readable image")
+    return {"acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "val_loss": loss / n, "val_images": int(n)}
+
+
+def _build_classifier(cfg, num_classes: int, **overrides) -> nn.Module:
+    if model_kind(cfg.model) != "classify":
+        raise ValueError(f"{cfg.model!r} is a pre-training model; classifiers are listed by `ummae models --kind classify`")
+    return create_model(cfg.model, **{**cfg_model_kwargs(cfg), "num_classes": num_classes, **overrides})
+
+
+def cfg_model_kwargs(cfg) -> Dict[str, Any]:
+    return cfg.model_kwargs() if hasattr(cfg, "model_kwargs") else {"img_size": cfg.img_size}
+
+
+def _run(cfg, what: str, make_model, make_optimizer, step_fn, train_transform, probe: bool = False) -> Dict[str, Any]:
+    """Shared assembly of fine-tuning and probing: data, model, optimiser -> the Trainer."""
+    cfg.validate()
+    with udist.distributed(cfg.device) as (info, device):
+        precision = resolve_precision(cfg.precision, device)
+        seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        train_ds = build_classify_dataset(cfg.data, "train", None, cfg.data_root)
+        val_ds = build_classify_dataset(cfg.val_data or cfg.data, "val", None, cfg.data_root, class_names=train_ds.class_names)
+        num_classes = getattr(cfg, "num_classes", None) or train_ds.num_classes
+        if num_classes < train_ds.num_classes:
+            raise ValueError(f"num_classes={num_classes} but the training data has {train_ds.num_classes} classes")
+        model = make_model(num_classes)
+        report = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
+        if probe:
+            model.use_probe_head()
+        model.to(device)
+        train_ds.transform = train_transform(model.img_size)
+        val_ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
+        workers = min(cfg.num_workers, os.cpu_count() or 1)
+        pin = device.type == "cuda"
+        loader, sampler = build_train_loader(train_ds, cfg.batch_size, workers, info.world_size, info.rank, cfg.seed, pin_memory=pin)
+        val_loader = build_eval_loader(val_ds, cfg.batch_size, workers, info.world_size, info.rank, pin_memory=pin)
+        lr = cfg.effective_lr(info.world_size)
+        optimizer = make_optimizer(model, lr, device)
+        out = Path(cfg.output)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            log.info("%s %s: %d classes, %.1fM params (%.2fM trained)", what, cfg.model, num_classes,
+                     sum(p.numel() for p in model.parameters()) / 1e6,
+                     sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+            log.info("train %d images, val %d images; device %s x%d, precision %s, lr %.3e",
+                     len(train_ds), len(val_ds), device, info.world_size, precision, lr)
+            if report is not None:
+                log.info("pre-trained weights:\n%s", report.format())
+                (out / "pretrained_load.txt").write_text(report.format() + "\n")
+            else:
+                log.info("no --pretrained: training from scratch")
+        ema = None
+        if getattr(cfg, "ema", False):
+            from timm.utils import ModelEmaV3
+
+            ema = ModelEmaV3(model, decay=cfg.ema_decay)
+
+        def run_eval(m: nn.Module) -> Dict[str, float]:
+            return evaluate(m, val_loader, device, precision)
+
+        trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, step_fn,
+                          evaluate=run_eval, ema=ema)
+        summary = trainer.fit()
+        if info.is_main:
+            log.info("done: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if "acc" in k and isinstance(v, float)))
+        return summary
+
+
+def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    state: Dict[str, Any] = {}
+
+    def make_model(num_classes: int) -> nn.Module:
+        model = _build_classifier(cfg, num_classes)
+        decay = cfg.layer_decay if cfg.layer_decay is not None else model.default_layer_decay
+        state["layer_decay"] = None if decay == 1.0 else decay
+        state["num_classes"] = num_classes
+        return model
+
+    def make_optimizer(model, lr, device):
+        log.info("layer-wise lr decay %s", state["layer_decay"])
+        return build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, state["layer_decay"])
+
+    class LazyStep:  # the mixup needs num_classes, known once the data is read
+        def __call__(self, model, batch, generator):
+            if "step" not in state:
+                mixing = cfg.mixup_prob > 0 and (cfg.mixup > 0 or cfg.cutmix > 0)
+                mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                              switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
+                              num_classes=state["num_classes"]) if mixing else None
+                if mixing:
+                    criterion: nn.Module = SoftTargetCrossEntropy()
+                elif cfg.smoothing > 0:
+                    criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+                else:
+                    criterion = nn.CrossEntropyLoss()
+                state["step"] = ClassifyStep(criterion, mixup)
+            return state["step"](model, batch, generator)
+
+    aa = None if cfg.auto_augment.lower() in ("", "none") else cfg.auto_augment
+    return _run(cfg, "fine-tuning", make_model, make_optimizer, LazyStep(),
+                lambda size: build_classify_transform(size, True, auto_augment=aa, re_prob=cfg.reprob))
+
+
+def linprobe(cfg: LinprobeConfig) -> Dict[str, Any]:
+    from timm.optim import Lars
+
+    def make_model(num_classes: int) -> nn.Module:
+        return _build_classifier(cfg, num_classes, drop_path=0.0)
+
+    def make_optimizer(model, lr, device):
+        # LARS as MAE: trust ratio on the weight matrix, none on the bias; no weight decay.
+        head = model.head[1]
+        return Lars([{"params": [head.weight], "always_adapt": True}, {"params": [head.bias], "always_adapt": False}],
+                    lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+    return _run(cfg, "linear probing", make_model, make_optimizer, ClassifyStep(nn.CrossEntropyLoss()),
+                lambda size: build_classify_transform(size, True, simple=True), probe=True)
+
+
+def load_classifier(cfg, path: str, num_classes: int | None = None) -> nn.Module:
+    """Build ``cfg.model`` shaped like the classifier saved in ``path`` (classes, probe head)
+    and load it; refuse weights without a trained head."""
+    state, meta = read_weights(path)
+    if "head.weight" not in state and "head.1.weight" not in state:
+        raise CheckpointError(
+            f"{path} holds no classifier head (model {meta.get('source_model') or meta.get('model_name')}): it is a "
+            f"pre-training or encoder-only file; fine-tune it (`ummae finetune --pretrained`) or use `ummae knn`"
+        )
+    probe = "head.1.weight" in state
+    n = state["head.1.weight" if probe else "head.weight"].shape[0]
+    if num_classes is not None and n != num_classes:
+        raise CheckpointError(f"{path} has a head of {n} classes but the data has {num_classes}")
+    img_size = cfg.img_size or (meta.get("model_args") or {}).get("img_size")
+    model = create_model(cfg.model, num_classes=n, img_size=img_size, drop_path=0.0)
+    if probe:
+        model.use_probe_head()
+    report = load_pretrained(model, path)
+    if report.new or report.dropped:
+        raise CheckpointError(f"{path} does not hold a complete {cfg.model} classifier:\n{report.format()}")
+    return model
+
+
+def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
+    cfg.validate()
+    if model_kind(cfg.model) != "classify":
+        raise ValueError(f"{cfg.model!r} is a pre-training model; classifiers are listed by `ummae models --kind classify`")
+    with udist.distributed(cfg.device) as (info, device):
+        precision = resolve_precision(cfg.precision, device)
+        ds = build_classify_dataset(cfg.data, cfg.split, None, cfg.data_root)
+        model = load_classifier(cfg, cfg.checkpoint).to(device)
+        if ds.num_classes > model.num_classes:
+            raise ValueError(f"the data has {ds.num_classes} classes but the classifier only {model.num_classes}")
+        ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
+        loader = build_eval_loader(ds, cfg.batch_size, min(cfg.num_workers, os.cpu_count() or 1),
+                                   info.world_size, info.rank, pin_memory=device.type == "cuda")
+        result = evaluate(model, loader, device, precision)
+        if info.is_main:
+            log.info("%s on %s (%s split, %d images): top-1 %.2f%%, top-5 %.2f%%", cfg.checkpoint, cfg.data, cfg.split,
+                     result["val_images"], result["acc1"], result["acc5"])
+        return result

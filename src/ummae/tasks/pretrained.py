@@ -1,0 +1,204 @@
+"""Carrying pre-trained weights into a classifier, and exporting them.
+
+Sources: an ummae checkpoint (``.pth``: pre-training, UM-MAE / MAE / SimMIM, or fine-tuning)
+read with ``weights_only=True``, or a ``.safetensors`` file written by :func:`export`.
+
+What changes between pre-training and fine-tuning (METHOD.md), and how the load handles it:
+
+* decoder, SM token, SimMIM mask token: pre-training only, dropped;
+* the encoder's final norm: replaced by the norm after pooling (``fc_norm``), dropped;
+* Swin window 8 -> 16: the pos-MLP bias is a function of offsets, nothing to convert;
+* PVT sr 4-2-1-1 -> 8-4-2-1: pooling has no weights, nothing to convert;
+* PVT / ViT fixed sin-cos position -> learnable table: the table starts as that same sin-cos
+  (new in the report); a learnable table of another size (a fine-tuned checkpoint used at
+  another image size) is resized bicubically (adapted);
+* head: new, unless the source is a classifier with the same number of classes.
+
+Anything else that differs (another family, depth or width) is refused with the differences
+named: a silent partial load would look like a pre-trained run and train like a scratch one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..engine import ckpt
+from ..engine.ckpt import CheckpointError
+from ..layers import resize_pos_table
+
+log = logging.getLogger("ummae")
+
+EXPORT_FORMAT = "ummae-weights-1"
+_HEAD_PREFIXES = ("fc_norm.", "head.")
+
+
+def _is_pos_table(key: str) -> bool:
+    return key.startswith("encoder.pos_embed")
+
+
+@dataclass
+class LoadReport:
+    """Exactly what a load did with every key (checked by tests, printed by the commands)."""
+
+    source: str
+    source_model: str | None
+    loaded: List[str] = field(default_factory=list)
+    adapted: Dict[str, str] = field(default_factory=dict)  # key -> how
+    new: Dict[str, str] = field(default_factory=dict)  # key -> how initialised
+    dropped: Dict[str, str] = field(default_factory=dict)  # source key -> why
+
+    def format(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors from {self.source} (model {self.source_model})"]
+        for title, items in (("adapted", self.adapted), ("newly initialised", self.new), ("dropped", self.dropped)):
+            if items:
+                lines.append(f"{title} ({len(items)}):")
+                lines += [f"  {k}: {why}" for k, why in _group(items).items()]
+        return "\n".join(lines)
+
+
+def _group(items: Dict[str, str]) -> Dict[str, str]:
+    """Collapse ``decoder.blocks.0.attn.qkv.weight`` ... into ``decoder.*`` lines per reason."""
+    out: Dict[str, str] = {}
+    counts: Dict[Tuple[str, str], int] = {}
+    for k, why in items.items():
+        top = k.split(".")[0]
+        group = k if top in ("encoder",) or "." not in k else f"{top}.*"
+        counts[(group, why)] = counts.get((group, why), 0) + 1
+    for (group, why), n in counts.items():
+        out[group] = why if n == 1 else f"{why} ({n} tensors)"
+    return out
+
+
+def read_weights(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``(state_dict, meta)`` of an ummae ``.pth`` checkpoint or exported ``.safetensors``;
+    ``meta`` has ``model_name`` and ``model_args`` when the file records them."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+        info: Dict[str, Any] = {"model_name": meta.get("model_name"), "source_model": meta.get("source_model")}
+        if "model_args" in meta:
+            info["model_args"] = json.loads(meta["model_args"])
+        return state, info
+    ck = ckpt.load(path)
+    return ck["model"], {"model_name": ck.get("model_name"), "model_args": ck.get("model_args", {}),
+                         "source_model": ck.get("model_name")}
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
+    """Load pre-trained (or fine-tuned) weights into classifier ``model``; see the module doc."""
+    state, meta = read_weights(path)
+    source_model = meta.get("source_model") or meta.get("model_name")
+    report = LoadReport(str(path), source_model)
+    own = model.state_dict()
+    target_name = getattr(model, "model_name", type(model).__name__)
+    merged = dict(own)
+    missing, unexpected, shapes = [], [], []
+
+    for k, v in state.items():
+        if not k.startswith("encoder."):
+            if k.startswith(_HEAD_PREFIXES) and k in own:
+                if own[k].shape == v.shape:
+                    merged[k] = v
+                    report.loaded.append(k)
+                else:
+                    report.dropped[k] = f"shape {tuple(v.shape)} vs the model's {tuple(own[k].shape)} (other classes)"
+            else:
+                report.dropped[k] = "pre-training only (decoder / masking token)"
+            continue
+        if k.startswith("encoder.norm."):
+            report.dropped[k] = "the encoder's final norm: the classifier norms pooled features (fc_norm)"
+            continue
+        if k not in own:
+            unexpected.append(k)
+        elif own[k].shape == v.shape:
+            merged[k] = v
+            report.loaded.append(k)
+        elif _is_pos_table(k) and v.ndim == own[k].ndim == 3 and v.shape[-1] == own[k].shape[-1]:
+            h, w = own[k].shape[:2]
+            merged[k] = resize_pos_table(v, h, w)
+            report.adapted[k] = f"position table resized {v.shape[0]}x{v.shape[1]} -> {h}x{w} (bicubic)"
+        else:
+            shapes.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+
+    for k in own:
+        if k in state or k in report.adapted:
+            continue
+        if _is_pos_table(k):
+            report.new[k] = "learnable position table, initialised to the fixed sin-cos it replaces"
+        elif k.startswith(_HEAD_PREFIXES):
+            report.new[k] = "head (weights: trunc normal std 2e-5, bias 0)" if k.startswith("head.") else "fc_norm (1, 0)"
+        elif k.startswith("encoder."):
+            missing.append(k)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} encoder tensors missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {'; '.join(shapes[:3])})")
+        raise CheckpointError(
+            f"{path} holds the encoder of {source_model or 'an unknown model'}, which does not match {target_name}: "
+            f"{'; '.join(parts)}{_suggest(source_model)}"
+        )
+    model.load_state_dict(merged)
+    return report
+
+
+def _suggest(source_model: str | None) -> str:
+    from .classify import classifier_for
+
+    try:
+        return f". Its classifier is {classifier_for(source_model)}" if source_model else ""
+    except ValueError:
+        return ""
+
+
+def export(checkpoint: str | Path, output: str | Path, encoder_only: bool = False) -> Dict[str, str]:
+    """Write the inference weights of an ummae checkpoint as safetensors: the encoder of a
+    pre-training checkpoint (decoder and masking tokens dropped), or a whole fine-tuned
+    classifier (``encoder_only`` strips its head). The metadata names the classifier that
+    loads it (ours and timm's ``ummae_<name>``) and the model options."""
+    from safetensors.torch import save_file
+
+    from .classify import classifier_for
+    from ..registry import list_models, model_kind
+
+    state, meta = read_weights(checkpoint)
+    name = meta.get("model_name")
+    if name is None or name not in list_models():
+        raise CheckpointError(f"{checkpoint} does not name a registered ummae model (found {name!r})")
+    pretraining = model_kind(name) == "pretrain"
+    keep = "encoder." if (pretraining or encoder_only) else ""
+    out = {k: v.contiguous() for k, v in state.items() if k.startswith(keep)}
+    classifier = classifier_for(name) if pretraining else name
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "model_name": classifier,
+        "timm_model_name": f"ummae_{classifier}",
+        "source_model": name,
+        "model_args": json.dumps(meta.get("model_args", {}), sort_keys=True),
+        "contents": "encoder" if keep else "classifier",
+    }
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    save_file(out, str(tmp), metadata=metadata)
+    tmp.replace(output)  # atomic, like every checkpoint we write
+    log.info("wrote %d tensors (%s of %s) to %s", len(out), metadata["contents"], name, output)
+    return metadata
