@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from _helpers import write_image
+
 from ummae.data import (
     ImageDataset,
     ResumableSampler,
@@ -22,23 +24,15 @@ from ummae.data import (
 IMAGENETTE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette_mini"
 
 
-def _img(path: Path, size=(40, 30), seed=0) -> Path:
-    """Write a small random RGB image (noise, so different crops give different tensors)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return path
-
-
 # ---------------------------------------------------------------- datasets
 
 
 def test_build_pretrain_dataset__imagefolder_labels(tmp_path):
-    _img(tmp_path / "b_dog" / "1.png")
-    _img(tmp_path / "b_dog" / "nested" / "2.JPG")  # recursive, any case
-    _img(tmp_path / "a_cat" / "3.jpeg")
+    write_image(tmp_path / "b_dog" / "1.png")
+    write_image(tmp_path / "b_dog" / "nested" / "2.JPG")  # recursive, any case
+    write_image(tmp_path / "a_cat" / "3.jpeg")
     (tmp_path / "a_cat" / "notes.txt").write_text("not an image")
-    _img(tmp_path / "a_cat" / ".hidden.png")
+    write_image(tmp_path / "a_cat" / ".hidden.png")
     ds = build_pretrain_dataset(str(tmp_path), img_size=16)
     labels = {Path(p).name: lab for p, lab in ds.samples}
     assert labels == {"3.jpeg": 0, "1.png": 1, "2.JPG": 1}
@@ -48,9 +42,9 @@ def test_build_pretrain_dataset__imagefolder_labels(tmp_path):
 
 
 def test_build_pretrain_dataset__flat_folder(tmp_path):
-    _img(tmp_path / "x.png")
-    _img(tmp_path / "y.webp")
-    _img(tmp_path / "sub" / "z.bmp")  # top-level images present: flat, recursive
+    write_image(tmp_path / "x.png")
+    write_image(tmp_path / "y.webp")
+    write_image(tmp_path / "sub" / "z.bmp")  # top-level images present: flat, recursive
     ds = build_pretrain_dataset(str(tmp_path), img_size=8)
     assert sorted(Path(p).name for p, _ in ds.samples) == ["x.png", "y.webp", "z.bmp"]
     assert all(lab == -1 for _, lab in ds.samples)
@@ -58,8 +52,8 @@ def test_build_pretrain_dataset__flat_folder(tmp_path):
 
 
 def test_build_pretrain_dataset__list_file(tmp_path):
-    _img(tmp_path / "imgs" / "a.png")
-    _img(tmp_path / "imgs" / "b.png")
+    write_image(tmp_path / "imgs" / "a.png")
+    write_image(tmp_path / "imgs" / "b.png")
     lst = tmp_path / "train.txt"
     lst.write_text("# comment\nimgs/a.png 3\n\nimgs/b.png\n")
     ds = build_pretrain_dataset(str(lst), img_size=8)
@@ -69,7 +63,7 @@ def test_build_pretrain_dataset__list_file(tmp_path):
 
 
 def test_build_pretrain_dataset__list_file_data_root(tmp_path):
-    _img(tmp_path / "root" / "a.png")
+    write_image(tmp_path / "root" / "a.png")
     lst = tmp_path / "lists" / "train.txt"
     lst.parent.mkdir()
     lst.write_text("a.png 0\n")
@@ -106,13 +100,13 @@ def test_build_pretrain_dataset__empty_folder(tmp_path):
 
 
 def test_build_pretrain_dataset__bad_crop_scale(tmp_path):
-    _img(tmp_path / "x.png")
+    write_image(tmp_path / "x.png")
     with pytest.raises(ValueError, match="crop_scale"):
         build_pretrain_dataset(str(tmp_path), img_size=8, crop_scale=(0.0, 1.0))
 
 
 def test_build_pretrain_dataset__corrupt_image_skipped(tmp_path, caplog):
-    _img(tmp_path / "good.png")
+    write_image(tmp_path / "good.png")
     (tmp_path / "x.jpg").write_bytes(b"\xff\xd8 this is not a jpeg " * 10)
     lst = tmp_path / "list.txt"
     lst.write_text("good.png 0\nx.jpg 1\nmissing.png 2\n")  # missing: bad at load time only
@@ -127,7 +121,7 @@ def test_build_pretrain_dataset__corrupt_image_skipped(tmp_path, caplog):
 
 
 def test_build_pretrain_dataset__truncated_image_skipped(tmp_path, caplog):
-    data = _img(tmp_path / "t.png", size=(64, 64)).read_bytes()
+    data = write_image(tmp_path / "t.png", size=(64, 64)).read_bytes()
     (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
     ds = build_pretrain_dataset(str(tmp_path), img_size=8)
     with caplog.at_level(logging.WARNING, logger="ummae.data"):
@@ -146,7 +140,7 @@ def test_build_pretrain_dataset__embedded_demo():
 
 
 def test_build_pretrain_dataset__augmentation_is_function_of_key(tmp_path):
-    _img(tmp_path / "x.png", size=(64, 48))
+    write_image(tmp_path / "x.png", size=(64, 48))
     ds = build_pretrain_dataset(str(tmp_path), img_size=16)
     torch.manual_seed(0)
     a = ds[(0, 5)][0]
@@ -170,7 +164,7 @@ def test_image_dataset__timm_transform_is_function_of_key(tmp_path):
 
     tf = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
                           re_prob=0.25, interpolation="bicubic")
-    ds = ImageDataset([(str(_img(tmp_path / "x.png", size=(64, 48))), 0)], tf, "test", "x")
+    ds = ImageDataset([(str(write_image(tmp_path / "x.png", size=(64, 48))), 0)], tf, "test", "x")
     a = ds[(0, 2**40 + 5)][0]  # > 32 bits: numpy gets seed % 2**32
     random.random()
     np.random.rand()
@@ -260,7 +254,7 @@ def test_resumable_sampler__too_small_dataset():
 
 def test_build_train_loader__workers_give_identical_batches(tmp_path):
     for i in range(12):
-        _img(tmp_path / f"{i:02d}.png", size=(32, 24), seed=i)
+        write_image(tmp_path / f"{i:02d}.png", size=(32, 24), seed=i)
     (tmp_path / "bad.png").write_bytes(b"garbage")
     ds = build_pretrain_dataset(str(tmp_path), img_size=16)
     runs = []

@@ -5,10 +5,11 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from _helpers import write_image
 
 from ummae.data import (
     ImageDataset,
@@ -20,18 +21,10 @@ from ummae.data import (
 IMAGENETTE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette_mini"
 
 
-def _img(path: Path, size=(40, 30), seed=0) -> Path:
-    """Write a small random RGB image (noise, so different crops give different tensors)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def _tree(root: Path, classes=("a", "b", "c"), per_class=2) -> Path:
     for c, name in enumerate(classes):
         for i in range(per_class):
-            _img(root / name / f"{i}.png", seed=10 * c + i)
+            write_image(root / name / f"{i}.png", seed=10 * c + i)
     return root
 
 
@@ -46,7 +39,7 @@ def eval_tf():
 @pytest.mark.parametrize("is_training, simple", [(True, False), (True, True), (False, False)])
 def test_build_classify_transform__output_shape(tmp_path, is_training, simple):
     tf = build_classify_transform(32, is_training=is_training, simple=simple)
-    img = Image.open(_img(tmp_path / "x.png", size=(70, 50))).convert("RGB")
+    img = Image.open(write_image(tmp_path / "x.png", size=(70, 50))).convert("RGB")
     out = tf(img)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
 
@@ -103,7 +96,7 @@ def test_build_classify_dataset__other_split_only_refused(tmp_path, eval_tf):
 
 def test_build_classify_dataset__list_file_with_labels(tmp_path, eval_tf):
     for n in "abc":
-        _img(tmp_path / "imgs" / f"{n}.png")
+        write_image(tmp_path / "imgs" / f"{n}.png")
     lst = tmp_path / "val.txt"
     lst.write_text("# comment\nimgs/a.png 0\n\nimgs/b.png 3\nimgs/c.png 1\n")
     ds = build_classify_dataset(str(lst), "val", eval_tf)
@@ -118,7 +111,7 @@ def test_build_classify_dataset__list_file_with_labels(tmp_path, eval_tf):
 
 
 def test_build_classify_dataset__list_file_data_root(tmp_path, eval_tf):
-    _img(tmp_path / "root" / "a.png")
+    write_image(tmp_path / "root" / "a.png")
     lst = tmp_path / "lists" / "train.txt"
     lst.parent.mkdir()
     lst.write_text("a.png 1\n")
@@ -137,8 +130,8 @@ def test_build_classify_dataset__list_file_line_without_label(tmp_path, eval_tf,
 
 
 def test_build_classify_dataset__flat_folder_refused(tmp_path, eval_tf):
-    _img(tmp_path / "x.png")
-    _img(tmp_path / "sub" / "y.png")
+    write_image(tmp_path / "x.png")
+    write_image(tmp_path / "sub" / "y.png")
     with pytest.raises(ValueError, match=rf"{tmp_path.name} has no class sub-folders: "
                                          r"fine-tuning needs labelled data"):
         build_classify_dataset(str(tmp_path), "train", eval_tf)
@@ -181,7 +174,7 @@ def test_build_classify_dataset__imagenette_mini(eval_tf):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_build_eval_loader__shards_disjoint_and_cover(tmp_path, eval_tf, world):
     n = 7  # not divisible by 2 or 3: no padding, no duplicates
-    ds = ImageDataset([(str(_img(tmp_path / f"{i}.png", seed=i)), i) for i in range(n)],
+    ds = ImageDataset([(str(write_image(tmp_path / f"{i}.png", seed=i)), i) for i in range(n)],
                       eval_tf, "test", str(tmp_path))
     shards = []
     for rank in range(world):

@@ -34,7 +34,8 @@ from ummae.engine.optim import param_groups, warmup_cosine
 from ummae.registry import create_model
 from ummae.train import pretrain
 
-VOLATILE = ("images_per_s", "epoch_time_s")  # wall-clock values: differ between runs
+from _helpers import assert_tensors_equal, stable
+
 
 
 # ---------------------------------------------------------------- helpers and fixtures
@@ -92,37 +93,19 @@ def _epoch_records(out: Path) -> list:
     return [r for r in _records(out) if "train_loss" in r]
 
 
-def _stable(records: list) -> list:
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
 
-
-def _assert_tensors_equal(a, b, where="state"):
-    """Exact equality of two nested dicts/lists of tensors and plain values."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
-        for k in a:
-            _assert_tensors_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_tensors_equal(x, y, f"{where}[{i}]")
-    elif torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype, f"{where}: tensor kind differs"
-        assert torch.equal(a, b), f"{where}: values differ (max |diff| {(a.double() - b.double()).abs().max():.3e})"
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def _assert_same_training(out_a: Path, out_b: Path) -> None:
     """Same metrics (wall-clock fields aside) and bit-identical final model and optimiser."""
-    rec_a, rec_b = _stable(_records(out_a)), _stable(_records(out_b))
+    rec_a, rec_b = stable(_records(out_a)), stable(_records(out_b))
     assert [r["step"] for r in rec_b] == [r["step"] for r in rec_a]
     for ra, rb in zip(rec_a, rec_b):
         assert ra == rb, f"metrics differ at step {ra['step']}: {ra} vs {rb}"
     a = torch.load(Path(out_a) / "checkpoint-last.pth", weights_only=True)
     b = torch.load(Path(out_b) / "checkpoint-last.pth", weights_only=True)
-    _assert_tensors_equal(a["model"], b["model"], "model")
-    _assert_tensors_equal(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer.state")
+    assert_tensors_equal(a["model"], b["model"], "model")
+    assert_tensors_equal(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer.state")
     assert (a["epoch"], a["update"]) == (b["epoch"], b["update"])
 
 
@@ -524,7 +507,7 @@ def test_save_atomic__failed_write_keeps_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         ckpt.save_atomic({"model": {"w": torch.zeros(6)}, "epoch": 2}, path)
     loaded = ckpt.load(path)
-    _assert_tensors_equal(loaded, first)
+    assert_tensors_equal(loaded, first)
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -92,10 +93,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             cls, _, target = RUNS[args.command]
             module, fn = target.split(":")
             result = getattr(importlib.import_module(f".{module}", __package__), fn)(config_from_args(cls, args))
-            if args.command in ("eval", "knn"):
+            if args.command in ("eval", "knn") and int(os.environ.get("RANK", "0")) == 0:
                 import json
 
-                print(json.dumps(result))
+                print(json.dumps(result))  # one JSON line on stdout, from rank 0 only
             return 0
     except ValueError as e:  # bad input: one clear message, no traceback
         print(f"ummae {args.command}: error: {e}", file=sys.stderr)

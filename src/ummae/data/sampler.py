@@ -154,5 +154,8 @@ def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=num_workers > 0,
+        # Its own generator: starting an epoch's iterator must not draw from torch's global
+        # RNG, which drop path uses and a resumed run restores (else masks shift by one draw).
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler

@@ -92,9 +92,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> 
     return {"acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "val_loss": loss / n, "val_images": int(n)}
 
 
+def _check_classifier(name: str) -> None:
+    if model_kind(name) != "classify":
+        raise ValueError(f"{name!r} is a pre-training model; classifiers are listed by `ummae models --kind classify`")
+
+
 def _build_classifier(cfg, num_classes: int, **overrides) -> nn.Module:
-    if model_kind(cfg.model) != "classify":
-        raise ValueError(f"{cfg.model!r} is a pre-training model; classifiers are listed by `ummae models --kind classify`")
     return create_model(cfg.model, **{**cfg_model_kwargs(cfg), "num_classes": num_classes, **overrides})
 
 
@@ -102,9 +105,10 @@ def cfg_model_kwargs(cfg) -> Dict[str, Any]:
     return cfg.model_kwargs() if hasattr(cfg, "model_kwargs") else {"img_size": cfg.img_size}
 
 
-def _run(cfg, what: str, make_model, make_optimizer, step_fn, train_transform, probe: bool = False) -> Dict[str, Any]:
+def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform, probe: bool = False) -> Dict[str, Any]:
     """Shared assembly of fine-tuning and probing: data, model, optimiser -> the Trainer."""
     cfg.validate()
+    _check_classifier(cfg.model)
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -148,7 +152,7 @@ def _run(cfg, what: str, make_model, make_optimizer, step_fn, train_transform, p
         def run_eval(m: nn.Module) -> Dict[str, float]:
             return evaluate(m, val_loader, device, precision)
 
-        trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, step_fn,
+        trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, make_step(num_classes),
                           evaluate=run_eval, ema=ema)
         summary = trainer.fit()
         if info.is_main:
@@ -160,37 +164,24 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    state: Dict[str, Any] = {}
-
-    def make_model(num_classes: int) -> nn.Module:
-        model = _build_classifier(cfg, num_classes)
-        decay = cfg.layer_decay if cfg.layer_decay is not None else model.default_layer_decay
-        state["layer_decay"] = None if decay == 1.0 else decay
-        state["num_classes"] = num_classes
-        return model
-
     def make_optimizer(model, lr, device):
-        log.info("layer-wise lr decay %s", state["layer_decay"])
-        return build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, state["layer_decay"])
+        decay = cfg.layer_decay if cfg.layer_decay is not None else model.default_layer_decay
+        log.info("layer-wise lr decay %s", decay)
+        return build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, None if decay == 1.0 else decay)
 
-    class LazyStep:  # the mixup needs num_classes, known once the data is read
-        def __call__(self, model, batch, generator):
-            if "step" not in state:
-                mixing = cfg.mixup_prob > 0 and (cfg.mixup > 0 or cfg.cutmix > 0)
-                mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                              switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
-                              num_classes=state["num_classes"]) if mixing else None
-                if mixing:
-                    criterion: nn.Module = SoftTargetCrossEntropy()
-                elif cfg.smoothing > 0:
-                    criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
-                else:
-                    criterion = nn.CrossEntropyLoss()
-                state["step"] = ClassifyStep(criterion, mixup)
-            return state["step"](model, batch, generator)
+    def make_step(num_classes: int) -> ClassifyStep:
+        if cfg.mixup_prob > 0 and (cfg.mixup > 0 or cfg.cutmix > 0):
+            # timm's Mixup also applies the label smoothing, to the mixed soft targets
+            mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                          switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
+                          num_classes=num_classes)
+            return ClassifyStep(SoftTargetCrossEntropy(), mixup)
+        if cfg.smoothing > 0:
+            return ClassifyStep(LabelSmoothingCrossEntropy(cfg.smoothing))
+        return ClassifyStep(nn.CrossEntropyLoss())
 
     aa = None if cfg.auto_augment.lower() in ("", "none") else cfg.auto_augment
-    return _run(cfg, "fine-tuning", make_model, make_optimizer, LazyStep(),
+    return _run(cfg, "fine-tuning", lambda n: _build_classifier(cfg, n), make_optimizer, make_step,
                 lambda size: build_classify_transform(size, True, auto_augment=aa, re_prob=cfg.reprob))
 
 
@@ -206,7 +197,7 @@ def linprobe(cfg: LinprobeConfig) -> Dict[str, Any]:
         return Lars([{"params": [head.weight], "always_adapt": True}, {"params": [head.bias], "always_adapt": False}],
                     lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
-    return _run(cfg, "linear probing", make_model, make_optimizer, ClassifyStep(nn.CrossEntropyLoss()),
+    return _run(cfg, "linear probing", make_model, make_optimizer, lambda n: ClassifyStep(nn.CrossEntropyLoss()),
                 lambda size: build_classify_transform(size, True, simple=True), probe=True)
 
 
@@ -223,8 +214,10 @@ def load_classifier(cfg, path: str, num_classes: int | None = None) -> nn.Module
     n = state["head.1.weight" if probe else "head.weight"].shape[0]
     if num_classes is not None and n != num_classes:
         raise CheckpointError(f"{path} has a head of {n} classes but the data has {num_classes}")
-    img_size = cfg.img_size or (meta.get("model_args") or {}).get("img_size")
-    model = create_model(cfg.model, num_classes=n, img_size=img_size, drop_path=0.0)
+    args = meta.get("model_args") or {}
+    # Options without weights (Swin window, PVT spatial reduction) are rebuilt as trained.
+    built = {k: args[k] for k in ("window_size", "sr_ratios") if k in args}
+    model = create_model(cfg.model, num_classes=n, img_size=cfg.img_size or args.get("img_size"), drop_path=0.0, **built)
     if probe:
         model.use_probe_head()
     report = load_pretrained(model, path)
@@ -235,8 +228,7 @@ def load_classifier(cfg, path: str, num_classes: int | None = None) -> nn.Module
 
 def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
     cfg.validate()
-    if model_kind(cfg.model) != "classify":
-        raise ValueError(f"{cfg.model!r} is a pre-training model; classifiers are listed by `ummae models --kind classify`")
+    _check_classifier(cfg.model)
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
         ds = build_classify_dataset(cfg.data, cfg.split, None, cfg.data_root)

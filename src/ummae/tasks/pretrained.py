@@ -111,12 +111,14 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
 
     for k, v in state.items():
         if not k.startswith("encoder."):
-            if k.startswith(_HEAD_PREFIXES) and k in own:
-                if own[k].shape == v.shape:
+            if k.startswith(_HEAD_PREFIXES):
+                if k in own and own[k].shape == v.shape:
                     merged[k] = v
                     report.loaded.append(k)
-                else:
+                elif k in own:
                     report.dropped[k] = f"shape {tuple(v.shape)} vs the model's {tuple(own[k].shape)} (other classes)"
+                else:
+                    report.dropped[k] = "a head of another form (e.g. a linear probe's): the model's head is new"
             else:
                 report.dropped[k] = "pre-training only (decoder / masking token)"
             continue
@@ -135,14 +137,15 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
         else:
             shapes.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
 
+    done = set(report.loaded) | set(report.adapted)
     for k in own:
-        if k in state or k in report.adapted:
+        if k in done:
             continue
-        if _is_pos_table(k):
+        if _is_pos_table(k) and k not in state:
             report.new[k] = "learnable position table, initialised to the fixed sin-cos it replaces"
         elif k.startswith(_HEAD_PREFIXES):
             report.new[k] = "head (weights: trunc normal std 2e-5, bias 0)" if k.startswith("head.") else "fc_norm (1, 0)"
-        elif k.startswith("encoder."):
+        elif k.startswith("encoder.") and k not in state:
             missing.append(k)
     if missing or unexpected or shapes:
         parts = []

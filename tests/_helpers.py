@@ -1,0 +1,87 @@
+"""Test helpers: image files the tests write themselves (random-noise images, small labelled datasets of separable colour classes) and exact comparison of two runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Class name -> mean RGB: far apart, so that any encoder (even a random one) separates them.
+COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+
+
+def write_image(path: Path, size=(40, 30), seed=0) -> Path:
+    """Write a small random RGB image (noise, so different crops give different tensors)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def write_colour_images(folder: Path, per_class: int, seed: int = 0, size: int = 72) -> Path:
+    """An ImageFolder ``folder/<colour>/*.png`` of ``per_class`` distinct images per class:
+    the class colour, a random per-image shade and smooth texture, plus pixel noise.
+    72 px: the eval transform at 64 px resizes to 73 and center-crops."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shade = rng.uniform(-30, 30, 3)
+            low = Image.fromarray(rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+            texture = (np.asarray(low, dtype=np.float64) - 128) * 0.25
+            img = np.asarray(rgb, dtype=np.float64) + shade + texture + rng.normal(0, 12, (size, size, 3))
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / name / f"{name}_{i}.png")
+    return folder
+
+
+def write_colour_dataset(root: Path, train_per_class: int = 6, val_per_class: int = 3, seed: int = 0) -> Path:
+    """A dataset root with ``train/`` and ``val/`` ImageFolders of the colour classes."""
+    write_colour_images(root / "train", train_per_class, seed=seed)
+    write_colour_images(root / "val", val_per_class, seed=seed + 1000)
+    return root
+
+
+def write_pattern_images(folder: Path, per_class: int, seed: int = 0, size: int = 72, period: int = 12) -> Path:
+    """An ImageFolder of three classes told apart by structure only: ``horizontal`` and
+    ``vertical`` stripes and a ``checker`` board, each image in two random colours with a
+    random phase (so no colour statistic separates the classes; a crop or a flip keeps them)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    half = period // 2
+    for name in ("checker", "horizontal", "vertical"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+            phase = rng.integers(0, period)
+            rows, cols = (y + phase) // half, (x + phase) // half
+            on = {"horizontal": rows, "vertical": cols, "checker": rows + cols}[name] % 2
+            img = np.where(on[..., None] == 1, a, b) + rng.normal(0, 8, (size, size, 3))
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / name / f"{name}_{i}.png")
+    return folder
+
+
+# --- comparing runs ----------------------------------------------------------------------------
+VOLATILE = ("images_per_s", "epoch_time_s")  # wall-clock values: differ between runs
+
+
+def stable(records: list) -> list:
+    """Metrics records without their wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+def assert_tensors_equal(a, b, where: str = "state") -> None:
+    """Exact equality of two nested dicts/lists of tensors and plain values."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
+        for k in a:
+            assert_tensors_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tensors_equal(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype, f"{where}: tensor kind differs"
+        assert torch.equal(a, b), f"{where}: values differ (max |diff| {(a.double() - b.double()).abs().max():.3e})"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
