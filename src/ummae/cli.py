@@ -7,6 +7,9 @@
     ummae eval --model ... --checkpoint ... --data ...
     ummae export --checkpoint ckpt.pth --output model.safetensors
     ummae bench --models a,b [...]
+    ummae visualize --checkpoint runs/pt/checkpoint-last.pth --images a.jpg b.jpg [--output recon.png]
+    ummae masks [--img-size 256 --unit-size 16 --image photo.jpg --output masks.png]
+    ummae plot runs/a runs/b [--output curves.png --metrics loss,lr,images_per_s]
 """
 from __future__ import annotations
 
@@ -56,6 +59,26 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="the .safetensors file to write")
     e.add_argument("--encoder-only", action="store_true", help="drop a fine-tuned classifier's head too")
 
+    v = sub.add_parser("visualize", help="reconstruction pictures of a pre-training checkpoint (one row per image)")
+    v.add_argument("--checkpoint", required=True, help="a pre-training checkpoint with its decoder (checkpoint-last.pth of `ummae pretrain`)")
+    v.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
+    v.add_argument("--output", default="recon.png", help="picture to write (default: recon.png)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
+    v.add_argument("--max-images", type=int, default=8, help="show at most this many images, the first ones (default: 8)")
+    v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+    k = sub.add_parser("masks", help="the masking strategies side by side on one image (MAE, US, UM, compact map, SimMIM)")
+    k.add_argument("--img-size", type=int, default=256, help="image size (default: 256)")
+    k.add_argument("--unit-size", type=int, default=16, help="mask unit size in pixels (default: 16)")
+    k.add_argument("--image", help="an image file (default: scikit-image's chelsea.png)")
+    k.add_argument("--output", default="masks.png", help="picture to write (default: masks.png)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
+
+    c = sub.add_parser("plot", help="training curves of one or several runs, from their metrics.jsonl")
+    c.add_argument("runs", nargs="+", help="run output folders")
+    c.add_argument("--output", default="curves.png", help="figure to write; the suffix picks the format (default: curves.png)")
+    c.add_argument("--metrics", default="loss,lr,images_per_s", help="comma-separated metrics, one subplot each (default: loss,lr,images_per_s)")
+
     from .bench import add_bench_args
 
     b = sub.add_parser("bench", help="time full training steps of models side by side")
@@ -87,6 +110,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"`ummae finetune --model {meta['model_name']} --pretrained {args.output}` or "
                   f"timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)")
             return 0
+        if args.command == "visualize":
+            return _visualize(args)
+        if args.command == "masks":
+            from .visualize import mask_figure
+
+            _save_picture(mask_figure(args.image, args.img_size, args.unit_size, args.seed), args.output)
+            print(f"wrote {args.output}")
+            return 0
+        if args.command == "plot":
+            from .plot import plot_runs
+
+            plotted = plot_runs(args.runs, args.output, args.metrics.split(","))
+            print(f"wrote {args.output}: {', '.join(plotted)} of {len(args.runs)} run(s)")
+            return 0
         if args.command in RUNS:
             import importlib
 
@@ -109,6 +146,40 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 3
         raise
     return 1
+
+
+def _visualize(args) -> int:
+    import torch
+
+    from .engine.precision import resolve_device
+    from .visualize import compose_grid, image_paths, load_images, load_pretraining_model, reconstruction_panels
+
+    if args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    if not (args.device in ("auto", "cpu") or args.device.startswith("cuda")):
+        raise ValueError(f"bad --device {args.device!r}: must be auto, cpu, cuda or cuda:N")
+    device = resolve_device(args.device)
+    model = load_pretraining_model(args.checkpoint).to(device)
+    paths = image_paths(args.images)
+    if len(paths) > args.max_images:
+        logging.getLogger("ummae").info("showing the first %d of %d images (--max-images)", args.max_images, len(paths))
+        paths = paths[: args.max_images]
+    imgs = load_images(paths, model.img_size).to(device)
+    titles, panels = reconstruction_panels(model, imgs, torch.Generator(device=device).manual_seed(args.seed))
+    _save_picture(compose_grid(panels, titles), args.output)
+    print(f"wrote {args.output}: {len(paths)} image(s) x {len(titles)} panels ({', '.join(titles)})")
+    return 0
+
+
+def _save_picture(picture, output: str) -> None:
+    from pathlib import Path
+
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        picture.save(out)
+    except (KeyError, ValueError) as e:  # Pillow: unknown file extension
+        raise ValueError(f"cannot write {output}: {e} (use .png or .jpg)") from None
 
 
 if __name__ == "__main__":

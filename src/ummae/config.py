@@ -92,9 +92,13 @@ class PretrainConfig(RunConfig):
     betas: Tuple[float, float] = _f((0.9, 0.95), "AdamW betas")
     crop_scale: Tuple[float, float] = _f((0.2, 1.0), "RandomResizedCrop scale range")
     demo_repeats: int = _f(8, "embedded demo data: random crops per photo per epoch")
+    vis_every: int = _f(20, "write a reconstruction picture of fixed validation images every N epochs (and at the end); 0 = off")
+    vis_images: int = _f(8, "images in that picture")
 
     def validate(self) -> None:
         super().validate()
+        _check(self.vis_every >= 0, "vis_every", self.vis_every, "must be >= 0")
+        _check(self.vis_images >= 1, "vis_images", self.vis_images, "must be >= 1")
         _check(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "must be in [0, 1)")
         lo, hi = self.crop_scale
         _check(0 < lo <= hi <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1")

@@ -4,16 +4,22 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
 
 from . import dist as udist
 from .config import PretrainConfig
 from .data import build_pretrain_dataset, build_train_loader
+from .data.datasets import _scan_images
 from .engine.loop import Trainer
 from .engine.optim import build_optimizer
 from .engine.precision import resolve_precision
 from .registry import create_model, model_kind
 from .seeds import seed_everything
+from .visualize import compose_grid, load_image, panels_from_output, reconstruct
 
 log = logging.getLogger("ummae")
 
@@ -21,6 +27,71 @@ log = logging.getLogger("ummae")
 def pretrain_step(model, batch, generator):
     """Pre-training ignores labels; masks are drawn from the step's generator."""
     return model(batch[0], generator=generator)
+
+
+class ReconstructionPictures:
+    """The pre-training ``evaluate`` callback, run every ``vis_every`` epochs and after the
+    last: a reconstruction picture (``ummae visualize``'s layout) of fixed images under fixed
+    masks (drawn from ``cfg.seed``, the same every time, so the pictures of successive epochs
+    compare), written to ``output/recon-epochEEEE.png`` (E = epochs done) and to TensorBoard
+    (``recon``). Returns ``{"vis_loss": the model's loss on those images and masks}``.
+
+    Rank 0 only; on the other ranks it returns ``{}``. The images are picked and loaded once,
+    up front (see :func:`_vis_image_paths`); unreadable ones are skipped with a warning."""
+
+    def __init__(self, cfg: PretrainConfig, dataset, img_size: int, device: torch.device, is_main: bool):
+        self.trainer: Trainer | None = None  # set once the Trainer exists
+        self.out, self.device, self.seed = Path(cfg.output), device, cfg.seed
+        self.images = None
+        if is_main:
+            paths, source = _vis_image_paths(cfg, dataset)
+            loaded = []
+            for path in _spread(paths, cfg.vis_images):
+                try:
+                    loaded.append(load_image(path, img_size))
+                except ValueError as e:
+                    log.warning("reconstruction pictures: %s; skipped", e)
+            if loaded:
+                self.images = torch.stack(loaded)
+                log.info("reconstruction pictures of %d images of %s every %d epochs", len(loaded), source, cfg.vis_every)
+            else:
+                log.warning("reconstruction pictures: no readable image in %s; none will be drawn", source)
+
+    def __call__(self, model: nn.Module) -> Dict[str, float]:
+        if self.images is None:
+            return {}
+        model.eval()  # the Trainer sets train mode again at the next epoch's start
+        imgs = self.images.to(self.device)
+        out = reconstruct(model, imgs, torch.Generator(device=self.device).manual_seed(self.seed))
+        titles, panels = panels_from_output(model, imgs, out)
+        picture = compose_grid(panels, titles)
+        path = self.out / f"recon-epoch{self.trainer.epoch + 1:04d}.png"
+        picture.save(path)
+        if self.trainer.metrics.tb is not None:
+            self.trainer.metrics.tb.add_image("recon", np.asarray(picture), self.trainer.update, dataformats="HWC")
+        log.info("wrote %s", path)
+        return {"vis_loss": float(out["loss"])}
+
+
+def _vis_image_paths(cfg: PretrainConfig, dataset) -> Tuple[List[str], str]:
+    """Where the pictures' images come from: the ``val/`` split of a dataset root that has one
+    (images pre-training never trains on), else the training images themselves (for the
+    embedded demo: its photos, each once)."""
+    if cfg.data:
+        val = os.path.join(os.path.expanduser(cfg.data), "val")
+        if os.path.isdir(val):
+            return _scan_images(val), val
+    return list(dict.fromkeys(path for path, _ in dataset.samples)), dataset.source
+
+
+def _spread(paths: List[str], n: int) -> List[str]:
+    """``n`` paths evenly spaced through the (sorted) list, first and last included: an
+    ImageFolder split shows several classes rather than ``n`` images of its first one."""
+    if len(paths) <= n:
+        return list(paths)
+    if n == 1:
+        return [paths[0]]
+    return [paths[round(i * (len(paths) - 1) / (n - 1))] for i in range(n)]
 
 
 def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
@@ -43,7 +114,11 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
             Path(cfg.output).mkdir(parents=True, exist_ok=True)
             log.info("model %s (%.1fM params)", cfg.model, sum(p.numel() for p in model.parameters()) / 1e6)
             log.info("device %s x%d, precision %s, effective batch %d, lr %.3e", device, info.world_size, precision, eff_batch, lr)
-        trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, pretrain_step)
+        pictures = ReconstructionPictures(cfg, dataset, model.img_size, device, info.is_main) if cfg.vis_every else None
+        trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, pretrain_step,
+                          evaluate=pictures, eval_every=cfg.vis_every)
+        if pictures is not None:
+            pictures.trainer = trainer  # the pictures are named by its epoch, logged at its step
         summary = trainer.fit()
         if info.is_main:
             log.info("done: checkpoints and metrics.jsonl in %s", cfg.output)

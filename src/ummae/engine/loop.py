@@ -6,8 +6,9 @@ TensorBoard, progress bar), atomic checkpoints and exact resume (model, optimise
 epoch, step, RNG states; data order and masks are pure functions of (seed, epoch, step)).
 
 The task plugs in a ``step_fn(model, batch, generator) -> dict`` whose ``"loss"`` is trained,
-and optionally an ``evaluate(model) -> dict`` run every ``cfg.eval_every`` epochs (and on an
-EMA of the weights, when one is kept).
+and optionally an ``evaluate(model) -> dict`` run every ``eval_every`` epochs and after the
+last one (and on an EMA of the weights, when one is kept): validation accuracy when
+fine-tuning, reconstruction pictures when pre-training.
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ class Trainer:
         dist_info: udist.DistInfo,
         step_fn: Callable[[nn.Module, Any, torch.Generator], Dict[str, torch.Tensor]],
         evaluate: Callable[[nn.Module], Dict[str, float]] | None = None,
+        eval_every: int = 0,
         ema: nn.Module | None = None,
     ):
         self.cfg = cfg
@@ -108,7 +110,7 @@ class Trainer:
         self.dist = dist_info
         self.step_fn = step_fn
         self.evaluate = evaluate
-        self.eval_every = getattr(cfg, "eval_every", 0)
+        self.eval_every = eval_every  # 0: after the last epoch only
         self.ema = ema  # timm ModelEmaV3: updated after every optimiser step
         self.best: Dict[str, Any] = {}
         self.scaler = grad_scaler(device, precision)

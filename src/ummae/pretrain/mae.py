@@ -41,6 +41,16 @@ def norm_pix_target(target: Tensor, eps: float = 1e-6) -> Tensor:
     return (target - mean) / (var + eps) ** 0.5
 
 
+def unnormalize_pix(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """Inverse of :func:`norm_pix_target`: per-unit normalised ``pred [N, L, u*u*3]`` back to
+    the pixel space of ``target`` (same shape), with each unit's own mean and variance taken
+    from ``target``. For a picture of a norm-pix model's prediction (MAE's visualisation does
+    the same): the model predicts a unit's pattern, not its mean colour or contrast."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return pred * (var + eps) ** 0.5 + mean
+
+
 def masked_mean(per_unit: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``per_unit [N, L]`` over the masked units (True = masked)."""
     m = mask.to(per_unit.dtype)

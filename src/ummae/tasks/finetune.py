@@ -153,7 +153,7 @@ def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform,
             return evaluate(m, val_loader, device, precision)
 
         trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, make_step(num_classes),
-                          evaluate=run_eval, ema=ema)
+                          evaluate=run_eval, eval_every=cfg.eval_every, ema=ema)
         summary = trainer.fit()
         if info.is_main:
             log.info("done: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if "acc" in k and isinstance(v, float)))

@@ -1,0 +1,296 @@
+"""Pictures of what a masked-image model learned (METHOD.md, "Visualisation"): reconstructions
+by a pre-training checkpoint, and the masking strategies side by side.
+
+A reconstruction picture has one row per image and these panels (columns):
+
+* ``original``;
+* ``masked input (US)`` (``(random)`` for MAE random sampling): the units the encoder never
+  sees are grey;
+* ``after SM`` (only when the model uses Secondary Masking): the visible units whose embedding
+  is replaced by the shared SM token are blue;
+* ``reconstruction``: the decoder's prediction of every unit;
+* ``reconstruction + visible``: the prediction on the US-masked units, the input's own pixels
+  on every other unit. SM units count as visible here: their pixels are part of the input
+  image (SM only hides them from the encoder), and the loss never trains the prediction there.
+
+SimMIM checkpoints give ``original | masked input (random) | reconstruction``; SimMIM feeds its
+masked units to the encoder as a learnable mask token, so they are blue.
+
+Colour code everywhere: grey = removed from the encoder; blue = seen by the encoder as a
+learnable token instead of its pixels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+from torchvision import transforms as T
+
+from .data.datasets import _no_images_error, _scan_images
+from .engine import ckpt
+from .engine.ckpt import CheckpointError
+from .masking import (
+    block_choice, check_uniform_grid, compact_image, random_masking, secondary_masking, uniform_sampling,
+    unit_mask_to_tokens,
+)
+from .pretrain.mae import MaskedAutoencoder, patchify, unnormalize_pix, unpatchify
+from .pretrain.simmim import SimMIM
+
+log = logging.getLogger("ummae")
+
+REMOVED_RGB = (0.5, 0.5, 0.5)  # unit removed from the encoder (US / random masked)
+TOKEN_RGB = (0.25, 0.45, 0.85)  # unit replaced by a learnable token (SM token, SimMIM mask token)
+GAP = 4  # white pixels around and between panels
+TITLE_H = 16  # height of the title strip above the first row
+DEMO_PHOTO = "chelsea.png"  # the default picture of `ummae masks`, from scikit-image's wheel
+
+_NEEDS = "reconstructions need a pre-training checkpoint with its decoder (e.g. checkpoint-last.pth of `ummae pretrain`)"
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_pretraining_model(path: str | Path) -> nn.Module:
+    """Rebuild the pre-training model (UM-MAE, MAE or SimMIM, decoder included) of an ummae
+    checkpoint, in eval mode on the CPU. Anything else (an exported ``.safetensors``, a
+    classifier checkpoint, weights without a decoder) is refused with a message saying what
+    the file is."""
+    from .registry import create_model, list_models, model_kind
+
+    path = Path(path)
+    if path.is_file() and _is_safetensors(path):
+        raise CheckpointError(f"{path} is an exported safetensors file (encoder or classifier weights, no decoder); {_NEEDS}")
+    state = ckpt.load(path)
+    name = state.get("model_name")
+    if name is None or name not in list_models():
+        raise CheckpointError(f"{path} does not name a registered ummae model (found {name!r}); {_NEEDS}")
+    if model_kind(name) != "pretrain":
+        raise CheckpointError(f"{path} is a checkpoint of the classifier {name} (fine-tuning or probing), which has no decoder; {_NEEDS}")
+    if not any(k.startswith("decoder") for k in state["model"]):
+        raise CheckpointError(f"{path} holds the weights of {name} without its decoder; {_NEEDS}")
+    model = create_model(name, **state.get("model_args", {}))
+    ckpt.load_state_strict(model, state["model"], path)
+    return model.eval()
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length and a JSON header; torch
+    checkpoints are zip files."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def display_transform(img_size: int):
+    """Deterministic: shorter side resized to ``img_size`` (bicubic), center crop, then the
+    ImageNet normalisation the models are trained with."""
+    return T.Compose([
+        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def load_image(path: str | Path, img_size: int) -> Tensor:
+    """One image file -> normalised ``[3, S, S]`` (see :func:`display_transform`); a missing or
+    unreadable file raises ``ValueError`` naming it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"image not found: {path}")
+    try:
+        with Image.open(path) as f:
+            img = f.convert("RGB")
+    except Exception as e:  # noqa: BLE001  (Pillow raises many types for damaged files)
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    return display_transform(img_size)(img)
+
+
+def image_paths(paths_or_folders: Sequence[str | Path]) -> List[str]:
+    """Files as given, folders expanded to their image files (recursive, sorted)."""
+    out: List[str] = []
+    for p in map(str, paths_or_folders):
+        if os.path.isdir(p):
+            found = _scan_images(p)
+            if not found:
+                raise _no_images_error(p)
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def load_images(paths_or_folders: Sequence[str | Path], img_size: int) -> Tensor:
+    """Image files and/or folders -> normalised ``[N, 3, S, S]``, in the order given (a folder
+    contributes its image files sorted)."""
+    paths = image_paths(paths_or_folders)
+    if not paths:
+        raise ValueError("no images given")
+    return torch.stack([load_image(p, img_size) for p in paths])
+
+
+# --- reconstructions --------------------------------------------------------------------------
+
+
+def to_display(x: Tensor) -> Tensor:
+    """ImageNet-normalised ``[N, 3, H, W]`` -> RGB in [0, 1]."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() * std + mean).clamp(0.0, 1.0)
+
+
+def paint_units(img: Tensor, mask: Tensor, grid: Tuple[int, int], unit: int, rgb) -> Tensor:
+    """``img [N, 3, H, W]`` with the units where ``mask [N, L]`` is True filled with ``rgb``."""
+    px = unit_mask_to_tokens(mask, *grid, unit).unsqueeze(1)  # [N, 1, H, W]
+    colour = torch.tensor(rgb, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
+    return torch.where(px, colour, img)
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, imgs: Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+    """The model's own forward on ``imgs`` with masks drawn by its own sampler from
+    ``generator`` (same seed, same masks) -> ``{"loss", "pred", "mask", "sm_mask"}``."""
+    mask, sm_mask = model.sample_masks(imgs.shape[0], imgs.device, generator)
+    return model(imgs, mask=mask, sm_mask=sm_mask)
+
+
+@torch.no_grad()
+def panels_from_output(model: nn.Module, imgs: Tensor, out: Dict[str, Tensor]) -> Tuple[List[str], Tensor]:
+    """``(titles, panels [N, P, 3, S, S])`` in [0, 1] from a forward output (see the module
+    doc for the panels)."""
+    unit, grid = model.unit_size, model.grid
+    mask, sm_mask = out["mask"], out["sm_mask"]
+    pred = out["pred"].float()
+    if isinstance(model, MaskedAutoencoder) and model.norm_pix_loss:
+        # Back from per-unit normalised pixels with each unit's own mean and variance.
+        pred = unnormalize_pix(pred, patchify(imgs.float(), unit))
+    original = to_display(imgs)
+    recon = to_display(unpatchify(pred, unit, grid))
+    if isinstance(model, SimMIM):
+        masked = paint_units(original, mask, grid, unit, TOKEN_RGB)
+        return ["original", "masked input (random)", "reconstruction"], torch.stack([original, masked, recon], 1)
+    sampling = "US" if model.sampling == "uniform" else "random"
+    masked = paint_units(original, mask, grid, unit, REMOVED_RGB)
+    titles, panels = ["original", f"masked input ({sampling})"], [original, masked]
+    if sm_mask is not None:
+        titles.append("after SM")
+        panels.append(paint_units(masked, sm_mask, grid, unit, TOKEN_RGB))
+    pasted = torch.where(unit_mask_to_tokens(mask, *grid, unit).unsqueeze(1), recon, original)
+    titles += ["reconstruction", "reconstruction + visible"]
+    panels += [recon, pasted]
+    return titles, torch.stack(panels, 1)
+
+
+def reconstruction_panels(model: nn.Module, imgs: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[List[str], Tensor]:
+    """``(titles, panels [N, P, 3, S, S])`` in [0, 1]: P = 5 for UM-MAE, 4 without SM (MAE
+    random sampling), 3 for SimMIM. ``imgs`` are ImageNet-normalised, on the model's device."""
+    return panels_from_output(model, imgs, reconstruct(model, imgs, generator))
+
+
+# --- pictures ---------------------------------------------------------------------------------
+
+
+def panel_origin(row: int, col: int, s: int) -> Tuple[int, int]:
+    """Top-left pixel ``(x, y)`` of panel ``(row, col)`` in a :func:`compose_grid` picture."""
+    return GAP + col * (s + GAP), TITLE_H + row * (s + GAP)
+
+
+def grid_size(n: int, p: int, s: int) -> Tuple[int, int]:
+    """``(width, height)`` of a :func:`compose_grid` picture of ``n`` rows of ``p`` panels of
+    ``s x s`` pixels: ``(GAP + p * (s + GAP), TITLE_H + n * (s + GAP))``."""
+    return GAP + p * (s + GAP), TITLE_H + n * (s + GAP)
+
+
+def to_uint8(panels: Tensor) -> Tensor:
+    """[0, 1] floats -> uint8, as written to the picture."""
+    return (panels.float().clamp(0.0, 1.0) * 255).round().to(torch.uint8)
+
+
+def compose_grid(panels: Tensor, titles: Sequence[str]) -> Image.Image:
+    """``panels [N, P, 3, S, S]`` in [0, 1] -> one RGB picture: rows = images, columns =
+    panels, white gaps, the titles in a strip on top (PIL's default font). Geometry:
+    :func:`grid_size`, :func:`panel_origin`."""
+    n, p, c, s, s2 = panels.shape
+    if c != 3 or s != s2 or len(titles) != p:
+        raise ValueError(f"expected panels [N, P, 3, S, S] and P titles, got {tuple(panels.shape)} and {len(titles)} titles")
+    canvas = Image.new("RGB", grid_size(n, p, s), "white")
+    pixels = to_uint8(panels).permute(0, 1, 3, 4, 2).cpu().numpy()
+    for i in range(n):
+        for j in range(p):
+            canvas.paste(Image.fromarray(pixels[i, j]), panel_origin(i, j, s))
+    draw = ImageDraw.Draw(canvas)
+    font = _title_font(titles, s - 2)
+    for j, title in enumerate(titles):
+        x, _ = panel_origin(0, j, s)
+        draw.text((x + s / 2, TITLE_H / 2), _shorten(title, font, s - 2), fill="black", font=font, anchor="mm")
+    return canvas
+
+
+def _title_font(titles: Sequence[str], width: int):
+    """PIL's default font at the largest size (11 down to 6 px) at which every title fits."""
+    for size in (11, 10, 9, 8, 7, 6):
+        try:
+            font = ImageFont.load_default(size=size)
+        except (ImportError, OSError, TypeError):  # Pillow without FreeType: one bitmap size
+            return ImageFont.load_default()
+        if all(font.getlength(t) <= width for t in titles):
+            return font
+    return font
+
+
+def _shorten(text: str, font, width: int) -> str:
+    """``text``, cut and ended with '..' if it is wider than ``width`` (tiny panels)."""
+    if font.getlength(text) <= width:
+        return text
+    while len(text) > 1 and font.getlength(text + "..") > width:
+        text = text[:-1]
+    return text + ".."
+
+
+def demo_photo(name: str = DEMO_PHOTO) -> str:
+    """Path of a photo shipped inside scikit-image's wheel (never downloaded)."""
+    import skimage.data
+
+    path = os.path.join(os.path.dirname(skimage.data.__file__), name)
+    if not os.path.isfile(path):
+        raise ValueError(f"scikit-image's sample photo {name} is not installed ({path}); pass --image PATH")
+    return path
+
+
+def mask_figure(image: str | Path | None = None, img_size: int = 256, unit_size: int = 16, seed: int = 0) -> Image.Image:
+    """One row: original | MAE random 75% | Uniform Sampling | Uniform Masking (US + SM 0.25) |
+    the compact map a pyramid encoder sees (at its true half size: a quarter of the area,
+    centred) | SimMIM random 75% (mask tokens, so 100% of the units reach the encoder).
+
+    ``image``: a file (default: scikit-image's ``chelsea.png``); masks are drawn from ``seed``."""
+    if img_size <= 0 or unit_size <= 0 or img_size % unit_size:
+        raise ValueError(f"image size {img_size} must be a positive multiple of the mask unit size {unit_size}")
+    g = img_size // unit_size
+    try:
+        check_uniform_grid(g, g)
+    except ValueError as e:
+        raise ValueError(f"image size {img_size} with {unit_size}px units gives a {g}x{g} unit grid: {e}") from None
+    path = str(image) if image is not None else demo_photo()
+    original = to_display(load_image(path, img_size)[None])
+    gen = torch.Generator().manual_seed(seed)
+    grid, length = (g, g), g * g
+    mae = paint_units(original, random_masking(1, length, 0.75, generator=gen), grid, unit_size, REMOVED_RGB)
+    us_mask = uniform_sampling(1, g, g, generator=gen)
+    us = paint_units(original, us_mask, grid, unit_size, REMOVED_RGB)
+    um = paint_units(us, secondary_masking(us_mask, 0.25, generator=gen), grid, unit_size, TOKEN_RGB)
+    compact = compact_image(um, block_choice(us_mask, g, g), unit_size)  # [1, 3, S/2, S/2]
+    compact_panel = torch.full_like(original, 0.92)  # light grey: the full image area, for scale
+    lo = img_size // 4
+    compact_panel[..., lo:lo + img_size // 2, lo:lo + img_size // 2] = compact
+    simmim = paint_units(original, random_masking(1, length, 0.75, generator=gen), grid, unit_size, TOKEN_RGB)
+    titles = ["original", "MAE random 75%", "Uniform Sampling", "US + SM 25%", "compact (encoder input)", "SimMIM random 75%"]
+    return compose_grid(torch.stack([original, mae, us, um, compact_panel, simmim], 1), titles)
+
