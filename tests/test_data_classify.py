@@ -5,6 +5,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -202,3 +203,22 @@ def test_build_eval_loader__corrupt_image_skipped(tmp_path, eval_tf, caplog):
 def test_build_eval_loader__bad_rank():
     with pytest.raises(ValueError, match="rank must be in"):
         build_eval_loader([0, 1], batch_size=1, num_workers=0, num_replicas=2, rank=2)
+
+
+def test_build_classify_transform__randaugment_posterize_at_full_magnitude():
+    """RandAugment 'inc1' posterize keeps 0 bits at magnitude 10 (reached by the recipe's
+    mstd0.5 noise); Pillow >= 13 refuses bits=0. The transform must keep working, with the
+    old result (a black image) for that op."""
+    import random
+
+    from PIL import Image
+
+    from ummae.data.classify import _posterize
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(_posterize(img, 0)), np.zeros((40, 40, 3), np.uint8))
+    assert np.array_equal(np.asarray(_posterize(img, 8)), np.asarray(img))
+    t = build_classify_transform(32, True, auto_augment="rand-m10-mstd0-inc1", re_prob=0.0)
+    random.seed(0)
+    for _ in range(300):  # 2 of ~15 ops per image: posterize at 0 bits comes up many times
+        assert t(img).shape == (3, 32, 32)

@@ -7,16 +7,16 @@ A reconstruction picture has one row per image and these panels (columns):
 * ``masked input (US)`` (``(random)`` for MAE random sampling): the units the encoder never
   sees are grey;
 * ``after SM`` (only when the model uses Secondary Masking): the visible units whose embedding
-  is replaced by the shared SM token are blue;
+  is replaced by the shared SM token are magenta;
 * ``reconstruction``: the decoder's prediction of every unit;
 * ``reconstruction + visible``: the prediction on the US-masked units, the input's own pixels
   on every other unit. SM units count as visible here: their pixels are part of the input
   image (SM only hides them from the encoder), and the loss never trains the prediction there.
 
 SimMIM checkpoints give ``original | masked input (random) | reconstruction``; SimMIM feeds its
-masked units to the encoder as a learnable mask token, so they are blue.
+masked units to the encoder as a learnable mask token, so they are magenta.
 
-Colour code everywhere: grey = removed from the encoder; blue = seen by the encoder as a
+Colour code everywhere: grey = removed from the encoder; magenta = seen by the encoder as a
 learnable token instead of its pixels.
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ from .pretrain.simmim import SimMIM
 log = logging.getLogger("ummae")
 
 REMOVED_RGB = (0.5, 0.5, 0.5)  # unit removed from the encoder (US / random masked)
-TOKEN_RGB = (0.25, 0.45, 0.85)  # unit replaced by a learnable token (SM token, SimMIM mask token)
+TOKEN_RGB = (0.85, 0.2, 0.75)  # unit replaced by a learnable token (SM token, SimMIM mask token);
+# magenta: rare in photos (a blue token read as sky)
 GAP = 4  # white pixels around and between panels
 TITLE_H = 16  # height of the title strip above the first row
 DEMO_PHOTO = "chelsea.png"  # the default picture of `ummae masks`, from scikit-image's wheel

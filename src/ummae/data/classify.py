@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
+from PIL import Image, ImageOps
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
@@ -60,11 +61,39 @@ def build_classify_transform(img_size: int, is_training: bool,
             T.ToTensor(),
             T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         ])
-    return create_transform(
+    transform = create_transform(
         img_size, is_training=True, color_jitter=None, auto_augment=auto_augment or None,
         interpolation="bicubic", re_prob=re_prob, re_mode="pixel", re_count=1,
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
     )
+    _patch_posterize(transform)
+    return transform
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op as it behaved with Pillow < 13: keeping 0 bits gives a black image.
+    RandAugment's increasing posterize (``inc1``) asks for 0 bits at magnitude 10, which the
+    recipe's ``mstd0.5`` noise reaches; Pillow 13 refuses ``bits=0`` (ValueError), which would
+    stop a fine-tuning run in a data-loader worker."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every bit masked off: all zeros
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform) -> None:
+    """Point the posterize ops of a timm RandAugment / AutoAugment inside ``transform`` at
+    :func:`_posterize` (the ops are otherwise timm's own)."""
+    from timm.data import auto_augment as aa
+
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        stack.extend(getattr(t, "transforms", []))
+        for op in getattr(t, "ops", []):
+            if getattr(op, "aug_fn", None) is aa.posterize:
+                op.aug_fn = _posterize
 
 
 def _names(names) -> str:
