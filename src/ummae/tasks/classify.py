@@ -23,7 +23,7 @@ from ..backbones import (
 )
 from ..layers import init_weights
 from ..pretrain.zoo import PVT, SWIN, VIT
-from ..registry import list_models, register_model
+from ..registry import list_models, model_kind, register_model
 
 
 class Classifier(nn.Module):
@@ -207,6 +207,12 @@ def pvt_test(**kw):
 @register_model("classify")
 def vit_test(**kw):
     return _classifier("vit_test", "vit", "test", 64, 0.1, 0.65, kw)
+
+
+def check_classifier(name: str) -> None:
+    """Refuse a pre-training model where a classifier is needed (fine-tuning, probing, eval)."""
+    if model_kind(name) != "classify":
+        raise ValueError(f"{name!r} is a pre-training model; classifiers are listed by `ummae models --kind classify`")
 
 
 def classifier_for(pretrain_name: str) -> str:

@@ -25,8 +25,9 @@ from ..engine.ckpt import CheckpointError
 from ..engine.loop import Trainer
 from ..engine.optim import build_optimizer
 from ..engine.precision import autocast, resolve_precision
-from ..registry import create_model, model_kind
+from ..registry import create_model
 from ..seeds import seed_everything
+from .classify import check_classifier
 from .pretrained import load_pretrained, read_weights
 
 log = logging.getLogger("ummae")
@@ -92,23 +93,18 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> 
     return {"acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "val_loss": loss / n, "val_images": int(n)}
 
 
-def _check_classifier(name: str) -> None:
-    if model_kind(name) != "classify":
-        raise ValueError(f"{name!r} is a pre-training model; classifiers are listed by `ummae models --kind classify`")
-
-
 def _build_classifier(cfg, num_classes: int, **overrides) -> nn.Module:
-    return create_model(cfg.model, **{**cfg_model_kwargs(cfg), "num_classes": num_classes, **overrides})
+    return create_model(cfg.model, **{**_model_kwargs(cfg), "num_classes": num_classes, **overrides})
 
 
-def cfg_model_kwargs(cfg) -> Dict[str, Any]:
+def _model_kwargs(cfg) -> Dict[str, Any]:
     return cfg.model_kwargs() if hasattr(cfg, "model_kwargs") else {"img_size": cfg.img_size}
 
 
 def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform, probe: bool = False) -> Dict[str, Any]:
     """Shared assembly of fine-tuning and probing: data, model, optimiser -> the Trainer."""
     cfg.validate()
-    _check_classifier(cfg.model)
+    check_classifier(cfg.model)
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -228,7 +224,7 @@ def load_classifier(cfg, path: str, num_classes: int | None = None) -> nn.Module
 
 def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
     cfg.validate()
-    _check_classifier(cfg.model)
+    check_classifier(cfg.model)
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
         ds = build_classify_dataset(cfg.data, cfg.split, None, cfg.data_root)

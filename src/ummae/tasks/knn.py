@@ -17,7 +17,7 @@ from ..config import KnnConfig
 from ..data import build_classify_dataset, build_classify_transform, build_eval_loader
 from ..engine.precision import autocast, resolve_precision
 from ..registry import create_model
-from .finetune import _check_classifier
+from .classify import check_classifier
 from .pretrained import load_pretrained
 
 log = logging.getLogger("ummae")
@@ -56,7 +56,7 @@ def extract_features(model: nn.Module, loader, device: torch.device, precision: 
 
 def run_knn(cfg: KnnConfig) -> Dict[str, Any]:
     cfg.validate()
-    _check_classifier(cfg.model)
+    check_classifier(cfg.model)
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
         train_ds = build_classify_dataset(cfg.data, "train", None, cfg.data_root)
