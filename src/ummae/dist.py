@@ -61,6 +61,11 @@ def replica_max_diff(model: torch.nn.Module) -> float:
     return float(diff)
 
 
+def barrier() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
 def cleanup() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()

@@ -205,6 +205,9 @@ class Trainer:
         try:
             while self.epoch < self.cfg.epochs:
                 summary = self.train_one_epoch()
+            # Rank 0 may still be drawing pictures or writing the last checkpoint: no rank may
+            # tear the process group down under it (gloo aborts the process if one does).
+            udist.barrier()
         finally:
             self.metrics.close()
         return summary
