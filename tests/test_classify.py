@@ -318,6 +318,30 @@ def test_run_eval__exported_classifier_gives_the_same_result(finetuned, colour_d
     assert results[0] == results[1]
 
 
+def test_run_eval__ema_weights_on_request(finetuned, colour_data, tmp_path):
+    out = tmp_path / "ema_run"
+    finetune(_ft_cfg(out, colour_data, epochs=2, ema=True, ema_decay=0.5, drop_path=0.0))
+    logged = _epoch_records(out)[-1]
+    assert logged["ema_acc1"] is not None
+    ck = out / "checkpoint-last.pth"
+
+    def evaluate_file(path, **kw):
+        return run_eval(EvalConfig(model="swin_test", checkpoint=str(path), data=str(colour_data), num_workers=0,
+                                   device="cpu", **kw))
+
+    ema = evaluate_file(ck, ema=True)
+    assert ema["acc1"] == logged["ema_acc1"] and ema["val_loss"] == pytest.approx(logged["ema_val_loss"], rel=1e-5)
+    assert evaluate_file(ck)["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+    assert ema["val_loss"] != pytest.approx(logged["val_loss"], rel=1e-5)  # the two sets of weights differ
+    exported = tmp_path / "ema.safetensors"
+    assert export(ck, exported, ema=True)["weights"] == "ema"
+    assert evaluate_file(exported) == ema
+    with pytest.raises(ckpt.CheckpointError, match="holds no EMA weights"):
+        evaluate_file(finetuned / "checkpoint-last.pth", ema=True)
+    with pytest.raises(ckpt.CheckpointError, match="--ema applies to fine-tuning checkpoints"):
+        evaluate_file(exported, ema=True)
+
+
 def test_run_eval__pretraining_checkpoint_refused(colour_data, pretrain_ckpt, tmp_path):
     path = pretrain_ckpt("mae_swin_test")
     cfg = EvalConfig(model="swin_test", checkpoint=str(path), data=str(colour_data), num_workers=0, device="cpu")

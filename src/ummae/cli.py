@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="an ummae checkpoint (pre-training or fine-tuning)")
     e.add_argument("--output", required=True, help="the .safetensors file to write")
     e.add_argument("--encoder-only", action="store_true", help="drop a fine-tuned classifier's head too")
+    e.add_argument("--ema", action="store_true", help="the EMA weights of a fine-tuning checkpoint (a run with --ema)")
 
     v = sub.add_parser("visualize", help="reconstruction pictures of a pre-training checkpoint (one row per image)")
     v.add_argument("--checkpoint", required=True, help="a pre-training checkpoint with its decoder (checkpoint-last.pth of `ummae pretrain`)")
@@ -105,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             if not args.output.endswith(".safetensors"):
                 raise ValueError(f"--output must name a .safetensors file, got {args.output}")
-            meta = export(args.checkpoint, args.output, args.encoder_only)
+            meta = export(args.checkpoint, args.output, args.encoder_only, args.ema)
             print(f"wrote {args.output}: {meta['contents']} of {meta['source_model']}; load it with "
                   f"`ummae finetune --model {meta['model_name']} --pretrained {args.output}` or "
                   f"timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)")

@@ -225,6 +225,7 @@ class EvalConfig(InferenceConfig):
     what = "evaluation"
     checkpoint: Optional[str] = _f(None, "classifier weights (required): a fine-tuning checkpoint or exported .safetensors")
     split: str = _f("val", "split folder of --data to evaluate")
+    ema: bool = _f(False, "evaluate the EMA weights of a fine-tuning checkpoint (a run with --ema)")
 
     def validate(self) -> None:
         super().validate()

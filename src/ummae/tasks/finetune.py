@@ -197,10 +197,10 @@ def linprobe(cfg: LinprobeConfig) -> Dict[str, Any]:
                 lambda size: build_classify_transform(size, True, simple=True), probe=True)
 
 
-def load_classifier(cfg, path: str, num_classes: int | None = None) -> nn.Module:
+def load_classifier(cfg, path: str, num_classes: int | None = None, ema: bool = False) -> nn.Module:
     """Build ``cfg.model`` shaped like the classifier saved in ``path`` (classes, probe head)
-    and load it; refuse weights without a trained head."""
-    state, meta = read_weights(path)
+    and load it (its EMA weights with ``ema``); refuse weights without a trained head."""
+    state, meta = read_weights(path, ema)
     if "head.weight" not in state and "head.1.weight" not in state:
         raise CheckpointError(
             f"{path} holds no classifier head (model {meta.get('source_model') or meta.get('model_name')}): it is a "
@@ -216,7 +216,7 @@ def load_classifier(cfg, path: str, num_classes: int | None = None) -> nn.Module
     model = create_model(cfg.model, num_classes=n, img_size=cfg.img_size or args.get("img_size"), drop_path=0.0, **built)
     if probe:
         model.use_probe_head()
-    report = load_pretrained(model, path)
+    report = load_pretrained(model, path, ema)
     if report.new or report.dropped:
         raise CheckpointError(f"{path} does not hold a complete {cfg.model} classifier:\n{report.format()}")
     return model
@@ -228,7 +228,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
         ds = build_classify_dataset(cfg.data, cfg.split, None, cfg.data_root)
-        model = load_classifier(cfg, cfg.checkpoint).to(device)
+        model = load_classifier(cfg, cfg.checkpoint, ema=cfg.ema).to(device)
         if ds.num_classes > model.num_classes:
             raise ValueError(f"the data has {ds.num_classes} classes but the classifier only {model.num_classes}")
         ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
@@ -236,6 +236,6 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
                                    info.world_size, info.rank, pin_memory=device.type == "cuda")
         result = evaluate(model, loader, device, precision)
         if info.is_main:
-            log.info("%s on %s (%s split, %d images): top-1 %.2f%%, top-5 %.2f%%", cfg.checkpoint, cfg.data, cfg.split,
+            log.info("%s%s on %s (%s split, %d images): top-1 %.2f%%, top-5 %.2f%%", cfg.checkpoint, " (EMA)" if cfg.ema else "", cfg.data, cfg.split,
                      result["val_images"], result["acc1"], result["acc5"])
         return result

@@ -75,14 +75,18 @@ def _group(items: Dict[str, str]) -> Dict[str, str]:
     return out
 
 
-def read_weights(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def read_weights(path: str | Path, ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """``(state_dict, meta)`` of an ummae ``.pth`` checkpoint or exported ``.safetensors``;
-    ``meta`` has ``model_name`` and ``model_args`` when the file records them."""
+    ``meta`` has ``model_name`` and ``model_args`` when the file records them. ``ema``: the
+    EMA weights a fine-tuning run with ``--ema`` keeps beside the raw ones."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
+
+        if ema:
+            raise CheckpointError(f"{path} is an exported file with one set of weights; --ema applies to fine-tuning checkpoints (.pth)")
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -95,13 +99,15 @@ def read_weights(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, A
             info["model_args"] = json.loads(meta["model_args"])
         return state, info
     ck = ckpt.load(path)
-    return ck["model"], {"model_name": ck.get("model_name"), "model_args": ck.get("model_args", {}),
+    if ema and "ema" not in ck:
+        raise CheckpointError(f"{path} holds no EMA weights (its run was not started with --ema)")
+    return ck["ema" if ema else "model"], {"model_name": ck.get("model_name"), "model_args": ck.get("model_args", {}),
                          "source_model": ck.get("model_name")}
 
 
-def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
+def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> LoadReport:
     """Load pre-trained (or fine-tuned) weights into classifier ``model``; see the module doc."""
-    state, meta = read_weights(path)
+    state, meta = read_weights(path, ema)
     source_model = meta.get("source_model") or meta.get("model_name")
     report = LoadReport(str(path), source_model)
     own = model.state_dict()
@@ -172,17 +178,17 @@ def _suggest(source_model: str | None) -> str:
         return ""
 
 
-def export(checkpoint: str | Path, output: str | Path, encoder_only: bool = False) -> Dict[str, str]:
+def export(checkpoint: str | Path, output: str | Path, encoder_only: bool = False, ema: bool = False) -> Dict[str, str]:
     """Write the inference weights of an ummae checkpoint as safetensors: the encoder of a
     pre-training checkpoint (decoder and masking tokens dropped), or a whole fine-tuned
-    classifier (``encoder_only`` strips its head). The metadata names the classifier that
+    classifier (``encoder_only`` strips its head; ``ema``: its EMA weights). The metadata names the classifier that
     loads it (ours and timm's ``ummae_<name>``) and the model options."""
     from safetensors.torch import save_file
 
     from .classify import classifier_for
     from ..registry import list_models, model_kind
 
-    state, meta = read_weights(checkpoint)
+    state, meta = read_weights(checkpoint, ema)
     name = meta.get("model_name")
     if name is None or name not in list_models():
         raise CheckpointError(f"{checkpoint} does not name a registered ummae model (found {name!r})")
@@ -197,6 +203,7 @@ def export(checkpoint: str | Path, output: str | Path, encoder_only: bool = Fals
         "source_model": name,
         "model_args": json.dumps(meta.get("model_args", {}), sort_keys=True),
         "contents": "encoder" if keep else "classifier",
+        "weights": "ema" if ema else "raw",
     }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
