@@ -219,3 +219,17 @@ def test_config_from_args__builtin_demo():
 def test_config_from_args__builtin_paper_recipe():
     cfg = config_from_args(PretrainConfig, _parser().parse_args(["pretrain", "--config", "swin_tiny_in1k"]))
     assert (cfg.model, cfg.batch_size, cfg.accum_iter, cfg.blr, cfg.sm_ratio) == ("mae_swin_tiny_256", 128, 4, 1.5e-4, 0.25)
+
+
+def test_builtin_configs__each_listed_for_the_commands_it_fits():
+    from ummae.config import EvalConfig, FinetuneConfig, PretrainConfig, builtin_configs, load_yaml
+
+    assert "demo" in builtin_configs(PretrainConfig) and "demo" not in builtin_configs(FinetuneConfig)
+    assert builtin_configs(FinetuneConfig) == ["swin_tiny_in1k_finetune"]
+    assert builtin_configs(EvalConfig) == []
+    for cls in (PretrainConfig, FinetuneConfig):
+        for name in builtin_configs(cls):
+            cfg = cls(**load_yaml(cls, name))  # every option parses into the config it is listed for
+            assert cfg.model
+    with pytest.raises(ValueError, match=r"built-in configs: swin_tiny_in1k_finetune\)"):
+        load_yaml(FinetuneConfig, "no_such_config")

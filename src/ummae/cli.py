@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, (cls, help_, _) in RUNS.items():
         r = sub.add_parser(name, help=help_, description=cls.__doc__)
-        r.add_argument("--config", help=f"YAML file of options, or a built-in config name ({', '.join(builtin_configs())}); command-line flags override it")
+        names = builtin_configs(cls)
+        builtin = f", or a built-in config name ({', '.join(names)})" if names else ""
+        r.add_argument("--config", help=f"YAML file of options{builtin}; command-line flags override it")
         add_dataclass_flags(r, cls)
 
     e = sub.add_parser("export", help="write a checkpoint's inference weights as safetensors (decoder dropped)")

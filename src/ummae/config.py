@@ -300,8 +300,14 @@ def _coerce(cls, name: str, value: Any) -> Any:
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 
 
-def builtin_configs():
-    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+def builtin_configs(cls=None):
+    """Names of the built-in YAML configs; with ``cls``, only those whose options all belong
+    to it (a pre-training config is no fine-tuning config)."""
+    names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+    if cls is None:
+        return names
+    known = {f.name for f in fields(cls)}
+    return [n for n in names if set(yaml.safe_load((BUILTIN_CONFIGS / f"{n}.yaml").read_text()) or {}) <= known]
 
 
 def load_yaml(cls, path: str | Path) -> Dict[str, Any]:
@@ -310,7 +316,7 @@ def load_yaml(cls, path: str | Path) -> Dict[str, Any]:
     if not path.is_file() and (BUILTIN_CONFIGS / f"{path}.yaml").is_file():
         path = BUILTIN_CONFIGS / f"{path}.yaml"
     if not path.is_file():
-        raise ValueError(f"config file not found: {path} (built-in configs: {', '.join(builtin_configs())})")
+        raise ValueError(f"config file not found: {path} (built-in configs: {', '.join(builtin_configs(cls)) or 'none'})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
