@@ -28,7 +28,7 @@ from ..engine.precision import autocast, resolve_precision
 from ..registry import create_model
 from ..seeds import seed_everything
 from .classify import check_classifier
-from .pretrained import load_pretrained, read_weights
+from .pretrained import load_pretrained, load_weights, read_weights
 
 log = logging.getLogger("ummae")
 
@@ -135,8 +135,9 @@ def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform,
             log.info("train %d images, val %d images; device %s x%d, precision %s, lr %.3e",
                      len(train_ds), len(val_ds), device, info.world_size, precision, lr)
             if report is not None:
-                log.info("pre-trained weights:\n%s", report.format())
-                (out / "pretrained_load.txt").write_text(report.format() + "\n")
+                text = report.format()
+                log.info("pre-trained weights:\n%s", text)
+                (out / "pretrained_load.txt").write_text(text + "\n")
             else:
                 log.info("no --pretrained: training from scratch")
         ema = None
@@ -197,7 +198,7 @@ def linprobe(cfg: LinprobeConfig) -> Dict[str, Any]:
                 lambda size: build_classify_transform(size, True, simple=True), probe=True)
 
 
-def load_classifier(cfg, path: str, num_classes: int | None = None, ema: bool = False) -> nn.Module:
+def load_classifier(cfg, path: str, ema: bool = False) -> nn.Module:
     """Build ``cfg.model`` shaped like the classifier saved in ``path`` (classes, probe head)
     and load it (its EMA weights with ``ema``); refuse weights without a trained head."""
     state, meta = read_weights(path, ema)
@@ -208,15 +209,13 @@ def load_classifier(cfg, path: str, num_classes: int | None = None, ema: bool = 
         )
     probe = "head.1.weight" in state
     n = state["head.1.weight" if probe else "head.weight"].shape[0]
-    if num_classes is not None and n != num_classes:
-        raise CheckpointError(f"{path} has a head of {n} classes but the data has {num_classes}")
     args = meta.get("model_args") or {}
     # Options without weights (Swin window, PVT spatial reduction) are rebuilt as trained.
     built = {k: args[k] for k in ("window_size", "sr_ratios") if k in args}
     model = create_model(cfg.model, num_classes=n, img_size=cfg.img_size or args.get("img_size"), drop_path=0.0, **built)
     if probe:
         model.use_probe_head()
-    report = load_pretrained(model, path, ema)
+    report = load_weights(model, state, meta, path)  # the weights read above: one read of the file
     if report.new or report.dropped:
         raise CheckpointError(f"{path} does not hold a complete {cfg.model} classifier:\n{report.format()}")
     return model

@@ -107,7 +107,11 @@ def read_weights(path: str | Path, ema: bool = False) -> Tuple[Dict[str, torch.T
 
 def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> LoadReport:
     """Load pre-trained (or fine-tuned) weights into classifier ``model``; see the module doc."""
-    state, meta = read_weights(path, ema)
+    return load_weights(model, *read_weights(path, ema), path)
+
+
+def load_weights(model: nn.Module, state: Dict[str, torch.Tensor], meta: Dict[str, Any], path: str | Path) -> LoadReport:
+    """:func:`load_pretrained` of weights already read by :func:`read_weights` from ``path``."""
     source_model = meta.get("source_model") or meta.get("model_name")
     report = LoadReport(str(path), source_model)
     own = model.state_dict()
