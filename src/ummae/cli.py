@@ -159,8 +159,6 @@ def _visualize(args) -> int:
 
     if args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
-    if not (args.device in ("auto", "cpu") or args.device.startswith("cuda")):
-        raise ValueError(f"bad --device {args.device!r}: must be auto, cpu, cuda or cuda:N")
     device = resolve_device(args.device)
     model = load_pretraining_model(args.checkpoint).to(device)
     paths = image_paths(args.images)

@@ -14,6 +14,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
+from .engine.precision import is_device_name
+
 
 def _f(default, help_):
     return field(default=default, metadata={"help": help_})
@@ -58,9 +60,7 @@ class RunConfig:
         _check(self.min_lr >= 0, "min_lr", self.min_lr, "must be >= 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         _check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", self.clip_grad, "must be > 0")
-        _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision, "must be auto, bf16, fp16 or fp32")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
-        _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        _check_machinery(self)
         _check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
         _check(self.keep_every >= 0, "keep_every", self.keep_every, "must be >= 0")
         _check(self.save_every_steps >= 0, "save_every_steps", self.save_every_steps, "must be >= 0")
@@ -213,9 +213,7 @@ class InferenceConfig(ClassifyData):
     def validate(self) -> None:
         self.validate_data(self.what)
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
-        _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision, "must be auto, bf16, fp16 or fp32")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
+        _check_machinery(self)
 
 
 @dataclass
@@ -248,6 +246,13 @@ class KnnConfig(InferenceConfig):
             raise ValueError("kNN evaluation needs --pretrained (the encoder to evaluate)")
         _check(self.k >= 1, "k", self.k, "must be >= 1")
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+
+
+def _check_machinery(cfg) -> None:
+    """Options every run and every inference command shares: precision, device, workers."""
+    _check(cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", cfg.precision, "must be auto, bf16, fp16 or fp32")
+    _check(is_device_name(cfg.device), "device", cfg.device, "must be auto, cpu, cuda or cuda:N")
+    _check(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be >= 0")
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:

@@ -8,7 +8,14 @@ import torch
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def is_device_name(name: str) -> bool:
+    """auto, cpu, cuda or cuda:N."""
+    return name in ("auto", "cpu") or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    if not is_device_name(name):
+        raise ValueError(f"bad device {name!r}: must be auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
