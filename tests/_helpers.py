@@ -1,6 +1,9 @@
 """Test helpers: image files the tests write themselves (random-noise images, small labelled datasets of separable colour classes) and exact comparison of two runs."""
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +88,19 @@ def assert_tensors_equal(a, b, where: str = "state") -> None:
         assert torch.equal(a, b), f"{where}: values differ (max |diff| {(a.double() - b.double()).abs().max():.3e})"
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(args: list[str], timeout: float, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run ``ummae <args>`` under torchrun on one node (gloo on CPU) and assert it exited 0,
+    showing the tail of both streams when it did not."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "ummae", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc

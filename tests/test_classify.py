@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _helpers import assert_tensors_equal, stable, write_colour_images, write_image, write_pattern_images
+from _helpers import assert_tensors_equal, run_torchrun, stable, write_colour_images, write_image, write_pattern_images
 from ummae.cli import main
 from ummae.config import EvalConfig, FinetuneConfig, KnnConfig, LinprobeConfig
 from ummae.engine import ckpt
@@ -365,22 +362,13 @@ def test_run_eval__model_built_with_the_fine_tuned_window(colour_data, tmp_path)
     assert result["val_loss"] == pytest.approx(_epoch_records(out)[-1]["val_loss"], rel=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_run_eval__torchrun_two_gloo_processes_match_one(finetuned, colour_data):
     path = finetuned / "checkpoint-last.pth"
     args = ["eval", "--model", "swin_test", "--checkpoint", str(path), "--data", str(colour_data),
             "--batch-size", "2", "--num-workers", "0", "--device", "cpu"]
     one = run_eval(EvalConfig(model="swin_test", checkpoint=str(path), data=str(colour_data), batch_size=2,
                               num_workers=0, device="cpu"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "ummae", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = run_torchrun(args, timeout=300)
     printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert printed, proc.stdout
     two = printed[0]

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from ummae.engine.optim import param_groups, warmup_cosine
 from ummae.registry import create_model
 from ummae.train import pretrain
 
-from _helpers import assert_tensors_equal, stable
+from _helpers import assert_tensors_equal, run_torchrun, stable
 
 
 
@@ -276,22 +275,12 @@ def test_pretrain__exact_resume_after_sigkill(data24, tmp_path):
 # ---------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pretrain__torchrun_two_gloo_processes_keep_replicas_identical(data24, tmp_path):
     out = tmp_path / "ddp"
     # 24 images, 2 per rank, 2 ranks: 6 steps per epoch; accum 2 exercises DDP no_sync.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-           "-m", "ummae", "pretrain", "--model", "mae_swin_test", "--data", str(data24), "--output", str(out),
-           "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "2", "--accum-iter", "2", "--blr", "0.05",
-           "--num-workers", "0", "--log-every", "1", "--save-every-steps", "2", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_torchrun(["pretrain", "--model", "mae_swin_test", "--data", str(data24), "--output", str(out),
+                  "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "2", "--accum-iter", "2", "--blr", "0.05",
+                  "--num-workers", "0", "--log-every", "1", "--save-every-steps", "2", "--device", "cpu"], timeout=400)
 
     epochs = _epoch_records(out)
     assert [r["epoch"] for r in epochs] == [0, 1]
