@@ -120,15 +120,15 @@ LAYER_DEPTHS = {
         ("encoder.stages.2.0.", 2), ("encoder.downsamples.2.", 2),
         ("encoder.stages.3.0.", 1), ("fc_norm.", 0), ("head.", 0),
     ],
-    "pvt_test": [  # depths (1, 1, 1, 1): 4 layers; a stage's position table sits before its first block
-        ("encoder.patch_embed.", 5), ("encoder.patch_norm.", 5), ("encoder.pos_embeds.0", 5),
-        ("encoder.stages.0.0.", 4), ("encoder.downsamples.0.", 4), ("encoder.pos_embeds.1", 4),
-        ("encoder.stages.1.0.", 3), ("encoder.downsamples.1.", 3), ("encoder.pos_embeds.2", 3),
-        ("encoder.stages.2.0.", 2), ("encoder.downsamples.2.", 2), ("encoder.pos_embeds.3", 2),
+    "pvt_test": [  # depths (1, 1, 1, 1): 4 layers; the position table is part of the embedding
+        ("encoder.patch_embed.", 5), ("encoder.pos_embed", 5),
+        ("encoder.stages.0.0.", 4), ("encoder.downsamples.0.", 4),
+        ("encoder.stages.1.0.", 3), ("encoder.downsamples.1.", 3),
+        ("encoder.stages.2.0.", 2), ("encoder.downsamples.2.", 2),
         ("encoder.stages.3.0.", 1), ("fc_norm.", 0), ("head.", 0),
     ],
     "vit_test": [  # depth 2: embeddings, blocks.0, blocks.1, head
-        ("encoder.patch_embed.", 3), ("encoder.cls_token", 3), ("encoder.pos_embed", 3),
+        ("encoder.patch_embed.", 3), ("encoder.cls_token", 3), ("encoder.pos_embed", 3),  # and pos_embed_cls
         ("encoder.blocks.0.", 2), ("encoder.blocks.1.", 1), ("fc_norm.", 0), ("head.", 0),
     ],
 }

@@ -18,6 +18,7 @@ from ummae.layers import sincos_grid
 from ummae.masking import (
     block_choice,
     compact_positions,
+    dense_positions,
     kept_unit_index,
     random_masking,
     reference_unit_index,
@@ -161,22 +162,26 @@ def test_patchify__matches_loop_and_round_trips(unit, channels):
 # ------------------------------------------------------------------- Swin pos-MLP bias
 
 
-def test_pos_mlp_bias__table_gather_equals_per_pair_mlp():
+@pytest.mark.parametrize("frac_bits", [0, 1, 2])
+def test_pos_mlp_bias__table_gather_equals_per_pair_mlp(frac_bits):
+    """Positions on a grid of step 2**-frac_bits (half-integers at the compact map's last
+    stage); the MLP takes key minus query (the reference's sign)."""
     torch.manual_seed(0)
     m = PosMLPBias(num_heads=3, hidden=8)
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.5)
     extent, t = 7, 6
-    pos = torch.randint(0, extent, (2, 3, t, 2), generator=_gen(4))
+    step = 2**frac_bits
+    pos = torch.randint(0, extent * step, (2, 3, t, 2), generator=_gen(4)).float() / step
     with torch.no_grad():
-        bias = m(pos, extent)
+        bias = m(pos, extent, frac_bits)
     assert bias.shape == (2, 3, 3, t, t)
     w1, b1, w2, b2 = (x.detach() for x in (m.mlp[0].weight, m.mlp[0].bias, m.mlp[2].weight, m.mlp[2].bias))
     for a in range(2):
         for w in range(3):
             for i in range(t):
                 for j in range(t):
-                    d = (pos[a, w, i] - pos[a, w, j]).tolist()
+                    d = (pos[a, w, j] - pos[a, w, i]).tolist()  # key j minus query i
                     feat = torch.tensor([math.copysign(math.log1p(abs(v)), v) if v else 0.0 for v in d])
                     want = w2 @ torch.relu(w1 @ feat + b1) + b2  # [heads]
                     torch.testing.assert_close(bias[a, w, :, i, j], want, rtol=1e-5, atol=1e-5)
@@ -190,14 +195,14 @@ def test_pos_mlp_bias__table_gather_equals_per_pair_mlp():
 def test_swin_block__equals_loop_window_attention(shift):
     """A Swin block on a compact map (irregular true positions) == a loop that, for every
     token, attends to the tokens of its (shifted) window that were neighbours before the
-    cyclic shift, with the pos-MLP bias of the TRUE offset pos_i - pos_j."""
+    cyclic shift, with the pos-MLP bias of the TRUE offset pos_key - pos_query."""
     torch.manual_seed(1)
     dim, heads, ws, side = 8, 2, 4, 8
     blk = SwinBlock(dim, heads, ws, shift=shift, pos_hidden=8)
     for p in blk.attn.pos_bias.parameters():
         torch.nn.init.normal_(p, std=0.5)
     choice = torch.randint(0, 4, (1, 2, 2), generator=_gen(31))
-    pos = brute_positions(choice, 4)  # [1, 8, 8, 2] on a 16x16 grid
+    pos = brute_positions(choice, 4).float()  # [1, 8, 8, 2] on a 16x16 grid
     x = torch.randn(1, side, side, dim, generator=_gen(32))
     with torch.no_grad():
         got = blk(x, pos, 16)
@@ -218,7 +223,7 @@ def test_swin_block__equals_loop_window_attention(shift):
                     q = qkv[a, b, 0, h]
                     logits = torch.stack([
                         q @ qkv[a2, b2, 1, h] / math.sqrt(hd)
-                        + blk.attn.pos_bias.mlp_of_offsets(pos[0, a, b] - pos[0, a2, b2])[h]
+                        + blk.attn.pos_bias.mlp_of_offsets(pos[0, a2, b2] - pos[0, a, b])[h]
                         for a2, b2 in nbrs
                     ])
                     w = torch.softmax(logits, 0)
@@ -237,19 +242,26 @@ def _record_stage_positions(monkeypatch, encoder):
     if isinstance(encoder, SwinTransformer):
         orig = SwinBlock.forward
 
-        def fwd(self, x, pos, extent):
+        def fwd(self, x, pos, extent, frac_bits=0):
             seen.append((x.shape[1], pos.clone(), extent))
-            return orig(self, x, pos, extent)
+            return orig(self, x, pos, extent, frac_bits)
 
         monkeypatch.setattr(SwinBlock, "forward", fwd)
-    else:
-        orig_sc = pvt_module.sincos_2d
+    else:  # PVT: positions reach the stage-1 embedding, then every down-sampling
+        orig_pe = pvt_module.PyramidVisionTransformer.position_embedding
+        orig_ds = pvt_module.Downsample.forward
 
-        def sc(pos, dim, *a, **k):
+        def pe(self, pos, extent):
             seen.append((pos.shape[1], pos.clone(), None))
-            return orig_sc(pos, dim, *a, **k)
+            return orig_pe(self, pos, extent)
 
-        monkeypatch.setattr(pvt_module, "sincos_2d", sc)
+        def ds(self, x, pos):
+            x, pos = orig_ds(self, x, pos)
+            seen.append((pos.shape[1], pos.clone(), None))
+            return x, pos
+
+        monkeypatch.setattr(pvt_module.PyramidVisionTransformer, "position_embedding", pe)
+        monkeypatch.setattr(pvt_module.Downsample, "forward", ds)
     return seen
 
 
@@ -272,13 +284,16 @@ def test_forward_compact__true_positions_at_every_stage(monkeypatch, name):
     assert sorted(by_side) == sorted(sides.values())
     for s, side in sides.items():
         f = 2**s
-        want = torch.zeros(2, side, side, 2, dtype=torch.long)
+        want = torch.zeros(2, side, side, 2)
         for b in range(2):
             for i in range(side):
                 for j in range(side):
-                    want[b, i, j] = pos0[b, i * f, j * f] // f  # top-left of the 2^s x 2^s group
+                    # top-left of the 2^s x 2^s group, divided exactly (the reference's rule)
+                    want[b, i, j] = pos0[b, i * f, j * f].float() / f
+        if s == 3:  # at 16 px units the last stage sits at half-integer positions (75 % of tokens)
+            assert 0.6 < (want.frac() != 0).any(-1).float().mean() < 0.9
         for pos, extent in by_side[side]:
-            assert torch.equal(pos.long(), want), (name, s)
+            assert torch.equal(pos, want), (name, s)
             if extent is not None:
                 assert extent == full // f
                 assert int(pos.max()) < extent
@@ -452,9 +467,9 @@ def _decoder_probe(model, monkeypatch):
     monkeypatch.setattr(model.encoder, "forward_compact", fake_compact)
     orig = model.decoder.forward
 
-    def dec(visible, unit_index):
+    def dec(visible, unit_index, prefix=None):
         state["visible"], state["index"] = visible.detach().clone(), unit_index.clone()
-        return orig(visible, unit_index)
+        return orig(visible, unit_index, prefix)
 
     monkeypatch.setattr(model.decoder, "forward", dec)
     return state
@@ -630,13 +645,19 @@ def test_simmim_loss__equals_plain_masked_l1():
 
 @pytest.mark.parametrize("name", ["simmim_swin_test", "simmim_pvt_test"])
 def test_simmim__mask_token_replaces_masked_units(name):
+    """The mask token replaces the patch embedding AFTER the patch norm (the reference's
+    SimMIM; PVT has no patch norm), so it reaches the first block as it is."""
     model = _build(name)
     enc = model.encoder
     seen = {}
-    h = enc.patch_norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach().clone()))
+    first = enc.stages[0][0]
+    h = first.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach().clone()))
+    pos_add = 0
+    if isinstance(enc, PyramidVisionTransformer):  # its stage-1 position is added before the block
+        pos_add = enc.position_embedding(dense_positions(1, 16, 16), 16)[0]
     imgs = _imgs(2, 64, seed=24)
     with torch.no_grad():
-        emb = enc.patch_embed(imgs)
+        emb = enc.patch_norm(enc.patch_embed(imgs)) + pos_add
         model(imgs, mask=torch.ones(2, 16, dtype=torch.bool))
         x_all = seen["x"]
         model(imgs, mask=torch.zeros(2, 16, dtype=torch.bool))
@@ -645,17 +666,18 @@ def test_simmim__mask_token_replaces_masked_units(name):
         model(imgs, mask=mask)
         x_part = seen["x"]
     h.remove()
-    tok = model.mask_token.detach()
-    assert torch.all(x_all == tok)
+    tok = model.mask_token.detach() + pos_add
+    torch.testing.assert_close(x_all, tok.expand_as(x_all), rtol=0, atol=1e-6)
     torch.testing.assert_close(x_none, emb)
     assert not torch.allclose(x_all, x_none)
     for b in range(2):
         for i in range(16):
             for j in range(16):
                 if mask[b, (i // 4) * 4 + j // 4]:
-                    assert torch.equal(x_part[b, i, j], tok)
+                    want = tok[i, j] if tok.ndim == 3 else tok
                 else:
-                    assert torch.equal(x_part[b, i, j], emb[b, i, j])
+                    want = emb[b, i, j]
+                torch.testing.assert_close(x_part[b, i, j], want, rtol=0, atol=1e-6)
 
 
 def test_simmim__loss_ignores_prediction_at_visible_units():
@@ -664,8 +686,11 @@ def test_simmim__loss_ignores_prediction_at_visible_units():
     mask = random_masking(2, 16, 0.75, generator=_gen(25))
     delta = {}
 
-    def hook(mod, args, out):  # add a pixel-space perturbation to the linear decoder output
-        return out + F.pixel_unshuffle(delta["px"], model.stride) if "px" in delta else out
+    def hook(mod, args, out):  # add a per-unit pixel perturbation to the linear decoder output
+        if "px" not in delta:
+            return out
+        units = F.pixel_unshuffle(patchify(delta["px"], 16).transpose(1, 2).reshape(2, -1, 4, 4), model.shuffle)
+        return out + units.permute(0, 2, 3, 1)
 
     h = model.decoder.register_forward_hook(hook)
     with torch.no_grad():
@@ -691,15 +716,16 @@ def test_mae_vit__random_sampling_drops_masked_units(monkeypatch):
     seen = {}
     orig = model.decoder.forward
 
-    def dec(visible, unit_index):
-        seen["v"], seen["i"] = visible, unit_index
-        return orig(visible, unit_index)
+    def dec(visible, unit_index, prefix=None):
+        seen["v"], seen["i"], seen["p"] = visible, unit_index, prefix
+        return orig(visible, unit_index, prefix)
 
     monkeypatch.setattr(model.decoder, "forward", dec)
     out = model(_imgs(2, 64, seed=27), generator=_gen(27))
     mask = out["mask"]
     assert torch.all(mask.sum(1) == 8)
     assert seen["v"].shape[1] == 16 - 8
+    assert seen["p"].shape[1] == 1  # MAE's decoder also attends to the cls token
     for b in range(2):
         assert sorted(seen["i"][b].tolist()) == [u for u in range(16) if not mask[b, u]]
     assert torch.isfinite(out["loss"])

@@ -52,15 +52,16 @@ def _imgs(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def _sincos_reference(side: int, dim: int) -> torch.Tensor:
     """MAE's 2-D sin-cos table ``[side, side, dim]``, one position at a time: a quarter of
-    the channels sin(row * w_i), cos(row * w_i), sin(col * w_i), cos(col * w_i), w_i = 1e4^(-i/q)."""
+    the channels each sin(col * w_i), cos(col * w_i), sin(row * w_i), cos(row * w_i),
+    w_i = 1e4^(-i/q) (MAE's ``get_2d_sincos_pos_embed`` puts the column first)."""
     q = dim // 4
     out = torch.zeros(side, side, dim)
     for r in range(side):
         for c in range(side):
             for i in range(q):
                 w = 1.0 / 10000 ** (i / q)
-                out[r, c, i], out[r, c, q + i] = math.sin(r * w), math.cos(r * w)
-                out[r, c, 2 * q + i], out[r, c, 3 * q + i] = math.sin(c * w), math.cos(c * w)
+                out[r, c, i], out[r, c, q + i] = math.sin(c * w), math.cos(c * w)
+                out[r, c, 2 * q + i], out[r, c, 3 * q + i] = math.sin(r * w), math.cos(r * w)
     return out
 
 
@@ -98,9 +99,9 @@ def test_load_pretrained__report_names_every_key(source, target, pretrain_ckpt):
     assert set(report.dropped) == pretraining_only | final_norm
     new = set(HEAD_KEYS)
     if target.startswith("pvt"):
-        new |= {f"encoder.pos_embeds.{s}" for s in range(4)}
-    if target.startswith("vit"):
         new |= {"encoder.pos_embed"}
+    if target.startswith("vit"):
+        new |= {"encoder.pos_embed", "encoder.pos_embed_cls"}
     assert set(report.new) == new
     assert report.adapted == {}
 
@@ -155,14 +156,14 @@ def test_load_pretrained__pvt_sr_4211_to_8421_learnable_positions(pretrain_ckpt)
     clf = create_model("pvt_test", num_classes=3, drop_path=0.0)
     report = load_pretrained(clf, path)
     enc = clf.encoder
-    assert pre.encoder.sr_ratios == [4, 2, 1, 1] and pre.encoder.pos_embeds is None
+    assert pre.encoder.sr_ratios == [4, 2, 1, 1] and pre.encoder.pos_embed is None
     assert enc.sr_ratios == [8, 4, 2, 1]
     assert [blk.attn.sr_ratio for stage in enc.stages for blk in stage] == [8, 4, 2, 1]
-    assert {f"encoder.pos_embeds.{s}" for s in range(4)} <= set(report.new)
-    for s, dim in enumerate(enc.embed_dims):
-        side = 16 >> s  # 64 px / 4 px patches, halved per stage
-        assert enc.pos_embeds[s].shape == (side, side, dim) and enc.pos_embeds[s].requires_grad
-        torch.testing.assert_close(enc.pos_embeds[s].detach(), _sincos_reference(side, dim), atol=1e-5, rtol=0)
+    assert "encoder.pos_embed" in report.new
+    # one table, at stage 1 (64 px / 4 px patches), as the reference's PVT
+    dim = enc.embed_dims[0]
+    assert enc.pos_embed.shape == (16, 16, dim) and enc.pos_embed.requires_grad
+    torch.testing.assert_close(enc.pos_embed.detach(), _sincos_reference(16, dim), atol=1e-5, rtol=0)
 
     x = _imgs(2, 64)
     clf.eval()
@@ -177,11 +178,11 @@ def test_load_pretrained__pvt_sr_4211_to_8421_learnable_positions(pretrain_ckpt)
 
     clf.train()
     optimizer = build_optimizer(clf, 1e-3, 0.05, (0.9, 0.999), torch.device("cpu"), clf.default_layer_decay)
-    before = [t.detach().clone() for t in enc.pos_embeds]
+    before = enc.pos_embed.detach().clone()
     F.cross_entropy(clf(x), torch.tensor([0, 2])).backward()
     assert not _params_without_grad(clf)
     optimizer.step()
-    assert all(not torch.equal(b, t) for b, t in zip(before, enc.pos_embeds)), "a position table did not train"
+    assert not torch.equal(before, enc.pos_embed), "the position table did not train"
 
 
 def test_load_pretrained__vit_position_table_resized_for_another_size(tmp_path, save_checkpoint):
@@ -215,8 +216,8 @@ def test_load_pretrained__pvt_position_tables_resized_for_another_size(tmp_path,
     path = save_checkpoint(create_model("pvt_test", num_classes=3), tmp_path / "pvt64.pth")
     big = create_model("pvt_test", num_classes=3, img_size=128)
     report = load_pretrained(big, path)
-    assert set(report.adapted) == {f"encoder.pos_embeds.{s}" for s in range(4)}
-    assert [tuple(t.shape[:2]) for t in big.encoder.pos_embeds] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    assert set(report.adapted) == {"encoder.pos_embed"}
+    assert tuple(big.encoder.pos_embed.shape[:2]) == (32, 32)
     assert report.new == {} and big(_imgs(1, 128)).shape == (1, 3)
 
 

@@ -1,12 +1,14 @@
-"""PVT (v1 style), UM-MAE variant: spatial-reduction attention whose keys/values are
-average-pooled by ``sr`` and then pass a 1x1 conv + LayerNorm, so the same weights serve any
-``sr`` (pre-training 4-2-1-1 on the compact map, fine-tuning 8-4-2-1 on the full map).
-A 2-D sin-cos embedding of every token's TRUE position is added at each stage: fixed in
-pre-training; in fine-tuning (``pos_embed="learnable"``) a per-stage table initialised from it
-and looked up at the same positions (METHOD.md).
+"""PVT (v1 style), UM-MAE variant (the reference's ``models_mae_pvt`` / ``models_pvt``):
+spatial-reduction attention whose keys/values are average-pooled by ``sr`` and then pass a
+1x1 conv + LayerNorm, so the same weights serve any ``sr`` (pre-training 4-2-1-1 on the compact
+map, fine-tuning and SimMIM 8-4-2-1 on the full map). No norm after the patch embedding or the
+down-sampling convs. One position embedding, added to the patch embedding at stage 1: the
+fixed 2-D sin-cos of every token's TRUE position in pre-training; in fine-tuning
+(``pos_embed="learnable"``) a table initialised from it (METHOD.md).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -14,8 +16,13 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from ..layers import resize_pos_table, sincos_2d, sincos_grid
+from ..layers import LayerNorm, resize_pos_table, sincos_grid
 from .base import PyramidBackbone
+
+
+@functools.lru_cache(maxsize=8)
+def _sincos_table(side: int, dim: int) -> Tensor:
+    return sincos_grid(side, side, dim).view(side, side, dim)
 
 
 class SRAttention(nn.Module):
@@ -27,6 +34,7 @@ class SRAttention(nn.Module):
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.sr = nn.Conv2d(dim, dim, 1)
+        # The reference builds this one norm as a plain nn.LayerNorm (eps 1e-5), unlike the rest.
         self.sr_norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -36,7 +44,7 @@ class SRAttention(nn.Module):
         q = self.q(x).view(b, h * w, self.num_heads, d).transpose(1, 2)
         y = x.permute(0, 3, 1, 2)
         if self.sr_ratio > 1:
-            y = F.avg_pool2d(y, self.sr_ratio, self.sr_ratio, ceil_mode=True)
+            y = F.avg_pool2d(y, self.sr_ratio)  # floor, as the reference
         y = self.sr_norm(self.sr(y).flatten(2).transpose(1, 2))
         k, v = self.kv(y).view(b, -1, 2, self.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
@@ -46,6 +54,8 @@ class SRAttention(nn.Module):
 class PVTBlock(nn.Module):
     def __init__(self, dim, num_heads, sr_ratio, mlp_ratio, drop_path=0.0):
         super().__init__()
+        # The reference builds its blocks without passing its norm_layer: their two norms have
+        # nn.LayerNorm's default eps 1e-5 (the parity cases confirm it), the others 1e-6.
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SRAttention(dim, num_heads, sr_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -58,16 +68,14 @@ class PVTBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """2x2 stride-2 conv + LayerNorm between stages; positions: top-left, halved."""
+    """2x2 stride-2 conv between stages (no norm); positions: top-left, halved."""
 
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(dim, out_dim, 2, stride=2)
-        self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, x: Tensor, pos: Tensor):
-        x = self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-        return x, pos[:, ::2, ::2] // 2
+        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), pos[:, ::2, ::2] / 2
 
 
 class PyramidVisionTransformer(PyramidBackbone):
@@ -83,20 +91,17 @@ class PyramidVisionTransformer(PyramidBackbone):
         pos_embed: str = "sincos",
         img_size: int = 256,
     ):
-        super().__init__(embed_dims, in_chans)
+        super().__init__(embed_dims, in_chans, patch_norm=False)
         if pos_embed not in ("sincos", "learnable"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learnable', got {pos_embed!r}")
         self.drop_path_rate = drop_path
         self.depths = list(depths)
         self.pos_embed_kind = pos_embed
-        self.pos_embeds = None
+        self.pos_embed = None
         if pos_embed == "learnable":
-            # [H_s, W_s, C_s] per stage, initialised to exactly the fixed embedding it replaces
+            # [H, W, C] of the stage-1 grid, initialised to exactly the fixed embedding it replaces
             side = img_size // self.patch_size
-            self.pos_embeds = nn.ParameterList(
-                nn.Parameter(sincos_grid(side >> s, side >> s, c).view(side >> s, side >> s, c))
-                for s, c in enumerate(embed_dims)
-            )
+            self.pos_embed = nn.Parameter(_sincos_table(side, embed_dims[0]).clone())
         dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
         self.downsamples = nn.ModuleList(Downsample(embed_dims[s], embed_dims[s + 1]) for s in range(len(depths) - 1))
         self.stages = nn.ModuleList()
@@ -106,7 +111,7 @@ class PyramidVisionTransformer(PyramidBackbone):
                 PVTBlock(embed_dims[s], num_heads[s], sr_ratios[s], mlp_ratios[s], dpr[i + j]) for j in range(depth)
             ))
             i += depth
-        self.norm = nn.LayerNorm(embed_dims[-1])
+        self.norm = LayerNorm(embed_dims[-1])
         self.sr_ratios = list(sr_ratios)
 
     def set_sr_ratios(self, sr_ratios: Sequence[int]) -> None:
@@ -119,22 +124,30 @@ class PyramidVisionTransformer(PyramidBackbone):
             for blk in stage:
                 blk.attn.sr_ratio = sr
 
-    def stage_pos_embed(self, s: int, pos: Tensor, extent: int) -> Tensor:
-        """Embedding of stage ``s`` at true positions ``pos [P, h, w, 2]`` of a stage grid of
-        side ``extent``; a learnable table of another size is resized (bicubic) first."""
-        if self.pos_embeds is None:
-            return sincos_2d(pos, self.embed_dims[s])
-        table = self.pos_embeds[s]
-        if table.shape[0] != extent or table.shape[1] != extent:
-            table = resize_pos_table(table, extent, extent)
-        return table[pos[..., 0], pos[..., 1]]
+    def check_map_size(self, side: int, what: str) -> None:
+        super().check_map_size(side, what)
+        for s, sr in enumerate(self.sr_ratios):
+            if (side >> s) < sr:
+                raise ValueError(f"{what}: the {side >> s}x{side >> s} map of stage {s + 1} is smaller than its spatial reduction {sr}")
 
-    def forward_stages(self, x: Tensor, pos: Tensor, extent: int) -> list[Tensor]:
+    def position_embedding(self, pos: Tensor, extent: int) -> Tensor:
+        """Stage-1 embedding at integer positions ``pos [P, h, w, 2]`` of a grid of side
+        ``extent``; a learnable table of another size is resized (bicubic) first."""
+        if self.pos_embed is None:
+            table = _sincos_table(extent, self.embed_dims[0]).to(pos.device)
+        else:
+            table = self.pos_embed
+            if table.shape[0] != extent or table.shape[1] != extent:
+                table = resize_pos_table(table, extent, extent)
+        idx = pos.long()
+        return table[idx[..., 0], idx[..., 1]]
+
+    def forward_stages(self, x: Tensor, pos: Tensor, extent: int, frac_bits: Sequence[int]) -> list[Tensor]:
         outs = []
+        x = x + self.position_embedding(pos, extent).to(x.dtype)
         for s, stage in enumerate(self.stages):
             if s > 0:
                 x, pos = self.downsamples[s - 1](x, pos)
-            x = x + self.stage_pos_embed(s, pos, -(-extent // 2**s)).to(x.dtype)
             for blk in stage:
                 x = blk(x)
             if s == len(self.stages) - 1:

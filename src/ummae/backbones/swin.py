@@ -1,11 +1,13 @@
 """Swin Transformer, UM-MAE variant: window attention whose relative position bias is a
 small MLP of the tokens' TRUE relative positions (METHOD.md "pos-MLP"), so the same weights
 run on the compact map (pre-training, window 8) and on the full map (fine-tuning, window 16).
-Patch merging = LayerNorm + 2x2 stride-2 conv.
+Patch merging = LayerNorm + 2x2 stride-2 conv. The shifted-window mask is -inf where the
+reference adds -100: both give the masked pairs zero weight in fp32.
 """
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
+from ..layers import LayerNorm
 from .base import PyramidBackbone
 
 
@@ -25,29 +28,38 @@ def log_spaced(d: Tensor) -> Tensor:
 class PosMLPBias(nn.Module):
     """Relative position bias ``heads x T x T`` from the tokens' true positions.
 
-    The MLP (1x1 conv 2->hidden, ReLU, 1x1 conv hidden->heads; 1x1 convs written as Linear) is
-    applied pointwise to each relative offset, and offsets are integers in
-    ``[-(E-1), E-1]^2`` on a grid of side ``E``. So we evaluate it once on that table and
-    gather, which is exactly the per-pair MLP at a fraction of the cost.
+    The MLP (the reference's 1x1 conv 2->hidden, ReLU, 1x1 conv hidden->heads, written as
+    Linear layers) is applied pointwise to each offset *key minus query* (the reference's sign).
+    Positions at stage ``s`` are multiples of ``2**-f`` (``f`` = ``frac_bits``: 0 on a dense map,
+    up to 1 at the last compact stage) inside a grid of side ``E``, so every offset is one of
+    the ``(2 E 2**f + 1)**2`` points of a fixed table: we evaluate the MLP once on that table
+    and gather, exactly the per-pair MLP at a fraction of the cost.
     """
 
     def __init__(self, num_heads: int, hidden: int = 32):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_heads))
 
+    def init_as_reference(self) -> None:
+        # The reference's 1x1 convs: normal(0, sqrt(2 / fan_out)), zero bias.
+        for layer in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(layer.weight, std=math.sqrt(2.0 / layer.out_features))
+            nn.init.zeros_(layer.bias)
+
     def mlp_of_offsets(self, d: Tensor) -> Tensor:
-        """Reference path: the MLP on offsets ``d [..., 2]`` -> ``[..., heads]``."""
+        """Reference path: the MLP on offsets ``d [..., 2]`` (key - query) -> ``[..., heads]``."""
         return self.mlp(log_spaced(d.float()))
 
-    def forward(self, pos: Tensor, extent: int) -> Tensor:
-        """``pos [..., T, 2]`` (long) -> bias ``[..., heads, T, T]``."""
-        e = extent
-        r = torch.arange(-(e - 1), e, device=pos.device)
-        grid = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1)  # [2E-1, 2E-1, 2]
-        table = self.mlp_of_offsets(grid).permute(2, 0, 1).reshape(-1, (2 * e - 1) ** 2)
-        d = pos.unsqueeze(-2) - pos.unsqueeze(-3)  # [..., T, T, 2]
-        idx = (d[..., 0] + e - 1) * (2 * e - 1) + (d[..., 1] + e - 1)
-        bias = table[:, idx]  # [heads, ..., T, T]
+    def forward(self, pos: Tensor, extent: int, frac_bits: int = 0) -> Tensor:
+        """``pos [..., T, 2]`` (float, multiples of ``2**-frac_bits``) -> bias ``[..., heads, T, T]``."""
+        scale = 2**frac_bits
+        n = extent * scale  # offsets lie in [-extent, extent]
+        side = 2 * n + 1
+        r = torch.arange(-n, n + 1, device=pos.device, dtype=torch.float32) / scale
+        grid = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1)  # [side, side, 2]
+        table = self.mlp_of_offsets(grid).permute(2, 0, 1).reshape(-1, side * side)
+        d = ((pos.unsqueeze(-3) - pos.unsqueeze(-2)) * scale).round().long() + n  # [..., T(q), T(k), 2]
+        bias = table[:, d[..., 0] * side + d[..., 1]]  # [heads, ..., T, T]
         return bias.movedim(0, -3)
 
 
@@ -104,13 +116,15 @@ class SwinBlock(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.shift = shift  # whether this block uses shifted windows (every second block)
+        # The reference builds its blocks without passing its norm_layer: their two norms have
+        # nn.LayerNorm's default eps 1e-5 (the parity cases confirm it), the others 1e-6.
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, pos_hidden)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, pos: Tensor, extent: int) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, extent: int, frac_bits: int = 0) -> Tensor:
         b, h, w, c = x.shape
         ws = min(self.window_size, h, w)
         if h % ws or w % ws:
@@ -120,7 +134,7 @@ class SwinBlock(nn.Module):
         if shift:
             y = torch.roll(y, (-shift, -shift), dims=(1, 2))
             pos = torch.roll(pos, (-shift, -shift), dims=(1, 2))
-        bias = self.attn.pos_bias(window_partition(pos, ws), extent)  # [P, nW, heads, T, T]
+        bias = self.attn.pos_bias(window_partition(pos, ws), extent, frac_bits)  # [P, nW, heads, T, T]
         if shift:
             # torch.compile folds the mask into the graph itself and warns on lru_cache
             fn = shift_region_mask if torch.compiler.is_compiling() else _cached_shift_region_mask
@@ -133,16 +147,17 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """LayerNorm + 2x2 stride-2 conv (METHOD.md); positions: top-left of each 2x2, halved."""
+    """LayerNorm + 2x2 stride-2 conv (METHOD.md); positions: top-left of each 2x2, divided by 2
+    exactly (half-integers on the compact map's last stage, as in the reference)."""
 
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
         self.reduction = nn.Conv2d(dim, out_dim, 2, stride=2)
 
     def forward(self, x: Tensor, pos: Tensor):
         x = self.reduction(self.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return x, pos[:, ::2, ::2] // 2
+        return x, pos[:, ::2, ::2] / 2
 
 
 class SwinTransformer(PyramidBackbone):
@@ -175,7 +190,7 @@ class SwinTransformer(PyramidBackbone):
             i += depth
             if s < len(depths) - 1:
                 self.downsamples.append(PatchMerging(dims[s], dims[s + 1]))
-        self.norm = nn.LayerNorm(dims[-1])
+        self.norm = LayerNorm(dims[-1])
 
     def set_window_size(self, window_size: int) -> None:
         """Pre-train at 8 on the compact map, fine-tune at 16 on the full map: the pos-MLP
@@ -196,11 +211,11 @@ class SwinTransformer(PyramidBackbone):
                     f"choose an image size whose stage maps are multiples of the window"
                 )
 
-    def forward_stages(self, x: Tensor, pos: Tensor, extent: int) -> list[Tensor]:
+    def forward_stages(self, x: Tensor, pos: Tensor, extent: int, frac_bits: Sequence[int]) -> list[Tensor]:
         outs = []
         for s, stage in enumerate(self.stages):
             for blk in stage:
-                x = blk(x, pos, extent)
+                x = blk(x, pos, extent, frac_bits[s])
             if s == len(self.stages) - 1:
                 x = self.norm(x)
             outs.append(x.permute(0, 3, 1, 2))

@@ -1,16 +1,24 @@
 """Plain ViT (MAE's encoder): global attention takes any subset of tokens, so UM-MAE and
 MAE random sampling simply drop the masked patches; no compaction needed.
 
-Position embedding: fixed sin-cos of the input grid in pre-training; learnable in fine-tuning
-(``pos_embed="learnable"``, initialised from the sin-cos, resized bicubically for another
-input size), as MAE fine-tunes timm's ViT. The cls token carries no position."""
+Position embedding: fixed sin-cos of the input grid in pre-training (the cls token's position
+is 0, as MAE's); learnable in fine-tuning (``pos_embed="learnable"``: a patch table initialised
+from the sin-cos and resized bicubically for another input size, plus the cls token's own
+learnable position ``pos_embed_cls``, as MAE fine-tunes timm's ViT)."""
 from __future__ import annotations
+
+import functools
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..layers import PatchEmbed, resize_pos_table, sincos_grid
+from ..layers import LayerNorm, PatchEmbed, resize_pos_table, sincos_grid
+
+
+@functools.lru_cache(maxsize=8)
+def _sincos_table(h: int, w: int, dim: int) -> Tensor:
+    return sincos_grid(h, w, dim)
 
 
 class VisionTransformer(nn.Module):
@@ -32,10 +40,11 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.depths = [depth]
         self.pos_embed_kind = pos_embed
-        self.pos_embed = None
+        self.pos_embed = self.pos_embed_cls = None
         if pos_embed == "learnable":
             g = img_size // patch_size
             self.pos_embed = nn.Parameter(sincos_grid(g, g, embed_dim).view(g, g, embed_dim))
+            self.pos_embed_cls = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.num_features = embed_dim
         self.drop_path_rate = drop_path
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -43,9 +52,10 @@ class VisionTransformer(nn.Module):
         dpr = torch.linspace(0, drop_path, depth).tolist()
         # timm's Block uses F.scaled_dot_product_attention (fused attention).
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i]) for i in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=LayerNorm)
+            for i in range(depth)
         )
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = LayerNorm(embed_dim)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module="norm")]
 
     def _embed(self, imgs: Tensor) -> tuple[Tensor, Tensor]:
@@ -53,7 +63,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(imgs)
         h, w = x.shape[1:3]
         if self.pos_embed is None:
-            pos = sincos_grid(h, w, x.shape[-1]).to(device=x.device, dtype=x.dtype)
+            pos = _sincos_table(h, w, x.shape[-1]).to(device=x.device, dtype=x.dtype)
         else:
             table = self.pos_embed
             if table.shape[:2] != (h, w):
@@ -69,14 +79,15 @@ class VisionTransformer(nn.Module):
         """Layer-wise lr decay depth (MAE's ``get_layer_id_for_vit``): embeddings 0, block i
         -> i + 1, the rest ``num_layers + 1``."""
         parts = name.split(".")
-        if parts[0] in ("patch_embed", "cls_token", "pos_embed"):
+        if parts[0] in ("patch_embed", "cls_token", "pos_embed", "pos_embed_cls"):
             return 0
         if parts[0] == "blocks":
             return int(parts[1]) + 1
         return self.num_layers + 1
 
     def _run(self, x: Tensor) -> Tensor:
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        cls = self.cls_token if self.pos_embed_cls is None else self.cls_token + self.pos_embed_cls
+        x = torch.cat([cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -86,8 +97,8 @@ class VisionTransformer(nn.Module):
         num_visible: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """MAE encoder: ``mask [N, L]`` True = dropped. SM units get ``sm_token`` plus their
-        position embedding. Returns visible features ``[N, V, D]`` (cls dropped) and their unit
-        indices ``[N, V]`` (row-major)."""
+        position embedding. Returns the features ``[N, 1 + V, D]`` (cls first, then the visible
+        units) and the visible units' indices ``[N, V]`` (row-major)."""
         x, pos = self._embed(imgs)
         if sm_mask is not None and sm_token is not None:
             x = torch.where(sm_mask.unsqueeze(-1), sm_token.to(x.dtype), x)
@@ -99,7 +110,7 @@ class VisionTransformer(nn.Module):
                 raise ValueError("every image of a batch must have the same number of visible units")
         ids = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]
         x = x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        return self._run(x)[:, 1:], ids
+        return self._run(x), ids
 
     def forward_features(self, imgs: Tensor) -> Tensor:
         """All tokens ``[N, 1 + L, D]`` (cls first)."""

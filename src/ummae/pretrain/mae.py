@@ -7,6 +7,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones import PyramidBackbone
@@ -90,7 +91,8 @@ class MaskedAutoencoder(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.decoder_pos = decoder_pos
         if self.pyramid:
-            # Last compact map is S/64 a side; the unit-block grid is S/(2u): upsample by 32/u.
+            # Last compact map is S/64 a side; the unit-block grid is S/(2u): upsample by 32/u
+            # with a Linear to D * r * r channels (the reference's channel order) + pixel shuffle.
             self.shuffle = 32 // unit_size
             self.decoder_embed = nn.Linear(encoder.num_features, self.shuffle**2 * decoder_dim)
             token_dim = encoder.embed_dims[0]
@@ -126,25 +128,27 @@ class MaskedAutoencoder(nn.Module):
             sm_mask = secondary_masking(mask, self.sm_ratio, generator=generator, num_visible=self.num_visible)
         return mask, sm_mask
 
-    def forward_encoder(self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor], validate: bool = True) -> Tuple[Tensor, Tensor]:
-        """-> decoder-width tokens of the visible units ``[N, V, D]`` and their unit indices."""
+    def forward_encoder(
+        self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor], validate: bool = True
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """-> decoder-width tokens of the visible units ``[N, V, D]``, their unit indices, and
+        the tokens without a unit (ViT's cls ``[N, 1, D]``; None for Swin / PVT)."""
         if not self.pyramid:
             # Masks this model drew have a known visible count: no host sync to find it.
             num_visible = None if validate else self.num_visible
             feats, index = self.encoder.forward_visible(imgs, mask, sm_mask, self.sm_token, num_visible)
-            return self.decoder_embed(feats), index
+            x = self.decoder_embed(feats)
+            return x[:, 1:], index, x[:, :1]
         choice = block_choice(mask, *self.grid, validate=validate)
         feat = self.encoder.forward_compact(imgs, choice, self.unit_size, sm_mask, self.sm_token)
-        n, _, h, w = feat.shape
-        r, d = self.shuffle, self.decoder.mask_token.shape[-1]
-        # Linear to r*r*D, then pixel-shuffle: one token per 2x2 block, compact row-major.
-        x = self.decoder_embed(feat.permute(0, 2, 3, 1)).view(n, h, w, r, r, d)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(n, h * r * w * r, d)
+        # Linear to D*r*r, then pixel-shuffle: one token per 2x2 block, compact row-major.
+        x = self.decoder_embed(feat.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = F.pixel_shuffle(x, self.shuffle).flatten(2).transpose(1, 2)
         if self.decoder_pos == "reference":
             index = reference_unit_index(choice)  # the reference code's flaw, on request only
         else:
             index = kept_unit_index(choice)
-        return x, index
+        return x, index, None
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """MSE on the US-masked units only (SM units are visible and carry no loss)."""
@@ -165,8 +169,8 @@ class MaskedAutoencoder(nn.Module):
         given = mask is not None
         if not given:
             mask, sm_mask = self.sample_masks(imgs.shape[0], imgs.device, generator)
-        visible, index = self.forward_encoder(imgs, mask, sm_mask, validate=given)
-        pred = self.decoder(visible, index)
+        visible, index, prefix = self.forward_encoder(imgs, mask, sm_mask, validate=given)
+        pred = self.decoder(visible, index, prefix)
         loss = self.forward_loss(imgs, pred, mask)
         return {"loss": loss, "pred": pred, "mask": mask, "sm_mask": sm_mask}
 

@@ -1,6 +1,8 @@
-"""SimMIM baseline (METHOD.md): the pyramid encoder runs densely on the FULL token map with
-the masked 16 px units replaced by a learnable mask token; one linear layer + pixel shuffle
-predicts the pixels; L1 loss on the masked units."""
+"""SimMIM baseline (METHOD.md, the reference's ``models_simmim_swin`` / ``models_simmim_pvt``):
+the pyramid encoder runs densely on the FULL token map, with the settings of the dense map
+(Swin window 16, PVT sr 8-4-2-1), and the masked 16 px units' normalised patch embeddings
+replaced by a learnable mask token; one linear layer + pixel shuffle predicts the pixels of
+every unit; L1 loss on the masked units (raw normalised pixels, as the paper's SimMIM runs)."""
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -31,11 +33,15 @@ class SimMIM(nn.Module):
         self.unit_size = unit_size
         self.grid = (img_size // unit_size, img_size // unit_size)
         self.mask_ratio = mask_ratio
-        self.stride = encoder.feature_info[-1]["reduction"]
+        stride = encoder.feature_info[-1]["reduction"]
+        if stride % unit_size:
+            raise ValueError(f"the mask unit {unit_size} must divide the encoder's output stride {stride}")
+        self.shuffle = stride // unit_size
         self.mask_token = nn.Parameter(torch.zeros(encoder.embed_dims[0]))
-        # One linear map to stride*stride*3 values (= 4 units of 16x16x3 at stride 32), then
-        # pixel shuffle back to the image.
-        self.decoder = nn.Conv2d(encoder.num_features, self.stride**2 * 3, 1)
+        # One linear map from each last-stage token to its r x r units' pixels (r = 2 at 16 px
+        # units), channels ordered (unit pixels, r, r) as the reference's, then pixel shuffle
+        # onto the unit grid.
+        self.decoder = nn.Linear(encoder.num_features, self.shuffle**2 * unit_size**2 * 3)
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -55,8 +61,8 @@ class SimMIM(nn.Module):
         k = self.unit_size // self.encoder.patch_size
         token_mask = unit_mask_to_tokens(mask, *self.grid, k)
         feat = self.encoder.forward_dense(imgs, token_mask, self.mask_token)[-1]
-        rec = F.pixel_shuffle(self.decoder(feat), self.stride)  # [N, 3, S, S]
-        pred = patchify(rec, self.unit_size)
+        units = F.pixel_shuffle(self.decoder(feat.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), self.shuffle)
+        pred = units.flatten(2).transpose(1, 2)  # [N, L, u*u*3], units row-major
         target = patchify(imgs, self.unit_size)
         loss = masked_mean((pred.float() - target.float()).abs().mean(dim=-1), mask)
         return {"loss": loss, "pred": pred, "mask": mask, "sm_mask": None}

@@ -1,5 +1,14 @@
 """Registered pre-training models. Reference names (UM-MAE / MAE / SimMIM code bases) for the
-paper's configurations; ``*_nano_128`` for the demo and small experiments; ``*_test`` for CI."""
+paper's configurations, each meaning exactly the reference's architecture:
+
+* ``mae_swin_tiny_256``, ``mae_pvt_small_256``: 512-d, 2-block decoder (``dec512d2b``);
+* ``mae_swin_large_256``: the paper's Swin-L run, 8-block decoder and pos-MLP width 64
+  (the reference's ``mae_swin_large_256_dec512d8b64pmd``);
+* ``mae_vit_base_patch16`` / ``mae_vit_large_patch16``: MAE's 8-block decoder (``dec512d8b``);
+  ``mae_vit_base_patch16_dec512d2b`` is the 2-block decoder of the paper's ViT-B rows;
+* ``simmim_*``: the encoder with its dense-map settings (Swin window 16, PVT sr 8-4-2-1).
+
+``*_nano_128`` for the demo and small experiments; ``*_test`` for CI."""
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -27,6 +36,7 @@ VIT = {
 }
 DECODER = {
     "paper": dict(decoder_dim=512, decoder_depth=2, decoder_heads=16),  # 512d2b (METHOD.md)
+    "mae": dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),  # 512d8b (MAE; Swin-L run)
     "nano": dict(decoder_dim=128, decoder_depth=2, decoder_heads=4),
     "test": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
 }
@@ -69,6 +79,8 @@ def _mae_vit(name, arch, img_size, patch, decoder, kw):
 
 
 PRETRAIN_SR = (4, 2, 1, 1)  # PVT pre-training spatial reduction on the compact map
+DENSE_SR = (8, 4, 2, 1)  # PVT on the full map: SimMIM and fine-tuning
+DENSE_WINDOW = 16  # Swin on the full map: SimMIM and fine-tuning
 
 
 @register_model("pretrain")
@@ -78,7 +90,7 @@ def mae_swin_tiny_256(**kw):
 
 @register_model("pretrain")
 def mae_swin_large_256(**kw):
-    return _mae_pyramid("mae_swin_large_256", "swin", "large", 256, 8, "paper", kw)
+    return _mae_pyramid("mae_swin_large_256", "swin", "large", 256, 8, "mae", kw)
 
 
 @register_model("pretrain")
@@ -88,27 +100,32 @@ def mae_pvt_small_256(**kw):
 
 @register_model("pretrain")
 def mae_vit_base_patch16(**kw):
-    return _mae_vit("mae_vit_base_patch16", "base", 224, 16, "paper", kw)
+    return _mae_vit("mae_vit_base_patch16", "base", 224, 16, "mae", kw)
+
+
+@register_model("pretrain")
+def mae_vit_base_patch16_dec512d2b(**kw):
+    return _mae_vit("mae_vit_base_patch16_dec512d2b", "base", 224, 16, "paper", kw)
 
 
 @register_model("pretrain")
 def mae_vit_large_patch16(**kw):
-    return _mae_vit("mae_vit_large_patch16", "large", 224, 16, "paper", kw)
+    return _mae_vit("mae_vit_large_patch16", "large", 224, 16, "mae", kw)
 
 
 @register_model("pretrain")
 def simmim_swin_tiny_256(**kw):
-    return _simmim("simmim_swin_tiny_256", "swin", "tiny", 256, 8, kw)
+    return _simmim("simmim_swin_tiny_256", "swin", "tiny", 256, DENSE_WINDOW, kw)
 
 
 @register_model("pretrain")
 def simmim_swin_large_256(**kw):
-    return _simmim("simmim_swin_large_256", "swin", "large", 256, 8, kw)
+    return _simmim("simmim_swin_large_256", "swin", "large", 256, DENSE_WINDOW, kw)
 
 
 @register_model("pretrain")
 def simmim_pvt_small_256(**kw):
-    return _simmim("simmim_pvt_small_256", "pvt", "small", 256, PRETRAIN_SR, kw)
+    return _simmim("simmim_pvt_small_256", "pvt", "small", 256, DENSE_SR, kw)
 
 
 # small configurations: the demo and quick experiments (128 px) ------------------------------
@@ -124,12 +141,12 @@ def mae_pvt_nano_128(**kw):
 
 @register_model("pretrain")
 def simmim_swin_nano_128(**kw):
-    return _simmim("simmim_swin_nano_128", "swin", "nano", 128, 8, kw)
+    return _simmim("simmim_swin_nano_128", "swin", "nano", 128, DENSE_WINDOW, kw)
 
 
 @register_model("pretrain")
 def simmim_pvt_nano_128(**kw):
-    return _simmim("simmim_pvt_nano_128", "pvt", "nano", 128, PRETRAIN_SR, kw)
+    return _simmim("simmim_pvt_nano_128", "pvt", "nano", 128, DENSE_SR, kw)
 
 
 # tiny configurations for tests (64 px) -------------------------------------------------------
@@ -150,9 +167,9 @@ def mae_vit_test(**kw):
 
 @register_model("pretrain")
 def simmim_swin_test(**kw):
-    return _simmim("simmim_swin_test", "swin", "test", 64, 4, kw)
+    return _simmim("simmim_swin_test", "swin", "test", 64, 8, kw)  # swin_test's fine-tuning window
 
 
 @register_model("pretrain")
 def simmim_pvt_test(**kw):
-    return _simmim("simmim_pvt_test", "pvt", "test", 64, PRETRAIN_SR, kw)
+    return _simmim("simmim_pvt_test", "pvt", "test", 64, DENSE_SR, kw)

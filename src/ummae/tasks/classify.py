@@ -9,6 +9,7 @@ PVT spatial reduction 8-4-2-1 and a learnable position embedding.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -21,8 +22,8 @@ from ..backbones import (
     SwinTransformer,
     VisionTransformer,
 )
-from ..layers import init_weights
-from ..pretrain.zoo import PVT, SWIN, VIT
+from ..layers import LayerNorm, init_weights
+from ..pretrain.zoo import DENSE_SR, DENSE_WINDOW, PVT, SWIN, VIT
 from ..registry import list_models, model_kind, register_model
 
 
@@ -45,7 +46,7 @@ class Classifier(nn.Module):
         self.num_classes = num_classes
         self.num_features = encoder.num_features
         self.default_layer_decay = layer_decay
-        self.fc_norm = nn.LayerNorm(self.num_features)
+        self.fc_norm = LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._new_head(num_classes)
         self.pretrained_cfg = self.default_cfg = dict(
@@ -122,8 +123,8 @@ class Classifier(nn.Module):
 
 
 # --- registered classifiers ------------------------------------------------------------------
-FINETUNE_WINDOW = 16  # METHOD.md: pre-train at window 8 on the compact map, fine-tune at 16
-FINETUNE_SR = (8, 4, 2, 1)  # METHOD.md: PVT fine-tuning spatial reduction
+FINETUNE_WINDOW = DENSE_WINDOW  # METHOD.md: pre-train at window 8 on the compact map, fine-tune at 16
+FINETUNE_SR = DENSE_SR  # METHOD.md: PVT fine-tuning spatial reduction
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
@@ -152,7 +153,7 @@ def _classifier(name: str, family: str, arch: str, img_size: int, drop_path: flo
 
 
 def _init_encoder(enc: nn.Module) -> None:
-    """From-scratch initialisation, as in pre-training (xavier linears and convs, unit norms);
+    """From-scratch initialisation, as in pre-training (layers/init.py);
     position tables keep their sin-cos start."""
     enc.apply(init_weights)
     if isinstance(enc, VisionTransformer):
@@ -217,10 +218,11 @@ def check_classifier(name: str) -> None:
 
 def classifier_for(pretrain_name: str) -> str:
     """The classifier that carries a pre-training model's encoder: ``mae_swin_tiny_256`` ->
-    ``swin_tiny_256`` (MAE, UM-MAE and SimMIM share the encoder)."""
+    ``swin_tiny_256``, ``mae_vit_base_patch16_dec512d2b`` -> ``vit_base_patch16`` (MAE, UM-MAE
+    and SimMIM share the encoder; the decoder does not matter)."""
     for prefix in ("mae_", "simmim_"):
         if pretrain_name.startswith(prefix):
-            name = pretrain_name[len(prefix):]
+            name = re.sub(r"_dec\d+d\d+b$", "", pretrain_name[len(prefix):])
             if name in list_models(kind="classify"):
                 return name
     raise ValueError(f"no classifier is registered for the encoder of {pretrain_name!r}")
