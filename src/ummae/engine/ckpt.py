@@ -2,6 +2,7 @@
 read with ``weights_only=True`` (a checkpoint is untrusted input)."""
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import tempfile
@@ -47,10 +48,13 @@ def load(path: str | Path) -> Dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # The reference code bases store their argparse options with the weights: that one
+        # plain class is allowed, nothing else.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not an ummae checkpoint (no 'model' entry)")
     return ckpt
 

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from ..convert import convert_checkpoint, describe, is_foreign
 from ..engine import ckpt
 from ..engine.ckpt import CheckpointError
 from ..layers import resize_pos_table
@@ -48,6 +49,7 @@ class LoadReport:
 
     source: str
     source_model: str | None
+    converted: str = ""  # what the conversion of a reference checkpoint dropped, and why
     loaded: List[str] = field(default_factory=list)
     adapted: Dict[str, str] = field(default_factory=dict)  # key -> how
     new: Dict[str, str] = field(default_factory=dict)  # key -> how initialised
@@ -55,6 +57,8 @@ class LoadReport:
 
     def format(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source} (model {self.source_model})"]
+        if self.converted:
+            lines += ["converted from the reference layout (ummae.convert); source tensors not carried over:", self.converted]
         for title, items in (("adapted", self.adapted), ("newly initialised", self.new), ("dropped", self.dropped)):
             if items:
                 lines.append(f"{title} ({len(items)}):")
@@ -76,7 +80,8 @@ def _group(items: Dict[str, str]) -> Dict[str, str]:
 
 
 def read_weights(path: str | Path, ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """``(state_dict, meta)`` of an ummae ``.pth`` checkpoint or exported ``.safetensors``;
+    """``(state_dict, meta)`` of an ummae ``.pth`` checkpoint or exported ``.safetensors``, or
+    of a reference (UM-MAE / MAE code base) checkpoint converted to ours (:mod:`ummae.convert`);
     ``meta`` has ``model_name`` and ``model_args`` when the file records them. ``ema``: the
     EMA weights a fine-tuning run with ``--ema`` keeps beside the raw ones."""
     path = Path(path)
@@ -99,6 +104,10 @@ def read_weights(path: str | Path, ema: bool = False) -> Tuple[Dict[str, torch.T
             info["model_args"] = json.loads(meta["model_args"])
         return state, info
     ck = ckpt.load(path)
+    if is_foreign(ck):  # the reference's / MAE's published weights: converted on the fly
+        if ema:
+            raise CheckpointError(f"{path} is a reference checkpoint with one set of weights; --ema applies to ummae fine-tuning checkpoints")
+        return convert_checkpoint(ck, str(path))
     if ema and "ema" not in ck:
         raise CheckpointError(f"{path} holds no EMA weights (its run was not started with --ema)")
     return ck["ema" if ema else "model"], {"model_name": ck.get("model_name"), "model_args": ck.get("model_args", {}),
@@ -113,7 +122,7 @@ def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> Lo
 def load_weights(model: nn.Module, state: Dict[str, torch.Tensor], meta: Dict[str, Any], path: str | Path) -> LoadReport:
     """:func:`load_pretrained` of weights already read by :func:`read_weights` from ``path``."""
     source_model = meta.get("source_model") or meta.get("model_name")
-    report = LoadReport(str(path), source_model)
+    report = LoadReport(str(path), source_model, describe(meta))
     own = model.state_dict()
     target_name = getattr(model, "model_name", type(model).__name__)
     merged = dict(own)

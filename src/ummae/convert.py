@@ -1,0 +1,341 @@
+"""Foreign checkpoints -> ours: the one place where other code bases' weights are read.
+
+Formats understood (detected from the keys and the checkpoint's ``args``):
+
+* the UM-MAE reference code (implus/UM-MAE, the paper's published weights):
+  ``{"model", "epoch", "args", ...}`` of ``main_pretrain.py`` / ``main_finetune.py``, for
+  UM-MAE pre-training (``MaskedAutoencoderSwin`` / ``PVT`` / ``ViT``), SimMIM pre-training
+  (``SimMIMSwin`` / ``SimMIMPVT``) and fine-tuned classifiers (``Swin``, ``PVT``, MAE's ViT);
+* the MAE code base (facebookresearch/mae): its ViT pre-training, encoder-only and fine-tuned
+  checkpoints, which have the same layout.
+
+The SimMIM code base's own Swin / ViT (relative position bias tables, ``encoder.layers.*``)
+is another architecture than ours and is refused, naming what cannot be mapped.
+
+Layout transforms (METHOD.md "reference conventions"; everything else maps by name):
+
+* flat ``blocks.{i}`` -> ``encoder.stages.{s}.{j}``; a stage starts at each block that holds
+  the ``downsample`` (-> ``encoder.downsamples.{s-1}``);
+* Swin ``attn.posmlp.{0,2}`` 1x1 convs -> ``attn.pos_bias.mlp.{0,2}`` Linear layers (the same
+  weights, flattened; both take key minus query, so no sign change);
+* PVT ``attn.norm`` -> ``attn.sr_norm``; ``patch_embed.norm`` -> ``encoder.patch_norm``;
+* masking tokens ``[1, 1, C]`` -> ``sm_token`` / SimMIM ``mask_token`` ``[C]``;
+* the decoder: ``decoder_blocks`` / ``decoder_norm`` / ``decoder_pred`` -> ``decoder.*``; the
+  pixel-shuffle channel order of ``decoder_embed`` and SimMIM's ``decoder_pred`` is ours;
+* fixed sin-cos tables stored as frozen parameters (``pos_embed`` of pre-training,
+  ``decoder_pos_embed``) are checked against ours and dropped (we compute them); a table that
+  differs is refused, since the weights were trained with it;
+* learnable tables of fine-tuned models: PVT ``pos_embed [1, L, C]`` -> ``[H, W, C]``; ViT
+  ``pos_embed [1, 1 + L, D]`` -> the cls slot ``pos_embed_cls`` + the ``[H, W, D]`` table.
+
+Nothing is guessed silently: every key is mapped, dropped with its reason, or the conversion
+fails naming the keys it cannot place.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections import defaultdict
+from typing import Any, Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from .engine.ckpt import CheckpointError
+from .layers import sincos_grid
+
+# Reference model functions -> our registered models (the same architecture at paper size).
+REFERENCE_MODELS = {
+    "mae_swin_tiny_256": "mae_swin_tiny_256",
+    "mae_swin_tiny_256_dec512d2b": "mae_swin_tiny_256",
+    "mae_swin_large_256": "mae_swin_large_256",
+    "mae_swin_large_256_dec512d8b64pmd": "mae_swin_large_256",
+    "mae_pvt_small_256": "mae_pvt_small_256",
+    "mae_pvt_small_256_dec512d2b": "mae_pvt_small_256",
+    "mae_vit_base_patch16": "mae_vit_base_patch16",
+    "mae_vit_base_patch16_dec512d8b": "mae_vit_base_patch16",
+    "mae_vit_base_patch16_dec512d2b": "mae_vit_base_patch16_dec512d2b",
+    "mae_vit_large_patch16": "mae_vit_large_patch16",
+    "mae_vit_large_patch16_dec512d8b": "mae_vit_large_patch16",
+    "simmim_swin_tiny_256": "simmim_swin_tiny_256",
+    "simmim_swin_large_256": "simmim_swin_large_256",
+    "simmim_pvt_small_256": "simmim_pvt_small_256",
+    "swin_tiny_256": "swin_tiny_256",
+    "swin_large_256": "swin_large_256",
+    "pvt_small_256": "pvt_small_256",
+    "vit_base_patch16": "vit_base_patch16",
+    "vit_large_patch16": "vit_large_patch16",
+}
+
+_FIXED_TABLE_TOL = 1e-5
+
+
+def is_foreign(ckpt: Dict[str, Any]) -> bool:
+    """A checkpoint of another code base (no ``model_name``, un-prefixed keys), not ours."""
+    if "model_name" in ckpt:
+        return False
+    state = _state_of(ckpt)
+    return bool(state) and not any(k.startswith(("encoder.", "decoder.")) for k in state)
+
+
+def _state_of(ckpt: Dict[str, Any]) -> Dict[str, Tensor]:
+    state = ckpt["model"]
+    state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _args_of(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def convert_checkpoint(ckpt: Dict[str, Any], source: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """A foreign checkpoint (as read by ``torch.load``) -> ``(state, meta)`` in our format:
+    ``meta`` has ``model_name`` (our registered model of the same architecture at paper
+    size), ``model_args`` (what the checkpoint records: image size, masking, loss),
+    ``source_model`` and ``conversion`` (dropped source key -> why)."""
+    state = _state_of(ckpt)
+    args = _args_of(ckpt)
+    if not state:
+        raise CheckpointError(f"{source} holds no weights (its 'model' entry has no tensors)")
+    if any(k.startswith("encoder.layers.") or "relative_position_bias_table" in k for k in state):
+        raise CheckpointError(
+            f"{source} is a checkpoint of the SimMIM code base (Swin with relative position bias tables, "
+            f"'encoder.layers.*'); ummae's Swin is the UM-MAE variant with a pos-MLP bias, another architecture: "
+            f"these weights cannot be mapped. SimMIM baselines trained with the UM-MAE code (simmim_swin_tiny_256) convert."
+        )
+    family = _family(state, source)
+    kind = _kind(state)
+    out: Dict[str, Tensor] = {}
+    dropped: Dict[str, str] = {}
+    unmapped: List[str] = []
+    stage_of = _stage_index(state) if family != "vit" else {}
+
+    for k, v in state.items():
+        mapped = _map_key(k, v, family, kind, stage_of)
+        if mapped is None:
+            unmapped.append(k)
+        elif mapped is not _LATER:
+            out[mapped[0]] = mapped[1]
+    if unmapped:
+        raise CheckpointError(
+            f"{source}: {len(unmapped)} keys of this {family} {kind} checkpoint cannot be mapped onto ummae's model "
+            f"(e.g. {', '.join(sorted(unmapped)[:5])})"
+        )
+    _pos_tables(state, family, kind, out, dropped, source)
+    meta = {
+        "model_name": _our_model(args, family, kind, state, source),
+        "model_args": _model_args(args, family, kind, state),
+        "source_model": f"{args.get('model', family)} (reference checkpoint)",
+        "conversion": dropped,
+    }
+    return out, meta
+
+
+# --- detection ---------------------------------------------------------------------------------
+
+
+def _family(state: Dict[str, Tensor], source: str) -> str:
+    if any(".attn.posmlp." in k for k in state):
+        return "swin"
+    if any(".attn.sr." in k for k in state):
+        return "pvt"
+    if "cls_token" in state:
+        return "vit"
+    raise CheckpointError(
+        f"{source}: cannot tell the model from its keys (no Swin pos-MLP, PVT spatial reduction or ViT cls token; "
+        f"first keys: {', '.join(list(state)[:5])}); it is not a UM-MAE, MAE or SimMIM (UM-MAE code) checkpoint"
+    )
+
+
+def _kind(state: Dict[str, Tensor]) -> str:
+    if "decoder_embed.weight" in state:
+        return "mae"
+    if "decoder_pred.weight" in state:
+        return "simmim"
+    if "head.weight" in state or "fc_norm.weight" in state:
+        return "classifier"
+    return "encoder"
+
+
+def _stage_index(state: Dict[str, Tensor]) -> Dict[int, Tuple[int, int]]:
+    """Flat block index -> (stage, index in stage): a stage starts at each block that holds
+    the down-sampling layer."""
+    blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+    starts = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.downsample\.", k))}
+    out, stage, j = {}, 0, 0
+    for i in blocks:
+        if i in starts:
+            stage, j = stage + 1, 0
+        out[i] = (stage, j)
+        j += 1
+    return out
+
+
+# --- key mapping ---------------------------------------------------------------------------------
+
+_LATER = object()  # position tables: checked / converted by _pos_tables
+_DECODER = {"decoder_norm": "decoder.norm", "decoder_pred": "decoder.pred", "decoder_embed": "decoder_embed"}
+
+
+def _map_key(k: str, v: Tensor, family: str, kind: str, stage_of) -> Tuple[str, Tensor] | object | None:
+    """``(our key, tensor)``, ``_LATER`` for position tables, None if there is no place for it."""
+    if k in ("pos_embed", "decoder_pos_embed"):
+        return _LATER
+    if k == "cls_token":
+        return "encoder.cls_token", v
+    if k == "vis_mask_token":
+        return "sm_token", v.reshape(-1)
+    if k == "mask_token":
+        return ("mask_token", v.reshape(-1)) if kind == "simmim" else ("decoder.mask_token", v)
+    if k.startswith("patch_embed.proj."):
+        return "encoder." + k, v
+    if k.startswith("patch_embed.norm."):
+        return "encoder.patch_norm." + k.rsplit(".", 1)[1], v
+    if k.startswith("norm."):
+        return "encoder." + k, v
+    if k.startswith(("fc_norm.", "head.")):
+        return k, v
+    if k.startswith("decoder_blocks."):
+        return "decoder.blocks." + k[len("decoder_blocks."):], v
+    top, _, leaf = k.partition(".")
+    if top in _DECODER and leaf in ("weight", "bias"):
+        return ("decoder." + leaf if kind == "simmim" and top == "decoder_pred" else f"{_DECODER[top]}.{leaf}"), v
+    m = re.match(r"blocks\.(\d+)\.(.+)$", k)
+    if m is None:
+        return None
+    i, rest = int(m.group(1)), m.group(2)
+    if family == "vit":
+        return f"encoder.blocks.{i}.{rest}", v
+    s, j = stage_of[i]
+    if rest.startswith("downsample."):
+        layer, leaf = rest[len("downsample."):].split(".", 1)
+        layer = {"proj": "reduction" if family == "swin" else "proj", "norm": "norm"}.get(layer)
+        return (f"encoder.downsamples.{s - 1}.{layer}.{leaf}", v) if layer else None
+    if rest.startswith("attn.posmlp."):  # 1x1 convs [out, in, 1, 1] -> Linear [out, in]
+        rest = rest.replace("attn.posmlp.", "attn.pos_bias.mlp.")
+        v = v.reshape(v.shape[0], -1) if v.ndim == 4 else v
+    if family == "pvt":
+        rest = re.sub(r"^attn\.norm\.", "attn.sr_norm.", rest)
+    return f"encoder.stages.{s}.{j}.{rest}", v
+
+
+def _grid_of(length: int, source: str, key: str) -> int:
+    g = math.isqrt(length)
+    if g * g != length:
+        raise CheckpointError(f"{source}: {key} has {length} positions, not a square grid")
+    return g
+
+
+def _check_fixed(table: Tensor, want: Tensor, key: str, source: str) -> None:
+    diff = (table.float() - want).abs().max().item()
+    if diff > _FIXED_TABLE_TOL:
+        raise CheckpointError(
+            f"{source}: the frozen table {key} differs from the 2-D sin-cos embedding by {diff:.3g}; the weights were "
+            f"trained with another position embedding, which ummae does not reproduce"
+        )
+
+
+def _pos_tables(state, family, kind, out, dropped, source) -> None:
+    """Check fixed sin-cos tables (dropped: we compute them) and convert learnable ones."""
+    if "decoder_pos_embed" in state:
+        t = state["decoder_pos_embed"][0]
+        extra = 1 if family == "vit" else 0  # MAE's ViT decoder has a cls slot, position 0
+        g = _grid_of(t.shape[0] - extra, source, "decoder_pos_embed")
+        want = sincos_grid(g, g, t.shape[1])
+        if extra:
+            want = torch.cat([torch.zeros(1, t.shape[1]), want])
+        _check_fixed(t, want, "decoder_pos_embed", source)
+        dropped["decoder_pos_embed"] = "fixed 2-D sin-cos of the decoder (checked: equal to ours, which computes it)"
+    if "pos_embed" not in state:
+        return
+    t = state["pos_embed"][0]
+    extra = 1 if family == "vit" else 0
+    g = _grid_of(t.shape[0] - extra, source, "pos_embed")
+    if kind == "classifier":  # learnable in fine-tuning
+        if extra:
+            out["encoder.pos_embed_cls"] = t[:1].reshape(1, 1, -1)
+        out["encoder.pos_embed"] = t[extra:].reshape(g, g, -1)
+        return
+    want = sincos_grid(g, g, t.shape[1])
+    if extra:
+        want = torch.cat([torch.zeros(1, t.shape[1]), want])
+    _check_fixed(t, want, "pos_embed", source)
+    dropped["pos_embed"] = "fixed 2-D sin-cos of the encoder (checked: equal to ours, which computes it)"
+
+
+# --- which of our models, built how -----------------------------------------------------------
+
+
+def _our_model(args, family, kind, state, source) -> str:
+    from .tasks.classify import classifier_for
+
+    name = args.get("model")
+    ours = REFERENCE_MODELS.get(name) if name else None
+    if ours is None:
+        ours = _infer_model(family, kind, state)
+        if ours is None:
+            raise CheckpointError(
+                f"{source}: the checkpoint names model {name!r}, which ummae does not know, and its "
+                f"{family} encoder of width {_width(family, state)} matches no registered model"
+            )
+    if kind == "encoder" and not ours.startswith(("mae_", "simmim_")):
+        return ours
+    if kind == "encoder":
+        return classifier_for(ours)
+    if kind == "classifier" and ours.startswith(("mae_", "simmim_")):
+        return classifier_for(ours)
+    return ours
+
+
+def _width(family, state) -> int:
+    return state["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in state else -1
+
+
+def _infer_model(family, kind, state) -> str | None:
+    arch = {("swin", 96): "swin_tiny_256", ("swin", 192): "swin_large_256", ("pvt", 64): "pvt_small_256",
+            ("vit", 768): "vit_base_patch16", ("vit", 1024): "vit_large_patch16"}.get((family, _width(family, state)))
+    if arch is None:
+        return None
+    if kind == "classifier" or kind == "encoder":
+        return arch
+    if kind == "simmim":
+        return f"simmim_{arch}"
+    depth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
+    name = f"mae_{arch}"
+    return f"{name}_dec512d2b" if family == "vit" and depth == 2 else name
+
+
+def _model_args(args, family, kind, state) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    if args.get("input_size"):
+        out["img_size"] = int(args["input_size"])
+    if kind == "classifier" and "head.weight" in state:
+        out["num_classes"] = state["head.weight"].shape[0]
+    if kind == "mae":
+        uniform = bool(args.get("mask_regular", False))
+        out["sampling"] = "uniform" if uniform else "random"
+        if not uniform and "mask_ratio" in args:
+            out["mask_ratio"] = float(args["mask_ratio"])
+        out["sm_ratio"] = float(args.get("vis_mask_ratio", 0.25 if "vis_mask_token" in state else 0.0))
+        if "norm_pix_loss" in args:
+            out["norm_pix_loss"] = bool(args["norm_pix_loss"])
+        if family != "vit":
+            # The reference's decoder learned its own (flawed) visible-token positions.
+            out["decoder_pos"] = "reference"
+    elif kind == "simmim" and "mask_ratio" in args:
+        out["mask_ratio"] = float(args["mask_ratio"])
+    return out
+
+
+def describe(meta: Dict[str, Any]) -> str:
+    """Lines for the key report: what the conversion dropped and why, grouped."""
+    groups: Dict[str, List[str]] = defaultdict(list)
+    for k, why in meta.get("conversion", {}).items():
+        groups[why].append(k)
+    return "\n".join(f"  {', '.join(ks)}: {why}" for why, ks in groups.items())
