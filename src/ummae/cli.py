@@ -62,8 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--encoder-only", action="store_true", help="drop a fine-tuned classifier's head too")
     e.add_argument("--ema", action="store_true", help="the EMA weights of a fine-tuning checkpoint (a run with --ema)")
 
+    cv = sub.add_parser("convert", help="turn a reference checkpoint (UM-MAE, MAE code base) into an ummae checkpoint or export")
+    cv.add_argument("src", help="a checkpoint of the UM-MAE reference code or the MAE code base (pre-training or fine-tuned)")
+    cv.add_argument("--output", required=True, help="ummae checkpoint (.pth) or safetensors export (.safetensors) to write")
+    cv.add_argument("--model", help="our registered model to load it into (default: the one the checkpoint's args name)")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
     v = sub.add_parser("visualize", help="reconstruction pictures of a pre-training checkpoint (one row per image)")
-    v.add_argument("--checkpoint", required=True, help="a pre-training checkpoint with its decoder (checkpoint-last.pth of `ummae pretrain`)")
+    v.add_argument("--checkpoint", required=True, help="a pre-training checkpoint with its decoder (checkpoint-last.pth of `ummae pretrain`, or a reference one)")
     v.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
     v.add_argument("--output", default="recon.png", help="picture to write (default: recon.png)")
     v.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
@@ -112,6 +118,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {args.output}: {meta['contents']} of {meta['source_model']}; load it with "
                   f"`ummae finetune --model {meta['model_name']} --pretrained {args.output}` or "
                   f"timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)")
+            return 0
+        if args.command == "convert":
+            from .convert import convert_file
+
+            done = convert_file(args.src, args.output, args.model, args.overwrite)
+            use = "--init / --pretrained / visualize" if done["kind"] == "pretrain" else "--pretrained / eval"
+            print(f"wrote {args.output}: {done['tensors']} tensors of {done['model_name']} from {done['source_model']}"
+                  f" ({len(done['dropped'])} source tensors dropped: fixed tables we compute); use it with {use}")
             return 0
         if args.command == "visualize":
             return _visualize(args)

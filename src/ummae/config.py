@@ -80,6 +80,7 @@ class PretrainConfig(RunConfig):
     data: Optional[str] = _f(None, "ImageFolder tree, flat image folder, or list file of 'relative/path label' lines; omitted: the embedded demo photos")
     data_root: Optional[str] = _f(None, "root of the paths in a list file (default: the list file's folder)")
     output: str = _f("runs/pretrain", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    init: Optional[str] = _f(None, "start from the weights of this pre-training checkpoint (ummae, or the reference's: converted), with a fresh optimiser and schedule; a resumed run keeps its own weights")
     # method (None = the model's default)
     img_size: Optional[int] = _f(None, "input size (default: the model's, 256 for pyramid models, 224 for ViT)")
     unit_size: Optional[int] = _f(None, "mask unit size in pixels (default 16)")

@@ -72,11 +72,8 @@ _FIXED_TABLE_TOL = 1e-5
 
 
 def is_foreign(ckpt: Dict[str, Any]) -> bool:
-    """A checkpoint of another code base (no ``model_name``, un-prefixed keys), not ours."""
-    if "model_name" in ckpt:
-        return False
-    state = _state_of(ckpt)
-    return bool(state) and not any(k.startswith(("encoder.", "decoder.")) for k in state)
+    """A checkpoint of another code base: every one ummae writes names its model."""
+    return "model_name" not in ckpt
 
 
 def _state_of(ckpt: Dict[str, Any]) -> Dict[str, Tensor]:
@@ -97,7 +94,7 @@ def _args_of(ckpt: Dict[str, Any]) -> Dict[str, Any]:
 def convert_checkpoint(ckpt: Dict[str, Any], source: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """A foreign checkpoint (as read by ``torch.load``) -> ``(state, meta)`` in our format:
     ``meta`` has ``model_name`` (our registered model of the same architecture at paper
-    size), ``model_args`` (what the checkpoint records: image size, masking, loss),
+    size, or None when the checkpoint is of another size), ``model_args`` (what the checkpoint records: image size, masking, loss),
     ``source_model`` and ``conversion`` (dropped source key -> why)."""
     state = _state_of(ckpt)
     args = _args_of(ckpt)
@@ -180,6 +177,13 @@ def _stage_index(state: Dict[str, Tensor]) -> Dict[int, Tuple[int, int]]:
 # --- key mapping ---------------------------------------------------------------------------------
 
 _LATER = object()  # position tables: checked / converted by _pos_tables
+# The layers a block of each family has in the reference (anything else has no place in ours).
+_VIT_BLOCK = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+_BLOCK = {
+    "vit": _VIT_BLOCK,
+    "swin": r"(norm1|norm2|attn\.qkv|attn\.proj|attn\.posmlp\.[02]|mlp\.fc1|mlp\.fc2|downsample\.norm|downsample\.proj)\.(weight|bias)",
+    "pvt": r"(norm1|norm2|attn\.q|attn\.kv|attn\.proj|attn\.sr|attn\.norm|mlp\.fc1|mlp\.fc2|downsample\.proj)\.(weight|bias)",
+}
 _DECODER = {"decoder_norm": "decoder.norm", "decoder_pred": "decoder.pred", "decoder_embed": "decoder_embed"}
 
 
@@ -201,8 +205,9 @@ def _map_key(k: str, v: Tensor, family: str, kind: str, stage_of) -> Tuple[str, 
         return "encoder." + k, v
     if k.startswith(("fc_norm.", "head.")):
         return k, v
-    if k.startswith("decoder_blocks."):
-        return "decoder.blocks." + k[len("decoder_blocks."):], v
+    m = re.match(r"decoder_blocks\.(\d+)\.(.+)$", k)
+    if m is not None:
+        return (f"decoder.blocks.{m.group(1)}.{m.group(2)}", v) if re.fullmatch(_VIT_BLOCK, m.group(2)) else None
     top, _, leaf = k.partition(".")
     if top in _DECODER and leaf in ("weight", "bias"):
         return ("decoder." + leaf if kind == "simmim" and top == "decoder_pred" else f"{_DECODER[top]}.{leaf}"), v
@@ -210,13 +215,15 @@ def _map_key(k: str, v: Tensor, family: str, kind: str, stage_of) -> Tuple[str, 
     if m is None:
         return None
     i, rest = int(m.group(1)), m.group(2)
+    if not re.fullmatch(_BLOCK[family], rest):
+        return None
     if family == "vit":
         return f"encoder.blocks.{i}.{rest}", v
     s, j = stage_of[i]
     if rest.startswith("downsample."):
         layer, leaf = rest[len("downsample."):].split(".", 1)
-        layer = {"proj": "reduction" if family == "swin" else "proj", "norm": "norm"}.get(layer)
-        return (f"encoder.downsamples.{s - 1}.{layer}.{leaf}", v) if layer else None
+        layer = {"proj": "reduction" if family == "swin" else "proj", "norm": "norm"}[layer]
+        return f"encoder.downsamples.{s - 1}.{layer}.{leaf}", v
     if rest.startswith("attn.posmlp."):  # 1x1 convs [out, in, 1, 1] -> Linear [out, in]
         rest = rest.replace("attn.posmlp.", "attn.pos_bias.mlp.")
         v = v.reshape(v.shape[0], -1) if v.ndim == 4 else v
@@ -272,7 +279,10 @@ def _pos_tables(state, family, kind, out, dropped, source) -> None:
 # --- which of our models, built how -----------------------------------------------------------
 
 
-def _our_model(args, family, kind, state, source) -> str:
+def _our_model(args, family, kind, state, source) -> str | None:
+    """Our registered model of the checkpoint's architecture at paper size: the one its
+    ``args.model`` names, else the one its width suggests; None if neither (a run of another
+    size: the caller names the model, e.g. ``ummae convert --model``)."""
     from .tasks.classify import classifier_for
 
     name = args.get("model")
@@ -280,10 +290,7 @@ def _our_model(args, family, kind, state, source) -> str:
     if ours is None:
         ours = _infer_model(family, kind, state)
         if ours is None:
-            raise CheckpointError(
-                f"{source}: the checkpoint names model {name!r}, which ummae does not know, and its "
-                f"{family} encoder of width {_width(family, state)} matches no registered model"
-            )
+            return None
     if kind == "encoder" and not ours.startswith(("mae_", "simmim_")):
         return ours
     if kind == "encoder":
@@ -339,3 +346,54 @@ def describe(meta: Dict[str, Any]) -> str:
     for k, why in meta.get("conversion", {}).items():
         groups[why].append(k)
     return "\n".join(f"  {', '.join(ks)}: {why}" for why, ks in groups.items())
+
+
+def convert_file(src: str, output: str, model: str | None = None, overwrite: bool = False) -> Dict[str, Any]:
+    """``ummae convert``: a reference checkpoint -> our checkpoint (``.pth``: loads with
+    ``--pretrained``, ``--init``, ``visualize``, ``eval``) or a safetensors export. The
+    converted weights are loaded into the model they name (``model`` overrides the name the
+    checkpoint's ``args`` give, for runs of other sizes) before anything is written, so a
+    file that does not fit exactly is refused, not written."""
+    from pathlib import Path
+
+    from .engine import ckpt
+    from .engine.ckpt import load_state_strict
+    from .registry import create_model, model_kind
+    from .tasks.pretrained import load_weights, write_export
+
+    out = Path(output)
+    if out.suffix not in (".pth", ".safetensors"):
+        raise ValueError(f"--output must end in .pth (an ummae checkpoint) or .safetensors (an export), got {output}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it")
+    ck = ckpt.load(src)
+    if not is_foreign(ck):
+        raise CheckpointError(f"{src} is already an ummae checkpoint (model {ck.get('model_name')}); nothing to convert")
+    state, meta = convert_checkpoint(ck, src)
+    if model:
+        meta["model_name"] = model
+    name = meta["model_name"]
+    if name is None:
+        raise CheckpointError(
+            f"{src}: cannot tell which ummae model holds these weights (its args name {meta['source_model']!r}, "
+            f"and no registered model has its width); name one with --model (`ummae models`)"
+        )
+    kind = model_kind(name)
+    args = dict(meta["model_args"])
+    if kind == "classify":
+        args = {k: v for k, v in args.items() if k in ("img_size", "num_classes")}
+    net = create_model(name, **args)
+    if kind == "pretrain":
+        load_state_strict(net, state, src)
+    else:  # an encoder-only file leaves the head new; anything else must fit exactly
+        report = load_weights(net, state, meta, src)
+        if report.dropped:
+            raise CheckpointError(f"{src} does not fit {name}:\n{report.format()}")
+    meta["model_args"] = net.model_args
+    if out.suffix == ".safetensors":
+        write_export(state, meta, out)
+    else:
+        ckpt.save_atomic({"model": state, "model_name": name, "model_args": net.model_args,
+                          "converted_from": str(src), "conversion": meta["conversion"]}, out)
+    return {"model_name": name, "kind": kind, "tensors": len(state), "source_model": meta["source_model"],
+            "dropped": meta["conversion"]}

@@ -94,6 +94,29 @@ def _spread(paths: List[str], n: int) -> List[str]:
     return [paths[round(i * (len(paths) - 1) / (n - 1))] for i in range(n)]
 
 
+def init_weights_from(model: nn.Module, path: str, verbose: bool) -> None:
+    """``--init``: every weight of the pre-training model from ``path`` (ours, or a reference
+    checkpoint converted by :mod:`ummae.convert`), nothing else: the optimiser, schedule and
+    epoch start fresh. The weights must be those of this very model; options without weights
+    that differ (e.g. the reference's decoder positions) are logged."""
+    from .engine.ckpt import CheckpointError, load_state_strict
+    from .tasks.pretrained import read_weights
+
+    state, meta = read_weights(path)
+    try:
+        load_state_strict(model, state, path)
+    except CheckpointError as e:
+        source = meta.get("source_model") or meta.get("model_name")
+        raise CheckpointError(f"--init: {path} (model {source}) does not hold the weights of {model.model_name}: {e}") from None
+    if verbose:
+        theirs = meta.get("model_args") or {}
+        differ = {k: (v, model.model_args.get(k)) for k, v in theirs.items() if k in model.model_args and model.model_args[k] != v}
+        log.info("initialised %s from %s (model %s, %d tensors); fresh optimiser and schedule", model.model_name, path,
+                 meta.get("source_model") or meta.get("model_name"), len(state))
+        for k, (a, b) in sorted(differ.items()):
+            log.info("  %s: %r in %s, %r in this run", k, a, path, b)
+
+
 def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     cfg.validate()
     if model_kind(cfg.model) != "pretrain":
@@ -101,7 +124,10 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-        model = create_model(cfg.model, **cfg.model_kwargs()).to(device)
+        model = create_model(cfg.model, **cfg.model_kwargs())
+        if cfg.init:
+            init_weights_from(model, cfg.init, info.is_main)
+        model = model.to(device)
         dataset = build_pretrain_dataset(cfg.data, model.img_size, cfg.crop_scale, cfg.data_root, cfg.demo_repeats)
         workers = min(cfg.num_workers, os.cpu_count() or 1)
         loader, sampler = build_train_loader(

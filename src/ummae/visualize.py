@@ -60,24 +60,25 @@ _NEEDS = "reconstructions need a pre-training checkpoint with its decoder (e.g. 
 
 def load_pretraining_model(path: str | Path) -> nn.Module:
     """Rebuild the pre-training model (UM-MAE, MAE or SimMIM, decoder included) of an ummae
-    checkpoint, in eval mode on the CPU. Anything else (an exported ``.safetensors``, a
-    classifier checkpoint, weights without a decoder) is refused with a message saying what
-    the file is."""
+    or reference checkpoint (converted on the fly), in eval mode on the CPU. Anything else (an
+    exported ``.safetensors``, a classifier checkpoint, weights without a decoder) is refused
+    with a message saying what the file is."""
     from .registry import create_model, list_models, model_kind
+    from .tasks.pretrained import read_weights
 
     path = Path(path)
     if path.is_file() and _is_safetensors(path):
         raise CheckpointError(f"{path} is an exported safetensors file (encoder or classifier weights, no decoder); {_NEEDS}")
-    state = ckpt.load(path)
-    name = state.get("model_name")
+    state, meta = read_weights(path)
+    name = meta.get("model_name")
     if name is None or name not in list_models():
         raise CheckpointError(f"{path} does not name a registered ummae model (found {name!r}); {_NEEDS}")
     if model_kind(name) != "pretrain":
         raise CheckpointError(f"{path} is a checkpoint of the classifier {name} (fine-tuning or probing), which has no decoder; {_NEEDS}")
-    if not any(k.startswith("decoder") for k in state["model"]):
+    if not any(k.startswith("decoder") for k in state):
         raise CheckpointError(f"{path} holds the weights of {name} without its decoder; {_NEEDS}")
-    model = create_model(name, **state.get("model_args", {}))
-    ckpt.load_state_strict(model, state["model"], path)
+    model = create_model(name, **meta.get("model_args", {}))
+    ckpt.load_state_strict(model, state, path)
     return model.eval()
 
 

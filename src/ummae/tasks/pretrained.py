@@ -32,6 +32,7 @@ from ..convert import convert_checkpoint, describe, is_foreign
 from ..engine import ckpt
 from ..engine.ckpt import CheckpointError
 from ..layers import resize_pos_table
+from ..registry import list_models, model_kind
 
 log = logging.getLogger("ummae")
 
@@ -196,15 +197,21 @@ def export(checkpoint: str | Path, output: str | Path, encoder_only: bool = Fals
     pre-training checkpoint (decoder and masking tokens dropped), or a whole fine-tuned
     classifier (``encoder_only`` strips its head; ``ema``: its EMA weights). The metadata names the classifier that
     loads it (ours and timm's ``ummae_<name>``) and the model options."""
-    from safetensors.torch import save_file
-
-    from .classify import classifier_for
-    from ..registry import list_models, model_kind
-
     state, meta = read_weights(checkpoint, ema)
     name = meta.get("model_name")
     if name is None or name not in list_models():
         raise CheckpointError(f"{checkpoint} does not name a registered ummae model (found {name!r})")
+    return write_export(state, meta, output, encoder_only, "ema" if ema else "raw")
+
+
+def write_export(state: Dict[str, torch.Tensor], meta: Dict[str, Any], output: str | Path, encoder_only: bool = False,
+                 weights: str = "raw") -> Dict[str, str]:
+    """:func:`export` of weights already read (or converted): ``meta`` names the model."""
+    from safetensors.torch import save_file
+
+    from .classify import classifier_for
+
+    name = meta["model_name"]
     pretraining = model_kind(name) == "pretrain"
     keep = "encoder." if (pretraining or encoder_only) else ""
     out = {k: v.contiguous() for k, v in state.items() if k.startswith(keep)}
@@ -213,15 +220,15 @@ def export(checkpoint: str | Path, output: str | Path, encoder_only: bool = Fals
         "format": EXPORT_FORMAT,
         "model_name": classifier,
         "timm_model_name": f"ummae_{classifier}",
-        "source_model": name,
+        "source_model": meta.get("source_model") or name,
         "model_args": json.dumps(meta.get("model_args", {}), sort_keys=True),
         "contents": "encoder" if keep else "classifier",
-        "weights": "ema" if ema else "raw",
+        "weights": weights,
     }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     save_file(out, str(tmp), metadata=metadata)
     tmp.replace(output)  # atomic, like every checkpoint we write
-    log.info("wrote %d tensors (%s of %s) to %s", len(out), metadata["contents"], name, output)
+    log.info("wrote %d tensors (%s of %s) to %s", len(out), metadata["contents"], metadata["source_model"], output)
     return metadata
