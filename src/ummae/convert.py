@@ -383,12 +383,16 @@ def convert_file(src: str, output: str, model: str | None = None, overwrite: boo
     if kind == "classify":
         args = {k: v for k, v in args.items() if k in ("img_size", "num_classes")}
     net = create_model(name, **args)
-    if kind == "pretrain":
-        load_state_strict(net, state, src)
-    else:  # an encoder-only file leaves the head new; anything else must fit exactly
-        report = load_weights(net, state, meta, src)
-        if report.dropped:
-            raise CheckpointError(f"{src} does not fit {name}:\n{report.format()}")
+    hint = "" if model else "; for a run of another size, name the registered model that has it with --model"
+    try:
+        if kind == "pretrain":
+            load_state_strict(net, state, src)
+        else:  # an encoder-only file leaves the head new; anything else must fit exactly
+            report = load_weights(net, state, meta, src)
+            if report.dropped:
+                raise CheckpointError(f"{src} does not fit {name}:\n{report.format()}")
+    except CheckpointError as e:
+        raise CheckpointError(f"the weights of {src} do not fit {name}: {e}{hint}") from None
     meta["model_args"] = net.model_args
     if out.suffix == ".safetensors":
         write_export(state, meta, out)
