@@ -197,15 +197,24 @@ def test_block_choice__refuses_non_uniform_mask():
 # ------------------------------------------------------------------- secondary masking
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 0.5])
-def test_secondary_masking__exact_count_and_only_visible(ratio):
+# (ratio, SM units of 64 visible): the reference keeps int(V * (1 - r)) visible, so the count is
+# V * r when whole and one more than its floor otherwise (0.1: 64 - int(57.6) = 7, not 6)
+@pytest.mark.parametrize("ratio,count", [(0.0, 0), (0.1, 7), (0.25, 16), (0.5, 32), (0.3, 20)])
+def test_secondary_masking__exact_count_and_only_visible(ratio, count):
     g = _gen(21)
     mask = uniform_sampling(500, 16, 16, generator=g)
     sm = secondary_masking(mask, ratio, generator=g)
     assert sm.shape == mask.shape and sm.dtype == torch.bool
-    v = 64
-    assert torch.all(sm.sum(1) == math.floor(v * ratio))
+    assert torch.all(sm.sum(1) == count)
     assert not torch.any(sm & mask)  # SM units are always visible units
+
+
+def test_secondary_masking__vit_b_count_is_the_references():
+    """ViT-B at 224 px: 49 visible units of a random 75 % mask; the reference's SM at 0.25
+    keeps int(49 * 0.75) = 36 of them, so 13 get the token (floor(49 * 0.25) would be 12)."""
+    mask = random_masking(300, 196, 0.75, generator=_gen(22))
+    sm = secondary_masking(mask, 0.25, generator=_gen(23))
+    assert torch.all((~mask).sum(1) == 49) and torch.all(sm.sum(1) == 13)
 
 
 def test_secondary_masking__every_visible_unit_equally_likely():
@@ -248,18 +257,20 @@ def test_secondary_masking__seeded_and_refuses_bad_input():
 # ------------------------------------------------------------------- random masking
 
 
-@pytest.mark.parametrize("length,ratio", [(256, 0.75), (196, 0.75), (16, 0.75), (49, 0.6), (10, 0.33)])
-def test_random_masking__exact_count(length, ratio):
+# (units, ratio, masked): the reference's generator masks int(ratio * units): 49 * 0.6 = 29.4
+# -> 29 (MAE's own int(L * (1 - r)) kept would mask 30)
+@pytest.mark.parametrize("length,ratio,masked", [(256, 0.75, 192), (196, 0.75, 147), (16, 0.75, 12), (49, 0.6, 29),
+                                                 (10, 0.33, 3)])
+def test_random_masking__exact_count(length, ratio, masked):
     m = random_masking(300, length, ratio, generator=_gen(31))
     assert m.shape == (300, length) and m.dtype == torch.bool
-    assert torch.all(m.sum(1) == length - int(length * (1 - ratio)))
+    assert torch.all(m.sum(1) == masked)
 
 
 def test_random_masking__every_unit_equally_likely():
     n, length, ratio = 4000, 64, 0.75
     m = random_masking(n, length, ratio, generator=_gen(32))
-    k = length - int(length * (1 - ratio))
-    p = k / length
+    p = 48 / length  # int(0.75 * 64) masked
     counts = m.sum(0).double()
     mean, sd = n * p, math.sqrt(n * p * (1 - p))
     assert torch.all((counts - mean).abs() < 5 * sd)
@@ -272,8 +283,8 @@ def test_random_masking__bad_ratio_refused():
     for r in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError):
             random_masking(2, 16, r)
-    with pytest.raises(ValueError):
-        random_masking(2, 4, 0.9)  # keeps no unit
+    with pytest.raises(ValueError, match="masks no unit"):
+        random_masking(2, 4, 0.2)  # int(0.8) = 0 units masked
 
 
 # ------------------------------------------------------------------- compaction

@@ -68,8 +68,11 @@ def secondary_masking(
     mask: Tensor, ratio: float, *, generator: Optional[torch.Generator] = None, num_visible: Optional[int] = None
 ) -> Tensor:
     """Secondary Masking: of the ``V`` visible units of each image choose exactly
-    ``floor(V * ratio)`` at random. Returns a bool ``[N, L]``, True = visible unit whose patch
-    embedding is replaced by the shared learnable token. The loss ignores these units.
+    ``V - int(V * (1 - ratio))`` at random, the reference's count (it keeps
+    ``int(V * (1 - ratio))`` visible): ``V * ratio`` when that is whole (16 of 64 at 256 px),
+    one more than its floor otherwise (13 of ViT-B's 49 at 224 px). Returns a bool ``[N, L]``,
+    True = visible unit whose patch embedding is replaced by the shared learnable token. The
+    loss ignores these units.
 
     Every image of the batch must have the same number of visible units (true for uniform and
     for fixed-ratio random masks). A caller that knows it passes ``num_visible`` and skips the
@@ -83,7 +86,7 @@ def secondary_masking(
         v = int(visible[0])
         if not torch.all(visible == v):
             raise ValueError("secondary masking needs the same number of visible units per image")
-    k = int(v * ratio)
+    k = v - int(v * (1.0 - ratio))  # the same float expression as the reference's
     if k == 0:
         return torch.zeros_like(mask)
     noise = torch.rand(n, length, device=mask.device, generator=generator)
@@ -95,22 +98,22 @@ def secondary_masking(
 
 
 def num_kept(length: int, ratio: float) -> int:
-    """Visible units of a fixed-ratio random mask: MAE's ``int(L * (1 - r))``, made immune to
-    float round-off (0.9999999 -> 1)."""
-    return int(length * (1 - ratio) + 1e-6)
+    """Visible units of a fixed-ratio random mask, as the reference's mask generator counts
+    them: ``int(r * L)`` units masked, the rest visible (49 of 196 at 0.75)."""
+    return length - int(ratio * length)
 
 
 def random_masking(
     n: int, length: int, ratio: float, *, device=None, generator: Optional[torch.Generator] = None
 ) -> Tensor:
-    """MAE random sampling / SimMIM random mask: exactly ``length - int(length * (1 - ratio))``
-    units masked per image, uniformly at random."""
+    """MAE random sampling / SimMIM random mask: exactly ``int(ratio * length)`` units masked
+    per image (the reference's count), uniformly at random."""
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
     dev = _device(generator, device)
     num_keep = num_kept(length, ratio)
-    if num_keep < 1:
-        raise ValueError(f"mask ratio {ratio} leaves no visible unit out of {length}")
+    if num_keep == length:  # int(ratio * length) == 0: nothing to predict, a loss over no unit
+        raise ValueError(f"mask ratio {ratio} masks no unit out of {length}")
     noise = torch.rand(n, length, device=dev, generator=generator)
     ranks = noise.argsort(dim=1).argsort(dim=1)
     return ranks >= num_keep
