@@ -115,16 +115,17 @@ def test_classifier__reset_classifier_and_probe_head():
 LAYER_DEPTHS = {
     "swin_test": [  # depths (2, 1, 1, 1): 5 layers
         ("encoder.patch_embed.", 6), ("encoder.patch_norm.", 6),
-        ("encoder.stages.0.0.", 5), ("encoder.stages.0.1.", 4), ("encoder.downsamples.0.", 4),
-        ("encoder.stages.1.0.", 3), ("encoder.downsamples.1.", 3),
-        ("encoder.stages.2.0.", 2), ("encoder.downsamples.2.", 2),
+        # a down-sampling layer goes with the first block after it (the reference's blocks hold it)
+        ("encoder.stages.0.0.", 5), ("encoder.stages.0.1.", 4), ("encoder.downsamples.0.", 3),
+        ("encoder.stages.1.0.", 3), ("encoder.downsamples.1.", 2),
+        ("encoder.stages.2.0.", 2), ("encoder.downsamples.2.", 1),
         ("encoder.stages.3.0.", 1), ("fc_norm.", 0), ("head.", 0),
     ],
     "pvt_test": [  # depths (1, 1, 1, 1): 4 layers; the position table is part of the embedding
         ("encoder.patch_embed.", 5), ("encoder.pos_embed", 5),
-        ("encoder.stages.0.0.", 4), ("encoder.downsamples.0.", 4),
-        ("encoder.stages.1.0.", 3), ("encoder.downsamples.1.", 3),
-        ("encoder.stages.2.0.", 2), ("encoder.downsamples.2.", 2),
+        ("encoder.stages.0.0.", 4), ("encoder.downsamples.0.", 3),
+        ("encoder.stages.1.0.", 3), ("encoder.downsamples.1.", 2),
+        ("encoder.stages.2.0.", 2), ("encoder.downsamples.2.", 1),
         ("encoder.stages.3.0.", 1), ("fc_norm.", 0), ("head.", 0),
     ],
     "vit_test": [  # depth 2: embeddings, blocks.0, blocks.1, head

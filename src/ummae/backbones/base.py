@@ -57,10 +57,11 @@ class PyramidBackbone(nn.Module):
         return sum(self.depths)
 
     def layer_id(self, name: str) -> int:
-        """Depth of parameter ``name`` for layer-wise lr decay (BEiT / SimMIM / MAE): 0 for the
-        patch embedding, 1..num_layers for the blocks in order, a down-sampling layer with the
-        last block before it, ``num_layers + 1`` for the final norm (and, in a classifier, the
-        head)."""
+        """Depth of parameter ``name`` for layer-wise lr decay (BEiT / MAE, as the reference
+        applies it to its flat list of blocks): 0 for the patch embedding and position table,
+        1..num_layers for the blocks in order, a down-sampling layer with the first block after
+        it (the reference keeps it inside that block), ``num_layers + 1`` for the final norm
+        (and, in a classifier, the head)."""
         parts = name.split(".")
         if parts[0] in ("patch_embed", "patch_norm"):
             return 0
@@ -68,7 +69,7 @@ class PyramidBackbone(nn.Module):
             s, j = int(parts[1]), int(parts[2])
             return sum(self.depths[:s]) + j + 1
         if parts[0] == "downsamples":
-            return sum(self.depths[: int(parts[1]) + 1])
+            return sum(self.depths[: int(parts[1]) + 1]) + 1
         if parts[0] == "pos_embed":  # added to the patch embedding
             return 0
         return self.num_layers + 1
