@@ -20,9 +20,13 @@ from ..layers import LayerNorm, resize_pos_table, sincos_grid
 from .base import PyramidBackbone
 
 
-@functools.lru_cache(maxsize=8)
-def _sincos_table(side: int, dim: int) -> Tensor:
-    return sincos_grid(side, side, dim).view(side, side, dim)
+def _sincos_table(side: int, dim: int, device=None) -> Tensor:
+    return sincos_grid(side, side, dim).view(side, side, dim).to(device)
+
+
+# one copy per geometry and device (no host-to-device copy per step); torch.compile builds it
+# into the graph instead (it warns on lru_cache)
+_cached_sincos_table = functools.lru_cache(maxsize=16)(_sincos_table)
 
 
 class SRAttention(nn.Module):
@@ -101,7 +105,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         if pos_embed == "learnable":
             # [H, W, C] of the stage-1 grid, initialised to exactly the fixed embedding it replaces
             side = img_size // self.patch_size
-            self.pos_embed = nn.Parameter(_sincos_table(side, embed_dims[0]).clone())
+            self.pos_embed = nn.Parameter(_sincos_table(side, embed_dims[0]))
         dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
         self.downsamples = nn.ModuleList(Downsample(embed_dims[s], embed_dims[s + 1]) for s in range(len(depths) - 1))
         self.stages = nn.ModuleList()
@@ -134,7 +138,8 @@ class PyramidVisionTransformer(PyramidBackbone):
         """Stage-1 embedding at integer positions ``pos [P, h, w, 2]`` of a grid of side
         ``extent``; a learnable table of another size is resized (bicubic) first."""
         if self.pos_embed is None:
-            table = _sincos_table(extent, self.embed_dims[0]).to(pos.device)
+            fn = _sincos_table if torch.compiler.is_compiling() else _cached_sincos_table
+            table = fn(extent, self.embed_dims[0], pos.device)
         else:
             table = self.pos_embed
             if table.shape[0] != extent or table.shape[1] != extent:

@@ -16,9 +16,12 @@ from torch import Tensor, nn
 from ..layers import LayerNorm, PatchEmbed, resize_pos_table, sincos_grid
 
 
-@functools.lru_cache(maxsize=8)
-def _sincos_table(h: int, w: int, dim: int) -> Tensor:
-    return sincos_grid(h, w, dim)
+def _sincos_table(h: int, w: int, dim: int, device=None) -> Tensor:
+    return sincos_grid(h, w, dim).to(device)
+
+
+# one copy per geometry and device; torch.compile builds it into the graph instead
+_cached_sincos_table = functools.lru_cache(maxsize=16)(_sincos_table)
 
 
 class VisionTransformer(nn.Module):
@@ -63,7 +66,8 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(imgs)
         h, w = x.shape[1:3]
         if self.pos_embed is None:
-            pos = _sincos_table(h, w, x.shape[-1]).to(device=x.device, dtype=x.dtype)
+            fn = _sincos_table if torch.compiler.is_compiling() else _cached_sincos_table
+            pos = fn(h, w, x.shape[-1], x.device).to(x.dtype)
         else:
             table = self.pos_embed
             if table.shape[:2] != (h, w):

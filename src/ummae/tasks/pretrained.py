@@ -161,7 +161,9 @@ def load_weights(model: nn.Module, state: Dict[str, torch.Tensor], meta: Dict[st
     for k in own:
         if k in done:
             continue
-        if _is_pos_table(k) and k not in state:
+        if k == "encoder.pos_embed_cls" and k not in state:
+            report.new[k] = "the cls token's learnable position, initialised to 0 (its fixed position in pre-training)"
+        elif _is_pos_table(k) and k not in state:
             report.new[k] = "learnable position table, initialised to the fixed sin-cos it replaces"
         elif k.startswith(_HEAD_PREFIXES):
             report.new[k] = "head (weights: trunc normal std 2e-5, bias 0)" if k.startswith("head.") else "fc_norm (1, 0)"
