@@ -165,3 +165,35 @@ def test_cli_eval__reference_finetuned_checkpoint(capsys, tmp_path, colour_data)
     assert code == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["val_images"] == 9
+
+
+VIT_TEST = dict(family="vit", dim=32, depth=2, heads=2, patch=16, img_size=64)
+MAE_CODEBASE_ARGS = dict(model="mae_vit_base_patch16", input_size=64, mask_ratio=0.75, norm_pix_loss=True)
+
+
+def test_mae_codebase_vit_checkpoints(tmp_path):
+    """The MAE code base's checkpoints (no UM options in their args): a pre-training one is MAE
+    random sampling without SM; an encoder-only one fine-tunes with the usual key report."""
+    full = tmp_path / "mae_full.pth"
+    torch.save(reference_checkpoint(dict(VIT_TEST, kind="mae", decoder=(32, 1), sm=False), MAE_CODEBASE_ARGS), full)
+    state, meta = read_weights(full)
+    assert meta["model_name"] == "mae_vit_base_patch16" and meta["assumed"] == {}
+    assert meta["model_args"] == {"img_size": 64, "sampling": "random", "mask_ratio": 0.75, "sm_ratio": 0.0,
+                                  "norm_pix_loss": True}
+    model = create_model("mae_vit_test", **meta["model_args"])
+    load_state_strict(model, state, full)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    assert out["mask"].sum(1).tolist() == [12, 12] and torch.isfinite(out["loss"])
+
+    enc_only = tmp_path / "mae_pretrain_vit.pth"
+    ck = reference_checkpoint(dict(VIT_TEST, kind="encoder"), {k: v for k, v in MAE_CODEBASE_ARGS.items() if k != "input_size"})
+    torch.save(ck, enc_only)
+    clf = create_model("vit_test", num_classes=3)
+    report = load_pretrained(clf, enc_only)
+    assert set(report.new) == {"encoder.pos_embed", "encoder.pos_embed_cls", "fc_norm.weight", "fc_norm.bias",
+                               "head.weight", "head.bias"}
+    assert set(report.dropped) == {"encoder.norm.weight", "encoder.norm.bias"}
+    text = report.format()
+    assert "pos_embed: fixed 2-D sin-cos" in text and "option img_size: not recorded" in text
+    assert torch.equal(clf.encoder.cls_token, ck["model"]["cls_token"])

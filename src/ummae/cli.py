@@ -126,6 +126,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             use = "--init / --pretrained / visualize" if done["kind"] == "pretrain" else "--pretrained / eval"
             print(f"wrote {args.output}: {done['tensors']} tensors of {done['model_name']} from {done['source_model']}"
                   f" ({len(done['dropped'])} source tensors dropped: fixed tables we compute); use it with {use}")
+            for option, why in done["assumed"].items():
+                print(f"  {option}: {why}")
             return 0
         if args.command == "visualize":
             return _visualize(args)

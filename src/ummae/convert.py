@@ -95,7 +95,8 @@ def convert_checkpoint(ckpt: Dict[str, Any], source: str) -> Tuple[Dict[str, Ten
     """A foreign checkpoint (as read by ``torch.load``) -> ``(state, meta)`` in our format:
     ``meta`` has ``model_name`` (our registered model of the same architecture at paper
     size, or None when the checkpoint is of another size), ``model_args`` (what the checkpoint records: image size, masking, loss),
-    ``source_model`` and ``conversion`` (dropped source key -> why)."""
+    ``source_model``, ``conversion`` (dropped source key -> why) and ``assumed`` (option the
+    checkpoint does not record -> what is used)."""
     state = _state_of(ckpt)
     args = _args_of(ckpt)
     if not state:
@@ -125,11 +126,13 @@ def convert_checkpoint(ckpt: Dict[str, Any], source: str) -> Tuple[Dict[str, Ten
             f"(e.g. {', '.join(sorted(unmapped)[:5])})"
         )
     _pos_tables(state, family, kind, out, dropped, source)
+    notes: Dict[str, str] = {}
     meta = {
         "model_name": _our_model(args, family, kind, state, source),
-        "model_args": _model_args(args, family, kind, state),
+        "model_args": _model_args(args, family, kind, state, notes),
         "source_model": f"{args.get('model', family)} (reference checkpoint)",
         "conversion": dropped,
+        "assumed": notes,
     }
     return out, meta
 
@@ -318,10 +321,14 @@ def _infer_model(family, kind, state) -> str | None:
     return f"{name}_dec512d2b" if family == "vit" and depth == 2 else name
 
 
-def _model_args(args, family, kind, state) -> Dict[str, Any]:
+def _model_args(args, family, kind, state, notes: Dict[str, str]) -> Dict[str, Any]:
+    """Our model options from the checkpoint's ``args``; what they do not record is said in
+    ``notes`` (option -> what is used instead), never filled in silently."""
     out: Dict[str, Any] = {}
     if args.get("input_size"):
         out["img_size"] = int(args["input_size"])
+    else:
+        notes["img_size"] = "not recorded: the model's default input size"
     if kind == "classifier" and "head.weight" in state:
         out["num_classes"] = state["head.weight"].shape[0]
     if kind == "mae":
@@ -329,9 +336,17 @@ def _model_args(args, family, kind, state) -> Dict[str, Any]:
         out["sampling"] = "uniform" if uniform else "random"
         if not uniform and "mask_ratio" in args:
             out["mask_ratio"] = float(args["mask_ratio"])
-        out["sm_ratio"] = float(args.get("vis_mask_ratio", 0.25 if "vis_mask_token" in state else 0.0))
+        if "vis_mask_ratio" in args:
+            out["sm_ratio"] = float(args["vis_mask_ratio"])
+        elif "vis_mask_token" in state:
+            out["sm_ratio"] = 0.25
+            notes["sm_ratio"] = "not recorded, but the checkpoint has an SM token: the paper's 0.25"
+        else:
+            out["sm_ratio"] = 0.0  # no SM token: MAE's code base, or UM without SM
         if "norm_pix_loss" in args:
             out["norm_pix_loss"] = bool(args["norm_pix_loss"])
+        else:
+            notes["norm_pix_loss"] = "not recorded: the model's default (on)"
         if family != "vit":
             # The reference's decoder learned its own (flawed) visible-token positions.
             out["decoder_pos"] = "reference"
@@ -341,11 +356,14 @@ def _model_args(args, family, kind, state) -> Dict[str, Any]:
 
 
 def describe(meta: Dict[str, Any]) -> str:
-    """Lines for the key report: what the conversion dropped and why, grouped."""
+    """Lines for the key report: what the conversion dropped and why, grouped, and the options
+    the checkpoint did not record."""
     groups: Dict[str, List[str]] = defaultdict(list)
     for k, why in meta.get("conversion", {}).items():
         groups[why].append(k)
-    return "\n".join(f"  {', '.join(ks)}: {why}" for why, ks in groups.items())
+    lines = [f"  {', '.join(ks)}: {why}" for why, ks in groups.items()]
+    lines += [f"  option {k}: {why}" for k, why in meta.get("assumed", {}).items()]
+    return "\n".join(lines)
 
 
 def convert_file(src: str, output: str, model: str | None = None, overwrite: bool = False) -> Dict[str, Any]:
@@ -398,6 +416,6 @@ def convert_file(src: str, output: str, model: str | None = None, overwrite: boo
         write_export(state, meta, out)
     else:
         ckpt.save_atomic({"model": state, "model_name": name, "model_args": net.model_args,
-                          "converted_from": str(src), "conversion": meta["conversion"]}, out)
+                          "converted_from": str(src), "conversion": meta["conversion"], "assumed": meta["assumed"]}, out)
     return {"model_name": name, "kind": kind, "tensors": len(state), "source_model": meta["source_model"],
-            "dropped": meta["conversion"]}
+            "dropped": meta["conversion"], "assumed": meta["assumed"]}

@@ -59,7 +59,8 @@ class LoadReport:
     def format(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source} (model {self.source_model})"]
         if self.converted:
-            lines += ["converted from the reference layout (ummae.convert); source tensors not carried over:", self.converted]
+            lines += ["converted from the reference layout (ummae.convert): source tensors not carried over, options not recorded:",
+                      self.converted]
         for title, items in (("adapted", self.adapted), ("newly initialised", self.new), ("dropped", self.dropped)):
             if items:
                 lines.append(f"{title} ({len(items)}):")
