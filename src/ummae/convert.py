@@ -94,9 +94,9 @@ def _args_of(ckpt: Dict[str, Any]) -> Dict[str, Any]:
 def convert_checkpoint(ckpt: Dict[str, Any], source: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """A foreign checkpoint (as read by ``torch.load``) -> ``(state, meta)`` in our format:
     ``meta`` has ``model_name`` (our registered model of the same architecture at paper
-    size, or None when the checkpoint is of another size), ``model_args`` (what the checkpoint records: image size, masking, loss),
-    ``source_model``, ``conversion`` (dropped source key -> why) and ``assumed`` (option the
-    checkpoint does not record -> what is used)."""
+    size, or None when the checkpoint is of another size), ``model_args`` (what the checkpoint
+    records: image size, masking, loss), ``source_model``, ``conversion`` (dropped source key
+    -> why) and ``assumed`` (option the checkpoint does not record -> what is used)."""
     state = _state_of(ckpt)
     args = _args_of(ckpt)
     if not state:
@@ -128,7 +128,7 @@ def convert_checkpoint(ckpt: Dict[str, Any], source: str) -> Tuple[Dict[str, Ten
     _pos_tables(state, family, kind, out, dropped, source)
     notes: Dict[str, str] = {}
     meta = {
-        "model_name": _our_model(args, family, kind, state, source),
+        "model_name": _our_model(args, family, kind, state),
         "model_args": _model_args(args, family, kind, state, notes),
         "source_model": f"{args.get('model', family)} (reference checkpoint)",
         "conversion": dropped,
@@ -282,7 +282,7 @@ def _pos_tables(state, family, kind, out, dropped, source) -> None:
 # --- which of our models, built how -----------------------------------------------------------
 
 
-def _our_model(args, family, kind, state, source) -> str | None:
+def _our_model(args, family, kind, state) -> str | None:
     """Our registered model of the checkpoint's architecture at paper size: the one its
     ``args.model`` names, else the one its width suggests; None if neither (a run of another
     size: the caller names the model, e.g. ``ummae convert --model``)."""
@@ -303,13 +303,13 @@ def _our_model(args, family, kind, state, source) -> str | None:
     return ours
 
 
-def _width(family, state) -> int:
+def _width(state) -> int:
     return state["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in state else -1
 
 
 def _infer_model(family, kind, state) -> str | None:
     arch = {("swin", 96): "swin_tiny_256", ("swin", 192): "swin_large_256", ("pvt", 64): "pvt_small_256",
-            ("vit", 768): "vit_base_patch16", ("vit", 1024): "vit_large_patch16"}.get((family, _width(family, state)))
+            ("vit", 768): "vit_base_patch16", ("vit", 1024): "vit_large_patch16"}.get((family, _width(state)))
     if arch is None:
         return None
     if kind == "classifier" or kind == "encoder":
