@@ -29,7 +29,7 @@ from ummae.config import PretrainConfig
 from ummae.engine import ckpt
 from ummae.engine.ckpt import CheckpointError
 from ummae.engine.loop import NonFiniteLossError
-from ummae.engine.optim import param_groups, warmup_cosine
+from ummae.engine.optim import no_weight_decay, param_groups, pretrain_no_weight_decay, warmup_cosine
 from ummae.registry import create_model
 from ummae.train import pretrain
 
@@ -432,9 +432,13 @@ def test_warmup_cosine__shape():
 
 
 @pytest.mark.parametrize("name", ["mae_swin_test", "mae_vit_test", "simmim_swin_test"])
-def test_param_groups__no_decay_on_biases_norms_tokens(name):
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_param_groups__no_decay_on_biases_norms_and_fine_tuning_tokens(name, stage):
+    """The reference's rules: pre-training (MAE's add_weight_decay) exempts only 1-d tensors,
+    so its [1, 1, C] tokens are decayed; fine-tuning also exempts tokens and position tables."""
     model = create_model(name)
-    decay, no_decay = param_groups(model, 0.05)
+    rule = pretrain_no_weight_decay if stage == "pretrain" else no_weight_decay
+    decay, no_decay = param_groups(model, 0.05, no_decay=rule)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     in_decay = {names[id(p)] for p in decay["params"]}
@@ -443,7 +447,7 @@ def test_param_groups__no_decay_on_biases_norms_tokens(name):
     assert in_decay | in_no_decay == set(names.values())
     tokens = {n for n in names.values() if n.split(".")[-1] in ("sm_token", "mask_token", "cls_token")}
     assert tokens, "expected learnable tokens"
-    assert tokens <= in_no_decay
+    assert tokens <= (in_decay if stage == "pretrain" else in_no_decay)
     for mod_name, mod in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         if getattr(mod, "bias", None) is not None and isinstance(mod.bias, nn.Parameter):

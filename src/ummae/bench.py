@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .engine.optim import build_optimizer
+from .engine.optim import build_optimizer, pretrain_no_weight_decay
 from .engine.precision import autocast, grad_scaler, resolve_device, resolve_precision
 
 __all__ = ["run_bench", "format_table", "add_bench_args", "bench_main"]
@@ -257,7 +257,7 @@ def _bench_one(
         if size is None:
             raise ValueError(f"model {name!r} has no default_img_size; pass img_size")
         n_params = sum(p.numel() for p in model.parameters())
-        opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), device)  # the training optimiser
+        opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), device, no_decay=pretrain_no_weight_decay)  # pre-training's
         scaler = grad_scaler(device, precision)
         # The same batch for every model (of one size): drawn from its own seeded generator.
         gen = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from .config import PretrainConfig
 from .data import build_pretrain_dataset, build_train_loader
 from .data.datasets import _scan_images
 from .engine.loop import Trainer
-from .engine.optim import build_optimizer
+from .engine.optim import build_optimizer, pretrain_no_weight_decay
 from .engine.precision import resolve_precision
 from .registry import create_model, model_kind
 from .seeds import seed_everything
@@ -135,7 +135,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         )
         eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
         lr = cfg.effective_lr(info.world_size)
-        optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device)
+        optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, no_decay=pretrain_no_weight_decay)
         if info.is_main:
             Path(cfg.output).mkdir(parents=True, exist_ok=True)
             log.info("model %s (%.1fM params)", cfg.model, sum(p.numel() for p in model.parameters()) / 1e6)

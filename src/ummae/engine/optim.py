@@ -1,6 +1,7 @@
-"""Optimiser and schedule: AdamW with no weight decay on biases, norms, tokens and position
-tables; optional layer-wise lr decay; per-step linear warm-up then cosine (MAE's schedule,
-evaluated per optimiser update)."""
+"""Optimiser and schedule: AdamW with the reference's weight-decay rules (pre-training: none on
+biases and norms only; fine-tuning: none on biases, norms, tokens and position tables);
+optional layer-wise lr decay; per-step linear warm-up then cosine (MAE's schedule, evaluated
+per optimiser update)."""
 from __future__ import annotations
 
 import math
@@ -10,12 +11,19 @@ import torch.nn as nn
 
 
 def no_weight_decay(name: str, p: nn.Parameter) -> bool:
-    # 1-d tensors are biases and norm scales; tokens and position tables are embeddings:
-    # decaying them hurts (MAE, timm).
+    """Fine-tuning (the reference's ``param_groups_lrd``): 1-d tensors (biases, norm scales)
+    and the model's ``no_weight_decay`` set (position tables, ViT's cls token)."""
     return p.ndim <= 1 or name.endswith("token") or "pos_embed" in name
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None):
+def pretrain_no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    """Pre-training (MAE's ``add_weight_decay``, which the reference uses): 1-d tensors only.
+    The reference's tokens (mask, SM, cls) are ``[1, 1, C]`` and so decayed; ours that are
+    stored 1-d (SM token, SimMIM mask token) are decayed too."""
+    return p.ndim <= 1 and not name.endswith("token")
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None, no_decay=no_weight_decay):
     """AdamW groups. With ``layer_decay`` (fine-tuning, BEiT/MAE), a parameter at depth ``i``
     of ``model.layer_id`` gets ``lr_scale = layer_decay ** (num_layers + 1 - i)``: the patch
     embedding learns slowest, the head at the full lr. The Trainer applies ``lr_scale``."""
@@ -23,7 +31,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        wd = 0.0 if no_weight_decay(name, p) else weight_decay
+        wd = 0.0 if no_decay(name, p) else weight_decay
         scale, layer = 1.0, 0
         if layer_decay is not None:
             layer = model.layer_id(name)
@@ -33,9 +41,9 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, device: torch.device,
-                    layer_decay: float | None = None) -> torch.optim.Optimizer:
+                    layer_decay: float | None = None, no_decay=no_weight_decay) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
-        param_groups(model, weight_decay, layer_decay), lr=lr, betas=tuple(betas), fused=device.type == "cuda"
+        param_groups(model, weight_decay, layer_decay, no_decay), lr=lr, betas=tuple(betas), fused=device.type == "cuda"
     )
 
 
