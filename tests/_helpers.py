@@ -104,3 +104,21 @@ def run_torchrun(args: list[str], timeout: float, nproc: int = 2) -> subprocess.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def brute_unit_orders(mask, grid):
+    """Per image, by loops over the full unit grid: the unit each compact token really comes
+    from (compact token t = block (t // (grid/2), t % (grid/2)), whose one visible unit it is),
+    and the reference code's assignment (the t-th visible unit in raster order of the grid)."""
+    half = grid // 2
+    kept, raster = [], []
+    for m in mask.tolist():
+        own = []
+        for t in range(half * half):
+            bi, bj = divmod(t, half)
+            units = [(2 * bi + a) * grid + 2 * bj + b for a in range(2) for b in range(2)]
+            (u,) = [u for u in units if not m[u]]
+            own.append(u)
+        kept.append(own)
+        raster.append([u for u in range(grid * grid) if not m[u]])
+    return torch.tensor(kept), torch.tensor(raster)

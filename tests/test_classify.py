@@ -229,6 +229,31 @@ def test_run_knn__separates_colour_classes(colour_data, pretrain_ckpt, tmp_path)
                              device="cpu")) == result
 
 
+def test_run_knn__uses_the_temperature_it_is_given(colour_data, pretrain_ckpt, monkeypatch):
+    """Features placed by hand (the extractor is replaced): every val image's 3 nearest
+    training images are two of class 0 at cosine 0.9 and one of class 1 at 0.99. Weighted by
+    exp(sim / T): at T = 1, 2 e^0.9 = 4.9 > e^0.99 = 2.7, class 0 wins (top-1 100 %); at
+    T = 0.05, 2 e^18 = 1.3e8 < e^19.8 = 4.0e8, class 1 wins (0 %)."""
+    import ummae.tasks.knn as knn_module
+
+    q = torch.tensor([1.0, 0.0])
+    train = torch.tensor([[0.9, math.sqrt(1 - 0.81)]] * 2 + [[0.99, math.sqrt(1 - 0.99**2)]] + [[-1.0, 0.0]] * 15)
+    train_labels = torch.tensor([0, 0, 1] + [2] * 15)
+    fake = iter([])
+
+    def extract(model, loader, device, precision):
+        return next(fake)
+
+    monkeypatch.setattr(knn_module, "extract_features", extract)
+    results = {}
+    for temperature in (1.0, 0.05):
+        fake = iter([(train, train_labels), (q.expand(9, 2).clone(), torch.zeros(9, dtype=torch.long))])
+        results[temperature] = run_knn(KnnConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")),
+                                                 data=str(colour_data), k=3, temperature=temperature, num_workers=0,
+                                                 device="cpu"))["knn_acc1"]
+    assert results == {1.0: 100.0, 0.05: 0.0}
+
+
 def test_linprobe__frozen_encoder_separates_colour_classes(colour_data, pretrain_ckpt, tmp_path):
     # LARS scales each step of the head's weight to lr * 0.001 * |w| (MAE's trust ratio): a
     # linear probe on 18 images needs a large lr and a few dozen steps.

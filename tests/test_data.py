@@ -63,13 +63,20 @@ def test_build_pretrain_dataset__list_file(tmp_path):
 
 
 def test_build_pretrain_dataset__list_file_data_root(tmp_path):
-    write_image(tmp_path / "root" / "a.png")
+    """The list's relative path is read under --data-root: a one-colour image there comes out
+    as that colour, ImageNet-normalised, at every pixel of the crop."""
+    (tmp_path / "root").mkdir()
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(tmp_path / "root" / "a.png")
     lst = tmp_path / "lists" / "train.txt"
     lst.parent.mkdir()
     lst.write_text("a.png 0\n")
     ds = build_pretrain_dataset(str(lst), img_size=8, data_root=str(tmp_path / "root"))
     assert ds.samples == [(str(tmp_path / "root" / "a.png"), 0)]
-    assert ds[0] is not None
+    img = ds[0][0]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    want = torch.tensor([(v / 255 - m) / s for v, m, s in zip((200, 100, 50), mean, std)])
+    assert img.shape == (3, 8, 8)
+    torch.testing.assert_close(img, want.view(3, 1, 1).expand(3, 8, 8), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad_line", ["c.png cat", "c d.png 1"])

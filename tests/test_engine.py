@@ -154,10 +154,20 @@ def test_pretrain__metrics_jsonl_and_tensorboard(run_a):
     assert len(steps) == 18 and len(epochs) == 3
     for r in steps:
         assert {"epoch", "step", "loss", "lr", "images_per_s", "skipped_images"} <= set(r)
-        assert math.isfinite(r["loss"]) and r["lr"] >= 0 and r["images_per_s"] > 0
+        assert math.isfinite(r["loss"]) and r["images_per_s"] > 0
+    # the lr of each step follows the schedule: blr * batch / 256, 1 warm-up epoch (6 steps)
+    # of linear rise from 0, then a half cosine to 0 over the other 12 (MAE's per-step rule)
+    peak = 0.05 * 4 / 256
+    for r in steps:
+        t = r["step"] - 1  # the lr is set before the update
+        want = peak * t / 6 if t < 6 else peak * 0.5 * (1 + math.cos(math.pi * (t - 6) / 12))
+        assert r["lr"] == pytest.approx(want, rel=1e-9, abs=1e-15), r
     for r in epochs:
         assert {"epoch", "step", "train_loss", "epoch_time_s", "skipped_images"} <= set(r)
         assert "replica_max_diff" not in r  # single process
+        # the epoch loss is the mean of its steps' losses (log_every 1: one record per step)
+        losses = [s["loss"] for s in steps if s["epoch"] == r["epoch"]]
+        assert len(losses) == 6 and r["train_loss"] == pytest.approx(sum(losses) / 6, rel=1e-6)
     assert [r["step"] for r in epochs] == [6, 12, 18]
     assert sorted(os.listdir(run_a / "tensorboard"))[0].startswith("events.out.tfevents")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

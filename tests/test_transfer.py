@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import _reference_forward as ref
 from ummae.cli import main
 from ummae.config import FinetuneConfig
 from ummae.engine import ckpt
@@ -200,9 +201,7 @@ def test_load_pretrained__vit_position_table_resized_for_another_size(tmp_path, 
     assert set(report.loaded) == set(src) - {"encoder.pos_embed"}  # the head too: same classes
     table = big.encoder.pos_embed.detach()
     assert table.shape == (6, 6, 32)
-    expected = F.interpolate(src["encoder.pos_embed"].permute(2, 0, 1)[None], size=(6, 6), mode="bicubic",
-                             align_corners=False)[0].permute(1, 2, 0)
-    torch.testing.assert_close(table, expected)
+    torch.testing.assert_close(table, ref.bicubic_resize(src["encoder.pos_embed"], 6, 6), rtol=1e-5, atol=1e-5)
     assert big(_imgs(1, 96)).shape == (1, 5)
 
     same = create_model("vit_test", num_classes=5)
@@ -216,9 +215,18 @@ def test_load_pretrained__pvt_position_tables_resized_for_another_size(tmp_path,
     path = save_checkpoint(create_model("pvt_test", num_classes=3), tmp_path / "pvt64.pth")
     big = create_model("pvt_test", num_classes=3, img_size=128)
     report = load_pretrained(big, path)
-    assert set(report.adapted) == {"encoder.pos_embed"}
-    assert tuple(big.encoder.pos_embed.shape[:2]) == (32, 32)
+    assert set(report.adapted) == {"encoder.pos_embed"} and "16x16 -> 32x32" in report.adapted["encoder.pos_embed"]
+    src = ckpt.load(path)["model"]["encoder.pos_embed"]
+    torch.testing.assert_close(big.encoder.pos_embed.detach(), ref.bicubic_resize(src, 32, 32), rtol=1e-5, atol=1e-5)
     assert report.new == {} and big(_imgs(1, 128)).shape == (1, 3)
+    # the loaded table serves the other size: features equal the source model's on the
+    # resized table at 128 px (same weights, table resized by the same rule)
+    small = create_model("pvt_test", num_classes=3)
+    load_pretrained(small, path)
+    with torch.no_grad():
+        small.encoder.pos_embed = torch.nn.Parameter(ref.bicubic_resize(src, 32, 32))
+        x = _imgs(1, 128)
+        torch.testing.assert_close(big(x), small(x), rtol=1e-5, atol=1e-5)
 
 
 def test_load_pretrained__classifier_with_other_classes_gets_a_new_head(tmp_path, save_checkpoint):

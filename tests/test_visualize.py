@@ -96,9 +96,32 @@ def run_b(tmp_path_factory, data) -> Path:
 # ---------------------------------------------------------------- norm-pix inverse
 
 
-def test_unnormalize_pix__inverts_norm_pix_target():
+def _flat_units(n: int = 2) -> torch.Tensor:
+    """Units ``[n, L, 768]`` whose variance is near the norm-pix eps (flat image regions), where
+    the eps decides the result, next to ordinary ones."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 8, 768, generator=g)
+    x[:, :4] = 0.3 + 1e-3 * torch.randn(n, 4, 768, generator=g)  # variance 1e-6
+    return x
+
+
+def test_norm_pix_target__equals_the_formula_with_eps_1e6():
+    """MAE's per-unit target: (x - mean) / sqrt(unbiased var + 1e-6), written out here."""
+    x = _flat_units()
+    n = x.shape[-1]
+    mean = x.sum(-1, keepdim=True) / n
+    var = ((x - mean) ** 2).sum(-1, keepdim=True) / (n - 1)
+    torch.testing.assert_close(norm_pix_target(x), (x - mean) / torch.sqrt(var + 1e-6), rtol=1e-5, atol=1e-6)
+    # the eps matters on flat units: without it their target would be about 1.4x larger
+    assert (norm_pix_target(x)[:, :4].std() / ((x - mean) / torch.sqrt(var))[:, :4].std()) < 0.8
+
+
+def test_unnormalize_pix__equals_the_formula():
+    x, pred = _flat_units(), torch.randn(2, 8, 768, generator=torch.Generator().manual_seed(6))
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True)
+    torch.testing.assert_close(unnormalize_pix(pred, x), pred * torch.sqrt(var + 1e-6) + mean, rtol=1e-5, atol=1e-6)
     x = patchify(_images(2), 16)
-    assert torch.allclose(unnormalize_pix(norm_pix_target(x), x), x, atol=1e-5)
+    assert torch.allclose(unnormalize_pix(norm_pix_target(x), x), x, atol=1e-5)  # and it inverts the target
 
 
 def test_panels__norm_pix_prediction_of_the_target_reconstructs_the_image():

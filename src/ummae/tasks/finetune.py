@@ -157,44 +157,49 @@ def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform,
         return summary
 
 
-def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
+def classify_step(cfg: FinetuneConfig, num_classes: int) -> ClassifyStep:
+    """The fine-tuning loss of ``cfg``: mixup/cutmix with soft targets (timm's Mixup also
+    applies the label smoothing to them), else label-smoothed or plain cross-entropy."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+    if cfg.mixup_prob > 0 and (cfg.mixup > 0 or cfg.cutmix > 0):
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                      switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
+                      num_classes=num_classes)
+        return ClassifyStep(SoftTargetCrossEntropy(), mixup)
+    if cfg.smoothing > 0:
+        return ClassifyStep(LabelSmoothingCrossEntropy(cfg.smoothing))
+    return ClassifyStep(nn.CrossEntropyLoss())
+
+
+def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
     def make_optimizer(model, lr, device):
         decay = cfg.layer_decay if cfg.layer_decay is not None else model.default_layer_decay
         log.info("layer-wise lr decay %s", decay)
         return build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, None if decay == 1.0 else decay)
 
-    def make_step(num_classes: int) -> ClassifyStep:
-        if cfg.mixup_prob > 0 and (cfg.mixup > 0 or cfg.cutmix > 0):
-            # timm's Mixup also applies the label smoothing, to the mixed soft targets
-            mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                          switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
-                          num_classes=num_classes)
-            return ClassifyStep(SoftTargetCrossEntropy(), mixup)
-        if cfg.smoothing > 0:
-            return ClassifyStep(LabelSmoothingCrossEntropy(cfg.smoothing))
-        return ClassifyStep(nn.CrossEntropyLoss())
-
     aa = None if cfg.auto_augment.lower() in ("", "none") else cfg.auto_augment
-    return _run(cfg, "fine-tuning", lambda n: _build_classifier(cfg, n), make_optimizer, make_step,
+    return _run(cfg, "fine-tuning", lambda n: _build_classifier(cfg, n), make_optimizer, lambda n: classify_step(cfg, n),
                 lambda size: build_classify_transform(size, True, auto_augment=aa, re_prob=cfg.reprob))
 
 
-def linprobe(cfg: LinprobeConfig) -> Dict[str, Any]:
+def lars_optimizer(head: nn.Linear, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """MAE's linear-probing optimiser: LARS (momentum 0.9, trust coefficient 0.001) with the
+    trust ratio on the weight matrix and none on the bias (timm's Lars, ``always_adapt`` per
+    group)."""
     from timm.optim import Lars
 
+    return Lars([{"params": [head.weight], "always_adapt": True}, {"params": [head.bias], "always_adapt": False}],
+                lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def linprobe(cfg: LinprobeConfig) -> Dict[str, Any]:
     def make_model(num_classes: int) -> nn.Module:
         return _build_classifier(cfg, num_classes, drop_path=0.0)
 
-    def make_optimizer(model, lr, device):
-        # LARS as MAE: trust ratio on the weight matrix, none on the bias; no weight decay.
-        head = model.head[1]
-        return Lars([{"params": [head.weight], "always_adapt": True}, {"params": [head.bias], "always_adapt": False}],
-                    lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
-
-    return _run(cfg, "linear probing", make_model, make_optimizer, lambda n: ClassifyStep(nn.CrossEntropyLoss()),
+    return _run(cfg, "linear probing", make_model, lambda model, lr, device: lars_optimizer(model.head[1], lr, cfg.weight_decay),
+                lambda n: ClassifyStep(nn.CrossEntropyLoss()),
                 lambda size: build_classify_transform(size, True, simple=True), probe=True)
 
 
