@@ -1,6 +1,7 @@
 """Test helpers: image files the tests write themselves (random-noise images, small labelled datasets of separable colour classes) and exact comparison of two runs."""
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -122,3 +123,26 @@ def brute_unit_orders(mask, grid):
         kept.append(own)
         raster.append([u for u in range(grid * grid) if not m[u]])
     return torch.tensor(kept), torch.tensor(raster)
+
+
+def smooth_images(folder: Path, n: int, size: int = 80, seed: int = 0) -> Path:
+    """``n`` smooth random RGB images (a 4x4 noise image, bicubic-upsampled)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+        small.resize((size, size), Image.BICUBIC).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+def metrics_records(out: Path) -> list:
+    """Every line of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_records(out: Path) -> list:
+    return [r for r in metrics_records(out) if "loss" in r]
+
+
+def epoch_records(out: Path) -> list:
+    return [r for r in metrics_records(out) if "train_loss" in r]

@@ -8,7 +8,6 @@ shared machine, and it keeps every run bit-for-bit reproducible.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -33,25 +32,10 @@ from ummae.engine.optim import no_weight_decay, param_groups, pretrain_no_weight
 from ummae.registry import create_model
 from ummae.train import pretrain
 
-from _helpers import assert_tensors_equal, run_torchrun, stable
-
+from _helpers import assert_tensors_equal, epoch_records, metrics_records, run_torchrun, smooth_images, stable, step_records
 
 
 # ---------------------------------------------------------------- helpers and fixtures
-
-
-
-
-
-
-def _smooth_images(folder: Path, n: int, size: int = 80, seed: int = 0) -> Path:
-    """``n`` smooth random RGB images (a 4x4 noise image, bicubic-upsampled)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
-        small.resize((size, size), Image.BICUBIC).save(folder / f"img_{i:03d}.png")
-    return folder
 
 
 def _stripe_images(folder: Path, n: int, seed: int = 0) -> Path:
@@ -70,7 +54,7 @@ def _stripe_images(folder: Path, n: int, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def data24(tmp_path_factory) -> Path:
-    return _smooth_images(tmp_path_factory.mktemp("data24"), 24)
+    return smooth_images(tmp_path_factory.mktemp("data24"), 24)
 
 
 def _cfg(out: Path, data: Path, **kw) -> PretrainConfig:
@@ -80,24 +64,9 @@ def _cfg(out: Path, data: Path, **kw) -> PretrainConfig:
     return PretrainConfig(**values)
 
 
-def _records(out: Path) -> list:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _step_records(out: Path) -> list:
-    return [r for r in _records(out) if "loss" in r]
-
-
-def _epoch_records(out: Path) -> list:
-    return [r for r in _records(out) if "train_loss" in r]
-
-
-
-
-
 def _assert_same_training(out_a: Path, out_b: Path) -> None:
     """Same metrics (wall-clock fields aside) and bit-identical final model and optimiser."""
-    rec_a, rec_b = stable(_records(out_a)), stable(_records(out_b))
+    rec_a, rec_b = stable(metrics_records(out_a)), stable(metrics_records(out_b))
     assert [r["step"] for r in rec_b] == [r["step"] for r in rec_a]
     for ra, rb in zip(rec_a, rec_b):
         assert ra == rb, f"metrics differ at step {ra['step']}: {ra} vs {rb}"
@@ -109,9 +78,9 @@ def _assert_same_training(out_a: Path, out_b: Path) -> None:
 
 
 def _assert_no_duplicate_steps(out: Path, n_updates: int, n_epochs: int) -> None:
-    steps = [r["step"] for r in _step_records(out)]
+    steps = [r["step"] for r in step_records(out)]
     assert steps == list(range(1, n_updates + 1)), f"step records are not one per update: {steps}"
-    assert [r["epoch"] for r in _epoch_records(out)] == list(range(n_epochs))
+    assert [r["epoch"] for r in epoch_records(out)] == list(range(n_epochs))
 
 
 def _tmp_files(folder: Path) -> list:
@@ -150,7 +119,7 @@ def run_a(tmp_path_factory, data24) -> Path:
 
 
 def test_pretrain__metrics_jsonl_and_tensorboard(run_a):
-    steps, epochs = _step_records(run_a), _epoch_records(run_a)
+    steps, epochs = step_records(run_a), epoch_records(run_a)
     assert len(steps) == 18 and len(epochs) == 3
     for r in steps:
         assert {"epoch", "step", "loss", "lr", "images_per_s", "skipped_images"} <= set(r)
@@ -198,7 +167,7 @@ def test_pretrain__exact_resume_after_crash_mid_epoch(run_a, data24, tmp_path, m
         pretrain(_cfg(out, data24, **BASE))
     state = ckpt.load(out / "checkpoint-last.pth")
     assert (state["epoch"], state["step_in_epoch"], state["update"]) == (1, 2, 8)
-    assert [r["step"] for r in _step_records(out)][-2:] == [9, 10]  # lines past the checkpoint
+    assert [r["step"] for r in step_records(out)][-2:] == [9, 10]  # lines past the checkpoint
 
     monkeypatch.undo()  # the real step again
     pretrain(_cfg(out, data24, resume="auto", **BASE))
@@ -268,7 +237,7 @@ def test_pretrain__exact_resume_after_sigkill(data24, tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    lines_at_kill = _step_records(killed)
+    lines_at_kill = step_records(killed)
     state = ckpt.load(killed / "checkpoint-last.pth")
     assert 1 <= state["update"] < 120, "the kill must land inside the run"
     assert len(lines_at_kill) < 120
@@ -292,7 +261,7 @@ def test_pretrain__torchrun_two_gloo_processes_keep_replicas_identical(data24, t
                   "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "2", "--accum-iter", "2", "--blr", "0.05",
                   "--num-workers", "0", "--log-every", "1", "--save-every-steps", "2", "--device", "cpu"], timeout=400)
 
-    epochs = _epoch_records(out)
+    epochs = epoch_records(out)
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert [r["replica_max_diff"] for r in epochs] == [0.0, 0.0]
     assert all(math.isfinite(r["train_loss"]) for r in epochs)
@@ -307,7 +276,7 @@ def test_pretrain__torchrun_two_gloo_processes_keep_replicas_identical(data24, t
     state = ckpt.load(out / "checkpoint-last.pth")
     assert state["update"] == 6 and not any(k.startswith("module.") for k in state["model"])
     # the logged lr is the one of the effective batch: 2 per rank x 2 ranks x accum 2
-    assert max(r["lr"] for r in _step_records(out)) == pytest.approx(0.05 * 8 / 256, rel=1e-12)
+    assert max(r["lr"] for r in step_records(out)) == pytest.approx(0.05 * 8 / 256, rel=1e-12)
 
 
 # ---------------------------------------------------------------- non-finite loss
@@ -353,14 +322,14 @@ def test_pretrain__empty_data_folder(tmp_path):
 
 
 def test_pretrain__corrupt_image_is_skipped_and_counted(tmp_path, caplog):
-    data = _smooth_images(tmp_path / "data", 8)
+    data = smooth_images(tmp_path / "data", 8)
     (data / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg" * 20)
     out = tmp_path / "o"
     with caplog.at_level(logging.WARNING):
         pretrain(_cfg(out, data, batch_size=3))  # 9 images: every one is drawn once per epoch
-    (epoch,) = _epoch_records(out)
+    (epoch,) = epoch_records(out)
     assert epoch["skipped_images"] == 1 and math.isfinite(epoch["train_loss"])
-    assert _step_records(out)[-1]["skipped_images"] == 1
+    assert step_records(out)[-1]["skipped_images"] == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("broken.jpg" in w and "unreadable" in w for w in warnings), warnings
     assert (out / "checkpoint-last.pth").is_file()
@@ -402,7 +371,7 @@ def test_pretrain__resume_with_explicit_default_option_accepted(tmp_path, data24
     # small_ckpts["swin_default"] was built with sm_ratio left at its default, 0.25
     out = tmp_path / "o"
     pretrain(_cfg(out, data24, sm_ratio=0.25, epochs=2, max_steps_per_epoch=1, resume=str(small_ckpts["swin_default"])))
-    assert [r["epoch"] for r in _epoch_records(out)] == [1]
+    assert [r["epoch"] for r in epoch_records(out)] == [1]
 
 
 def test_pretrain__resume_corrupt_checkpoint_refused(tmp_path, data24):
@@ -473,10 +442,10 @@ def test_param_groups__no_decay_on_biases_norms_and_fine_tuning_tokens(name, sta
 
 
 def test_pretrain__accumulation_halves_updates_and_scales_lr(tmp_path):
-    data = _smooth_images(tmp_path / "data", 16)
+    data = smooth_images(tmp_path / "data", 16)
     out = tmp_path / "o"
     pretrain(_cfg(out, data, epochs=2, batch_size=2, accum_iter=2, blr=0.1, min_lr=0.0))
-    epochs, steps = _epoch_records(out), _step_records(out)
+    epochs, steps = epoch_records(out), step_records(out)
     assert [r["step"] for r in epochs] == [4, 8]  # 8 micro-steps per epoch, 4 updates
     assert [r["step"] for r in steps] == list(range(1, 9))  # one record per update
     base_lr = 0.1 * 2 * 2 / 256
@@ -536,7 +505,7 @@ def test_pretrain__loss_falls(tmp_path):
     data = _stripe_images(tmp_path / "data", 16)
     out = tmp_path / "o"
     pretrain(_cfg(out, data, epochs=10, batch_size=4, blr=0.1, crop_scale=(1.0, 1.0), log_every=100))
-    losses = [r["train_loss"] for r in _epoch_records(out)]
+    losses = [r["train_loss"] for r in epoch_records(out)]
     assert len(losses) == 10
     assert losses[-1] < 0.85 * losses[0], losses
     assert min(losses[-3:]) < min(losses[:3]), losses

@@ -163,12 +163,20 @@ class Trainer:
             **({"ema": self.ema.module.state_dict()} if self.ema is not None else {}),
         }
 
+    def _rank_state(self) -> Dict[str, Any]:
+        """What each rank holds for itself: the partial sums of the images it trained on since
+        the epoch (and log window) began, and its RNG streams."""
+        return {"epoch_loss_sum": self.epoch_loss_sum, "epoch_skipped": self.epoch_skipped,
+                "window_loss_sum": self.window_loss_sum, "rng": ckpt.rng_state()}
+
     def save(self, keep: bool = False) -> None:
         """checkpoint-last.pth (what --resume auto reads); with ``keep`` also a numbered copy
-        named after the last finished epoch."""
+        named after the last finished epoch. Called on every rank: each rank's own state goes
+        into the checkpoint (``ranks``, in rank order), which rank 0 alone writes."""
+        ranks = _all_gather_object(self._rank_state())
         if not self.dist.is_main:
             return
-        state = self.state()
+        state = {**self.state(), "ranks": ranks}
         ckpt.save_atomic(state, self.out / "checkpoint-last.pth")
         if keep:
             ckpt.save_atomic(state, self.out / f"checkpoint-{self.epoch - 1}.pth")
@@ -186,9 +194,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch, self.update = state["epoch"], state["step_in_epoch"], state["update"]
-        self.epoch_loss_sum, self.epoch_skipped = state["epoch_loss_sum"], state["epoch_skipped"]
-        self.window_loss_sum, self.window_n = state["window_loss_sum"], state["window_n"]
-        ckpt.set_rng_state(state["rng"])
+        # Each rank gets its own partial sums and RNG streams back (a checkpoint written by
+        # another number of processes, or before they were kept per rank: rank 0's).
+        ranks = state.get("ranks")
+        own = ranks[self.dist.rank] if ranks is not None and len(ranks) == self.dist.world_size else state
+        self.epoch_loss_sum, self.epoch_skipped = own["epoch_loss_sum"], own["epoch_skipped"]
+        self.window_loss_sum, self.window_n = own["window_loss_sum"], state["window_n"]
+        ckpt.set_rng_state(own["rng"])
         self.best = state.get("best", {})
         if self.ema is not None:
             if "ema" not in state:
@@ -330,6 +342,15 @@ class Trainer:
         if last or self.epoch % cfg.save_every == 0:
             self.save(keep=last or bool(cfg.keep_every and self.epoch % cfg.keep_every == 0))
         return record
+
+
+def _all_gather_object(obj: Any) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def _best_update(best: Dict[str, Any], metrics: Dict[str, float], epoch: int) -> None:
