@@ -297,14 +297,46 @@ def test_pretrain__nan_loss_stops_and_keeps_last_good_checkpoint(data24, tmp_pat
     with pytest.raises(NonFiniteLossError) as err:
         pretrain(_cfg(out, data24, epochs=2, save_every_steps=2, log_every=100))
     msg = str(err.value)
-    assert "non-finite loss" in msg and "last good checkpoint" in msg and "intact" in msg
-    assert str(out) in msg
+    assert "non-finite loss" in msg and "intact" in msg
+    assert f"last good checkpoint is {out / 'checkpoint-last.pth'} (written at epoch 0, step 2)" in msg
     assert (out / "checkpoint-last.pth").read_bytes() == seen["bytes"]
     state = ckpt.load(out / "checkpoint-last.pth")
     assert state["update"] == 2
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert _tmp_files(out) == []
     assert not (out / "metrics.jsonl").exists()  # log_every=100: nothing logged, NaN neither
+
+
+def test_pretrain__diverged_weights_are_never_checkpointed(data24, tmp_path):
+    """A huge lr drives the weights to inf/NaN while a step's loss can still be finite: no
+    checkpoint is written from them, and the message names the checkpoint that really is
+    good (finite weights and optimiser state)."""
+    out = tmp_path / "diverged"
+    with pytest.raises(NonFiniteLossError) as err:
+        pretrain(_cfg(out, data24, epochs=2, blr=1e6, save_every_steps=1, log_every=100, warmup_epochs=0))
+    msg = str(err.value)
+    last = out / "checkpoint-last.pth"
+    assert last.exists(), "the first update's checkpoint was good and must be there"
+    state = ckpt.load(last)
+    bad = [k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad += [f"optimizer {i}.{n}" for i, st in state["optimizer"]["state"].items() for n, t in st.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    assert bad == []
+    assert f"last good checkpoint is {last}" in msg and f"step {state['step_in_epoch']}" in msg
+    assert state["update"] >= 1
+
+
+def test_pretrain__diverging_before_any_checkpoint_says_none_was_written(data24, tmp_path, monkeypatch):
+    out = tmp_path / "nan0"
+
+    def poison(n, model, batch, generator):
+        loss = model(batch[0], generator=generator)["loss"]
+        return {"loss": loss * float("nan")}
+
+    monkeypatch.setattr(train, "pretrain_step", _step_wrapper(poison))
+    with pytest.raises(NonFiniteLossError, match="No checkpoint of this run was written"):
+        pretrain(_cfg(out, data24, epochs=1, log_every=1))
+    assert not (out / "checkpoint-last.pth").exists()
 
 
 # ---------------------------------------------------------------- bad input

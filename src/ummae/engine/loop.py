@@ -141,6 +141,7 @@ class Trainer:
         if dist_info.is_main:
             ckpt.remove_stale_temp(self.out)
         self.generator = torch.Generator(device=device)
+        self.last_good: tuple[str, int, int] | None = None  # (path, epoch, step) of the last checkpoint written
 
     # --- checkpoints ------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
@@ -172,14 +173,40 @@ class Trainer:
     def save(self, keep: bool = False) -> None:
         """checkpoint-last.pth (what --resume auto reads); with ``keep`` also a numbered copy
         named after the last finished epoch. Called on every rank: each rank's own state goes
-        into the checkpoint (``ranks``, in rank order), which rank 0 alone writes."""
+        into the checkpoint (``ranks``, in rank order), which rank 0 alone writes. Weights or
+        optimiser state that are not finite are never written: the run stops instead, naming
+        the checkpoint that is really good."""
+        if not bool(udist.all_reduce_sum(self._finite_flag()) == self.dist.world_size):
+            raise NonFiniteLossError(
+                f"the weights or optimiser state became non-finite by epoch {self.epoch}, step {self.step_in_epoch} "
+                f"(update {self.update}): stopping without writing them. {self._last_good_text()}; try a lower lr, "
+                f"--precision bf16/fp32 or --clip-grad"
+            )
         ranks = _all_gather_object(self._rank_state())
-        if not self.dist.is_main:
-            return
-        state = {**self.state(), "ranks": ranks}
-        ckpt.save_atomic(state, self.out / "checkpoint-last.pth")
-        if keep:
-            ckpt.save_atomic(state, self.out / f"checkpoint-{self.epoch - 1}.pth")
+        if self.dist.is_main:
+            state = {**self.state(), "ranks": ranks}
+            ckpt.save_atomic(state, self.out / "checkpoint-last.pth")
+            if keep:
+                ckpt.save_atomic(state, self.out / f"checkpoint-{self.epoch - 1}.pth")
+        self.last_good = (str(self.out / "checkpoint-last.pth"), self.epoch, self.step_in_epoch)
+
+    def _finite_flag(self) -> torch.Tensor:
+        """1.0 if every weight, optimiser state tensor and EMA weight is finite, else 0.0 (one
+        reduction per checkpoint, not per step)."""
+        tensors = [p.detach() for p in self.model.parameters()]
+        tensors += [v for st in self.optimizer.state.values() for v in st.values()
+                    if torch.is_tensor(v) and v.is_floating_point()]
+        if self.ema is not None:
+            tensors += [v for v in self.ema.module.state_dict().values() if v.is_floating_point()]
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+        return ok.float().to(self.device)
+
+    def _last_good_text(self) -> str:
+        if self.last_good is None:
+            return f"No checkpoint of this run was written (nothing in {self.out} is from it)"
+        path, epoch, step = self.last_good
+        where = f"epoch {epoch}, step {step}" if step else f"the end of epoch {epoch - 1}"
+        return f"The last good checkpoint is {path} (written at {where}), intact"
 
     def resume(self, path: str) -> None:
         if path == "auto":
@@ -207,6 +234,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"checkpoint {path} holds no EMA weights, but this run keeps an EMA (--ema)")
             ckpt.load_state_strict(self.ema.module, state["ema"], path)
         self.metrics.truncate_after(self.update)
+        self.last_good = (str(path), self.epoch, self.step_in_epoch)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_in_epoch)
 
     # --- training ---------------------------------------------------------------------------
@@ -234,8 +262,8 @@ class Trainer:
         # Checked at log and checkpoint points only: a per-step .item() would sync the GPU.
         if bool(udist.all_reduce_sum(bad.clone().float()) > 0):
             raise NonFiniteLossError(
-                f"non-finite loss at epoch {self.epoch}, step {self.step_in_epoch}: stopping. The last good "
-                f"checkpoint in {self.out} is intact; try a lower lr, --precision bf16/fp32 or --clip-grad"
+                f"non-finite loss at epoch {self.epoch}, step {self.step_in_epoch}: stopping. {self._last_good_text()}; "
+                f"try a lower lr, --precision bf16/fp32 or --clip-grad"
             )
 
     def _run_evaluation(self) -> Dict[str, Any]:
