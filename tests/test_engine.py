@@ -339,6 +339,34 @@ def test_pretrain__diverging_before_any_checkpoint_says_none_was_written(data24,
     assert not (out / "checkpoint-last.pth").exists()
 
 
+def test_pretrain__used_output_folder_refused_unless_resume_or_overwrite(data24, tmp_path, capsys):
+    out = tmp_path / "used"
+    pretrain(_cfg(out, data24, epochs=1))
+    first = (out / "checkpoint-last.pth").read_bytes()
+    log_lines = (out / "metrics.jsonl").read_text().splitlines()
+    with pytest.raises(ValueError, match=r"holds a run \(metrics.jsonl.*--resume auto.*--overwrite"):
+        pretrain(_cfg(out, data24, epochs=1, seed=5))
+    assert (out / "checkpoint-last.pth").read_bytes() == first  # untouched
+    assert (out / "metrics.jsonl").read_text().splitlines() == log_lines
+    # the CLI says it in one line
+    from ummae.cli import main
+
+    assert main(["pretrain", "--model", "mae_swin_test", "--data", str(data24), "--output", str(out),
+                 "--epochs", "1", "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run" in err[0]
+    # --overwrite: a clean log, a new checkpoint
+    pretrain(_cfg(out, data24, epochs=1, seed=5, overwrite=True))
+    steps = step_records(out)
+    assert [r["step"] for r in steps] == list(range(1, 7))  # each step once: the old log is gone
+    assert (out / "checkpoint-last.pth").read_bytes() != first
+    with pytest.raises(ValueError, match="give one of them"):
+        pretrain(_cfg(out, data24, epochs=1, resume="auto", overwrite=True))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        pretrain(_cfg(tmp_path / "afile", data24, epochs=1))
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -46,6 +46,7 @@ class RunConfig:
     keep_every: int = _f(20, "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)")
     save_every_steps: int = _f(0, "also checkpoint-last.pth every N optimiser steps inside an epoch (0 = off)")
     resume: Optional[str] = _f(None, "'auto' (checkpoint-last.pth of the output folder, if any) or a checkpoint path")
+    overwrite: bool = _f(False, "start over in an output folder that holds a run (its checkpoints and logs are deleted)")
     log_every: int = _f(20, "metrics every N steps")
     max_steps_per_epoch: Optional[int] = _f(None, "cap on steps per epoch (quick runs)")
     compile: bool = _f(False, "torch.compile the model")

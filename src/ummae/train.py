@@ -14,7 +14,7 @@ from . import dist as udist
 from .config import PretrainConfig
 from .data import build_pretrain_dataset, build_train_loader
 from .data.datasets import _scan_images
-from .engine.loop import Trainer
+from .engine.loop import Trainer, claim_output, clear_output
 from .engine.optim import build_optimizer, pretrain_no_weight_decay
 from .engine.precision import resolve_precision
 from .registry import create_model, model_kind
@@ -121,7 +121,11 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     cfg.validate()
     if model_kind(cfg.model) != "pretrain":
         raise ValueError(f"{cfg.model!r} is not a pre-training model; `ummae models` lists them")
+    claim_output(cfg)
     with udist.distributed(cfg.device) as (info, device):
+        if info.is_main:
+            clear_output(cfg)
+        udist.barrier()
         precision = resolve_precision(cfg.precision, device)
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         model = create_model(cfg.model, **cfg.model_kwargs())

@@ -38,6 +38,42 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def _run_files(out: Path) -> list[Path]:
+    """What a run leaves in its folder (and a new run would mix with)."""
+    found = [out / n for n in ("metrics.jsonl", "tensorboard", "pretrained_load.txt") if (out / n).exists()]
+    return found + sorted(out.glob("checkpoint-*.pth")) + sorted(out.glob("recon-epoch*.png"))
+
+
+def claim_output(cfg) -> None:
+    """Refuse an output folder that holds a run, unless the run resumes it (``--resume``) or
+    replaces it (``--overwrite``): a new run would overwrite its checkpoints and append to its
+    log. Every process checks before the process group exists, so before anything is written."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file, not a folder")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in the output folder and --overwrite deletes it: give one of them")
+    held = _run_files(out) if out.is_dir() else []
+    if held and not cfg.resume and not cfg.overwrite:
+        names = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ValueError(f"output folder {out} holds a run ({names}); pass --resume auto to continue it, "
+                         f"--overwrite to start over (its checkpoints and logs are deleted), or another --output")
+
+
+def clear_output(cfg) -> None:
+    """``--overwrite``: delete the previous run's files (rank 0 only, before anything is written)."""
+    if not cfg.overwrite:
+        return
+    import shutil
+
+    for p in _run_files(Path(cfg.output)):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    log.info("--overwrite: removed the previous run's files from %s", cfg.output)
+
+
 class MetricsLog:
     """JSON lines + TensorBoard on rank 0."""
 

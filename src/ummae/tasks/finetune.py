@@ -22,7 +22,7 @@ from .. import dist as udist
 from ..config import EvalConfig, FinetuneConfig, LinprobeConfig
 from ..data import build_classify_dataset, build_classify_transform, build_eval_loader, build_train_loader
 from ..engine.ckpt import CheckpointError
-from ..engine.loop import Trainer
+from ..engine.loop import Trainer, claim_output, clear_output
 from ..engine.optim import build_optimizer
 from ..engine.precision import autocast, resolve_precision
 from ..registry import create_model
@@ -105,7 +105,11 @@ def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform,
     """Shared assembly of fine-tuning and probing: data, model, optimiser -> the Trainer."""
     cfg.validate()
     check_classifier(cfg.model)
+    claim_output(cfg)
     with udist.distributed(cfg.device) as (info, device):
+        if info.is_main:
+            clear_output(cfg)
+        udist.barrier()
         precision = resolve_precision(cfg.precision, device)
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         train_ds = build_classify_dataset(cfg.data, "train", None, cfg.data_root)
