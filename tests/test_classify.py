@@ -457,3 +457,31 @@ def test_cli_classify__bad_input_one_error_line(capsys, tmp_path, colour_data, p
     line = _error_line(capsys, argv + ["--num-workers", "0", "--device", "cpu"])
     assert expected in line, line
     assert not out.exists()  # refused before anything was written
+
+
+def test_finetune_and_knn__val_figures_from_training_images_are_flagged(tmp_path, pretrain_ckpt, colour_data, caplog):
+    """Data without a val/ split: the 'val' figures are the training images'. Said at every
+    report (a warning) and recorded beside the numbers (``val_is_train``); never with a split."""
+    from _helpers import write_colour_images
+
+    flat = write_colour_images(tmp_path / "no_split", per_class=4)
+    out = tmp_path / "ft"
+    with caplog.at_level("WARNING", logger="ummae"):
+        finetune(FinetuneConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(flat),
+                                output=str(out), epochs=2, warmup_epochs=0, batch_size=6, lr=1e-3, num_workers=0,
+                                device="cpu", keep_every=0, eval_every=1))
+    evals = [r for r in _epoch_records(out) if "acc1" in r]
+    assert len(evals) == 2 and all(r["val_is_train"] == 1.0 for r in evals)
+    assert sum("measured on the TRAINING images" in m for m in caplog.messages) == 2
+    result = run_knn(KnnConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(flat), k=3,
+                               num_workers=0, device="cpu"))
+    assert result["val_is_train"] is True
+    # with a val split: nothing of the kind
+    caplog.clear()
+    out2 = tmp_path / "ft2"
+    with caplog.at_level("WARNING", logger="ummae"):
+        finetune(FinetuneConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(colour_data),
+                                output=str(out2), epochs=1, warmup_epochs=0, batch_size=6, lr=1e-3, num_workers=0,
+                                device="cpu", keep_every=0))
+    assert all("val_is_train" not in r for r in _epoch_records(out2))
+    assert not any("TRAINING images" in m for m in caplog.messages)

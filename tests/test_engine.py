@@ -367,6 +367,18 @@ def test_pretrain__used_output_folder_refused_unless_resume_or_overwrite(data24,
         pretrain(_cfg(tmp_path / "afile", data24, epochs=1))
 
 
+def test_pretrain__warm_up_not_shorter_than_the_run_is_warned(data24, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="ummae"):
+        pretrain(_cfg(tmp_path / "short", data24, epochs=2, warmup_epochs=10, log_every=100))
+    warned = [m for m in caplog.messages if "warm-up" in m]
+    # 12 updates of a 60-update warm-up: the last lr is 11/60 of the peak
+    assert len(warned) == 1 and "not shorter than the run (2 epochs)" in warned[0] and "18%" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ummae"):
+        pretrain(_cfg(tmp_path / "fine", data24, epochs=2, warmup_epochs=1, log_every=100))
+    assert not [m for m in caplog.messages if "warm-up" in m]
+
+
 # ---------------------------------------------------------------- bad input
 
 

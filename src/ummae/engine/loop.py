@@ -163,6 +163,11 @@ class Trainer:
         self.steps_per_epoch = self.updates_per_epoch * cfg.accum_iter  # whole updates only
         self.total_updates = cfg.epochs * self.updates_per_epoch
         self.warmup_updates = int(round(cfg.warmup_epochs * self.updates_per_epoch))
+        if self.warmup_updates >= self.total_updates and dist_info.is_main:
+            reached = warmup_cosine(self.total_updates - 1, self.total_updates, self.warmup_updates, 1.0, 0.0)
+            log.warning("warm-up (%g epochs) is not shorter than the run (%d epochs): the lr only rises, to %.0f%% of "
+                        "its peak; lower --warmup-epochs (the recipes' 10 or 5 are for runs of 100+ epochs)",
+                        cfg.warmup_epochs, cfg.epochs, 100 * reached)
         self.epoch, self.step_in_epoch, self.update = 0, 0, 0
         self.epoch_loss_sum, self.epoch_skipped = 0.0, 0
         # losses since the last metrics line; checkpointed so a resumed log line averages the

@@ -97,6 +97,16 @@ def _build_classifier(cfg, num_classes: int, **overrides) -> nn.Module:
     return create_model(cfg.model, **{**_model_kwargs(cfg), "num_classes": num_classes, **overrides})
 
 
+VAL_IS_TRAIN = ("the 'val' figures are measured on the TRAINING images: %s has no val/ split; give --val-data "
+                "for a real validation")
+
+
+def same_images(train_ds, val_ds, val_data) -> bool:
+    """Whether the val split fell back to the training images (data without a ``val/``
+    folder, or a list file, and no ``--val-data``)."""
+    return val_data is None and os.path.realpath(val_ds.source) == os.path.realpath(train_ds.source)
+
+
 def _model_kwargs(cfg) -> Dict[str, Any]:
     return cfg.model_kwargs() if hasattr(cfg, "model_kwargs") else {"img_size": cfg.img_size}
 
@@ -150,8 +160,15 @@ def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform,
 
             ema = ModelEmaV3(model, decay=cfg.ema_decay)
 
+        val_is_train = same_images(train_ds, val_ds, cfg.val_data)
+
         def run_eval(m: nn.Module) -> Dict[str, float]:
-            return evaluate(m, val_loader, device, precision)
+            out = evaluate(m, val_loader, device, precision)
+            if val_is_train:  # said at every report, and recorded with the numbers
+                out["val_is_train"] = 1.0
+                if info.is_main:
+                    log.warning(VAL_IS_TRAIN, cfg.data)
+            return out
 
         trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, make_step(num_classes),
                           evaluate=run_eval, eval_every=cfg.eval_every, ema=ema)

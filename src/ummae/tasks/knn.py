@@ -18,6 +18,7 @@ from ..data import build_classify_dataset, build_classify_transform, build_eval_
 from ..engine.precision import autocast, resolve_precision
 from ..registry import create_model
 from .classify import check_classifier
+from .finetune import VAL_IS_TRAIN, same_images
 from .pretrained import load_pretrained
 
 log = logging.getLogger("ummae")
@@ -77,6 +78,10 @@ def run_knn(cfg: KnnConfig) -> Dict[str, Any]:
         top1 = 100.0 * float((scores.argmax(1) == val_labels).float().mean())
         result = {"knn_acc1": top1, "k": cfg.k, "temperature": cfg.temperature,
                   "train_images": int(feats["train"][1].numel()), "val_images": int(val_labels.numel())}
+        if same_images(train_ds, val_ds, cfg.val_data):
+            result["val_is_train"] = True
+            if info.is_main:
+                log.warning(VAL_IS_TRAIN, cfg.data)
         if info.is_main:
             log.info("kNN (k=%d, T=%g) top-1 %.2f%% on %d val images", cfg.k, cfg.temperature, top1, result["val_images"])
         return result
