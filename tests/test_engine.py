@@ -379,6 +379,43 @@ def test_pretrain__warm_up_not_shorter_than_the_run_is_warned(data24, tmp_path, 
     assert not [m for m in caplog.messages if "warm-up" in m]
 
 
+def test_pretrain__resume_takes_the_runs_settings_from_its_checkpoint(data24, tmp_path, capsys, caplog):
+    """Left out on --resume, --blr comes from the checkpoint (the lr does not silently fall
+    back to the default); given and different, it is refused in one line; --epochs may change."""
+    from ummae.cli import main
+
+    out = tmp_path / "r"
+    common = ["pretrain", "--model", "mae_swin_test", "--data", str(data24), "--output", str(out), "--batch-size", "4",
+              "--num-workers", "0", "--log-every", "1", "--keep-every", "0", "--vis-every", "0", "--warmup-epochs", "1"]
+    assert main(common + ["--epochs", "1", "--blr", "0.05"]) == 0
+    with caplog.at_level("INFO", logger="ummae"):
+        assert main(common + ["--epochs", "2", "--resume", "auto"]) == 0
+    assert any("--blr 0.05" in m and "settings from" in m for m in caplog.messages)
+    assert any("--epochs 1 -> 2" in m for m in caplog.messages)
+    peak = 0.05 * 4 / 256  # the run's blr, not the default 1.5e-4
+    for r in step_records(out)[6:]:
+        t = r["step"] - 1
+        assert r["lr"] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * (t - 6) / 6)), rel=1e-9)
+    capsys.readouterr()
+    assert main(common + ["--epochs", "3", "--resume", "auto", "--blr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--blr 0.01 (the run has 0.05)" in err[0]
+
+
+def test_pretrain__resume_with_another_number_of_processes_says_so(data24, tmp_path, caplog):
+    out = tmp_path / "ws"
+    pretrain(_cfg(out, data24, epochs=1, max_steps_per_epoch=2, save_every_steps=1))
+    state = ckpt.load(out / "checkpoint-last.pth")
+    state["world_size"] = 2  # as if written by a 2-process run
+    state["ranks"] = state["ranks"] * 2
+    state["epoch"], state["step_in_epoch"] = 0, 1
+    ckpt.save_atomic(state, out / "checkpoint-last.pth")
+    with caplog.at_level("WARNING", logger="ummae"):
+        pretrain(_cfg(out, data24, epochs=1, max_steps_per_epoch=2, save_every_steps=1, resume="auto"))
+    warned = [m for m in caplog.messages if "resuming a run of 2 processes with 1" in m]
+    assert len(warned) == 1 and "effective batch goes from 8 to 4" in warned[0]
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -428,14 +465,20 @@ def small_ckpts(tmp_path_factory, data24) -> dict:
 
 
 def test_pretrain__resume_checkpoint_of_another_model_refused(tmp_path, data24, small_ckpts):
-    with pytest.raises(CheckpointError, match="mae_pvt_test") as err:
+    with pytest.raises(ValueError, match=r"--model 'mae_swin_test' \(the run has 'mae_pvt_test'\)") as err:
         pretrain(_cfg(tmp_path / "o", data24, resume=str(small_ckpts["pvt"])))
-    assert isinstance(err.value, ValueError)
-    assert "mae_swin_test" in str(err.value) and str(small_ckpts["pvt"]) in str(err.value)
+    assert str(small_ckpts["pvt"]) in str(err.value)
+    # the model's own check stands behind it (a checkpoint whose settings were not recorded)
+    state = ckpt.load(small_ckpts["pvt"])
+    del state["config"]
+    bare = tmp_path / "bare.pth"
+    ckpt.save_atomic(state, bare)
+    with pytest.raises(CheckpointError, match="written for model 'mae_pvt_test'.*'mae_swin_test'"):
+        pretrain(_cfg(tmp_path / "o2", data24, resume=str(bare)))
 
 
 def test_pretrain__resume_checkpoint_with_other_options_refused(tmp_path, data24, small_ckpts):
-    with pytest.raises(CheckpointError, match=r"other model options \(sm_ratio: checkpoint 0\.0 vs run 0\.25\)"):
+    with pytest.raises(ValueError, match=r"--sm-ratio 0\.25 \(the run has 0\.0\)"):
         pretrain(_cfg(tmp_path / "o", data24, sm_ratio=0.25, resume=str(small_ckpts["swin_sm0"])))
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import dist as udist
-from .config import PretrainConfig
+from .config import PretrainConfig, settings_from_checkpoint
 from .data import build_pretrain_dataset, build_train_loader
 from .data.datasets import _scan_images
 from .engine.loop import Trainer, claim_output, clear_output
@@ -121,6 +121,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     cfg.validate()
     if model_kind(cfg.model) != "pretrain":
         raise ValueError(f"{cfg.model!r} is not a pre-training model; `ummae models` lists them")
+    settings_from_checkpoint(cfg, log)
     claim_output(cfg)
     with udist.distributed(cfg.device) as (info, device):
         if info.is_main:

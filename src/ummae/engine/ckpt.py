@@ -43,7 +43,9 @@ def remove_stale_temp(folder: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(path: str | Path) -> Dict[str, Any]:
+def load(path: str | Path, mmap: bool = False) -> Dict[str, Any]:
+    """A checkpoint, read with ``weights_only=True``; ``mmap``: tensors stay on disk until
+    touched (to read a checkpoint's settings without loading its weights)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -51,7 +53,7 @@ def load(path: str | Path) -> Dict[str, Any]:
         # The reference code bases store their argparse options with the weights: that one
         # plain class is allowed, nothing else.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):

@@ -200,6 +200,7 @@ class Trainer:
             "window_loss_sum": self.window_loss_sum,
             "window_n": self.window_n,
             "config": config_to_dict(self.cfg),
+            "world_size": self.dist.world_size,
             "rng": ckpt.rng_state(),
             "best": self.best,
             **({"ema": self.ema.module.state_dict()} if self.ema is not None else {}),
@@ -276,6 +277,13 @@ class Trainer:
             ckpt.load_state_strict(self.ema.module, state["ema"], path)
         self.metrics.truncate_after(self.update)
         self.last_good = (str(path), self.epoch, self.step_in_epoch)
+        before = state.get("world_size", self.dist.world_size)
+        if before != self.dist.world_size and self.dist.is_main:
+            per = self.cfg.batch_size * self.cfg.accum_iter
+            log.warning("resuming a run of %d processes with %d: the effective batch goes from %d to %d, the lr from "
+                        "%.3e to %.3e, and an epoch has %s steps; the data order of the rest of the epoch differs",
+                        before, self.dist.world_size, per * before, per * self.dist.world_size,
+                        self.cfg.effective_lr(before), self.base_lr, "more" if self.dist.world_size < before else "fewer")
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_in_epoch)
 
     # --- training ---------------------------------------------------------------------------

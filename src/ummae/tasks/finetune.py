@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import dist as udist
-from ..config import EvalConfig, FinetuneConfig, LinprobeConfig
+from ..config import EvalConfig, FinetuneConfig, LinprobeConfig, settings_from_checkpoint
 from ..data import build_classify_dataset, build_classify_transform, build_eval_loader, build_train_loader
 from ..engine.ckpt import CheckpointError
 from ..engine.loop import Trainer, claim_output, clear_output
@@ -115,6 +115,7 @@ def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform,
     """Shared assembly of fine-tuning and probing: data, model, optimiser -> the Trainer."""
     cfg.validate()
     check_classifier(cfg.model)
+    settings_from_checkpoint(cfg, log)
     claim_output(cfg)
     with udist.distributed(cfg.device) as (info, device):
         if info.is_main:
