@@ -134,6 +134,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "masks":
             from .visualize import mask_figure
 
+            if not 16 <= args.img_size <= 4096:
+                raise ValueError(f"--img-size {args.img_size}: the figure is drawn at 16 to 4096 px")
+
             _save_picture(mask_figure(args.image, args.img_size, args.unit_size, args.seed), args.output)
             print(f"wrote {args.output}")
             return 0
@@ -157,6 +160,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:  # bad input: one clear message, no traceback
         print(f"ummae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # full or read-only disk, a path that is a file or a folder, ...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"ummae {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: the checkpoints on disk are whole (written atomically)
+        print(f"ummae {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     except RuntimeError as e:
         from .engine.loop import NonFiniteLossError
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -56,9 +57,9 @@ class RunConfig:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check(self.accum_iter >= 1, "accum_iter", self.accum_iter, "must be >= 1")
         _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
-        _check(self.blr > 0, "blr", self.blr, "must be > 0")
-        _check(self.lr is None or self.lr > 0, "lr", self.lr, "must be > 0")
-        _check(self.min_lr >= 0, "min_lr", self.min_lr, "must be >= 0")
+        _check(0 < self.blr < 1e9, "blr", self.blr, "must be > 0 and below 1e9")
+        _check(self.lr is None or 0 < self.lr < 1e9, "lr", self.lr, "must be > 0 and below 1e9")
+        _check(0 <= self.min_lr < 1e9, "min_lr", self.min_lr, "must be >= 0 and below 1e9")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         _check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", self.clip_grad, "must be > 0")
         _check_machinery(self)
@@ -105,6 +106,9 @@ class PretrainConfig(RunConfig):
         lo, hi = self.crop_scale
         _check(0 < lo <= hi <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1")
         _check(self.demo_repeats >= 1, "demo_repeats", self.demo_repeats, "must be >= 1")
+        _check(self.drop_path is None or 0 <= self.drop_path < 1, "drop_path", self.drop_path, "must be in [0, 1)")
+        _check(self.img_size is None or 16 <= self.img_size <= 4096, "img_size", self.img_size, "must be in [16, 4096]")
+        _check(self.unit_size is None or self.unit_size >= 1, "unit_size", self.unit_size, "must be >= 1")
 
     def model_kwargs(self) -> Dict[str, Any]:
         """The options the model builder takes (None = the model's default)."""
@@ -175,6 +179,7 @@ class FinetuneConfig(RunConfig, ClassifyData):
         _check(0 <= self.reprob <= 1, "reprob", self.reprob, "must be in [0, 1]")
         _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in (0, 1)")
         _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        _check_auto_augment(self.auto_augment)
 
     def model_kwargs(self) -> Dict[str, Any]:
         return dict(img_size=self.img_size, num_classes=self.num_classes, drop_path=self.drop_path,
@@ -257,6 +262,21 @@ def _check_machinery(cfg) -> None:
     _check(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be >= 0")
 
 
+def _check_auto_augment(policy: str) -> None:
+    """Parse the RandAugment policy now (timm would fail in a loader worker, mid-run)."""
+    if policy.lower() in ("", "none"):
+        return
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        if not policy.startswith("rand"):
+            raise ValueError(policy)
+        rand_augment_transform(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except Exception:  # timm raises AssertionError / ValueError / KeyError for a bad policy
+        raise ValueError(f"bad config value auto_augment={policy!r}: expected a timm RandAugment policy such as "
+                         f"'rand-m9-mstd0.5-inc1', or 'none'") from None
+
+
 def _check(ok: bool, name: str, value: Any, why: str) -> None:
     if not ok:
         raise ValueError(f"bad config value {name}={value!r}: {why}")
@@ -277,10 +297,28 @@ def _base_type(tp):
 
 
 def _coerce(cls, name: str, value: Any) -> Any:
+    """A flag's text or a YAML value -> the field's type, refusing what would be misread: a
+    missing value for a required option, a list or mapping where one value belongs, YAML's
+    true/false as a number, and infinite or NaN numbers."""
     hints = typing.get_type_hints(cls)
     tp, is_tuple = _base_type(hints[name])
+    optional = type(None) in typing.get_args(hints[name])
     if value is None:
-        return None
+        if optional:
+            return None
+        raise ValueError(f"bad config value {name}=None: a value is required ({tp.__name__})")
+    if not is_tuple and isinstance(value, (list, tuple, dict)):
+        raise ValueError(f"bad config value {name}={value!r}: expected one {tp.__name__}, not a {type(value).__name__}")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ValueError(f"bad config value {name}={value!r}: expected a number, not true/false")
+    out = _convert(name, value, tp, is_tuple)
+    for v in out if is_tuple else (out,):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"bad config value {name}={value!r}: must be a finite number")
+    return out
+
+
+def _convert(name: str, value: Any, tp, is_tuple: bool) -> Any:
     try:
         if is_tuple:
             if isinstance(value, str):
@@ -324,10 +362,16 @@ def load_yaml(cls, path: str | Path) -> Dict[str, Any]:
         path = BUILTIN_CONFIGS / f"{path}.yaml"
     if not path.is_file():
         raise ValueError(f"config file not found: {path} (built-in configs: {', '.join(builtin_configs(cls)) or 'none'})")
+    text = path.read_text(errors="replace")
+    if len(text) > 1_000_000:
+        raise ValueError(f"config file {path} is {len(text)} characters long: not an options file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        # an options file needs no anchors; aliases can expand exponentially (a "YAML bomb")
+        if any(isinstance(t, yaml.AliasToken) for t in yaml.scan(text)):
+            raise ValueError(f"config file {path} uses YAML aliases (*name): write the values out")
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value")
     known = {f.name for f in fields(cls)}

@@ -64,7 +64,7 @@ def load_pretraining_model(path: str | Path) -> nn.Module:
     exported ``.safetensors``, a classifier checkpoint, weights without a decoder) is refused
     with a message saying what the file is."""
     from .registry import create_model, list_models, model_kind
-    from .tasks.pretrained import read_weights
+    from .tasks.pretrained import model_args_within_bounds, read_weights
 
     path = Path(path)
     if path.is_file() and _is_safetensors(path):
@@ -77,7 +77,7 @@ def load_pretraining_model(path: str | Path) -> nn.Module:
         raise CheckpointError(f"{path} is a checkpoint of the classifier {name} (fine-tuning or probing), which has no decoder; {_NEEDS}")
     if not any(k.startswith("decoder") for k in state):
         raise CheckpointError(f"{path} holds the weights of {name} without its decoder; {_NEEDS}")
-    model = create_model(name, **meta.get("model_args", {}))
+    model = create_model(name, **model_args_within_bounds(meta.get("model_args") or {}, path))
     ckpt.load_state_strict(model, state, path)
     return model.eval()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import random
 import tempfile
 from pathlib import Path
@@ -47,6 +48,8 @@ def load(path: str | Path, mmap: bool = False) -> Dict[str, Any]:
     """A checkpoint, read with ``weights_only=True``; ``mmap``: tensors stay on disk until
     touched (to read a checkpoint's settings without loading its weights)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -55,10 +58,40 @@ def load(path: str | Path, mmap: bool = False) -> Dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_error(path, e)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not an ummae checkpoint (no 'model' entry)")
     return ckpt
+
+
+def _load_error(path: Path, e: Exception) -> str:
+    """One line for why ``torch.load`` refused a file (its own texts run to many lines)."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds a Python object of class {found.group(1)}, which a checkpoint reader must not "
+                f"unpickle (only weights and plain values are loaded)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:3] == b"\xff\xd8\xff" or head == b"\x89PNG":
+        return "it is an image, not a checkpoint"
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # zip archive, or torch's legacy pickle format
+        return "not a PyTorch checkpoint"
+    return " ".join(text.split())[:300]
+
+
+def check_run_state(state: Dict[str, Any], path) -> None:
+    """Refuse a checkpoint whose training state would break the resumed run, before using it."""
+    if "model_name" not in state:
+        raise CheckpointError(f"{path} is not an ummae training checkpoint (a reference or exported one?): it cannot "
+                              f"resume a run; start from its weights with --init (pre-training) or --pretrained")
+    for key in ("epoch", "step_in_epoch", "update"):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"checkpoint {path} is damaged or not a training checkpoint: {key}={value!r}")
+    for key in ("optimizer", "scaler"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"checkpoint {path} has no {key} state: it cannot resume a run (use --init to start from its weights)")
 
 
 def check_compatible(ckpt: Dict[str, Any], path, model_name: str, model_args: Dict[str, Any]) -> None:

@@ -258,6 +258,7 @@ class Trainer:
                 return
             path = str(last)
         state = ckpt.load(path)
+        ckpt.check_run_state(state, path)
         ckpt.check_compatible(state, path, self.model.model_name, self.model.model_args)
         ckpt.load_state_strict(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -293,7 +294,11 @@ class Trainer:
         summary: Dict[str, Any] = {}
         try:
             while self.epoch < self.cfg.epochs:
-                summary = self.train_one_epoch()
+                try:
+                    summary = self.train_one_epoch()
+                except KeyboardInterrupt:  # Ctrl-C: drop the step in flight; what is on disk is whole
+                    raise KeyboardInterrupt(f"interrupted at epoch {self.epoch}, step {self.step_in_epoch}. "
+                                            f"{self._last_good_text()}; continue with --resume auto") from None
             # Rank 0 may still be drawing pictures or writing the last checkpoint: no rank may
             # tear the process group down under it (gloo aborts the process if one does).
             udist.barrier()

@@ -28,7 +28,7 @@ from ..engine.precision import autocast, resolve_precision
 from ..registry import create_model
 from ..seeds import seed_everything
 from .classify import check_classifier
-from .pretrained import load_pretrained, load_weights, read_weights
+from .pretrained import load_pretrained, load_weights, model_args_within_bounds, read_weights
 
 log = logging.getLogger("ummae")
 
@@ -236,7 +236,7 @@ def load_classifier(cfg, path: str, ema: bool = False) -> nn.Module:
         )
     probe = "head.1.weight" in state
     n = state["head.1.weight" if probe else "head.weight"].shape[0]
-    args = meta.get("model_args") or {}
+    args = model_args_within_bounds(meta.get("model_args") or {}, path)
     # Options without weights (Swin window, PVT spatial reduction) are rebuilt as trained.
     built = {k: args[k] for k in ("window_size", "sr_ratios") if k in args}
     model = create_model(cfg.model, num_classes=n, img_size=cfg.img_size or args.get("img_size"), drop_path=0.0, **built)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -101,9 +102,15 @@ def read_weights(path: str | Path, ema: bool = False) -> Tuple[Dict[str, torch.T
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
-        info: Dict[str, Any] = {"model_name": meta.get("model_name"), "source_model": meta.get("source_model")}
+        info: Dict[str, Any] = {"model_name": meta.get("model_name"), "source_model": meta.get("source_model"),
+                                "contents": meta.get("contents")}
         if "model_args" in meta:
-            info["model_args"] = json.loads(meta["model_args"])
+            try:
+                info["model_args"] = json.loads(meta["model_args"])
+            except ValueError:
+                info["model_args"] = None
+            if not isinstance(info["model_args"], dict):
+                raise CheckpointError(f"{path}: its metadata model_args is not a JSON mapping of options")
         return state, info
     ck = ckpt.load(path)
     if is_foreign(ck):  # the reference's / MAE's published weights: converted on the fly
@@ -204,7 +211,40 @@ def export(checkpoint: str | Path, output: str | Path, encoder_only: bool = Fals
     name = meta.get("model_name")
     if name is None or name not in list_models():
         raise CheckpointError(f"{checkpoint} does not name a registered ummae model (found {name!r})")
+    check_weights_fit(state, meta, checkpoint)
     return write_export(state, meta, output, encoder_only, "ema" if ema else "raw")
+
+
+def check_weights_fit(state: Dict[str, torch.Tensor], meta: Dict[str, Any], path) -> None:
+    """The tensors must be those of the model the file names (built with its recorded options),
+    so that nothing with the wrong shapes is passed on under that name."""
+    from ..registry import create_model
+
+    name = meta["model_name"]
+    args = model_args_within_bounds(meta.get("model_args") or {}, path)
+    if model_kind(name) == "classify":
+        args = {k: v for k, v in args.items() if k in ("img_size", "window_size", "sr_ratios", "num_classes")}
+        if "head.weight" in state:
+            args["num_classes"] = state["head.weight"].shape[0]
+    own = create_model(name, **args).state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    unknown = [k for k in state if k not in own]
+    if bad or unknown:
+        raise CheckpointError(f"{path} does not hold weights of {name}: " + "; ".join(
+            ([f"{len(bad)} of another shape (e.g. {', '.join(bad[:2])})"] if bad else [])
+            + ([f"{len(unknown)} unknown (e.g. {', '.join(unknown[:2])})"] if unknown else [])))
+
+
+MAX_IMG_SIZE = 2048  # what a checkpoint's recorded options may ask a model to be built at
+
+
+def model_args_within_bounds(args: Dict[str, Any], path) -> Dict[str, Any]:
+    """Options read from a checkpoint are untrusted input too: refuse sizes no real run has
+    (a 4096 px model would take many GB before anything is checked)."""
+    size = args.get("img_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= MAX_IMG_SIZE):
+        raise CheckpointError(f"{path} records img_size={size!r}; a model is built only at 16 to {MAX_IMG_SIZE} px")
+    return args
 
 
 def write_export(state: Dict[str, torch.Tensor], meta: Dict[str, Any], output: str | Path, encoder_only: bool = False,
@@ -216,7 +256,8 @@ def write_export(state: Dict[str, torch.Tensor], meta: Dict[str, Any], output: s
 
     name = meta["model_name"]
     pretraining = model_kind(name) == "pretrain"
-    keep = "encoder." if (pretraining or encoder_only) else ""
+    has_head = any(k.startswith("head.") for k in state)
+    keep = "encoder." if (pretraining or encoder_only or not has_head) else ""
     out = {k: v.contiguous() for k, v in state.items() if k.startswith(keep)}
     classifier = classifier_for(name) if pretraining else name
     metadata = {
@@ -232,6 +273,9 @@ def write_export(state: Dict[str, torch.Tensor], meta: Dict[str, Any], output: s
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     save_file(out, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the usual file mode, as checkpoints get
     tmp.replace(output)  # atomic, like every checkpoint we write
     log.info("wrote %d tensors (%s of %s) to %s", len(out), metadata["contents"], metadata["source_model"], output)
     return metadata

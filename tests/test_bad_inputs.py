@@ -1,0 +1,151 @@
+"""Bad input through the command line: every case gets one line naming the problem on
+stderr, a non-zero exit, and no traceback (issue: "one clear line for every mistake")."""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from _helpers import smooth_images, write_colour_dataset
+from ummae.cli import main
+from ummae.engine import ckpt
+from ummae.registry import create_model
+
+
+@pytest.fixture(scope="module")
+def imgs(tmp_path_factory):
+    return smooth_images(tmp_path_factory.mktemp("imgs"), 8)
+
+
+def _pre(imgs, out, *extra):
+    return ["pretrain", "--model", "mae_swin_test", "--data", str(imgs), "--output", str(out), "--epochs", "1",
+            "--batch-size", "4", "--num-workers", "0", "--vis-every", "0", *extra]
+
+
+def _yaml(tmp, text):
+    path = tmp / "run.yaml"
+    path.write_text(text)
+    return ["--config", str(path)]
+
+
+def _ckpt(tmp, name, obj):
+    path = tmp / name
+    torch.save(obj, path)
+    return path
+
+
+def _jpeg(tmp):
+    path = tmp / "photo.jpg"
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(path)
+    return path
+
+
+def _bad_meta_export(tmp):
+    from safetensors.torch import save_file
+
+    path = tmp / "enc.safetensors"
+    save_file({"encoder.patch_embed.proj.bias": torch.zeros(16)}, str(path),
+              metadata={"model_name": "swin_test", "model_args": "{not json"})
+    return path
+
+
+def _huge_args(tmp):
+    model = create_model("mae_swin_test")
+    return _ckpt(tmp, "huge.pth", {"model": model.state_dict(), "model_name": "mae_swin_test",
+                                    "model_args": {**model.model_args, "img_size": 4096}})
+
+
+def _wrong_shape_export(tmp):
+    from safetensors.torch import save_file
+
+    path = tmp / "wrong.safetensors"
+    save_file({"encoder.patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}, str(path),
+              metadata={"model_name": "swin_test", "model_args": "{}"})
+    return path
+
+
+# (id, argv builder (tmp, imgs) -> argv, text the one line must contain)
+CASES = [
+    ("yaml_epochs_null", lambda t, i: _pre(i, t / "o") + _yaml(t, "epochs: null\n"), "epochs=None"),
+    ("yaml_output_list", lambda t, i: ["pretrain", "--data", str(i)] + _yaml(t, "output: [a, b]\n"), "expected one str"),
+    ("yaml_epochs_true", lambda t, i: _pre(i, t / "o")[:-6] + _yaml(t, "epochs: true\n"), "not true/false"),
+    ("yaml_alias_bomb", lambda t, i: _pre(i, t / "o") + _yaml(t, "a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n"), "aliases"),
+    ("warmup_inf", lambda t, i: _pre(i, t / "o", "--warmup-epochs", "inf"), "finite"),
+    ("drop_path_big", lambda t, i: _pre(i, t / "o", "--drop-path", "1.5"), "drop_path"),
+    ("drop_path_negative", lambda t, i: _pre(i, t / "o", "--drop-path", "-1"), "drop_path"),
+    ("min_lr_inf", lambda t, i: _pre(i, t / "o", "--min-lr", "inf"), "finite"),
+    ("lr_huge", lambda t, i: _pre(i, t / "o", "--lr", "1e39"), "below 1e9"),
+    ("img_size_1", lambda t, i: _pre(i, t / "o", "--img-size", "1"), "img_size"),
+    ("masks_img_size_huge", lambda t, i: ["masks", "--img-size", "100000", "--output", str(t / "m.png")], "4096"),
+    ("auto_augment_garbage", lambda t, i: ["finetune", "--model", "swin_test", "--data", str(i), "--output",
+                                           str(t / "o"), "--auto-augment", "garbage"], "auto_augment"),
+    ("output_is_a_file", lambda t, i: (t / "f").write_text("x") and _pre(i, t / "f"), "is a file"),
+    ("resume_jpeg", lambda t, i: _pre(i, t / "o", "--resume", str(_jpeg(t))), "is an image"),
+    ("resume_reference_ckpt", lambda t, i: _pre(i, t / "o", "--resume", str(_ckpt(
+        t, "ref.pth", {"model": {"cls_token": torch.zeros(1, 1, 4)}, "epoch": 3, "args": argparse.Namespace(model="x")}))),
+     "not an ummae training checkpoint"),
+    ("resume_model_list", lambda t, i: _pre(i, t / "o", "--resume", str(_ckpt(t, "l.pth", {"model": [1, 2]}))),
+     "not an ummae checkpoint"),
+    ("resume_epoch_text", lambda t, i: _pre(i, t / "o", "--resume", str(_ckpt(
+        t, "e.pth", {"model": {}, "model_name": "mae_swin_test", "epoch": "abc"}))), "epoch='abc'"),
+    ("resume_folder", lambda t, i: (t / "o" / "checkpoint-last.pth").mkdir(parents=True) or
+     _pre(i, t / "o", "--resume", "auto"), "is a folder"),
+    ("eval_bad_metadata", lambda t, i: ["eval", "--model", "swin_test", "--checkpoint", str(_bad_meta_export(t)),
+                                        "--data", str(write_colour_dataset(t / "c", 1, 1))], "not a JSON mapping"),
+    ("visualize_4096", lambda t, i: ["visualize", "--checkpoint", str(_huge_args(t)), "--images", str(i),
+                                     "--output", str(t / "v.png")], "img_size=4096"),
+    ("export_wrong_shape", lambda t, i: ["export", "--checkpoint", str(_wrong_shape_export(t)), "--output",
+                                         str(t / "x.safetensors")], "another shape"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_cli_bad_input__one_line_no_traceback(case, tmp_path, imgs, capsys):
+    _, argv, text = case
+    code = main(argv(tmp_path, imgs))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code not in (0, None), err
+    assert "Traceback" not in "\n".join(err)
+    lines = [line for line in err if " INFO " not in line and " WARNING " not in line]  # log lines aside
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ummae ") and "error:" in lines[0], lines[0]
+    assert text in lines[0], lines[0]
+
+
+def test_cli__full_disk_one_line(tmp_path, imgs, capsys, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "checkpoint-last.pth"))
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    assert main(_pre(imgs, tmp_path / "o")) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if " INFO " not in line and " WARNING " not in line]
+    assert err == [f"ummae pretrain: error: No space left on device: {tmp_path / 'o' / 'checkpoint-last.pth'}"]
+
+
+def test_cli__ctrl_c_stops_cleanly(tmp_path, imgs, capsys, monkeypatch):
+    """Ctrl-C mid-run: exit 130, one line that names the last checkpoint, which is whole and
+    resumes."""
+    import ummae.train as train
+
+    real = train.pretrain_step
+    calls = {"n": 0}
+
+    def step(model, batch, generator):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(model, batch, generator)
+
+    monkeypatch.setattr(train, "pretrain_step", step)
+    out = tmp_path / "o"
+    code = main(_pre(imgs, out, "--save-every-steps", "1", "--batch-size", "2"))
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if " INFO " not in line and " WARNING " not in line]
+    assert code == 130 and len(err) == 1, err
+    assert "interrupted at epoch 0, step 1" in err[0] and str(out / "checkpoint-last.pth") in err[0]
+    monkeypatch.setattr(train, "pretrain_step", real)
+    assert main(_pre(imgs, out, "--save-every-steps", "1", "--batch-size", "2", "--resume", "auto")) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 0
