@@ -80,6 +80,10 @@ CASES = [
     ("min_lr_inf", lambda t, i: _pre(i, t / "o", "--min-lr", "inf"), "finite"),
     ("lr_huge", lambda t, i: _pre(i, t / "o", "--lr", "1e39"), "below 1e9"),
     ("img_size_1", lambda t, i: _pre(i, t / "o", "--img-size", "1"), "img_size"),
+    ("img_size_unfit", lambda t, i: _pre(i, t / "o", "--img-size", "100"), "sizes that fit this model: 64, 128"),
+    ("finetune_img_size_unfit", lambda t, i: ["finetune", "--model", "swin_tiny_256", "--img-size", "200", "--data",
+                                              str(write_colour_dataset(t / "c", 1, 1)), "--output", str(t / "o")],
+     "sizes that fit this model: 32, 64, 128, 256"),
     ("masks_img_size_huge", lambda t, i: ["masks", "--img-size", "100000", "--output", str(t / "m.png")], "4096"),
     ("auto_augment_garbage", lambda t, i: ["finetune", "--model", "swin_test", "--data", str(i), "--output",
                                            str(t / "o"), "--auto-augment", "garbage"], "auto_augment"),
@@ -149,3 +153,21 @@ def test_cli__ctrl_c_stops_cleanly(tmp_path, imgs, capsys, monkeypatch):
     monkeypatch.setattr(train, "pretrain_step", real)
     assert main(_pre(imgs, out, "--save-every-steps", "1", "--batch-size", "2", "--resume", "auto")) == 0
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 0
+
+
+def test_export__usual_file_mode_and_a_reexported_encoder_stays_an_encoder(tmp_path, capsys):
+    import os
+
+    model = create_model("mae_swin_test")
+    src = tmp_path / "pt.pth"
+    ckpt.save_atomic({"model": model.state_dict(), "model_name": "mae_swin_test", "model_args": model.model_args}, src)
+    first, again = tmp_path / "enc.safetensors", tmp_path / "again.safetensors"
+    assert main(["export", "--checkpoint", str(src), "--output", str(first)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert first.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert main(["export", "--checkpoint", str(first), "--output", str(again)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(again), framework="pt") as f:
+        assert f.metadata()["contents"] == "encoder"

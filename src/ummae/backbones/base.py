@@ -23,6 +23,21 @@ from ..layers import LayerNorm, PatchEmbed
 from ..masking import compact_image, compact_positions, dense_positions, kept_unit_index
 
 
+def sizes_that_fit(fits, near: int, n: int = 4) -> str:
+    """The ``n`` image sizes nearest to ``near`` (multiples of 16 up to 2048) for which
+    ``fits(size)`` holds, for error messages: "image size 200 ...; sizes that fit: 128, 256"."""
+    found = [s for s in sorted(range(32, 2049, 16), key=lambda s: (abs(s - near), s)) if fits(s)][:n]
+    return ", ".join(map(str, sorted(found))) or "none up to 2048"
+
+
+def _fits(check, side: int) -> bool:
+    try:
+        check(side, "")
+        return True
+    except ValueError:
+        return False
+
+
 class PyramidBackbone(nn.Module):
     patch_size = 4
 
@@ -50,6 +65,20 @@ class PyramidBackbone(nn.Module):
         """Raise ValueError if a token map of this side cannot run through the stages."""
         if side % 8:
             raise ValueError(f"{what}: token map side {side} must be divisible by 8 (three 2x down-samplings)")
+
+    def check_image_size(self, img_size: int, what: str, compact: bool = False) -> None:
+        """Raise ValueError (naming sizes that fit) if images of this size cannot run through
+        the stages: densely (a map of side S/4) or, ``compact``, on UM-MAE's map of side S/8."""
+        div = 8 if compact else 4
+        if img_size > 0 and img_size % div == 0 and _fits(self.check_map_size, img_size // div):
+            return
+        fits = sizes_that_fit(lambda s: s % div == 0 and _fits(self.check_map_size, s // div), img_size)
+        try:
+            self.check_map_size(img_size // div, what)
+            problem = f"{what}: not a multiple of {div * 8} px"
+        except ValueError as e:
+            problem = str(e)
+        raise ValueError(f"{problem}; sizes that fit this model: {fits}")
 
     # shared -----------------------------------------------------------------------------
     @property

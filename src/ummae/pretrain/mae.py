@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones import PyramidBackbone
+from ..backbones.base import sizes_that_fit
 from ..layers import init_weights
 from ..masking import (
     block_choice, check_uniform_grid, kept_unit_index, num_kept, random_masking, reference_unit_index,
@@ -182,16 +183,9 @@ def _validate(encoder, pyramid, img_size, unit, sampling, mask_ratio, sm_ratio, 
         raise ValueError(f"bad decoder_pos {decoder_pos!r}: must be 'true' or 'reference'")
     if not 0.0 <= sm_ratio < 1.0:
         raise ValueError(f"bad sm_ratio {sm_ratio}: must be in [0, 1)")
-    if unit <= 0 or img_size <= 0 or img_size % unit:
-        raise ValueError(f"image size {img_size} is not a multiple of the mask unit size {unit}")
-    grid = img_size // unit
     if sampling == "uniform":
         if abs(mask_ratio - 0.75) > 1e-9:
             raise ValueError(f"uniform sampling keeps one unit per 2x2 block, so the mask ratio is 0.75; got mask_ratio={mask_ratio}")
-        try:
-            check_uniform_grid(grid, grid)
-        except ValueError as e:
-            raise ValueError(f"image size {img_size} with {unit}px mask units gives a {grid}x{grid} unit grid: {e}") from None
     elif not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
     if pyramid:
@@ -200,8 +194,30 @@ def _validate(encoder, pyramid, img_size, unit, sampling, mask_ratio, sm_ratio, 
                 "random sampling leaves holes that a pyramid encoder (Swin, PVT) cannot compact into a "
                 "dense map; use sampling='uniform', or a ViT model for MAE random sampling"
             )
-        if unit % encoder.patch_size or 32 % unit:
+        if unit <= 0 or unit % encoder.patch_size or 32 % unit:
             raise ValueError(f"mask unit size {unit} must be a multiple of the {encoder.patch_size}px patch and divide 32 (4, 8, 16 or 32)")
-        encoder.check_map_size(img_size // 8, f"image size {img_size} (compact map of side {img_size // 8})")
     elif unit != encoder.patch_size:
         raise ValueError(f"ViT masks whole patches: the mask unit size must equal the patch size {encoder.patch_size}, got {unit}")
+    problem = _size_problem(encoder, pyramid, img_size, unit, sampling)
+    if problem:
+        fits = sizes_that_fit(lambda s: not _size_problem(encoder, pyramid, s, unit, sampling), img_size)
+        raise ValueError(f"{problem}; sizes that fit this model: {fits}")
+
+
+def _size_problem(encoder, pyramid, img_size, unit, sampling) -> str | None:
+    """Why ``img_size`` does not fit (None if it does): whole units, an even unit grid for
+    uniform sampling, a compact map the pyramid's stages (and Swin's windows) can run on."""
+    if img_size <= 0 or img_size % unit:
+        return f"image size {img_size} is not a multiple of the mask unit size {unit}"
+    grid = img_size // unit
+    if sampling == "uniform":
+        try:
+            check_uniform_grid(grid, grid)
+        except ValueError as e:
+            return f"image size {img_size} with {unit}px mask units gives a {grid}x{grid} unit grid: {e}"
+    if pyramid:
+        try:
+            encoder.check_map_size(img_size // 8, f"image size {img_size} (compact map of side {img_size // 8})")
+        except ValueError as e:
+            return str(e)
+    return None

@@ -27,7 +27,7 @@ class SimMIM(nn.Module):
             raise ValueError(f"image size {img_size} must be a multiple of the mask unit {unit_size}, itself a multiple of the {encoder.patch_size}px patch")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
-        encoder.check_map_size(img_size // encoder.patch_size, f"image size {img_size}")
+        encoder.check_image_size(img_size, f"image size {img_size}")
         self.encoder = encoder
         self.img_size = self.default_img_size = img_size
         self.unit_size = unit_size

@@ -37,7 +37,7 @@ class Classifier(nn.Module):
             raise ValueError(f"num_classes must be >= 0 (0 = no head), got {num_classes}")
         self.pyramid = isinstance(encoder, PyramidBackbone)
         if self.pyramid:
-            encoder.check_map_size(img_size // encoder.patch_size, f"image size {img_size}")
+            encoder.check_image_size(img_size, f"image size {img_size}")
         elif img_size % encoder.patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the {encoder.patch_size}px patch")
         self.encoder = encoder
