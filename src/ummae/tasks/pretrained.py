@@ -228,7 +228,8 @@ def check_weights_fit(state: Dict[str, torch.Tensor], meta: Dict[str, Any], path
             args["num_classes"] = state["head.weight"].shape[0]
     own = create_model(name, **args).state_dict()
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
-    unknown = [k for k in state if k not in own]
+    # an encoder export keeps pre-training's final norm, which a classifier replaces (fc_norm)
+    unknown = [k for k in state if k not in own and not k.startswith("encoder.norm.")]
     if bad or unknown:
         raise CheckpointError(f"{path} does not hold weights of {name}: " + "; ".join(
             ([f"{len(bad)} of another shape (e.g. {', '.join(bad[:2])})"] if bad else [])
