@@ -1,9 +1,14 @@
-"""Tests of ummae.data: datasets, collate, the resumable sampler and the loader."""
+"""Tests of ummae.data: datasets, collate, the resumable sampler and the loader; unreadable
+images in training (replaced by the next readable one, never an empty or short batch); folder
+scans through symlinked directories (each real directory once, link loops end)."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
+import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +20,14 @@ from _helpers import write_image
 
 from ummae.data import (
     ImageDataset,
+    NoReadableImageError,
     ResumableSampler,
+    SubstituteUnreadable,
     build_pretrain_dataset,
     build_train_loader,
     collate_skip_bad,
 )
+from ummae.data.datasets import _scan_images
 
 IMAGENETTE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette_mini"
 
@@ -274,7 +282,7 @@ def test_build_train_loader__workers_give_identical_batches(tmp_path):
     skipped = 0
     for (x0, y0, n0), (x1, y1, n1) in zip(*runs):
         assert torch.equal(x0, x1) and torch.equal(y0, y1) and n0 == n1
-        assert x0.shape[1:] == (3, 16, 16) and x0.shape[0] + n0 == 4
+        assert x0.shape == (4, 3, 16, 16)  # the bad image is replaced, not dropped
         skipped += n0
     assert skipped == 1
 
@@ -290,3 +298,251 @@ def test_build_pretrain_dataset__dataset_root_uses_train_split(tmp_path):
     ds = build_pretrain_dataset(str(tmp_path), img_size=32)
     assert len(ds) == 6 and all(f"{os.sep}train{os.sep}" in p for p, _ in ds.samples)
     assert sorted({label for _, label in ds.samples}) == [0, 1]
+
+
+# ---------------------------------------------------------------- unreadable images in training
+
+
+def _bad_file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\xff\xd8 this is not a jpeg " * 10)
+    return path
+
+
+def _dataset_with_bad_file(kind: str, tmp_path: Path) -> tuple[ImageDataset, int, int]:
+    """A pre-training dataset of ``kind`` with one unreadable sample; returns ``(dataset,
+    index of the bad sample, index of the sample that must replace it)``."""
+    if kind == "ImageFolder":
+        for c in ("a", "b"):
+            for i in range(3):
+                write_image(tmp_path / c / f"{i}.png", seed=10 * ord(c) + i)
+        _bad_file(tmp_path / "a" / "1bad.png")  # a/0 a/1 a/1bad a/2 b/0 ...: index 2 -> 3
+        ds = build_pretrain_dataset(str(tmp_path), img_size=16)
+    elif kind == "flat folder":
+        for i in range(4):
+            write_image(tmp_path / f"{i}.png", seed=i)
+        _bad_file(tmp_path / "3bad.png")  # last in order: the search wraps around to 0.png
+        ds = build_pretrain_dataset(str(tmp_path), img_size=16)
+    elif kind == "list file":
+        for i in range(3):
+            write_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+        lst = tmp_path / "train.txt"
+        # a damaged file, then a missing one, then readable ones: index 0 -> 2
+        _bad_file(tmp_path / "imgs" / "bad.png")
+        lst.write_text("imgs/bad.png 5\nimgs/missing.png 6\nimgs/0.png 7\nimgs/1.png 8\n")
+        ds = build_pretrain_dataset(str(lst), img_size=16)
+    else:  # the embedded demo, one of its entries pointed at a bad file
+        ds = build_pretrain_dataset(None, img_size=16, demo_repeats=1)
+        ds.samples[1] = (str(_bad_file(tmp_path / "broken.png")), -1)
+    bad = next(i for i, (p, _) in enumerate(ds.samples) if "bad" in Path(p).name or "broken" in p)
+    want = {"ImageFolder": 3, "flat folder": 0, "list file": 2, "demo": 2}[kind]
+    return ds, bad, want
+
+
+@pytest.mark.parametrize("kind", ["ImageFolder", "flat folder", "list file", "demo"])
+def test_load_or_substitute__next_readable_image_takes_the_place(tmp_path, caplog, kind):
+    ds, bad, want = _dataset_with_bad_file(kind, tmp_path)
+    assert ds.kind.startswith(kind.replace("demo", "embedded demo"))
+    assert ds[(bad, 3)] is None  # direct access (evaluation) still reports it
+    assert ds.substitute_index(bad) == want
+    with caplog.at_level(logging.WARNING, logger="ummae.data"):
+        image, label, n_skipped = ds.load_or_substitute((bad, 3))
+        ds.load_or_substitute((bad, 4))
+    own_image, own_label = ds[(want, 3)]
+    # the substitute's own image under the requested key's seed, and its own label
+    assert torch.equal(image, own_image) and label == own_label == ds.samples[want][1]
+    assert image.shape == (3, 16, 16) and n_skipped == 1
+    # one warning naming the bad file (and its substitute), however often it comes up
+    named = [r.getMessage() for r in caplog.records if ds.samples[bad][0] in r.getMessage()
+             and "in its place" in r.getMessage()]
+    assert len(named) == 1 and ds.samples[want][0] in named[0]
+    # a readable sample is itself, not counted
+    good = (bad + 1) % len(ds) if kind != "list file" else 3
+    image, label, n_skipped = ds.load_or_substitute((good, 3))
+    assert n_skipped == 0 and torch.equal(image, ds[(good, 3)][0])
+    assert SubstituteUnreadable(ds)[(bad, 3)][2] == 1 and len(SubstituteUnreadable(ds)) == len(ds)
+
+
+def test_load_or_substitute__deterministic(tmp_path):
+    """Same (index, seed) -> the same tensor, from a fresh dataset (as after a resume), whatever
+    the global RNGs; another seed -> another crop of the same substitute."""
+    ds, bad, _ = _dataset_with_bad_file("flat folder", tmp_path)
+    a = ds.load_or_substitute((bad, 11))
+    torch.rand(5)
+    random.random()
+    np.random.rand()
+    b = ds.load_or_substitute((bad, 11))
+    fresh, _, _ = _dataset_with_bad_file("flat folder", tmp_path)  # no memory of bad files
+    c = fresh.load_or_substitute((bad, 11))
+    for other in (b, c):
+        assert torch.equal(a[0], other[0]) and a[1:] == other[1:]
+    assert not torch.equal(a[0], ds.load_or_substitute((bad, 12))[0])
+
+
+def test_collate_skip_bad__counts_substituted_items():
+    x = torch.zeros(3, 4, 4)
+    images, labels, n = collate_skip_bad([(x, 1, 0), (x + 1, 2, 1), (x + 2, 0, 1)])
+    assert images.shape == (3, 3, 4, 4) and labels.tolist() == [1, 2, 0] and n == 2
+
+
+def test_build_train_loader__batch_size_1_every_batch_full(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png", seed=i)
+    _bad_file(tmp_path / "1bad.png")
+    ds = build_pretrain_dataset(str(tmp_path), img_size=16)
+    loader, sampler = build_train_loader(ds, batch_size=1, num_workers=0, seed=3)
+    batches = list(loader)
+    assert len(batches) == 4 and all(x.shape == (1, 3, 16, 16) for x, _, _ in batches)
+    assert sum(n for _, _, n in batches) == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_build_train_loader__no_readable_image_fails_with_one_line(tmp_path, workers):
+    for i in range(3):
+        _bad_file(tmp_path / f"{i}.jpg")
+    ds = build_pretrain_dataset(str(tmp_path), img_size=16)
+    loader, _ = build_train_loader(ds, batch_size=2, num_workers=workers, seed=0)
+    with pytest.raises(NoReadableImageError) as err:
+        next(iter(loader))
+    assert isinstance(err.value, ValueError)  # the CLI prints it as one error line, exit 2
+    msg = str(err.value)
+    del err  # its traceback holds the loader's iterator: free it (and its workers) now
+    gc.collect()
+    assert msg.startswith(f"no image of flat folder {tmp_path} can be read: all 3 files failed")
+    assert "\n" not in msg
+    assert re.search(r"\(e\.g\. .*[012]\.jpg: UnidentifiedImageError", msg)
+
+
+def test_pretrain__batch_size_1_with_unreadable_image_finishes(tmp_path, monkeypatch):
+    """The run that used to stop ("every image of batch ... was unreadable"): batch size 1
+    over a folder with one bad file. It finishes, every batch is full, the skip is counted."""
+    import ummae.train as train
+    from _helpers import epoch_records, smooth_images, step_records
+    from ummae.config import PretrainConfig
+
+    data = smooth_images(tmp_path / "data", 5, size=72)
+    _bad_file(data / "img_002b.png")  # sorted between img_002 and img_003
+    sizes, real = [], train.pretrain_step
+
+    def step(model, batch, generator):
+        sizes.append(batch[0].shape[0])
+        return real(model, batch, generator)
+
+    monkeypatch.setattr(train, "pretrain_step", step)
+    out = tmp_path / "run"
+    cfg = PretrainConfig(model="mae_swin_test", data=str(data), output=str(out), epochs=2,
+                         warmup_epochs=1, batch_size=1, blr=0.05, num_workers=0, log_every=1,
+                         keep_every=0, seed=0, device="cpu", vis_every=0)
+    train.pretrain(cfg)
+    assert sizes == [1] * 12  # 6 samples x 2 epochs, none empty
+    assert [r["skipped_images"] for r in epoch_records(out)] == [1, 1]
+    steps = step_records(out)
+    assert len(steps) == 12 and all(np.isfinite(r["loss"]) for r in steps)
+    per_epoch = [steps[:6], steps[6:]]  # skipped_images of a step record: so far this epoch
+    assert all(ep[-1]["skipped_images"] == 1 for ep in per_epoch)
+
+
+def test_cli_pretrain__no_readable_image_one_error_line(tmp_path, capsys):
+    from ummae.cli import main
+
+    data = tmp_path / "data"
+    for i in range(2):
+        _bad_file(data / f"{i}.png")
+    rc = main(["pretrain", "--model", "mae_swin_test", "--data", str(data), "--output",
+               str(tmp_path / "run"), "--epochs", "1", "--batch-size", "1", "--num-workers", "2",
+               "--device", "cpu", "--vis-every", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith(f"ummae pretrain: error: no image of flat folder {data} can be read")
+
+
+# ---------------------------------------------------------------- folder scans and symlinks
+
+
+def _symlink(target, link: Path) -> None:
+    try:
+        os.symlink(target, link, target_is_directory=True)
+    except (OSError, NotImplementedError) as e:
+        pytest.skip(f"cannot make directory symlinks here: {e}")
+
+
+def _scan_in_thread(fn, timeout: float = 30.0):
+    """``fn()`` in a daemon thread; fails the test if it does not return within ``timeout``."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"the scan did not end within {timeout:.0f} s"
+    return result["value"]
+
+
+def _real_files(paths) -> list:
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+def test_scan__loop_link_lists_each_image_once(tmp_path):
+    for i in range(4):
+        write_image(tmp_path / f"{i}.png", seed=i)
+    write_image(tmp_path / "sub" / "s.png")
+    _symlink("..", tmp_path / "sub" / "loop")  # used to list every image 41 times
+    ds = build_pretrain_dataset(str(tmp_path), img_size=8)
+    assert len(ds) == 5
+    assert _real_files(p for p, _ in ds.samples) == _real_files(
+        [tmp_path / f"{i}.png" for i in range(4)] + [tmp_path / "sub" / "s.png"])
+    assert [p for p, _ in ds.samples] == [str(tmp_path / f"{i}.png") for i in range(4)] + [
+        str(tmp_path / "sub" / "s.png")]  # real paths, not paths through the link
+
+
+def test_scan__imagefolder_links_to_parent_and_other_class(tmp_path):
+    for c in ("a", "b"):
+        for i in range(2):
+            write_image(tmp_path / c / f"{i}.png", seed=i)
+    _symlink("..", tmp_path / "a" / "loop")  # the top folder again, from inside a class
+    (tmp_path / "a" / "deep").mkdir()
+    _symlink("../../b", tmp_path / "a" / "deep" / "to_b")  # another class, from inside a
+    write_image(tmp_path / "b" / "sub" / "s.png")
+    _symlink("../b/sub", tmp_path / "a" / "b_sub")  # a folder inside another class
+    ds = build_pretrain_dataset(str(tmp_path), img_size=8)
+    labels = {os.path.relpath(p, tmp_path): lab for p, lab in ds.samples}
+    # each image once, at its real path, under the class it really lies in
+    assert labels == {"a/0.png": 0, "a/1.png": 0, "b/0.png": 1, "b/1.png": 1, "b/sub/s.png": 1}
+    assert len(ds) == 5
+
+
+def test_scan__two_loop_links_end(tmp_path):
+    write_image(tmp_path / "x.png")
+    write_image(tmp_path / "sub" / "y.png")
+    _symlink("..", tmp_path / "sub" / "loop1")  # two loops: 2**40 paths with the old scan
+    _symlink("..", tmp_path / "sub" / "loop2")
+    _symlink(".", tmp_path / "sub" / "self")
+    paths = _scan_in_thread(lambda: _scan_images(str(tmp_path)))
+    assert paths == [str(tmp_path / "x.png"), str(tmp_path / "sub" / "y.png")]
+    ds = _scan_in_thread(lambda: build_pretrain_dataset(str(tmp_path), img_size=8))
+    assert len(ds) == 2
+
+
+def test_scan__link_to_outside_folder_followed_once(tmp_path):
+    outside = tmp_path / "outside"
+    write_image(outside / "o1.png", seed=1)
+    write_image(outside / "deeper" / "o2.png", seed=2)
+    data = tmp_path / "data"
+    write_image(data / "x.png")
+    _symlink(outside, data / "linked")  # a folder not yet visited: followed
+    _symlink(outside, data / "linked_again")  # the same directory: read once only
+    _symlink("../data", outside / "back")  # and a loop through it
+    write_image(data / "z" / "deep" / "z.png")
+    _symlink("z/deep", data / "a_link")  # into the tree: the real path is kept
+    paths = _scan_in_thread(lambda: _scan_images(str(data)))
+    # the real tree first (a folder's own files, then its sub-folders, sorted), then the
+    # trees reached through links
+    assert paths == [str(data / "x.png"), str(data / "z" / "deep" / "z.png"),
+                     str(data / "linked" / "o1.png"), str(data / "linked" / "deeper" / "o2.png")]
+    # an ImageFolder class that is itself a link to an outside folder
+    os.unlink(outside / "back")
+    tree = tmp_path / "tree"
+    write_image(tree / "a" / "0.png")
+    tree.joinpath("b").parent.mkdir(exist_ok=True)
+    _symlink(outside, tree / "b")
+    ds = build_pretrain_dataset(str(tree), img_size=8)
+    assert {(os.path.relpath(p, tree), lab) for p, lab in ds.samples} == {
+        ("a/0.png", 0), ("b/o1.png", 1), ("b/deeper/o2.png", 1)}

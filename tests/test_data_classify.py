@@ -14,9 +14,11 @@ from _helpers import write_image
 
 from ummae.data import (
     ImageDataset,
+    NoReadableImageError,
     build_classify_dataset,
     build_classify_transform,
     build_eval_loader,
+    build_train_loader,
 )
 
 IMAGENETTE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette_mini"
@@ -222,3 +224,65 @@ def test_build_classify_transform__randaugment_posterize_at_full_magnitude():
     random.seed(0)
     for _ in range(300):  # 2 of ~15 ops per image: posterize at 0 bits comes up many times
         assert t(img).shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------- unreadable images in training
+
+
+def test_build_train_loader__classify_unreadable_replaced_with_its_own_label(tmp_path, eval_tf):
+    _tree(tmp_path / "train", ("a", "b"), per_class=2)
+    # sorted: a/0 a/1 a/2bad b/0 b/1: the bad "a" image is replaced by b/0, labelled b
+    (tmp_path / "train" / "a" / "2bad.jpg").write_bytes(b"\xff\xd8 not a jpeg " * 10)
+    ds = build_classify_dataset(str(tmp_path), "train", eval_tf)
+    bad = [os.path.basename(p) for p, _ in ds.samples].index("2bad.jpg")
+    assert ds.substitute_index(bad) == bad + 1 and ds.samples[bad + 1][1] == 1
+    image, label, n_skipped = ds.load_or_substitute((bad, 9))
+    assert label == 1 and n_skipped == 1 and torch.equal(image, ds[(bad + 1, 9)][0])
+    for batch_size in (1, 5):  # every sample once per epoch (5 images, drop_last)
+        loader, sampler = build_train_loader(ds, batch_size=batch_size, num_workers=0, seed=4)
+        batches = list(loader)
+        assert all(x.shape == (batch_size, 3, 32, 32) for x, _, _ in batches)  # never short
+        assert sum(n for _, _, n in batches) == 1
+        assert sorted(y for _, ys, _ in batches for y in ys.tolist()) == [0, 0, 1, 1, 1]
+    # evaluation still leaves it out (a substitute would be counted twice)
+    assert [x.shape[0] for x, _, _ in build_eval_loader(ds, batch_size=5, num_workers=0)] == [4]
+
+
+def test_build_train_loader__classify_all_unreadable_refused(tmp_path, eval_tf):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "x.png").write_bytes(b"garbage")
+    ds = build_classify_dataset(str(tmp_path), "train", eval_tf)
+    loader, _ = build_train_loader(ds, batch_size=2, num_workers=0)
+    with pytest.raises(NoReadableImageError, match=rf"no image of ImageFolder {tmp_path} can be "
+                                                   r"read: all 2 files failed"):
+        next(iter(loader))
+
+
+# ---------------------------------------------------------------- folder scans and symlinks
+
+
+def test_build_classify_dataset__symlink_loops_each_image_once(tmp_path, eval_tf):
+    import threading
+
+    _tree(tmp_path / "train", ("a", "b"), per_class=2)
+    _tree(tmp_path / "val", ("a", "b"), per_class=1)
+    try:
+        os.symlink("..", tmp_path / "train" / "a" / "loop")  # back to train/
+        os.symlink("../..", tmp_path / "train" / "b" / "up")  # to the dataset root
+        os.symlink("../..", tmp_path / "train" / "b" / "up2")  # two loops: endless before
+    except (OSError, NotImplementedError) as e:
+        pytest.skip(f"cannot make directory symlinks here: {e}")
+    result = {}
+    thread = threading.Thread(daemon=True, target=lambda: result.setdefault(
+        "ds", build_classify_dataset(str(tmp_path), "train", eval_tf)))
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the scan did not end within 30 s"
+    ds = result["ds"]
+    samples = {(os.path.relpath(p, tmp_path), label) for p, label in ds.samples}
+    # train/ images once each, under their own class; val/ (reached through b/up) too, as
+    # it is a directory of its own that the links lead to, but only once
+    train = {(f"train/{c}/{i}.png", lab) for lab, c in enumerate("ab") for i in range(2)}
+    assert train <= samples and len(ds.samples) == len(samples)
+    assert samples - train == {("train/b/up/val/a/0.png", 1), ("train/b/up/val/b/0.png", 1)}

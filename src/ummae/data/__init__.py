@@ -4,12 +4,14 @@ from .classify import (
     build_classify_transform,
     build_eval_loader,
 )
-from .datasets import ImageDataset, build_pretrain_dataset
+from .datasets import ImageDataset, NoReadableImageError, SubstituteUnreadable, build_pretrain_dataset
 from .sampler import ResumableSampler, build_train_loader, collate_skip_bad
 
 __all__ = [
     "ImageDataset",
+    "NoReadableImageError",
     "ResumableSampler",
+    "SubstituteUnreadable",
     "build_classify_dataset",
     "build_classify_transform",
     "build_eval_loader",

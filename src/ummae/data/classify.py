@@ -2,8 +2,10 @@
 
 The transforms follow MAE's fine-tuning and linear-probing recipes; datasets are the same
 :class:`~ummae.data.datasets.ImageDataset` as pre-training (so keyed, seeded augmentation and
-bad-image skipping carry over), but unlabelled data is refused: a flat folder or a list file
-line without a label would otherwise train on label -1 or on meaningless folder names.
+the handling of unreadable images carry over: in training, through ``build_train_loader``, an
+unreadable image is replaced by the next readable one, with that one's own label; evaluation
+skips it), but unlabelled data is refused: a flat folder or a list file line without a label
+would otherwise train on label -1 or on meaningless folder names.
 """
 from __future__ import annotations
 
@@ -191,7 +193,9 @@ def build_eval_loader(dataset, batch_size: int, num_workers: int, num_replicas: 
                       rank: int = 0, pin_memory: bool = False) -> DataLoader:
     """Sequential loader over this rank's shard: indices rank, rank+R, rank+2R, ... (no
     padding and no duplicates, unlike DistributedSampler, so counts summed over ranks are
-    exact); collate_fn=collate_skip_bad (batches are (images, labels, n_skipped));
+    exact); collate_fn=collate_skip_bad (batches are (images, labels, n_skipped)): an
+    unreadable image is left out of its batch and counted, never replaced (a substitute would
+    be counted twice in accuracies and kNN banks), so a batch may be short or even empty;
     drop_last=False. Ranks may get one batch more or fewer: sum results with an all-reduce
     after the loop, never a collective per batch.
     """

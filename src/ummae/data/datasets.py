@@ -3,11 +3,18 @@
 This module builds the pre-training dataset; :mod:`ummae.data.classify` builds the labelled
 ones (fine-tuning, probing, evaluation) on the same :class:`ImageDataset`. Every dataset
 returns ``(image [3, S, S] float, label int)`` per sample, or ``None`` for an image that
-cannot be read (see :func:`collate_skip_bad`), so one bad file never stops a run.
+cannot be read (see :func:`collate_skip_bad`: evaluation skips such images, so that each
+image is counted once). Training reads through :class:`SubstituteUnreadable` instead, which
+puts the next readable image in the place of an unreadable one, so a training batch always
+has its full size and one bad file never stops a run.
 
 Samples are addressed by ``(index, sample_seed)`` keys from :class:`ResumableSampler`: the
 augmentation is a pure function of the key, whatever the number of workers, which is
 what makes a resumed run see exactly the images it would have seen.
+
+Folder scans follow symlinked directories (dataset trees are often assembled from links) but
+read each real directory once, so a link back to a parent neither repeats images nor loops
+(:func:`_scan_trees`).
 """
 from __future__ import annotations
 
@@ -46,15 +53,80 @@ def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _scan_images(folder: str) -> list[str]:
-    """All image files below ``folder`` (recursive, hidden files and folders skipped), sorted so
-    the sample order is the same on every machine. Symlinked folders are followed, since
-    dataset trees are often assembled from links."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(root, f) for f in sorted(files) if is_image_file(f))
+def _dir_key(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the directory ``path`` resolves to (symlinks followed), or
+    ``None`` if it cannot be stat'ed (a broken link, no permission)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _scan_trees(folders: list[str], visited: set) -> list[list[str]]:
+    """The image files below each of ``folders`` (recursive, hidden files and folders skipped),
+    one list per folder, in a fixed order so the sample order is the same on every machine.
+
+    Symlinked folders are followed, since dataset trees are often assembled from links, but
+    every real directory is read once: ``visited`` holds the ``(st_dev, st_ino)`` of the
+    directories already claimed (updated in place), and a folder whose key is in it is not
+    entered again. The real (non-link) sub-folders of all ``folders`` are claimed first, and
+    symlinked folders are followed only after that, in rounds (a linked tree's own links wait
+    for the next round): so a link back to a parent (``sub/loop -> ..``) or into another
+    part of the tree neither lists images twice nor makes the walk endless, an image inside
+    the tree keeps its real path (and, for an ImageFolder, the label of the class folder it
+    really lies in), and a link to a directory outside is followed once. Each folder's list
+    holds the images of its real tree (``os.walk`` top-down order, names sorted), then those
+    reached through links. ``folders`` themselves are always scanned."""
+    found: list[list[str]] = [[] for _ in folders]
+    pending = list(enumerate(folders))  # (owner, directory) trees to walk without links
+    revisits = 0
+    while pending:
+        links = []
+        for owner, top in pending:
+            for root, dirs, files in os.walk(top):  # followlinks=False: links listed, not entered
+                keep = []
+                for d in sorted(dirs):
+                    path = os.path.join(root, d)
+                    if d.startswith("."):
+                        continue
+                    if os.path.islink(path):
+                        links.append((owner, path))  # followed once the real trees are claimed
+                        continue
+                    key = _dir_key(path)
+                    if key is None or key in visited:  # unreadable, or a bind-mounted repeat
+                        continue
+                    visited.add(key)
+                    keep.append(d)
+                dirs[:] = keep  # os.walk descends into these only, in this order
+                found[owner].extend(os.path.join(root, f) for f in sorted(files)
+                                    if is_image_file(f))
+        pending = []
+        for owner, path in links:
+            key = _dir_key(path)
+            if key is None:
+                continue  # a broken link
+            if key in visited:
+                revisits += 1
+                continue
+            visited.add(key)
+            pending.append((owner, path))
+    if revisits:
+        logger.info("%s: %d folder link(s) lead to directories already scanned (a link loop "
+                    "or a second path); each directory is read once",
+                    folders[0] if len(folders) == 1 else os.path.dirname(folders[0]), revisits)
     return found
+
+
+def _scan_images(folder: str, visited: set | None = None) -> list[str]:
+    """All image files below ``folder``, each real directory read once; see
+    :func:`_scan_trees` (``visited``: directory keys already claimed, updated in place;
+    ``folder``'s own key is added)."""
+    visited = set() if visited is None else visited
+    top = _dir_key(folder)
+    if top is not None:
+        visited.add(top)
+    return _scan_trees([folder], visited)[0]
 
 
 def _no_images_error(folder: str) -> ValueError:
@@ -75,17 +147,40 @@ def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 
     ])
 
 
+class NoReadableImageError(ValueError):
+    """No image of a dataset can be read: the one case a bad file stops a training run.
+
+    A ``ValueError`` (so the command line prints it as one ``error:`` line and exits 2). Raised
+    inside a DataLoader worker, it reaches the main process as a new instance built from
+    "Caught NoReadableImageError in DataLoader worker process N. Original Traceback..."; the
+    constructor keeps only the original message from that, so the error reads the same with
+    and without workers."""
+
+    def __init__(self, message: str = ""):
+        name = type(self).__name__
+        if message.startswith(f"Caught {name} ") and "\n" in message:
+            last = message.rstrip().splitlines()[-1]
+            _, sep, original = last.partition(f"{name}: ")
+            if sep:
+                message = original
+        super().__init__(message)
+
+
 class ImageDataset(Dataset):
     """A list of ``(path, label)`` samples (label -1 = unlabelled) plus the augmentation.
 
     ``dataset[(index, sample_seed)]`` -> ``(image [3, S, S] float, label int)``, or ``None``
-    when the file cannot be read (one warning is logged naming the path). With a key the
-    transform is a pure function of ``sample_seed`` for all three RNGs augmentations draw from
-    (torch's CPU generator, python ``random`` and numpy's global state: timm's RandAugment and
-    RandomErasing use the latter two), and the caller's states of all three are restored. A
-    plain int index is also accepted; the augmentation then draws from the global RNGs.
+    when the file cannot be read (a warning names the path, once per file and process): the
+    evaluation loaders skip such images, so each image is counted once. Training reads through
+    :meth:`load_or_substitute` (:class:`SubstituteUnreadable`) instead, which never returns
+    ``None``. With a key the transform is a pure function of ``sample_seed`` for all three RNGs
+    augmentations draw from (torch's CPU generator, python ``random`` and numpy's global state:
+    timm's RandAugment and RandomErasing use the latter two), and the caller's states of all
+    three are restored. A plain int index is also accepted; the augmentation then draws from
+    the global RNGs.
 
-    ``class_names[label]`` names a label (empty when unlabelled).
+    Files found unreadable are remembered (per process: each DataLoader worker has its own
+    copy) and not opened again. ``class_names[label]`` names a label (empty when unlabelled).
     """
 
     def __init__(self, samples: list[tuple[str, int]], transform, kind: str, source: str,
@@ -98,6 +193,8 @@ class ImageDataset(Dataset):
         self.num_classes = num_classes
         self.note = note
         self.class_names = list(class_names) if class_names is not None else []
+        self._bad: dict[str, str] = {}  # path -> why it cannot be read
+        self._warned: set[tuple[str, str]] = set()  # (warning, path) already logged
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -108,23 +205,30 @@ class ImageDataset(Dataset):
         note = f" ({self.note})" if self.note else ""
         return f"{self.kind} {self.source}: {len(self.samples)} images, {classes}{note}"
 
-    def __getitem__(self, key: Key) -> tuple[Tensor, int] | None:
-        if isinstance(key, tuple):
-            index, seed = key
-        else:
-            index, seed = key, None
-        path, label = self.samples[index]
+    def _read(self, index: int) -> Image.Image | None:
+        """The decoded RGB image of sample ``index``, or ``None`` if it cannot be read."""
+        path = self.samples[index][0]
+        if path in self._bad:
+            return None
         try:
             with Image.open(path) as f:
-                img = f.convert("RGB")  # also forces the full decode, so truncation shows here
+                return f.convert("RGB")  # also forces the full decode: truncation shows here
         except Exception as e:  # noqa: BLE001 (see below)
             # Pillow raises a zoo of types for damaged files (OSError, SyntaxError, EOFError,
             # struct.error, DecompressionBombError...); only open + decode run under this
             # catch, so it hides no bug of ours and one bad file never stops a long run.
-            logger.warning("skipping unreadable image %s: %s: %s", path, type(e).__name__, e)
+            self._bad[path] = f"{type(e).__name__}: {e}"
             return None
+
+    def _warn_once(self, path: str, message: str, *args) -> None:
+        """Log ``message % args`` the first time it is about ``path`` (in this process)."""
+        if (message, path) not in self._warned:
+            self._warned.add((message, path))
+            logger.warning(message, *args)
+
+    def _augment(self, img: Image.Image, seed) -> Tensor:
         if seed is None:
-            return self.transform(img), label
+            return self.transform(img)
         seed = int(seed)
         # python random and numpy are saved and restored by hand (no fork_rng for them) so
         # that, with num_workers=0, keyed access leaves the training process's streams as
@@ -138,11 +242,87 @@ class ImageDataset(Dataset):
             # process's GPU randomness when num_workers=0); fork_rng restores the CPU state.
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)
-                image = self.transform(img)
+                return self.transform(img)
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-        return image, label
+
+    @staticmethod
+    def _split_key(key: Key) -> tuple[int, int | None]:
+        if isinstance(key, tuple):
+            index, seed = key
+            return int(index), seed
+        return int(key), None
+
+    def __getitem__(self, key: Key) -> tuple[Tensor, int] | None:
+        index, seed = self._split_key(key)
+        img = self._read(index)
+        path, label = self.samples[index]
+        if img is None:
+            self._warn_once(path, "skipping unreadable image %s: %s", path, self._bad[path])
+            return None
+        return self._augment(img, seed), label
+
+    def _first_readable(self, index: int) -> tuple[int, Image.Image]:
+        """The first sample at or after ``index`` in dataset order (wrapping around) whose
+        image can be read, and that image. Raises :class:`NoReadableImageError`, naming the
+        data, when no file of the dataset can be read."""
+        n = len(self.samples)
+        for step in range(n):
+            j = (index + step) % n
+            img = self._read(j)
+            if img is not None:
+                return j, img
+        path = self.samples[index][0]
+        note = f" ({self.note})" if self.note else ""
+        raise NoReadableImageError(
+            f"no image of {self.kind} {self.source}{note} can be read: all {n} files failed "
+            f"(e.g. {path}: {self._bad.get(path, 'unreadable')}); check the data"
+        )
+
+    def substitute_index(self, index: int) -> int:
+        """The sample that training reads in place of sample ``index``: ``index`` itself if its
+        image can be read, else the next readable sample in dataset order (wrapping around).
+        A pure function of ``index`` and the files."""
+        return self._first_readable(int(index))[0]
+
+    def load_or_substitute(self, key: Key) -> tuple[Tensor, int, int]:
+        """Training access: ``(image [3, S, S], label, n_skipped)``, never ``None``.
+
+        If sample ``index``'s file cannot be read, the next readable sample in dataset order
+        (wrapping around; :meth:`substitute_index`) takes its place, with its own label and
+        augmented with the requested key's ``sample_seed``, and ``n_skipped`` is 1 (else 0):
+        :func:`~ummae.data.sampler.collate_skip_bad` sums it into the batch's skip count
+        (``skipped_images`` in the metrics). The result is a pure function of the key (and
+        the files), so exact resume stays exact, and batches keep their full size, which
+        keeps DDP ranks in lockstep and mixup's batches even. A warning names each bad file
+        once (per process) with its substitute. Raises :class:`NoReadableImageError` (a
+        ``ValueError``) only when no image of the dataset can be read.
+        """
+        index, seed = self._split_key(key)
+        j, img = self._first_readable(index)
+        if j != index:
+            path = self.samples[index][0]
+            self._warn_once(path, "unreadable image %s (%s): training uses the next readable "
+                            "image, %s, in its place", path, self._bad[path], self.samples[j][0])
+        return self._augment(img, seed), self.samples[j][1], int(j != index)
+
+
+class SubstituteUnreadable(Dataset):
+    """Training view of an :class:`ImageDataset`: ``view[key]`` is
+    ``dataset.load_or_substitute(key)``, i.e. ``(image, label, n_skipped)`` with an
+    unreadable sample replaced by the next readable one (see there). The loaders of
+    :func:`~ummae.data.sampler.build_train_loader` read through it; evaluation reads the
+    dataset itself and skips unreadable images instead (a substitute would be counted twice)."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Key) -> tuple[Tensor, int, int]:
+        return self.dataset.load_or_substitute(key)
 
 
 def _demo_samples(repeats: int) -> tuple[list[tuple[str, int]], str, str]:
@@ -179,10 +359,16 @@ def _folder_samples(folder: str) -> tuple[list[tuple[str, int]], str, list[str]]
         return [(p, -1) for p in paths], "flat folder", []
 
     classes = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
+    # One scan of all classes, with the top folder and every class folder claimed from the
+    # start and every real sub-folder claimed before any link is followed: a link inside one
+    # class to the top, to another class or into it is not followed, so each image is listed
+    # once, under the class folder it really lies in.
+    class_dirs = [os.path.join(folder, name) for name in classes]
+    visited = {k for k in map(_dir_key, [folder] + class_dirs) if k is not None}
+    per_class = _scan_trees(class_dirs, visited)
     samples, direct = [], False
-    for label, name in enumerate(classes):  # labels = index in the sorted names, as ImageNet
-        class_dir = os.path.join(folder, name)
-        paths = _scan_images(class_dir)
+    for label, (class_dir, paths) in enumerate(zip(class_dirs, per_class)):
+        # labels = index in the sorted names, as ImageNet
         if not paths:
             logger.warning("class folder %s holds no images (its label %d stays unused)",
                            class_dir, label)

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..seeds import mix_seed
+from .datasets import SubstituteUnreadable
 
 logger = logging.getLogger(__name__)
 
@@ -119,18 +120,25 @@ class ResumableSampler(Sampler):
 
 
 def collate_skip_bad(batch: list) -> tuple[Tensor, Tensor, int]:
-    """Collate ``(image [3, S, S], label)`` items, dropping the ``None`` of unreadable images.
+    """Collate a batch of items, counting the unreadable images.
 
-    Returns ``(images [B, 3, S, S] float, labels [B] long, n_skipped)`` with ``B`` the number of
-    good items. If every item is bad the size is unknown, so ``images`` is ``torch.empty(0)``
-    (``images.shape[0] == 0`` still holds) and ``labels`` is ``[0]``.
+    Items are ``(image [3, S, S], label)`` or ``None`` (an unreadable image, from
+    ``ImageDataset[key]``: evaluation), or ``(image, label, n_skipped)`` (from
+    :class:`~ummae.data.datasets.SubstituteUnreadable`: training, where an unreadable image
+    was replaced by a readable one and ``n_skipped`` is 1). ``None`` items are dropped.
+
+    Returns ``(images [B, 3, S, S] float, labels [B] long, n_skipped)``: ``B`` the number of
+    items that are not ``None`` (so a training batch always has its full size) and
+    ``n_skipped`` the unreadable images of the batch (dropped or replaced). If every item is
+    ``None`` the size is unknown, so ``images`` is ``torch.empty(0)`` (``images.shape[0] == 0``
+    still holds) and ``labels`` is ``[0]``.
     """
     good = [item for item in batch if item is not None]
-    n_skipped = len(batch) - len(good)
+    n_skipped = len(batch) - len(good) + sum(int(item[2]) for item in good if len(item) > 2)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped
     # default_collate stacks straight into shared memory inside workers (one copy fewer)
-    images, labels = default_collate(good)
+    images, labels = default_collate([(item[0], item[1]) for item in good])
     return images, labels.long(), n_skipped
 
 
@@ -142,7 +150,17 @@ def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
     Loader of ``(images [B, 3, S, S], labels [B], n_skipped)`` batches for this rank, and
     its sampler (call ``set_epoch`` / ``set_start_batch`` on it). No worker_init_fn is needed:
     augmentation seeds travel with the indices, so batches do not depend on ``num_workers``.
+
+    An :class:`~ummae.data.datasets.ImageDataset` is read through
+    :class:`~ummae.data.datasets.SubstituteUnreadable`: an unreadable image is replaced by the
+    next readable one in dataset order (a pure function of the index, so resume stays exact)
+    and counted in ``n_skipped``, so every batch has exactly ``batch_size`` images (DDP ranks
+    stay in lockstep, mixup gets even batches); only a dataset of which no image can be read
+    stops the run (``NoReadableImageError``, a ``ValueError``). Other datasets are used as
+    they are (``None`` items are dropped and counted).
     """
+    if hasattr(dataset, "load_or_substitute"):
+        dataset = SubstituteUnreadable(dataset)
     sampler = ResumableSampler(len(dataset), batch_size, num_replicas, rank, seed,
                                shuffle=True, drop_last=True)
     loader = DataLoader(
