@@ -87,6 +87,8 @@ CASES = [
     ("masks_img_size_huge", lambda t, i: ["masks", "--img-size", "100000", "--output", str(t / "m.png")], "4096"),
     ("auto_augment_garbage", lambda t, i: ["finetune", "--model", "swin_test", "--data", str(i), "--output",
                                            str(t / "o"), "--auto-augment", "garbage"], "auto_augment"),
+    ("data_is_an_image", lambda t, i: ["pretrain", "--model", "mae_swin_test", "--data", str(_jpeg(t)), "--output",
+                                       str(t / "o")], "is an image file"),
     ("output_is_a_file", lambda t, i: (t / "f").write_text("x") and _pre(i, t / "f"), "is a file"),
     ("resume_jpeg", lambda t, i: _pre(i, t / "o", "--resume", str(_jpeg(t))), "is an image"),
     ("resume_reference_ckpt", lambda t, i: _pre(i, t / "o", "--resume", str(_ckpt(

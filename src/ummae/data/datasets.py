@@ -396,9 +396,16 @@ def _list_file_samples(list_file: str, data_root: str | None,
     root = data_root if data_root is not None else os.path.dirname(os.path.abspath(list_file))
     if not os.path.isdir(root):
         raise ValueError(f"data root not found: {root} (for list file {list_file})")
+    if os.path.splitext(list_file)[1].lower() in IMG_EXTENSIONS:
+        raise ValueError(f"--data {list_file} is an image file; give the folder that holds the images, or a list file")
     samples = []
     with open(list_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"--data {list_file} is not a text list file (it is not UTF-8 text); give an image "
+                             f"folder or a list file of 'relative/path label' lines") from None
+        for lineno, line in enumerate(lines, 1):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
                 continue
