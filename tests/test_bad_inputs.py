@@ -79,6 +79,7 @@ CASES = [
     ("drop_path_negative", lambda t, i: _pre(i, t / "o", "--drop-path", "-1"), "drop_path"),
     ("min_lr_inf", lambda t, i: _pre(i, t / "o", "--min-lr", "inf"), "finite"),
     ("lr_huge", lambda t, i: _pre(i, t / "o", "--lr", "1e39"), "below 1e9"),
+    ("lr_negative_exponent", lambda t, i: _pre(i, t / "o", "--lr", "-1e-3"), "lr=-0.001"),
     ("img_size_1", lambda t, i: _pre(i, t / "o", "--img-size", "1"), "img_size"),
     ("img_size_unfit", lambda t, i: _pre(i, t / "o", "--img-size", "100"), "sizes that fit this model: 64, 128"),
     ("finetune_img_size_unfit", lambda t, i: ["finetune", "--model", "swin_tiny_256", "--img-size", "200", "--data",

@@ -271,7 +271,8 @@ def test_pretrain__torchrun_two_gloo_processes_keep_replicas_identical(data24, t
     _assert_no_duplicate_steps(out, 6, 2)
     assert len(os.listdir(out / "tensorboard")) == 1
     # (and one reconstruction picture, after the last epoch: vis_every 20 > 2 epochs)
-    assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "checkpoint-last.pth", "metrics.jsonl", "recon-epoch0002.png", "tensorboard"]
+    assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "checkpoint-last.pth", "config.yaml", "log.txt", "metrics.jsonl",
+                                       "recon-epoch0002.png", "tensorboard"]
     assert [("vis_loss" in r) for r in epochs] == [False, True]
     state = ckpt.load(out / "checkpoint-last.pth")
     assert state["update"] == 6 and not any(k.startswith("module.") for k in state["model"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -39,36 +40,52 @@ RUNS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ummae", description="Uniform Masking (UM-MAE) pre-training for pyramid vision transformers")
-    sub = p.add_subparsers(dest="command", required=True)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    m = sub.add_parser("models", help="list the registered models, one per line")
+    try:
+        return version("ummae")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
+def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command`` (the sub-command about to be parsed, "" for
+    none), sub-commands whose flags need heavy imports (bench: torch) get them only when they
+    are the one, so that ``ummae --help`` stays fast."""
+    p = argparse.ArgumentParser(prog="ummae", description="Uniform Masking (UM-MAE) pre-training for pyramid vision transformers")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, description: Optional[str] = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=description or help_[0].upper() + help_[1:] + ".")
+
+    m = add("models", "list the registered models, one per line")
     m.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'mae_swin*'")
     m.add_argument("--kind", choices=("pretrain", "classify"), help="only pre-training models or only classifiers")
 
     from .config import builtin_configs
 
     for name, (cls, help_, _) in RUNS.items():
-        r = sub.add_parser(name, help=help_, description=cls.__doc__)
+        r = add(name, help_, cls.__doc__)
         names = builtin_configs(cls)
         builtin = f", or a built-in config name ({', '.join(names)})" if names else ""
         r.add_argument("--config", help=f"YAML file of options{builtin}; command-line flags override it")
         add_dataclass_flags(r, cls)
 
-    e = sub.add_parser("export", help="write a checkpoint's inference weights as safetensors (decoder dropped)")
+    e = add("export", "write a checkpoint's inference weights as safetensors (decoder dropped)")
     e.add_argument("--checkpoint", required=True, help="an ummae checkpoint (pre-training or fine-tuning)")
     e.add_argument("--output", required=True, help="the .safetensors file to write")
     e.add_argument("--encoder-only", action="store_true", help="drop a fine-tuned classifier's head too")
     e.add_argument("--ema", action="store_true", help="the EMA weights of a fine-tuning checkpoint (a run with --ema)")
 
-    cv = sub.add_parser("convert", help="turn a reference checkpoint (UM-MAE, MAE code base) into an ummae checkpoint or export")
+    cv = add("convert", "turn a reference checkpoint (UM-MAE, MAE code base) into an ummae checkpoint or export")
     cv.add_argument("src", help="a checkpoint of the UM-MAE reference code or the MAE code base (pre-training or fine-tuned)")
     cv.add_argument("--output", required=True, help="ummae checkpoint (.pth) or safetensors export (.safetensors) to write")
     cv.add_argument("--model", help="our registered model to load it into (default: the one the checkpoint's args name)")
     cv.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
-    v = sub.add_parser("visualize", help="reconstruction pictures of a pre-training checkpoint (one row per image)")
+    v = add("visualize", "reconstruction pictures of a pre-training checkpoint (one row per image)")
     v.add_argument("--checkpoint", required=True, help="a pre-training checkpoint with its decoder (checkpoint-last.pth of `ummae pretrain`, or a reference one)")
     v.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
     v.add_argument("--output", default="recon.png", help="picture to write (default: recon.png)")
@@ -76,27 +93,86 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-images", type=int, default=8, help="show at most this many images, the first ones (default: 8)")
     v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
-    k = sub.add_parser("masks", help="the masking strategies side by side on one image (MAE, US, UM, compact map, SimMIM)")
+    k = add("masks", "the masking strategies side by side on one image (MAE, US, UM, compact map, SimMIM)")
     k.add_argument("--img-size", type=int, default=256, help="image size (default: 256)")
     k.add_argument("--unit-size", type=int, default=16, help="mask unit size in pixels (default: 16)")
     k.add_argument("--image", help="an image file (default: scikit-image's chelsea.png)")
     k.add_argument("--output", default="masks.png", help="picture to write (default: masks.png)")
     k.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
 
-    c = sub.add_parser("plot", help="training curves of one or several runs, from their metrics.jsonl")
+    c = add("plot", "training curves of one or several runs, from their metrics.jsonl")
     c.add_argument("runs", nargs="+", help="run output folders")
     c.add_argument("--output", default="curves.png", help="figure to write; the suffix picks the format (default: curves.png)")
     c.add_argument("--metrics", default="loss,lr,images_per_s", help="comma-separated metrics, one subplot each (default: loss,lr,images_per_s)")
 
-    from .bench import add_bench_args
+    b = add("bench", "time full training steps of models side by side")
+    if command in (None, "bench"):
+        from .bench import add_bench_args  # imports torch
 
-    b = sub.add_parser("bench", help="time full training steps of models side by side")
-    add_bench_args(b)
+        add_bench_args(b)
     return p
 
 
+# Other code bases' spellings of our options (after "_" -> "-"): MAE's main_pretrain.py /
+# main_finetune.py and timm's train.py. The first one the sub-command has is suggested.
+ALIASES = {
+    "--data-path": ("--data",), "--data-dir": ("--data",), "--finetune": ("--pretrained",),
+    "--initial-checkpoint": ("--pretrained", "--init"), "--output-dir": ("--output",), "--log-dir": ("--output",),
+    "--input-size": ("--img-size",), "--nb-classes": ("--num-classes",), "--workers": ("--num-workers",),
+    "--model-ema": ("--ema",), "--model-ema-decay": ("--ema-decay",), "--aa": ("--auto-augment",),
+    "--opt-betas": ("--betas",), "--resume": ("--checkpoint",),  # MAE evaluates with --eval --resume CKPT
+}
+
+
+def _command_in(argv: List[str]) -> str:
+    """The sub-command of ``argv`` (its first word that is no option: the top level has no
+    option that takes a value), or "" for none."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def _unknown_text(parser: argparse.ArgumentParser, command: str, unknown: List[str]) -> str:
+    """One line for what the sub-command does not know, naming the option meant when there is
+    one: MAE's/timm's ``--batch_size`` -> ``--batch-size``, ``--data_path`` -> ``--data``..."""
+    import difflib
+
+    see = f"see `ummae {command} --help`"
+    options = [a for a in unknown if a.startswith("--")]
+    if not options:
+        return f"unrecognized arguments: {' '.join(unknown)}; {see}"
+    typed = options[0].split("=", 1)[0]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+    dashed = "--" + typed[2:].replace("_", "-")
+    meant = next((c for c in (*ALIASES.get(dashed, ()), dashed) if c in known and c != typed), None)
+    if meant is None:
+        close = difflib.get_close_matches(dashed, known, n=1, cutoff=0.75)
+        meant = close[0] if close else None
+    return f"unknown option {typed}; did you mean {meant}?" if meant else f"unknown option {typed}; {see}"
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-inf$", re.IGNORECASE)
+
+
+def _attach_negative_numbers(argv: List[str]) -> List[str]:
+    """``--lr -1e-3`` -> ``--lr=-1e-3``: argparse reads a value that starts with '-' and has an
+    exponent as another option, and the flag as missing its value; the config then says what
+    is wrong with the number itself."""
+    out: List[str] = []
+    for tok in argv:
+        if out and _NEGATIVE_NUMBER.match(tok) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = _attach_negative_numbers(sys.argv[1:] if argv is None else list(argv))
+    parser = _parser(_command_in(argv))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # one line, not argparse's whole usage text
+        print(f"ummae {args.command}: error: {_unknown_text(parser, args.command, unknown)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "models":

@@ -15,11 +15,27 @@ from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
-from .engine.precision import is_device_name
+
+def is_device_name(name: str) -> bool:
+    """auto, cpu, cuda or cuda:N (:func:`ummae.engine.precision.is_device_name`, imported when a
+    config is checked: the module loads torch, which building the command line must not)."""
+    from .engine.precision import is_device_name as check
+
+    return check(name)
 
 
 def _f(default, help_):
     return field(default=default, metadata={"help": help_})
+
+
+def _fm(default, help_, **meta):
+    """A field with more for its flag: ``choices`` (the values, shown in ``--help``; checked by
+    ``validate``) and/or ``required`` (shown without brackets in the usage line; a YAML file
+    may still give it, so ``validate`` checks it)."""
+    return field(default=default, metadata={"help": help_, **meta})
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -39,7 +55,7 @@ class RunConfig:
     weight_decay: float = _f(0.05, "weight decay")
     clip_grad: Optional[float] = _f(None, "max gradient norm (default: no clipping)")
     # machinery
-    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with a grad scaler) or fp32")
+    precision: str = _fm("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with a grad scaler) or fp32", choices=PRECISIONS)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     num_workers: int = _f(8, "data-loading processes per training process")
     seed: int = _f(0, "seed of data order, augmentation, masks and init")
@@ -86,11 +102,11 @@ class PretrainConfig(RunConfig):
     # method (None = the model's default)
     img_size: Optional[int] = _f(None, "input size (default: the model's, 256 for pyramid models, 224 for ViT)")
     unit_size: Optional[int] = _f(None, "mask unit size in pixels (default 16)")
-    sampling: Optional[str] = _f(None, "uniform (UM-MAE) or random (MAE RS; ViT only)")
+    sampling: Optional[str] = _fm(None, "uniform (UM-MAE) or random (MAE RS; ViT only)", choices=("uniform", "random"))
     mask_ratio: Optional[float] = _f(None, "masked fraction (uniform sampling is always 0.75)")
     sm_ratio: Optional[float] = _f(None, "secondary masking ratio of the visible units (default 0.25; 0 = US only)")
     norm_pix_loss: Optional[bool] = _f(None, "per-unit normalised pixel targets (default on for MAE models)")
-    decoder_pos: Optional[str] = _f(None, "'true' (each visible token at its own unit) or 'reference' (the reference code's ordering, for reproduction only)")
+    decoder_pos: Optional[str] = _fm(None, "'true' (each visible token at its own unit) or 'reference' (the reference code's ordering, for reproduction only)", choices=("true", "reference"))
     drop_path: Optional[float] = _f(None, "stochastic depth rate of the encoder")
     betas: Tuple[float, float] = _f((0.9, 0.95), "AdamW betas")
     crop_scale: Tuple[float, float] = _f((0.2, 1.0), "RandomResizedCrop scale range")
@@ -123,8 +139,8 @@ class PretrainConfig(RunConfig):
 class ClassifyData:
     """Labelled data and the classifier options shared by fine-tuning, probing and eval."""
 
-    model: str = _f("swin_tiny_256", "registered classifier (`ummae models --kind classify`)")
-    data: Optional[str] = _f(None, "dataset root holding train/ and val/ ImageFolders, an ImageFolder, or a list file of 'relative/path label' lines")
+    model: Optional[str] = _f(None, "registered classifier (`ummae models --kind classify`); default: the one the weights (--pretrained / --checkpoint) name, for a pre-training model its classifier (mae_X / simmim_X -> X)")
+    data: Optional[str] = _fm(None, "dataset root holding train/ and val/ ImageFolders, an ImageFolder, or a list file of 'relative/path label' lines", required=True)
     val_data: Optional[str] = _f(None, "validation data (default: the val/ split of --data)")
     data_root: Optional[str] = _f(None, "root of the paths in list files (default: each list file's folder)")
     img_size: Optional[int] = _f(None, "input size (default: the model's)")
@@ -191,7 +207,7 @@ class LinprobeConfig(RunConfig, ClassifyData):
     """Linear probing (MAE's recipe): frozen encoder, BatchNorm without affine + linear head,
     LARS, no weight decay, crop + flip only."""
 
-    pretrained: Optional[str] = _f(None, "pre-trained weights to probe (required): an ummae checkpoint or exported .safetensors")
+    pretrained: Optional[str] = _fm(None, "pre-trained weights to probe (required): an ummae checkpoint or exported .safetensors", required=True)
     output: str = _f("runs/linprobe", "output folder: checkpoints, metrics.jsonl, TensorBoard")
     epochs: int = _f(90, "training epochs")
     warmup_epochs: float = _f(10, "linear warm-up epochs")
@@ -214,7 +230,7 @@ class InferenceConfig(ClassifyData):
 
     batch_size: int = _f(128, "images per process per step")
     num_workers: int = _f(8, "data-loading processes per process")
-    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
+    precision: str = _fm("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32", choices=PRECISIONS)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
 
     def validate(self) -> None:
@@ -228,7 +244,7 @@ class EvalConfig(InferenceConfig):
     """Top-1 / top-5 of a classifier checkpoint on a validation split."""
 
     what = "evaluation"
-    checkpoint: Optional[str] = _f(None, "classifier weights (required): a fine-tuning checkpoint or exported .safetensors")
+    checkpoint: Optional[str] = _fm(None, "classifier weights (required): a fine-tuning checkpoint or exported .safetensors", required=True)
     split: str = _f("val", "split folder of --data to evaluate")
     ema: bool = _f(False, "evaluate the EMA weights of a fine-tuning checkpoint (a run with --ema)")
 
@@ -243,7 +259,7 @@ class KnnConfig(InferenceConfig):
     """Weighted kNN on frozen features (cosine similarity, weights exp(sim / T))."""
 
     what = "kNN evaluation"
-    pretrained: Optional[str] = _f(None, "encoder weights (required): an ummae checkpoint or exported .safetensors")
+    pretrained: Optional[str] = _fm(None, "encoder weights (required): an ummae checkpoint or exported .safetensors", required=True)
     k: int = _f(20, "neighbours")
     temperature: float = _f(0.07, "temperature of the neighbour weights exp(sim / T)")
 
@@ -386,8 +402,12 @@ def load_yaml(cls, path: str | Path) -> Dict[str, Any]:
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--flag`` per dataclass field; defaults are left unset (SUPPRESS) so that only
-    flags the user typed override the YAML file."""
+    flags the user typed override the YAML file. A field's ``choices`` are shown as the flag's
+    values (``--precision {auto,bf16,fp16,fp32}``) and checked by the config (one clear line,
+    for a YAML value too); a ``required`` one is shown without brackets in the usage line, but
+    argparse does not demand it: a ``--config`` file may give it (the config checks it)."""
     hints = typing.get_type_hints(cls)
+    shown_required = False
     for f in fields(cls):
         tp, is_tuple = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
@@ -396,11 +416,33 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         if default is not None:  # None defaults are explained by the help text itself
             help_ += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+            action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         elif is_tuple:
-            parser.add_argument(flag, nargs="+", type=str, default=argparse.SUPPRESS, help=help_, metavar="V")
+            action = parser.add_argument(flag, nargs="+", type=str, default=argparse.SUPPRESS, help=help_, metavar="V")
         else:
-            parser.add_argument(flag, type=str, default=argparse.SUPPRESS, help=help_, metavar=tp.__name__.upper())
+            choices = f.metadata.get("choices")
+            metavar = "{" + ",".join(choices) + "}" if choices else tp.__name__.upper()
+            action = parser.add_argument(flag, type=str, default=argparse.SUPPRESS, help=help_, metavar=metavar)
+        if f.metadata.get("required"):
+            action.shown_required = True
+            shown_required = True
+    if shown_required and not issubclass(parser.formatter_class, _UsageShowsRequired):
+        parser.formatter_class = type("UsageShowsRequired", (_UsageShowsRequired, parser.formatter_class), {})
+
+
+class _UsageShowsRequired(argparse.HelpFormatter):
+    """Writes the usage line with the flags marked ``shown_required`` as argparse writes
+    required ones (no brackets); parsing is unchanged."""
+
+    def _format_usage(self, usage, actions, groups, prefix):
+        flipped = [a for a in actions if getattr(a, "shown_required", False) and not a.required]
+        for a in flipped:
+            a.required = True
+        try:
+            return super()._format_usage(usage, actions, groups, prefix)
+        finally:
+            for a in flipped:
+                a.required = False
 
 
 def config_from_args(cls, args: argparse.Namespace):

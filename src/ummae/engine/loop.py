@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ class NonFiniteLossError(RuntimeError):
 
 def _run_files(out: Path) -> list[Path]:
     """What a run leaves in its folder (and a new run would mix with)."""
-    found = [out / n for n in ("metrics.jsonl", "tensorboard", "pretrained_load.txt") if (out / n).exists()]
+    found = [out / n for n in ("metrics.jsonl", "tensorboard", "pretrained_load.txt", "log.txt", "config.yaml") if (out / n).exists()]
     return found + sorted(out.glob("checkpoint-*.pth")) + sorted(out.glob("recon-epoch*.png"))
 
 
@@ -74,13 +75,44 @@ def clear_output(cfg) -> None:
     log.info("--overwrite: removed the previous run's files from %s", cfg.output)
 
 
-class MetricsLog:
-    """JSON lines + TensorBoard on rank 0."""
+class _RunLogHandler(logging.FileHandler):
+    """The ``log.txt`` handler of a run (a class of its own, so a stale one can be told apart)."""
 
-    def __init__(self, out: Path, enabled: bool):
+
+class RunLog:
+    """A run's own record in its folder, on rank 0: ``config.yaml``, the resolved configuration
+    (``--config`` reads it back), and ``log.txt``, every line of the ``ummae`` logger while the
+    run lasts (a resumed run appends). :meth:`close` removes the handler."""
+
+    def __init__(self, out: Path, cfg):
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        tmp.replace(out / "config.yaml")
+        for stale in [h for h in log.handlers if isinstance(h, _RunLogHandler)]:  # of a run that failed early
+            log.removeHandler(stale)
+            stale.close()
+        self.handler: logging.Handler | None = _RunLogHandler(out / "log.txt", mode="a", encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(self.handler)
+
+    def close(self) -> None:
+        if self.handler is not None:
+            log.removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
+
+class MetricsLog:
+    """JSON lines + TensorBoard on rank 0 (and, given the run's ``cfg``, its :class:`RunLog`)."""
+
+    def __init__(self, out: Path, enabled: bool, cfg=None):
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
         self.tb = None
+        self.run_log = RunLog(out, cfg) if enabled and cfg is not None else None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -118,6 +150,8 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.run_log is not None:
+            self.run_log.close()
 
 
 class Trainer:
@@ -178,7 +212,7 @@ class Trainer:
             self.net = torch.compile(self.net)
         if dist_info.enabled:
             self.net = DDP(self.net, device_ids=[device.index] if device.type == "cuda" else None)
-        self.metrics = MetricsLog(self.out, dist_info.is_main)
+        self.metrics = MetricsLog(self.out, dist_info.is_main, cfg)
         if dist_info.is_main:
             ckpt.remove_stale_temp(self.out)
         self.generator = torch.Generator(device=device)
@@ -388,8 +422,9 @@ class Trainer:
                 self.metrics.write(rec, self.update, "train")
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-                elif self.dist.is_main:
-                    log.info("epoch %d step %d/%d loss %.4f lr %.3e %.1f img/s", epoch, self.step_in_epoch, self.steps_per_epoch, mean_loss, lr, ips)
+                if self.dist.is_main:  # logged whether or not a bar is drawn
+                    with _above_bar(bar):
+                        log.info("epoch %d step %d/%d loss %.4f lr %.3e %.1f img/s", epoch, self.step_in_epoch, self.steps_per_epoch, mean_loss, lr, ips)
                 window_loss.zero_()
                 window_n, window_imgs, t0 = 0, 0, time.time()
             if bar is not None:
@@ -411,8 +446,10 @@ class Trainer:
         if self.dist.enabled:
             record["replica_max_diff"] = udist.replica_max_diff(self.model)
         last = epoch + 1 == cfg.epochs
+        new_best = False
         if self.evaluate is not None and (last or (self.eval_every and (epoch + 1) % self.eval_every == 0)):
             record.update(self._run_evaluation())
+            new_best = "acc1" in record and self.best.get("best_acc1_epoch") == epoch
         if skipped:
             log.warning("epoch %d: %d unreadable images were skipped", epoch, skipped)
         self.epoch += 1
@@ -423,7 +460,24 @@ class Trainer:
             log.info("epoch %d done: loss %.4f%s (%.1fs)", epoch, epoch_loss, extra, record["epoch_time_s"])
         if last or self.epoch % cfg.save_every == 0:
             self.save(keep=last or bool(cfg.keep_every and self.epoch % cfg.keep_every == 0))
+        if new_best:
+            self.save_best()
         return record
+
+    def save_best(self) -> None:
+        """checkpoint-best.pth: what checkpoint-last.pth holds (the same state, written the same
+        atomic way) at the end of the epoch whose val top-1 (``acc1``) is the best so far.
+        Called on every rank, like :meth:`save`; weights that are not finite are never kept."""
+        if not bool(udist.all_reduce_sum(self._finite_flag()) == self.dist.world_size):
+            if self.dist.is_main:
+                log.warning("the weights are not finite: checkpoint-best.pth is not replaced by them")
+            return
+        ranks = _all_gather_object(self._rank_state())
+        if self.dist.is_main:
+            path = self.out / "checkpoint-best.pth"
+            ckpt.save_atomic({**self.state(), "ranks": ranks}, path)
+            log.info("val top-1 %.2f is the best so far (epoch %d): wrote %s", self.best["best_acc1"],
+                     self.best["best_acc1_epoch"], path)
 
 
 def _all_gather_object(obj: Any) -> list:
@@ -442,10 +496,40 @@ def _best_update(best: Dict[str, Any], metrics: Dict[str, float], epoch: int) ->
             best[f"best_{k}_epoch"] = epoch
 
 
+MIN_BAR_COLUMNS = 40  # narrower, tqdm draws nothing useful (at 0 columns: nothing at all)
+
+
+def _terminal_columns(stream) -> int:
+    """Columns of the terminal ``stream`` writes to: ``$COLUMNS`` when set (as
+    ``shutil.get_terminal_size`` reads it), else the terminal's own; 0 when unknown."""
+    env = os.environ.get("COLUMNS", "").strip()
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            pass
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 def _progress(total: int, start: int, epoch: int, is_main: bool):
+    """A tqdm bar on rank 0's stderr when it is a terminal wide enough for one; else None. The
+    step lines are logged either way (:func:`_above_bar`)."""
     if not (is_main and sys.stderr.isatty()):
+        return None
+    columns = _terminal_columns(sys.stderr)
+    if columns < MIN_BAR_COLUMNS:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
+    width = {"ncols": columns} if os.environ.get("COLUMNS", "").strip() else {"dynamic_ncols": True}
+    return tqdm(total=total, initial=start, desc=f"epoch {epoch}", leave=False, file=sys.stderr, **width)
+
+
+def _above_bar(bar):
+    """Context of a log line written while ``bar`` may be drawn: the bar is cleared first and
+    drawn again after, so the line does not land in the middle of it."""
+    return bar.external_write_mode(file=sys.stderr) if bar is not None else contextlib.nullcontext()
 

@@ -25,9 +25,9 @@ from ..engine.ckpt import CheckpointError
 from ..engine.loop import Trainer, claim_output, clear_output
 from ..engine.optim import build_optimizer
 from ..engine.precision import autocast, resolve_precision
-from ..registry import create_model
+from ..registry import create_model, list_models, model_kind
 from ..seeds import seed_everything
-from .classify import check_classifier
+from .classify import check_classifier, classifier_for
 from .pretrained import load_pretrained, load_weights, model_args_within_bounds, read_weights
 
 log = logging.getLogger("ummae")
@@ -111,11 +111,69 @@ def _model_kwargs(cfg) -> Dict[str, Any]:
     return cfg.model_kwargs() if hasattr(cfg, "model_kwargs") else {"img_size": cfg.img_size}
 
 
+def _weights_model(path: str) -> tuple:
+    """``(model_name, source_model)`` the weights file at ``path`` records, read without
+    loading its tensors: ours (checkpoint or export) or a reference checkpoint (our model of its
+    architecture, None for a size we do not register)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+        return meta.get("model_name"), meta.get("source_model")
+    from ..convert import convert_checkpoint, is_foreign
+    from ..engine import ckpt
+
+    try:
+        state = ckpt.load(p, mmap=True)
+    except CheckpointError:  # e.g. a legacy (non-zip) file cannot be memory-mapped
+        state = ckpt.load(p)
+    if is_foreign(state):
+        meta = convert_checkpoint(state, str(p))[1]
+        return meta.get("model_name"), meta.get("source_model")
+    return state.get("model_name"), state.get("model_name")
+
+
+def model_from_weights(cfg, path: str | None, flag: str, what: str) -> None:
+    """``--model`` left out: the classifier the weights name (a classifier checkpoint's own
+    model; a pre-training checkpoint's classifier, ``mae_X`` / ``simmim_X`` -> ``X``), said in
+    the log; one clear error when nothing names one."""
+    if cfg.model:
+        return
+    if not path:
+        raise ValueError(f"{what} from scratch (no --pretrained) needs --model: a registered classifier "
+                         f"(`ummae models --kind classify`)")
+    name, source = _weights_model(path)
+    if name is None or name not in list_models():
+        found = f"it records {name!r}, not a registered model" if name else (
+            "a reference checkpoint of a size ummae does not register, or an export without ummae metadata")
+        raise ValueError(f"{flag} {path} names no model ({found}): pass --model, a registered classifier "
+                         f"(`ummae models --kind classify`)")
+    if model_kind(name) == "pretrain":
+        cfg.model = classifier_for(name)
+        how = f"the classifier of the pre-training model {name} ({flag} {path})"
+    elif source and source != name and source in list_models() and model_kind(source) == "pretrain":
+        cfg.model = name
+        how = f"the classifier of the pre-training model {source} ({flag} {path}, an export of its encoder)"
+    else:
+        cfg.model = name
+        how = f"the classifier {flag} {path} holds"
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("--model %s: %s", cfg.model, how)
+
+
 def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform, probe: bool = False) -> Dict[str, Any]:
     """Shared assembly of fine-tuning and probing: data, model, optimiser -> the Trainer."""
     cfg.validate()
+    settings_from_checkpoint(cfg, log)  # a resumed run's model comes from its checkpoint
+    model_from_weights(cfg, cfg.pretrained, "--pretrained", what)
     check_classifier(cfg.model)
-    settings_from_checkpoint(cfg, log)
     claim_output(cfg)
     with udist.distributed(cfg.device) as (info, device):
         if info.is_main:
@@ -250,6 +308,7 @@ def load_classifier(cfg, path: str, ema: bool = False) -> nn.Module:
 
 def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
     cfg.validate()
+    model_from_weights(cfg, cfg.checkpoint, "--checkpoint", "evaluation")
     check_classifier(cfg.model)
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)

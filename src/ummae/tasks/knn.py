@@ -18,7 +18,7 @@ from ..data import build_classify_dataset, build_classify_transform, build_eval_
 from ..engine.precision import autocast, resolve_precision
 from ..registry import create_model
 from .classify import check_classifier
-from .finetune import VAL_IS_TRAIN, same_images
+from .finetune import VAL_IS_TRAIN, model_from_weights, same_images
 from .pretrained import load_pretrained
 
 log = logging.getLogger("ummae")
@@ -57,6 +57,7 @@ def extract_features(model: nn.Module, loader, device: torch.device, precision: 
 
 def run_knn(cfg: KnnConfig) -> Dict[str, Any]:
     cfg.validate()
+    model_from_weights(cfg, cfg.pretrained, "--pretrained", "kNN evaluation")
     check_classifier(cfg.model)
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
