@@ -366,6 +366,18 @@ def test_pretrain__used_output_folder_refused_unless_resume_or_overwrite(data24,
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         pretrain(_cfg(tmp_path / "afile", data24, epochs=1))
+    # a run refused at its start (here: no such data) writes nothing; the corrected command
+    # then logs from its first line on
+    failed = tmp_path / "failed"
+    with pytest.raises(ValueError, match="not found"):
+        pretrain(_cfg(failed, tmp_path / "no-such-data", epochs=1))
+    assert not failed.exists() or not any(failed.iterdir())
+    logging.getLogger("ummae").setLevel(logging.INFO)  # as the CLI sets it
+    try:
+        pretrain(_cfg(failed, data24, epochs=1))
+    finally:
+        logging.getLogger("ummae").setLevel(logging.NOTSET)
+    assert "model mae_swin_test" in (failed / "log.txt").read_text()  # from the first lines on
 
 
 def test_pretrain__warm_up_not_shorter_than_the_run_is_warned(data24, tmp_path, caplog):

@@ -14,7 +14,7 @@ from . import dist as udist
 from .config import PretrainConfig, settings_from_checkpoint
 from .data import build_pretrain_dataset, build_train_loader
 from .data.datasets import _scan_images
-from .engine.loop import Trainer, claim_output, clear_output
+from .engine.loop import Trainer, claim_output, run_folder
 from .engine.optim import build_optimizer, pretrain_no_weight_decay
 from .engine.precision import resolve_precision
 from .registry import create_model, model_kind
@@ -123,10 +123,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         raise ValueError(f"{cfg.model!r} is not a pre-training model; `ummae models` lists them")
     settings_from_checkpoint(cfg, log)
     claim_output(cfg)
-    with udist.distributed(cfg.device) as (info, device):
-        if info.is_main:
-            clear_output(cfg)
-        udist.barrier()
+    with udist.distributed(cfg.device) as (info, device), run_folder(cfg, info):
         precision = resolve_precision(cfg.precision, device)
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         model = create_model(cfg.model, **cfg.model_kwargs())

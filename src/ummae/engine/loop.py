@@ -54,11 +54,42 @@ def claim_output(cfg) -> None:
         raise ValueError(f"--output {out} is a file, not a folder")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in the output folder and --overwrite deletes it: give one of them")
-    held = _run_files(out) if out.is_dir() else []
+    # a run that trained (metrics or checkpoints); one that failed at its start left only its
+    # config.yaml / log.txt, which the next attempt replaces / appends to
+    held = [p for p in _run_files(out) if p.name == "metrics.jsonl" or p.suffix == ".pth"] if out.is_dir() else []
     if held and not cfg.resume and not cfg.overwrite:
         names = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
         raise ValueError(f"output folder {out} holds a run ({names}); pass --resume auto to continue it, "
                          f"--overwrite to start over (its checkpoints and logs are deleted), or another --output")
+
+
+@contextlib.contextmanager
+def run_folder(cfg, dist_info: udist.DistInfo):
+    """A run's folder: ``--overwrite``'s clean-up (rank 0), then the run's log lines are held
+    in memory until training starts, when :class:`RunLog` writes them to ``log.txt`` first; a
+    run refused before that writes nothing. Every process waits until rank 0 is ready."""
+    if dist_info.is_main:
+        clear_output(cfg)
+        _early_lines.clear()
+        log.addHandler(_early_handler)
+    udist.barrier()
+    try:
+        yield
+    finally:
+        log.removeHandler(_early_handler)
+        _early_lines.clear()
+
+
+class _EarlyLines(logging.Handler):
+    """Holds the log lines of a run before its folder is written to (see :func:`run_folder`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(_early_lines) < 10_000:
+            _early_lines.append(record)
+
+
+_early_lines: list = []
+_early_handler = _EarlyLines()
 
 
 def clear_output(cfg) -> None:
@@ -96,6 +127,10 @@ class RunLog:
             stale.close()
         self.handler: logging.Handler | None = _RunLogHandler(out / "log.txt", mode="a", encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        for record in _early_lines:  # the lines logged since the run began (run_folder)
+            self.handler.handle(record)
+        _early_lines.clear()
+        log.removeHandler(_early_handler)
         log.addHandler(self.handler)
 
     def close(self) -> None:

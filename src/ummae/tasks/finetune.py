@@ -22,7 +22,7 @@ from .. import dist as udist
 from ..config import EvalConfig, FinetuneConfig, LinprobeConfig, settings_from_checkpoint
 from ..data import build_classify_dataset, build_classify_transform, build_eval_loader, build_train_loader
 from ..engine.ckpt import CheckpointError
-from ..engine.loop import Trainer, claim_output, clear_output
+from ..engine.loop import Trainer, claim_output, run_folder
 from ..engine.optim import build_optimizer
 from ..engine.precision import autocast, resolve_precision
 from ..registry import create_model, list_models, model_kind
@@ -175,10 +175,7 @@ def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform,
     model_from_weights(cfg, cfg.pretrained, "--pretrained", what)
     check_classifier(cfg.model)
     claim_output(cfg)
-    with udist.distributed(cfg.device) as (info, device):
-        if info.is_main:
-            clear_output(cfg)
-        udist.barrier()
+    with udist.distributed(cfg.device) as (info, device), run_folder(cfg, info):
         precision = resolve_precision(cfg.precision, device)
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         train_ds = build_classify_dataset(cfg.data, "train", None, cfg.data_root)
