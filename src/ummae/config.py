@@ -24,14 +24,10 @@ def is_device_name(name: str) -> bool:
     return check(name)
 
 
-def _f(default, help_):
-    return field(default=default, metadata={"help": help_})
-
-
-def _fm(default, help_, **meta):
-    """A field with more for its flag: ``choices`` (the values, shown in ``--help``; checked by
-    ``validate``) and/or ``required`` (shown without brackets in the usage line; a YAML file
-    may still give it, so ``validate`` checks it)."""
+def _f(default, help_, **meta):
+    """A field and its flag's help; ``meta`` may add ``choices`` (the values, shown in
+    ``--help``; checked by ``validate``) and ``required`` (shown without brackets in the usage
+    line; a YAML file may still give it, so ``validate`` checks it)."""
     return field(default=default, metadata={"help": help_, **meta})
 
 
@@ -55,7 +51,7 @@ class RunConfig:
     weight_decay: float = _f(0.05, "weight decay")
     clip_grad: Optional[float] = _f(None, "max gradient norm (default: no clipping)")
     # machinery
-    precision: str = _fm("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with a grad scaler) or fp32", choices=PRECISIONS)
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with a grad scaler) or fp32", choices=PRECISIONS)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     num_workers: int = _f(8, "data-loading processes per training process")
     seed: int = _f(0, "seed of data order, augmentation, masks and init")
@@ -102,11 +98,11 @@ class PretrainConfig(RunConfig):
     # method (None = the model's default)
     img_size: Optional[int] = _f(None, "input size (default: the model's, 256 for pyramid models, 224 for ViT)")
     unit_size: Optional[int] = _f(None, "mask unit size in pixels (default 16)")
-    sampling: Optional[str] = _fm(None, "uniform (UM-MAE) or random (MAE RS; ViT only)", choices=("uniform", "random"))
+    sampling: Optional[str] = _f(None, "uniform (UM-MAE) or random (MAE RS; ViT only)", choices=("uniform", "random"))
     mask_ratio: Optional[float] = _f(None, "masked fraction (uniform sampling is always 0.75)")
     sm_ratio: Optional[float] = _f(None, "secondary masking ratio of the visible units (default 0.25; 0 = US only)")
     norm_pix_loss: Optional[bool] = _f(None, "per-unit normalised pixel targets (default on for MAE models)")
-    decoder_pos: Optional[str] = _fm(None, "'true' (each visible token at its own unit) or 'reference' (the reference code's ordering, for reproduction only)", choices=("true", "reference"))
+    decoder_pos: Optional[str] = _f(None, "'true' (each visible token at its own unit) or 'reference' (the reference code's ordering, for reproduction only)", choices=("true", "reference"))
     drop_path: Optional[float] = _f(None, "stochastic depth rate of the encoder")
     betas: Tuple[float, float] = _f((0.9, 0.95), "AdamW betas")
     crop_scale: Tuple[float, float] = _f((0.2, 1.0), "RandomResizedCrop scale range")
@@ -140,7 +136,7 @@ class ClassifyData:
     """Labelled data and the classifier options shared by fine-tuning, probing and eval."""
 
     model: Optional[str] = _f(None, "registered classifier (`ummae models --kind classify`); default: the one the weights (--pretrained / --checkpoint) name, for a pre-training model its classifier (mae_X / simmim_X -> X)")
-    data: Optional[str] = _fm(None, "dataset root holding train/ and val/ ImageFolders, an ImageFolder, or a list file of 'relative/path label' lines", required=True)
+    data: Optional[str] = _f(None, "dataset root holding train/ and val/ ImageFolders, an ImageFolder, or a list file of 'relative/path label' lines", required=True)
     val_data: Optional[str] = _f(None, "validation data (default: the val/ split of --data)")
     data_root: Optional[str] = _f(None, "root of the paths in list files (default: each list file's folder)")
     img_size: Optional[int] = _f(None, "input size (default: the model's)")
@@ -207,7 +203,7 @@ class LinprobeConfig(RunConfig, ClassifyData):
     """Linear probing (MAE's recipe): frozen encoder, BatchNorm without affine + linear head,
     LARS, no weight decay, crop + flip only."""
 
-    pretrained: Optional[str] = _fm(None, "pre-trained weights to probe (required): an ummae checkpoint or exported .safetensors", required=True)
+    pretrained: Optional[str] = _f(None, "pre-trained weights to probe (required): an ummae checkpoint or exported .safetensors", required=True)
     output: str = _f("runs/linprobe", "output folder: checkpoints, metrics.jsonl, TensorBoard")
     epochs: int = _f(90, "training epochs")
     warmup_epochs: float = _f(10, "linear warm-up epochs")
@@ -230,7 +226,7 @@ class InferenceConfig(ClassifyData):
 
     batch_size: int = _f(128, "images per process per step")
     num_workers: int = _f(8, "data-loading processes per process")
-    precision: str = _fm("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32", choices=PRECISIONS)
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32", choices=PRECISIONS)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
 
     def validate(self) -> None:
@@ -244,7 +240,7 @@ class EvalConfig(InferenceConfig):
     """Top-1 / top-5 of a classifier checkpoint on a validation split."""
 
     what = "evaluation"
-    checkpoint: Optional[str] = _fm(None, "classifier weights (required): a fine-tuning checkpoint or exported .safetensors", required=True)
+    checkpoint: Optional[str] = _f(None, "classifier weights (required): a fine-tuning checkpoint or exported .safetensors", required=True)
     split: str = _f("val", "split folder of --data to evaluate")
     ema: bool = _f(False, "evaluate the EMA weights of a fine-tuning checkpoint (a run with --ema)")
 
@@ -259,7 +255,7 @@ class KnnConfig(InferenceConfig):
     """Weighted kNN on frozen features (cosine similarity, weights exp(sim / T))."""
 
     what = "kNN evaluation"
-    pretrained: Optional[str] = _fm(None, "encoder weights (required): an ummae checkpoint or exported .safetensors", required=True)
+    pretrained: Optional[str] = _f(None, "encoder weights (required): an ummae checkpoint or exported .safetensors", required=True)
     k: int = _f(20, "neighbours")
     temperature: float = _f(0.07, "temperature of the neighbour weights exp(sim / T)")
 
@@ -273,7 +269,7 @@ class KnnConfig(InferenceConfig):
 
 def _check_machinery(cfg) -> None:
     """Options every run and every inference command shares: precision, device, workers."""
-    _check(cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", cfg.precision, "must be auto, bf16, fp16 or fp32")
+    _check(cfg.precision in PRECISIONS, "precision", cfg.precision, "must be auto, bf16, fp16 or fp32")
     _check(is_device_name(cfg.device), "device", cfg.device, "must be auto, cpu, cuda or cuda:N")
     _check(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be >= 0")
 

@@ -46,7 +46,8 @@ def remove_stale_temp(folder: str | Path) -> None:
 
 def load(path: str | Path, mmap: bool = False) -> Dict[str, Any]:
     """A checkpoint, read with ``weights_only=True``; ``mmap``: tensors stay on disk until
-    touched (to read a checkpoint's settings without loading its weights)."""
+    touched (to read a checkpoint's settings without loading its weights; a legacy-format file
+    is read whole)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a file")
@@ -56,12 +57,18 @@ def load(path: str | Path, mmap: bool = False) -> Dict[str, Any]:
         # The reference code bases store their argparse options with the weights: that one
         # plain class is allowed, nothing else.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         raise CheckpointError(f"cannot read checkpoint {path}: {_load_error(path, e)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not an ummae checkpoint (no 'model' entry)")
     return ckpt
+
+
+def _is_zip(path: Path) -> bool:
+    """torch's zip format (the only one that can be memory-mapped), not its legacy pickle one."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
 
 
 def _load_error(path: Path, e: Exception) -> str:

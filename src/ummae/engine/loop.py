@@ -283,23 +283,32 @@ class Trainer:
 
     def save(self, keep: bool = False) -> None:
         """checkpoint-last.pth (what --resume auto reads); with ``keep`` also a numbered copy
-        named after the last finished epoch. Called on every rank: each rank's own state goes
-        into the checkpoint (``ranks``, in rank order), which rank 0 alone writes. Weights or
-        optimiser state that are not finite are never written: the run stops instead, naming
-        the checkpoint that is really good."""
-        if not bool(udist.all_reduce_sum(self._finite_flag()) == self.dist.world_size):
+        named after the last finished epoch. Weights or optimiser state that are not finite are
+        never written: the run stops instead, naming the checkpoint that is really good."""
+        if not self._all_finite():
             raise NonFiniteLossError(
                 f"the weights or optimiser state became non-finite by epoch {self.epoch}, step {self.step_in_epoch} "
                 f"(update {self.update}): stopping without writing them. {self._last_good_text()}; try a lower lr, "
                 f"--precision bf16/fp32 or --clip-grad"
             )
+        names = ["checkpoint-last.pth"] + ([f"checkpoint-{self.epoch - 1}.pth"] if keep else [])
+        self._write(names)
+        self.last_good = (str(self.out / "checkpoint-last.pth"), self.epoch, self.step_in_epoch)
+
+    def _write(self, names: list[str]) -> None:
+        """Write the training state to each of ``names`` in the output folder. Called on every
+        rank: each rank's own state goes into the checkpoint (``ranks``, in rank order), which
+        rank 0 alone writes."""
         ranks = _all_gather_object(self._rank_state())
         if self.dist.is_main:
             state = {**self.state(), "ranks": ranks}
-            ckpt.save_atomic(state, self.out / "checkpoint-last.pth")
-            if keep:
-                ckpt.save_atomic(state, self.out / f"checkpoint-{self.epoch - 1}.pth")
-        self.last_good = (str(self.out / "checkpoint-last.pth"), self.epoch, self.step_in_epoch)
+            for name in names:
+                ckpt.save_atomic(state, self.out / name)
+
+    def _all_finite(self) -> bool:
+        """Whether every rank's weights, optimiser state and EMA weights are finite (one
+        reduction per checkpoint, not per step)."""
+        return bool(udist.all_reduce_sum(self._finite_flag()) == self.dist.world_size)
 
     def _finite_flag(self) -> torch.Tensor:
         """1.0 if every weight, optimiser state tensor and EMA weight is finite, else 0.0 (one
@@ -503,16 +512,14 @@ class Trainer:
         """checkpoint-best.pth: what checkpoint-last.pth holds (the same state, written the same
         atomic way) at the end of the epoch whose val top-1 (``acc1``) is the best so far.
         Called on every rank, like :meth:`save`; weights that are not finite are never kept."""
-        if not bool(udist.all_reduce_sum(self._finite_flag()) == self.dist.world_size):
+        if not self._all_finite():
             if self.dist.is_main:
                 log.warning("the weights are not finite: checkpoint-best.pth is not replaced by them")
             return
-        ranks = _all_gather_object(self._rank_state())
+        self._write(["checkpoint-best.pth"])
         if self.dist.is_main:
-            path = self.out / "checkpoint-best.pth"
-            ckpt.save_atomic({**self.state(), "ranks": ranks}, path)
             log.info("val top-1 %.2f is the best so far (epoch %d): wrote %s", self.best["best_acc1"],
-                     self.best["best_acc1_epoch"], path)
+                     self.best["best_acc1_epoch"], self.out / "checkpoint-best.pth")
 
 
 def _all_gather_object(obj: Any) -> list:

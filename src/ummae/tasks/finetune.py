@@ -115,29 +115,8 @@ def _weights_model(path: str) -> tuple:
     """``(model_name, source_model)`` the weights file at ``path`` records, read without
     loading its tensors: ours (checkpoint or export) or a reference checkpoint (our model of its
     architecture, None for a size we do not register)."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
-        return meta.get("model_name"), meta.get("source_model")
-    from ..convert import convert_checkpoint, is_foreign
-    from ..engine import ckpt
-
-    try:
-        state = ckpt.load(p, mmap=True)
-    except CheckpointError:  # e.g. a legacy (non-zip) file cannot be memory-mapped
-        state = ckpt.load(p)
-    if is_foreign(state):
-        meta = convert_checkpoint(state, str(p))[1]
-        return meta.get("model_name"), meta.get("source_model")
-    return state.get("model_name"), state.get("model_name")
+    _, meta = read_weights(path, tensors=False)
+    return meta.get("model_name"), meta.get("source_model")
 
 
 def model_from_weights(cfg, path: str | None, flag: str, what: str) -> None:

@@ -82,11 +82,13 @@ def _group(items: Dict[str, str]) -> Dict[str, str]:
     return out
 
 
-def read_weights(path: str | Path, ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """``(state_dict, meta)`` of an ummae ``.pth`` checkpoint or exported ``.safetensors``, or
     of a reference (UM-MAE / MAE code base) checkpoint converted to ours (:mod:`ummae.convert`);
     ``meta`` has ``model_name`` and ``model_args`` when the file records them. ``ema``: the
-    EMA weights a fine-tuning run with ``--ema`` keeps beside the raw ones."""
+    EMA weights a fine-tuning run with ``--ema`` keeps beside the raw ones. ``tensors=False``:
+    ``meta`` without reading the weights (a safetensors file's header; a ``.pth`` mapped, not
+    loaded), for commands that only need to know what the file holds."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
@@ -99,7 +101,7 @@ def read_weights(path: str | Path, ema: bool = False) -> Tuple[Dict[str, torch.T
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
-                state = {k: f.get_tensor(k) for k in f.keys()}
+                state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
         info: Dict[str, Any] = {"model_name": meta.get("model_name"), "source_model": meta.get("source_model"),
@@ -112,7 +114,7 @@ def read_weights(path: str | Path, ema: bool = False) -> Tuple[Dict[str, torch.T
             if not isinstance(info["model_args"], dict):
                 raise CheckpointError(f"{path}: its metadata model_args is not a JSON mapping of options")
         return state, info
-    ck = ckpt.load(path)
+    ck = ckpt.load(path, mmap=not tensors)
     if is_foreign(ck):  # the reference's / MAE's published weights: converted on the fly
         if ema:
             raise CheckpointError(f"{path} is a reference checkpoint with one set of weights; --ema applies to ummae fine-tuning checkpoints")
