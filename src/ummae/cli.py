@@ -10,6 +10,9 @@
     ummae visualize --checkpoint runs/pt/checkpoint-last.pth --images a.jpg b.jpg [--output recon.png]
     ummae masks [--img-size 256 --unit-size 16 --image photo.jpg --output masks.png]
     ummae plot runs/a runs/b [--output curves.png --metrics loss,lr,images_per_s]
+    ummae detect train --backbone swin_tiny_256 --pretrained ckpt.pth --data /coco [--detector gfl]
+    ummae detect eval --checkpoint runs/det/checkpoint-best.pth --data /coco
+    ummae detect predict --checkpoint runs/det/checkpoint-best.pth --images a.jpg --output vis/
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import sys
 from typing import List, Optional
 
 from .config import (
+    DetectConfig,
+    DetectEvalConfig,
     EvalConfig,
     FinetuneConfig,
     KnnConfig,
@@ -37,6 +42,13 @@ RUNS = {
     "linprobe": (LinprobeConfig, "linear probe of a frozen pre-trained encoder (MAE's recipe)", "tasks.finetune:linprobe"),
     "eval": (EvalConfig, "top-1 / top-5 of a classifier checkpoint on a validation split", "tasks.finetune:run_eval"),
     "knn": (KnnConfig, "weighted kNN top-1 of a frozen pre-trained encoder", "tasks.knn:run_knn"),
+}
+# task -> {action: (config class, help, "module:function")}: `ummae detect train ...`
+TASK_RUNS = {
+    "detect": ("object detection and instance segmentation on COCO (GFL, Mask R-CNN, RetinaNet, FCOS)", {
+        "train": (DetectConfig, "train a detector on COCO from a pre-trained backbone", "tasks.detect:train"),
+        "eval": (DetectEvalConfig, "COCO box (and mask) AP of a detection checkpoint", "tasks.detect:run_eval"),
+    }),
 }
 
 
@@ -72,6 +84,22 @@ def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         builtin = f", or a built-in config name ({', '.join(names)})" if names else ""
         r.add_argument("--config", help=f"YAML file of options{builtin}; command-line flags override it")
         add_dataclass_flags(r, cls)
+
+    for task, (task_help, actions) in TASK_RUNS.items():
+        t = add(task, task_help)
+        actions_parser = t.add_subparsers(dest="action", required=True, metavar="ACTION")
+        for action, (cls, help_, _) in actions.items():
+            r = actions_parser.add_parser(action, help=help_, description=cls.__doc__)
+            r.add_argument("--config", help="YAML file of options; command-line flags override it")
+            add_dataclass_flags(r, cls)
+        if task == "detect":
+            dp = actions_parser.add_parser("predict", help="draw a detection checkpoint's boxes (and masks) on images",
+                                           description="Draw a detection checkpoint's boxes, labels, scores (and masks) on images.")
+            dp.add_argument("--checkpoint", required=True, help="a checkpoint of `ummae detect train`")
+            dp.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
+            dp.add_argument("--output", default="detections", help="folder for the pictures (default: detections)")
+            dp.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this (default: 0.3)")
+            dp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
     e = add("export", "write a checkpoint's inference weights as safetensors (decoder dropped)")
     e.add_argument("--checkpoint", required=True, help="an ummae checkpoint (pre-training or fine-tuning)")
@@ -130,6 +158,10 @@ def _command_in(argv: List[str]) -> str:
     return next((a for a in argv if not a.startswith("-")), "")
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
 def _unknown_text(parser: argparse.ArgumentParser, command: str, unknown: List[str]) -> str:
     """One line for what the sub-command does not know, naming the option meant when there is
     one: MAE's/timm's ``--batch_size`` -> ``--batch-size``, ``--data_path`` -> ``--data``..."""
@@ -140,7 +172,9 @@ def _unknown_text(parser: argparse.ArgumentParser, command: str, unknown: List[s
     if not options:
         return f"unrecognized arguments: {' '.join(unknown)}; {see}"
     typed = options[0].split("=", 1)[0]
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    sub = parser
+    for word in command.split():  # "detect train": the action's parser inside the task's
+        sub = _subparser(sub, word)
     known = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
     dashed = "--" + typed[2:].replace("_", "-")
     meant = next((c for c in (*ALIASES.get(dashed, ()), dashed) if c in known and c != typed), None)
@@ -170,8 +204,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = _attach_negative_numbers(sys.argv[1:] if argv is None else list(argv))
     parser = _parser(_command_in(argv))
     args, unknown = parser.parse_known_args(argv)
+    command = " ".join(w for w in (args.command, getattr(args, "action", None)) if w)  # "detect train"
     if unknown:  # one line, not argparse's whole usage text
-        print(f"ummae {args.command}: error: {_unknown_text(parser, args.command, unknown)}", file=sys.stderr)
+        print(f"ummae {command}: error: {_unknown_text(parser, command, unknown)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -222,32 +257,36 @@ def main(argv: Optional[List[str]] = None) -> int:
             plotted = plot_runs(args.runs, args.output, args.metrics.split(","))
             print(f"wrote {args.output}: {', '.join(plotted)} of {len(args.runs)} run(s)")
             return 0
-        if args.command in RUNS:
+        if args.command in TASK_RUNS and args.action == "predict":
+            from .tasks.detect import predict
+
+            return predict(args)
+        if args.command in RUNS or args.command in TASK_RUNS:
             import importlib
 
-            cls, _, target = RUNS[args.command]
+            cls, _, target = RUNS[args.command] if args.command in RUNS else TASK_RUNS[args.command][1][args.action]
             module, fn = target.split(":")
             result = getattr(importlib.import_module(f".{module}", __package__), fn)(config_from_args(cls, args))
-            if args.command in ("eval", "knn") and int(os.environ.get("RANK", "0")) == 0:
+            if command in ("eval", "knn", "detect eval") and int(os.environ.get("RANK", "0")) == 0:
                 import json
 
                 print(json.dumps(result))  # one JSON line on stdout, from rank 0 only
             return 0
     except ValueError as e:  # bad input: one clear message, no traceback
-        print(f"ummae {args.command}: error: {e}", file=sys.stderr)
+        print(f"ummae {command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # full or read-only disk, a path that is a file or a folder, ...
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"ummae {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"ummae {command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C: the checkpoints on disk are whole (written atomically)
-        print(f"ummae {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"ummae {command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
     except RuntimeError as e:
         from .engine.loop import NonFiniteLossError
 
         if isinstance(e, NonFiniteLossError):
-            print(f"ummae {args.command}: error: {e}", file=sys.stderr)
+            print(f"ummae {command}: error: {e}", file=sys.stderr)
             return 3
         raise
     return 1

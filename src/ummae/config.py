@@ -267,6 +267,81 @@ class KnnConfig(InferenceConfig):
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
 
 
+DETECTORS = ("gfl", "maskrcnn", "retinanet", "fcos")
+
+
+@dataclass
+class DetectConfig(RunConfig):
+    """Detection / instance segmentation training on COCO. Defaults are the paper's GFL
+    protocol (the reference's gfl_..._fpn_25ep_1024x1024_coco): large-scale jitter at 1024,
+    AdamW lr 1e-4 at batch 16, 2000 warm-up steps, cosine to 0.01x, 25 epochs."""
+
+    backbone: str = _f("swin_tiny_256", "registered classifier whose encoder is the backbone (`ummae models --kind classify`)")
+    detector: str = _f("gfl", "gfl (the paper's), maskrcnn (box + mask AP), retinanet or fcos (torchvision's)", choices=DETECTORS)
+    pretrained: Optional[str] = _f(None, "backbone weights: a fine-tuning (the paper's choice) or pre-training checkpoint, ours or the reference's, or an export; omitted: from scratch")
+    data: Optional[str] = _f(None, "COCO root: {train,val}2017/ and annotations/instances_{train,val}2017.json", required=True)
+    train_split: str = _f("train2017", "training split (images folder and annotations/instances_SPLIT.json)")
+    val_split: str = _f("val2017", "validation split")
+    output: str = _f("runs/detect", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    img_size: int = _f(1024, "training canvas (large-scale jitter crop) and test size (long side, padded square)")
+    scale_range: Tuple[float, float] = _f((0.1, 2.0), "large-scale jitter: resize to this range of img_size")
+    flip_prob: float = _f(0.5, "horizontal flip probability")
+    drop_path: Optional[float] = _f(0.1, "stochastic depth rate of the backbone")
+    window_size: Optional[int] = _f(None, "Swin window (default: the backbone's, 16)")
+    neck_channels: int = _f(768, "channels each stage map is projected to (LayerNorm + Linear) before the FPN")
+    fpn_channels: int = _f(256, "FPN channels")
+    epochs: int = _f(25, "training epochs")
+    warmup_epochs: float = _f(0, "linear warm-up epochs (--warmup-steps, when given, takes precedence)")
+    warmup_steps: Optional[int] = _f(2000, "linear warm-up in optimiser steps")
+    batch_size: int = _f(2, "images per process per step")
+    blr: float = _f(1.6e-3, "base lr: lr = blr * effective batch / 256 (1e-4 at batch 16, the paper's)")
+    min_lr: float = _f(1e-6, "lr at the end of the cosine (0.01x of 1e-4)")
+    betas: Tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
+    keep_every: int = _f(5, "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)")
+    eval_every: int = _f(1, "COCO evaluation on the val split every N epochs (and at the end)")
+    num_workers: int = _f(4, "data-loading processes per training process")
+    log_every: int = _f(50, "metrics every N steps")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data:
+            raise ValueError("detection needs --data: a COCO root with train2017/, val2017/ and annotations/")
+        _check(self.detector in DETECTORS, "detector", self.detector, f"must be one of {', '.join(DETECTORS)}")
+        _check(32 <= self.img_size <= 4096, "img_size", self.img_size, "must be in [32, 4096]")
+        lo, hi = self.scale_range
+        _check(0 < lo <= hi <= 10, "scale_range", self.scale_range, "must satisfy 0 < min <= max <= 10")
+        _check(0 <= self.flip_prob <= 1, "flip_prob", self.flip_prob, "must be in [0, 1]")
+        _check(self.drop_path is None or 0 <= self.drop_path < 1, "drop_path", self.drop_path, "must be in [0, 1)")
+        _check(self.window_size is None or self.window_size >= 1, "window_size", self.window_size, "must be >= 1")
+        _check(self.neck_channels >= 1, "neck_channels", self.neck_channels, "must be >= 1")
+        _check(self.fpn_channels >= 1, "fpn_channels", self.fpn_channels, "must be >= 1")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "must be in [0, 1)")
+        _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+
+
+@dataclass
+class DetectEvalConfig:
+    """COCO box (and mask) AP of a detection checkpoint, and its result JSON."""
+
+    checkpoint: Optional[str] = _f(None, "a checkpoint of `ummae detect train` (checkpoint-best.pth, -last.pth, ...)", required=True)
+    data: Optional[str] = _f(None, "COCO root: SPLIT/ and annotations/instances_SPLIT.json", required=True)
+    split: str = _f("val2017", "split to evaluate")
+    output: str = _f("runs/detect_eval", "folder for detections_SPLIT.json (COCO results) and metrics_SPLIT.json")
+    batch_size: int = _f(2, "images per process per step")
+    num_workers: int = _f(4, "data-loading processes per process")
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32", choices=PRECISIONS)
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("detection evaluation needs --checkpoint")
+        if not self.data:
+            raise ValueError("detection evaluation needs --data: a COCO root")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check_machinery(self)
+
+
 def _check_machinery(cfg) -> None:
     """Options every run and every inference command shares: precision, device, workers."""
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, "must be auto, bf16, fp16 or fp32")

@@ -86,6 +86,32 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def _initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    return not _initialized() or torch_dist.get_rank() == 0
+
+
+def all_gather_object(obj):
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` in a single process."""
+    if not _initialized():
+        return [obj]
+    out = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def distributed(device_name: str = "auto"):
     """``with distributed(cfg.device) as (info, device):`` a run's process group, always

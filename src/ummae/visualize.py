@@ -103,17 +103,22 @@ def display_transform(img_size: int):
     ])
 
 
-def load_image(path: str | Path, img_size: int) -> Tensor:
-    """One image file -> normalised ``[3, S, S]`` (see :func:`display_transform`); a missing or
-    unreadable file raises ``ValueError`` naming it."""
+def read_rgb(path: str | Path) -> Image.Image:
+    """One image file, decoded to RGB; a missing or unreadable file raises ``ValueError``
+    naming it."""
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
     try:
         with Image.open(path) as f:
-            img = f.convert("RGB")
+            return f.convert("RGB")
     except Exception as e:  # noqa: BLE001  (Pillow raises many types for damaged files)
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-    return display_transform(img_size)(img)
+
+
+def load_image(path: str | Path, img_size: int) -> Tensor:
+    """One image file -> normalised ``[3, S, S]`` (see :func:`display_transform`); a missing or
+    unreadable file raises ``ValueError`` naming it."""
+    return display_transform(img_size)(read_rgb(path))
 
 
 def image_paths(paths_or_folders: Sequence[str | Path]) -> List[str]:

@@ -1,4 +1,7 @@
-"""Image data: datasets (pre-training and labelled), the resumable sampler and the loaders."""
+"""Image data: datasets (pre-training and labelled), the resumable sampler and the loaders.
+
+The COCO detection names (:mod:`ummae.data.coco`) are loaded on first use, so that
+``import ummae.data`` does not need pycocotools."""
 from .classify import (
     build_classify_dataset,
     build_classify_transform,
@@ -6,6 +9,16 @@ from .classify import (
 )
 from .datasets import ImageDataset, NoReadableImageError, SubstituteUnreadable, build_pretrain_dataset
 from .sampler import ResumableSampler, build_train_loader, collate_skip_bad
+
+_COCO_NAMES = (
+    "CocoDetection",
+    "LargeScaleJitter",
+    "coco_evaluate",
+    "coco_results",
+    "collate_detection",
+    "collate_detection_eval",
+    "write_results_json",
+)
 
 __all__ = [
     "ImageDataset",
@@ -18,4 +31,13 @@ __all__ = [
     "build_pretrain_dataset",
     "build_train_loader",
     "collate_skip_bad",
+    *_COCO_NAMES,
 ]
+
+
+def __getattr__(name: str):
+    if name in _COCO_NAMES:
+        from . import coco
+
+        return getattr(coco, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

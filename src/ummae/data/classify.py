@@ -190,14 +190,14 @@ def build_classify_dataset(data: str, split: str, transform, data_root: str | No
 
 
 def build_eval_loader(dataset, batch_size: int, num_workers: int, num_replicas: int = 1,
-                      rank: int = 0, pin_memory: bool = False) -> DataLoader:
+                      rank: int = 0, pin_memory: bool = False, collate_fn=collate_skip_bad) -> DataLoader:
     """Sequential loader over this rank's shard: indices rank, rank+R, rank+2R, ... (no
     padding and no duplicates, unlike DistributedSampler, so counts summed over ranks are
     exact); collate_fn=collate_skip_bad (batches are (images, labels, n_skipped)): an
     unreadable image is left out of its batch and counted, never replaced (a substitute would
     be counted twice in accuracies and kNN banks), so a batch may be short or even empty;
     drop_last=False. Ranks may get one batch more or fewer: sum results with an all-reduce
-    after the loop, never a collective per batch.
+    after the loop, never a collective per batch. Detection passes its own ``collate_fn``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -212,7 +212,7 @@ def build_eval_loader(dataset, batch_size: int, num_workers: int, num_replicas: 
         batch_size=batch_size,
         sampler=indices,  # any sized iterable of indices; no shuffling
         num_workers=num_workers,
-        collate_fn=collate_skip_bad,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         drop_last=False,
     )

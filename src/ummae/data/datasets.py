@@ -300,12 +300,17 @@ class ImageDataset(Dataset):
         ``ValueError``) only when no image of the dataset can be read.
         """
         index, seed = self._split_key(key)
+        j, img = self._readable_or_substitute(index)
+        return self._augment(img, seed), self.samples[j][1], int(j != index)
+
+    def _readable_or_substitute(self, index: int) -> tuple[int, Image.Image]:
+        """:meth:`_first_readable`, with a warning (once per file) when it is a substitute."""
         j, img = self._first_readable(index)
         if j != index:
             path = self.samples[index][0]
             self._warn_once(path, "unreadable image %s (%s): training uses the next readable "
                             "image, %s, in its place", path, self._bad[path], self.samples[j][0])
-        return self._augment(img, seed), self.samples[j][1], int(j != index)
+        return j, img
 
 
 class SubstituteUnreadable(Dataset):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -144,7 +145,9 @@ def collate_skip_bad(batch: list) -> tuple[Tensor, Tensor, int]:
 
 def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
                        num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                       pin_memory: bool = False) -> tuple[DataLoader, ResumableSampler]:
+                       pin_memory: bool = False,
+                       collate_fn: Callable[[list], Any] = collate_skip_bad,
+                       ) -> tuple[DataLoader, ResumableSampler]:
     """Training loader (pre-training and fine-tuning): shuffled, resumable, drop_last.
 
     Loader of ``(images [B, 3, S, S], labels [B], n_skipped)`` batches for this rank, and
@@ -158,6 +161,10 @@ def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
     stay in lockstep, mixup gets even batches); only a dataset of which no image can be read
     stops the run (``NoReadableImageError``, a ``ValueError``). Other datasets are used as
     they are (``None`` items are dropped and counted).
+
+    ``collate_fn`` builds the batches from the items (``(image, label, n_skipped)`` with an
+    ImageDataset); detection passes :func:`~ummae.data.coco.collate_detection`, whose targets
+    are a list of dicts.
     """
     if hasattr(dataset, "load_or_substitute"):
         dataset = SubstituteUnreadable(dataset)
@@ -168,7 +175,7 @@ def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_skip_bad,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=num_workers > 0,

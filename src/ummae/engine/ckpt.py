@@ -19,12 +19,18 @@ class CheckpointError(ValueError):
 
 
 def save_atomic(obj: Dict[str, Any], path: str | Path) -> None:
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_atomic(path: str | Path, write, mode: str = "wb") -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it to ``path``: a
+    kill or a full disk never leaves a torn file (the folder is made if needed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)

@@ -205,6 +205,7 @@ class Trainer:
         evaluate: Callable[[nn.Module], Dict[str, float]] | None = None,
         eval_every: int = 0,
         ema: nn.Module | None = None,
+        best_metric: str = "acc1",
     ):
         self.cfg = cfg
         self.model = model  # unwrapped: what checkpoints hold
@@ -218,6 +219,7 @@ class Trainer:
         self.eval_every = eval_every  # 0: after the last epoch only
         self.ema = ema  # timm ModelEmaV3: updated after every optimiser step
         self.best: Dict[str, Any] = {}
+        self.best_metric = best_metric  # the val figure (higher = better) that picks checkpoint-best.pth
         self.scaler = grad_scaler(device, precision)
         self.out = Path(cfg.output)
         self.steps_per_epoch = sampler.num_batches()
@@ -232,11 +234,15 @@ class Trainer:
         self.steps_per_epoch = self.updates_per_epoch * cfg.accum_iter  # whole updates only
         self.total_updates = cfg.epochs * self.updates_per_epoch
         self.warmup_updates = int(round(cfg.warmup_epochs * self.updates_per_epoch))
+        if getattr(cfg, "warmup_steps", None) is not None:  # detection recipes count warm-up in iterations
+            self.warmup_updates = cfg.warmup_steps
         if self.warmup_updates >= self.total_updates and dist_info.is_main:
             reached = warmup_cosine(self.total_updates - 1, self.total_updates, self.warmup_updates, 1.0, 0.0)
-            log.warning("warm-up (%g epochs) is not shorter than the run (%d epochs): the lr only rises, to %.0f%% of "
-                        "its peak; lower --warmup-epochs (the recipes' 10 or 5 are for runs of 100+ epochs)",
-                        cfg.warmup_epochs, cfg.epochs, 100 * reached)
+            by_steps = getattr(cfg, "warmup_steps", None) is not None
+            warm = f"{cfg.warmup_steps} steps" if by_steps else f"{cfg.warmup_epochs:g} epochs"
+            log.warning("warm-up (%s) is not shorter than the run (%d epochs): the lr only rises, to %.0f%% of its peak; "
+                        "lower %s (the recipes' are for full-length runs)", warm, cfg.epochs, 100 * reached,
+                        "--warmup-steps" if by_steps else "--warmup-epochs")
         self.epoch, self.step_in_epoch, self.update = 0, 0, 0
         self.epoch_loss_sum, self.epoch_skipped = 0.0, 0
         # losses since the last metrics line; checkpointed so a resumed log line averages the
@@ -299,7 +305,7 @@ class Trainer:
         """Write the training state to each of ``names`` in the output folder. Called on every
         rank: each rank's own state goes into the checkpoint (``ranks``, in rank order), which
         rank 0 alone writes."""
-        ranks = _all_gather_object(self._rank_state())
+        ranks = udist.all_gather_object(self._rank_state())
         if self.dist.is_main:
             state = {**self.state(), "ranks": ranks}
             for name in names:
@@ -403,7 +409,7 @@ class Trainer:
         out = dict(self.evaluate(self.model))
         if self.ema is not None:
             out.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
-        _best_update(self.best, out, self.epoch)
+        _best_update(self.best, out, self.epoch, self.best_metric)
         return {**out, **self.best}
 
     def train_one_epoch(self) -> Dict[str, Any]:
@@ -493,14 +499,15 @@ class Trainer:
         new_best = False
         if self.evaluate is not None and (last or (self.eval_every and (epoch + 1) % self.eval_every == 0)):
             record.update(self._run_evaluation())
-            new_best = "acc1" in record and self.best.get("best_acc1_epoch") == epoch
+            key = self.best_metric
+            new_best = key in record and self.best.get(f"best_{key}_epoch") == epoch
         if skipped:
             log.warning("epoch %d: %d unreadable images were skipped", epoch, skipped)
         self.epoch += 1
         self.step_in_epoch = 0
         self.metrics.write(record, self.update, "epoch")
         if self.dist.is_main:
-            extra = "".join(f", {k} {v:.2f}" for k, v in record.items() if k.endswith("acc1"))
+            extra = "".join(f", {k} {v:.4g}" for k, v in record.items() if k.endswith(self.best_metric))
             log.info("epoch %d done: loss %.4f%s (%.1fs)", epoch, epoch_loss, extra, record["epoch_time_s"])
         if last or self.epoch % cfg.save_every == 0:
             self.save(keep=last or bool(cfg.keep_every and self.epoch % cfg.keep_every == 0))
@@ -510,7 +517,8 @@ class Trainer:
 
     def save_best(self) -> None:
         """checkpoint-best.pth: what checkpoint-last.pth holds (the same state, written the same
-        atomic way) at the end of the epoch whose val top-1 (``acc1``) is the best so far.
+        atomic way) at the end of the epoch whose ``best_metric`` (val top-1, ``acc1``, for
+        classifiers; box AP for detectors) is the best so far.
         Called on every rank, like :meth:`save`; weights that are not finite are never kept."""
         if not self._all_finite():
             if self.dist.is_main:
@@ -518,22 +526,14 @@ class Trainer:
             return
         self._write(["checkpoint-best.pth"])
         if self.dist.is_main:
-            log.info("val top-1 %.2f is the best so far (epoch %d): wrote %s", self.best["best_acc1"],
-                     self.best["best_acc1_epoch"], self.out / "checkpoint-best.pth")
+            key = self.best_metric
+            log.info("val %s %.4g is the best so far (epoch %d): wrote %s", key, self.best[f"best_{key}"],
+                     self.best[f"best_{key}_epoch"], self.out / "checkpoint-best.pth")
 
 
-def _all_gather_object(obj: Any) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` in a single process."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _best_update(best: Dict[str, Any], metrics: Dict[str, float], epoch: int) -> None:
+def _best_update(best: Dict[str, Any], metrics: Dict[str, float], epoch: int, metric: str = "acc1") -> None:
     for k, v in metrics.items():
-        if k.endswith("acc1") and v >= best.get(f"best_{k}", float("-inf")):
+        if k.endswith(metric) and v >= best.get(f"best_{k}", float("-inf")):
             best[f"best_{k}"] = v
             best[f"best_{k}_epoch"] = epoch
 

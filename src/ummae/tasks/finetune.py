@@ -28,7 +28,7 @@ from ..engine.precision import autocast, resolve_precision
 from ..registry import create_model, list_models, model_kind
 from ..seeds import seed_everything
 from .classify import check_classifier, classifier_for
-from .pretrained import load_pretrained, load_weights, model_args_within_bounds, read_weights
+from .pretrained import load_pretrained, load_weights, log_load_report, model_args_within_bounds, read_weights
 
 log = logging.getLogger("ummae")
 
@@ -183,12 +183,7 @@ def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform,
                      sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
             log.info("train %d images, val %d images; device %s x%d, precision %s, lr %.3e",
                      len(train_ds), len(val_ds), device, info.world_size, precision, lr)
-            if report is not None:
-                text = report.format()
-                log.info("pre-trained weights:\n%s", text)
-                (out / "pretrained_load.txt").write_text(text + "\n")
-            else:
-                log.info("no --pretrained: training from scratch")
+            log_load_report(report, out)
         ema = None
         if getattr(cfg, "ema", False):
             from timm.utils import ModelEmaV3

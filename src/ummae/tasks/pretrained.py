@@ -125,6 +125,17 @@ def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> T
                          "source_model": ck.get("model_name")}
 
 
+def log_load_report(report: "LoadReport | None", out: Path, what: str = "the model") -> None:
+    """A run's record of its ``--pretrained`` load: the report in the log and in
+    ``pretrained_load.txt`` of its folder (rank 0 only)."""
+    if report is None:
+        log.info("no --pretrained: %s starts from scratch", what)
+        return
+    text = report.format()
+    log.info("pre-trained weights:\n%s", text)
+    (Path(out) / "pretrained_load.txt").write_text(text + "\n")
+
+
 def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> LoadReport:
     """Load pre-trained (or fine-tuned) weights into classifier ``model``; see the module doc."""
     return load_weights(model, *read_weights(path, ema), path)
