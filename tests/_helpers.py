@@ -148,27 +148,18 @@ def epoch_records(out: Path) -> list:
     return [r for r in metrics_records(out) if "train_loss" in r]
 
 
+
 COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_mini"
 
 
 def coco_subset(root: Path, n_train: int, n_val: int, val_from: str = "val2017") -> Path:
-    """A COCO root at ``root`` with the first ``n_train`` train2017 and ``n_val`` images of
-    ``val_from`` of ``../shared/data/coco_mini`` (annotations cut to them, images linked), so
-    that detection tests train and evaluate in seconds. Fails when coco_mini is absent (CI
-    has it)."""
-    import json
-    import os
+    """``experiments/coco_subset.py`` on ``../shared/data/coco_mini``: detection tests train and
+    evaluate on a few real images in seconds. Fails when coco_mini is absent (CI has it)."""
+    import importlib.util
 
     assert COCO_MINI.is_dir(), f"{COCO_MINI} is missing: the detection tests need ../shared/data/coco_mini"
-    for split, src, n in (("train2017", "train2017", n_train), ("val2017", val_from, n_val)):
-        data = json.loads((COCO_MINI / "annotations" / f"instances_{src}.json").read_text())
-        images = sorted(data["images"], key=lambda im: im["id"])[:n]
-        ids = {im["id"] for im in images}
-        data["images"] = images
-        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
-        (root / "annotations").mkdir(parents=True, exist_ok=True)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
-        (root / split).mkdir(exist_ok=True)
-        for im in images:
-            os.symlink(COCO_MINI / src / im["file_name"], root / split / im["file_name"])
-    return root
+    path = Path(__file__).resolve().parents[1] / "experiments" / "coco_subset.py"
+    spec = importlib.util.spec_from_file_location("coco_subset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.coco_subset(COCO_MINI, root, n_train, n_val, val_from)

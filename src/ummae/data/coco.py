@@ -354,24 +354,14 @@ class CocoDetection(ImageDataset):
 
 def masks_to_boxes(masks: Tensor) -> Tensor:
     """``[n, 4]`` float32 xyxy boxes around uint8/bool ``[n, H, W]`` masks, pixel edges
-    included (x2 = last column + 1, as MMDetection's ``BitmapMasks.get_bboxes``); an empty mask
-    gets ``[0, 0, 0, 0]``."""
-    n = masks.shape[0]
-    boxes = torch.zeros((n, 4), dtype=torch.float32)
-    if n == 0:
-        return boxes
-    masks = masks != 0
-    cols = masks.any(dim=1)  # [n, W]
-    rows = masks.any(dim=2)  # [n, H]
-    has = cols.any(dim=1)
-    w, h = cols.shape[1], rows.shape[1]
-    xs = torch.arange(w)
-    ys = torch.arange(h)
-    x1 = torch.where(cols, xs, w).min(dim=1).values
-    x2 = torch.where(cols, xs, -1).max(dim=1).values + 1
-    y1 = torch.where(rows, ys, h).min(dim=1).values
-    y2 = torch.where(rows, ys, -1).max(dim=1).values + 1
-    boxes[has] = torch.stack([x1, y1, x2, y2], dim=1)[has].float()
+    included (x2 = last column + 1, as MMDetection's ``BitmapMasks.get_bboxes``; torchvision's
+    ``masks_to_boxes`` gives the last column's index); an empty mask gets ``[0, 0, 0, 0]``."""
+    from torchvision.ops import masks_to_boxes as tight_boxes
+
+    boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32)
+    has = (masks != 0).flatten(1).any(dim=1) if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
+    if has.any():
+        boxes[has] = tight_boxes(masks[has] != 0).float() + torch.tensor([0.0, 0.0, 1.0, 1.0])
     return boxes
 
 
