@@ -14,6 +14,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from _helpers import COCO_MINI
 from ummae.data import build_train_loader
 from ummae.data.coco import (
     CocoDetection,
@@ -26,12 +27,7 @@ from ummae.data.coco import (
     write_results_json,
 )
 
-COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_mini"
 PAD = (124, 116, 104)
-
-# pycocotools 2.0.x's mask decode under numpy 2 (an upstream issue; the masks are right)
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 
 def _root() -> Path:

@@ -160,7 +160,30 @@ def test_detect__bad_inputs_get_one_line(coco, tmp_path, capsys):
     assert "plain ViT" in capsys.readouterr().err
     assert main([*base, "--data", str(coco), "--detector", "yolo"]) == 2
     assert "detector" in capsys.readouterr().err
+    broken = coco_subset(tmp_path / "broken", n_train=2, n_val=2)
+    ann = broken / "annotations" / "instances_train2017.json"
+    ann.write_text(ann.read_text()[:500])
+    assert main([*base, "--data", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert str(ann) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    missing = coco_subset(tmp_path / "missing", n_train=2, n_val=2)
+    gone = sorted((missing / "train2017").iterdir())[0]
+    gone.unlink()
+    assert main([*base, "--data", str(missing), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert gone.name in err and len(err.strip().splitlines()) == 1
     not_det = tmp_path / "cls.pth"
     torch.save({"model": {}, "model_name": "swin_test", "model_args": {}}, not_det)
     assert main(["detect", "eval", "--checkpoint", str(not_det), "--data", str(coco)]) == 2
     assert "not a checkpoint of `ummae detect train`" in capsys.readouterr().err
+
+
+def test_detect_train__two_ranks_keep_one_model(coco, tmp_path):
+    """torchrun + DDP (gloo): two ranks train GFL in lockstep and end with the same weights."""
+    out = tmp_path / "ddp"
+    run_torchrun(["detect", "train", "--data", str(coco), "--backbone", "swin_test", "--output", str(out),
+                  "--epochs", "1", "--batch-size", "2", "--num-workers", "0", "--img-size", "128",
+                  "--neck-channels", "32", "--fpn-channels", "32", "--max-steps-per-epoch", "1",
+                  "--warmup-steps", "1", "--eval-every", "0"], timeout=300)
+    record = epoch_records(out)[-1]
+    assert record["replica_max_diff"] == 0.0 and "bbox_AP" in record
