@@ -17,7 +17,7 @@ from _helpers import coco_subset, epoch_records, run_torchrun, stable, step_reco
 from ummae.cli import main
 from ummae.config import DetectConfig
 from ummae.tasks.dense import build_stage_maps
-from ummae.tasks.detect import build_detector, load_detector, train
+from ummae.tasks.detect import build_detector, train
 
 TINY = dict(img_size=128, neck_channels=32, fpn_channels=32)
 
@@ -47,6 +47,23 @@ def test_stage_maps__refuse_a_plain_vit_and_a_pretraining_name():
         build_stage_maps("vit_test", 64)
     with pytest.raises(ValueError, match="pre-training model"):
         build_stage_maps("mae_swin_test", 64)
+
+
+@pytest.mark.parametrize("source", ["mae_swin_test", "simmim_pvt_test"])
+def test_build_detector__backbone_weights_come_from_a_pretraining_checkpoint(pretrain_ckpt, source):
+    """The seam classification uses: every encoder tensor of the checkpoint lands in the
+    detector's backbone unchanged (PVT's position table resized to the new canvas)."""
+    from ummae.engine import ckpt
+
+    backbone = source.split("_", 1)[1]
+    model, report = build_detector("gfl", backbone, 81, pretrained=pretrain_ckpt(source), **TINY)
+    saved = ckpt.load(pretrain_ckpt(source))["model"]
+    own = model.backbone.body.state_dict()
+    loaded = [k for k in own if k.startswith("encoder.") and k in saved and own[k].shape == saved[k].shape]
+    assert loaded and report.loaded
+    for k in loaded:
+        assert torch.equal(own[k], saved[k]), k
+    assert not [k for k in own if k.startswith("encoder.") and k not in saved and "pos_embed" not in k]
 
 
 def _real_batch(coco: Path, masks: bool):
