@@ -45,10 +45,6 @@ class StageMaps(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    @property
-    def num_layers(self) -> int:
-        return self.encoder.num_layers
-
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
         maps = self.encoder.forward_dense(x)
         return OrderedDict((k, proj(maps[int(k)].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)) for k, proj in self.proj.items())
