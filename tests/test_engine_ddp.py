@@ -247,8 +247,10 @@ def test_torchrun_finetune__exact_resume_after_sigkill_with_mixup_cutmix(colour4
 def _allow_fp16_on_cpu(monkeypatch):
     """The CLI refuses fp16 on CPU; the engine itself runs it (CPU autocast in float16 and a
     CPU GradScaler), which is how its grad-scaler path is tested without a GPU."""
-    real = train.resolve_precision
-    monkeypatch.setattr(train, "resolve_precision", lambda p, device: p if p == "fp16" else real(p, device))
+    from ummae.engine import precision
+
+    real = precision.resolve_precision  # training_run looks it up there on every run
+    monkeypatch.setattr(precision, "resolve_precision", lambda p, device: p if p == "fp16" else real(p, device))
 
 
 def test_pretrain__fp16_on_cpu_is_refused(data24, tmp_path):

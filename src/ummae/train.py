@@ -10,15 +10,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import dist as udist
 from .config import PretrainConfig, settings_from_checkpoint
 from .data import build_pretrain_dataset, build_train_loader
 from .data.datasets import _scan_images
-from .engine.loop import Trainer, claim_output, run_folder
+from .engine.loop import Trainer, training_run
 from .engine.optim import build_optimizer, pretrain_no_weight_decay
-from .engine.precision import resolve_precision
 from .registry import create_model, model_kind
-from .seeds import seed_everything
 from .visualize import compose_grid, load_image, panels_from_output, reconstruct
 
 log = logging.getLogger("ummae")
@@ -122,10 +119,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     if model_kind(cfg.model) != "pretrain":
         raise ValueError(f"{cfg.model!r} is not a pre-training model; `ummae models` lists them")
     settings_from_checkpoint(cfg, log)
-    claim_output(cfg)
-    with udist.distributed(cfg.device) as (info, device), run_folder(cfg, info):
-        precision = resolve_precision(cfg.precision, device)
-        seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    with training_run(cfg) as (info, device, precision):
         model = create_model(cfg.model, **cfg.model_kwargs())
         if cfg.init:
             init_weights_from(model, cfg.init, info.is_main)

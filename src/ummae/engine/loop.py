@@ -1,6 +1,6 @@
 """The one training engine, for pre-training and fine-tuning alike.
 
-``Trainer`` owns: per-update warm-up + cosine lr, gradient accumulation (DDP ``no_sync`` on
+``Trainer`` owns: per-update warm-up + cosine (or poly) lr, gradient accumulation (DDP ``no_sync`` on
 micro-steps), autocast + grad scaler, a non-finite-loss stop, metrics (JSON lines,
 TensorBoard, progress bar), atomic checkpoints and exact resume (model, optimiser, scaler,
 epoch, step, RNG states; data order and masks are pure functions of (seed, epoch, step)).
@@ -9,6 +9,11 @@ The task plugs in a ``step_fn(model, batch, generator) -> dict`` whose ``"loss"`
 and optionally an ``evaluate(model) -> dict`` run every ``eval_every`` epochs and after the
 last one (and on an EMA of the weights, when one is kept): validation accuracy when
 fine-tuning, reconstruction pictures when pre-training.
+
+A config with ``iters`` makes the run iteration-based (MMSegmentation's ``IterBasedRunner``):
+it ends after exactly ``iters`` optimiser updates, wherever that falls in a pass over the data,
+and ``eval_every_iters`` evaluates and checkpoints every N updates; epochs are then just passes
+over the data (each with its own permutation), and the lr schedule runs over the ``iters``.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from .. import dist as udist
 from ..config import config_to_dict
 from ..seeds import mix_seed
 from . import ckpt
-from .optim import warmup_cosine
+from .optim import SCHEDULES
 from .precision import autocast, grad_scaler
 
 log = logging.getLogger("ummae")
@@ -78,6 +83,22 @@ def run_folder(cfg, dist_info: udist.DistInfo):
     finally:
         log.removeHandler(_early_handler)
         _early_lines.clear()
+
+
+@contextlib.contextmanager
+def training_run(cfg):
+    """What every training command does before it builds its model: claim the output folder
+    (:func:`claim_output`), join the process group (torchrun, or one process), open the run's
+    folder (:func:`run_folder`), resolve the precision and seed every rank alike (DDP also
+    broadcasts rank 0's weights). Yields ``(dist_info, device, precision)``."""
+    from ..engine.precision import resolve_precision
+    from ..seeds import seed_everything
+
+    claim_output(cfg)
+    with udist.distributed(cfg.device) as (info, device), run_folder(cfg, info):
+        precision = resolve_precision(cfg.precision, device)
+        seed_everything(cfg.seed)
+        yield info, device, precision
 
 
 class _EarlyLines(logging.Handler):
@@ -232,16 +253,27 @@ class Trainer:
             )
         self.updates_per_epoch = self.steps_per_epoch // cfg.accum_iter
         self.steps_per_epoch = self.updates_per_epoch * cfg.accum_iter  # whole updates only
-        self.total_updates = cfg.epochs * self.updates_per_epoch
+        # Iteration-based runs (segmentation): ``iters`` updates in all, over as many passes
+        # over the data as that takes; the last pass stops part-way.
+        self.iters = getattr(cfg, "iters", None)
+        self.eval_every_iters = getattr(cfg, "eval_every_iters", 0) or 0
+        if self.iters:
+            self.total_updates = self.iters
+            self.num_epochs = -(-self.iters // self.updates_per_epoch)
+        else:
+            self.total_updates = cfg.epochs * self.updates_per_epoch
+            self.num_epochs = cfg.epochs
+        self.schedule = SCHEDULES[getattr(cfg, "schedule", "cosine")]
         self.warmup_updates = int(round(cfg.warmup_epochs * self.updates_per_epoch))
         if getattr(cfg, "warmup_steps", None) is not None:  # detection recipes count warm-up in iterations
             self.warmup_updates = cfg.warmup_steps
         if self.warmup_updates >= self.total_updates and dist_info.is_main:
-            reached = warmup_cosine(self.total_updates - 1, self.total_updates, self.warmup_updates, 1.0, 0.0)
+            reached = self.schedule(self.total_updates - 1, self.total_updates, self.warmup_updates, 1.0, 0.0)
             by_steps = getattr(cfg, "warmup_steps", None) is not None
             warm = f"{cfg.warmup_steps} steps" if by_steps else f"{cfg.warmup_epochs:g} epochs"
-            log.warning("warm-up (%s) is not shorter than the run (%d epochs): the lr only rises, to %.0f%% of its peak; "
-                        "lower %s (the recipes' are for full-length runs)", warm, cfg.epochs, 100 * reached,
+            run = f"{self.iters} iterations" if self.iters else f"{cfg.epochs} epochs"
+            log.warning("warm-up (%s) is not shorter than the run (%s): the lr only rises, to %.0f%% of its peak; "
+                        "lower %s (the recipes' are for full-length runs)", warm, run, 100 * reached,
                         "--warmup-steps" if by_steps else "--warmup-epochs")
         self.epoch, self.step_in_epoch, self.update = 0, 0, 0
         self.epoch_loss_sum, self.epoch_skipped = 0.0, 0
@@ -297,7 +329,9 @@ class Trainer:
                 f"(update {self.update}): stopping without writing them. {self._last_good_text()}; try a lower lr, "
                 f"--precision bf16/fp32 or --clip-grad"
             )
-        names = ["checkpoint-last.pth"] + ([f"checkpoint-{self.epoch - 1}.pth"] if keep else [])
+        # numbered after the last finished epoch, or in an iteration-based run the update
+        numbered = f"checkpoint-iter{self.update}.pth" if self.iters else f"checkpoint-{self.epoch - 1}.pth"
+        names = ["checkpoint-last.pth"] + ([numbered] if keep else [])
         self._write(names)
         self.last_good = (str(self.out / "checkpoint-last.pth"), self.epoch, self.step_in_epoch)
 
@@ -377,7 +411,7 @@ class Trainer:
             self.resume(self.cfg.resume)
         summary: Dict[str, Any] = {}
         try:
-            while self.epoch < self.cfg.epochs:
+            while self.epoch < self.num_epochs:
                 try:
                     summary = self.train_one_epoch()
                 except KeyboardInterrupt:  # Ctrl-C: drop the step in flight; what is on disk is whole
@@ -391,7 +425,7 @@ class Trainer:
         return summary
 
     def _set_lr(self) -> float:
-        lr = warmup_cosine(self.update, self.total_updates, self.warmup_updates, self.base_lr, self.cfg.min_lr)
+        lr = self.schedule(self.update, self.total_updates, self.warmup_updates, self.base_lr, self.cfg.min_lr)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
@@ -405,15 +439,40 @@ class Trainer:
             )
 
     def _run_evaluation(self) -> Dict[str, Any]:
-        """Validation metrics of the weights (and of their EMA), plus the best so far."""
+        """Validation metrics of the weights (and of their EMA), plus the best so far (with
+        the epoch, and in an iteration-based run the update, where it was reached)."""
         out = dict(self.evaluate(self.model))
         if self.ema is not None:
             out.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
-        _best_update(self.best, out, self.epoch, self.best_metric)
+        _best_update(self.best, out, self.epoch, self.best_metric, self.update if self.iters else None)
         return {**out, **self.best}
+
+    def _is_new_best(self, record: Dict[str, Any]) -> bool:
+        key = self.best_metric
+        if key not in record:
+            return False
+        if self.iters:
+            return self.best.get(f"best_{key}_iter") == self.update
+        return self.best.get(f"best_{key}_epoch") == self.epoch
+
+    def _evaluate_at_update(self) -> Dict[str, Any]:
+        """Evaluation inside a pass (iteration-based runs): one metrics line of its own."""
+        record = {"epoch": self.epoch, "step": self.update, **self._run_evaluation()}
+        self.metrics.write(record, self.update, "eval")
+        if self.dist.is_main:
+            extra = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.endswith(self.best_metric))
+            log.info("iteration %d: %s", self.update, extra or "evaluated")
+        return record
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Steps of pass ``epoch``: a full epoch, except the last pass of an iteration-based run,
+        which stops at update ``iters``."""
+        left = (self.total_updates - epoch * self.updates_per_epoch) * self.cfg.accum_iter
+        return max(0, min(self.steps_per_epoch, left))
 
     def train_one_epoch(self) -> Dict[str, Any]:
         cfg, epoch = self.cfg, self.epoch
+        epoch_steps = self.steps_in_epoch(epoch)
         self.net.train()
         self.sampler.set_epoch(epoch)
         start = self.step_in_epoch
@@ -425,10 +484,10 @@ class Trainer:
         window_loss = torch.tensor(self.window_loss_sum, device=self.device)
         window_n, window_imgs, t0 = self.window_n, 0, time.time()
         epoch_t0 = time.time()
-        bar = _progress(self.steps_per_epoch, start, epoch, self.dist.is_main)
+        bar = _progress(epoch_steps, start, epoch, self.dist.is_main)
         lr = self._set_lr()
         for step, batch in enumerate(self.loader, start=start):
-            if step >= self.steps_per_epoch:
+            if step >= epoch_steps:
                 break
             images, n_skipped = batch[0], batch[-1]
             if images.shape[0] == 0:
@@ -462,7 +521,7 @@ class Trainer:
             window_n += 1
             window_imgs += images.shape[0]
             self.step_in_epoch = step + 1
-            if last_micro and (self.update % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch):
+            if last_micro and (self.update % cfg.log_every == 0 or self.step_in_epoch == epoch_steps):
                 self._check_finite(bad)
                 mean_loss = float(udist.all_reduce_sum(window_loss.clone())) / (window_n * self.dist.world_size)
                 dt = max(time.time() - t0, 1e-9)
@@ -474,33 +533,42 @@ class Trainer:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
                 if self.dist.is_main:  # logged whether or not a bar is drawn
                     with _above_bar(bar):
-                        log.info("epoch %d step %d/%d loss %.4f lr %.3e %.1f img/s", epoch, self.step_in_epoch, self.steps_per_epoch, mean_loss, lr, ips)
+                        log.info("epoch %d step %d/%d loss %.4f lr %.3e %.1f img/s", epoch, self.step_in_epoch, epoch_steps, mean_loss, lr, ips)
                 window_loss.zero_()
                 window_n, window_imgs, t0 = 0, 0, time.time()
             if bar is not None:
                 bar.update(1)
-            if last_micro and cfg.save_every_steps and self.update % cfg.save_every_steps == 0 and self.step_in_epoch < self.steps_per_epoch:
+            mid_epoch = self.step_in_epoch < epoch_steps
+            evaluate_now = (last_micro and mid_epoch and self.eval_every_iters and self.evaluate is not None
+                            and self.update % self.eval_every_iters == 0)
+            if evaluate_now or (last_micro and mid_epoch and cfg.save_every_steps
+                                and self.update % cfg.save_every_steps == 0):
                 self._check_finite(bad)
                 self.epoch_loss_sum = float(epoch_loss)
                 self.window_loss_sum, self.window_n = float(window_loss), window_n
+                record = self._evaluate_at_update() if evaluate_now else None
+                # after the evaluation: the checkpoint holds the RNG state the run goes on with
                 self.save()
+                if record is not None and self._is_new_best(record):
+                    self.save_best()
+                self.net.train()
         if bar is not None:
             bar.close()
         self._check_finite(bad)
         self.epoch_loss_sum = float(epoch_loss)
         self.window_loss_sum, self.window_n = 0.0, 0  # the epoch's last step always logs
-        epoch_loss = float(udist.all_reduce_sum(epoch_loss.float())) / (self.steps_per_epoch * self.dist.world_size)
+        epoch_loss = float(udist.all_reduce_sum(epoch_loss.float())) / (epoch_steps * self.dist.world_size)
         skipped = int(udist.all_reduce_sum(torch.tensor(self.epoch_skipped, device=self.device)))
         record = {"epoch": epoch, "step": self.update, "epoch_1000x": 1000 * (epoch + 1), "train_loss": epoch_loss,
                   "epoch_time_s": time.time() - epoch_t0, "skipped_images": skipped}
         if self.dist.enabled:
             record["replica_max_diff"] = udist.replica_max_diff(self.model)
-        last = epoch + 1 == cfg.epochs
+        last = epoch + 1 == self.num_epochs
         new_best = False
-        if self.evaluate is not None and (last or (self.eval_every and (epoch + 1) % self.eval_every == 0)):
+        by_iters = self.eval_every_iters and self.update % self.eval_every_iters == 0
+        if self.evaluate is not None and (last or by_iters or (self.eval_every and (epoch + 1) % self.eval_every == 0)):
             record.update(self._run_evaluation())
-            key = self.best_metric
-            new_best = key in record and self.best.get(f"best_{key}_epoch") == epoch
+            new_best = self._is_new_best(record)
         if skipped:
             log.warning("epoch %d: %d unreadable images were skipped", epoch, skipped)
         self.epoch += 1
@@ -527,15 +595,20 @@ class Trainer:
         self._write(["checkpoint-best.pth"])
         if self.dist.is_main:
             key = self.best_metric
-            log.info("val %s %.4g is the best so far (epoch %d): wrote %s", key, self.best[f"best_{key}"],
-                     self.best[f"best_{key}_epoch"], self.out / "checkpoint-best.pth")
+            where = (f"iteration {self.best[f'best_{key}_iter']}" if self.iters
+                     else f"epoch {self.best[f'best_{key}_epoch']}")
+            log.info("val %s %.4g is the best so far (%s): wrote %s", key, self.best[f"best_{key}"], where,
+                     self.out / "checkpoint-best.pth")
 
 
-def _best_update(best: Dict[str, Any], metrics: Dict[str, float], epoch: int, metric: str = "acc1") -> None:
+def _best_update(best: Dict[str, Any], metrics: Dict[str, float], epoch: int, metric: str = "acc1",
+                 update: int | None = None) -> None:
     for k, v in metrics.items():
         if k.endswith(metric) and v >= best.get(f"best_{k}", float("-inf")):
             best[f"best_{k}"] = v
             best[f"best_{k}_epoch"] = epoch
+            if update is not None:
+                best[f"best_{k}_iter"] = update
 
 
 MIN_BAR_COLUMNS = 40  # narrower, tqdm draws nothing useful (at 0 columns: nothing at all)

@@ -52,3 +52,18 @@ def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: fl
         return base_lr * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def warmup_poly(step: int, total: int, warmup: int, base_lr: float, min_lr: float, power: float = 1.0,
+                warmup_ratio: float = 1e-6) -> float:
+    """MMSegmentation's iteration schedule (mmcv ``PolyLrUpdaterHook`` with linear warm-up, the
+    segmentation recipe): ``(base - min) * (1 - step / total) ** power + min``, and during the
+    ``warmup`` first steps that value times a factor rising linearly from ``warmup_ratio`` to 1
+    (mmcv scales the poly value, not the base lr)."""
+    lr = (base_lr - min_lr) * (1.0 - min(step, total) / max(1, total)) ** power + min_lr
+    if step < warmup:
+        lr *= 1.0 - (1.0 - step / warmup) * (1.0 - warmup_ratio)
+    return lr
+
+
+SCHEDULES = {"cosine": warmup_cosine, "poly": warmup_poly}

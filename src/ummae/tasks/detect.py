@@ -192,17 +192,12 @@ def train(cfg) -> Dict[str, Any]:
     from ..config import settings_from_checkpoint
     from ..data import build_train_loader
     from ..data.coco import CocoDetection, LargeScaleJitter, collate_detection
-    from ..engine.loop import Trainer, claim_output, run_folder
+    from ..engine.loop import Trainer, training_run
     from ..engine.optim import build_optimizer
-    from ..engine.precision import resolve_precision
-    from ..seeds import seed_everything
 
     cfg.validate()
     settings_from_checkpoint(cfg, log)
-    claim_output(cfg)
-    with udist.distributed(cfg.device) as (info, device), run_folder(cfg, info):
-        precision = resolve_precision(cfg.precision, device)
-        seed_everything(cfg.seed)
+    with training_run(cfg) as (info, device, precision):
         masks = cfg.detector == "maskrcnn"
         train_ds = CocoDetection(cfg.data, cfg.train_split, train=True, with_masks=masks,
                                  transform=LargeScaleJitter(cfg.img_size, cfg.scale_range, cfg.flip_prob))

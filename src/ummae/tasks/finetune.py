@@ -22,11 +22,10 @@ from .. import dist as udist
 from ..config import EvalConfig, FinetuneConfig, LinprobeConfig, settings_from_checkpoint
 from ..data import build_classify_dataset, build_classify_transform, build_eval_loader, build_train_loader
 from ..engine.ckpt import CheckpointError
-from ..engine.loop import Trainer, claim_output, run_folder
+from ..engine.loop import Trainer, training_run
 from ..engine.optim import build_optimizer
 from ..engine.precision import autocast, resolve_precision
 from ..registry import create_model, list_models, model_kind
-from ..seeds import seed_everything
 from .classify import check_classifier, classifier_for
 from .pretrained import load_pretrained, load_weights, log_load_report, model_args_within_bounds, read_weights
 
@@ -153,10 +152,7 @@ def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform,
     settings_from_checkpoint(cfg, log)  # a resumed run's model comes from its checkpoint
     model_from_weights(cfg, cfg.pretrained, "--pretrained", what)
     check_classifier(cfg.model)
-    claim_output(cfg)
-    with udist.distributed(cfg.device) as (info, device), run_folder(cfg, info):
-        precision = resolve_precision(cfg.precision, device)
-        seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    with training_run(cfg) as (info, device, precision):
         train_ds = build_classify_dataset(cfg.data, "train", None, cfg.data_root)
         val_ds = build_classify_dataset(cfg.val_data or cfg.data, "val", None, cfg.data_root, class_names=train_ds.class_names)
         num_classes = getattr(cfg, "num_classes", None) or train_ds.num_classes
