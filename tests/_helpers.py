@@ -163,3 +163,23 @@ def coco_subset(root: Path, n_train: int, n_val: int, val_from: str = "val2017")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.coco_subset(COCO_MINI, root, n_train, n_val, val_from)
+
+
+SEMSEG_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_semseg_mini"
+
+
+def semseg_subset(root: Path, n_train: int, n_val: int) -> Path:
+    """An ADE20K-layout root with the first ``n_train`` / ``n_val`` (sorted) image and label
+    pairs of ``../shared/data/coco_semseg_mini`` and its label_map.txt."""
+    import shutil
+
+    if not SEMSEG_MINI.is_dir():
+        raise FileNotFoundError(f"{SEMSEG_MINI} is missing: the segmentation tests need ../shared")
+    for split, n in (("training", n_train), ("validation", n_val)):
+        for kind in ("images", "annotations"):
+            (root / kind / split).mkdir(parents=True)
+        for img in sorted((SEMSEG_MINI / "images" / split).iterdir())[:n]:
+            shutil.copy(img, root / "images" / split / img.name)
+            shutil.copy(SEMSEG_MINI / "annotations" / split / f"{img.stem}.png", root / "annotations" / split)
+    shutil.copy(SEMSEG_MINI / "label_map.txt", root / "label_map.txt")
+    return root

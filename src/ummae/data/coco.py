@@ -44,7 +44,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .datasets import ImageDataset, Key
+from .datasets import ImageDataset, Key, PairTransform, to_uint8_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -182,26 +182,6 @@ def decode_segmentations(segmentations: Sequence[Any], height: int, width: int) 
 # ---------------------------------------------------------------- dataset
 
 
-class _PairTransform:
-    """Adapts a ``transform(image, target) -> (image, target)`` to ImageDataset's
-    one-argument ``transform``, so its seeding (``_augment``) applies unchanged. A class (not a
-    lambda) so the dataset pickles into DataLoader workers."""
-
-    def __init__(self, transform: Callable):
-        self.transform = transform
-
-    def __call__(self, pair: tuple[Image.Image, dict]) -> tuple[Tensor, dict]:
-        return self.transform(*pair)
-
-
-def to_uint8_tensor(img: Image.Image | Tensor, target: dict) -> tuple[Tensor, dict]:
-    """The evaluation transform: the image at its own size as uint8 ``[3, H, W]`` (torchvision's
-    detection models resize by themselves), the target unchanged."""
-    if isinstance(img, Image.Image):
-        img = TF.pil_to_tensor(img)
-    return img, target
-
-
 class CocoDetection(ImageDataset):
     """COCO instances of ``root/<split>`` for detection (and instance segmentation).
 
@@ -272,7 +252,7 @@ class CocoDetection(ImageDataset):
         self.pair_transform = transform
         samples = [(os.path.join(self.img_dir, self.coco.imgs[i]["file_name"]), i) for i in ids]
         names = [self.coco.cats[c]["name"] for c in self.cat_ids]
-        super().__init__(samples, _PairTransform(transform), "COCO", self.img_dir,
+        super().__init__(samples, PairTransform(transform), "COCO", self.img_dir,
                          num_classes=len(self.cat_ids), note=note, class_names=names)
         logger.info("%s data: %s", split, self.describe())
 

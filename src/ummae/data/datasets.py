@@ -147,14 +147,14 @@ def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 
     ])
 
 
-class NoReadableImageError(ValueError):
-    """No image of a dataset can be read: the one case a bad file stops a training run.
+class WorkerSafeValueError(ValueError):
+    """A ``ValueError`` that reads as the same one line with and without DataLoader workers.
 
     A ``ValueError`` (so the command line prints it as one ``error:`` line and exits 2). Raised
-    inside a DataLoader worker, it reaches the main process as a new instance built from
-    "Caught NoReadableImageError in DataLoader worker process N. Original Traceback..."; the
-    constructor keeps only the original message from that, so the error reads the same with
-    and without workers."""
+    inside a DataLoader worker, it reaches the main process as a new instance of its own class
+    built from "Caught <Name> in DataLoader worker process N. Original Traceback..."; the
+    constructor keeps only the original message from that. Subclass it for data errors that
+    workers raise."""
 
     def __init__(self, message: str = ""):
         name = type(self).__name__
@@ -164,6 +164,32 @@ class NoReadableImageError(ValueError):
             if sep:
                 message = original
         super().__init__(message)
+
+
+class NoReadableImageError(WorkerSafeValueError):
+    """No image of a dataset can be read: the one case a bad file stops a training run (one
+    line with and without workers: see :class:`WorkerSafeValueError`)."""
+
+
+class PairTransform:
+    """Adapts a ``transform(image, target) -> (image, target)`` (detection boxes, segmentation
+    labels) to ImageDataset's one-argument ``transform``, so its seeding (``_augment``) applies
+    unchanged. A class (not a lambda) so the dataset pickles into DataLoader workers."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, pair):
+        return self.transform(*pair)
+
+
+def to_uint8_tensor(img: Image.Image | Tensor, target):
+    """The evaluation transform of a :class:`PairTransform` data set: the image at its own size
+    as uint8 ``[3, H, W]`` (detectors resize by themselves; mIoU is computed at the original
+    size), the target (boxes, label map) unchanged."""
+    if isinstance(img, Image.Image):
+        img = T.functional.pil_to_tensor(img)
+    return img, target
 
 
 class ImageDataset(Dataset):
