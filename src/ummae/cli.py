@@ -13,6 +13,9 @@
     ummae detect train --backbone swin_tiny_256 --pretrained ckpt.pth --data /coco [--detector gfl]
     ummae detect eval --checkpoint runs/det/checkpoint-best.pth --data /coco
     ummae detect predict --checkpoint runs/det/checkpoint-best.pth --images a.jpg --output vis/
+    ummae segment train --backbone swin_tiny_256 --pretrained ckpt.pth --data /ADEChallengeData2016
+    ummae segment eval --checkpoint runs/seg/checkpoint-best.pth --data /ADEChallengeData2016 [--ratios ... --flip]
+    ummae segment predict --checkpoint runs/seg/checkpoint-best.pth --images a.jpg --output vis/
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ from .config import (
     KnnConfig,
     LinprobeConfig,
     PretrainConfig,
+    SegmentConfig,
+    SegmentEvalConfig,
     add_dataclass_flags,
     config_from_args,
 )
@@ -48,6 +53,10 @@ TASK_RUNS = {
     "detect": ("object detection and instance segmentation on COCO (GFL, Mask R-CNN, RetinaNet, FCOS)", {
         "train": (DetectConfig, "train a detector on COCO from a pre-trained backbone", "tasks.detect:train"),
         "eval": (DetectEvalConfig, "COCO box (and mask) AP of a detection checkpoint", "tasks.detect:run_eval"),
+    }),
+    "segment": ("semantic segmentation with UperNet (ADE20K layout)", {
+        "train": (SegmentConfig, "train UperNet on an ADE20K-layout data set from a pre-trained backbone", "tasks.segment:train"),
+        "eval": (SegmentEvalConfig, "mIoU, mean / overall accuracy and per-class IoU of a segmentation checkpoint", "tasks.segment:run_eval"),
     }),
 }
 
@@ -100,6 +109,15 @@ def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
             dp.add_argument("--output", default="detections", help="folder for the pictures (default: detections)")
             dp.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this (default: 0.3)")
             dp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+        if task == "segment":
+            sp = actions_parser.add_parser("predict", help="colour a segmentation checkpoint's classes over images",
+                                           description="Write each image with its predicted classes coloured over it "
+                                                       "(STEM.png) and the label map (STEM_labels.png).")
+            sp.add_argument("--checkpoint", required=True, help="a checkpoint of `ummae segment train`")
+            sp.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
+            sp.add_argument("--output", default="segmentations", help="folder for the pictures (default: segmentations)")
+            sp.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours (default: 0.5)")
+            sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
     e = add("export", "write a checkpoint's inference weights as safetensors (decoder dropped)")
     e.add_argument("--checkpoint", required=True, help="an ummae checkpoint (pre-training or fine-tuning)")
@@ -258,16 +276,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {args.output}: {', '.join(plotted)} of {len(args.runs)} run(s)")
             return 0
         if args.command in TASK_RUNS and args.action == "predict":
-            from .tasks.detect import predict
+            import importlib
 
-            return predict(args)
+            return importlib.import_module(f".tasks.{args.command}", __package__).predict(args)
         if args.command in RUNS or args.command in TASK_RUNS:
             import importlib
 
             cls, _, target = RUNS[args.command] if args.command in RUNS else TASK_RUNS[args.command][1][args.action]
             module, fn = target.split(":")
             result = getattr(importlib.import_module(f".{module}", __package__), fn)(config_from_args(cls, args))
-            if command in ("eval", "knn", "detect eval") and int(os.environ.get("RANK", "0")) == 0:
+            if command in ("eval", "knn", "detect eval", "segment eval") and int(os.environ.get("RANK", "0")) == 0:
                 import json
 
                 print(json.dumps(result))  # one JSON line on stdout, from rank 0 only

@@ -342,6 +342,124 @@ class DetectEvalConfig:
         _check_machinery(self)
 
 
+SEG_TEST_MODES = ("slide", "whole")
+
+
+@dataclass
+class SegmentConfig(RunConfig):
+    """Semantic segmentation training (ADE20K layout). Defaults are the paper's UperNet
+    protocol (the reference's upernet_mae_swin_tiny_256_..._512_slide_160k_ade20k_lr1e4_lrd1_pt):
+    512 crops of a 2048x512 image resized 0.5-2.0x, AdamW lr 1e-4 at batch 16, weight decay 0.05,
+    layer decay 1.0, 1500 warm-up iterations, poly schedule, 160k iterations, sliding-window test."""
+
+    backbone: str = _f("swin_tiny_256", "registered classifier whose encoder is the backbone (`ummae models --kind classify`)")
+    pretrained: Optional[str] = _f(None, "backbone weights: a fine-tuning (the paper's choice) or pre-training checkpoint, ours or the reference's, or an export; omitted: from scratch")
+    data: Optional[str] = _f(None, "ADE20K-layout root: images/{training,validation}/*.jpg and annotations/{training,validation}/*.png", required=True)
+    train_split: str = _f("training", "training split (images/SPLIT and annotations/SPLIT)")
+    val_split: str = _f("validation", "validation split")
+    output: str = _f("runs/segment", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    num_classes: int = _f(150, "classes the label maps hold (after --reduce-zero-label)")
+    reduce_zero_label: bool = _f(True, "label 0 is 'ignore' and 1..K are classes 0..K-1 (ADE20K); --no-reduce-zero-label: labels are the classes")
+    ignore_index: int = _f(255, "label value that is ignored by the loss and the metrics")
+    crop_size: int = _f(512, "training crop, and the sliding window at test time")
+    scale: Tuple[int, int] = _f((2048, 512), "image scale (long, short): training resizes to it times --ratio-range (keep ratio), testing to it")
+    ratio_range: Tuple[float, float] = _f((0.5, 2.0), "training resize ratio range")
+    cat_max_ratio: float = _f(0.75, "a training crop is drawn again (up to 10 times) while one class covers this share of it or more")
+    flip_prob: float = _f(0.5, "horizontal flip probability")
+    photometric: bool = _f(True, "photometric distortion (brightness, contrast, saturation, hue) in training")
+    drop_path: Optional[float] = _f(0.1, "stochastic depth rate of the backbone")
+    window_size: Optional[int] = _f(None, "Swin window (default: the backbone's, 16)")
+    neck_channels: int = _f(768, "channels each stage map is projected to (LayerNorm + Linear) before the head")
+    head_channels: int = _f(768, "UperNet channels (the reference's decode_head channels=768)")
+    aux_channels: int = _f(256, "channels of the auxiliary FCN head on stage 3")
+    aux_weight: float = _f(0.4, "loss weight of the auxiliary FCN head (0 = no auxiliary head)")
+    layer_decay: float = _f(1.0, "layer-wise lr decay of the backbone (the reference's 1.0: none)")
+    iters: int = _f(160000, "training iterations (optimiser updates)")
+    eval_every_iters: int = _f(16000, "evaluate on the val split and write checkpoint-last.pth every N iterations (and at the end)")
+    schedule: str = _f("poly", "lr schedule over --iters: poly (power 1, MMSegmentation's) or cosine", choices=("poly", "cosine"))
+    epochs: int = _f(1, "not used: segmentation runs for --iters iterations")
+    warmup_epochs: float = _f(0, "not used: --warmup-steps")
+    warmup_steps: Optional[int] = _f(1500, "linear warm-up in iterations (poly: from 1e-6 of the lr, as mmcv's)")
+    batch_size: int = _f(2, "images per process per step (the paper: 8 GPUs x 2)")
+    blr: float = _f(1.6e-3, "base lr: lr = blr * effective batch / 256 (1e-4 at batch 16, the paper's)")
+    min_lr: float = _f(0.0, "lr at the end of the schedule")
+    betas: Tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
+    test_mode: str = _f("slide", "validation inference: slide (windows of --crop-size) or whole (one pass over the padded image)", choices=SEG_TEST_MODES)
+    test_stride: Optional[int] = _f(None, "sliding-window stride (default: 2/3 of --crop-size, the reference's 341 at 512)")
+    keep_every: int = _f(0, "also keep a numbered checkpoint every N passes over the data (0 = only the end)")
+    num_workers: int = _f(4, "data-loading processes per training process")
+    log_every: int = _f(50, "metrics every N steps")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data:
+            raise ValueError("segmentation needs --data: an ADE20K-layout root with images/ and annotations/")
+        _check_seg_labels(self)
+        _check(32 <= self.crop_size <= 4096, "crop_size", self.crop_size, "must be in [32, 4096]")
+        _check(all(16 <= v <= 16384 for v in self.scale), "scale", self.scale, "must be two sizes in [16, 16384]")
+        lo, hi = self.ratio_range
+        _check(0 < lo <= hi <= 10, "ratio_range", self.ratio_range, "must satisfy 0 < min <= max <= 10")
+        _check(0 < self.cat_max_ratio <= 1, "cat_max_ratio", self.cat_max_ratio, "must be in (0, 1]")
+        _check(0 <= self.flip_prob <= 1, "flip_prob", self.flip_prob, "must be in [0, 1]")
+        _check(self.drop_path is None or 0 <= self.drop_path < 1, "drop_path", self.drop_path, "must be in [0, 1)")
+        _check(self.window_size is None or self.window_size >= 1, "window_size", self.window_size, "must be >= 1")
+        for name in ("neck_channels", "head_channels", "aux_channels"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _check(self.aux_weight >= 0, "aux_weight", self.aux_weight, "must be >= 0")
+        _check(0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "must be in (0, 1]")
+        _check(self.iters >= 1, "iters", self.iters, "must be >= 1")
+        _check(self.eval_every_iters >= 0, "eval_every_iters", self.eval_every_iters, "must be >= 0")
+        _check(self.schedule in ("poly", "cosine"), "schedule", self.schedule, "must be poly or cosine")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "must be in [0, 1)")
+        _check(self.test_mode in SEG_TEST_MODES, "test_mode", self.test_mode, f"must be one of {', '.join(SEG_TEST_MODES)}")
+        _check(self.test_stride is None or 1 <= self.test_stride <= self.crop_size, "test_stride", self.test_stride,
+               f"must be in [1, --crop-size {self.crop_size}]")
+
+    def stride(self) -> int:
+        """The sliding-window stride: ``test_stride``, or 2/3 of the crop (341 at 512)."""
+        return self.test_stride or self.crop_size * 2 // 3
+
+
+@dataclass
+class SegmentEvalConfig:
+    """mIoU, mean and overall accuracy and per-class IoU of a segmentation checkpoint."""
+
+    checkpoint: Optional[str] = _f(None, "a checkpoint of `ummae segment train` (checkpoint-best.pth, -last.pth, ...)", required=True)
+    data: Optional[str] = _f(None, "ADE20K-layout root: images/SPLIT and annotations/SPLIT", required=True)
+    split: str = _f("validation", "split to evaluate")
+    output: str = _f("runs/segment_eval", "folder for metrics_SPLIT.json and the per-class table per_class_SPLIT.txt")
+    test_mode: Optional[str] = _f(None, "slide or whole (default: the checkpoint's)", choices=SEG_TEST_MODES)
+    test_stride: Optional[int] = _f(None, "sliding-window stride (default: the checkpoint's)")
+    scale: Optional[Tuple[int, int]] = _f(None, "test scale (long, short) (default: the checkpoint's)")
+    ratios: Tuple[float, ...] = _f((1.0,), "test-time scales, as ratios of --scale (multi-scale: 0.5 0.75 1.0 1.25 1.5 1.75)")
+    flip: bool = _f(False, "also predict on the flipped image (averaged with the others)")
+    batch_size: int = _f(1, "images per process per step")
+    num_workers: int = _f(4, "data-loading processes per process")
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32", choices=PRECISIONS)
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("segmentation evaluation needs --checkpoint")
+        if not self.data:
+            raise ValueError("segmentation evaluation needs --data: an ADE20K-layout root")
+        _check(self.test_mode is None or self.test_mode in SEG_TEST_MODES, "test_mode", self.test_mode,
+               f"must be one of {', '.join(SEG_TEST_MODES)}")
+        _check(self.test_stride is None or self.test_stride >= 1, "test_stride", self.test_stride, "must be >= 1")
+        _check(self.scale is None or all(16 <= v <= 16384 for v in self.scale), "scale", self.scale,
+               "must be two sizes in [16, 16384]")
+        _check(len(self.ratios) >= 1 and all(0 < r <= 8 for r in self.ratios), "ratios", self.ratios, "must be in (0, 8]")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check_machinery(self)
+
+
+def _check_seg_labels(cfg) -> None:
+    _check(cfg.num_classes >= 1, "num_classes", cfg.num_classes, "must be >= 1")
+    _check(not 0 <= cfg.ignore_index < cfg.num_classes, "ignore_index", cfg.ignore_index,
+           f"is one of the {cfg.num_classes} classes (0..{cfg.num_classes - 1}); use a value outside them, e.g. 255")
+
+
 def _check_machinery(cfg) -> None:
     """Options every run and every inference command shares: precision, device, workers."""
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, "must be auto, bf16, fp16 or fp32")
@@ -373,14 +491,17 @@ def _check(ok: bool, name: str, value: Any, why: str) -> None:
 
 
 def _base_type(tp):
-    """(python type, is_tuple) of a field annotation, unwrapping Optional."""
+    """(python type, is_tuple) of a field annotation, unwrapping Optional. ``is_tuple`` is 0
+    for one value, the number of values for a fixed tuple (``Tuple[int, int]``: 2) and -1 for
+    one or more (``Tuple[float, ...]``)."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _base_type(args[0])
     if origin in (tuple, Tuple):
-        return typing.get_args(tp)[0], True
-    return tp, False
+        args = typing.get_args(tp)
+        return args[0], -1 if args[-1] is Ellipsis else len(args)
+    return tp, 0
 
 
 def _coerce(cls, name: str, value: Any) -> Any:
@@ -405,13 +526,14 @@ def _coerce(cls, name: str, value: Any) -> Any:
     return out
 
 
-def _convert(name: str, value: Any, tp, is_tuple: bool) -> Any:
+def _convert(name: str, value: Any, tp, is_tuple: int) -> Any:
+    count = {0: "", -1: "one or more values of type "}.get(is_tuple, f"{is_tuple} values of type ")
     try:
         if is_tuple:
             if isinstance(value, str):
                 value = [v for v in value.replace(",", " ").split()]
             value = tuple(tp(v) for v in value)
-            if len(value) != 2:
+            if len(value) != is_tuple and not (is_tuple == -1 and value):
                 raise ValueError(value)
             return value
         if tp is bool:
@@ -426,7 +548,7 @@ def _convert(name: str, value: Any, tp, is_tuple: bool) -> Any:
             raise ValueError(value)
         return tp(value)
     except (TypeError, ValueError):
-        raise ValueError(f"bad config value {name}={value!r}: expected {'two values of type ' if is_tuple else ''}{tp.__name__}") from None
+        raise ValueError(f"bad config value {name}={value!r}: expected {count}{tp.__name__}") from None
 
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
@@ -535,7 +657,7 @@ def config_from_args(cls, args: argparse.Namespace):
 MAY_CHANGE_ON_RESUME = frozenset({
     "epochs", "num_workers", "device", "precision", "compile", "output", "resume", "overwrite", "log_every",
     "save_every", "keep_every", "save_every_steps", "max_steps_per_epoch", "vis_every", "vis_images", "eval_every",
-    "data", "data_root", "val_data", "init", "pretrained",
+    "data", "data_root", "val_data", "init", "pretrained", "iters", "eval_every_iters",
 })
 
 

@@ -11,8 +11,10 @@ fine-tuning or converted reference checkpoint, with the same key report.
 """
 from __future__ import annotations
 
+import logging
+import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Dict
 
 from timm.layers import trunc_normal_
@@ -21,6 +23,8 @@ from torch import Tensor, nn
 from ..backbones import PyramidBackbone
 from ..registry import create_model, model_kind
 from .pretrained import LoadReport, load_pretrained
+
+log = logging.getLogger("ummae")
 
 
 class StageMaps(nn.Module):
@@ -82,3 +86,24 @@ def encoder_options(maps: StageMaps) -> Dict[str, Any]:
         out["window_size"] = enc.window_size
     return out
 
+
+
+def validation(measure: Callable[[nn.Module], Dict[str, float]], val_dir: str, train_dir: str, val_split: str,
+               is_main: bool) -> Callable[[nn.Module], Dict[str, float]]:
+    """The Trainer's ``evaluate`` of a dense task: ``measure(model)``, logged on rank 0, and
+    flagged ``val_is_train`` (with a warning each time) when the val split is the training
+    folder, so that no figure measured on the training images passes for a validation one."""
+    val_is_train = os.path.realpath(val_dir) == os.path.realpath(train_dir)
+
+    def evaluate(model: nn.Module) -> Dict[str, float]:
+        metrics = measure(model)
+        if val_is_train:
+            metrics["val_is_train"] = 1.0
+            if is_main:
+                log.warning("the 'val' figures are measured on the TRAINING images (--val-split %s is the "
+                            "training split)", val_split)
+        if is_main:
+            log.info("val: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    return evaluate

@@ -39,7 +39,7 @@ from ..config import DETECTORS
 from ..engine import ckpt
 from ..engine.ckpt import CheckpointError
 from ..engine.precision import autocast
-from .dense import StageMaps, build_stage_maps, encoder_options
+from .dense import StageMaps, build_stage_maps, encoder_options, validation
 from .pretrained import log_load_report
 
 log = logging.getLogger("ummae")
@@ -226,19 +226,8 @@ def train(cfg) -> Dict[str, Any]:
                      info.world_size, precision, lr)
             log_load_report(report, out, "the backbone")
         iou_types = ("bbox", "segm") if masks else ("bbox",)
-        val_is_train = os.path.realpath(val_ds.img_dir) == os.path.realpath(train_ds.img_dir)
-
-        def run_eval(m: nn.Module) -> Dict[str, float]:
-            metrics = evaluate_coco(m, val_ds, val_loader, device, precision, iou_types)
-            if val_is_train:
-                metrics["val_is_train"] = 1.0
-                if info.is_main:
-                    log.warning("the 'val' figures are measured on the TRAINING images (--val-split %s is the "
-                                "training split)", cfg.val_split)
-            if info.is_main:
-                log.info("val: %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            return metrics
-
+        run_eval = validation(lambda m: evaluate_coco(m, val_ds, val_loader, device, precision, iou_types),
+                              val_ds.img_dir, train_ds.img_dir, cfg.val_split, info.is_main)
         trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, DetectStep(),
                           evaluate=run_eval, eval_every=cfg.eval_every, best_metric="bbox_AP")
         return trainer.fit()
