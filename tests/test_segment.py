@@ -274,7 +274,8 @@ def test_segment_cli__labels_beyond_the_declared_classes_are_one_clear_line(sems
 def test_segment_cli__bad_options_are_one_clear_line(semseg, tmp_path, capsys):
     base = ["segment", "train", "--data", str(semseg), "--output", str(tmp_path / "r")]
     for extra, words in [(["--ignore-index", "3"], "ignore_index"), (["--test-stride", "600"], "test_stride"),
-                         (["--num-classes", "0"], "num_classes")]:
+                         (["--num-classes", "0"], "num_classes"), (["--batch-size", "1", "--num-classes", "81",
+                          "--crop-size", "64", "--scale", "128", "64", "--backbone", "swin_test"], "at least 2 images")]:
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
@@ -302,3 +303,30 @@ def test_segment_eval__two_ranks_give_the_one_rank_numbers(semseg, tmp_path, cap
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout.strip().splitlines()[-1])
     assert two == pytest.approx(one)
+
+
+def test_segment_train__two_ranks_keep_one_model(semseg, tmp_path):
+    """torchrun + DDP (gloo): two ranks train UperNet (both heads through DDP's forward) in
+    lockstep, evaluate a shard each, and end with the same weights."""
+    out = tmp_path / "ddp"
+    proc = run_torchrun(["segment", "train", "--data", str(semseg), "--backbone", "swin_test", "--output", str(out),
+                         "--num-classes", str(K), "--iters", "3", "--eval-every-iters", "2", "--batch-size", "2",
+                         "--num-workers", "0", "--crop-size", "64", "--scale", "128", "64", "--neck-channels", "32",
+                         "--head-channels", "16", "--aux-channels", "8", "--warmup-steps", "1"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = metrics_records(out)
+    assert [r["step"] for r in records if "mIoU" in r] == [2, 3]
+    passes = [r for r in records if "train_loss" in r]
+    assert passes and all(r["replica_max_diff"] == 0.0 for r in passes)
+
+
+@pytest.mark.parametrize("source", ["mae_swin_test", "simmim_pvt_test"])
+def test_build_segmenter__backbone_weights_come_from_a_pretraining_checkpoint(pretrain_ckpt, source):
+    from ummae.engine import ckpt
+
+    model, report = build_segmenter(source.split("_", 1)[1], 5, pretrained=str(pretrain_ckpt(source)), **TINY)
+    saved = ckpt.load(pretrain_ckpt(source))["model"]
+    own = model.backbone.state_dict()
+    loaded = [k for k in own if k.startswith("encoder.") and k in saved and own[k].shape == saved[k].shape]
+    assert loaded and report.loaded
+    assert all(torch.equal(own[k], saved[k]) for k in loaded)

@@ -370,8 +370,14 @@ def train(cfg) -> Dict[str, Any]:
             cfg.aux_weight, cfg.ignore_index, cfg.drop_path, cfg.window_size, cfg.pretrained,
             reduce_zero_label=cfg.reduce_zero_label, scale=list(cfg.scale), test_mode=cfg.test_mode,
             test_stride=cfg.stride(), class_names=list(train_ds.class_names))
-        if info.enabled and device.type == "cuda":  # the paper's SyncBN in the heads (BatchNorm per rank otherwise)
+        sync_bn = info.enabled and device.type == "cuda"
+        if sync_bn:  # the paper's SyncBN in the heads (BatchNorm per rank otherwise)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        norm_batch = cfg.batch_size * (info.world_size if sync_bn else 1)
+        if norm_batch < 2:
+            # the pyramid pooling's 1x1 branch gives BatchNorm one value per channel
+            raise ValueError(f"--batch-size {cfg.batch_size}: the heads' BatchNorm needs at least 2 images per step "
+                             f"(SyncBN pools the ranks' images only under DDP on CUDA); use --batch-size 2 or more")
         model.to(device)
         workers = min(cfg.num_workers, os.cpu_count() or 1)
         pin = device.type == "cuda"
