@@ -25,6 +25,7 @@ from PIL import Image
 
 import ummae.train as train
 from ummae.config import PretrainConfig
+from ummae.data.datasets import normalize_uint8
 from ummae.engine import ckpt
 from ummae.engine.ckpt import CheckpointError
 from ummae.engine.loop import NonFiniteLossError
@@ -290,7 +291,7 @@ def test_pretrain__nan_loss_stops_and_keeps_last_good_checkpoint(data24, tmp_pat
     def poison(n, model, batch, generator):
         if n == 3:  # after the checkpoint of update 2; found at the next check (step 4)
             seen["bytes"] = (out / "checkpoint-last.pth").read_bytes()
-            loss = model(batch[0], generator=generator)["loss"]
+            loss = model(normalize_uint8(batch[0]), generator=generator)["loss"]
             return {"loss": loss * float("nan")}
         return None
 
@@ -331,7 +332,7 @@ def test_pretrain__diverging_before_any_checkpoint_says_none_was_written(data24,
     out = tmp_path / "nan0"
 
     def poison(n, model, batch, generator):
-        loss = model(batch[0], generator=generator)["loss"]
+        loss = model(normalize_uint8(batch[0]), generator=generator)["loss"]
         return {"loss": loss * float("nan")}
 
     monkeypatch.setattr(train, "pretrain_step", _step_wrapper(poison))

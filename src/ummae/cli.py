@@ -9,6 +9,7 @@
     ummae bench --models a,b [...]
     ummae visualize --checkpoint runs/pt/checkpoint-last.pth --images a.jpg b.jpg [--output recon.png]
     ummae masks [--img-size 256 --unit-size 16 --image photo.jpg --output masks.png]
+    ummae shards /imagenet/train --output shards/ [--shard-size 1000 --no-shuffle --seed 0 --overwrite]
     ummae plot runs/a runs/b [--output curves.png --metrics loss,lr,images_per_s]
     ummae detect train --backbone swin_tiny_256 --pretrained ckpt.pth --data /coco [--detector gfl]
     ummae detect eval --checkpoint runs/det/checkpoint-best.pth --data /coco
@@ -146,6 +147,20 @@ def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     k.add_argument("--output", default="masks.png", help="picture to write (default: masks.png)")
     k.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
 
+    # --- shards (ummae.data.shard_writer) ---
+    w = add("shards", "write WebDataset tar shards from an image folder or list file",
+            "Write WebDataset tar shards (DIR/shard-000000.tar, ... and DIR/shards.json) from what "
+            "`pretrain --data` reads: an ImageFolder (labels kept), a flat image folder or a list file. "
+            "The image files' bytes are stored as they are.")
+    w.add_argument("src", help="an ImageFolder, a flat image folder, a dataset root with train/, or a list file of 'relative/path [label]' lines")
+    w.add_argument("--output", required=True, help="folder for the shards and shards.json")
+    w.add_argument("--shard-size", type=int, default=1000, help="images per shard, the last may hold fewer (default: 1000)")
+    w.add_argument("--data-root", help="root of a list file's paths (default: the list file's folder)")
+    w.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: a seeded random order)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the random order (default: 0)")
+    w.add_argument("--overwrite", action="store_true", help="replace the shards and shards.json already in --output")
+    # --- end shards ---
+
     c = add("plot", "training curves of one or several runs, from their metrics.jsonl")
     c.add_argument("runs", nargs="+", help="run output folders")
     c.add_argument("--output", default="curves.png", help="figure to write; the suffix picks the format (default: curves.png)")
@@ -269,6 +284,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             _save_picture(mask_figure(args.image, args.img_size, args.unit_size, args.seed), args.output)
             print(f"wrote {args.output}")
             return 0
+        if args.command == "shards":  # --- shards ---
+            from .data.shard_writer import shard_pattern, write_shards
+
+            info = write_shards(args.src, args.output, args.shard_size, data_root=args.data_root,
+                                shuffle=not args.no_shuffle, seed=args.seed, overwrite=args.overwrite)
+            k = len(info["shards"])
+            print(f"wrote {info['num_samples']} samples in {k} shard{'s' if k != 1 else ''} to {args.output}; "
+                  f"train with --data \"{shard_pattern(args.output, k)}\"")
+            return 0  # --- end shards ---
         if args.command == "plot":
             from .plot import plot_runs
 

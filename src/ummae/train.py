@@ -12,18 +12,19 @@ import torch.nn as nn
 
 from .config import PretrainConfig, settings_from_checkpoint
 from .data import build_pretrain_dataset, build_train_loader
-from .data.datasets import _scan_images
+from .data.datasets import _scan_images, normalize_uint8
 from .engine.loop import Trainer, training_run
 from .engine.optim import build_optimizer, pretrain_no_weight_decay
 from .registry import create_model, model_kind
-from .visualize import compose_grid, load_image, panels_from_output, reconstruct
+from .visualize import compose_grid, display_transform, load_image, panels_from_output, reconstruct
 
 log = logging.getLogger("ummae")
 
 
 def pretrain_step(model, batch, generator):
-    """Pre-training ignores labels; masks are drawn from the step's generator."""
-    return model(batch[0], generator=generator)
+    """Pre-training ignores labels; masks are drawn from the step's generator. uint8 images
+    (the default input pipeline) are normalised here, on the device."""
+    return model(normalize_uint8(batch[0]), generator=generator)
 
 
 class ReconstructionPictures:
@@ -43,7 +44,9 @@ class ReconstructionPictures:
         if is_main:
             paths, source = _vis_image_paths(cfg, dataset)
             loaded = []
-            for path in _spread(paths, cfg.vis_images):
+            if paths is None:  # tar shards: the first images of the first shard
+                loaded = [display_transform(img_size)(im) for im in dataset.preview(cfg.vis_images)]
+            for path in _spread(paths or [], cfg.vis_images):
                 try:
                     loaded.append(load_image(path, img_size))
                 except ValueError as e:
@@ -70,14 +73,16 @@ class ReconstructionPictures:
         return {"vis_loss": float(out["loss"])}
 
 
-def _vis_image_paths(cfg: PretrainConfig, dataset) -> Tuple[List[str], str]:
+def _vis_image_paths(cfg: PretrainConfig, dataset) -> Tuple[List[str] | None, str]:
     """Where the pictures' images come from: the ``val/`` split of a dataset root that has one
     (images pre-training never trains on), else the training images themselves (for the
-    embedded demo: its photos, each once)."""
+    embedded demo: its photos, each once; for tar shards, None: ``dataset.preview``)."""
     if cfg.data:
         val = os.path.join(os.path.expanduser(cfg.data), "val")
         if os.path.isdir(val):
             return _scan_images(val), val
+    if not hasattr(dataset, "samples"):
+        return None, f"the first shard of {dataset.source}"
     return list(dict.fromkeys(path for path, _ in dataset.samples)), dataset.source
 
 
@@ -124,7 +129,8 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         if cfg.init:
             init_weights_from(model, cfg.init, info.is_main)
         model = model.to(device)
-        dataset = build_pretrain_dataset(cfg.data, model.img_size, cfg.crop_scale, cfg.data_root, cfg.demo_repeats)
+        dataset = build_pretrain_dataset(cfg.data, model.img_size, cfg.crop_scale, cfg.data_root, cfg.demo_repeats,
+                                         cfg.input_pipeline, cfg.samples_per_epoch)
         workers = min(cfg.num_workers, os.cpu_count() or 1)
         loader, sampler = build_train_loader(
             dataset, cfg.batch_size, workers, info.world_size, info.rank, cfg.seed, pin_memory=device.type == "cuda"

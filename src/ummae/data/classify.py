@@ -129,7 +129,7 @@ def _resolve_split(data: str, split: str) -> str:
 
 
 def build_classify_dataset(data: str, split: str, transform, data_root: str | None = None,
-                           class_names: list[str] | None = None) -> ImageDataset:
+                           class_names: list[str] | None = None, samples_per_epoch: int | None = None) -> ImageDataset:
     """Labelled ``split`` ("train", "val", ...) of ``data``, for fine-tuning, probing or eval:
 
     - a folder holding ``<split>/`` (the ImageNet root with ``train/`` and ``val/``): its
@@ -146,7 +146,27 @@ def build_classify_dataset(data: str, split: str, transform, data_root: str | No
 
     The dataset has ``num_classes`` and ``class_names`` (sorted folder names, or ``"0"``,
     ``"1"``, ... for a list file); see :class:`ImageDataset` for samples.
+
+    Labelled tar shards (``ummae shards`` of an ImageFolder or a labelled list file) are a
+    training split only: a :class:`~ummae.data.shards.ShardStream` of ``samples_per_epoch``
+    samples an epoch (default: all of them); the validation images come from ``--val-data``.
     """
+    from .shards import ShardStream, is_shard_spec
+
+    if is_shard_spec(data):
+        if split != "train":
+            raise ValueError(f"--data {data} is tar shards, a training stream: give the {split} images with "
+                             f"--val-data (an ImageFolder or a list file)")
+        ds = ShardStream(data, transform, samples_per_epoch=samples_per_epoch, tensor_input=False)
+        if not ds.num_classes:
+            raise ValueError(f"the shards of {data} list no classes in their shards.json: fine-tuning needs "
+                             f"labelled shards (ummae shards of an ImageFolder or of a list file with labels)")
+        if class_names is not None and list(class_names) != ds.class_names:
+            raise ValueError(f"the classes of the shards {data} differ from the training classes")
+        logger.info("%s data: %s", split, ds.describe())
+        return ds
+    if samples_per_epoch is not None:
+        raise ValueError("--samples-per-epoch is for tar shards; an epoch of a folder or list file is all its images")
     path = _resolve_split(data, split)
     if os.path.isdir(path):
         samples, kind, names = _folder_samples(path)

@@ -135,8 +135,29 @@ def _no_images_error(folder: str) -> ValueError:
     )
 
 
-def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 1.0)):
-    """The MAE / UM-MAE pre-training augmentation: PIL image -> normalised ``[3, S, S]``."""
+INPUT_PIPELINES = ("tensor", "pil")
+
+
+def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 1.0), pipeline: str = "tensor"):
+    """The MAE / UM-MAE pre-training augmentation: RandomResizedCrop (``crop_scale``, aspect
+    3/4-4/3, bicubic) and a horizontal flip.
+
+    ``pipeline="tensor"`` (default): uint8 ``[3, H, W]`` (torchvision's decoders) -> uint8
+    ``[3, S, S]``; the crop and flip run on uint8 (torchvision transforms v2: the same draws
+    from torch's RNG as v1, so the same crops for the same seed, and bicubic with antialias as
+    Pillow's: within 2 grey levels but for ~1e-5 of the pixels, at sharp edges, where Pillow
+    clips its 8-bit result between the two passes), and :func:`normalize_uint8` normalises on
+    the device, after a 4x smaller copy. ``"pil"``: MAE's transform on PIL images -> normalised float ``[3, S, S]``."""
+    if pipeline not in INPUT_PIPELINES:
+        raise ValueError(f"input pipeline must be one of {', '.join(INPUT_PIPELINES)}, got {pipeline!r}")
+    if pipeline == "tensor":
+        from torchvision.transforms import v2
+
+        return v2.Compose([
+            v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC,
+                                 antialias=True),
+            v2.RandomHorizontalFlip(),
+        ])
     return T.Compose([
         T.RandomResizedCrop(
             img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC
@@ -145,6 +166,36 @@ def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 
         T.ToTensor(),
         T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
+
+
+def normalize_uint8(images: Tensor) -> Tensor:
+    """uint8 images ``[..., 3, H, W]`` (on any device) -> ImageNet-normalised float, as
+    ``ToTensor`` + ``Normalize`` give: ``(x / 255 - mean) / std``. Float images pass unchanged."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def read_image(source: str | bytes, as_tensor: bool = False):
+    """The RGB image of a file path or of encoded bytes (a shard member): a PIL image, or with
+    ``as_tensor`` uint8 ``[3, H, W]`` from torchvision's decoders (libjpeg-turbo, libpng,
+    libwebp: the same pixels as Pillow's). A format torchvision has no decoder for (BMP,
+    TIFF, ...) is read by Pillow. Raises whatever the decoders raise for a damaged file."""
+    import io
+
+    if as_tensor:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
+        data = read_file(source) if isinstance(source, str) else torch.frombuffer(bytearray(source), dtype=torch.uint8)
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError:  # no decoder for the format, or damaged (then Pillow fails too)
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as f:
+                return torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1).contiguous()
+    with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as f:
+        return f.convert("RGB")  # also forces the full decode: truncation shows here
 
 
 class WorkerSafeValueError(ValueError):
@@ -192,6 +243,28 @@ def to_uint8_tensor(img: Image.Image | Tensor, target):
     return img, target
 
 
+def augment_seeded(transform, img, seed: int):
+    """``transform(img)`` as a pure function of ``seed`` for all three RNGs augmentations draw
+    from (torch's CPU generator, python ``random``, numpy's global state: timm's RandAugment
+    and RandomErasing use the latter two); the caller's states of all three are restored."""
+    seed = int(seed)
+    # python random and numpy are saved and restored by hand (no fork_rng for them) so that,
+    # with num_workers=0, keyed access leaves the training process's streams as they were.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds only
+        # Seed only the CPU generator (torch.manual_seed would also reseed CUDA, which
+        # fork_rng(devices=[]) does not restore, and so would disturb the training process's
+        # GPU randomness when num_workers=0); fork_rng restores the CPU state.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return transform(img)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 class ImageDataset(Dataset):
     """A list of ``(path, label)`` samples (label -1 = unlabelled) plus the augmentation.
 
@@ -211,8 +284,9 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples: list[tuple[str, int]], transform, kind: str, source: str,
                  num_classes: int = 0, note: str = "",
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, tensor_input: bool = False):
         self.samples = samples
+        self.tensor_input = tensor_input  # decode to uint8 tensors (read_image) rather than PIL
         self.transform = transform
         self.kind = kind
         self.source = source
@@ -231,14 +305,14 @@ class ImageDataset(Dataset):
         note = f" ({self.note})" if self.note else ""
         return f"{self.kind} {self.source}: {len(self.samples)} images, {classes}{note}"
 
-    def _read(self, index: int) -> Image.Image | None:
-        """The decoded RGB image of sample ``index``, or ``None`` if it cannot be read."""
+    def _read(self, index: int) -> Image.Image | Tensor | None:
+        """The decoded RGB image of sample ``index`` (PIL, or uint8 ``[3, H, W]`` with
+        ``tensor_input``), or ``None`` if it cannot be read."""
         path = self.samples[index][0]
         if path in self._bad:
             return None
         try:
-            with Image.open(path) as f:
-                return f.convert("RGB")  # also forces the full decode: truncation shows here
+            return read_image(path, self.tensor_input)
         except Exception as e:  # noqa: BLE001 (see below)
             # Pillow raises a zoo of types for damaged files (OSError, SyntaxError, EOFError,
             # struct.error, DecompressionBombError...); only open + decode run under this
@@ -255,23 +329,7 @@ class ImageDataset(Dataset):
     def _augment(self, img: Image.Image, seed) -> Tensor:
         if seed is None:
             return self.transform(img)
-        seed = int(seed)
-        # python random and numpy are saved and restored by hand (no fork_rng for them) so
-        # that, with num_workers=0, keyed access leaves the training process's streams as
-        # they were.
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            random.seed(seed)
-            np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds only
-            # Seed only the CPU generator (torch.manual_seed would also reseed CUDA, which
-            # fork_rng(devices=[]) does not restore, and so would disturb the training
-            # process's GPU randomness when num_workers=0); fork_rng restores the CPU state.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                return self.transform(img)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        return augment_seeded(self.transform, img, seed)
 
     @staticmethod
     def _split_key(key: Key) -> tuple[int, int | None]:
@@ -471,6 +529,8 @@ def build_pretrain_dataset(
     crop_scale: Sequence[float] = (0.2, 1.0),
     data_root: str | None = None,
     demo_repeats: int = 8,
+    pipeline: str = "tensor",
+    samples_per_epoch: int | None = None,
 ) -> ImageDataset:
     """Build the pre-training dataset from ``data``:
 
@@ -481,20 +541,34 @@ def build_pretrain_dataset(
     - a folder of class sub-folders: ImageFolder, label = index of the sorted class name;
     - a folder with images at its top level: flat, searched recursively, label -1;
     - a file: list of ``relative/path [label]`` lines, relative to ``data_root`` (default: the
-      list file's folder).
+      list file's folder);
+    - WebDataset tar shards (a ``.tar`` path or brace pattern, ``pipe:``, a folder written by
+      ``ummae shards``): a :class:`~ummae.data.shards.ShardStream` of ``samples_per_epoch``
+      samples per epoch (default: its ``shards.json``'s count).
 
-    Samples give ``(image [3, img_size, img_size], label)``; see :class:`ImageDataset`.
+    Samples give ``(image [3, img_size, img_size], label)`` (uint8 with the default
+    ``pipeline="tensor"``, normalised float with ``"pil"``: :func:`build_pretrain_transform`);
+    see :class:`ImageDataset`.
     """
     if img_size <= 0:
         raise ValueError(f"img_size must be positive, got {img_size}")
     lo, hi = crop_scale
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
-    transform = build_pretrain_transform(img_size, crop_scale)
+    transform = build_pretrain_transform(img_size, crop_scale, pipeline)
+    tensor_input = pipeline == "tensor"
 
+    from .shards import ShardStream, is_shard_spec
+
+    if is_shard_spec(data):
+        ds = ShardStream(data, transform, samples_per_epoch=samples_per_epoch, tensor_input=tensor_input)
+        logger.info("pre-training data: %s", ds.describe())
+        return ds
+    if samples_per_epoch is not None:
+        raise ValueError("--samples-per-epoch is for tar shards; an epoch of a folder or list file is all its images")
     if data is None:
         samples, folder, note = _demo_samples(demo_repeats)
-        ds = ImageDataset(samples, transform, "embedded demo", folder, note=note)
+        ds = ImageDataset(samples, transform, "embedded demo", folder, note=note, tensor_input=tensor_input)
     else:
         path = os.path.expanduser(str(data))
         if not os.path.exists(path):
@@ -506,10 +580,11 @@ def build_pretrain_dataset(
             path = os.path.join(path, "train")
         if os.path.isdir(path):
             samples, kind, classes = _folder_samples(path)
-            ds = ImageDataset(samples, transform, kind, path, len(classes), class_names=classes)
+            ds = ImageDataset(samples, transform, kind, path, len(classes), class_names=classes,
+                              tensor_input=tensor_input)
         else:
             samples, root, n_classes = _list_file_samples(path, data_root)
             ds = ImageDataset(samples, transform, "list file", path, n_classes,
-                                 note=f"root {root}")
+                              note=f"root {root}", tensor_input=tensor_input)
     logger.info("pre-training data: %s", ds.describe())
     return ds

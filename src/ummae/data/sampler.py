@@ -166,6 +166,11 @@ def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
     ImageDataset); detection passes :func:`~ummae.data.coco.collate_detection`, whose targets
     are a list of dicts.
     """
+    from .shards import ShardStream
+
+    if isinstance(dataset, ShardStream):  # its own split of the shards over ranks and workers
+        dataset.configure(batch_size, num_replicas, rank, seed, num_workers)
+        return dataset.loader(num_workers, pin_memory, collate_fn), dataset
     if hasattr(dataset, "load_or_substitute"):
         dataset = SubstituteUnreadable(dataset)
     sampler = ResumableSampler(len(dataset), batch_size, num_replicas, rank, seed,

@@ -153,7 +153,8 @@ def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform,
     model_from_weights(cfg, cfg.pretrained, "--pretrained", what)
     check_classifier(cfg.model)
     with training_run(cfg) as (info, device, precision):
-        train_ds = build_classify_dataset(cfg.data, "train", None, cfg.data_root)
+        train_ds = build_classify_dataset(cfg.data, "train", None, cfg.data_root,
+                                          samples_per_epoch=getattr(cfg, "samples_per_epoch", None))
         val_ds = build_classify_dataset(cfg.val_data or cfg.data, "val", None, cfg.data_root, class_names=train_ds.class_names)
         num_classes = getattr(cfg, "num_classes", None) or train_ds.num_classes
         if num_classes < train_ds.num_classes:
