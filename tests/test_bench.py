@@ -69,8 +69,25 @@ def test_bench_args_defaults():
     args = add_bench_args(argparse.ArgumentParser()).parse_args(["--models", "a, b,"])
     assert args.models == ["a", "b"]
     assert (args.batch_size, args.steps, args.warmup, args.device, args.json) == (16, 10, 3, "auto", None)
-    with pytest.raises(SystemExit):
-        add_bench_args(argparse.ArgumentParser()).parse_args([])  # --models is required
+    args = add_bench_args(argparse.ArgumentParser()).parse_args([])
+    assert bench_main(args) == 2  # neither --models nor --data: one error line
+
+
+def test_input_bench__times_both_pipelines_per_core_and_with_workers(tmp_path, capsys):
+    from _helpers import write_image
+
+    for i in range(12):
+        write_image(tmp_path / "imgs" / f"{i}.jpg", size=(90, 70), seed=i)
+    args = add_bench_args(argparse.ArgumentParser()).parse_args(
+        ["--data", str(tmp_path / "imgs"), "--images", "12", "--workers", "1", "--batch-size", "4",
+         "--img-size", "32", "--json", str(tmp_path / "b.json")])
+    assert bench_main(args) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["pipeline"] for r in rows] == ["pil", "tensor"]
+    assert all(r["per_core_images_per_s"] > 0 and r["total_images_per_s"] > 0 and r["images"] == 12 for r in rows)
+    assert "images/s per core" in capsys.readouterr().out
+    bad = add_bench_args(argparse.ArgumentParser()).parse_args(["--data", str(tmp_path / "nope")])
+    assert bench_main(bad) == 2
 
 
 def test_unknown_model_raises_before_running():

@@ -33,7 +33,7 @@ import torch
 from .engine.optim import build_optimizer, pretrain_no_weight_decay
 from .engine.precision import autocast, grad_scaler, resolve_device, resolve_precision
 
-__all__ = ["run_bench", "format_table", "add_bench_args", "bench_main"]
+__all__ = ["run_bench", "run_input_bench", "format_table", "format_input_table", "add_bench_args", "bench_main"]
 
 _MIB = 1024.0 * 1024.0
 _SAMPLE_INTERVAL_S = 0.002
@@ -357,6 +357,86 @@ def run_bench(
     return results
 
 
+# ----------------------------------------------------------------------------- input pipeline
+
+
+def _time_samples(dataset, n: int, seed: int) -> tuple[int, float]:
+    """(samples, seconds) of reading ``n`` training samples in this process (decode + augment)."""
+    from .data.shards import ShardStream
+
+    t0 = time.perf_counter()
+    count = 0
+    if isinstance(dataset, ShardStream):
+        dataset.configure(1, 1, 0, seed, 0)
+        dataset.set_epoch(0)
+        for _ in dataset:
+            count += 1
+            if count >= n:
+                break
+    else:
+        for i in range(n):
+            dataset.load_or_substitute((i % len(dataset), seed + i))
+            count += 1
+    return count, time.perf_counter() - t0
+
+
+def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"), workers: int = 0,
+                    images: int = 200, batch_size: int = 32, seed: int = 0) -> List[Dict[str, object]]:
+    """Images/s of the pre-training sample pipeline alone (read, decode, RandomResizedCrop,
+    flip, and for ``pil`` the float normalisation; ``tensor`` normalises on the device) on
+    ``data`` (any ``pretrain --data``: a folder, a list file, tar shards).
+
+    ``per_core``: ``images`` samples read in this process with one torch thread (after a few
+    untimed ones). ``total``: with ``workers`` DataLoader workers (0: skipped), the batches of
+    ``images`` samples as training reads them (the first batch untimed: worker start-up).
+    One dict per pipeline: ``pipeline``, ``per_core_images_per_s``, ``workers``,
+    ``total_images_per_s``, ``images``, ``img_size``, ``data``."""
+    from .data import build_pretrain_dataset, build_train_loader
+
+    if images < 1 or img_size < 16 or workers < 0 or batch_size < 1:
+        raise ValueError(f"bad input bench settings: images {images}, img_size {img_size}, workers {workers}, "
+                         f"batch size {batch_size}")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for pipeline in pipelines:
+            torch.set_num_threads(1)
+            ds = build_pretrain_dataset(data, img_size, pipeline=pipeline)
+            _time_samples(ds, min(8, images), seed + 1)  # warm caches and lazy imports
+            n, dt = _time_samples(ds, images, seed)
+            row = {"pipeline": pipeline, "per_core_images_per_s": n / dt, "workers": workers,
+                   "total_images_per_s": None, "images": n, "img_size": img_size, "data": str(data)}
+            if workers:
+                torch.set_num_threads(threads)
+                ds = build_pretrain_dataset(data, img_size, pipeline=pipeline)
+                loader, sampler = build_train_loader(ds, batch_size, workers, seed=seed)
+                sampler.set_epoch(0)
+                seen, t0 = 0, None
+                for batch in loader:
+                    if t0 is None:  # the first batch waits for the workers to start
+                        t0 = time.perf_counter()
+                        continue
+                    seen += batch[0].shape[0]
+                    if seen >= images:
+                        break
+                if seen:
+                    row["total_images_per_s"] = seen / (time.perf_counter() - t0)
+            results.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def format_input_table(results: List[Dict[str, object]]) -> str:
+    header = ["pipeline", "img", "images/s per core", "workers", "images/s total", "ratio per core"]
+    first = results[0]["per_core_images_per_s"]
+    rows = [[str(r["pipeline"]), str(r["img_size"]), _fmt(r["per_core_images_per_s"], ".1f"), str(r["workers"]),
+             _fmt(r["total_images_per_s"], ".1f"), _fmt(r["per_core_images_per_s"] / first, ".2f")] for r in results]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in [header, ["-" * w for w in widths]] + rows)
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -401,9 +481,17 @@ def _model_list(text: str) -> List[str]:
 
 def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``ummae bench`` flags to ``parser`` (and return it)."""
-    parser.add_argument("--models", type=_model_list, required=True,
+    parser.add_argument("--models", type=_model_list, default=None,
                         help="comma-separated registered models, e.g. simmim_swin_tiny_256,mae_swin_tiny_256; "
-                             "ratio is relative to the first")
+                             "ratio is relative to the first (required unless --data is given)")
+    parser.add_argument("--data", default=None,
+                        help="time the pre-training input pipeline alone on this data (a folder, list file or tar "
+                             "shards): images/s per core and with --workers, beside the models' step rate")
+    parser.add_argument("--pipelines", default="pil,tensor",
+                        help="with --data: input pipelines to time, comma-separated (default pil,tensor)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="with --data: also time a DataLoader with this many workers (default 0: per core only)")
+    parser.add_argument("--images", type=int, default=200, help="with --data: images timed per pipeline (default 200)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: each model's own)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per model (default 10)")
@@ -418,32 +506,51 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    """Run the benchmark described by ``args``; print the table; write JSON. Returns an exit code."""
-    models = args.models if isinstance(args.models, list) else _model_list(args.models)
+    """Run the benchmark described by ``args``; print the table(s); write JSON. Returns an exit
+    code. With ``--models`` and ``--data`` the input pipeline is timed at the first model's
+    input size, and a last line says which of the two limits training."""
+    data = getattr(args, "data", None)
+    if args.models is None and not data:
+        print("ummae bench: error: give --models (training-step speed), --data (input pipeline speed) or both",
+              file=sys.stderr)
+        return 2
+    results: List[Dict[str, object]] = []
+    inputs: List[Dict[str, object]] = []
     try:
-        results = run_bench(
-            models,
-            batch_size=args.batch_size,
-            img_size=args.img_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            device=args.device,
-            precision=args.precision,
-            seed=args.seed,
-        )
+        if args.models is not None:
+            models = args.models if isinstance(args.models, list) else _model_list(args.models)
+            results = run_bench(models, batch_size=args.batch_size, img_size=args.img_size, steps=args.steps,
+                                warmup=args.warmup, device=args.device, precision=args.precision, seed=args.seed)
+            r0 = results[0]
+            print(f"torch {r0['torch']} | device {r0['device']} ({r0['device_name']}) | "
+                  f"threads {r0['num_threads']} | precision {r0['precision']} | "
+                  f"steps {r0['steps']} (+{args.warmup} warm-up)")
+            print(format_table(results))
+        if data:
+            pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+            size = args.img_size or (int(results[0]["img_size"]) if results else 256)
+            inputs = run_input_bench(data, size, pipelines, args.workers, args.images, args.batch_size, args.seed)
+            print(f"input pipeline on {data} ({inputs[0]['images']} images, {os.cpu_count()} CPUs here; per core: "
+                  f"one process, one torch thread)")
+            print(format_input_table(inputs))
     except ValueError as e:
         print(f"ummae bench: error: {e}", file=sys.stderr)
         return 2
-    r0 = results[0]
-    print(f"torch {r0['torch']} | device {r0['device']} ({r0['device_name']}) | "
-          f"threads {r0['num_threads']} | precision {r0['precision']} | "
-          f"steps {r0['steps']} (+{args.warmup} warm-up)")
-    print(format_table(results))
+    if results and inputs:
+        feed = max((r["total_images_per_s"] or r["per_core_images_per_s"]) for r in inputs)
+        need = max(float(r["images_per_s"]) for r in results)
+        how = f"{args.workers} workers" if args.workers else "one core"
+        which = "the input pipeline" if feed < need else "the model"
+        print(f"limit: {which} (input {feed:.1f} images/s with {how}, fastest model step {need:.1f} images/s)")
+    _write_json(args, results + inputs)
+    return 0
+
+
+def _write_json(args: argparse.Namespace, rows: List[Dict[str, object]]) -> None:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+            json.dump(rows, f, indent=2)
             f.write("\n")
         print(f"wrote {path}")
-    return 0
