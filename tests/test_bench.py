@@ -80,10 +80,10 @@ def test_input_bench__times_both_pipelines_per_core_and_with_workers(tmp_path, c
         write_image(tmp_path / "imgs" / f"{i}.jpg", size=(90, 70), seed=i)
     args = add_bench_args(argparse.ArgumentParser()).parse_args(
         ["--data", str(tmp_path / "imgs"), "--images", "12", "--workers", "1", "--batch-size", "4",
-         "--img-size", "32", "--json", str(tmp_path / "b.json")])
+         "--img-size", "32", "--pipelines", "pil,tensor,device", "--device", "cpu", "--json", str(tmp_path / "b.json")])
     assert bench_main(args) == 0
     rows = json.loads((tmp_path / "b.json").read_text())
-    assert [r["pipeline"] for r in rows] == ["pil", "tensor"]
+    assert [r["pipeline"] for r in rows] == ["pil", "tensor", "device"]
     assert all(r["per_core_images_per_s"] > 0 and r["total_images_per_s"] > 0 and r["images"] == 12 for r in rows)
     assert "images/s per core" in capsys.readouterr().out
     bad = add_bench_args(argparse.ArgumentParser()).parse_args(["--data", str(tmp_path / "nope")])

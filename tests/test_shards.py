@@ -10,6 +10,7 @@ interpolation rounding on real JPEGs (`../shared/data/jpeg_fullres`; these must 
 from __future__ import annotations
 
 import json
+import math
 import logging
 import subprocess
 import sys
@@ -283,3 +284,53 @@ def test_finetune_from_labelled_shards__classes_from_the_index_and_val_from_a_fo
     summary = finetune(FinetuneConfig(**{**cfg, "val_data": str(colour_data / "val"), "overwrite": True}))
     assert "acc1" in summary and summary["train_loss"] > 0
 
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_device_pipeline__decoding_in_the_step_gives_the_tensor_pipeline_batch(tmp_path, source):
+    """On the CPU the ``device`` pipeline (workers draw, the step decodes the batch) is the
+    ``tensor`` pipeline bit for bit; the float resize used on CUDA is within rounding of it.
+    A PNG (no JPEG to leave undecoded) is cropped in the worker as before."""
+    import shutil
+
+    from ummae.data.device_decode import EncodedBatch, collate_encoded
+
+    files = sorted(JPEGS.glob("*.jpg"))[:7]
+    assert len(files) == 7, f"{JPEGS} is missing: these tests need ../shared/data/jpeg_fullres"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in files:
+        shutil.copy(f, flat / f.name)
+    write_image(flat / "zz.png", size=(120, 90), seed=1)
+    data = str(flat)
+    if source == "shards":
+        write_shards(data, str(tmp_path / "sh"), shard_size=8, shuffle=False)
+        data = str(tmp_path / "sh")
+    batches = {}
+    for pipeline in ("tensor", "device"):
+        ds = build_pretrain_dataset(data, 64, pipeline=pipeline)
+        extra = {"collate_fn": collate_encoded(64)} if pipeline == "device" else {}
+        loader, sampler = build_train_loader(ds, 8, 0, seed=4, **extra)
+        sampler.set_epoch(0)
+        batches[pipeline] = next(iter(loader))[0]
+    encoded = batches["device"]
+    assert isinstance(encoded, EncodedBatch) and encoded.shape == (8, 3, 64, 64)
+    assert sum(type(it).__name__ == "PlannedCrop" for it in encoded.items) == 7  # the PNG was cropped in the worker
+    assert torch.equal(encoded.decode("cpu"), batches["tensor"])
+    d = (encoded.decode("cpu", exact_cpu=False).int() - batches["tensor"].int()).abs()
+    # the uint8 kernel rounds between its passes (as Pillow does), the float one does not
+    assert d.max() <= 8 and (d > 1).float().mean() < 1e-3, (int(d.max()), float((d > 1).float().mean()))
+
+
+def test_pretrain_with_the_device_pipeline_runs_and_counts_a_truncated_jpeg(tmp_path):
+    import shutil
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(JPEGS.glob("*.jpg"))[:8]:
+        shutil.copy(f, flat / f.name)
+    broken = flat / "broken.jpg"
+    broken.write_bytes(sorted(JPEGS.glob("*.jpg"))[9].read_bytes()[:5000])  # no end marker: decoded in the worker
+    summary = train.pretrain(_pretrain_cfg(tmp_path / "run", flat, input_pipeline="device", epochs=1, num_workers=0,
+                                           batch_size=3, save_every_steps=0))
+    assert summary["skipped_images"] == 1 and math.isfinite(summary["train_loss"])

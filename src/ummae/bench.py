@@ -360,28 +360,41 @@ def run_bench(
 # ----------------------------------------------------------------------------- input pipeline
 
 
-def _time_samples(dataset, n: int, seed: int) -> tuple[int, float]:
-    """(samples, seconds) of reading ``n`` training samples in this process (decode + augment)."""
+def _time_samples(dataset, n: int, seed: int, img_size: int, device: torch.device) -> tuple[int, float]:
+    """(samples, seconds) of reading ``n`` training samples in this process (decode + augment;
+    for the ``device`` pipeline also the batched decode on ``device``, 32 at a time)."""
+    from .data.device_decode import EncodedBatch
     from .data.shards import ShardStream
 
+    def samples():
+        if isinstance(dataset, ShardStream):
+            dataset.configure(1, 1, 0, seed, 0)
+            for epoch in range(n):  # epochs until n samples
+                dataset.set_epoch(epoch)
+                yield from (item[0] for item in dataset)
+        else:
+            for i in range(len(dataset) * n):
+                yield dataset.load_or_substitute((i % len(dataset), seed + i))[0]
+
     t0 = time.perf_counter()
-    count = 0
-    if isinstance(dataset, ShardStream):
-        dataset.configure(1, 1, 0, seed, 0)
-        dataset.set_epoch(0)
-        for _ in dataset:
-            count += 1
-            if count >= n:
-                break
-    else:
-        for i in range(n):
-            dataset.load_or_substitute((i % len(dataset), seed + i))
-            count += 1
+    count, pending = 0, []
+    for item in samples():
+        pending.append(item)
+        count += 1
+        if len(pending) == 32 or count >= n:
+            if any(type(x).__name__ == "PlannedCrop" for x in pending):
+                EncodedBatch(pending, img_size).decode(device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            pending = []
+        if count >= n:
+            break
     return count, time.perf_counter() - t0
 
 
 def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"), workers: int = 0,
-                    images: int = 200, batch_size: int = 32, seed: int = 0) -> List[Dict[str, object]]:
+                    images: int = 200, batch_size: int = 32, seed: int = 0,
+                    device: str = "cpu") -> List[Dict[str, object]]:
     """Images/s of the pre-training sample pipeline alone (read, decode, RandomResizedCrop,
     flip, and for ``pil`` the float normalisation; ``tensor`` normalises on the device) on
     ``data`` (any ``pretrain --data``: a folder, a list file, tar shards).
@@ -390,8 +403,12 @@ def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"),
     untimed ones). ``total``: with ``workers`` DataLoader workers (0: skipped), the batches of
     ``images`` samples as training reads them (the first batch untimed: worker start-up).
     One dict per pipeline: ``pipeline``, ``per_core_images_per_s``, ``workers``,
-    ``total_images_per_s``, ``images``, ``img_size``, ``data``."""
+    ``total_images_per_s``, ``images``, ``img_size``, ``data``. The ``device`` pipeline's
+    figures include its batched decode on ``device`` (nvJPEG on CUDA) in this process."""
     from .data import build_pretrain_dataset, build_train_loader
+    from .data.device_decode import EncodedBatch, collate_encoded
+
+    dev = resolve_device(device)
 
     if images < 1 or img_size < 16 or workers < 0 or batch_size < 1:
         raise ValueError(f"bad input bench settings: images {images}, img_size {img_size}, workers {workers}, "
@@ -402,23 +419,31 @@ def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"),
         for pipeline in pipelines:
             torch.set_num_threads(1)
             ds = build_pretrain_dataset(data, img_size, pipeline=pipeline)
-            _time_samples(ds, min(8, images), seed + 1)  # warm caches and lazy imports
-            n, dt = _time_samples(ds, images, seed)
+            _time_samples(ds, min(8, images), seed + 1, img_size, dev)  # warm caches and lazy imports
+            n, dt = _time_samples(ds, images, seed, img_size, dev)
             row = {"pipeline": pipeline, "per_core_images_per_s": n / dt, "workers": workers,
                    "total_images_per_s": None, "images": n, "img_size": img_size, "data": str(data)}
             if workers:
                 torch.set_num_threads(threads)
                 ds = build_pretrain_dataset(data, img_size, pipeline=pipeline)
-                loader, sampler = build_train_loader(ds, batch_size, workers, seed=seed)
-                sampler.set_epoch(0)
+                extra = {"collate_fn": collate_encoded(img_size)} if pipeline == "device" else {}
+                loader, sampler = build_train_loader(ds, batch_size, workers, seed=seed, **extra)
                 seen, t0 = 0, None
-                for batch in loader:
-                    if t0 is None:  # the first batch waits for the workers to start
-                        t0 = time.perf_counter()
-                        continue
-                    seen += batch[0].shape[0]
+                for epoch in range(images):  # epochs until ``images`` samples are timed
+                    sampler.set_epoch(epoch)
+                    for batch in loader:
+                        if t0 is None:  # the first batch waits for the workers to start
+                            t0 = time.perf_counter()
+                            continue
+                        if isinstance(batch[0], EncodedBatch):
+                            batch[0].decode(dev)
+                        seen += batch[0].shape[0]
+                        if seen >= images:
+                            break
                     if seen >= images:
                         break
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
                 if seen:
                     row["total_images_per_s"] = seen / (time.perf_counter() - t0)
             results.append(row)
@@ -488,7 +513,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="time the pre-training input pipeline alone on this data (a folder, list file or tar "
                              "shards): images/s per core and with --workers, beside the models' step rate")
     parser.add_argument("--pipelines", default="pil,tensor",
-                        help="with --data: input pipelines to time, comma-separated (default pil,tensor)")
+                        help="with --data: input pipelines to time, comma-separated: pil, tensor, device (its "
+                             "batched JPEG decode on --device) (default pil,tensor)")
     parser.add_argument("--workers", type=int, default=0,
                         help="with --data: also time a DataLoader with this many workers (default 0: per core only)")
     parser.add_argument("--images", type=int, default=200, help="with --data: images timed per pipeline (default 200)")
@@ -529,7 +555,8 @@ def bench_main(args: argparse.Namespace) -> int:
         if data:
             pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
             size = args.img_size or (int(results[0]["img_size"]) if results else 256)
-            inputs = run_input_bench(data, size, pipelines, args.workers, args.images, args.batch_size, args.seed)
+            inputs = run_input_bench(data, size, pipelines, args.workers, args.images, args.batch_size, args.seed,
+                                     args.device)
             print(f"input pipeline on {data} ({inputs[0]['images']} images, {os.cpu_count()} CPUs here; per core: "
                   f"one process, one torch thread)")
             print(format_input_table(inputs))

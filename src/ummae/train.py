@@ -13,6 +13,7 @@ import torch.nn as nn
 from .config import PretrainConfig, settings_from_checkpoint
 from .data import build_pretrain_dataset, build_train_loader
 from .data.datasets import _scan_images, normalize_uint8
+from .data.device_decode import EncodedBatch, collate_encoded
 from .engine.loop import Trainer, training_run
 from .engine.optim import build_optimizer, pretrain_no_weight_decay
 from .registry import create_model, model_kind
@@ -23,8 +24,12 @@ log = logging.getLogger("ummae")
 
 def pretrain_step(model, batch, generator):
     """Pre-training ignores labels; masks are drawn from the step's generator. uint8 images
-    (the default input pipeline) are normalised here, on the device."""
-    return model(normalize_uint8(batch[0]), generator=generator)
+    (the default input pipeline) are normalised here, on the device; JPEGs of the ``device``
+    pipeline are decoded and cropped here first."""
+    images = batch[0]
+    if isinstance(images, EncodedBatch):
+        images = images.decode(generator.device)
+    return model(normalize_uint8(images), generator=generator)
 
 
 class ReconstructionPictures:
@@ -132,9 +137,10 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         dataset = build_pretrain_dataset(cfg.data, model.img_size, cfg.crop_scale, cfg.data_root, cfg.demo_repeats,
                                          cfg.input_pipeline, cfg.samples_per_epoch)
         workers = min(cfg.num_workers, os.cpu_count() or 1)
+        extra = {"collate_fn": collate_encoded(model.img_size)} if cfg.input_pipeline == "device" else {}
         loader, sampler = build_train_loader(
-            dataset, cfg.batch_size, workers, info.world_size, info.rank, cfg.seed, pin_memory=device.type == "cuda"
-        )
+            dataset, cfg.batch_size, workers, info.world_size, info.rank, cfg.seed, pin_memory=device.type == "cuda",
+            **extra)
         eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
         lr = cfg.effective_lr(info.world_size)
         optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, no_decay=pretrain_no_weight_decay)

@@ -135,7 +135,7 @@ def _no_images_error(folder: str) -> ValueError:
     )
 
 
-INPUT_PIPELINES = ("tensor", "pil")
+INPUT_PIPELINES = ("tensor", "pil", "device")
 
 
 def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 1.0), pipeline: str = "tensor"):
@@ -147,17 +147,24 @@ def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 
     from torch's RNG as v1, so the same crops for the same seed, and bicubic with antialias as
     Pillow's: within 2 grey levels but for ~1e-5 of the pixels, at sharp edges, where Pillow
     clips its 8-bit result between the two passes), and :func:`normalize_uint8` normalises on
-    the device, after a 4x smaller copy. ``"pil"``: MAE's transform on PIL images -> normalised float ``[3, S, S]``."""
+    the device, after a 4x smaller copy. ``"pil"``: MAE's transform on PIL images -> normalised
+    float ``[3, S, S]``. ``"device"``: the draws of ``"tensor"``, the JPEG decode and the crop
+    left to the training step (:mod:`ummae.data.device_decode`)."""
     if pipeline not in INPUT_PIPELINES:
         raise ValueError(f"input pipeline must be one of {', '.join(INPUT_PIPELINES)}, got {pipeline!r}")
-    if pipeline == "tensor":
+    if pipeline in ("tensor", "device"):
         from torchvision.transforms import v2
 
-        return v2.Compose([
+        tensor_transform = v2.Compose([
             v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC,
                                  antialias=True),
             v2.RandomHorizontalFlip(),
         ])
+        if pipeline == "device":
+            from .device_decode import DeviceCropPlan
+
+            return DeviceCropPlan(tensor_transform)
+        return tensor_transform
     return T.Compose([
         T.RandomResizedCrop(
             img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC
@@ -176,6 +183,18 @@ def normalize_uint8(images: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(3, 1, 1) * 255
     std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(3, 1, 1) * 255
     return (images.float() - mean) / std
+
+
+def read_image_or_encoded(source: str | bytes, as_tensor: bool, encoded: bool, name: str = ""):
+    """:func:`read_image`, or with ``encoded`` a JPEG left undecoded
+    (:class:`~ummae.data.device_decode.EncodedJpeg`) when it is whole; other files decoded."""
+    if encoded:
+        from .device_decode import read_encoded
+
+        jpeg = read_encoded(source, name)
+        if jpeg is not None:
+            return jpeg
+    return read_image(source, as_tensor)
 
 
 def read_image(source: str | bytes, as_tensor: bool = False):
@@ -284,9 +303,10 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples: list[tuple[str, int]], transform, kind: str, source: str,
                  num_classes: int = 0, note: str = "",
-                 class_names: list[str] | None = None, tensor_input: bool = False):
+                 class_names: list[str] | None = None, tensor_input: bool = False, encoded: bool = False):
         self.samples = samples
         self.tensor_input = tensor_input  # decode to uint8 tensors (read_image) rather than PIL
+        self.encoded = encoded  # JPEGs left undecoded (device_decode.read_encoded): decoded by the step
         self.transform = transform
         self.kind = kind
         self.source = source
@@ -312,7 +332,7 @@ class ImageDataset(Dataset):
         if path in self._bad:
             return None
         try:
-            return read_image(path, self.tensor_input)
+            return read_image_or_encoded(path, self.tensor_input, self.encoded)
         except Exception as e:  # noqa: BLE001 (see below)
             # Pillow raises a zoo of types for damaged files (OSError, SyntaxError, EOFError,
             # struct.error, DecompressionBombError...); only open + decode run under this
@@ -556,19 +576,21 @@ def build_pretrain_dataset(
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
     transform = build_pretrain_transform(img_size, crop_scale, pipeline)
-    tensor_input = pipeline == "tensor"
+    tensor_input, encoded = pipeline in ("tensor", "device"), pipeline == "device"
 
     from .shards import ShardStream, is_shard_spec
 
     if is_shard_spec(data):
-        ds = ShardStream(data, transform, samples_per_epoch=samples_per_epoch, tensor_input=tensor_input)
+        ds = ShardStream(data, transform, samples_per_epoch=samples_per_epoch, tensor_input=tensor_input,
+                         encoded=encoded)
         logger.info("pre-training data: %s", ds.describe())
         return ds
     if samples_per_epoch is not None:
         raise ValueError("--samples-per-epoch is for tar shards; an epoch of a folder or list file is all its images")
     if data is None:
         samples, folder, note = _demo_samples(demo_repeats)
-        ds = ImageDataset(samples, transform, "embedded demo", folder, note=note, tensor_input=tensor_input)
+        ds = ImageDataset(samples, transform, "embedded demo", folder, note=note, tensor_input=tensor_input,
+                          encoded=encoded)
     else:
         path = os.path.expanduser(str(data))
         if not os.path.exists(path):
@@ -581,10 +603,10 @@ def build_pretrain_dataset(
         if os.path.isdir(path):
             samples, kind, classes = _folder_samples(path)
             ds = ImageDataset(samples, transform, kind, path, len(classes), class_names=classes,
-                              tensor_input=tensor_input)
+                              tensor_input=tensor_input, encoded=encoded)
         else:
             samples, root, n_classes = _list_file_samples(path, data_root)
             ds = ImageDataset(samples, transform, "list file", path, n_classes,
-                              note=f"root {root}", tensor_input=tensor_input)
+                              note=f"root {root}", tensor_input=tensor_input, encoded=encoded)
     logger.info("pre-training data: %s", ds.describe())
     return ds

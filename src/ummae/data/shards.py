@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..seeds import mix_seed
-from .datasets import IMG_EXTENSIONS, NoReadableImageError, augment_seeded, read_image
+from .datasets import IMG_EXTENSIONS, NoReadableImageError, augment_seeded, read_image, read_image_or_encoded
 from .sampler import collate_skip_bad
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class ShardStream(IterableDataset):
     (``set_epoch``, ``set_start_batch``, ``num_batches``), after :meth:`configure`."""
 
     def __init__(self, spec: str, transform: Callable | None = None, *, samples_per_epoch: int | None = None,
-                 tensor_input: bool = True, shuffle_buffer: int = 1000):
+                 tensor_input: bool = True, shuffle_buffer: int = 1000, encoded: bool = False):
         self.source = str(spec)
         self.urls, index = expand_shards(spec)
         if samples_per_epoch is None:
@@ -162,6 +162,7 @@ class ShardStream(IterableDataset):
         self.num_classes = len(self.class_names)
         self.transform = transform
         self.tensor_input = tensor_input
+        self.encoded = encoded  # --input-pipeline device: JPEGs decoded by the training step
         self.shuffle_buffer = shuffle_buffer
         self.kind = "shards"
         self.batch_size, self.num_replicas, self.rank, self.seed, self.num_workers = 1, 1, 0, 0, 0
@@ -245,7 +246,7 @@ class ShardStream(IterableDataset):
         if data is None:
             return None
         try:
-            return read_image(data, self.tensor_input)
+            return read_image_or_encoded(data, self.tensor_input, self.encoded, str(sample.get("__key__", "")))
         except Exception:  # noqa: BLE001 (the decoders' zoo of errors, as ImageDataset._read)
             return None
 
