@@ -334,3 +334,15 @@ def test_pretrain_with_the_device_pipeline_runs_and_counts_a_truncated_jpeg(tmp_
     summary = train.pretrain(_pretrain_cfg(tmp_path / "run", flat, input_pipeline="device", epochs=1, num_workers=0,
                                            batch_size=3, save_every_steps=0))
     assert summary["skipped_images"] == 1 and math.isfinite(summary["train_loss"])
+
+
+def test_shards__pipe_urls_are_read_through_webdataset(shards24):
+    """``pipe:`` commands (e.g. ``pipe:aws s3 cp s3://b/shard-{0..9}.tar -``) are opened by
+    webdataset; without a shards.json beside them the epoch is --samples-per-epoch."""
+    spec = f"pipe:cat {shards24}/shard-{{000000..000003}}.tar"
+    with pytest.raises(ValueError, match="--samples-per-epoch"):
+        ShardStream(spec)
+    stream = ShardStream(spec, None, samples_per_epoch=24, shuffle_buffer=0)
+    assert len(stream.urls) == 4 and all(u.startswith("pipe:cat ") for u in stream.urls)
+    stream.configure(batch_size=4, num_replicas=1, rank=0, seed=0, num_workers=0)
+    assert sorted(label for _, label, _ in stream) == list(range(24))
