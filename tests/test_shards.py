@@ -190,6 +190,14 @@ def test_pretrain_from_shards__a_killed_run_resumes_to_the_same_weights(shards24
     a = torch.load(tmp_path / "full" / "checkpoint-last.pth", weights_only=True)
     b = torch.load(tmp_path / "part" / "checkpoint-last.pth", weights_only=True)
     assert_tensors_equal(a["model"], b["model"], "model")
+    assert b["data_order"] == {"shards": 4, "processes": 1, "workers": 2, "batch_size": 4, "samples_per_epoch": 24}
+
+
+def test_pretrain_from_shards__resuming_with_other_workers_is_warned(shards24, tmp_path, caplog):
+    train.pretrain(_pretrain_cfg(tmp_path / "run", shards24, epochs=1))
+    with caplog.at_level(logging.WARNING, logger="ummae"):
+        train.pretrain(_pretrain_cfg(tmp_path / "run", shards24, epochs=2, num_workers=1, resume="auto"))
+    assert any("workers 2 -> 1" in m and "order of the data differs" in m for m in caplog.messages), caplog.messages
 
 
 # ---------------------------------------------------------------- the uint8 pipeline

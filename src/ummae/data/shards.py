@@ -188,6 +188,12 @@ class ShardStream(IterableDataset):
         self.batch_size, self.num_replicas, self.rank, self.seed = batch_size, num_replicas, rank, seed
         self.num_workers = num_workers
 
+    def order_key(self) -> dict:
+        """What the order of the batches depends on besides the seed (kept in checkpoints: a
+        resumed run with other values is warned that it does not continue exactly)."""
+        return {"shards": len(self.urls), "processes": self.num_replicas, "workers": max(1, self.num_workers),
+                "batch_size": self.batch_size, "samples_per_epoch": self.samples_per_epoch}
+
     def num_batches_for(self, batch_size: int, num_replicas: int) -> int:
         return self.samples_per_epoch // (batch_size * num_replicas)
 

@@ -311,6 +311,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "best": self.best,
             **({"ema": self.ema.module.state_dict()} if self.ema is not None else {}),
+            **({"data_order": self.sampler.order_key()} if hasattr(self.sampler, "order_key") else {}),
         }
 
     def _rank_state(self) -> Dict[str, Any]:
@@ -403,6 +404,12 @@ class Trainer:
                         "%.3e to %.3e, and an epoch has %s steps; the data order of the rest of the epoch differs",
                         before, self.dist.world_size, per * before, per * self.dist.world_size,
                         self.cfg.effective_lr(before), self.base_lr, "more" if self.dist.world_size < before else "fewer")
+        if hasattr(self.sampler, "order_key") and "data_order" in state and self.dist.is_main:
+            before, now = state["data_order"], self.sampler.order_key()
+            changed = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v]
+            if changed:
+                log.warning("resuming with %s: the order of the data differs from the interrupted run's (exact resume "
+                            "over shards needs the same shards, processes, workers and batch size)", ", ".join(changed))
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_in_epoch)
 
     # --- training ---------------------------------------------------------------------------
