@@ -119,5 +119,13 @@ def distributed(device_name: str = "auto"):
     info, device = init_distributed(device_name)
     try:
         yield info, device
-    finally:
-        cleanup()
+    except BaseException:
+        cleanup()  # at once: a peer may never reach a barrier
+        raise
+    # Every rank finishes its work before any tears the group down: rank 0 hosts the store,
+    # and a gloo rank still talking to it when it goes away aborts ("terminate called ...").
+    try:
+        barrier()
+    except RuntimeError:  # a peer failed after the last collective: it reports its own error
+        pass
+    cleanup()
