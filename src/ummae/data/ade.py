@@ -35,6 +35,7 @@ from torchvision.transforms import functional as TF
 
 from .datasets import (ImageDataset, Key, PairTransform, WorkerSafeValueError, _no_images_error, _scan_images,
                        to_uint8_tensor)
+from .sampler import readable_items
 
 logger = logging.getLogger(__name__)
 
@@ -477,8 +478,7 @@ def collate_segmentation(batch: list) -> tuple[Tensor, Tensor, int]:
     """Training batches: items ``(image uint8 [3, c, c], label int64 [c, c], n_skipped)`` ->
     ``(images uint8 [B, 3, c, c], labels int64 [B, c, c], n_skipped)``. ``None`` items, if any,
     are dropped and counted."""
-    good = [item for item in batch if item is not None]
-    n_skipped = len(batch) - len(good) + sum(int(item[2]) for item in good if len(item) > 2)
+    good, n_skipped = readable_items(batch)
     if not good:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), n_skipped
     shapes = {(tuple(item[0].shape), tuple(item[1].shape)) for item in good}

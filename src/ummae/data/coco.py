@@ -45,6 +45,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .datasets import ImageDataset, Key, PairTransform, to_uint8_tensor
+from .sampler import readable_items
 
 logger = logging.getLogger(__name__)
 
@@ -471,8 +472,7 @@ def collate_detection(batch: list) -> tuple[Tensor, list[dict], int]:
     """Training batches: items ``(image uint8 [3, S, S], target, n_skipped)`` ->
     ``(images uint8 [B, 3, S, S], targets, n_skipped)`` (targets a list of dicts; torchvision's
     detection models take them so). ``None`` items, if any, are dropped and counted."""
-    good = [item for item in batch if item is not None]
-    n_skipped = len(batch) - len(good) + sum(int(item[2]) for item in good if len(item) > 2)
+    good, n_skipped = readable_items(batch)
     if not good:
         return torch.empty(0, dtype=torch.uint8), [], n_skipped
     shapes = {tuple(item[0].shape) for item in good}

@@ -147,8 +147,9 @@ class _CollateEncoded:
         self.img_size = img_size
 
     def __call__(self, batch: list):
-        good = [item for item in batch if item is not None]
-        n_skipped = len(batch) - len(good) + sum(int(item[2]) for item in good if len(item) > 2)
+        from .sampler import readable_items
+
+        good, n_skipped = readable_items(batch)
         if not good:
             return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped
         labels = default_collate([item[1] for item in good])

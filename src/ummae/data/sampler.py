@@ -120,6 +120,15 @@ class ResumableSampler(Sampler):
         self._active_start = 0
 
 
+def readable_items(batch: list) -> tuple[list, int]:
+    """The training items of ``batch`` that are not ``None`` (an unreadable image), and the
+    unreadable images of the batch: the ``None`` items plus each item's own ``n_skipped``
+    (its third field: 1 where a substitute took an unreadable image's place). What every
+    training collate counts into ``skipped_images``."""
+    good = [item for item in batch if item is not None]
+    return good, len(batch) - len(good) + sum(int(item[2]) for item in good if len(item) > 2)
+
+
 def collate_skip_bad(batch: list) -> tuple[Tensor, Tensor, int]:
     """Collate a batch of items, counting the unreadable images.
 
@@ -134,8 +143,7 @@ def collate_skip_bad(batch: list) -> tuple[Tensor, Tensor, int]:
     ``None`` the size is unknown, so ``images`` is ``torch.empty(0)`` (``images.shape[0] == 0``
     still holds) and ``labels`` is ``[0]``.
     """
-    good = [item for item in batch if item is not None]
-    n_skipped = len(batch) - len(good) + sum(int(item[2]) for item in good if len(item) > 2)
+    good, n_skipped = readable_items(batch)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped
     # default_collate stacks straight into shared memory inside workers (one copy fewer)

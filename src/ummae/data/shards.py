@@ -294,8 +294,10 @@ class ShardStream(IterableDataset):
         out = []
         for sample in tarfile_samples([{"url": self.urls[0]}], handler=_WarnShard()):
             data = _image_member(sample)
+            if data is None:
+                continue
             try:
-                out.append(read_image(data, False)) if data is not None else None
+                out.append(read_image(data, False))
             except Exception:  # noqa: BLE001 (skipped, as in training)
                 continue
             if len(out) >= n:
