@@ -107,3 +107,23 @@ def validation(measure: Callable[[nn.Module], Dict[str, float]], val_dir: str, t
         return metrics
 
     return evaluate
+
+
+def load_task_model(path: str, command: str, is_ours: Callable[[Any, Dict[str, Any]], bool],
+                    build: Callable[..., tuple[nn.Module, Any]]) -> nn.Module:
+    """The model of a checkpoint that ``ummae COMMAND train`` wrote (any of them): refused in one
+    line when ``is_ours(model_name, model_args)`` says it is another's, else rebuilt by
+    ``build(**model_args)`` (drop path off: inference) and loaded strictly."""
+    from ..engine import ckpt
+
+    state = ckpt.load(path)
+    name = state.get("model_name") if isinstance(state, dict) else None
+    args = state.get("model_args") if isinstance(state, dict) else None
+    if not (isinstance(args, dict) and is_ours(name, args)):
+        raise ckpt.CheckpointError(f"{path} is not a checkpoint of `ummae {command} train` (it holds "
+                                   f"{name or 'no model name'}); a backbone checkpoint goes to "
+                                   f"`ummae {command} train --pretrained`")
+    model, _ = build(**{**args, "drop_path": 0.0})
+    model.model_args = args
+    ckpt.load_state_strict(model, state["model"], path)
+    return model

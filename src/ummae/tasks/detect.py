@@ -36,10 +36,8 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from .. import dist as udist
 from ..config import DETECTORS
-from ..engine import ckpt
-from ..engine.ckpt import CheckpointError
 from ..engine.precision import autocast
-from .dense import StageMaps, build_stage_maps, encoder_options, validation
+from .dense import StageMaps, build_stage_maps, encoder_options, load_task_model, validation
 from .pretrained import log_load_report
 
 log = logging.getLogger("ummae")
@@ -165,16 +163,7 @@ def evaluate_coco(model: nn.Module, dataset, loader, device: torch.device, preci
 
 def load_detector(path: str) -> nn.Module:
     """A detector as ``ummae detect train`` saved it (any of its checkpoints)."""
-    state = ckpt.load(path)
-    args = state.get("model_args") if isinstance(state, dict) else None
-    if not isinstance(args, dict) or args.get("detector") not in DETECTORS:
-        name = state.get("model_name") if isinstance(state, dict) else None
-        raise CheckpointError(f"{path} is not a checkpoint of `ummae detect train` (it holds {name or 'no model name'}); "
-                              f"a backbone checkpoint goes to `ummae detect train --pretrained`")
-    model, _ = build_detector(**{**args, "drop_path": 0.0})
-    model.model_args = args
-    ckpt.load_state_strict(model, state["model"], path)
-    return model
+    return load_task_model(path, "detect", lambda name, args: args.get("detector") in DETECTORS, build_detector)
 
 
 def category_names(model: nn.Module) -> List[str]:

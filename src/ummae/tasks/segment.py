@@ -38,9 +38,8 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from .. import dist as udist
 from ..engine import ckpt
-from ..engine.ckpt import CheckpointError
 from ..engine.precision import autocast
-from .dense import StageMaps, build_stage_maps, encoder_options, validation
+from .dense import StageMaps, build_stage_maps, encoder_options, load_task_model, validation
 from .pretrained import log_load_report
 
 log = logging.getLogger("ummae")
@@ -186,16 +185,8 @@ def build_segmenter(backbone: str, num_classes: int, crop_size: int = 512, neck_
 
 def load_segmenter(path: str) -> Segmenter:
     """A segmenter as ``ummae segment train`` saved it (any of its checkpoints)."""
-    state = ckpt.load(path)
-    name = state.get("model_name") if isinstance(state, dict) else None
-    args = state.get("model_args") if isinstance(state, dict) else None
-    if not (isinstance(name, str) and name.startswith("upernet_") and isinstance(args, dict)):
-        raise CheckpointError(f"{path} is not a checkpoint of `ummae segment train` (it holds {name or 'no model name'}); "
-                              f"a backbone checkpoint goes to `ummae segment train --pretrained`")
-    model, _ = build_segmenter(**{**args, "drop_path": 0.0})
-    model.model_args = args
-    ckpt.load_state_strict(model, state["model"], path)
-    return model
+    return load_task_model(path, "segment", lambda name, args: isinstance(name, str) and name.startswith("upernet_"),
+                           build_segmenter)
 
 
 # ------------------------------------------------------------------------- inference
