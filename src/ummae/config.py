@@ -32,6 +32,7 @@ def _f(default, help_, **meta):
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+INPUT_PIPELINES = ("tensor", "pil", "device")  # pre-training samples: data/datasets.build_pretrain_transform
 
 
 @dataclass
@@ -107,7 +108,7 @@ class PretrainConfig(RunConfig):
     betas: Tuple[float, float] = _f((0.9, 0.95), "AdamW betas")
     crop_scale: Tuple[float, float] = _f((0.2, 1.0), "RandomResizedCrop scale range")
     samples_per_epoch: Optional[int] = _f(None, "tar shards (--data \"dir/shard-{000000..000099}.tar\", pipe:..., or a folder of `ummae shards`): samples per epoch (default: their shards.json's count)")
-    input_pipeline: str = _f("tensor", "tensor: decode, crop and flip on uint8 tensors, normalise on the device (faster); pil: MAE's PIL transform (the same crops; pixels within 2 grey levels); device: JPEGs decoded (nvJPEG on CUDA), cropped and flipped by the training step, batched", choices=("tensor", "pil", "device"))
+    input_pipeline: str = _f("tensor", "tensor: decode, crop and flip on uint8 tensors, normalise on the device (faster); pil: MAE's PIL transform (the same crops; pixels within 2 grey levels); device: JPEGs decoded (nvJPEG on CUDA), cropped and flipped by the training step, batched", choices=INPUT_PIPELINES)
     demo_repeats: int = _f(8, "embedded demo data: random crops per photo per epoch")
     vis_every: int = _f(20, "write a reconstruction picture of fixed validation images every N epochs (and at the end); 0 = off")
     vis_images: int = _f(8, "images in that picture")
@@ -120,8 +121,8 @@ class PretrainConfig(RunConfig):
         lo, hi = self.crop_scale
         _check(0 < lo <= hi <= 1, "crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1")
         _check(self.demo_repeats >= 1, "demo_repeats", self.demo_repeats, "must be >= 1")
-        _check(self.input_pipeline in ("tensor", "pil", "device"), "input_pipeline", self.input_pipeline,
-               "must be tensor, pil or device")
+        _check(self.input_pipeline in INPUT_PIPELINES, "input_pipeline", self.input_pipeline,
+               f"must be one of {', '.join(INPUT_PIPELINES)}")
         _check(self.samples_per_epoch is None or self.samples_per_epoch >= 1, "samples_per_epoch", self.samples_per_epoch, "must be >= 1")
         _check(self.drop_path is None or 0 <= self.drop_path < 1, "drop_path", self.drop_path, "must be in [0, 1)")
         _check(self.img_size is None or 16 <= self.img_size <= 4096, "img_size", self.img_size, "must be in [16, 4096]")

@@ -31,6 +31,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ..config import INPUT_PIPELINES
+
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -133,9 +135,6 @@ def _no_images_error(folder: str) -> ValueError:
     return ValueError(
         f"no images were found in {folder} (looked for {' '.join(IMG_EXTENSIONS)}, any case)"
     )
-
-
-INPUT_PIPELINES = ("tensor", "pil", "device")
 
 
 def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 1.0), pipeline: str = "tensor"):
