@@ -28,8 +28,8 @@ FT="--model swin_nano_128 --data $DATA --epochs $EPOCHS --warmup-epochs 1 --batc
 if [ ! -f "$OUT/pt_init/checkpoint-last.pth" ]; then
   python - "$OUT/pt_init/checkpoint-last.pth" <<'PY'
 import sys, torch
-from ummae.engine.ckpt import save_atomic
-from ummae.registry import create_model
+from ummae.weights.io import save_atomic
+from ummae.models import create_model
 torch.manual_seed(0)
 m = create_model("mae_swin_nano_128")
 save_atomic({"model": m.state_dict(), "model_name": m.model_name, "model_args": m.model_args}, sys.argv[1])

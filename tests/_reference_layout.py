@@ -1,5 +1,5 @@
 """The state-dict layout of the reference code's models (implus/UM-MAE, MAE's ViT), written
-from their architecture, independently of ummae's models and of ummae.convert.
+from their architecture, independently of ummae's models and of ummae.weights.convert.
 
 ``reference_shapes(spec)`` lists ``key -> shape`` in the reference's names;
 ``reference_checkpoint(spec)`` fills them (random weights; the frozen sin-cos tables with MAE's

@@ -6,7 +6,7 @@ loader, and rank 0 writes the sample labels each rank saw to the JSON file given
 import json
 import sys
 
-from ummae import dist as udist
+from ummae.engine import dist as udist
 from ummae.data import build_pretrain_dataset, build_train_loader
 
 

@@ -31,7 +31,7 @@ def colour_data(tmp_path_factory):
 
 
 def _save_checkpoint(model, path):
-    from ummae.engine import ckpt
+    from ummae.weights import io as ckpt
 
     state = {"model": model.state_dict(), "model_name": model.model_name, "model_args": model.model_args}
     ckpt.save_atomic(state, path)
@@ -49,7 +49,7 @@ def save_checkpoint():
 def pretrain_ckpt(tmp_path_factory):
     """``make(name)``: path of a checkpoint of the freshly initialised (seed 1) pre-training
     model ``name``, written once per session."""
-    from ummae.registry import create_model
+    from ummae.models.registry import create_model
 
     folder = tmp_path_factory.mktemp("pretrain_ckpts")
     made = {}
@@ -68,7 +68,7 @@ def finetuned(tmp_path_factory, colour_data, pretrain_ckpt):
     """Output folder of a short swin_test fine-tune (from mae_swin_test weights) on
     ``colour_data``, evaluated on its val split after each of its 2 epochs."""
     from ummae.config import FinetuneConfig
-    from ummae.tasks.finetune import finetune
+    from ummae.tasks.classify import finetune
 
     out = tmp_path_factory.mktemp("finetuned")
     finetune(FinetuneConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(colour_data),

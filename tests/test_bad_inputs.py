@@ -12,8 +12,8 @@ from PIL import Image
 
 from _helpers import smooth_images, write_colour_dataset
 from ummae.cli import main
-from ummae.engine import ckpt
-from ummae.registry import create_model
+from ummae.weights import io as ckpt
+from ummae.models.registry import create_model
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_cli__full_disk_one_line(tmp_path, imgs, capsys, monkeypatch):
 def test_cli__ctrl_c_stops_cleanly(tmp_path, imgs, capsys, monkeypatch):
     """Ctrl-C mid-run: exit 130, one line that names the last checkpoint, which is whole and
     resumes."""
-    import ummae.train as train
+    import ummae.tasks.pretrain as train
 
     real = train.pretrain_step
     calls = {"n": 0}

@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from _helpers import assert_tensors_equal, run_torchrun, stable, write_colour_images, write_image, write_pattern_images
 from ummae.cli import main
 from ummae.config import EvalConfig, FinetuneConfig, KnnConfig, LinprobeConfig
-from ummae.engine import ckpt
+from ummae.weights import io as ckpt
 from ummae.engine.optim import param_groups
-from ummae.registry import create_model, list_models
-from ummae.tasks import finetune as finetune_module
-from ummae.tasks.classify import Classifier
-from ummae.tasks.finetune import finetune, linprobe, load_classifier, run_eval
+from ummae.models.registry import create_model, list_models
+from ummae.tasks import classify as finetune_module
+from ummae.models.classifier import Classifier
+from ummae.tasks.classify import finetune, linprobe, load_classifier, run_eval
 from ummae.tasks.knn import knn_scores, run_knn
-from ummae.tasks.pretrained import export
+from ummae.weights.load import export
 
 CLASSIFIERS = list_models("*_test", kind="classify")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import ummae.train as train
+import ummae.tasks.pretrain as train
 from ummae.cli import _parser, main
 from ummae.config import PretrainConfig, config_from_args
 

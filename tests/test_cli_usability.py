@@ -91,7 +91,7 @@ def test_model_fallback__nothing_names_a_model_is_one_clear_line(tmp_path, capsy
     """An export without metadata (or no weights at all) names no model: one line asking for --model."""
     from safetensors.torch import save_file
 
-    from ummae.tasks.pretrained import read_weights
+    from ummae.weights.load import read_weights
 
     state, _ = read_weights(pretrain_ckpt("mae_swin_test"))
     bare = tmp_path / "bare.safetensors"
@@ -129,7 +129,7 @@ def test_pretrain__writes_config_yaml_and_log_txt(tmp_path, capsys, caplog, imag
 def test_finetune__checkpoint_best_follows_val_top1(tmp_path, colour_data, pretrain_ckpt, monkeypatch):
     """Val top-1 of 50, 60, 40 %: checkpoint-best.pth holds the state after epoch 1, exactly as
     the checkpoint-last.pth of that moment (kept as checkpoint-1.pth)."""
-    import ummae.tasks.finetune as ft
+    import ummae.tasks.classify as ft
 
     scripted = iter([50.0, 60.0, 40.0])
     real = ft.evaluate
@@ -248,7 +248,7 @@ class _FakeTerminal(io.StringIO):
 @pytest.mark.parametrize("columns, bar", [("0", False), ("120", True)])
 def test_pretrain__step_lines_logged_with_or_without_a_bar(tmp_path, caplog, images, monkeypatch, columns, bar):
     from ummae.config import PretrainConfig
-    from ummae.train import pretrain
+    from ummae.tasks.pretrain import pretrain
 
     terminal = _FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)

@@ -416,7 +416,7 @@ def test_build_train_loader__no_readable_image_fails_with_one_line(tmp_path, wor
 def test_pretrain__batch_size_1_with_unreadable_image_finishes(tmp_path, monkeypatch):
     """The run that used to stop ("every image of batch ... was unreadable"): batch size 1
     over a folder with one bad file. It finishes, every batch is full, the skip is counted."""
-    import ummae.train as train
+    import ummae.tasks.pretrain as train
     from _helpers import epoch_records, smooth_images, step_records
     from ummae.config import PretrainConfig
 

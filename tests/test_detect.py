@@ -53,7 +53,7 @@ def test_stage_maps__refuse_a_plain_vit_and_a_pretraining_name():
 def test_build_detector__backbone_weights_come_from_a_pretraining_checkpoint(pretrain_ckpt, source):
     """The seam classification uses: every encoder tensor of the checkpoint lands in the
     detector's backbone unchanged (PVT's position table resized to the new canvas)."""
-    from ummae.engine import ckpt
+    from ummae.weights import io as ckpt
 
     backbone = source.split("_", 1)[1]
     model, report = build_detector("gfl", backbone, 81, pretrained=pretrain_ckpt(source), **TINY)

@@ -1,4 +1,4 @@
-"""Tests of the training engine through ``ummae.train.pretrain``: exact resume (after an
+"""Tests of the training engine through ``ummae.tasks.pretrain.pretrain``: exact resume (after an
 exception and after a real SIGKILL), DDP with two gloo processes, the non-finite-loss stop,
 bad input, the optimiser and schedule, gradient accumulation, atomic checkpoints, metrics.
 
@@ -23,15 +23,15 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import ummae.train as train
+import ummae.tasks.pretrain as train
 from ummae.config import PretrainConfig
 from ummae.data.datasets import normalize_uint8
-from ummae.engine import ckpt
-from ummae.engine.ckpt import CheckpointError
-from ummae.engine.loop import NonFiniteLossError
+from ummae.weights import io as ckpt
+from ummae.weights.io import CheckpointError
+from ummae.engine.trainer import NonFiniteLossError
 from ummae.engine.optim import no_weight_decay, param_groups, pretrain_no_weight_decay, warmup_cosine
-from ummae.registry import create_model
-from ummae.train import pretrain
+from ummae.models.registry import create_model
+from ummae.tasks.pretrain import pretrain
 
 from _helpers import assert_tensors_equal, epoch_records, metrics_records, run_torchrun, smooth_images, stable, step_records
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import ummae.train as train
+import ummae.tasks.pretrain as train
 from ummae.config import PretrainConfig
-from ummae.engine import ckpt
-from ummae.seeds import mix_seed
-from ummae.train import pretrain
+from ummae.weights import io as ckpt
+from ummae.engine.seeds import mix_seed
+from ummae.tasks.pretrain import pretrain
 
 from _helpers import (
     _free_port, assert_tensors_equal, epoch_records, metrics_records, run_torchrun, smooth_images, stable, step_records,

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ummae.config import FinetuneConfig
-from ummae.engine import ckpt
-from ummae.tasks.finetune import classify_step, finetune, lars_optimizer
+from ummae.weights import io as ckpt
+from ummae.tasks.classify import classify_step, finetune, lars_optimizer
 
 
 class _Logits(nn.Module):

@@ -1,4 +1,4 @@
-"""Tests of the GFL detector (:mod:`ummae.tasks.gfl`): ATSS assignment, the quality and
+"""Tests of the GFL detector (:mod:`ummae.models.gfl`): ATSS assignment, the quality and
 distribution focal losses and the integral decoding on hand-computed cases, the loss
 normalisation on a hand-built batch, and a tiny GFL (toy backbone, 128 px images) that trains
 with and without boxes, overfits one image and detects its boxes.
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from ummae.tasks.gfl import GFL, GFLHead, atss_assign, distribution_focal_loss, integral, quality_focal_loss
+from ummae.models.gfl import GFL, GFLHead, atss_assign, distribution_focal_loss, integral, quality_focal_loss
 
 
 def _sig(x: float) -> float:

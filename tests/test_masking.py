@@ -1,4 +1,4 @@
-"""Tests of ummae.masking: Uniform Sampling, Secondary Masking, random masks and compaction.
+"""Tests of ummae.models.masking: Uniform Sampling, Secondary Masking, random masks and compaction.
 
 Statistical properties are checked over many draws from fixed seeds; the vectorised code is
 compared with plain loop implementations written here (METHOD.md is the specification).
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from _helpers import brute_unit_orders
-from ummae.layers import PatchEmbed
-from ummae.masking import (
+from ummae.models.layers import PatchEmbed
+from ummae.models.masking import (
     block_choice,
     check_uniform_grid,
     compact_image,
@@ -24,7 +24,7 @@ from ummae.masking import (
     secondary_masking,
     uniform_sampling,
 )
-from ummae.registry import create_model
+from ummae.models.registry import create_model
 
 
 def _gen(seed: int) -> torch.Generator:

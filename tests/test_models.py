@@ -11,14 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ummae.backbones import PyramidBackbone, PyramidVisionTransformer, SwinTransformer
-from ummae.backbones import pvt as pvt_module
-from ummae.backbones.pvt import SRAttention
-from ummae.backbones.swin import PosMLPBias, SwinBlock
+from ummae.models.base import PyramidBackbone
+
+from ummae.models.pvt import PyramidVisionTransformer
+
+from ummae.models.swin import SwinTransformer
+from ummae.models import pvt as pvt_module
+from ummae.models.pvt import SRAttention
+from ummae.models.swin import PosMLPBias, SwinBlock
 import _reference_forward as ref
 from _helpers import brute_unit_orders
 from _reference_layout import mae_sincos
-from ummae.masking import (
+from ummae.models.masking import (
     block_choice,
     compact_positions,
     dense_positions,
@@ -27,8 +31,9 @@ from ummae.masking import (
     secondary_masking,
     uniform_sampling,
 )
-from ummae.pretrain import MaskedAutoencoder, SimMIM, patchify, unpatchify
-from ummae.registry import create_model, list_models
+from ummae.models.mae import MaskedAutoencoder, patchify, unpatchify
+from ummae.models.simmim import SimMIM
+from ummae.models.registry import create_model, list_models
 
 TEST_MODELS = list_models("*_test", kind="pretrain")
 MAE_TEST_MODELS = [n for n in TEST_MODELS if n.startswith("mae_")]

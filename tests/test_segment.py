@@ -322,7 +322,7 @@ def test_segment_train__two_ranks_keep_one_model(semseg, tmp_path):
 
 @pytest.mark.parametrize("source", ["mae_swin_test", "simmim_pvt_test"])
 def test_build_segmenter__backbone_weights_come_from_a_pretraining_checkpoint(pretrain_ckpt, source):
-    from ummae.engine import ckpt
+    from ummae.weights import io as ckpt
 
     model, report = build_segmenter(source.split("_", 1)[1], 5, pretrained=str(pretrain_ckpt(source)), **TINY)
     saved = ckpt.load(pretrain_ckpt(source))["model"]

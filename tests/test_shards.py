@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-import ummae.train as train
+import ummae.tasks.pretrain as train
 from _helpers import _free_port, assert_tensors_equal, write_image
 from ummae.config import PretrainConfig
 from ummae.data import build_pretrain_dataset, build_train_loader
@@ -281,7 +281,7 @@ def test_pipeline__normalising_on_the_device_equals_totensor_and_normalize():
 
 def test_finetune_from_labelled_shards__classes_from_the_index_and_val_from_a_folder(colour_data, tmp_path, caplog):
     from ummae.config import FinetuneConfig
-    from ummae.tasks.finetune import finetune
+    from ummae.tasks.classify import finetune
 
     index = write_shards(str(colour_data / "train"), str(tmp_path / "sh"), shard_size=6)
     assert index["classes"] == ["blue", "green", "red"]

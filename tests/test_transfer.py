@@ -1,4 +1,4 @@
-"""Tests of carrying weights from pre-training into classifiers (``ummae.tasks.pretrained``):
+"""Tests of carrying weights from pre-training into classifiers (``ummae.weights.load``):
 the key report of every pre-training -> classifier pair, the settings that change between the
 two (Swin window 8 -> 16, PVT sr 4-2-1-1 -> 8-4-2-1, fixed -> learnable positions, ViT tables
 at another size), refusals with clear messages, and the safetensors export (ours and timm's).
@@ -23,13 +23,13 @@ from safetensors.torch import load_file, save_file
 import _reference_forward as ref
 from ummae.cli import main
 from ummae.config import FinetuneConfig
-from ummae.engine import ckpt
-from ummae.engine.ckpt import CheckpointError
+from ummae.weights import io as ckpt
+from ummae.weights.io import CheckpointError
 from ummae.engine.optim import build_optimizer
-from ummae.registry import create_model, list_models
-from ummae.tasks.classify import Classifier, classifier_for
-from ummae.tasks.finetune import finetune
-from ummae.tasks.pretrained import export, load_pretrained
+from ummae.models.registry import create_model, list_models
+from ummae.models.classifier import Classifier, classifier_for
+from ummae.tasks.classify import finetune
+from ummae.weights.load import export, load_pretrained
 
 PRETRAIN_TEST_MODELS = list_models("*_test", kind="pretrain")
 PAIRS = [(name, classifier_for(name)) for name in PRETRAIN_TEST_MODELS]

@@ -15,12 +15,12 @@ from PIL import Image
 
 from ummae.cli import main
 from ummae.config import PretrainConfig
-from ummae.engine.ckpt import CheckpointError
+from ummae.weights.io import CheckpointError
 from ummae.plot import plot_runs, read_metrics
-from ummae.pretrain.mae import norm_pix_target, patchify, unnormalize_pix
-from ummae.registry import create_model
-from ummae.tasks.pretrained import export
-from ummae.train import _spread, _vis_image_paths, pretrain
+from ummae.models.mae import norm_pix_target, patchify, unnormalize_pix
+from ummae.models.registry import create_model
+from ummae.weights.load import export
+from ummae.tasks.pretrain import _spread, _vis_image_paths, pretrain
 from ummae.visualize import (
     TOKEN_RGB,
     GAP, TITLE_H, compose_grid, grid_size, load_images, load_pretraining_model, panel_origin, panels_from_output,
@@ -245,7 +245,7 @@ def test_load_pretraining_model__refuses_a_classifier_checkpoint(save_checkpoint
 
 
 def test_load_pretraining_model__refuses_weights_without_decoder(tmp_path, pretrain_ckpt):
-    from ummae.engine import ckpt
+    from ummae.weights import io as ckpt
 
     state = torch.load(pretrain_ckpt("mae_swin_test"), weights_only=True)
     state["model"] = {k: v for k, v in state["model"].items() if k.startswith("encoder.")}

@@ -14,7 +14,7 @@ __all__ = ["create_model", "list_models"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from . import registry
+        from ummae.models import registry
 
         return getattr(registry, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -56,7 +56,7 @@ class _RegisterWithTimm(importlib.abc.MetaPathFinder):
         if any(_initializing(n) for n in list(sys.modules) if n != just_run and (n == "timm" or n.startswith("ummae."))):
             return  # the module that imports it is still being run: after it
         sys.meta_path.remove(self)
-        from .tasks.classify import register_with_timm
+        from ummae.models.classifier import register_with_timm
 
         register_with_timm()
 

@@ -30,8 +30,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .engine.optim import build_optimizer, pretrain_no_weight_decay
-from .engine.precision import autocast, grad_scaler, resolve_device, resolve_precision
+from ummae.engine.optim import build_optimizer, pretrain_no_weight_decay
+from ummae.engine.precision import autocast, grad_scaler, resolve_device, resolve_precision
+from ummae.errors import UsageError
 
 __all__ = ["run_bench", "run_input_bench", "format_table", "format_input_table", "add_bench_args", "bench_main"]
 
@@ -200,24 +201,24 @@ def _warm_runtime(device: torch.device, precision: str) -> None:
 
 
 def _validate(models: List[str], batch_size: int, img_size: Optional[int], steps: int, warmup: int) -> None:
-    from .registry import model_kind
+    from ummae.models.registry import model_kind
 
     if isinstance(models, str):
-        raise ValueError("models must be a list of model names, not a string")
+        raise UsageError("models must be a list of model names, not a string")
     if not models:
-        raise ValueError("no models to benchmark")
+        raise UsageError("no models to benchmark")
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UsageError(f"steps must be >= 1, got {steps}")
     if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
+        raise UsageError(f"warmup must be >= 0, got {warmup}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     if img_size is not None and img_size < 1:
-        raise ValueError(f"img_size must be >= 1, got {img_size}")
+        raise UsageError(f"img_size must be >= 1, got {img_size}")
     for name in models:  # all names checked before anything runs
         kind = model_kind(name)  # raises ValueError naming an unknown model
         if kind != "pretrain":
-            raise ValueError(f"model {name!r} is a {kind} model; bench times pre-training models")
+            raise UsageError(f"model {name!r} is a {kind} model; bench times pre-training models")
 
 
 def _loss_of(out) -> torch.Tensor:
@@ -239,7 +240,7 @@ def _bench_one(
     seed: int,
     rss: Optional[Callable[[], int]],
 ) -> Dict[str, object]:
-    from .registry import create_model
+    from ummae.models.registry import create_model
 
     cuda = device.type == "cuda"
     if cuda:
@@ -255,7 +256,7 @@ def _bench_one(
         model = create_model(name, img_size=img_size).to(device).train()
         size = img_size if img_size is not None else getattr(model, "default_img_size", None)
         if size is None:
-            raise ValueError(f"model {name!r} has no default_img_size; pass img_size")
+            raise UsageError(f"model {name!r} has no default_img_size; pass img_size")
         n_params = sum(p.numel() for p in model.parameters())
         opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), device, no_decay=pretrain_no_weight_decay)  # pre-training's
         scaler = grad_scaler(device, precision)
@@ -363,8 +364,8 @@ def run_bench(
 def _time_samples(dataset, n: int, seed: int, img_size: int, device: torch.device) -> tuple[int, float]:
     """(samples, seconds) of reading ``n`` training samples in this process (decode + augment;
     for the ``device`` pipeline also the batched decode on ``device``, 32 at a time)."""
-    from .data.device_decode import EncodedBatch
-    from .data.shards import ShardStream
+    from ummae.data.device_decode import EncodedBatch
+    from ummae.data.shards import ShardStream
 
     def samples():
         if isinstance(dataset, ShardStream):
@@ -405,13 +406,13 @@ def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"),
     One dict per pipeline: ``pipeline``, ``per_core_images_per_s``, ``workers``,
     ``total_images_per_s``, ``images``, ``img_size``, ``data``. The ``device`` pipeline's
     figures include its batched decode on ``device`` (nvJPEG on CUDA) in this process."""
-    from .data import build_pretrain_dataset, build_train_loader
-    from .data.device_decode import EncodedBatch, collate_encoded
+    from ummae.data import build_pretrain_dataset, build_train_loader
+    from ummae.data.device_decode import EncodedBatch, collate_encoded
 
     dev = resolve_device(device)
 
     if images < 1 or img_size < 16 or workers < 0 or batch_size < 1:
-        raise ValueError(f"bad input bench settings: images {images}, img_size {img_size}, workers {workers}, "
+        raise UsageError(f"bad input bench settings: images {images}, img_size {img_size}, workers {workers}, "
                          f"batch size {batch_size}")
     threads = torch.get_num_threads()
     results = []

@@ -27,26 +27,15 @@ import re
 import sys
 from typing import List, Optional
 
-from .config import (
-    DetectConfig,
-    DetectEvalConfig,
-    EvalConfig,
-    FinetuneConfig,
-    KnnConfig,
-    LinprobeConfig,
-    PretrainConfig,
-    SegmentConfig,
-    SegmentEvalConfig,
-    add_dataclass_flags,
-    config_from_args,
-)
+from ummae.config import DetectConfig, DetectEvalConfig, EvalConfig, FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, SegmentConfig, SegmentEvalConfig, add_dataclass_flags, config_from_args
+from ummae.errors import NonFiniteLossError, UmmaeError, UsageError
 
 # command -> (config class, help, "module:function" that runs it)
 RUNS = {
-    "pretrain": (PretrainConfig, "pre-train an encoder (UM-MAE, MAE or SimMIM)", "train:pretrain"),
-    "finetune": (FinetuneConfig, "fine-tune a classifier, from pre-trained weights or from scratch", "tasks.finetune:finetune"),
-    "linprobe": (LinprobeConfig, "linear probe of a frozen pre-trained encoder (MAE's recipe)", "tasks.finetune:linprobe"),
-    "eval": (EvalConfig, "top-1 / top-5 of a classifier checkpoint on a validation split", "tasks.finetune:run_eval"),
+    "pretrain": (PretrainConfig, "pre-train an encoder (UM-MAE, MAE or SimMIM)", "tasks.pretrain:pretrain"),
+    "finetune": (FinetuneConfig, "fine-tune a classifier, from pre-trained weights or from scratch", "tasks.classify:finetune"),
+    "linprobe": (LinprobeConfig, "linear probe of a frozen pre-trained encoder (MAE's recipe)", "tasks.classify:linprobe"),
+    "eval": (EvalConfig, "top-1 / top-5 of a classifier checkpoint on a validation split", "tasks.classify:run_eval"),
     "knn": (KnnConfig, "weighted kNN top-1 of a frozen pre-trained encoder", "tasks.knn:run_knn"),
 }
 # task -> {action: (config class, help, "module:function")}: `ummae detect train ...`
@@ -86,7 +75,7 @@ def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     m.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'mae_swin*'")
     m.add_argument("--kind", choices=("pretrain", "classify"), help="only pre-training models or only classifiers")
 
-    from .config import builtin_configs
+    from ummae.config import builtin_configs
 
     for name, (cls, help_, _) in RUNS.items():
         r = add(name, help_, cls.__doc__)
@@ -168,7 +157,7 @@ def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
     b = add("bench", "time full training steps of models side by side")
     if command in (None, "bench"):
-        from .bench import add_bench_args  # imports torch
+        from ummae.bench import add_bench_args  # imports torch
 
         add_bench_args(b)
     return p
@@ -244,27 +233,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "models":
-            from .registry import list_models
+            from ummae.models.registry import list_models
 
             for name in list_models(args.pattern, kind=args.kind):
                 print(name)
             return 0
         if args.command == "bench":
-            from .bench import bench_main
+            from ummae.bench import bench_main
 
             return bench_main(args)
         if args.command == "export":
-            from .tasks.pretrained import export
+            from ummae.weights.load import export
 
             if not args.output.endswith(".safetensors"):
-                raise ValueError(f"--output must name a .safetensors file, got {args.output}")
+                raise UsageError(f"--output must name a .safetensors file, got {args.output}")
             meta = export(args.checkpoint, args.output, args.encoder_only, args.ema)
             print(f"wrote {args.output}: {meta['contents']} of {meta['source_model']}; load it with "
                   f"`ummae finetune --model {meta['model_name']} --pretrained {args.output}` or "
                   f"timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)")
             return 0
         if args.command == "convert":
-            from .convert import convert_file
+            from ummae.weights.convert import convert_file
 
             done = convert_file(args.src, args.output, args.model, args.overwrite)
             use = "--init / --pretrained / visualize" if done["kind"] == "pretrain" else "--pretrained / eval"
@@ -276,16 +265,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "visualize":
             return _visualize(args)
         if args.command == "masks":
-            from .visualize import mask_figure
+            from ummae.visualize import mask_figure
 
             if not 16 <= args.img_size <= 4096:
-                raise ValueError(f"--img-size {args.img_size}: the figure is drawn at 16 to 4096 px")
+                raise UsageError(f"--img-size {args.img_size}: the figure is drawn at 16 to 4096 px")
 
             _save_picture(mask_figure(args.image, args.img_size, args.unit_size, args.seed), args.output)
             print(f"wrote {args.output}")
             return 0
         if args.command == "shards":  # --- shards ---
-            from .data.shard_writer import shard_pattern, write_shards
+            from ummae.data.shard_writer import shard_pattern, write_shards
 
             info = write_shards(args.src, args.output, args.shard_size, data_root=args.data_root,
                                 shuffle=not args.no_shuffle, seed=args.seed, overwrite=args.overwrite)
@@ -294,7 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"train with --data \"{shard_pattern(args.output, k)}\"")
             return 0  # --- end shards ---
         if args.command == "plot":
-            from .plot import plot_runs
+            from ummae.plot import plot_runs
 
             plotted = plot_runs(args.runs, args.output, args.metrics.split(","))
             print(f"wrote {args.output}: {', '.join(plotted)} of {len(args.runs)} run(s)")
@@ -314,7 +303,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
                 print(json.dumps(result))  # one JSON line on stdout, from rank 0 only
             return 0
-    except ValueError as e:  # bad input: one clear message, no traceback
+    except NonFiniteLossError as e:  # the run stopped itself; its last checkpoint is whole and finite
+        print(f"ummae {command}: error: {e}", file=sys.stderr)
+        return 3
+    except UmmaeError as e:  # bad input: one clear message, no traceback
         print(f"ummae {command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # full or read-only disk, a path that is a file or a folder, ...
@@ -324,12 +316,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C: the checkpoints on disk are whole (written atomically)
         print(f"ummae {command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
-    except RuntimeError as e:
-        from .engine.loop import NonFiniteLossError
-
-        if isinstance(e, NonFiniteLossError):
-            print(f"ummae {command}: error: {e}", file=sys.stderr)
-            return 3
+    except Exception:  # anything else is a bug in ummae: its traceback is what a report needs
+        print(f"ummae {command}: internal error: this is a bug in ummae, not in your input; please report it to "
+              f"the maintainers with the traceback below", file=sys.stderr)
         raise
     return 1
 
@@ -337,11 +326,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _visualize(args) -> int:
     import torch
 
-    from .engine.precision import resolve_device
-    from .visualize import compose_grid, image_paths, load_images, load_pretraining_model, reconstruction_panels
+    from ummae.engine.precision import resolve_device
+    from ummae.visualize import compose_grid, image_paths, load_images, load_pretraining_model, reconstruction_panels
 
     if args.max_images < 1:
-        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+        raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
     device = resolve_device(args.device)
     model = load_pretraining_model(args.checkpoint).to(device)
     paths = image_paths(args.images)
@@ -363,7 +352,7 @@ def _save_picture(picture, output: str) -> None:
     try:
         picture.save(out)
     except (KeyError, ValueError) as e:  # Pillow: unknown file extension
-        raise ValueError(f"cannot write {output}: {e} (use .png or .jpg)") from None
+        raise UsageError(f"cannot write {output}: {e} (use .png or .jpg)") from None
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import yaml
+from ummae.errors import UsageError
 
 
 def is_device_name(name: str) -> bool:
     """auto, cpu, cuda or cuda:N (:func:`ummae.engine.precision.is_device_name`, imported when a
     config is checked: the module loads torch, which building the command line must not)."""
-    from .engine.precision import is_device_name as check
+    from ummae.engine.precision import is_device_name as check
 
     return check(name)
 
@@ -150,7 +151,7 @@ class ClassifyData:
 
     def validate_data(self, what: str) -> None:
         if not self.data:
-            raise ValueError(f"{what} needs labelled data: pass --data (a dataset root with train/ and val/, an ImageFolder or a list file)")
+            raise UsageError(f"{what} needs labelled data: pass --data (a dataset root with train/ and val/, an ImageFolder or a list file)")
         _check(self.img_size is None or self.img_size > 0, "img_size", self.img_size, "must be > 0")
         _check(0 < self.crop_pct <= 1, "crop_pct", self.crop_pct, "must be in (0, 1]")
 
@@ -223,7 +224,7 @@ class LinprobeConfig(RunConfig, ClassifyData):
         super().validate()
         self.validate_data("linear probing")
         if not self.pretrained:
-            raise ValueError("linear probing needs --pretrained (the encoder to probe)")
+            raise UsageError("linear probing needs --pretrained (the encoder to probe)")
         _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
 
 
@@ -254,7 +255,7 @@ class EvalConfig(InferenceConfig):
     def validate(self) -> None:
         super().validate()
         if not self.checkpoint:
-            raise ValueError("evaluation needs --checkpoint")
+            raise UsageError("evaluation needs --checkpoint")
 
 
 @dataclass
@@ -269,7 +270,7 @@ class KnnConfig(InferenceConfig):
     def validate(self) -> None:
         super().validate()
         if not self.pretrained:
-            raise ValueError("kNN evaluation needs --pretrained (the encoder to evaluate)")
+            raise UsageError("kNN evaluation needs --pretrained (the encoder to evaluate)")
         _check(self.k >= 1, "k", self.k, "must be >= 1")
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
 
@@ -312,7 +313,7 @@ class DetectConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         if not self.data:
-            raise ValueError("detection needs --data: a COCO root with train2017/, val2017/ and annotations/")
+            raise UsageError("detection needs --data: a COCO root with train2017/, val2017/ and annotations/")
         _check(self.detector in DETECTORS, "detector", self.detector, f"must be one of {', '.join(DETECTORS)}")
         _check(32 <= self.img_size <= 4096, "img_size", self.img_size, "must be in [32, 4096]")
         lo, hi = self.scale_range
@@ -342,9 +343,9 @@ class DetectEvalConfig:
 
     def validate(self) -> None:
         if not self.checkpoint:
-            raise ValueError("detection evaluation needs --checkpoint")
+            raise UsageError("detection evaluation needs --checkpoint")
         if not self.data:
-            raise ValueError("detection evaluation needs --data: a COCO root")
+            raise UsageError("detection evaluation needs --data: a COCO root")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check_machinery(self)
 
@@ -400,7 +401,7 @@ class SegmentConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         if not self.data:
-            raise ValueError("segmentation needs --data: an ADE20K-layout root with images/ and annotations/")
+            raise UsageError("segmentation needs --data: an ADE20K-layout root with images/ and annotations/")
         _check_seg_labels(self)
         _check(32 <= self.crop_size <= 4096, "crop_size", self.crop_size, "must be in [32, 4096]")
         _check(all(16 <= v <= 16384 for v in self.scale), "scale", self.scale, "must be two sizes in [16, 16384]")
@@ -448,9 +449,9 @@ class SegmentEvalConfig:
 
     def validate(self) -> None:
         if not self.checkpoint:
-            raise ValueError("segmentation evaluation needs --checkpoint")
+            raise UsageError("segmentation evaluation needs --checkpoint")
         if not self.data:
-            raise ValueError("segmentation evaluation needs --data: an ADE20K-layout root")
+            raise UsageError("segmentation evaluation needs --data: an ADE20K-layout root")
         _check(self.test_mode is None or self.test_mode in SEG_TEST_MODES, "test_mode", self.test_mode,
                f"must be one of {', '.join(SEG_TEST_MODES)}")
         _check(self.test_stride is None or self.test_stride >= 1, "test_stride", self.test_stride, "must be >= 1")
@@ -482,16 +483,16 @@ def _check_auto_augment(policy: str) -> None:
 
     try:
         if not policy.startswith("rand"):
-            raise ValueError(policy)
+            raise UsageError(policy)
         rand_augment_transform(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
     except Exception:  # timm raises AssertionError / ValueError / KeyError for a bad policy
-        raise ValueError(f"bad config value auto_augment={policy!r}: expected a timm RandAugment policy such as "
+        raise UsageError(f"bad config value auto_augment={policy!r}: expected a timm RandAugment policy such as "
                          f"'rand-m9-mstd0.5-inc1', or 'none'") from None
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:
     if not ok:
-        raise ValueError(f"bad config value {name}={value!r}: {why}")
+        raise UsageError(f"bad config value {name}={value!r}: {why}")
 
 
 # --- YAML + flags ------------------------------------------------------------------------------
@@ -521,15 +522,15 @@ def _coerce(cls, name: str, value: Any) -> Any:
     if value is None:
         if optional:
             return None
-        raise ValueError(f"bad config value {name}=None: a value is required ({tp.__name__})")
+        raise UsageError(f"bad config value {name}=None: a value is required ({tp.__name__})")
     if not is_tuple and isinstance(value, (list, tuple, dict)):
-        raise ValueError(f"bad config value {name}={value!r}: expected one {tp.__name__}, not a {type(value).__name__}")
+        raise UsageError(f"bad config value {name}={value!r}: expected one {tp.__name__}, not a {type(value).__name__}")
     if tp in (int, float) and isinstance(value, bool):
-        raise ValueError(f"bad config value {name}={value!r}: expected a number, not true/false")
+        raise UsageError(f"bad config value {name}={value!r}: expected a number, not true/false")
     out = _convert(name, value, tp, is_tuple)
     for v in out if is_tuple else (out,):
         if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"bad config value {name}={value!r}: must be a finite number")
+            raise UsageError(f"bad config value {name}={value!r}: must be a finite number")
     return out
 
 
@@ -541,7 +542,7 @@ def _convert(name: str, value: Any, tp, is_tuple: int) -> Any:
                 value = [v for v in value.replace(",", " ").split()]
             value = tuple(tp(v) for v in value)
             if len(value) != is_tuple and not (is_tuple == -1 and value):
-                raise ValueError(value)
+                raise UsageError(value)
             return value
         if tp is bool:
             if isinstance(value, str):
@@ -549,13 +550,13 @@ def _convert(name: str, value: Any, tp, is_tuple: int) -> Any:
                     return True
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
-                raise ValueError(value)
+                raise UsageError(value)
             return bool(value)
         if tp is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
+            raise UsageError(value)
         return tp(value)
     except (TypeError, ValueError):
-        raise ValueError(f"bad config value {name}={value!r}: expected {count}{tp.__name__}") from None
+        raise UsageError(f"bad config value {name}={value!r}: expected {count}{tp.__name__}") from None
 
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
@@ -577,25 +578,25 @@ def load_yaml(cls, path: str | Path) -> Dict[str, Any]:
     if not path.is_file() and (BUILTIN_CONFIGS / f"{path}.yaml").is_file():
         path = BUILTIN_CONFIGS / f"{path}.yaml"
     if not path.is_file():
-        raise ValueError(f"config file not found: {path} (built-in configs: {', '.join(builtin_configs(cls)) or 'none'})")
+        raise UsageError(f"config file not found: {path} (built-in configs: {', '.join(builtin_configs(cls)) or 'none'})")
     text = path.read_text(errors="replace")
     if len(text) > 1_000_000:
-        raise ValueError(f"config file {path} is {len(text)} characters long: not an options file")
+        raise UsageError(f"config file {path} is {len(text)} characters long: not an options file")
     try:
         # an options file needs no anchors; aliases can expand exponentially (a "YAML bomb")
         if any(isinstance(t, yaml.AliasToken) for t in yaml.scan(text)):
-            raise ValueError(f"config file {path} uses YAML aliases (*name): write the values out")
+            raise UsageError(f"config file {path} uses YAML aliases (*name): write the values out")
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise UsageError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option: value")
+        raise UsageError(f"config file {path} must hold a mapping of option: value")
     known = {f.name for f in fields(cls)}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise ValueError(f"unknown option {key!r} in {path}; valid options: {', '.join(sorted(known))}")
+            raise UsageError(f"unknown option {key!r} in {path}; valid options: {', '.join(sorted(known))}")
         out[name] = _coerce(cls, name, value)
     return out
 
@@ -682,7 +683,7 @@ def settings_from_checkpoint(cfg, logger=None):
     checkpoint. An option left out takes the checkpoint's value; one given that contradicts it
     is refused, unless it is one a resumed run may change (MAY_CHANGE_ON_RESUME); every
     difference is logged."""
-    from .engine import ckpt
+    from ummae.weights import io as ckpt
 
     if not cfg.resume:
         return cfg
@@ -711,7 +712,7 @@ def settings_from_checkpoint(cfg, logger=None):
             setattr(cfg, f.name, theirs)
             taken.append(f"{flag} {theirs!r}")
     if conflicts:
-        raise ValueError(
+        raise UsageError(
             f"--resume {path}: {'; '.join(conflicts)}: a resumed run keeps the settings it was started with; only "
             f"where, how long and how often it runs may change. Leave the option out, or start a new run "
             f"(--init {path} to start from its weights)"

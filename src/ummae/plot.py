@@ -1,5 +1,5 @@
 """Training curves of one or several runs, from their ``metrics.jsonl`` (see
-:class:`ummae.engine.loop.MetricsLog`): one subplot per metric, one line per run.
+:class:`ummae.engine.trainer.MetricsLog`): one subplot per metric, one line per run.
 
 Records with ``"loss"`` are step records (``loss``, ``lr``, ``images_per_s`` ...), records
 with ``"train_loss"`` are epoch records (``train_loss``, ``vis_loss``, ``acc1`` ...). The x
@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
+from ummae.errors import UsageError
 
 log = logging.getLogger("ummae")
 
@@ -22,7 +23,7 @@ def read_metrics(run_dir: str | Path) -> Tuple[List[Record], List[Record]]:
     with a warning; a folder without ``metrics.jsonl`` raises ``ValueError`` naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise ValueError(f"{run_dir} holds no metrics.jsonl: is it the output folder of an ummae run?")
+        raise UsageError(f"{run_dir} holds no metrics.jsonl: is it the output folder of an ummae run?")
     steps, epochs = [], []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -52,19 +53,19 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, metrics: Seque
     from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global state
 
     if not run_dirs:
-        raise ValueError("no run folders given")
+        raise UsageError("no run folders given")
     runs = {str(d): read_metrics(d) for d in run_dirs}
     names = [Path(d).name or str(d) for d in runs]
     labels = names if len(set(names)) == len(names) else list(runs)  # full paths when names clash
     metrics = [m for m in metrics if m]
     if not metrics:
-        raise ValueError("no metrics given (e.g. loss,lr,images_per_s)")
+        raise UsageError("no metrics given (e.g. loss,lr,images_per_s)")
     if any("acc1" in r for _, epochs in runs.values() for r in epochs) and "acc1" not in metrics:
         metrics.append("acc1")
     available = set().union(*(_numeric_keys(steps + epochs) for steps, epochs in runs.values()))
     missing = [m for m in metrics if m not in available]
     if missing:
-        raise ValueError(f"no run has the metric(s) {', '.join(missing)}; available: {', '.join(sorted(available))}")
+        raise UsageError(f"no run has the metric(s) {', '.join(missing)}; available: {', '.join(sorted(available))}")
     fig = Figure(figsize=(5.0 * len(metrics), 3.6), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, key in zip(axes, metrics):

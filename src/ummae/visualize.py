@@ -33,15 +33,13 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision import transforms as T
 
-from .data.datasets import _no_images_error, _scan_images
-from .engine import ckpt
-from .engine.ckpt import CheckpointError
-from .masking import (
-    block_choice, check_uniform_grid, compact_image, random_masking, secondary_masking, uniform_sampling,
-    unit_mask_to_tokens,
-)
-from .pretrain.mae import MaskedAutoencoder, patchify, unnormalize_pix, unpatchify
-from .pretrain.simmim import SimMIM
+from ummae.data.datasets import _no_images_error, _scan_images
+from ummae.weights import io as ckpt
+from ummae.weights.io import CheckpointError
+from ummae.models.masking import block_choice, check_uniform_grid, compact_image, random_masking, secondary_masking, uniform_sampling, unit_mask_to_tokens
+from ummae.models.mae import MaskedAutoencoder, patchify, unnormalize_pix, unpatchify
+from ummae.models.simmim import SimMIM
+from ummae.errors import UsageError
 
 log = logging.getLogger("ummae")
 
@@ -63,8 +61,8 @@ def load_pretraining_model(path: str | Path) -> nn.Module:
     or reference checkpoint (converted on the fly), in eval mode on the CPU. Anything else (an
     exported ``.safetensors``, a classifier checkpoint, weights without a decoder) is refused
     with a message saying what the file is."""
-    from .registry import create_model, list_models, model_kind
-    from .tasks.pretrained import model_args_within_bounds, read_weights
+    from ummae.models.registry import create_model, list_models, model_kind
+    from ummae.weights.load import model_args_within_bounds, read_weights
 
     path = Path(path)
     if path.is_file() and _is_safetensors(path):
@@ -107,12 +105,12 @@ def read_rgb(path: str | Path) -> Image.Image:
     """One image file, decoded to RGB; a missing or unreadable file raises ``ValueError``
     naming it."""
     if not os.path.isfile(path):
-        raise ValueError(f"image not found: {path}")
+        raise UsageError(f"image not found: {path}")
     try:
         with Image.open(path) as f:
             return f.convert("RGB")
     except Exception as e:  # noqa: BLE001  (Pillow raises many types for damaged files)
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        raise UsageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
 def load_image(path: str | Path, img_size: int) -> Tensor:
@@ -140,7 +138,7 @@ def load_images(paths_or_folders: Sequence[str | Path], img_size: int) -> Tensor
     contributes its image files sorted)."""
     paths = image_paths(paths_or_folders)
     if not paths:
-        raise ValueError("no images given")
+        raise UsageError("no images given")
     return torch.stack([load_image(p, img_size) for p in paths])
 
 
@@ -268,7 +266,7 @@ def demo_photo(name: str = DEMO_PHOTO) -> str:
 
     path = os.path.join(os.path.dirname(skimage.data.__file__), name)
     if not os.path.isfile(path):
-        raise ValueError(f"scikit-image's sample photo {name} is not installed ({path}); pass --image PATH")
+        raise UsageError(f"scikit-image's sample photo {name} is not installed ({path}); pass --image PATH")
     return path
 
 
@@ -279,12 +277,12 @@ def mask_figure(image: str | Path | None = None, img_size: int = 256, unit_size:
 
     ``image``: a file (default: scikit-image's ``chelsea.png``); masks are drawn from ``seed``."""
     if img_size <= 0 or unit_size <= 0 or img_size % unit_size:
-        raise ValueError(f"image size {img_size} must be a positive multiple of the mask unit size {unit_size}")
+        raise UsageError(f"image size {img_size} must be a positive multiple of the mask unit size {unit_size}")
     g = img_size // unit_size
     try:
         check_uniform_grid(g, g)
     except ValueError as e:
-        raise ValueError(f"image size {img_size} with {unit_size}px units gives a {g}x{g} unit grid: {e}") from None
+        raise UsageError(f"image size {img_size} with {unit_size}px units gives a {g}x{g} unit grid: {e}") from None
     path = str(image) if image is not None else demo_photo()
     original = to_display(load_image(path, img_size)[None])
     gen = torch.Generator().manual_seed(seed)

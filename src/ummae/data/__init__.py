@@ -2,13 +2,9 @@
 
 The COCO detection names (:mod:`ummae.data.coco`) are loaded on first use, so that
 ``import ummae.data`` does not need pycocotools."""
-from .classify import (
-    build_classify_dataset,
-    build_classify_transform,
-    build_eval_loader,
-)
-from .datasets import ImageDataset, NoReadableImageError, SubstituteUnreadable, build_pretrain_dataset
-from .sampler import ResumableSampler, build_train_loader, collate_skip_bad
+from ummae.data.classify import build_classify_dataset, build_classify_transform, build_eval_loader
+from ummae.data.datasets import ImageDataset, NoReadableImageError, SubstituteUnreadable, build_pretrain_dataset
+from ummae.data.sampler import ResumableSampler, build_train_loader, collate_skip_bad
 
 _COCO_NAMES = (
     "CocoDetection",
@@ -37,7 +33,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _COCO_NAMES:
-        from . import coco
+        from ummae.data import coco
 
         return getattr(coco, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

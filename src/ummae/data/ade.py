@@ -33,9 +33,9 @@ from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .datasets import (ImageDataset, Key, PairTransform, WorkerSafeValueError, _no_images_error, _scan_images,
-                       to_uint8_tensor)
-from .sampler import readable_items
+from ummae.data.datasets import ImageDataset, Key, PairTransform, WorkerSafeValueError, _no_images_error, _scan_images, to_uint8_tensor
+from ummae.data.sampler import readable_items
+from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _read_label_map_names(path: str) -> dict[int, str]:
             try:
                 value = int(fields[0])
             except ValueError:
-                raise ValueError(f"{path}, line {lineno}: {fields[0]!r} is not an integer "
+                raise DataError(f"{path}, line {lineno}: {fields[0]!r} is not an integer "
                                  f"label value (expected 'value<TAB>name')") from None
             names[value] = fields[1].strip() if len(fields) > 1 else f"value{value}"
     return names
@@ -170,10 +170,10 @@ class SegmentationFolder(ImageDataset):
                  ignore_index: int = 255, transform: Callable | None = None):
         root = os.path.expanduser(str(root))
         if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+            raise DataError(f"num_classes must be at least 1, got {num_classes}")
         num_classes, ignore_index = int(num_classes), int(ignore_index)
         if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index {ignore_index} is one of the {num_classes} classes "
+            raise DataError(f"ignore_index {ignore_index} is one of the {num_classes} classes "
                              f"(0..{num_classes - 1}); use a value outside them, e.g. 255")
         self.root = root
         self.split = split
@@ -185,7 +185,7 @@ class SegmentationFolder(ImageDataset):
         layout = f"expected the ADE20K layout root/images/{split}/ + root/annotations/{split}/"
         for folder in (self.img_dir, self.ann_dir):
             if not os.path.isdir(folder):
-                raise ValueError(f"folder {folder} not found ({layout})")
+                raise DataError(f"folder {folder} not found ({layout})")
         images = _scan_images(self.img_dir)
         if not images:
             raise _no_images_error(self.img_dir)
@@ -193,7 +193,7 @@ class SegmentationFolder(ImageDataset):
         self.ann_paths = [os.path.join(self.ann_dir, stem + ".png") for stem in stems]
         missing = [(p, a) for p, a in zip(images, self.ann_paths) if not os.path.isfile(a)]
         if missing:
-            raise ValueError(f"{len(missing)} of the {len(images)} images in {self.img_dir} have "
+            raise DataError(f"{len(missing)} of the {len(images)} images in {self.img_dir} have "
                              f"no label map, e.g. {missing[0][0]} (expected {missing[0][1]})")
         if transform is None:
             transform = (SegTrainTransform(ignore_index=ignore_index) if self.train
@@ -201,7 +201,7 @@ class SegmentationFolder(ImageDataset):
         t_ignore = getattr(transform, "ignore_index", ignore_index)
         if t_ignore != ignore_index:
             # Its padding would be a class (or a class would be padding) to the loss.
-            raise ValueError(f"the transform's ignore_index {t_ignore} differs from the "
+            raise DataError(f"the transform's ignore_index {t_ignore} differs from the "
                              f"dataset's {ignore_index}; give both the same value")
         self.pair_transform = transform
         self.label_map_file = os.path.join(root, "label_map.txt")
@@ -274,7 +274,7 @@ class SegmentationFolder(ImageDataset):
         try:
             raw, mode = _load_png(png)
         except Exception as e:  # noqa: BLE001 (Pillow's zoo of decode errors, as in _read)
-            raise ValueError(f"label map {png} cannot be read ({_one_line(e)})") from None
+            raise DataError(f"label map {png} cannot be read ({_one_line(e)})") from None
         try:
             with Image.open(self.samples[index][0]) as f:  # the header only: its size
                 size = f.size
@@ -350,18 +350,18 @@ class SegTrainTransform:
                  ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
                  flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = 255):
         if int(crop_size) < 1:
-            raise ValueError(f"crop_size must be positive, got {crop_size}")
+            raise DataError(f"crop_size must be positive, got {crop_size}")
         if len(scale) != 2 or min(int(s) for s in scale) < 1:
-            raise ValueError(f"scale must be two positive sizes (long, short), got {tuple(scale)}")
+            raise DataError(f"scale must be two positive sizes (long, short), got {tuple(scale)}")
         lo, hi = (float(r) for r in ratio_range)
         if not 0 < lo <= hi:
-            raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got "
+            raise DataError(f"ratio_range must be (low, high) with 0 < low <= high, got "
                              f"{tuple(ratio_range)}")
         if not float(cat_max_ratio) > 0:
-            raise ValueError(f"cat_max_ratio must be positive (1 or more: no check), got "
+            raise DataError(f"cat_max_ratio must be positive (1 or more: no check), got "
                              f"{cat_max_ratio}")
         if not 0.0 <= float(flip_prob) <= 1.0:
-            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+            raise DataError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.crop_size = int(crop_size)
         self.scale = (int(scale[0]), int(scale[1]))
         self.ratio_range = (lo, hi)
@@ -387,7 +387,7 @@ class SegTrainTransform:
         label = torch.as_tensor(label)
         h, w = image.shape[-2:]
         if tuple(label.shape) != (h, w):
-            raise ValueError(f"labels {tuple(label.shape)} do not match the image's {h}x{w}")
+            raise DataError(f"labels {tuple(label.shape)} do not match the image's {h}x{w}")
 
         # 1. Resize(img_scale, ratio_range, keep_ratio=True), rounded as mmcv's rescale_size
         lo, hi = self.ratio_range

@@ -18,8 +18,9 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from .datasets import ImageDataset, _folder_samples, _list_file_samples
-from .sampler import collate_skip_bad
+from ummae.data.datasets import ImageDataset, _folder_samples, _list_file_samples
+from ummae.data.sampler import collate_skip_bad
+from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +47,11 @@ def build_classify_transform(img_size: int, is_training: bool,
     ``simple`` only changes the training transform.
     """
     if img_size <= 0:
-        raise ValueError(f"img_size must be positive, got {img_size}")
+        raise DataError(f"img_size must be positive, got {img_size}")
     if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if not 0.0 <= re_prob <= 1.0:
-        raise ValueError(f"re_prob must be in [0, 1], got {re_prob}")
+        raise DataError(f"re_prob must be in [0, 1], got {re_prob}")
     if not is_training:
         return create_transform(img_size, is_training=False, crop_pct=crop_pct,
                                 interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
@@ -110,7 +111,7 @@ def _resolve_split(data: str, split: str) -> str:
     would otherwise be read as classes."""
     path = os.path.expanduser(str(data))
     if not os.path.exists(path):
-        raise ValueError(f"data path not found: {data}")
+        raise DataError(f"data path not found: {data}")
     if not os.path.isdir(path):
         return path
     split_dir = os.path.join(path, split)
@@ -120,7 +121,7 @@ def _resolve_split(data: str, split: str) -> str:
         return split_dir
     others = [s for s in SPLIT_NAMES if os.path.isdir(os.path.join(path, s))]
     if others:
-        raise ValueError(
+        raise DataError(
             f"{path} has no {split}/ folder (it holds {', '.join(o + '/' for o in others)}); "
             f"pass the {split} split's folder or list file"
         )
@@ -151,27 +152,27 @@ def build_classify_dataset(data: str, split: str, transform, data_root: str | No
     training split only: a :class:`~ummae.data.shards.ShardStream` of ``samples_per_epoch``
     samples an epoch (default: all of them); the validation images come from ``--val-data``.
     """
-    from .shards import ShardStream, is_shard_spec
+    from ummae.data.shards import ShardStream, is_shard_spec
 
     if is_shard_spec(data):
         if split != "train":
-            raise ValueError(f"--data {data} is tar shards, a training stream: give the {split} images with "
+            raise DataError(f"--data {data} is tar shards, a training stream: give the {split} images with "
                              f"--val-data (an ImageFolder or a list file)")
         ds = ShardStream(data, transform, samples_per_epoch=samples_per_epoch, tensor_input=False)
         if not ds.num_classes:
-            raise ValueError(f"the shards of {data} list no classes in their shards.json: fine-tuning needs "
+            raise DataError(f"the shards of {data} list no classes in their shards.json: fine-tuning needs "
                              f"labelled shards (ummae shards of an ImageFolder or of a list file with labels)")
         if class_names is not None and list(class_names) != ds.class_names:
-            raise ValueError(f"the classes of the shards {data} differ from the training classes")
+            raise DataError(f"the classes of the shards {data} differ from the training classes")
         logger.info("%s data: %s", split, ds.describe())
         return ds
     if samples_per_epoch is not None:
-        raise ValueError("--samples-per-epoch is for tar shards; an epoch of a folder or list file is all its images")
+        raise DataError("--samples-per-epoch is for tar shards; an epoch of a folder or list file is all its images")
     path = _resolve_split(data, split)
     if os.path.isdir(path):
         samples, kind, names = _folder_samples(path)
         if kind != "ImageFolder":
-            raise ValueError(
+            raise DataError(
                 f"{path} has no class sub-folders: fine-tuning needs labelled data (an "
                 f"ImageFolder tree or a list file with labels)"
             )
@@ -185,7 +186,7 @@ def build_classify_dataset(data: str, split: str, transform, data_root: str | No
                 detail.append(f"not in the training classes: {_names(extra)}")
             if not detail:
                 detail.append("same names in another order")
-            raise ValueError(
+            raise DataError(
                 f"the {split} classes of {path} differ from the training classes "
                 f"({len(names)} vs {len(class_names)}; {'; '.join(detail)}): labels are "
                 f"indices of the sorted class names, so they would not match"
@@ -197,7 +198,7 @@ def build_classify_dataset(data: str, split: str, transform, data_root: str | No
         names = [str(i) for i in range(num_classes)]
         if class_names is not None:
             if num_classes > len(class_names):
-                raise ValueError(
+                raise DataError(
                     f"the {split} list file {path} has labels up to {num_classes - 1} but the "
                     f"training data has {len(class_names)} classes (labels 0..."
                     f"{len(class_names) - 1})"

@@ -44,8 +44,9 @@ from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .datasets import ImageDataset, Key, PairTransform, to_uint8_tensor
-from .sampler import readable_items
+from ummae.data.datasets import ImageDataset, Key, PairTransform, to_uint8_tensor
+from ummae.data.sampler import readable_items
+from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,14 @@ def _load_instances(ann_file: str, *, need_area: bool, need_masks: bool) -> dict
     """The parsed ``instances_*.json``, checked to be a COCO instances file (raises a one-line
     ``ValueError`` naming ``ann_file`` and the first problem otherwise)."""
     if not os.path.isfile(ann_file):
-        raise ValueError(f"COCO annotation file not found: {ann_file} (expected the layout "
+        raise DataError(f"COCO annotation file not found: {ann_file} (expected the layout "
                          f"root/annotations/instances_<split>.json next to root/<split>/)")
     try:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{ann_file} is not valid JSON ({detail}); is the file "
+        raise DataError(f"{ann_file} is not valid JSON ({detail}); is the file "
                          f"complete?") from None
 
     def bad(why: str) -> ValueError:
@@ -220,12 +221,12 @@ class CocoDetection(ImageDataset):
         self.img_dir = os.path.join(root, split)
         data = _load_instances(self.ann_file, need_area=not self.train, need_masks=self.with_masks)
         if not os.path.isdir(self.img_dir):
-            raise ValueError(f"image folder {self.img_dir} not found (the images of "
+            raise DataError(f"image folder {self.img_dir} not found (the images of "
                              f"{self.ann_file})")
         missing = [os.path.join(self.img_dir, img["file_name"]) for img in data["images"]
                    if not os.path.exists(os.path.join(self.img_dir, img["file_name"]))]
         if missing:
-            raise ValueError(f"{len(missing)} of the {len(data['images'])} images listed in "
+            raise DataError(f"{len(missing)} of the {len(data['images'])} images listed in "
                              f"{self.ann_file} are missing on disk, e.g. {missing[0]}")
         self.coco = _make_coco(data)
         self.cat_ids = sorted(self.coco.cats)
@@ -242,7 +243,7 @@ class CocoDetection(ImageDataset):
                     f"left out; {n_crowd} crowd regions ignored")
             ids = kept
             if not ids:
-                raise ValueError(f"no image of {self.ann_file} has a training annotation "
+                raise DataError(f"no image of {self.ann_file} has a training annotation "
                                  f"(non-crowd, box at least 1x1 px)")
         else:
             self._anns = {i: list(self.coco.imgToAnns.get(i, [])) for i in ids}
@@ -265,7 +266,7 @@ class CocoDetection(ImageDataset):
         """The COCO category id of model label ``label`` (1..num_classes)."""
         label = int(label)
         if not 1 <= label <= len(self.cat_ids):
-            raise ValueError(f"label {label} is not a class of {self.ann_file} (labels are "
+            raise DataError(f"label {label} is not a class of {self.ann_file} (labels are "
                              f"1..{len(self.cat_ids)}; 0 is the background)")
         return self.cat_ids[label - 1]
 
@@ -384,15 +385,15 @@ class LargeScaleJitter:
     def __init__(self, img_size: int = 1024, scale_range: Sequence[float] = (0.1, 2.0),
                  flip_prob: float = 0.5, pad_value: Sequence[int] = IMAGENET_MEAN_RGB):
         if int(img_size) < 1:
-            raise ValueError(f"img_size must be positive, got {img_size}")
+            raise DataError(f"img_size must be positive, got {img_size}")
         lo, hi = (float(s) for s in scale_range)
         if not 0 < lo <= hi:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got "
+            raise DataError(f"scale_range must be (low, high) with 0 < low <= high, got "
                              f"{tuple(scale_range)}")
         if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+            raise DataError(f"flip_prob must be in [0, 1], got {flip_prob}")
         if len(pad_value) != 3 or not all(0 <= int(v) <= 255 for v in pad_value):
-            raise ValueError(f"pad_value must be 3 values in 0..255, got {tuple(pad_value)}")
+            raise DataError(f"pad_value must be 3 values in 0..255, got {tuple(pad_value)}")
         self.img_size = int(img_size)
         self.scale_range = (lo, hi)
         self.flip_prob = float(flip_prob)
@@ -616,7 +617,7 @@ def coco_evaluate(coco_gt: COCO, results: Sequence[dict],
 def write_results_json(results: Sequence[dict], path: str | os.PathLike) -> Path:
     """Write COCO results as JSON atomically (temp file in the same folder + rename, so a kill
     never leaves a torn file); the parent folder is made if needed. Returns the path."""
-    from ..engine.ckpt import write_atomic
+    from ummae.weights.io import write_atomic
 
     write_atomic(path, lambda f: json.dump(list(results), f), "w")
     return Path(path)

@@ -31,7 +31,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from ..config import INPUT_PIPELINES
+from ummae.config import INPUT_PIPELINES
+from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 
     float ``[3, S, S]``. ``"device"``: the draws of ``"tensor"``, the JPEG decode and the crop
     left to the training step (:mod:`ummae.data.device_decode`)."""
     if pipeline not in INPUT_PIPELINES:
-        raise ValueError(f"input pipeline must be one of {', '.join(INPUT_PIPELINES)}, got {pipeline!r}")
+        raise DataError(f"input pipeline must be one of {', '.join(INPUT_PIPELINES)}, got {pipeline!r}")
     if pipeline in ("tensor", "device"):
         from torchvision.transforms import v2
 
@@ -160,7 +161,7 @@ def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 
             v2.RandomHorizontalFlip(),
         ])
         if pipeline == "device":
-            from .device_decode import DeviceCropPlan
+            from ummae.data.device_decode import DeviceCropPlan
 
             return DeviceCropPlan(tensor_transform)
         return tensor_transform
@@ -188,7 +189,7 @@ def read_image_or_encoded(source: str | bytes, as_tensor: bool, encoded: bool, n
     """:func:`read_image`, or with ``encoded`` a JPEG left undecoded
     (:class:`~ummae.data.device_decode.EncodedJpeg`) when it is whole; other files decoded."""
     if encoded:
-        from .device_decode import read_encoded
+        from ummae.data.device_decode import read_encoded
 
         jpeg = read_encoded(source, name)
         if jpeg is not None:
@@ -216,10 +217,10 @@ def read_image(source: str | bytes, as_tensor: bool = False):
         return f.convert("RGB")  # also forces the full decode: truncation shows here
 
 
-class WorkerSafeValueError(ValueError):
-    """A ``ValueError`` that reads as the same one line with and without DataLoader workers.
+class WorkerSafeValueError(DataError):
+    """A :class:`DataError` that reads as the same one line with and without DataLoader workers.
 
-    A ``ValueError`` (so the command line prints it as one ``error:`` line and exits 2). Raised
+    A user error (so the command line prints it as one ``error:`` line and exits 2). Raised
     inside a DataLoader worker, it reaches the main process as a new instance of its own class
     built from "Caught <Name> in DataLoader worker process N. Original Traceback..."; the
     constructor keeps only the original message from that. Subclass it for data errors that
@@ -441,13 +442,13 @@ def _demo_samples(repeats: int) -> tuple[list[tuple[str, int]], str, str]:
     photos = [os.path.join(folder, n) for n in DEMO_PHOTOS
               if os.path.isfile(os.path.join(folder, n))]
     if len(photos) < MIN_DEMO_PHOTOS:
-        raise ValueError(
+        raise DataError(
             f"embedded demo data: found only {len(photos)} of the {len(DEMO_PHOTOS)} sample "
             f"photos in {folder} (need at least {MIN_DEMO_PHOTOS}); reinstall scikit-image or "
             f"pass a data path"
         )
     if repeats < 1:
-        raise ValueError(f"demo_repeats must be >= 1, got {repeats}")
+        raise DataError(f"demo_repeats must be >= 1, got {repeats}")
     samples = [(p, -1) for _ in range(repeats) for p in photos]
     return samples, folder, f"{len(photos)} scikit-image photos x {repeats} repeats"
 
@@ -503,22 +504,22 @@ def _list_file_samples(list_file: str, data_root: str | None,
     Returns ``(samples, root, number of distinct labels)``."""
     root = data_root if data_root is not None else os.path.dirname(os.path.abspath(list_file))
     if not os.path.isdir(root):
-        raise ValueError(f"data root not found: {root} (for list file {list_file})")
+        raise DataError(f"data root not found: {root} (for list file {list_file})")
     if os.path.splitext(list_file)[1].lower() in IMG_EXTENSIONS:
-        raise ValueError(f"--data {list_file} is an image file; give the folder that holds the images, or a list file")
+        raise DataError(f"--data {list_file} is an image file; give the folder that holds the images, or a list file")
     samples = []
     with open(list_file, encoding="utf-8") as f:
         try:
             lines = f.readlines()
         except UnicodeDecodeError:
-            raise ValueError(f"--data {list_file} is not a text list file (it is not UTF-8 text); give an image "
+            raise DataError(f"--data {list_file} is not a text list file (it is not UTF-8 text); give an image "
                              f"folder or a list file of 'relative/path label' lines") from None
         for lineno, line in enumerate(lines, 1):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
                 continue
             if len(fields) > 2:
-                raise ValueError(
+                raise DataError(
                     f"{list_file}, line {lineno}: expected 'path [label]', got {len(fields)} "
                     f"fields (paths may not contain spaces)"
                 )
@@ -527,18 +528,18 @@ def _list_file_samples(list_file: str, data_root: str | None,
                 try:
                     label = int(fields[1])
                 except ValueError:
-                    raise ValueError(
+                    raise DataError(
                         f"{list_file}, line {lineno}: label {fields[1]!r} is not an integer"
                     ) from None
             if require_labels and label < 0:
                 problem = "has no label" if len(fields) == 1 else f"has negative label {label}"
-                raise ValueError(
+                raise DataError(
                     f"{list_file}, line {lineno}: {fields[0]} {problem}; labelled data needs "
                     f"'path label' with an integer label >= 0 on every line"
                 )
             samples.append((os.path.join(root, fields[0]), label))
     if not samples:
-        raise ValueError(f"list file {list_file} lists no images")
+        raise DataError(f"list file {list_file} lists no images")
     return samples, root, len({lab for _, lab in samples if lab >= 0})
 
 
@@ -570,14 +571,14 @@ def build_pretrain_dataset(
     see :class:`ImageDataset`.
     """
     if img_size <= 0:
-        raise ValueError(f"img_size must be positive, got {img_size}")
+        raise DataError(f"img_size must be positive, got {img_size}")
     lo, hi = crop_scale
     if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
+        raise DataError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
     transform = build_pretrain_transform(img_size, crop_scale, pipeline)
     tensor_input, encoded = pipeline in ("tensor", "device"), pipeline == "device"
 
-    from .shards import ShardStream, is_shard_spec
+    from ummae.data.shards import ShardStream, is_shard_spec
 
     if is_shard_spec(data):
         ds = ShardStream(data, transform, samples_per_epoch=samples_per_epoch, tensor_input=tensor_input,
@@ -585,7 +586,7 @@ def build_pretrain_dataset(
         logger.info("pre-training data: %s", ds.describe())
         return ds
     if samples_per_epoch is not None:
-        raise ValueError("--samples-per-epoch is for tar shards; an epoch of a folder or list file is all its images")
+        raise DataError("--samples-per-epoch is for tar shards; an epoch of a folder or list file is all its images")
     if data is None:
         samples, folder, note = _demo_samples(demo_repeats)
         ds = ImageDataset(samples, transform, "embedded demo", folder, note=note, tensor_input=tensor_input,
@@ -593,7 +594,7 @@ def build_pretrain_dataset(
     else:
         path = os.path.expanduser(str(data))
         if not os.path.exists(path):
-            raise ValueError(f"data path not found: {data}")
+            raise DataError(f"data path not found: {data}")
         if os.path.isdir(path) and os.path.isdir(os.path.join(path, "train")):
             # MAE's convention: --data names the dataset root; pre-training reads its train
             # split (never val/, which would leak evaluation images into pre-training).

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import default_collate
+from ummae.errors import DataError
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 
@@ -120,7 +121,7 @@ class EncodedBatch:
                     try:
                         images.append(decode_jpeg(it.data, mode=ImageReadMode.RGB, device=device))
                     except RuntimeError as e:
-                        raise ValueError(f"{it.name or 'a JPEG'} cannot be decoded on {device} ({str(e).splitlines()[0]}); "
+                        raise DataError(f"{it.name or 'a JPEG'} cannot be decoded on {device} ({str(e).splitlines()[0]}); "
                                          f"--input-pipeline tensor decodes on the CPU, where unreadable files are "
                                          f"replaced and counted") from None
             # uint8 bicubic with antialias runs on the CPU (the tensor pipeline's kernel: the
@@ -147,7 +148,7 @@ class _CollateEncoded:
         self.img_size = img_size
 
     def __call__(self, batch: list):
-        from .sampler import readable_items
+        from ummae.data.sampler import readable_items
 
         good, n_skipped = readable_items(batch)
         if not good:

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ..seeds import mix_seed
-from .datasets import SubstituteUnreadable
+from ummae.engine.seeds import mix_seed
+from ummae.data.datasets import SubstituteUnreadable
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
     ImageDataset); detection passes :func:`~ummae.data.coco.collate_detection`, whose targets
     are a list of dicts.
     """
-    from .shards import ShardStream
+    from ummae.data.shards import ShardStream
 
     if isinstance(dataset, ShardStream):  # its own split of the shards over ranks and workers
         dataset.configure(batch_size, num_replicas, rank, seed, num_workers)

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import sys
+from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def shard_pattern(output: str, num_shards: int) -> str:
     """The ``--data`` value that names all ``num_shards`` shards of ``output``: webdataset's
     brace pattern ``output/shard-{000000..000009}.tar``, or the one file for one shard."""
     if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        raise DataError(f"num_shards must be >= 1, got {num_shards}")
     if num_shards == 1:
         return os.path.join(str(output), shard_name(0))
     last = f"{num_shards - 1:0{SHARD_DIGITS}d}"
@@ -68,14 +69,14 @@ def _member_ext(path: str) -> str:
 def _list_samples(src: str, data_root: str | None) -> tuple[list[tuple[str, int]], list[str] | None, str]:
     """``(samples, class names or None, the folder or file read)`` of ``src``, listed as
     ``pretrain --data`` lists it (:mod:`ummae.data.datasets`)."""
-    from .datasets import _folder_samples, _list_file_samples, is_image_file
+    from ummae.data.datasets import _folder_samples, _list_file_samples, is_image_file
 
     path = os.path.expanduser(str(src))
     if not os.path.exists(path):
-        raise ValueError(f"source not found: {src}")
+        raise DataError(f"source not found: {src}")
     if os.path.isdir(path):
         if data_root is not None:
-            raise ValueError(f"--data-root applies to a list file only; {src} is a folder")
+            raise DataError(f"--data-root applies to a list file only; {src} is a folder")
         if os.path.isdir(os.path.join(path, "train")):
             # as pretrain/finetune --data: a dataset root is read through its train/ split
             logger.info("%s has a train/ folder: writing shards of %s", path, os.path.join(path, "train"))
@@ -87,7 +88,7 @@ def _list_samples(src: str, data_root: str | None) -> tuple[list[tuple[str, int]
         names = None
     for file, _ in samples:
         if not is_image_file(os.path.basename(file)):
-            raise ValueError(f"{file} is not an image file name (a non-hidden name ending in one of "
+            raise DataError(f"{file} is not an image file name (a non-hidden name ending in one of "
                              f"jpg jpeg png bmp webp tif tiff gif, any case); fix the list {src}")
     return samples, names, path
 
@@ -96,7 +97,7 @@ def _check_output(output: str, overwrite: bool) -> None:
     """Make ``output``; refuse one that holds shards or a shards.json unless ``overwrite``,
     which deletes them (the index first, so a half-cleaned folder never looks finished)."""
     if os.path.exists(output) and not os.path.isdir(output):
-        raise ValueError(f"--output {output} is a file, not a folder")
+        raise DataError(f"--output {output} is a file, not a folder")
     os.makedirs(output, exist_ok=True)
     index = os.path.join(output, INDEX_NAME)
     old = sorted(glob.glob(os.path.join(glob.escape(output), "shard-*.tar"))
@@ -106,7 +107,7 @@ def _check_output(output: str, overwrite: bool) -> None:
         return
     if not overwrite:
         what = " and ".join(([f"{len(old)} shard file(s)"] if old else []) + (["a shards.json"] if has_index else []))
-        raise ValueError(f"--output {output} already holds {what}; pass --overwrite to replace them")
+        raise DataError(f"--output {output} already holds {what}; pass --overwrite to replace them")
     if has_index:
         os.remove(index)
     for path in old:
@@ -120,7 +121,7 @@ def _read_bytes(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _write_shard(output: str, index: int, items: list[tuple[int, str, int]]) -> None:
@@ -160,11 +161,11 @@ def write_shards(src: str, output: str, shard_size: int = 1000, *, data_root: st
     Returns the content of ``shards.json``. Raises ``ValueError`` (one line) for bad input and
     for a source file that cannot be read; the shards of a failed run are removed."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"--shard-size must be an integer >= 1, got {shard_size}")
+        raise DataError(f"--shard-size must be an integer >= 1, got {shard_size}")
     samples, classes, source = _list_samples(src, data_root)
     num_shards = math.ceil(len(samples) / shard_size)
     if num_shards > MAX_SHARDS:
-        raise ValueError(f"{len(samples)} images in shards of {shard_size} make {num_shards} shards, "
+        raise DataError(f"{len(samples)} images in shards of {shard_size} make {num_shards} shards, "
                          f"more than {SHARD_DIGITS}-digit names allow; pass a larger --shard-size")
     output = str(output)
     _check_output(output, overwrite)
@@ -195,7 +196,7 @@ def write_shards(src: str, output: str, shard_size: int = 1000, *, data_root: st
             "shuffled": bool(shuffle),
             "seed": int(seed),
         }
-        from ..engine.ckpt import write_atomic
+        from ummae.weights.io import write_atomic
 
         write_atomic(os.path.join(output, INDEX_NAME),
                      lambda f: f.write(json.dumps(info, indent=1) + "\n"), mode="w")

@@ -42,9 +42,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..seeds import mix_seed
-from .datasets import IMG_EXTENSIONS, NoReadableImageError, augment_seeded, read_image, read_image_or_encoded
-from .sampler import collate_skip_bad
+from ummae.engine.seeds import mix_seed
+from ummae.data.datasets import IMG_EXTENSIONS, NoReadableImageError, augment_seeded, read_image, read_image_or_encoded
+from ummae.data.sampler import collate_skip_bad
+from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,9 @@ def _read_index(path: str) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read as the shards' index ({e})") from None
+        raise DataError(f"{path} cannot be read as the shards' index ({e})") from None
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-        raise ValueError(f"{path} is not an index written by `ummae shards` (no 'shards' list)")
+        raise DataError(f"{path} is not an index written by `ummae shards` (no 'shards' list)")
     return index
 
 
@@ -86,7 +87,7 @@ def expand_shards(spec: str) -> tuple[list[str], dict | None]:
     if os.path.isdir(folder):
         index = _read_index(os.path.join(folder, INDEX_NAME))
         if index is None:
-            raise ValueError(f"--data {spec}: a folder of shards needs the {INDEX_NAME} `ummae shards` writes; "
+            raise DataError(f"--data {spec}: a folder of shards needs the {INDEX_NAME} `ummae shards` writes; "
                              f"or give the shards as a pattern, e.g. \"{folder}/shard-{{000000..000099}}.tar\"")
         urls = [os.path.join(folder, s["name"]) for s in index["shards"]]
     else:
@@ -96,13 +97,13 @@ def expand_shards(spec: str) -> tuple[list[str], dict | None]:
         if local:
             missing = [u for u in local if not os.path.isfile(u)]
             if missing:
-                raise ValueError(f"{len(missing)} of the {len(urls)} shards of --data {spec} do not exist, "
+                raise DataError(f"{len(missing)} of the {len(urls)} shards of --data {spec} do not exist, "
                                  f"e.g. {missing[0]}")
             parents = {os.path.dirname(os.path.abspath(u)) for u in local}
             if len(parents) == 1 and len(local) == len(urls):
                 index = _read_index(os.path.join(parents.pop(), INDEX_NAME))
     if not urls:
-        raise ValueError(f"--data {spec} names no shards")
+        raise DataError(f"--data {spec} names no shards")
     return urls, index
 
 
@@ -148,14 +149,14 @@ class ShardStream(IterableDataset):
         self.urls, index = expand_shards(spec)
         if samples_per_epoch is None:
             if index is None or "num_samples" not in index:
-                raise ValueError(f"--data {spec}: give --samples-per-epoch (the shards have no {INDEX_NAME} to count "
+                raise DataError(f"--data {spec}: give --samples-per-epoch (the shards have no {INDEX_NAME} to count "
                                  f"their samples)")
             names = {os.path.basename(u) for u in self.urls}
             samples_per_epoch = sum(int(s["num_samples"]) for s in index["shards"] if s["name"] in names)
         if samples_per_epoch < 1:
-            raise ValueError(f"--samples-per-epoch must be >= 1, got {samples_per_epoch}")
+            raise DataError(f"--samples-per-epoch must be >= 1, got {samples_per_epoch}")
         if shuffle_buffer < 0:
-            raise ValueError(f"shuffle buffer must be >= 0, got {shuffle_buffer}")
+            raise DataError(f"shuffle buffer must be >= 0, got {shuffle_buffer}")
         self.samples_per_epoch = int(samples_per_epoch)
         classes = index.get("classes") if index else None
         self.class_names = list(classes) if classes else []
@@ -178,12 +179,12 @@ class ShardStream(IterableDataset):
 
     def configure(self, batch_size: int, num_replicas: int, rank: int, seed: int, num_workers: int) -> None:
         if len(self.urls) < num_replicas * max(1, num_workers):
-            raise ValueError(
+            raise DataError(
                 f"{len(self.urls)} shards cannot feed {num_replicas} process(es) x {max(1, num_workers)} data-loading "
                 f"worker(s) (each reads whole shards): write more, smaller shards (ummae shards --shard-size) or use "
                 f"fewer --num-workers")
         if self.num_batches_for(batch_size, num_replicas) < 1:
-            raise ValueError(f"--samples-per-epoch {self.samples_per_epoch} is less than one global batch "
+            raise DataError(f"--samples-per-epoch {self.samples_per_epoch} is less than one global batch "
                              f"({batch_size} x {num_replicas} processes)")
         self.batch_size, self.num_replicas, self.rank, self.seed = batch_size, num_replicas, rank, seed
         self.num_workers = num_workers
@@ -207,7 +208,7 @@ class ShardStream(IterableDataset):
 
     def set_start_batch(self, k: int) -> None:
         if not 0 <= k <= self.num_batches():
-            raise ValueError(f"start batch must be in [0, {self.num_batches()}], got {k}")
+            raise DataError(f"start batch must be in [0, {self.num_batches()}], got {k}")
         self._start_batch = k
 
     # --- the stream ----------------------------------------------------------------------

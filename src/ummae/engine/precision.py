@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from ummae.errors import UsageError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -15,12 +16,12 @@ def is_device_name(name: str) -> bool:
 
 def resolve_device(name: str = "auto") -> torch.device:
     if not is_device_name(name):
-        raise ValueError(f"bad device {name!r}: must be auto, cpu, cuda or cuda:N")
+        raise UsageError(f"bad device {name!r}: must be auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available on this machine")
+        raise UsageError(f"device {name!r} was asked for but CUDA is not available on this machine")
     return dev
 
 
@@ -28,9 +29,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in _DTYPES:
-        raise ValueError(f"bad precision {precision!r}: must be auto, bf16, fp16 or fp32")
+        raise UsageError(f"bad precision {precision!r}: must be auto, bf16, fp16 or fp32")
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        raise UsageError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return precision
 
 

@@ -1,2 +1,2 @@
-"""Downstream tasks on pre-trained encoders: classification (fine-tuning, probing, eval)."""
-from . import classify  # noqa: F401  (registers the classifiers)
+"""Tasks: what a command does with a model (pre-training, classification, kNN, detection,
+segmentation), each on the one engine."""

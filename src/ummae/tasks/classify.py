@@ -1,259 +1,295 @@
-"""Image classification with a pre-trained encoder: the fine-tuning, probing and eval model.
+"""Fine-tuning, linear probing and evaluation of classifiers, on the one training engine.
 
-``Classifier(encoder, num_classes)``: global average pooling of the last stage + LayerNorm +
-linear head (METHOD.md; MAE's ``global_pool`` convention: the encoder's final norm is replaced
-by the norm after pooling). Registered under the reference names (``swin_tiny_256``,
-``pvt_small_256``, ``vit_base_patch16``...) in our registry and, as ``ummae_<name>``, in timm's.
-Fine-tuning settings that differ from pre-training are the models' defaults: Swin window 16,
-PVT spatial reduction 8-4-2-1 and a learnable position embedding.
+``finetune``: the paper's recipe (METHOD.md; MAE's ``main_finetune``): layer-wise lr decay,
+RandAugment, mixup/cutmix, label smoothing, random erasing, drop path, optional EMA.
+``linprobe``: MAE's probing recipe: frozen encoder, BatchNorm (no affine) + linear head, LARS.
+``evaluate``: top-1 / top-5, sharded over ranks and summed exactly.
 """
 from __future__ import annotations
 
-import re
-from typing import Any
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict
 
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
-from torch import Tensor, nn
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from ..backbones import (
-    PyramidBackbone,
-    PyramidVisionTransformer,
-    SwinTransformer,
-    VisionTransformer,
-)
-from ..layers import LayerNorm, init_weights
-from ..pretrain.zoo import DENSE_SR, DENSE_WINDOW, PVT, SWIN, VIT
-from ..registry import list_models, model_kind, register_model
+from ummae.engine import dist as udist
+from ummae.config import EvalConfig, FinetuneConfig, LinprobeConfig, settings_from_checkpoint
+from ummae.data import build_classify_dataset, build_classify_transform, build_eval_loader, build_train_loader
+from ummae.weights.io import CheckpointError
+from ummae.engine.trainer import Trainer, training_run
+from ummae.engine.optim import build_optimizer
+from ummae.engine.precision import autocast, resolve_precision
+from ummae.models.registry import create_model, list_models, model_kind
+from ummae.models.classifier import check_classifier, classifier_for
+from ummae.weights.load import load_pretrained, load_weights, log_load_report, model_args_within_bounds, read_weights
+from ummae.errors import UsageError
 
-
-class Classifier(nn.Module):
-    """timm's model surface: ``forward_features`` -> ``forward_head(pre_logits)`` -> logits."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int = 1000, img_size: int = 256, drop_rate: float = 0.0,
-                 layer_decay: float = 0.75):
-        super().__init__()
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 = no head), got {num_classes}")
-        self.pyramid = isinstance(encoder, PyramidBackbone)
-        if self.pyramid:
-            encoder.check_image_size(img_size, f"image size {img_size}")
-        elif img_size % encoder.patch_size:
-            raise ValueError(f"image size {img_size} is not a multiple of the {encoder.patch_size}px patch")
-        self.encoder = encoder
-        self.encoder.norm = nn.Identity()  # pooled features are normed by fc_norm instead
-        self.img_size = img_size
-        self.num_classes = num_classes
-        self.num_features = encoder.num_features
-        self.default_layer_decay = layer_decay
-        self.fc_norm = LayerNorm(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._new_head(num_classes)
-        self.pretrained_cfg = self.default_cfg = dict(
-            input_size=(3, img_size, img_size), num_classes=num_classes, interpolation="bicubic", crop_pct=0.875,
-            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="encoder.patch_embed.proj",
-            classifier="head",
-        )
-
-    def _new_head(self, num_classes: int) -> nn.Module:
-        if num_classes == 0:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes)
-        # A near-zero head (std 2e-5, MAE) keeps the first updates from wrecking the encoder.
-        trunc_normal_(head.weight, std=2e-5)
-        nn.init.zeros_(head.bias)
-        return head
-
-    def options(self) -> dict[str, Any]:
-        enc = self.encoder
-        opts: dict[str, Any] = dict(img_size=self.img_size, num_classes=self.num_classes, drop_path=enc.drop_path_rate)
-        if isinstance(enc, SwinTransformer):
-            opts["window_size"] = enc.window_size
-        if isinstance(enc, PyramidVisionTransformer):
-            opts["sr_ratios"] = list(enc.sr_ratios)
-        return opts
-
-    # timm's classifier API
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"only global average pooling is supported, got {global_pool!r}")
-        self.num_classes = num_classes
-        self.head = self._new_head(num_classes).to(self.fc_norm.weight.device)
-
-    def use_probe_head(self) -> None:
-        """Linear probing (MAE): freeze everything, then a new BatchNorm1d without affine +
-        linear head (std 0.01). With drop path 0 the frozen body has no train-mode behaviour,
-        and no activation is kept for backward since nothing before the head needs a grad."""
-        for p in self.parameters():
-            p.requires_grad = False
-        linear = nn.Linear(self.num_features, self.num_classes)
-        trunc_normal_(linear.weight, std=0.01)
-        nn.init.zeros_(linear.bias)
-        self.head = nn.Sequential(nn.BatchNorm1d(self.num_features, affine=False, eps=1e-6), linear)
-        self.head.to(self.fc_norm.weight.device)
-        if hasattr(self, "model_args"):
-            self.model_args["probe_head"] = True
-
-    @property
-    def num_layers(self) -> int:
-        return self.encoder.num_layers
-
-    def layer_id(self, name: str) -> int:
-        if name.startswith("encoder."):
-            return self.encoder.layer_id(name[len("encoder."):])
-        return self.num_layers + 1  # fc_norm and head: full lr
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """``[N, 3, S, S]`` -> last-stage map ``[N, C, h, w]`` (pyramid) or tokens
-        ``[N, 1 + L, D]`` (ViT, cls first)."""
-        if self.pyramid:
-            return self.encoder.forward_dense(x)[-1]
-        return self.encoder.forward_features(x)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(2, 3)) if self.pyramid else x[:, 1:].mean(dim=1)
-        x = self.head_drop(self.fc_norm(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+log = logging.getLogger("ummae")
 
 
-# --- registered classifiers ------------------------------------------------------------------
-FINETUNE_WINDOW = DENSE_WINDOW  # METHOD.md: pre-train at window 8 on the compact map, fine-tune at 16
-FINETUNE_SR = DENSE_SR  # METHOD.md: PVT fine-tuning spatial reduction
-_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+@contextlib.contextmanager
+def numpy_seeded(seed: int):
+    """timm's Mixup draws from numpy's global RNG: seed it per step (so a resumed run mixes
+    exactly as the uninterrupted one) and restore the state afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
-def _classifier(name: str, family: str, arch: str, img_size: int, drop_path: float, layer_decay: float,
-                kw: dict[str, Any], window: int = FINETUNE_WINDOW, patch: int = 16) -> Classifier:
-    allowed = {"img_size", "num_classes", "drop_path", "drop_rate"}
-    allowed |= {"window_size"} if family == "swin" else {"sr_ratios"} if family == "pvt" else set()
-    unknown = sorted(set(kw) - allowed)
-    if unknown:
-        raise ValueError(f"option(s) {', '.join(unknown)} do not apply to {name}; it takes {', '.join(sorted(allowed))}")
-    img_size = kw.pop("img_size", img_size)
-    drop_path = kw.pop("drop_path", drop_path)
-    head_kw = dict(num_classes=kw.pop("num_classes", 1000), img_size=img_size, drop_rate=kw.pop("drop_rate", 0.0),
-                   layer_decay=layer_decay)
-    if family == "swin":
-        enc = SwinTransformer(window_size=kw.pop("window_size", window), drop_path=drop_path, **SWIN[arch])
-    elif family == "pvt":
-        enc = PyramidVisionTransformer(sr_ratios=tuple(kw.pop("sr_ratios", FINETUNE_SR)), drop_path=drop_path,
-                                       pos_embed="learnable", img_size=img_size, **PVT[arch])
+class ClassifyStep:
+    """``step_fn`` of the Trainer for classification: optional mixup/cutmix, then the loss."""
+
+    def __init__(self, criterion: nn.Module, mixup=None):
+        self.criterion = criterion
+        self.mixup = mixup
+
+    def __call__(self, model: nn.Module, batch, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        images, targets = batch[0], batch[1]
+        if self.mixup is not None:
+            from timm.data.mixup import mixup_target
+
+            if images.shape[0] % 2 == 0:  # timm mixes a batch with its reverse: needs pairs
+                with numpy_seeded(generator.initial_seed()):
+                    images, targets = self.mixup(images, targets)
+            elif images.shape[0] > 1:  # odd only after an unreadable image was skipped
+                with numpy_seeded(generator.initial_seed()):
+                    images, targets = self.mixup(images[:-1], targets[:-1])
+            else:
+                targets = mixup_target(targets, self.mixup.num_classes, 1.0, self.mixup.label_smoothing)
+        return {"loss": self.criterion(model(images), targets)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over every rank's shard."""
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # images, top-1, top-5, loss
+    for images, labels, _ in loader:
+        if images.shape[0] == 0:
+            continue
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(labels.unsqueeze(1))
+        sums += torch.stack([
+            torch.tensor(float(labels.numel()), device=device, dtype=torch.float64),
+            hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+            F.cross_entropy(logits, labels, reduction="sum").double(),
+        ])
+    n, top1, top5, loss = udist.all_reduce_sum(sums).tolist()
+    if n == 0:
+        raise UsageError("the validation data yielded no readable image")
+    return {"acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "val_loss": loss / n, "val_images": int(n)}
+
+
+def _build_classifier(cfg, num_classes: int, **overrides) -> nn.Module:
+    return create_model(cfg.model, **{**_model_kwargs(cfg), "num_classes": num_classes, **overrides})
+
+
+VAL_IS_TRAIN = ("the 'val' figures are measured on the TRAINING images: %s has no val/ split; give --val-data "
+                "for a real validation")
+
+
+def same_images(train_ds, val_ds, val_data) -> bool:
+    """Whether the val split fell back to the training images (data without a ``val/``
+    folder, or a list file, and no ``--val-data``)."""
+    return val_data is None and os.path.realpath(val_ds.source) == os.path.realpath(train_ds.source)
+
+
+def _model_kwargs(cfg) -> Dict[str, Any]:
+    return cfg.model_kwargs() if hasattr(cfg, "model_kwargs") else {"img_size": cfg.img_size}
+
+
+def _weights_model(path: str) -> tuple:
+    """``(model_name, source_model)`` the weights file at ``path`` records, read without
+    loading its tensors: ours (checkpoint or export) or a reference checkpoint (our model of its
+    architecture, None for a size we do not register)."""
+    _, meta = read_weights(path, tensors=False)
+    return meta.get("model_name"), meta.get("source_model")
+
+
+def model_from_weights(cfg, path: str | None, flag: str, what: str) -> None:
+    """``--model`` left out: the classifier the weights name (a classifier checkpoint's own
+    model; a pre-training checkpoint's classifier, ``mae_X`` / ``simmim_X`` -> ``X``), said in
+    the log; one clear error when nothing names one."""
+    if cfg.model:
+        return
+    if not path:
+        raise UsageError(f"{what} from scratch (no --pretrained) needs --model: a registered classifier "
+                         f"(`ummae models --kind classify`)")
+    name, source = _weights_model(path)
+    if name is None or name not in list_models():
+        found = f"it records {name!r}, not a registered model" if name else (
+            "a reference checkpoint of a size ummae does not register, or an export without ummae metadata")
+        raise UsageError(f"{flag} {path} names no model ({found}): pass --model, a registered classifier "
+                         f"(`ummae models --kind classify`)")
+    if model_kind(name) == "pretrain":
+        cfg.model = classifier_for(name)
+        how = f"the classifier of the pre-training model {name} ({flag} {path})"
+    elif source and source != name and source in list_models() and model_kind(source) == "pretrain":
+        cfg.model = name
+        how = f"the classifier of the pre-training model {source} ({flag} {path}, an export of its encoder)"
     else:
-        enc = VisionTransformer(patch_size=patch, drop_path=drop_path, pos_embed="learnable", img_size=img_size,
-                                **VIT[arch])
-    model = Classifier(enc, **head_kw)
-    _init_encoder(enc)
+        cfg.model = name
+        how = f"the classifier {flag} {path} holds"
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("--model %s: %s", cfg.model, how)
+
+
+def _run(cfg, what: str, make_model, make_optimizer, make_step, train_transform, probe: bool = False) -> Dict[str, Any]:
+    """Shared assembly of fine-tuning and probing: data, model, optimiser -> the Trainer."""
+    cfg.validate()
+    settings_from_checkpoint(cfg, log)  # a resumed run's model comes from its checkpoint
+    model_from_weights(cfg, cfg.pretrained, "--pretrained", what)
+    check_classifier(cfg.model)
+    with training_run(cfg) as (info, device, precision):
+        train_ds = build_classify_dataset(cfg.data, "train", None, cfg.data_root,
+                                          samples_per_epoch=getattr(cfg, "samples_per_epoch", None))
+        val_ds = build_classify_dataset(cfg.val_data or cfg.data, "val", None, cfg.data_root, class_names=train_ds.class_names)
+        num_classes = getattr(cfg, "num_classes", None) or train_ds.num_classes
+        if num_classes < train_ds.num_classes:
+            raise UsageError(f"num_classes={num_classes} but the training data has {train_ds.num_classes} classes")
+        model = make_model(num_classes)
+        report = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
+        if probe:
+            model.use_probe_head()
+        model.to(device)
+        train_ds.transform = train_transform(model.img_size)
+        val_ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
+        workers = min(cfg.num_workers, os.cpu_count() or 1)
+        pin = device.type == "cuda"
+        loader, sampler = build_train_loader(train_ds, cfg.batch_size, workers, info.world_size, info.rank, cfg.seed, pin_memory=pin)
+        val_loader = build_eval_loader(val_ds, cfg.batch_size, workers, info.world_size, info.rank, pin_memory=pin)
+        lr = cfg.effective_lr(info.world_size)
+        optimizer = make_optimizer(model, lr, device)
+        out = Path(cfg.output)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            log.info("%s %s: %d classes, %.1fM params (%.2fM trained)", what, cfg.model, num_classes,
+                     sum(p.numel() for p in model.parameters()) / 1e6,
+                     sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+            log.info("train %d images, val %d images; device %s x%d, precision %s, lr %.3e",
+                     len(train_ds), len(val_ds), device, info.world_size, precision, lr)
+            log_load_report(report, out)
+        ema = None
+        if getattr(cfg, "ema", False):
+            from timm.utils import ModelEmaV3
+
+            ema = ModelEmaV3(model, decay=cfg.ema_decay)
+
+        val_is_train = same_images(train_ds, val_ds, cfg.val_data)
+
+        def run_eval(m: nn.Module) -> Dict[str, float]:
+            out = evaluate(m, val_loader, device, precision)
+            if val_is_train:  # said at every report, and recorded with the numbers
+                out["val_is_train"] = 1.0
+                if info.is_main:
+                    log.warning(VAL_IS_TRAIN, cfg.data)
+            return out
+
+        trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, make_step(num_classes),
+                          evaluate=run_eval, eval_every=cfg.eval_every, ema=ema)
+        summary = trainer.fit()
+        if info.is_main:
+            log.info("done: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if "acc" in k and isinstance(v, float)))
+        return summary
+
+
+def classify_step(cfg: FinetuneConfig, num_classes: int) -> ClassifyStep:
+    """The fine-tuning loss of ``cfg``: mixup/cutmix with soft targets (timm's Mixup also
+    applies the label smoothing to them), else label-smoothed or plain cross-entropy."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg.mixup_prob > 0 and (cfg.mixup > 0 or cfg.cutmix > 0):
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                      switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
+                      num_classes=num_classes)
+        return ClassifyStep(SoftTargetCrossEntropy(), mixup)
+    if cfg.smoothing > 0:
+        return ClassifyStep(LabelSmoothingCrossEntropy(cfg.smoothing))
+    return ClassifyStep(nn.CrossEntropyLoss())
+
+
+def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
+    def make_optimizer(model, lr, device):
+        decay = cfg.layer_decay if cfg.layer_decay is not None else model.default_layer_decay
+        log.info("layer-wise lr decay %s", decay)
+        return build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, None if decay == 1.0 else decay)
+
+    aa = None if cfg.auto_augment.lower() in ("", "none") else cfg.auto_augment
+    return _run(cfg, "fine-tuning", lambda n: _build_classifier(cfg, n), make_optimizer, lambda n: classify_step(cfg, n),
+                lambda size: build_classify_transform(size, True, auto_augment=aa, re_prob=cfg.reprob))
+
+
+def lars_optimizer(head: nn.Linear, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """MAE's linear-probing optimiser: LARS (momentum 0.9, trust coefficient 0.001) with the
+    trust ratio on the weight matrix and none on the bias (timm's Lars, ``always_adapt`` per
+    group)."""
+    from timm.optim import Lars
+
+    return Lars([{"params": [head.weight], "always_adapt": True}, {"params": [head.bias], "always_adapt": False}],
+                lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def linprobe(cfg: LinprobeConfig) -> Dict[str, Any]:
+    def make_model(num_classes: int) -> nn.Module:
+        return _build_classifier(cfg, num_classes, drop_path=0.0)
+
+    return _run(cfg, "linear probing", make_model, lambda model, lr, device: lars_optimizer(model.head[1], lr, cfg.weight_decay),
+                lambda n: ClassifyStep(nn.CrossEntropyLoss()),
+                lambda size: build_classify_transform(size, True, simple=True), probe=True)
+
+
+def load_classifier(cfg, path: str, ema: bool = False) -> nn.Module:
+    """Build ``cfg.model`` shaped like the classifier saved in ``path`` (classes, probe head)
+    and load it (its EMA weights with ``ema``); refuse weights without a trained head."""
+    state, meta = read_weights(path, ema)
+    if "head.weight" not in state and "head.1.weight" not in state:
+        raise CheckpointError(
+            f"{path} holds no classifier head (model {meta.get('source_model') or meta.get('model_name')}): it is a "
+            f"pre-training or encoder-only file; fine-tune it (`ummae finetune --pretrained`) or use `ummae knn`"
+        )
+    probe = "head.1.weight" in state
+    n = state["head.1.weight" if probe else "head.weight"].shape[0]
+    args = model_args_within_bounds(meta.get("model_args") or {}, path)
+    # Options without weights (Swin window, PVT spatial reduction) are rebuilt as trained.
+    built = {k: args[k] for k in ("window_size", "sr_ratios") if k in args}
+    model = create_model(cfg.model, num_classes=n, img_size=cfg.img_size or args.get("img_size"), drop_path=0.0, **built)
+    if probe:
+        model.use_probe_head()
+    report = load_weights(model, state, meta, path)  # the weights read above: one read of the file
+    if report.new or report.dropped:
+        raise CheckpointError(f"{path} does not hold a complete {cfg.model} classifier:\n{report.format()}")
     return model
 
 
-def _init_encoder(enc: nn.Module) -> None:
-    """From-scratch initialisation, as in pre-training (layers/init.py);
-    position tables keep their sin-cos start."""
-    enc.apply(init_weights)
-    if isinstance(enc, VisionTransformer):
-        nn.init.normal_(enc.cls_token, std=0.02)
-
-
-@register_model("classify")
-def swin_tiny_256(**kw):
-    return _classifier("swin_tiny_256", "swin", "tiny", 256, 0.1, 0.85, kw)
-
-
-@register_model("classify")
-def swin_large_256(**kw):
-    return _classifier("swin_large_256", "swin", "large", 256, 0.2, 0.9, kw)
-
-
-@register_model("classify")
-def pvt_small_256(**kw):
-    return _classifier("pvt_small_256", "pvt", "small", 256, 0.1, 0.85, kw)
-
-
-@register_model("classify")
-def vit_base_patch16(**kw):
-    return _classifier("vit_base_patch16", "vit", "base", 224, 0.1, 0.65, kw)
-
-
-@register_model("classify")
-def vit_large_patch16(**kw):
-    return _classifier("vit_large_patch16", "vit", "large", 224, 0.2, 0.75, kw)
-
-
-@register_model("classify")
-def swin_nano_128(**kw):
-    return _classifier("swin_nano_128", "swin", "nano", 128, 0.1, 0.85, kw)
-
-
-@register_model("classify")
-def pvt_nano_128(**kw):
-    return _classifier("pvt_nano_128", "pvt", "nano", 128, 0.1, 0.85, kw)
-
-
-@register_model("classify")
-def swin_test(**kw):
-    return _classifier("swin_test", "swin", "test", 64, 0.1, 0.85, kw, window=8)
-
-
-@register_model("classify")
-def pvt_test(**kw):
-    return _classifier("pvt_test", "pvt", "test", 64, 0.1, 0.85, kw)
-
-
-@register_model("classify")
-def vit_test(**kw):
-    return _classifier("vit_test", "vit", "test", 64, 0.1, 0.65, kw)
-
-
-def check_classifier(name: str) -> None:
-    """Refuse a pre-training model where a classifier is needed (fine-tuning, probing, eval)."""
-    if model_kind(name) != "classify":
-        raise ValueError(f"{name!r} is a pre-training model; classifiers are listed by `ummae models --kind classify`")
-
-
-def classifier_for(pretrain_name: str) -> str:
-    """The classifier that carries a pre-training model's encoder: ``mae_swin_tiny_256`` ->
-    ``swin_tiny_256``, ``mae_vit_base_patch16_dec512d2b`` -> ``vit_base_patch16`` (MAE, UM-MAE
-    and SimMIM share the encoder; the decoder does not matter)."""
-    for prefix in ("mae_", "simmim_"):
-        if pretrain_name.startswith(prefix):
-            name = re.sub(r"_dec\d+d\d+b$", "", pretrain_name[len(prefix):])
-            if name in list_models(kind="classify"):
-                return name
-    raise ValueError(f"no classifier is registered for the encoder of {pretrain_name!r}")
-
-
-# --- timm registration: `import ummae; timm.create_model("ummae_swin_tiny_256", num_classes=10)`
-def _timm_entry(name: str):
-    def create(pretrained: bool = False, **kwargs):
-        from ..registry import create_model
-
-        if pretrained:
-            raise ValueError(
-                f"ummae_{name}: ummae downloads no weights; create it with pretrained=False and load an exported "
-                f"file (`ummae export`) with load_state_dict(safetensors.torch.load_file(path), strict=False)"
-            )
-        for k in _TIMM_ONLY:
-            kwargs.pop(k, None)
-        if "drop_path_rate" in kwargs:  # timm's name for stochastic depth
-            kwargs["drop_path"] = kwargs.pop("drop_path_rate")
-        return create_model(name, **kwargs)
-
-    create.__name__ = f"ummae_{name}"
-    create.__qualname__ = create.__name__
-    create.__module__ = __name__
-    return create
-
-
-def register_with_timm() -> None:
-    from timm.models import is_model
-    from timm.models import register_model as timm_register
-
-    for name in list_models(kind="classify"):
-        if not is_model(f"ummae_{name}"):
-            timm_register(_timm_entry(name))
+def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
+    cfg.validate()
+    model_from_weights(cfg, cfg.checkpoint, "--checkpoint", "evaluation")
+    check_classifier(cfg.model)
+    with udist.distributed(cfg.device) as (info, device):
+        precision = resolve_precision(cfg.precision, device)
+        ds = build_classify_dataset(cfg.data, cfg.split, None, cfg.data_root)
+        model = load_classifier(cfg, cfg.checkpoint, ema=cfg.ema).to(device)
+        if ds.num_classes > model.num_classes:
+            raise UsageError(f"the data has {ds.num_classes} classes but the classifier only {model.num_classes}")
+        ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
+        loader = build_eval_loader(ds, cfg.batch_size, min(cfg.num_workers, os.cpu_count() or 1),
+                                   info.world_size, info.rank, pin_memory=device.type == "cuda")
+        result = evaluate(model, loader, device, precision)
+        if info.is_main:
+            log.info("%s%s on %s (%s split, %d images): top-1 %.2f%%, top-5 %.2f%%", cfg.checkpoint, " (EMA)" if cfg.ema else "", cfg.data, cfg.split,
+                     result["val_images"], result["acc1"], result["acc5"])
+        return result

@@ -20,9 +20,10 @@ from typing import Any, Dict
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from ..backbones import PyramidBackbone
-from ..registry import create_model, model_kind
-from .pretrained import LoadReport, load_pretrained
+from ummae.models.base import PyramidBackbone
+from ummae.models.registry import create_model, model_kind
+from ummae.weights.load import LoadReport, load_pretrained
+from ummae.errors import UsageError
 
 log = logging.getLogger("ummae")
 
@@ -57,7 +58,7 @@ class StageMaps(nn.Module):
 def check_dense_backbone(name: str) -> None:
     """Refuse what cannot give four stage maps: a pre-training model name or a plain ViT."""
     if model_kind(name) != "classify":
-        raise ValueError(f"--backbone {name!r} is a pre-training model; give its encoder's name (`ummae models --kind "
+        raise UsageError(f"--backbone {name!r} is a pre-training model; give its encoder's name (`ummae models --kind "
                          f"classify`, e.g. swin_tiny_256) and the checkpoint with --pretrained")
 
 
@@ -72,7 +73,7 @@ def build_stage_maps(backbone: str, img_size: int, out_channels: int = 768, drop
         kwargs["window_size"] = window_size
     classifier = create_model(backbone, **kwargs)
     if not isinstance(classifier.encoder, PyramidBackbone):
-        raise ValueError(f"--backbone {backbone}: a plain ViT has one map at stride 16, not the four stage maps "
+        raise UsageError(f"--backbone {backbone}: a plain ViT has one map at stride 16, not the four stage maps "
                          f"detection and segmentation take; use a Swin or PVT backbone")
     report = load_pretrained(classifier, pretrained) if pretrained else None
     return StageMaps(classifier.encoder, out_channels, stages), report
@@ -114,7 +115,7 @@ def load_task_model(path: str, command: str, is_ours: Callable[[Any, Dict[str, A
     """The model of a checkpoint that ``ummae COMMAND train`` wrote (any of them): refused in one
     line when ``is_ours(model_name, model_args)`` says it is another's, else rebuilt by
     ``build(**model_args)`` (drop path off: inference) and loaded strictly."""
-    from ..engine import ckpt
+    from ummae.weights import io as ckpt
 
     state = ckpt.load(path)
     name = state.get("model_name") if isinstance(state, dict) else None

@@ -34,11 +34,12 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 from torchvision.ops.misc import Conv2dNormActivation
 
-from .. import dist as udist
-from ..config import DETECTORS
-from ..engine.precision import autocast
-from .dense import StageMaps, build_stage_maps, encoder_options, load_task_model, validation
-from .pretrained import log_load_report
+from ummae.engine import dist as udist
+from ummae.config import DETECTORS
+from ummae.engine.precision import autocast
+from ummae.tasks.dense import StageMaps, build_stage_maps, encoder_options, load_task_model, validation
+from ummae.weights.load import log_load_report
+from ummae.errors import UsageError
 
 log = logging.getLogger("ummae")
 
@@ -88,7 +89,7 @@ def build_detector(detector: str, backbone: str, num_classes: int, img_size: int
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     if detector not in DETECTORS:
-        raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
+        raise UsageError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
     # Mask R-CNN: P2-P6, as torchvision's and MAE's / ViTDet's; the others P3-P7: from stage 2
     # on, two extra levels on the output
     stages = [0, 1, 2, 3] if detector == "maskrcnn" else [1, 2, 3]
@@ -96,7 +97,7 @@ def build_detector(detector: str, backbone: str, num_classes: int, img_size: int
     extra = LastLevelMaxPool() if detector == "maskrcnn" else ExtraLevelsOnOutput(fpn_channels, nn.BatchNorm2d)
     neck = FeaturePyramid(body, fpn_channels, extra)
     if detector == "gfl":
-        from .gfl import GFL
+        from ummae.models.gfl import GFL
 
         cls = GFL
     else:
@@ -140,7 +141,7 @@ def evaluate_coco(model: nn.Module, dataset, loader, device: torch.device, preci
     """COCO AP of ``model`` over ``dataset``: every rank detects on its shard of the images,
     the results of all ranks are gathered (each image once), rank 0 runs pycocotools and
     every rank returns its numbers (they decide which checkpoint is the best, a collective)."""
-    from ..data.coco import coco_evaluate, coco_results, write_results_json
+    from ummae.data.coco import coco_evaluate, coco_results, write_results_json
 
     model.eval()
     results: List[dict] = []
@@ -178,11 +179,11 @@ def _model_kwargs(cfg) -> Dict[str, Any]:
 
 def train(cfg) -> Dict[str, Any]:
     """``ummae detect train``: the detector on COCO with the one Trainer."""
-    from ..config import settings_from_checkpoint
-    from ..data import build_train_loader
-    from ..data.coco import CocoDetection, LargeScaleJitter, collate_detection
-    from ..engine.loop import Trainer, training_run
-    from ..engine.optim import build_optimizer
+    from ummae.config import settings_from_checkpoint
+    from ummae.data import build_train_loader
+    from ummae.data.coco import CocoDetection, LargeScaleJitter, collate_detection
+    from ummae.engine.trainer import Trainer, training_run
+    from ummae.engine.optim import build_optimizer
 
     cfg.validate()
     settings_from_checkpoint(cfg, log)
@@ -192,7 +193,7 @@ def train(cfg) -> Dict[str, Any]:
                                  transform=LargeScaleJitter(cfg.img_size, cfg.scale_range, cfg.flip_prob))
         val_ds = CocoDetection(cfg.data, cfg.val_split, train=False)
         if val_ds.cat_ids != train_ds.cat_ids:
-            raise ValueError(f"the {cfg.val_split} annotations have other categories than the {cfg.train_split} ones")
+            raise UsageError(f"the {cfg.val_split} annotations have other categories than the {cfg.train_split} ones")
         model, report = build_detector(num_classes=train_ds.num_classes + 1, pretrained=cfg.pretrained,
                                        cat_ids=list(train_ds.cat_ids), class_names=list(train_ds.class_names),
                                        **_model_kwargs(cfg))
@@ -224,8 +225,8 @@ def train(cfg) -> Dict[str, Any]:
 
 def eval_loader(dataset, batch_size: int, workers: int, info, pin: bool):
     """This rank's shard of ``dataset`` (images rank, rank + R, ...: each image once)."""
-    from ..data import build_eval_loader
-    from ..data.coco import collate_detection_eval
+    from ummae.data import build_eval_loader
+    from ummae.data.coco import collate_detection_eval
 
     return build_eval_loader(dataset, batch_size, workers, info.world_size, info.rank, pin_memory=pin,
                              collate_fn=collate_detection_eval)
@@ -233,8 +234,8 @@ def eval_loader(dataset, batch_size: int, workers: int, info, pin: bool):
 
 def run_eval(cfg) -> Dict[str, Any]:
     """``ummae detect eval``: COCO result JSON and AP of a detection checkpoint."""
-    from ..data.coco import CocoDetection
-    from ..engine.precision import resolve_precision
+    from ummae.data.coco import CocoDetection
+    from ummae.engine.precision import resolve_precision
 
     cfg.validate()
     with udist.distributed(cfg.device) as (info, device):
@@ -242,7 +243,7 @@ def run_eval(cfg) -> Dict[str, Any]:
         model = load_detector(cfg.checkpoint).to(device)
         ds = CocoDetection(cfg.data, cfg.split, train=False)
         if list(ds.cat_ids) != list(model.model_args["cat_ids"]):
-            raise ValueError(f"{cfg.data} {cfg.split} has other categories than the detector was trained on")
+            raise UsageError(f"{cfg.data} {cfg.split} has other categories than the detector was trained on")
         out = Path(cfg.output)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -268,17 +269,17 @@ def predict(args) -> int:
     from torchvision.transforms.functional import pil_to_tensor
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    from ..engine.precision import resolve_device
-    from ..visualize import image_paths, read_rgb
+    from ummae.engine.precision import resolve_device
+    from ummae.visualize import image_paths, read_rgb
 
     if not 0 <= args.score_thresh <= 1:
-        raise ValueError(f"--score-thresh {args.score_thresh}: must be in [0, 1]")
+        raise UsageError(f"--score-thresh {args.score_thresh}: must be in [0, 1]")
     device = resolve_device(args.device)
     model = load_detector(args.checkpoint).to(device).eval()
     names = category_names(model)
     paths = image_paths(args.images)
     if not paths:
-        raise ValueError("no images given")
+        raise UsageError("no images given")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for path in paths:

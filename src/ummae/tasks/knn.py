@@ -12,14 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import dist as udist
-from ..config import KnnConfig
-from ..data import build_classify_dataset, build_classify_transform, build_eval_loader
-from ..engine.precision import autocast, resolve_precision
-from ..registry import create_model
-from .classify import check_classifier
-from .finetune import VAL_IS_TRAIN, model_from_weights, same_images
-from .pretrained import load_pretrained
+from ummae.engine import dist as udist
+from ummae.config import KnnConfig
+from ummae.data import build_classify_dataset, build_classify_transform, build_eval_loader
+from ummae.engine.precision import autocast, resolve_precision
+from ummae.models.registry import create_model
+from ummae.models.classifier import check_classifier
+from ummae.tasks.classify import VAL_IS_TRAIN, model_from_weights, same_images
+from ummae.weights.load import load_pretrained
 
 log = logging.getLogger("ummae")
 

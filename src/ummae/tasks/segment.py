@@ -36,11 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-from .. import dist as udist
-from ..engine import ckpt
-from ..engine.precision import autocast
-from .dense import StageMaps, build_stage_maps, encoder_options, load_task_model, validation
-from .pretrained import log_load_report
+from ummae.engine import dist as udist
+from ummae.weights import io as ckpt
+from ummae.engine.precision import autocast
+from ummae.tasks.dense import StageMaps, build_stage_maps, encoder_options, load_task_model, validation
+from ummae.weights.load import log_load_report
+from ummae.errors import UsageError
 
 log = logging.getLogger("ummae")
 
@@ -208,7 +209,7 @@ def _fitting_side(model: Segmenter, side: int) -> int:
             return s
         except ValueError:
             continue
-    raise ValueError(f"no input size from {side} px fits {type(enc).__name__}")
+    raise UsageError(f"no input size from {side} px fits {type(enc).__name__}")
 
 
 def _pad_to(x: Tensor, height: int, width: int) -> Tensor:
@@ -343,11 +344,11 @@ def _data_settings(cfg) -> Dict[str, Any]:
 
 def train(cfg) -> Dict[str, Any]:
     """``ummae segment train``: UperNet on an ADE20K-layout data set with the one Trainer."""
-    from ..config import settings_from_checkpoint
-    from ..data import build_eval_loader, build_train_loader
-    from ..data.ade import SegmentationFolder, SegTrainTransform, collate_segmentation, collate_segmentation_eval
-    from ..engine.loop import Trainer, training_run
-    from ..engine.optim import build_optimizer
+    from ummae.config import settings_from_checkpoint
+    from ummae.data import build_eval_loader, build_train_loader
+    from ummae.data.ade import SegmentationFolder, SegTrainTransform, collate_segmentation, collate_segmentation_eval
+    from ummae.engine.trainer import Trainer, training_run
+    from ummae.engine.optim import build_optimizer
 
     cfg.validate()
     settings_from_checkpoint(cfg, log)
@@ -367,7 +368,7 @@ def train(cfg) -> Dict[str, Any]:
         norm_batch = cfg.batch_size * (info.world_size if sync_bn else 1)
         if norm_batch < 2:
             # the pyramid pooling's 1x1 branch gives BatchNorm one value per channel
-            raise ValueError(f"--batch-size {cfg.batch_size}: the heads' BatchNorm needs at least 2 images per step "
+            raise UsageError(f"--batch-size {cfg.batch_size}: the heads' BatchNorm needs at least 2 images per step "
                              f"(SyncBN pools the ranks' images only under DDP on CUDA); use --batch-size 2 or more")
         model.to(device)
         workers = min(cfg.num_workers, os.cpu_count() or 1)
@@ -407,9 +408,9 @@ class SegmentStep:
 
 def run_eval(cfg) -> Dict[str, Any]:
     """``ummae segment eval``: mIoU, mAcc, aAcc and the per-class table of a checkpoint."""
-    from ..data import build_eval_loader
-    from ..data.ade import SegmentationFolder, collate_segmentation_eval
-    from ..engine.precision import resolve_precision
+    from ummae.data import build_eval_loader
+    from ummae.data.ade import SegmentationFolder, collate_segmentation_eval
+    from ummae.engine.precision import resolve_precision
 
     cfg.validate()
     with udist.distributed(cfg.device) as (info, device):
@@ -422,7 +423,7 @@ def run_eval(cfg) -> Dict[str, Any]:
                     stride=cfg.test_stride or args["test_stride"], scale=tuple(cfg.scale or args["scale"]),
                     ratios=tuple(cfg.ratios), flip=cfg.flip)
         if test["stride"] > test["crop"]:
-            raise ValueError(f"--test-stride {test['stride']} is larger than the {test['crop']} px window: pixels would "
+            raise UsageError(f"--test-stride {test['stride']} is larger than the {test['crop']} px window: pixels would "
                              f"be left out")
         out = Path(cfg.output)
         if info.is_main:
@@ -461,22 +462,22 @@ def predict(args) -> int:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
-    from ..engine.precision import resolve_device
-    from ..visualize import image_paths, read_rgb
+    from ummae.engine.precision import resolve_device
+    from ummae.visualize import image_paths, read_rgb
 
     if not 0 <= args.alpha <= 1:
-        raise ValueError(f"--alpha {args.alpha}: must be in [0, 1]")
+        raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
     device = resolve_device(args.device)
     model = load_segmenter(args.checkpoint).to(device).eval()
     margs = model.model_args
     paths = image_paths(args.images)
     if not paths:
-        raise ValueError("no images given")
+        raise UsageError("no images given")
     stems: Dict[str, str] = {}
     for path in paths:
         stem = Path(path).stem
         if stem in stems:
-            raise ValueError(f"{stems[stem]} and {path} would both be written as {stem}.png; give them in separate runs")
+            raise UsageError(f"{stems[stem]} and {path} would both be written as {stem}.png; give them in separate runs")
         stems[stem] = path
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

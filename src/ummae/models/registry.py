@@ -11,6 +11,7 @@ import fnmatch
 from typing import Callable, Dict, List
 
 import torch.nn as nn
+from ummae.errors import UsageError
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
 _KINDS: Dict[str, str] = {}
@@ -32,7 +33,7 @@ def register_model(kind: str) -> Callable:
 
 def _ensure_loaded() -> None:
     # Importing the model modules runs their @register_model decorators.
-    from . import pretrain, tasks  # noqa: F401
+    from ummae.models import classifier, zoo  # noqa: F401
 
 
 def list_models(pattern: str = "*", kind: str | None = None) -> List[str]:
@@ -52,7 +53,7 @@ def _check_name(name: str) -> None:
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} `ummae models` lists the registered ones.")
+        raise UsageError(f"unknown model {name!r}.{hint} `ummae models` lists the registered ones.")
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers import LayerNorm, PatchEmbed
-from ..masking import compact_image, compact_positions, dense_positions, kept_unit_index
+from ummae.models.layers import LayerNorm, PatchEmbed
+from ummae.models.masking import compact_image, compact_positions, dense_positions, kept_unit_index
+from ummae.errors import UsageError
 
 
 def sizes_that_fit(fits, near: int, n: int = 4) -> str:
@@ -64,7 +65,7 @@ class PyramidBackbone(nn.Module):
     def check_map_size(self, side: int, what: str) -> None:
         """Raise ValueError if a token map of this side cannot run through the stages."""
         if side % 8:
-            raise ValueError(f"{what}: token map side {side} must be divisible by 8 (three 2x down-samplings)")
+            raise UsageError(f"{what}: token map side {side} must be divisible by 8 (three 2x down-samplings)")
 
     def check_image_size(self, img_size: int, what: str, compact: bool = False) -> None:
         """Raise ValueError (naming sizes that fit) if images of this size cannot run through
@@ -78,7 +79,7 @@ class PyramidBackbone(nn.Module):
             problem = f"{what}: not a multiple of {div * 8} px"
         except ValueError as e:
             problem = str(e)
-        raise ValueError(f"{problem}; sizes that fit this model: {fits}")
+        raise UsageError(f"{problem}; sizes that fit this model: {fits}")
 
     # shared -----------------------------------------------------------------------------
     @property

@@ -10,14 +10,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import PretrainConfig, settings_from_checkpoint
-from .data import build_pretrain_dataset, build_train_loader
-from .data.datasets import _scan_images, normalize_uint8
-from .data.device_decode import EncodedBatch, collate_encoded
-from .engine.loop import Trainer, training_run
-from .engine.optim import build_optimizer, pretrain_no_weight_decay
-from .registry import create_model, model_kind
-from .visualize import compose_grid, display_transform, load_image, panels_from_output, reconstruct
+from ummae.config import PretrainConfig, settings_from_checkpoint
+from ummae.data import build_pretrain_dataset, build_train_loader
+from ummae.data.datasets import _scan_images, normalize_uint8
+from ummae.data.device_decode import EncodedBatch, collate_encoded
+from ummae.engine.trainer import Trainer, training_run
+from ummae.engine.optim import build_optimizer, pretrain_no_weight_decay
+from ummae.models.registry import create_model, model_kind
+from ummae.visualize import compose_grid, display_transform, load_image, panels_from_output, reconstruct
+from ummae.errors import UsageError
 
 log = logging.getLogger("ummae")
 
@@ -103,11 +104,11 @@ def _spread(paths: List[str], n: int) -> List[str]:
 
 def init_weights_from(model: nn.Module, path: str, verbose: bool) -> None:
     """``--init``: every weight of the pre-training model from ``path`` (ours, or a reference
-    checkpoint converted by :mod:`ummae.convert`), nothing else: the optimiser, schedule and
+    checkpoint converted by :mod:`ummae.weights.convert`), nothing else: the optimiser, schedule and
     epoch start fresh. The weights must be those of this very model; options without weights
     that differ (e.g. the reference's decoder positions) are logged."""
-    from .engine.ckpt import CheckpointError, load_state_strict
-    from .tasks.pretrained import read_weights
+    from ummae.weights.io import CheckpointError, load_state_strict
+    from ummae.weights.load import read_weights
 
     state, meta = read_weights(path)
     try:
@@ -127,7 +128,7 @@ def init_weights_from(model: nn.Module, path: str, verbose: bool) -> None:
 def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     cfg.validate()
     if model_kind(cfg.model) != "pretrain":
-        raise ValueError(f"{cfg.model!r} is not a pre-training model; `ummae models` lists them")
+        raise UsageError(f"{cfg.model!r} is not a pre-training model; `ummae models` lists them")
     settings_from_checkpoint(cfg, log)
     with training_run(cfg) as (info, device, precision):
         model = create_model(cfg.model, **cfg.model_kwargs())

@@ -10,14 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backbones import PyramidBackbone
-from ..backbones.base import sizes_that_fit
-from ..layers import init_weights
-from ..masking import (
-    block_choice, check_uniform_grid, kept_unit_index, num_kept, random_masking, reference_unit_index,
-    secondary_masking, uniform_sampling,
-)
-from .decoder import MAEDecoder
+from ummae.models.base import PyramidBackbone
+from ummae.models.base import sizes_that_fit
+from ummae.models.layers import init_weights
+from ummae.models.masking import block_choice, check_uniform_grid, kept_unit_index, num_kept, random_masking, reference_unit_index, secondary_masking, uniform_sampling
+from ummae.models.decoder import MAEDecoder
+from ummae.errors import UsageError
 
 
 def patchify(imgs: Tensor, unit: int) -> Tensor:
@@ -178,30 +176,30 @@ class MaskedAutoencoder(nn.Module):
 
 def _validate(encoder, pyramid, img_size, unit, sampling, mask_ratio, sm_ratio, decoder_pos) -> None:
     if sampling not in ("uniform", "random"):
-        raise ValueError(f"bad sampling {sampling!r}: must be 'uniform' (UM-MAE) or 'random' (MAE)")
+        raise UsageError(f"bad sampling {sampling!r}: must be 'uniform' (UM-MAE) or 'random' (MAE)")
     if decoder_pos not in ("true", "reference"):
-        raise ValueError(f"bad decoder_pos {decoder_pos!r}: must be 'true' or 'reference'")
+        raise UsageError(f"bad decoder_pos {decoder_pos!r}: must be 'true' or 'reference'")
     if not 0.0 <= sm_ratio < 1.0:
-        raise ValueError(f"bad sm_ratio {sm_ratio}: must be in [0, 1)")
+        raise UsageError(f"bad sm_ratio {sm_ratio}: must be in [0, 1)")
     if sampling == "uniform":
         if abs(mask_ratio - 0.75) > 1e-9:
-            raise ValueError(f"uniform sampling keeps one unit per 2x2 block, so the mask ratio is 0.75; got mask_ratio={mask_ratio}")
+            raise UsageError(f"uniform sampling keeps one unit per 2x2 block, so the mask ratio is 0.75; got mask_ratio={mask_ratio}")
     elif not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
+        raise UsageError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
     if pyramid:
         if sampling != "uniform":
-            raise ValueError(
+            raise UsageError(
                 "random sampling leaves holes that a pyramid encoder (Swin, PVT) cannot compact into a "
                 "dense map; use sampling='uniform', or a ViT model for MAE random sampling"
             )
         if unit <= 0 or unit % encoder.patch_size or 32 % unit:
-            raise ValueError(f"mask unit size {unit} must be a multiple of the {encoder.patch_size}px patch and divide 32 (4, 8, 16 or 32)")
+            raise UsageError(f"mask unit size {unit} must be a multiple of the {encoder.patch_size}px patch and divide 32 (4, 8, 16 or 32)")
     elif unit != encoder.patch_size:
-        raise ValueError(f"ViT masks whole patches: the mask unit size must equal the patch size {encoder.patch_size}, got {unit}")
+        raise UsageError(f"ViT masks whole patches: the mask unit size must equal the patch size {encoder.patch_size}, got {unit}")
     problem = _size_problem(encoder, pyramid, img_size, unit, sampling)
     if problem:
         fits = sizes_that_fit(lambda s: not _size_problem(encoder, pyramid, s, unit, sampling), img_size)
-        raise ValueError(f"{problem}; sizes that fit this model: {fits}")
+        raise UsageError(f"{problem}; sizes that fit this model: {fits}")
 
 
 def _size_problem(encoder, pyramid, img_size, unit, sampling) -> str | None:

@@ -13,7 +13,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..layers import LayerNorm, PatchEmbed, resize_pos_table, sincos_grid
+from ummae.models.layers import LayerNorm, PatchEmbed, resize_pos_table, sincos_grid
+from ummae.errors import UsageError
 
 
 def _sincos_table(h: int, w: int, dim: int, device=None) -> Tensor:
@@ -39,7 +40,7 @@ class VisionTransformer(nn.Module):
     ):
         super().__init__()
         if pos_embed not in ("sincos", "learnable"):
-            raise ValueError(f"pos_embed must be 'sincos' or 'learnable', got {pos_embed!r}")
+            raise UsageError(f"pos_embed must be 'sincos' or 'learnable', got {pos_embed!r}")
         self.patch_size = patch_size
         self.depths = [depth]
         self.pos_embed_kind = pos_embed

@@ -12,21 +12,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backbones import PyramidBackbone
-from ..layers import init_weights
-from ..masking import random_masking, unit_mask_to_tokens
-from .mae import masked_mean, patchify
+from ummae.models.base import PyramidBackbone
+from ummae.models.layers import init_weights
+from ummae.models.masking import random_masking, unit_mask_to_tokens
+from ummae.models.mae import masked_mean, patchify
+from ummae.errors import UsageError
 
 
 class SimMIM(nn.Module):
     def __init__(self, encoder: PyramidBackbone, img_size: int, unit_size: int = 16, mask_ratio: float = 0.75):
         super().__init__()
         if not isinstance(encoder, PyramidBackbone):
-            raise ValueError("SimMIM is implemented for pyramid encoders (Swin, PVT)")
+            raise UsageError("SimMIM is implemented for pyramid encoders (Swin, PVT)")
         if img_size % unit_size or unit_size % encoder.patch_size:
-            raise ValueError(f"image size {img_size} must be a multiple of the mask unit {unit_size}, itself a multiple of the {encoder.patch_size}px patch")
+            raise UsageError(f"image size {img_size} must be a multiple of the mask unit {unit_size}, itself a multiple of the {encoder.patch_size}px patch")
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
+            raise UsageError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
         encoder.check_image_size(img_size, f"image size {img_size}")
         self.encoder = encoder
         self.img_size = self.default_img_size = img_size
@@ -35,7 +36,7 @@ class SimMIM(nn.Module):
         self.mask_ratio = mask_ratio
         stride = encoder.feature_info[-1]["reduction"]
         if stride % unit_size:
-            raise ValueError(f"the mask unit {unit_size} must divide the encoder's output stride {stride}")
+            raise UsageError(f"the mask unit {unit_size} must divide the encoder's output stride {stride}")
         self.shuffle = stride // unit_size
         self.mask_token = nn.Parameter(torch.zeros(encoder.embed_dims[0]))
         # One linear map from each last-stage token to its r x r units' pixels (r = 2 at 16 px

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from .engine.precision import resolve_device
+from ummae.engine.precision import resolve_device
 
 
 @dataclass

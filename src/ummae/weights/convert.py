@@ -42,8 +42,9 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from .engine.ckpt import CheckpointError
-from .layers import sincos_grid
+from ummae.weights.io import CheckpointError
+from ummae.models.layers import sincos_grid
+from ummae.errors import CheckpointError
 
 # Reference model functions -> our registered models (the same architecture at paper size).
 REFERENCE_MODELS = {
@@ -286,7 +287,7 @@ def _our_model(args, family, kind, state) -> str | None:
     """Our registered model of the checkpoint's architecture at paper size: the one its
     ``args.model`` names, else the one its width suggests; None if neither (a run of another
     size: the caller names the model, e.g. ``ummae convert --model``)."""
-    from .tasks.classify import classifier_for
+    from ummae.models.classifier import classifier_for
 
     name = args.get("model")
     ours = REFERENCE_MODELS.get(name) if name else None
@@ -374,16 +375,16 @@ def convert_file(src: str, output: str, model: str | None = None, overwrite: boo
     file that does not fit exactly is refused, not written."""
     from pathlib import Path
 
-    from .engine import ckpt
-    from .engine.ckpt import load_state_strict
-    from .registry import create_model, model_kind
-    from .tasks.pretrained import load_weights, write_export
+    from ummae.weights import io as ckpt
+    from ummae.weights.io import load_state_strict
+    from ummae.models.registry import create_model, model_kind
+    from ummae.weights.load import load_weights, write_export
 
     out = Path(output)
     if out.suffix not in (".pth", ".safetensors"):
-        raise ValueError(f"--output must end in .pth (an ummae checkpoint) or .safetensors (an export), got {output}")
+        raise CheckpointError(f"--output must end in .pth (an ummae checkpoint) or .safetensors (an export), got {output}")
     if out.exists() and not overwrite:
-        raise ValueError(f"{output} exists; pass --overwrite to replace it")
+        raise CheckpointError(f"{output} exists; pass --overwrite to replace it")
     ck = ckpt.load(src)
     if not is_foreign(ck):
         raise CheckpointError(f"{src} is already an ummae checkpoint (model {ck.get('model_name')}); nothing to convert")

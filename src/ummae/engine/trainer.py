@@ -30,18 +30,17 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .. import dist as udist
-from ..config import config_to_dict
-from ..seeds import mix_seed
-from . import ckpt
-from .optim import SCHEDULES
-from .precision import autocast, grad_scaler
+from ummae.engine import dist as udist
+from ummae.config import config_to_dict
+from ummae.engine.seeds import mix_seed
+from ummae.weights import io as ckpt
+from ummae.engine.optim import SCHEDULES
+from ummae.engine.precision import autocast, grad_scaler
+from ummae.errors import DataError, NonFiniteLossError, UsageError
 
 log = logging.getLogger("ummae")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def _run_files(out: Path) -> list[Path]:
@@ -56,15 +55,15 @@ def claim_output(cfg) -> None:
     log. Every process checks before the process group exists, so before anything is written."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {out} is a file, not a folder")
+        raise UsageError(f"--output {out} is a file, not a folder")
     if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume continues the run in the output folder and --overwrite deletes it: give one of them")
+        raise UsageError("--resume continues the run in the output folder and --overwrite deletes it: give one of them")
     # a run that trained (metrics or checkpoints); one that failed at its start left only its
     # config.yaml / log.txt, which the next attempt replaces / appends to
     held = [p for p in _run_files(out) if p.name == "metrics.jsonl" or p.suffix == ".pth"] if out.is_dir() else []
     if held and not cfg.resume and not cfg.overwrite:
         names = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
-        raise ValueError(f"output folder {out} holds a run ({names}); pass --resume auto to continue it, "
+        raise UsageError(f"output folder {out} holds a run ({names}); pass --resume auto to continue it, "
                          f"--overwrite to start over (its checkpoints and logs are deleted), or another --output")
 
 
@@ -91,8 +90,8 @@ def training_run(cfg):
     (:func:`claim_output`), join the process group (torchrun, or one process), open the run's
     folder (:func:`run_folder`), resolve the precision and seed every rank alike (DDP also
     broadcasts rank 0's weights). Yields ``(dist_info, device, precision)``."""
-    from ..engine.precision import resolve_precision
-    from ..seeds import seed_everything
+    from ummae.engine.precision import resolve_precision
+    from ummae.engine.seeds import seed_everything
 
     claim_output(cfg)
     with udist.distributed(cfg.device) as (info, device), run_folder(cfg, info):
@@ -247,7 +246,7 @@ class Trainer:
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         if self.steps_per_epoch < cfg.accum_iter:
-            raise ValueError(
+            raise UsageError(
                 f"an epoch has {self.steps_per_epoch} steps, fewer than accum_iter={cfg.accum_iter}: no optimiser "
                 f"update would ever happen; lower accum_iter or batch_size, or use more data"
             )
@@ -498,7 +497,7 @@ class Trainer:
                 break
             images, n_skipped = batch[0], batch[-1]
             if images.shape[0] == 0:
-                raise ValueError(f"every image of batch {step} of epoch {epoch} was unreadable; check the data (warnings above name the files)")
+                raise DataError(f"every image of batch {step} of epoch {epoch} was unreadable; check the data (warnings above name the files)")
             self.epoch_skipped += n_skipped
             micro = step % cfg.accum_iter
             if micro == 0:

@@ -2,7 +2,7 @@ import math
 
 import torch.nn as nn
 
-from .patch_embed import PatchEmbed
+from ummae.models.layers.patch_embed import PatchEmbed
 
 
 def init_weights(m: nn.Module) -> None:

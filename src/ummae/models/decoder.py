@@ -10,7 +10,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
-from ..layers import LayerNorm, sincos_grid
+from ummae.models.layers import LayerNorm, sincos_grid
 
 
 class MAEDecoder(nn.Module):

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from ..layers import LayerNorm, resize_pos_table, sincos_grid
-from .base import PyramidBackbone
+from ummae.models.layers import LayerNorm, resize_pos_table, sincos_grid
+from ummae.models.base import PyramidBackbone
+from ummae.errors import UsageError
 
 
 def _sincos_table(side: int, dim: int, device=None) -> Tensor:
@@ -97,7 +98,7 @@ class PyramidVisionTransformer(PyramidBackbone):
     ):
         super().__init__(embed_dims, in_chans, patch_norm=False)
         if pos_embed not in ("sincos", "learnable"):
-            raise ValueError(f"pos_embed must be 'sincos' or 'learnable', got {pos_embed!r}")
+            raise UsageError(f"pos_embed must be 'sincos' or 'learnable', got {pos_embed!r}")
         self.drop_path_rate = drop_path
         self.depths = list(depths)
         self.pos_embed_kind = pos_embed
@@ -122,7 +123,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         """Pre-training uses 4-2-1-1 on the compact map, fine-tuning 8-4-2-1 on the full map;
         pooling is parameter-free, so the weights carry over unchanged."""
         if len(sr_ratios) != len(self.stages):
-            raise ValueError(f"need {len(self.stages)} sr ratios, got {list(sr_ratios)}")
+            raise UsageError(f"need {len(self.stages)} sr ratios, got {list(sr_ratios)}")
         self.sr_ratios = list(sr_ratios)
         for stage, sr in zip(self.stages, sr_ratios):
             for blk in stage:
@@ -132,7 +133,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         super().check_map_size(side, what)
         for s, sr in enumerate(self.sr_ratios):
             if (side >> s) < sr:
-                raise ValueError(f"{what}: the {side >> s}x{side >> s} map of stage {s + 1} is smaller than its spatial reduction {sr}")
+                raise UsageError(f"{what}: the {side >> s}x{side >> s} map of stage {s + 1} is smaller than its spatial reduction {sr}")
 
     def position_embedding(self, pos: Tensor, extent: int) -> Tensor:
         """Stage-1 embedding at integer positions ``pos [P, h, w, 2]`` of a grid of side

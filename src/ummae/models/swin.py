@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from ..layers import LayerNorm
-from .base import PyramidBackbone
+from ummae.models.layers import LayerNorm
+from ummae.models.base import PyramidBackbone
+from ummae.errors import UsageError
 
 
 def log_spaced(d: Tensor) -> Tensor:
@@ -206,7 +207,7 @@ class SwinTransformer(PyramidBackbone):
             m = side // 2**s
             ws = min(self.window_size, m)
             if m % ws:
-                raise ValueError(
+                raise UsageError(
                     f"{what}: Swin window {self.window_size} does not tile the {m}x{m} map of stage {s + 1}; "
                     f"choose an image size whose stage maps are multiples of the window"
                 )

@@ -13,9 +13,9 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
+from ummae.errors import CheckpointError  # noqa: F401  (re-exported: raised by every reader of weights)
 
-class CheckpointError(ValueError):
-    pass
+
 
 
 def save_atomic(obj: Dict[str, Any], path: str | Path) -> None:

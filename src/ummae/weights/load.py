@@ -29,11 +29,11 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from ..convert import convert_checkpoint, describe, is_foreign
-from ..engine import ckpt
-from ..engine.ckpt import CheckpointError
-from ..layers import resize_pos_table
-from ..registry import list_models, model_kind
+from ummae.weights.convert import convert_checkpoint, describe, is_foreign
+from ummae.weights import io as ckpt
+from ummae.weights.io import CheckpointError
+from ummae.models.layers import resize_pos_table
+from ummae.models.registry import list_models, model_kind
 
 log = logging.getLogger("ummae")
 
@@ -60,7 +60,7 @@ class LoadReport:
     def format(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source} (model {self.source_model})"]
         if self.converted:
-            lines += ["converted from the reference layout (ummae.convert): source tensors not carried over, options not recorded:",
+            lines += ["converted from the reference layout (ummae.weights.convert): source tensors not carried over, options not recorded:",
                       self.converted]
         for title, items in (("adapted", self.adapted), ("newly initialised", self.new), ("dropped", self.dropped)):
             if items:
@@ -84,7 +84,7 @@ def _group(items: Dict[str, str]) -> Dict[str, str]:
 
 def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """``(state_dict, meta)`` of an ummae ``.pth`` checkpoint or exported ``.safetensors``, or
-    of a reference (UM-MAE / MAE code base) checkpoint converted to ours (:mod:`ummae.convert`);
+    of a reference (UM-MAE / MAE code base) checkpoint converted to ours (:mod:`ummae.weights.convert`);
     ``meta`` has ``model_name`` and ``model_args`` when the file records them. ``ema``: the
     EMA weights a fine-tuning run with ``--ema`` keeps beside the raw ones. ``tensors=False``:
     ``meta`` without reading the weights (a safetensors file's header; a ``.pth`` mapped, not
@@ -207,7 +207,7 @@ def load_weights(model: nn.Module, state: Dict[str, torch.Tensor], meta: Dict[st
 
 
 def _suggest(source_model: str | None) -> str:
-    from .classify import classifier_for
+    from ummae.models.classifier import classifier_for
 
     try:
         return f". Its classifier is {classifier_for(source_model)}" if source_model else ""
@@ -231,7 +231,7 @@ def export(checkpoint: str | Path, output: str | Path, encoder_only: bool = Fals
 def check_weights_fit(state: Dict[str, torch.Tensor], meta: Dict[str, Any], path) -> None:
     """The tensors must be those of the model the file names (built with its recorded options),
     so that nothing with the wrong shapes is passed on under that name."""
-    from ..registry import create_model
+    from ummae.models.registry import create_model
 
     name = meta["model_name"]
     args = model_args_within_bounds(meta.get("model_args") or {}, path)
@@ -266,7 +266,7 @@ def write_export(state: Dict[str, torch.Tensor], meta: Dict[str, Any], output: s
     """:func:`export` of weights already read (or converted): ``meta`` names the model."""
     from safetensors.torch import save_file
 
-    from .classify import classifier_for
+    from ummae.models.classifier import classifier_for
 
     name = meta["model_name"]
     pretraining = model_kind(name) == "pretrain"

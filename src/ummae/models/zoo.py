@@ -13,10 +13,15 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from ..backbones import PyramidVisionTransformer, SwinTransformer, VisionTransformer
-from ..registry import register_model
-from .mae import MaskedAutoencoder
-from .simmim import SimMIM
+from ummae.models.pvt import PyramidVisionTransformer
+
+from ummae.models.swin import SwinTransformer
+
+from ummae.models.vit import VisionTransformer
+from ummae.models.registry import register_model
+from ummae.models.mae import MaskedAutoencoder
+from ummae.models.simmim import SimMIM
+from ummae.errors import UsageError
 
 SWIN = {
     "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), pos_hidden=32),
@@ -46,7 +51,7 @@ MAE_OPTIONS = ("img_size", "unit_size", "sampling", "mask_ratio", "sm_ratio", "n
 def _split(kw: Dict[str, Any], allowed, model: str):
     unknown = sorted(set(kw) - set(allowed) - {"drop_path"})
     if unknown:
-        raise ValueError(f"option(s) {', '.join(unknown)} do not apply to {model}; it takes {', '.join(sorted(allowed))} and drop_path")
+        raise UsageError(f"option(s) {', '.join(unknown)} do not apply to {model}; it takes {', '.join(sorted(allowed))} and drop_path")
     return kw.pop("drop_path", 0.0)
 
 

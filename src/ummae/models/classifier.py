@@ -1,0 +1,261 @@
+"""Image classification with a pre-trained encoder: the fine-tuning, probing and eval model.
+
+``Classifier(encoder, num_classes)``: global average pooling of the last stage + LayerNorm +
+linear head (METHOD.md; MAE's ``global_pool`` convention: the encoder's final norm is replaced
+by the norm after pooling). Registered under the reference names (``swin_tiny_256``,
+``pvt_small_256``, ``vit_base_patch16``...) in our registry and, as ``ummae_<name>``, in timm's.
+Fine-tuning settings that differ from pre-training are the models' defaults: Swin window 16,
+PVT spatial reduction 8-4-2-1 and a learnable position embedding.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from ummae.models.base import PyramidBackbone
+
+from ummae.models.pvt import PyramidVisionTransformer
+
+from ummae.models.swin import SwinTransformer
+
+from ummae.models.vit import VisionTransformer
+from ummae.models.layers import LayerNorm, init_weights
+from ummae.models.zoo import DENSE_SR, DENSE_WINDOW, PVT, SWIN, VIT
+from ummae.models.registry import list_models, model_kind, register_model
+from ummae.errors import UsageError
+
+
+class Classifier(nn.Module):
+    """timm's model surface: ``forward_features`` -> ``forward_head(pre_logits)`` -> logits."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int = 1000, img_size: int = 256, drop_rate: float = 0.0,
+                 layer_decay: float = 0.75):
+        super().__init__()
+        if num_classes < 0:
+            raise UsageError(f"num_classes must be >= 0 (0 = no head), got {num_classes}")
+        self.pyramid = isinstance(encoder, PyramidBackbone)
+        if self.pyramid:
+            encoder.check_image_size(img_size, f"image size {img_size}")
+        elif img_size % encoder.patch_size:
+            raise UsageError(f"image size {img_size} is not a multiple of the {encoder.patch_size}px patch")
+        self.encoder = encoder
+        self.encoder.norm = nn.Identity()  # pooled features are normed by fc_norm instead
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.num_features = encoder.num_features
+        self.default_layer_decay = layer_decay
+        self.fc_norm = LayerNorm(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = self._new_head(num_classes)
+        self.pretrained_cfg = self.default_cfg = dict(
+            input_size=(3, img_size, img_size), num_classes=num_classes, interpolation="bicubic", crop_pct=0.875,
+            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="encoder.patch_embed.proj",
+            classifier="head",
+        )
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, num_classes)
+        # A near-zero head (std 2e-5, MAE) keeps the first updates from wrecking the encoder.
+        trunc_normal_(head.weight, std=2e-5)
+        nn.init.zeros_(head.bias)
+        return head
+
+    def options(self) -> dict[str, Any]:
+        enc = self.encoder
+        opts: dict[str, Any] = dict(img_size=self.img_size, num_classes=self.num_classes, drop_path=enc.drop_path_rate)
+        if isinstance(enc, SwinTransformer):
+            opts["window_size"] = enc.window_size
+        if isinstance(enc, PyramidVisionTransformer):
+            opts["sr_ratios"] = list(enc.sr_ratios)
+        return opts
+
+    # timm's classifier API
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"only global average pooling is supported, got {global_pool!r}")
+        self.num_classes = num_classes
+        self.head = self._new_head(num_classes).to(self.fc_norm.weight.device)
+
+    def use_probe_head(self) -> None:
+        """Linear probing (MAE): freeze everything, then a new BatchNorm1d without affine +
+        linear head (std 0.01). With drop path 0 the frozen body has no train-mode behaviour,
+        and no activation is kept for backward since nothing before the head needs a grad."""
+        for p in self.parameters():
+            p.requires_grad = False
+        linear = nn.Linear(self.num_features, self.num_classes)
+        trunc_normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.BatchNorm1d(self.num_features, affine=False, eps=1e-6), linear)
+        self.head.to(self.fc_norm.weight.device)
+        if hasattr(self, "model_args"):
+            self.model_args["probe_head"] = True
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.num_layers
+
+    def layer_id(self, name: str) -> int:
+        if name.startswith("encoder."):
+            return self.encoder.layer_id(name[len("encoder."):])
+        return self.num_layers + 1  # fc_norm and head: full lr
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``[N, 3, S, S]`` -> last-stage map ``[N, C, h, w]`` (pyramid) or tokens
+        ``[N, 1 + L, D]`` (ViT, cls first)."""
+        if self.pyramid:
+            return self.encoder.forward_dense(x)[-1]
+        return self.encoder.forward_features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(2, 3)) if self.pyramid else x[:, 1:].mean(dim=1)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --- registered classifiers ------------------------------------------------------------------
+FINETUNE_WINDOW = DENSE_WINDOW  # METHOD.md: pre-train at window 8 on the compact map, fine-tune at 16
+FINETUNE_SR = DENSE_SR  # METHOD.md: PVT fine-tuning spatial reduction
+_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _classifier(name: str, family: str, arch: str, img_size: int, drop_path: float, layer_decay: float,
+                kw: dict[str, Any], window: int = FINETUNE_WINDOW, patch: int = 16) -> Classifier:
+    allowed = {"img_size", "num_classes", "drop_path", "drop_rate"}
+    allowed |= {"window_size"} if family == "swin" else {"sr_ratios"} if family == "pvt" else set()
+    unknown = sorted(set(kw) - allowed)
+    if unknown:
+        raise UsageError(f"option(s) {', '.join(unknown)} do not apply to {name}; it takes {', '.join(sorted(allowed))}")
+    img_size = kw.pop("img_size", img_size)
+    drop_path = kw.pop("drop_path", drop_path)
+    head_kw = dict(num_classes=kw.pop("num_classes", 1000), img_size=img_size, drop_rate=kw.pop("drop_rate", 0.0),
+                   layer_decay=layer_decay)
+    if family == "swin":
+        enc = SwinTransformer(window_size=kw.pop("window_size", window), drop_path=drop_path, **SWIN[arch])
+    elif family == "pvt":
+        enc = PyramidVisionTransformer(sr_ratios=tuple(kw.pop("sr_ratios", FINETUNE_SR)), drop_path=drop_path,
+                                       pos_embed="learnable", img_size=img_size, **PVT[arch])
+    else:
+        enc = VisionTransformer(patch_size=patch, drop_path=drop_path, pos_embed="learnable", img_size=img_size,
+                                **VIT[arch])
+    model = Classifier(enc, **head_kw)
+    _init_encoder(enc)
+    return model
+
+
+def _init_encoder(enc: nn.Module) -> None:
+    """From-scratch initialisation, as in pre-training (layers/init.py);
+    position tables keep their sin-cos start."""
+    enc.apply(init_weights)
+    if isinstance(enc, VisionTransformer):
+        nn.init.normal_(enc.cls_token, std=0.02)
+
+
+@register_model("classify")
+def swin_tiny_256(**kw):
+    return _classifier("swin_tiny_256", "swin", "tiny", 256, 0.1, 0.85, kw)
+
+
+@register_model("classify")
+def swin_large_256(**kw):
+    return _classifier("swin_large_256", "swin", "large", 256, 0.2, 0.9, kw)
+
+
+@register_model("classify")
+def pvt_small_256(**kw):
+    return _classifier("pvt_small_256", "pvt", "small", 256, 0.1, 0.85, kw)
+
+
+@register_model("classify")
+def vit_base_patch16(**kw):
+    return _classifier("vit_base_patch16", "vit", "base", 224, 0.1, 0.65, kw)
+
+
+@register_model("classify")
+def vit_large_patch16(**kw):
+    return _classifier("vit_large_patch16", "vit", "large", 224, 0.2, 0.75, kw)
+
+
+@register_model("classify")
+def swin_nano_128(**kw):
+    return _classifier("swin_nano_128", "swin", "nano", 128, 0.1, 0.85, kw)
+
+
+@register_model("classify")
+def pvt_nano_128(**kw):
+    return _classifier("pvt_nano_128", "pvt", "nano", 128, 0.1, 0.85, kw)
+
+
+@register_model("classify")
+def swin_test(**kw):
+    return _classifier("swin_test", "swin", "test", 64, 0.1, 0.85, kw, window=8)
+
+
+@register_model("classify")
+def pvt_test(**kw):
+    return _classifier("pvt_test", "pvt", "test", 64, 0.1, 0.85, kw)
+
+
+@register_model("classify")
+def vit_test(**kw):
+    return _classifier("vit_test", "vit", "test", 64, 0.1, 0.65, kw)
+
+
+def check_classifier(name: str) -> None:
+    """Refuse a pre-training model where a classifier is needed (fine-tuning, probing, eval)."""
+    if model_kind(name) != "classify":
+        raise UsageError(f"{name!r} is a pre-training model; classifiers are listed by `ummae models --kind classify`")
+
+
+def classifier_for(pretrain_name: str) -> str:
+    """The classifier that carries a pre-training model's encoder: ``mae_swin_tiny_256`` ->
+    ``swin_tiny_256``, ``mae_vit_base_patch16_dec512d2b`` -> ``vit_base_patch16`` (MAE, UM-MAE
+    and SimMIM share the encoder; the decoder does not matter)."""
+    for prefix in ("mae_", "simmim_"):
+        if pretrain_name.startswith(prefix):
+            name = re.sub(r"_dec\d+d\d+b$", "", pretrain_name[len(prefix):])
+            if name in list_models(kind="classify"):
+                return name
+    raise UsageError(f"no classifier is registered for the encoder of {pretrain_name!r}")
+
+
+# --- timm registration: `import ummae; timm.create_model("ummae_swin_tiny_256", num_classes=10)`
+def _timm_entry(name: str):
+    def create(pretrained: bool = False, **kwargs):
+        from ummae.models.registry import create_model
+
+        if pretrained:
+            raise UsageError(
+                f"ummae_{name}: ummae downloads no weights; create it with pretrained=False and load an exported "
+                f"file (`ummae export`) with load_state_dict(safetensors.torch.load_file(path), strict=False)"
+            )
+        for k in _TIMM_ONLY:
+            kwargs.pop(k, None)
+        if "drop_path_rate" in kwargs:  # timm's name for stochastic depth
+            kwargs["drop_path"] = kwargs.pop("drop_path_rate")
+        return create_model(name, **kwargs)
+
+    create.__name__ = f"ummae_{name}"
+    create.__qualname__ = create.__name__
+    create.__module__ = __name__
+    return create
+
+
+def register_with_timm() -> None:
+    from timm.models import is_model
+    from timm.models import register_model as timm_register
+
+    for name in list_models(kind="classify"):
+        if not is_model(f"ummae_{name}"):
+            timm_register(_timm_entry(name))
