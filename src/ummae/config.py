@@ -32,8 +32,7 @@ def _f(default, help_, **meta):
     return field(default=default, metadata={"help": help_, **meta})
 
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-INPUT_PIPELINES = ("tensor", "pil", "device")  # pre-training samples: data/datasets.build_pretrain_transform
+from ummae.choices import DETECTORS, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -275,8 +274,6 @@ class KnnConfig(InferenceConfig):
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
 
 
-DETECTORS = ("gfl", "maskrcnn", "retinanet", "fcos")
-
 
 @dataclass
 class DetectConfig(RunConfig):
@@ -349,8 +346,6 @@ class DetectEvalConfig:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check_machinery(self)
 
-
-SEG_TEST_MODES = ("slide", "whole")
 
 
 @dataclass

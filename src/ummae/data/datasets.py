@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from ummae.config import INPUT_PIPELINES
+from ummae.choices import INPUT_PIPELINES
 from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)

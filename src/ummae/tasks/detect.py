@@ -35,7 +35,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ummae.engine import dist as udist
-from ummae.config import DETECTORS
+from ummae.choices import DETECTORS
 from ummae.engine.precision import autocast
 from ummae.tasks.dense import StageMaps, build_stage_maps, encoder_options, load_task_model, validation
 from ummae.weights.load import log_load_report

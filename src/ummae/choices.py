@@ -1,0 +1,9 @@
+"""The fixed sets of option values that several layers share: the command line shows them
+(``--precision {auto,bf16,fp16,fp32}``) and checks them without importing torch, and the code
+below it (data pipelines, detectors, segmentation inference) acts on them. Defined once here,
+at the bottom of the layers, so that no lower layer imports the config to know them."""
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+INPUT_PIPELINES = ("tensor", "pil", "device")  # pre-training samples: data/datasets.build_pretrain_transform
+DETECTORS = ("gfl", "maskrcnn", "retinanet", "fcos")
+SEG_TEST_MODES = ("slide", "whole")
