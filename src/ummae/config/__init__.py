@@ -1,0 +1,65 @@
+"""Run configuration: one small dataclass per command, a YAML file, and command-line flags
+generated from the dataclass fields (one flag per field, so nothing is declared twice).
+
+- :mod:`~ummae.config.fields`: ``option(default, help, ge=..., choices=...)``, a field that
+  declares the values it accepts, and ``check_fields``, the one validator;
+- :mod:`~ummae.config.commands`: the configs (``PretrainConfig``, ``FinetuneConfig``, ...);
+- :mod:`~ummae.config.flags`: YAML files, flags, and ``config_from_args`` joining them;
+- :mod:`~ummae.config.resume`: the settings a resumed run takes from its checkpoint.
+
+Precedence: dataclass default < ``--config file.yaml`` < explicit command-line flag. Importing
+the config loads no torch (``ummae --help`` stays fast).
+"""
+
+from ummae.choices import DETECTORS, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES
+from ummae.config.commands import (
+    ClassifyData,
+    DetectConfig,
+    DetectEvalConfig,
+    EvalConfig,
+    FinetuneConfig,
+    InferenceConfig,
+    IterationRunConfig,
+    KnnConfig,
+    LinprobeConfig,
+    Machinery,
+    PretrainConfig,
+    RunConfig,
+    SegmentConfig,
+    SegmentEvalConfig,
+)
+from ummae.config.fields import check_fields, option
+from ummae.config.flags import BUILTIN_CONFIGS, add_dataclass_flags, builtin_configs, config_from_args, load_yaml
+from ummae.config.resume import MAY_CHANGE_ON_RESUME, config_to_dict, given_fields, settings_from_checkpoint
+
+__all__ = [
+    "BUILTIN_CONFIGS",
+    "DETECTORS",
+    "INPUT_PIPELINES",
+    "MAY_CHANGE_ON_RESUME",
+    "PRECISIONS",
+    "SEG_TEST_MODES",
+    "ClassifyData",
+    "DetectConfig",
+    "DetectEvalConfig",
+    "EvalConfig",
+    "FinetuneConfig",
+    "InferenceConfig",
+    "IterationRunConfig",
+    "KnnConfig",
+    "LinprobeConfig",
+    "Machinery",
+    "PretrainConfig",
+    "RunConfig",
+    "SegmentConfig",
+    "SegmentEvalConfig",
+    "add_dataclass_flags",
+    "builtin_configs",
+    "check_fields",
+    "config_from_args",
+    "config_to_dict",
+    "given_fields",
+    "load_yaml",
+    "option",
+    "settings_from_checkpoint",
+]

@@ -1,0 +1,527 @@
+"""The configuration of each command: one dataclass per command, built from a few shared parts.
+
+Every field declares its default, its flag's help and the values it accepts
+(:func:`ummae.config.fields.option`); ``validate`` checks them all at once
+(:func:`~ummae.config.fields.check_fields`) and then the rules between fields, written out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ummae.choices import DETECTORS, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES
+from ummae.config.fields import DEVICE, RAND_AUGMENT, check_fields, option, ordered_range
+from ummae.errors import UsageError
+
+
+def _workers(default: int):
+    """The data-loading workers option; its default differs per command (4 for detection and
+    segmentation, whose samples are large)."""
+    return option(default, "data-loading processes per process", ge=0)
+
+
+@dataclass
+class Machinery:
+    """Where and how a command runs, shared by every training run and every inference command.
+    The root of every command's config: ``validate`` checks all of its fields."""
+
+    precision: str = option(
+        "auto",
+        "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (training: with a grad scaler) or fp32",
+        choices=PRECISIONS,
+    )
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", check=DEVICE)
+    num_workers: int = _workers(8)
+
+    def validate(self) -> None:
+        check_fields(self)
+
+
+# A training run's parts. A dataclass lists a base's fields before its subclass's, so the runs
+# below name their parts last-first, and their flags read: output, epochs, optimisation,
+# machinery, run control.
+
+
+@dataclass
+class _RunOutput:
+    output: str = option("runs/run", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+
+
+@dataclass
+class _Epochs:
+    epochs: int = option(200, "training epochs", ge=1)
+    warmup_epochs: float = option(10, "linear warm-up epochs", ge=0)
+
+
+@dataclass
+class _Optimisation:
+    batch_size: int = option(128, "images per process per step", ge=1)
+    accum_iter: int = option(1, "gradient accumulation steps", ge=1)
+    blr: float = option(1.5e-4, "base lr: lr = blr * effective batch / 256", gt=0, below=1e9)
+    lr: float | None = option(None, "absolute lr (overrides blr)", gt=0, below=1e9)
+    min_lr: float = option(0.0, "lr at the end of the cosine", ge=0, below=1e9)
+    weight_decay: float = option(0.05, "weight decay", ge=0)
+    clip_grad: float | None = option(None, "max gradient norm (default: no clipping)", gt=0)
+
+    def effective_lr(self, world_size: int) -> float:
+        """``lr``, or MAE's scaling rule ``blr * effective batch / 256``."""
+        return self.lr if self.lr is not None else self.blr * self.batch_size * self.accum_iter * world_size / 256
+
+
+@dataclass
+class _RunControl:
+    seed: int = option(0, "seed of data order, augmentation, masks and init")
+    save_every: int = option(1, "write checkpoint-last.pth every N epochs (and at the end)", ge=1)
+    keep_every: int = option(
+        20, "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)", ge=0
+    )
+    save_every_steps: int = option(
+        0, "also checkpoint-last.pth every N optimiser steps inside an epoch (0 = off)", ge=0
+    )
+    resume: str | None = option(None, "'auto' (checkpoint-last.pth of the output folder, if any) or a checkpoint path")
+    overwrite: bool = option(
+        False, "start over in an output folder that holds a run (its checkpoints and logs are deleted)"
+    )
+    log_every: int = option(20, "metrics every N steps", ge=1)
+    max_steps_per_epoch: int | None = option(None, "cap on steps per epoch (quick runs)", ge=1)
+    compile: bool = option(False, "torch.compile the model")
+
+
+@dataclass
+class RunConfig(_RunControl, Machinery, _Optimisation, _Epochs, _RunOutput):
+    """What every training run counted in epochs shares: output, schedule, optimiser basics and
+    the machinery of the one engine (checkpoints, resume, logging, precision, devices)."""
+
+
+@dataclass
+class IterationRunConfig(_RunControl, Machinery, _Optimisation, _RunOutput):
+    """A training run counted in iterations (``iters``, given by the subclass): no epochs to set.
+    Its passes over the data are the engine's business."""
+
+    # The engine counts a warm-up in epochs when ``warmup_steps`` is None: then there is none.
+    warmup_epochs: ClassVar[float] = 0.0
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """Pre-training run. Defaults are the paper's recipe (METHOD.md)."""
+
+    model: str = option("mae_swin_tiny_256", "registered pre-training model (`ummae models`)")
+    data: str | None = option(
+        None,
+        "ImageFolder tree, flat image folder, or list file of 'relative/path label' lines; omitted: the embedded "
+        "demo photos",
+    )
+    data_root: str | None = option(None, "root of the paths in a list file (default: the list file's folder)")
+    output: str = option("runs/pretrain", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    init: str | None = option(
+        None,
+        "start from the weights of this pre-training checkpoint (ummae, or the reference's: converted), with a "
+        "fresh optimiser and schedule; a resumed run keeps its own weights",
+    )
+    # method (None = the model's default)
+    img_size: int | None = option(
+        None, "input size (default: the model's, 256 for pyramid models, 224 for ViT)", ge=16, le=4096
+    )
+    unit_size: int | None = option(None, "mask unit size in pixels (default 16)", ge=1)
+    sampling: str | None = option(None, "uniform (UM-MAE) or random (MAE RS; ViT only)", choices=("uniform", "random"))
+    mask_ratio: float | None = option(None, "masked fraction (uniform sampling is always 0.75)")
+    sm_ratio: float | None = option(None, "secondary masking ratio of the visible units (default 0.25; 0 = US only)")
+    norm_pix_loss: bool | None = option(None, "per-unit normalised pixel targets (default on for MAE models)")
+    decoder_pos: str | None = option(
+        None,
+        "'true' (each visible token at its own unit) or 'reference' (the reference code's ordering, for "
+        "reproduction only)",
+        choices=("true", "reference"),
+    )
+    drop_path: float | None = option(None, "stochastic depth rate of the encoder", ge=0, lt=1)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas", ge=0, lt=1)
+    crop_scale: tuple[float, float] = option((0.2, 1.0), "RandomResizedCrop scale range", check=ordered_range(0, 1))
+    samples_per_epoch: int | None = option(
+        None,
+        'tar shards (--data "dir/shard-{000000..000099}.tar", pipe:..., or a folder of `ummae shards`): samples '
+        "per epoch (default: their shards.json's count)",
+        ge=1,
+    )
+    input_pipeline: str = option(
+        "tensor",
+        "tensor: decode, crop and flip on uint8 tensors, normalise on the device (faster); pil: MAE's PIL "
+        "transform (the same crops; pixels within 2 grey levels); device: JPEGs decoded (nvJPEG on CUDA), cropped "
+        "and flipped by the training step, batched",
+        choices=INPUT_PIPELINES,
+    )
+    demo_repeats: int = option(8, "embedded demo data: random crops per photo per epoch", ge=1)
+    vis_every: int = option(
+        20,
+        "write a reconstruction picture of fixed validation images every N epochs (and at the end); 0 = off",
+        ge=0,
+    )
+    vis_images: int = option(8, "images in that picture", ge=1)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The options the model builder takes (None = the model's default)."""
+        return dict(
+            img_size=self.img_size, unit_size=self.unit_size, sampling=self.sampling,
+            mask_ratio=self.mask_ratio, sm_ratio=self.sm_ratio, norm_pix_loss=self.norm_pix_loss,
+            decoder_pos=self.decoder_pos, drop_path=self.drop_path,
+        )  # fmt: skip
+
+
+@dataclass
+class ClassifyData:
+    """Labelled data and the classifier options shared by fine-tuning, probing and eval."""
+
+    model: str | None = option(
+        None,
+        "registered classifier (`ummae models --kind classify`); default: the one the weights (--pretrained / "
+        "--checkpoint) name, for a pre-training model its classifier (mae_X / simmim_X -> X)",
+    )
+    data: str | None = option(
+        None,
+        "dataset root holding train/ and val/ ImageFolders, an ImageFolder, or a list file of 'relative/path "
+        "label' lines",
+        required=True,
+    )
+    val_data: str | None = option(None, "validation data (default: the val/ split of --data)")
+    data_root: str | None = option(None, "root of the paths in list files (default: each list file's folder)")
+    img_size: int | None = option(None, "input size (default: the model's)", gt=0)
+    crop_pct: float = option(0.875, "evaluation: resize to img_size / crop_pct, then center crop", gt=0, le=1)
+
+    def require_data(self, what: str) -> None:
+        if not self.data:
+            raise UsageError(
+                f"{what} needs labelled data: pass --data (a dataset root with train/ and val/, an ImageFolder or "
+                f"a list file)"
+            )
+
+
+@dataclass
+class FinetuneConfig(RunConfig, ClassifyData):
+    """End-to-end fine-tuning. Defaults are the paper's recipe (METHOD.md)."""
+
+    pretrained: str | None = option(
+        None,
+        "pre-trained weights: an ummae checkpoint (.pth) or exported .safetensors; omitted: from scratch",
+    )
+    output: str = option("runs/finetune", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    num_classes: int | None = option(None, "classes (default: those of the training data)", ge=1)
+    samples_per_epoch: int | None = option(
+        None,
+        "--data as labelled tar shards (`ummae shards`; then --val-data is needed): samples per epoch (default: "
+        "all of them)",
+    )
+    drop_path: float | None = option(None, "stochastic depth rate (default: the model's, 0.1 for Swin-T)", ge=0, lt=1)
+    window_size: int | None = option(None, "Swin window (default: the model's, 16)", ge=1)
+    layer_decay: float | None = option(
+        None, "layer-wise lr decay (default: the model's, 0.85 for Swin-T; 1 = off)", gt=0, le=1
+    )
+    epochs: int = option(100, "training epochs", ge=1)
+    warmup_epochs: float = option(5, "linear warm-up epochs", ge=0)
+    blr: float = option(5e-4, "base lr: lr = blr * effective batch / 256", gt=0, below=1e9)
+    min_lr: float = option(1e-6, "lr at the end of the cosine", ge=0, below=1e9)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", ge=0, lt=1)
+    smoothing: float = option(0.1, "label smoothing", ge=0, lt=1)
+    mixup: float = option(0.8, "mixup alpha (0 = off)", ge=0)
+    cutmix: float = option(1.0, "cutmix alpha (0 = off)", ge=0)
+    mixup_prob: float = option(1.0, "probability of mixup or cutmix per batch", ge=0, le=1)
+    mixup_switch_prob: float = option(0.5, "probability of cutmix rather than mixup when both are on", ge=0, le=1)
+    auto_augment: str = option("rand-m9-mstd0.5-inc1", "timm RandAugment policy ('none' = off)", check=RAND_AUGMENT)
+    reprob: float = option(0.25, "random erasing probability", ge=0, le=1)
+    ema: bool = option(False, "keep an exponential moving average of the weights (evaluated too)")
+    ema_decay: float = option(0.9999, "EMA decay per optimiser update", gt=0, lt=1)
+    eval_every: int = option(1, "evaluate on the val split every N epochs (and at the end)", ge=0)
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_data("fine-tuning")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return dict(img_size=self.img_size, num_classes=self.num_classes, drop_path=self.drop_path,
+                    window_size=self.window_size)  # fmt: skip
+
+
+@dataclass
+class LinprobeConfig(RunConfig, ClassifyData):
+    """Linear probing (MAE's recipe): frozen encoder, BatchNorm without affine + linear head,
+    LARS, no weight decay, crop + flip only."""
+
+    pretrained: str | None = option(
+        None,
+        "pre-trained weights to probe (required): an ummae checkpoint or exported .safetensors",
+        required=True,
+    )
+    output: str = option("runs/linprobe", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    epochs: int = option(90, "training epochs", ge=1)
+    warmup_epochs: float = option(10, "linear warm-up epochs", ge=0)
+    batch_size: int = option(256, "images per process per step", ge=1)
+    blr: float = option(0.1, "base lr: lr = blr * effective batch / 256", gt=0, below=1e9)
+    weight_decay: float = option(0.0, "weight decay", ge=0)
+    eval_every: int = option(1, "evaluate on the val split every N epochs (and at the end)", ge=0)
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_data("linear probing")
+        if not self.pretrained:
+            raise UsageError("linear probing needs --pretrained (the encoder to probe)")
+
+
+@dataclass
+class InferenceConfig(Machinery, ClassifyData):
+    """Shared by the commands that only run the model forward (eval, kNN)."""
+
+    what: ClassVar[str]  # the command, for its refusals
+    batch_size: int = option(128, "images per process per step", ge=1)
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_data(self.what)
+
+
+@dataclass
+class EvalConfig(InferenceConfig):
+    """Top-1 / top-5 of a classifier checkpoint on a validation split."""
+
+    what: ClassVar[str] = "evaluation"
+    checkpoint: str | None = option(
+        None,
+        "classifier weights (required): a fine-tuning checkpoint or exported .safetensors",
+        required=True,
+    )
+    split: str = option("val", "split folder of --data to evaluate")
+    ema: bool = option(False, "evaluate the EMA weights of a fine-tuning checkpoint (a run with --ema)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.checkpoint:
+            raise UsageError("evaluation needs --checkpoint")
+
+
+@dataclass
+class KnnConfig(InferenceConfig):
+    """Weighted kNN on frozen features (cosine similarity, weights exp(sim / T))."""
+
+    what: ClassVar[str] = "kNN evaluation"
+    pretrained: str | None = option(
+        None, "encoder weights (required): an ummae checkpoint or exported .safetensors", required=True
+    )
+    k: int = option(20, "neighbours", ge=1)
+    temperature: float = option(0.07, "temperature of the neighbour weights exp(sim / T)", gt=0)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.pretrained:
+            raise UsageError("kNN evaluation needs --pretrained (the encoder to evaluate)")
+
+
+@dataclass
+class DetectConfig(RunConfig):
+    """Detection / instance segmentation training on COCO. Defaults are the paper's GFL
+    protocol (the reference's gfl_..._fpn_25ep_1024x1024_coco): large-scale jitter at 1024,
+    AdamW lr 1e-4 at batch 16, 2000 warm-up steps, cosine to 0.01x, 25 epochs."""
+
+    backbone: str = option(
+        "swin_tiny_256", "registered classifier whose encoder is the backbone (`ummae models --kind classify`)"
+    )
+    detector: str = option(
+        "gfl", "gfl (the paper's), maskrcnn (box + mask AP), retinanet or fcos (torchvision's)", choices=DETECTORS
+    )
+    pretrained: str | None = option(
+        None,
+        "backbone weights: a fine-tuning (the paper's choice) or pre-training checkpoint, ours or the reference's, "
+        "or an export; omitted: from scratch",
+    )
+    data: str | None = option(
+        None, "COCO root: {train,val}2017/ and annotations/instances_{train,val}2017.json", required=True
+    )
+    train_split: str = option("train2017", "training split (images folder and annotations/instances_SPLIT.json)")
+    val_split: str = option("val2017", "validation split")
+    output: str = option("runs/detect", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    img_size: int = option(
+        1024, "training canvas (large-scale jitter crop) and test size (long side, padded square)", ge=32, le=4096
+    )
+    scale_range: tuple[float, float] = option(
+        (0.1, 2.0), "large-scale jitter: resize to this range of img_size", check=ordered_range(0, 10)
+    )
+    flip_prob: float = option(0.5, "horizontal flip probability", ge=0, le=1)
+    drop_path: float | None = option(0.1, "stochastic depth rate of the backbone", ge=0, lt=1)
+    window_size: int | None = option(None, "Swin window (default: the backbone's, 16)", ge=1)
+    neck_channels: int = option(
+        768, "channels each stage map is projected to (LayerNorm + Linear) before the FPN", ge=1
+    )
+    fpn_channels: int = option(256, "FPN channels", ge=1)
+    epochs: int = option(25, "training epochs", ge=1)
+    warmup_epochs: float = option(0, "linear warm-up epochs (--warmup-steps, when given, takes precedence)", ge=0)
+    warmup_steps: int | None = option(2000, "linear warm-up in optimiser steps", ge=0)
+    batch_size: int = option(2, "images per process per step", ge=1)
+    blr: float = option(
+        1.6e-3, "base lr: lr = blr * effective batch / 256 (1e-4 at batch 16, the paper's)", gt=0, below=1e9
+    )
+    min_lr: float = option(1e-6, "lr at the end of the cosine (0.01x of 1e-4)", ge=0, below=1e9)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", ge=0, lt=1)
+    keep_every: int = option(5, "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)", ge=0)
+    eval_every: int = option(1, "COCO evaluation on the val split every N epochs (and at the end)", ge=0)
+    num_workers: int = _workers(4)
+    log_every: int = option(50, "metrics every N steps", ge=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data:
+            raise UsageError("detection needs --data: a COCO root with train2017/, val2017/ and annotations/")
+
+
+@dataclass
+class DetectEvalConfig(Machinery):
+    """COCO box (and mask) AP of a detection checkpoint, and its result JSON."""
+
+    checkpoint: str | None = option(
+        None, "a checkpoint of `ummae detect train` (checkpoint-best.pth, -last.pth, ...)", required=True
+    )
+    data: str | None = option(None, "COCO root: SPLIT/ and annotations/instances_SPLIT.json", required=True)
+    split: str = option("val2017", "split to evaluate")
+    output: str = option("runs/detect_eval", "folder for detections_SPLIT.json (COCO results) and metrics_SPLIT.json")
+    batch_size: int = option(2, "images per process per step", ge=1)
+    num_workers: int = _workers(4)
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise UsageError("detection evaluation needs --checkpoint")
+        if not self.data:
+            raise UsageError("detection evaluation needs --data: a COCO root")
+        super().validate()
+
+
+@dataclass
+class SegmentConfig(IterationRunConfig):
+    """Semantic segmentation training (ADE20K layout). Defaults are the paper's UperNet
+    protocol (the reference's upernet_mae_swin_tiny_256_..._512_slide_160k_ade20k_lr1e4_lrd1_pt):
+    512 crops of a 2048x512 image resized 0.5-2.0x, AdamW lr 1e-4 at batch 16, weight decay 0.05,
+    layer decay 1.0, 1500 warm-up iterations, poly schedule, 160k iterations, sliding-window test."""
+
+    backbone: str = option(
+        "swin_tiny_256", "registered classifier whose encoder is the backbone (`ummae models --kind classify`)"
+    )
+    pretrained: str | None = option(
+        None,
+        "backbone weights: a fine-tuning (the paper's choice) or pre-training checkpoint, ours or the reference's, "
+        "or an export; omitted: from scratch",
+    )
+    data: str | None = option(
+        None,
+        "ADE20K-layout root: images/{training,validation}/*.jpg and annotations/{training,validation}/*.png",
+        required=True,
+    )
+    train_split: str = option("training", "training split (images/SPLIT and annotations/SPLIT)")
+    val_split: str = option("validation", "validation split")
+    output: str = option("runs/segment", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    num_classes: int = option(150, "classes the label maps hold (after --reduce-zero-label)", ge=1)
+    reduce_zero_label: bool = option(
+        True,
+        "label 0 is 'ignore' and 1..K are classes 0..K-1 (ADE20K); --no-reduce-zero-label: labels are the classes",
+    )
+    ignore_index: int = option(255, "label value that is ignored by the loss and the metrics")
+    crop_size: int = option(512, "training crop, and the sliding window at test time", ge=32, le=4096)
+    scale: tuple[int, int] = option(
+        (2048, 512),
+        "image scale (long, short): training resizes to it times --ratio-range (keep ratio), testing to it",
+        ge=16, le=16384, what="two sizes",
+    )  # fmt: skip
+    ratio_range: tuple[float, float] = option((0.5, 2.0), "training resize ratio range", check=ordered_range(0, 10))
+    cat_max_ratio: float = option(
+        0.75,
+        "a training crop is drawn again (up to 10 times) while one class covers this share of it or more",
+        gt=0, le=1,
+    )  # fmt: skip
+    flip_prob: float = option(0.5, "horizontal flip probability", ge=0, le=1)
+    photometric: bool = option(True, "photometric distortion (brightness, contrast, saturation, hue) in training")
+    drop_path: float | None = option(0.1, "stochastic depth rate of the backbone", ge=0, lt=1)
+    window_size: int | None = option(None, "Swin window (default: the backbone's, 16)", ge=1)
+    neck_channels: int = option(
+        768, "channels each stage map is projected to (LayerNorm + Linear) before the head", ge=1
+    )
+    head_channels: int = option(768, "UperNet channels (the reference's decode_head channels=768)", ge=1)
+    aux_channels: int = option(256, "channels of the auxiliary FCN head on stage 3", ge=1)
+    aux_weight: float = option(0.4, "loss weight of the auxiliary FCN head (0 = no auxiliary head)", ge=0)
+    layer_decay: float = option(1.0, "layer-wise lr decay of the backbone (the reference's 1.0: none)", gt=0, le=1)
+    iters: int = option(160000, "training iterations (optimiser updates)", ge=1)
+    eval_every_iters: int = option(
+        16000,
+        "evaluate on the val split and write checkpoint-last.pth every N iterations (and at the end)",
+        ge=0,
+    )
+    schedule: str = option(
+        "poly", "lr schedule over --iters: poly (power 1, MMSegmentation's) or cosine", choices=("poly", "cosine")
+    )
+    warmup_steps: int | None = option(1500, "linear warm-up in iterations (poly: from 1e-6 of the lr, as mmcv's)", ge=0)
+    batch_size: int = option(2, "images per process per step (the paper: 8 GPUs x 2)", ge=1)
+    blr: float = option(
+        1.6e-3, "base lr: lr = blr * effective batch / 256 (1e-4 at batch 16, the paper's)", gt=0, below=1e9
+    )
+    min_lr: float = option(0.0, "lr at the end of the schedule", ge=0, below=1e9)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", ge=0, lt=1)
+    test_mode: str = option(
+        "slide",
+        "validation inference: slide (windows of --crop-size) or whole (one pass over the padded image)",
+        choices=SEG_TEST_MODES,
+    )
+    test_stride: int | None = option(
+        None, "sliding-window stride (default: 2/3 of --crop-size, the reference's 341 at 512)"
+    )  # bounded by --crop-size: checked in validate
+    keep_every: int = option(0, "also keep a numbered checkpoint every N passes over the data (0 = only the end)", ge=0)
+    num_workers: int = _workers(4)
+    log_every: int = option(50, "metrics every N steps", ge=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data:
+            raise UsageError("segmentation needs --data: an ADE20K-layout root with images/ and annotations/")
+        check_ignore_index(self.ignore_index, self.num_classes)
+        if self.test_stride is not None and not 1 <= self.test_stride <= self.crop_size:
+            raise UsageError(
+                f"bad config value test_stride={self.test_stride!r}: must be in [1, --crop-size {self.crop_size}]"
+            )
+
+    def stride(self) -> int:
+        """The sliding-window stride: ``test_stride``, or 2/3 of the crop (341 at 512)."""
+        return self.test_stride or self.crop_size * 2 // 3
+
+
+@dataclass
+class SegmentEvalConfig(Machinery):
+    """mIoU, mean and overall accuracy and per-class IoU of a segmentation checkpoint."""
+
+    checkpoint: str | None = option(
+        None, "a checkpoint of `ummae segment train` (checkpoint-best.pth, -last.pth, ...)", required=True
+    )
+    data: str | None = option(None, "ADE20K-layout root: images/SPLIT and annotations/SPLIT", required=True)
+    split: str = option("validation", "split to evaluate")
+    output: str = option(
+        "runs/segment_eval", "folder for metrics_SPLIT.json and the per-class table per_class_SPLIT.txt"
+    )
+    test_mode: str | None = option(None, "slide or whole (default: the checkpoint's)", choices=SEG_TEST_MODES)
+    test_stride: int | None = option(None, "sliding-window stride (default: the checkpoint's)", ge=1)
+    scale: tuple[int, int] | None = option(
+        None, "test scale (long, short) (default: the checkpoint's)", ge=16, le=16384, what="two sizes"
+    )
+    ratios: tuple[float, ...] = option(
+        (1.0,), "test-time scales, as ratios of --scale (multi-scale: 0.5 0.75 1.0 1.25 1.5 1.75)", gt=0, le=8
+    )
+    flip: bool = option(False, "also predict on the flipped image (averaged with the others)")
+    batch_size: int = option(1, "images per process per step", ge=1)
+    num_workers: int = _workers(4)
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise UsageError("segmentation evaluation needs --checkpoint")
+        if not self.data:
+            raise UsageError("segmentation evaluation needs --data: an ADE20K-layout root")
+        super().validate()
+
+
+def check_ignore_index(ignore_index: int, num_classes: int) -> None:
+    """The ignored label must not be one of the classes (it would silently drop one)."""
+    if 0 <= ignore_index < num_classes:
+        raise UsageError(
+            f"bad config value ignore_index={ignore_index!r}: is one of the {num_classes} classes "
+            f"(0..{num_classes - 1}); use a value outside them, e.g. 255"
+        )
