@@ -113,6 +113,12 @@ MUTATIONS = [
     Mutation("pretrain_tokens_no_decay", "pre-training exempts the tokens from weight decay", "src/ummae/engine/optim.py",
              "return p.ndim <= 1 and not name.endswith(\"token\")", "return p.ndim <= 1 or name.endswith(\"token\")",
              ("tests/test_engine.py::test_param_groups__no_decay_on_biases_norms_and_fine_tuning_tokens",)),
+    Mutation("config_ge_exclusive", "the config validator takes ge=a as > a (refuses the bound itself)",
+             "src/ummae/config/fields.py", '"ge": (operator.ge, ">="),', '"ge": (operator.gt, ">="),',
+             ("tests/test_config.py",)),
+    Mutation("config_first_of_tuple", "the config validator checks only the first value of a tuple",
+             "src/ummae/config/fields.py", "numbers = value if isinstance(value, tuple) else (value,)",
+             "numbers = value[:1] if isinstance(value, tuple) else (value,)", ("tests/test_config.py",)),
 ]
 
 
