@@ -179,3 +179,15 @@ def test_segment__has_no_epochs_to_set(capsys):
         main(["segment", "train", "--help"])
     text = capsys.readouterr().out
     assert "--iters" in text and "--epochs" not in text and "--warmup-epochs" not in text
+
+
+def test_segment__config_yaml_of_an_earlier_run_reads_back(tmp_path):
+    """A segmentation run's config.yaml written before the epochs went holds them: ignored."""
+    from ummae.config import load_yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text("iters: 7\nepochs: 1\nwarmup_epochs: 0\n")
+    assert load_yaml(SegmentConfig, path) == {"iters": 7}
+    path.write_text("iters: 7\nepochz: 1\n")
+    with pytest.raises(UsageError, match="unknown option 'epochz'"):
+        load_yaml(SegmentConfig, path)

@@ -101,6 +101,8 @@ class IterationRunConfig(_RunControl, Machinery, _Optimisation, _RunOutput):
 
     # The engine counts a warm-up in epochs when ``warmup_steps`` is None: then there is none.
     warmup_epochs: ClassVar[float] = 0.0
+    # The config.yaml of a run of an earlier version holds them (unused): read back, ignored.
+    retired_options: ClassVar[frozenset[str]] = frozenset({"epochs", "warmup_epochs"})
 
 
 @dataclass

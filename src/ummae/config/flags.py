@@ -111,6 +111,8 @@ def load_yaml(cls, path: str | Path) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name in getattr(cls, "retired_options", ()):
+            continue
         if name not in known:
             raise UsageError(f"unknown option {key!r} in {path}; valid options: {', '.join(sorted(known))}")
         out[name] = _coerce(cls, name, value)
