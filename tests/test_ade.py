@@ -27,7 +27,7 @@ from ummae.data.ade import (
     collate_segmentation_eval,
     map_labels,
 )
-from ummae.data.datasets import NoReadableImageError, SubstituteUnreadable, WorkerSafeValueError
+from ummae.data.dataset import NoReadableImageError, SubstituteUnreadable, WorkerSafeValueError
 
 SEMSEG_MINI = COCO_MINI.parent / "coco_semseg_mini"
 IGNORE = 255
@@ -99,7 +99,7 @@ def test_loads_both_splits_with_label_map_names(train_ds, val_ds):
         assert ds.img_dir == str(_root() / "images" / split)
         assert ds.ann_dir == str(_root() / "annotations" / split)
         assert [label for _, label in ds.samples] == list(range(80))
-        assert all(Path(a).stem == Path(p).stem for (p, _), a in zip(ds.samples, ds.ann_paths))
+        assert all(Path(a).stem == Path(p).stem for (p, _), a in zip(ds.samples, ds.ann_paths, strict=True))
         # label_map.txt: raw 1 background -> label 0, raw 2 person -> label 1 (raw 0 ignore)
         assert len(ds.class_names) == 81
         assert ds.class_names[:3] == ["background", "person", "bicycle"]
@@ -191,7 +191,7 @@ def _first_batch_error(loader) -> tuple[type | None, str]:
     garbage collection."""
     try:
         next(iter(loader))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return type(e), str(e)
     return None, ""
 

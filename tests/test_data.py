@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from _helpers import write_image
-
 from ummae.data import (
     ImageDataset,
     NoReadableImageError,
@@ -27,7 +26,8 @@ from ummae.data import (
     build_train_loader,
     collate_skip_bad,
 )
-from ummae.data.datasets import _scan_images, normalize_uint8
+from ummae.data.sources import scan_images
+from ummae.data.transforms import normalize_uint8
 
 IMAGENETTE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette_mini"
 
@@ -82,7 +82,7 @@ def test_build_pretrain_dataset__list_file_data_root(tmp_path):
     assert ds.samples == [(str(tmp_path / "root" / "a.png"), 0)]
     img = normalize_uint8(ds[0][0])  # the default pipeline normalises on the device
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    want = torch.tensor([(v / 255 - m) / s for v, m, s in zip((200, 100, 50), mean, std)])
+    want = torch.tensor([(v / 255 - m) / s for v, m, s in zip((200, 100, 50), mean, std, strict=True)])
     assert img.shape == (3, 8, 8)
     torch.testing.assert_close(img, want.view(3, 1, 1).expand(3, 8, 8), rtol=0, atol=1e-5)
 
@@ -280,7 +280,7 @@ def test_build_train_loader__workers_give_identical_batches(tmp_path):
         assert len(batches) == len(loader) == 3
         runs.append(batches)
     skipped = 0
-    for (x0, y0, n0), (x1, y1, n1) in zip(*runs):
+    for (x0, y0, n0), (x1, y1, n1) in zip(*runs, strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1) and n0 == n1
         assert x0.shape == (4, 3, 16, 16)  # the bad image is replaced, not dropped
         skipped += n0
@@ -515,7 +515,7 @@ def test_scan__two_loop_links_end(tmp_path):
     _symlink("..", tmp_path / "sub" / "loop1")  # two loops: 2**40 paths with the old scan
     _symlink("..", tmp_path / "sub" / "loop2")
     _symlink(".", tmp_path / "sub" / "self")
-    paths = _scan_in_thread(lambda: _scan_images(str(tmp_path)))
+    paths = _scan_in_thread(lambda: scan_images(str(tmp_path)))
     assert paths == [str(tmp_path / "x.png"), str(tmp_path / "sub" / "y.png")]
     ds = _scan_in_thread(lambda: build_pretrain_dataset(str(tmp_path), img_size=8))
     assert len(ds) == 2
@@ -532,7 +532,7 @@ def test_scan__link_to_outside_folder_followed_once(tmp_path):
     _symlink("../data", outside / "back")  # and a loop through it
     write_image(data / "z" / "deep" / "z.png")
     _symlink("z/deep", data / "a_link")  # into the tree: the real path is kept
-    paths = _scan_in_thread(lambda: _scan_images(str(data)))
+    paths = _scan_in_thread(lambda: scan_images(str(data)))
     # the real tree first (a folder's own files, then its sub-folders, sorted), then the
     # trees reached through links
     assert paths == [str(data / "x.png"), str(data / "z" / "deep" / "z.png"),

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from _helpers import write_image
-
 from ummae.data import (
     ImageDataset,
     NoReadableImageError,
@@ -48,7 +47,9 @@ def test_build_classify_transform__output_shape(tmp_path, is_training, simple):
 
 
 def test_build_classify_transform__recipes():
-    names = lambda tf: [type(t).__name__ for t in tf.transforms]
+    def names(tf):
+        return [type(t).__name__ for t in tf.transforms]
+
     train = names(build_classify_transform(32, is_training=True))
     assert train[0] == "RandomResizedCropAndInterpolation" and "RandAugment" in train
     assert train[-1] == "RandomErasing" and "ColorJitter" not in train

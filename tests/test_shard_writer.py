@@ -12,8 +12,8 @@ import pytest
 
 from _helpers import COCO_MINI, write_colour_images, write_image
 from ummae.cli import main
-from ummae.data.datasets import _folder_samples
 from ummae.data.shard_writer import shard_pattern, write_shards
+from ummae.data.sources import folder_samples
 
 JPEG_FULLRES = COCO_MINI.parent / "jpeg_fullres" / "images"
 
@@ -53,7 +53,7 @@ def folder(tmp_path) -> Path:
 def test_imagefolder_round_trip(tmp_path, folder):
     out = tmp_path / "shards"
     info = write_shards(str(folder), str(out), 5)
-    samples, _, classes = _folder_samples(str(folder))
+    samples, _, classes = folder_samples(str(folder))
     assert len(samples) == 13
     assert info == json.loads((out / "shards.json").read_text())
     assert info == {
@@ -126,7 +126,7 @@ def _order(out: Path) -> list[bytes]:
 
 
 def test_order_seeded_reproducible_and_no_shuffle_keeps_source_order(tmp_path, folder):
-    source = [Path(p).read_bytes() for p, _ in _folder_samples(str(folder))[0]]
+    source = [Path(p).read_bytes() for p, _ in folder_samples(str(folder))[0]]
     orders = {}
     for name, kwargs in {"s0": {"seed": 0}, "s0b": {"seed": 0}, "s1": {"seed": 1},
                          "plain": {"shuffle": False}}.items():

@@ -15,9 +15,11 @@ model of a run); between models the memory of the previous one is handed back to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import gc
+import itertools
 import json
 import math
 import os
@@ -25,14 +27,19 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ummae.data import build_pretrain_dataset, build_train_loader
+from ummae.data.device_decode import EncodedBatch, PlannedCrop, collate_encoded
+from ummae.data.shards import ShardStream
 from ummae.engine.optim import build_optimizer, pretrain_no_weight_decay
 from ummae.engine.precision import autocast, grad_scaler, resolve_device, resolve_precision
-from ummae.errors import UsageError
+from ummae.engine.progress import progress
+from ummae.errors import UmmaeError, UsageError
+from ummae.models.registry import create_model, model_kind
 
 __all__ = ["run_bench", "run_input_bench", "format_table", "format_input_table", "add_bench_args", "bench_main"]
 
@@ -43,7 +50,7 @@ _SAMPLE_INTERVAL_S = 0.002
 # ----------------------------------------------------------------------------- memory helpers
 
 
-def _rss_reader() -> Optional[Callable[[], int]]:
+def _rss_reader() -> Callable[[], int] | None:
     """A function returning the current resident set size in bytes, or None if unavailable."""
     if os.path.exists("/proc/self/statm"):
         page = os.sysconf("SC_PAGE_SIZE")
@@ -90,7 +97,7 @@ class _RssPeakSampler:
             self.sample()
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> "_RssPeakSampler":
+    def __enter__(self) -> _RssPeakSampler:
         self._thread.start()
         return self
 
@@ -139,7 +146,7 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def _environment(device: torch.device) -> Dict[str, object]:
+def _environment(device: torch.device) -> dict[str, object]:
     return {
         "torch": torch.__version__,
         "device_name": _device_name(device),
@@ -200,9 +207,7 @@ def _warm_runtime(device: torch.device, precision: str) -> None:
         torch.cuda.set_rng_state(cuda_state, device)
 
 
-def _validate(models: List[str], batch_size: int, img_size: Optional[int], steps: int, warmup: int) -> None:
-    from ummae.models.registry import model_kind
-
+def _validate(models: list[str], batch_size: int, img_size: int | None, steps: int, warmup: int) -> None:
     if isinstance(models, str):
         raise UsageError("models must be a list of model names, not a string")
     if not models:
@@ -216,7 +221,7 @@ def _validate(models: List[str], batch_size: int, img_size: Optional[int], steps
     if img_size is not None and img_size < 1:
         raise UsageError(f"img_size must be >= 1, got {img_size}")
     for name in models:  # all names checked before anything runs
-        kind = model_kind(name)  # raises ValueError naming an unknown model
+        kind = model_kind(name)  # raises UsageError naming an unknown model
         if kind != "pretrain":
             raise UsageError(f"model {name!r} is a {kind} model; bench times pre-training models")
 
@@ -229,74 +234,68 @@ def _loss_of(out) -> torch.Tensor:
     raise TypeError(f"model returned {type(out).__name__}; expected a dict with a 'loss' entry")
 
 
+def _time_steps(name: str, batch_size: int, img_size: int | None, steps: int, warmup: int,
+                device: torch.device, precision: str, seed: int) -> dict[str, object]:
+    """Build model ``name`` and run ``warmup`` untimed then ``steps`` timed training steps on one
+    synthetic batch; ``img_size``, ``elapsed`` (seconds of the timed steps), last ``loss`` and
+    ``params_m``."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(seed)  # same init and mask stream on every run
+    model = create_model(name, img_size=img_size).to(device).train()
+    size = img_size if img_size is not None else getattr(model, "default_img_size", None)
+    if size is None:
+        raise UsageError(f"model {name!r} has no default_img_size; pass img_size")
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), device, no_decay=pretrain_no_weight_decay)  # pre-training's
+    scaler = grad_scaler(device, precision)
+    # The same batch for every model (of one size): drawn from its own seeded generator.
+    gen = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = _loss_of(model(imgs))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss.detach()
+
+    t0 = 0.0
+    for i in progress(range(warmup + steps), desc=f"bench {name} ({warmup} warm-up + {steps} timed)", unit="step"):
+        if i == warmup:  # the timed steps start here
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+        loss = step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    return {"img_size": int(size), "elapsed": elapsed, "loss": float(loss.float().item()), "params_m": n_params / 1e6}
+
+
 def _bench_one(
     name: str,
     batch_size: int,
-    img_size: Optional[int],
+    img_size: int | None,
     steps: int,
     warmup: int,
     device: torch.device,
     precision: str,
     seed: int,
-    rss: Optional[Callable[[], int]],
-) -> Dict[str, object]:
-    from ummae.models.registry import create_model
-
+    rss: Callable[[], int] | None,
+) -> dict[str, object]:
+    """The result row of model ``name``: :func:`_time_steps` with its peak memory."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        sampler = None
-    else:
-        sampler = _RssPeakSampler(rss) if rss is not None else None
+    sampler = _RssPeakSampler(rss) if rss is not None and not cuda else None
     baseline = sampler.peak if sampler is not None else 0
-
-    def run() -> Dict[str, object]:
-        torch.manual_seed(seed)  # same init and mask stream on every run
-        model = create_model(name, img_size=img_size).to(device).train()
-        size = img_size if img_size is not None else getattr(model, "default_img_size", None)
-        if size is None:
-            raise UsageError(f"model {name!r} has no default_img_size; pass img_size")
-        n_params = sum(p.numel() for p in model.parameters())
-        opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), device, no_decay=pretrain_no_weight_decay)  # pre-training's
-        scaler = grad_scaler(device, precision)
-        # The same batch for every model (of one size): drawn from its own seeded generator.
-        gen = torch.Generator().manual_seed(seed)
-        imgs = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
-
-        def step() -> torch.Tensor:
-            opt.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                loss = _loss_of(model(imgs))
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            return loss.detach()
-
-        for _ in range(warmup):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        return {
-            "img_size": int(size),
-            "elapsed": elapsed,
-            "loss": float(loss.float().item()),
-            "params_m": n_params / 1e6,
-        }
-
-    if sampler is not None:
-        with sampler:
-            out = run()
-    else:
-        out = run()
+    with sampler if sampler is not None else contextlib.nullcontext():
+        out = _time_steps(name, batch_size, img_size, steps, warmup, device, precision, seed)
     if cuda:
-        peak_mb: Optional[float] = torch.cuda.max_memory_allocated(device) / _MIB
+        peak_mb: float | None = torch.cuda.max_memory_allocated(device) / _MIB
     elif sampler is not None:
         peak_mb = max(0, sampler.peak - baseline) / _MIB
     else:
@@ -319,22 +318,22 @@ def _bench_one(
 
 
 def run_bench(
-    models: List[str],
+    models: list[str],
     batch_size: int,
-    img_size: Optional[int],
+    img_size: int | None,
     steps: int,
     warmup: int,
     device: str,
     precision: str,
     seed: int = 0,
-) -> List[Dict[str, object]]:
+) -> list[dict[str, object]]:
     """Time ``steps`` full training steps of each model (after ``warmup`` untimed ones).
 
     Returns one dict per model, in order: ``model``, ``images_per_s``, ``step_time_ms``,
     ``peak_mem_mb`` (MiB; CUDA: peak allocated, CPU: peak RSS growth), ``ratio`` (images/s over
     the first model's), ``batch_size``, ``img_size``, ``steps``, ``device``, ``precision``,
     ``loss`` (last step), ``params_m`` and the environment (``torch``, ``device_name``,
-    ``num_threads``). Raises ValueError for unknown models and bad sizes or counts.
+    ``num_threads``). Raises UsageError for unknown models and bad sizes or counts.
     """
     models = list(models) if not isinstance(models, str) else models
     _validate(models, batch_size, img_size, steps, warmup)
@@ -344,7 +343,7 @@ def run_bench(
     rss = None if dev.type == "cuda" else _rss_reader()
 
     _warm_runtime(dev, prec)
-    results: List[Dict[str, object]] = []
+    results: list[dict[str, object]] = []
     for name in models:
         _release_memory(dev)  # previous model's memory back to the OS: a fair baseline
         res = _bench_one(name, batch_size, img_size, steps, warmup, dev, prec, seed, rss)
@@ -361,41 +360,70 @@ def run_bench(
 # ----------------------------------------------------------------------------- input pipeline
 
 
-def _time_samples(dataset, n: int, seed: int, img_size: int, device: torch.device) -> tuple[int, float]:
+def _samples(dataset, n: int, seed: int):
+    """Training samples of ``dataset`` read in this process, epoch after epoch: at least ``n``."""
+    if isinstance(dataset, ShardStream):
+        dataset.configure(1, 1, 0, seed, 0)
+        for epoch in range(n):  # epochs until n samples
+            dataset.set_epoch(epoch)
+            yield from (item[0] for item in dataset)
+    else:
+        for i in range(len(dataset) * n):
+            yield dataset.load_or_substitute((i % len(dataset), seed + i))[0]
+
+
+def _time_samples(dataset, n: int, seed: int, img_size: int, device: torch.device, desc: str = "",
+                  report: bool = True) -> tuple[int, float]:
     """(samples, seconds) of reading ``n`` training samples in this process (decode + augment;
-    for the ``device`` pipeline also the batched decode on ``device``, 32 at a time)."""
-    from ummae.data.device_decode import EncodedBatch
-    from ummae.data.shards import ShardStream
-
-    def samples():
-        if isinstance(dataset, ShardStream):
-            dataset.configure(1, 1, 0, seed, 0)
-            for epoch in range(n):  # epochs until n samples
-                dataset.set_epoch(epoch)
-                yield from (item[0] for item in dataset)
-        else:
-            for i in range(len(dataset) * n):
-                yield dataset.load_or_substitute((i % len(dataset), seed + i))[0]
-
+    for the ``device`` pipeline also the batched decode on ``device``, 32 at a time), with
+    progress reported as ``desc`` when ``report``."""
     t0 = time.perf_counter()
     count, pending = 0, []
-    for item in samples():
+    for item in progress(itertools.islice(_samples(dataset, n, seed), n), total=n, desc=desc, unit="img",
+                         is_main=report):
         pending.append(item)
         count += 1
         if len(pending) == 32 or count >= n:
-            if any(type(x).__name__ == "PlannedCrop" for x in pending):
+            if any(isinstance(x, PlannedCrop) for x in pending):
                 EncodedBatch(pending, img_size).decode(device)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             pending = []
-        if count >= n:
-            break
     return count, time.perf_counter() - t0
+
+
+def _batches(loader, sampler, epochs: int):
+    """The batches of ``loader``, epoch after epoch."""
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        yield from loader
+
+
+def _time_loader(data: str, img_size: int, pipeline: str, workers: int, images: int, batch_size: int, seed: int,
+                 device: torch.device) -> float | None:
+    """Images/s of the training loader with ``workers`` workers over ``images`` samples (the
+    first batch untimed: it waits for the workers to start); None when no batch was timed."""
+    ds = build_pretrain_dataset(data, img_size, pipeline=pipeline)
+    extra = {"collate_fn": collate_encoded(img_size)} if pipeline == "device" else {}
+    loader, sampler = build_train_loader(ds, batch_size, workers, seed=seed, **extra)
+    n_batches = 1 + math.ceil(images / batch_size)  # every training batch is full (drop_last)
+    seen, t0 = 0, None
+    for batch in progress(itertools.islice(_batches(loader, sampler, images), n_batches), total=n_batches,
+                          desc=f"input {pipeline}, {workers} workers", unit="batch"):
+        if t0 is None:
+            t0 = time.perf_counter()
+            continue
+        if isinstance(batch[0], EncodedBatch):
+            batch[0].decode(device)
+        seen += batch[0].shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return seen / (time.perf_counter() - t0) if seen else None
 
 
 def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"), workers: int = 0,
                     images: int = 200, batch_size: int = 32, seed: int = 0,
-                    device: str = "cpu") -> List[Dict[str, object]]:
+                    device: str = "cpu") -> list[dict[str, object]]:
     """Images/s of the pre-training sample pipeline alone (read, decode, RandomResizedCrop,
     flip, and for ``pil`` the float normalisation; ``tensor`` normalises on the device) on
     ``data`` (any ``pretrain --data``: a folder, a list file, tar shards).
@@ -406,9 +434,6 @@ def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"),
     One dict per pipeline: ``pipeline``, ``per_core_images_per_s``, ``workers``,
     ``total_images_per_s``, ``images``, ``img_size``, ``data``. The ``device`` pipeline's
     figures include its batched decode on ``device`` (nvJPEG on CUDA) in this process."""
-    from ummae.data import build_pretrain_dataset, build_train_loader
-    from ummae.data.device_decode import EncodedBatch, collate_encoded
-
     dev = resolve_device(device)
 
     if images < 1 or img_size < 16 or workers < 0 or batch_size < 1:
@@ -420,46 +445,27 @@ def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"),
         for pipeline in pipelines:
             torch.set_num_threads(1)
             ds = build_pretrain_dataset(data, img_size, pipeline=pipeline)
-            _time_samples(ds, min(8, images), seed + 1, img_size, dev)  # warm caches and lazy imports
-            n, dt = _time_samples(ds, images, seed, img_size, dev)
+            _time_samples(ds, min(8, images), seed + 1, img_size, dev, report=False)  # warm caches and lazy imports
+            n, dt = _time_samples(ds, images, seed, img_size, dev, desc=f"input {pipeline}, one core")
             row = {"pipeline": pipeline, "per_core_images_per_s": n / dt, "workers": workers,
                    "total_images_per_s": None, "images": n, "img_size": img_size, "data": str(data)}
             if workers:
                 torch.set_num_threads(threads)
-                ds = build_pretrain_dataset(data, img_size, pipeline=pipeline)
-                extra = {"collate_fn": collate_encoded(img_size)} if pipeline == "device" else {}
-                loader, sampler = build_train_loader(ds, batch_size, workers, seed=seed, **extra)
-                seen, t0 = 0, None
-                for epoch in range(images):  # epochs until ``images`` samples are timed
-                    sampler.set_epoch(epoch)
-                    for batch in loader:
-                        if t0 is None:  # the first batch waits for the workers to start
-                            t0 = time.perf_counter()
-                            continue
-                        if isinstance(batch[0], EncodedBatch):
-                            batch[0].decode(dev)
-                        seen += batch[0].shape[0]
-                        if seen >= images:
-                            break
-                    if seen >= images:
-                        break
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                if seen:
-                    row["total_images_per_s"] = seen / (time.perf_counter() - t0)
+                row["total_images_per_s"] = _time_loader(data, img_size, pipeline, workers, images, batch_size,
+                                                         seed, dev)
             results.append(row)
     finally:
         torch.set_num_threads(threads)
     return results
 
 
-def format_input_table(results: List[Dict[str, object]]) -> str:
+def format_input_table(results: list[dict[str, object]]) -> str:
     header = ["pipeline", "img", "images/s per core", "workers", "images/s total", "ratio per core"]
     first = results[0]["per_core_images_per_s"]
     rows = [[str(r["pipeline"]), str(r["img_size"]), _fmt(r["per_core_images_per_s"], ".1f"), str(r["workers"]),
              _fmt(r["total_images_per_s"], ".1f"), _fmt(r["per_core_images_per_s"] / first, ".2f")] for r in results]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
                      for row in [header, ["-" * w for w in widths]] + rows)
 
 
@@ -472,7 +478,7 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
-def format_table(results: List[Dict[str, object]]) -> str:
+def format_table(results: list[dict[str, object]]) -> str:
     """A plain text table: model, batch, img, images/s, ms/step, peak MiB, ratio."""
     header = ["model", "batch", "img", "images/s", "ms/step", "peak MiB", "ratio"]
     rows = [
@@ -489,16 +495,16 @@ def format_table(results: List[Dict[str, object]]) -> str:
     ]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
 
-    def line(cells: List[str]) -> str:
+    def line(cells: list[str]) -> str:
         first = cells[0].ljust(widths[0])  # model name left, numbers right
-        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
         return "  ".join([first] + rest).rstrip()
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
-def _model_list(text: str) -> List[str]:
+def _model_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise argparse.ArgumentTypeError("expected comma-separated model names")
@@ -541,8 +547,8 @@ def bench_main(args: argparse.Namespace) -> int:
         print("ummae bench: error: give --models (training-step speed), --data (input pipeline speed) or both",
               file=sys.stderr)
         return 2
-    results: List[Dict[str, object]] = []
-    inputs: List[Dict[str, object]] = []
+    results: list[dict[str, object]] = []
+    inputs: list[dict[str, object]] = []
     try:
         if args.models is not None:
             models = args.models if isinstance(args.models, list) else _model_list(args.models)
@@ -561,7 +567,7 @@ def bench_main(args: argparse.Namespace) -> int:
             print(f"input pipeline on {data} ({inputs[0]['images']} images, {os.cpu_count()} CPUs here; per core: "
                   f"one process, one torch thread)")
             print(format_input_table(inputs))
-    except ValueError as e:
+    except UmmaeError as e:  # a user error: one line (anything else is a bug: its traceback)
         print(f"ummae bench: error: {e}", file=sys.stderr)
         return 2
     if results and inputs:
@@ -574,7 +580,7 @@ def bench_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(args: argparse.Namespace, rows: List[Dict[str, object]]) -> None:
+def _write_json(args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

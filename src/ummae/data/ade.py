@@ -3,7 +3,7 @@
 
 :class:`SegmentationFolder` reads ``root/images/<split>/*.jpg`` with the label map of each image
 at ``root/annotations/<split>/<same stem>.png`` on top of
-:class:`~ummae.data.datasets.ImageDataset`, as :class:`~ummae.data.coco.CocoDetection` does, so
+:class:`~ummae.data.dataset.ImageDataset`, as :class:`~ummae.data.coco.CocoDetection` does, so
 it keeps the keyed, seeded augmentation (a pure function of ``(index, sample_seed)``) and the
 handling of unreadable files (substituted in training, skipped in evaluation). A label map that
 cannot be decoded counts as an unreadable sample; a label map that decodes but does not fit the
@@ -33,16 +33,13 @@ from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ummae.data.datasets import ImageDataset, Key, PairTransform, WorkerSafeValueError, _no_images_error, _scan_images, to_uint8_tensor
-from ummae.data.sampler import readable_items
+from ummae.data.collate import readable_items
+from ummae.data.dataset import ImageDataset, Key, WorkerSafeValueError
+from ummae.data.sources import no_images_error, scan_images
+from ummae.data.transforms import IMAGENET_MEAN_RGB, PairTransform, to_uint8_tensor
 from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-# ImageNet mean colour (0.485, 0.456, 0.406) x 255: padding of this colour normalises to ~0,
-# which is what MMSegmentation's Pad (zeros, after normalisation) gives the network. The same
-# constant as ummae.data.coco's, defined here because that module needs pycocotools.
-IMAGENET_MEAN_RGB = (124, 116, 104)
 
 # The 150 classes of MMSegmentation's ADE20KDataset, in its order (label k = ADE value k + 1).
 # mmseg spells the 8th 'bed ' with a stray trailing space; it is 'bed' here.
@@ -73,7 +70,7 @@ class LabelError(WorkerSafeValueError):
     """A label map that does not fit the declared classes (a value outside them, a size unlike
     its image's, not a single-channel map). An error, never a substitution: the data or the
     class settings are wrong, and training on them would learn wrong targets. One line, with
-    and without DataLoader workers (:class:`~ummae.data.datasets.WorkerSafeValueError`)."""
+    and without DataLoader workers (:class:`~ummae.data.dataset.WorkerSafeValueError`)."""
 
 
 def _one_line(e: BaseException) -> str:
@@ -119,7 +116,7 @@ def _load_png(path: str) -> tuple[np.ndarray, str]:
 
 def _read_label_map_names(path: str) -> dict[int, str]:
     """``value -> name`` of a ``label_map.txt`` (lines ``value<TAB>name``; blank lines and
-    ``#`` comments skipped). A malformed line is a one-line ``ValueError`` naming the file."""
+    ``#`` comments skipped). A malformed line is a one-line :class:`~ummae.errors.DataError` naming the file."""
     names: dict[int, str] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -161,7 +158,7 @@ class SegmentationFolder(ImageDataset):
     ``num_classes`` entries. Samples are ``(image path, index)`` (the label field is unused);
     ``ann_paths[i]`` is the label map of sample ``i``.
 
-    The constructor raises a one-line ``ValueError`` for missing folders, no images, images
+    The constructor raises a one-line :class:`~ummae.errors.DataError` for missing folders, no images, images
     without a label map, ``num_classes < 1`` and an ``ignore_index`` inside the classes.
     """
 
@@ -186,12 +183,12 @@ class SegmentationFolder(ImageDataset):
         for folder in (self.img_dir, self.ann_dir):
             if not os.path.isdir(folder):
                 raise DataError(f"folder {folder} not found ({layout})")
-        images = _scan_images(self.img_dir)
+        images = scan_images(self.img_dir)
         if not images:
-            raise _no_images_error(self.img_dir)
+            raise no_images_error(self.img_dir)
         stems = [os.path.splitext(os.path.relpath(p, self.img_dir))[0] for p in images]
         self.ann_paths = [os.path.join(self.ann_dir, stem + ".png") for stem in stems]
-        missing = [(p, a) for p, a in zip(images, self.ann_paths) if not os.path.isfile(a)]
+        missing = [(p, a) for p, a in zip(images, self.ann_paths, strict=True) if not os.path.isfile(a)]
         if missing:
             raise DataError(f"{len(missing)} of the {len(images)} images in {self.img_dir} have "
                              f"no label map, e.g. {missing[0][0]} (expected {missing[0][1]})")
@@ -268,17 +265,17 @@ class SegmentationFolder(ImageDataset):
     def label(self, index: int) -> Tensor:
         """The labels of sample ``index``: int64 ``[H, W]`` at the original size, mapped and
         checked (:class:`LabelError`). A label map that cannot be decoded is a one-line
-        ``ValueError`` naming it."""
+        :class:`~ummae.errors.DataError` naming it."""
         index = int(index)
         png = self.ann_paths[index]
         try:
             raw, mode = _load_png(png)
-        except Exception as e:  # noqa: BLE001 (Pillow's zoo of decode errors, as in _read)
+        except Exception as e:  # Pillow's zoo of decode errors, as in _read
             raise DataError(f"label map {png} cannot be read ({_one_line(e)})") from None
         try:
             with Image.open(self.samples[index][0]) as f:  # the header only: its size
                 size = f.size
-        except Exception:  # noqa: BLE001 - an unreadable image is reported where it is read
+        except Exception:  # an unreadable image is reported where it is read
             size = None
         return self._checked_label(raw, mode, index, size)
 
@@ -292,7 +289,7 @@ class SegmentationFolder(ImageDataset):
         path, png = self.samples[index][0], self.ann_paths[index]
         try:
             raw, mode = _load_png(png)
-        except Exception as e:  # noqa: BLE001 (only open + decode run under this catch)
+        except Exception as e:  # only open + decode run under this catch
             self._bad[path] = f"its label map {png} cannot be read ({_one_line(e)})"
             return None
         return img, self._checked_label(raw, mode, index, img.size)

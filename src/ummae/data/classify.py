@@ -1,7 +1,7 @@
 """Labelled data for fine-tuning, linear probing and evaluation.
 
 The transforms follow MAE's fine-tuning and linear-probing recipes; datasets are the same
-:class:`~ummae.data.datasets.ImageDataset` as pre-training (so keyed, seeded augmentation and
+:class:`~ummae.data.dataset.ImageDataset` as pre-training (so keyed, seeded augmentation and
 the handling of unreadable images carry over: in training, through ``build_train_loader``, an
 unreadable image is replaced by the next readable one, with that one's own label; evaluation
 skips it), but unlabelled data is refused: a flat folder or a list file line without a label
@@ -13,13 +13,16 @@ import logging
 import os
 
 from PIL import Image, ImageOps
+from timm.data import auto_augment as aa
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from ummae.data.datasets import ImageDataset, _folder_samples, _list_file_samples
-from ummae.data.sampler import collate_skip_bad
+from ummae.data.collate import collate_skip_bad
+from ummae.data.dataset import ImageDataset
+from ummae.data.shards import ShardStream, is_shard_spec
+from ummae.data.sources import folder_samples, list_file_samples
 from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -88,8 +91,6 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 def _patch_posterize(transform) -> None:
     """Point the posterize ops of a timm RandAugment / AutoAugment inside ``transform`` at
     :func:`_posterize` (the ops are otherwise timm's own)."""
-    from timm.data import auto_augment as aa
-
     stack = [transform]
     while stack:
         t = stack.pop()
@@ -152,62 +153,77 @@ def build_classify_dataset(data: str, split: str, transform, data_root: str | No
     training split only: a :class:`~ummae.data.shards.ShardStream` of ``samples_per_epoch``
     samples an epoch (default: all of them); the validation images come from ``--val-data``.
     """
-    from ummae.data.shards import ShardStream, is_shard_spec
-
     if is_shard_spec(data):
-        if split != "train":
-            raise DataError(f"--data {data} is tar shards, a training stream: give the {split} images with "
-                             f"--val-data (an ImageFolder or a list file)")
-        ds = ShardStream(data, transform, samples_per_epoch=samples_per_epoch, tensor_input=False)
-        if not ds.num_classes:
-            raise DataError(f"the shards of {data} list no classes in their shards.json: fine-tuning needs "
-                             f"labelled shards (ummae shards of an ImageFolder or of a list file with labels)")
-        if class_names is not None and list(class_names) != ds.class_names:
-            raise DataError(f"the classes of the shards {data} differ from the training classes")
-        logger.info("%s data: %s", split, ds.describe())
-        return ds
-    if samples_per_epoch is not None:
+        ds = _shard_split(data, split, transform, class_names, samples_per_epoch)
+    elif samples_per_epoch is not None:
         raise DataError("--samples-per-epoch is for tar shards; an epoch of a folder or list file is all its images")
-    path = _resolve_split(data, split)
-    if os.path.isdir(path):
-        samples, kind, names = _folder_samples(path)
-        if kind != "ImageFolder":
-            raise DataError(
-                f"{path} has no class sub-folders: fine-tuning needs labelled data (an "
-                f"ImageFolder tree or a list file with labels)"
-            )
-        if class_names is not None and list(class_names) != names:
-            missing = set(class_names) - set(names)
-            extra = set(names) - set(class_names)
-            detail = []
-            if missing:
-                detail.append(f"missing here: {_names(missing)}")
-            if extra:
-                detail.append(f"not in the training classes: {_names(extra)}")
-            if not detail:
-                detail.append("same names in another order")
-            raise DataError(
-                f"the {split} classes of {path} differ from the training classes "
-                f"({len(names)} vs {len(class_names)}; {'; '.join(detail)}): labels are "
-                f"indices of the sorted class names, so they would not match"
-            )
-        ds = ImageDataset(samples, transform, kind, path, len(names), class_names=names)
     else:
-        samples, root, _ = _list_file_samples(path, data_root, require_labels=True)
-        num_classes = max(label for _, label in samples) + 1
-        names = [str(i) for i in range(num_classes)]
-        if class_names is not None:
-            if num_classes > len(class_names):
-                raise DataError(
-                    f"the {split} list file {path} has labels up to {num_classes - 1} but the "
-                    f"training data has {len(class_names)} classes (labels 0..."
-                    f"{len(class_names) - 1})"
-                )
-            names = list(class_names)  # a val list may not reach the last training labels
-        ds = ImageDataset(samples, transform, "list file", path, len(names),
-                          note=f"root {root}", class_names=names)
+        path = _resolve_split(data, split)
+        if os.path.isdir(path):
+            ds = _folder_split(path, split, transform, class_names)
+        else:
+            ds = _list_split(path, split, transform, class_names, data_root)
     logger.info("%s data: %s", split, ds.describe())
     return ds
+
+
+def _shard_split(data: str, split: str, transform, class_names: list[str] | None,
+                 samples_per_epoch: int | None) -> ShardStream:
+    """Labelled tar shards: a training split only, with the classes of their shards.json."""
+    if split != "train":
+        raise DataError(f"--data {data} is tar shards, a training stream: give the {split} images with "
+                        f"--val-data (an ImageFolder or a list file)")
+    ds = ShardStream(data, transform, samples_per_epoch=samples_per_epoch, tensor_input=False)
+    if not ds.num_classes:
+        raise DataError(f"the shards of {data} list no classes in their shards.json: fine-tuning needs "
+                        f"labelled shards (ummae shards of an ImageFolder or of a list file with labels)")
+    if class_names is not None and list(class_names) != ds.class_names:
+        raise DataError(f"the classes of the shards {data} differ from the training classes")
+    return ds
+
+
+def _folder_split(path: str, split: str, transform, class_names: list[str] | None) -> ImageDataset:
+    """An ImageFolder split, its class folders checked against ``class_names``."""
+    samples, kind, names = folder_samples(path)
+    if kind != "ImageFolder":
+        raise DataError(
+            f"{path} has no class sub-folders: fine-tuning needs labelled data (an "
+            f"ImageFolder tree or a list file with labels)"
+        )
+    if class_names is not None and list(class_names) != names:
+        missing = set(class_names) - set(names)
+        extra = set(names) - set(class_names)
+        detail = []
+        if missing:
+            detail.append(f"missing here: {_names(missing)}")
+        if extra:
+            detail.append(f"not in the training classes: {_names(extra)}")
+        if not detail:
+            detail.append("same names in another order")
+        raise DataError(
+            f"the {split} classes of {path} differ from the training classes "
+            f"({len(names)} vs {len(class_names)}; {'; '.join(detail)}): labels are "
+            f"indices of the sorted class names, so they would not match"
+        )
+    return ImageDataset(samples, transform, kind, path, len(names), class_names=names)
+
+
+def _list_split(path: str, split: str, transform, class_names: list[str] | None,
+                data_root: str | None) -> ImageDataset:
+    """A labelled list file split; its labels must lie below ``len(class_names)``."""
+    samples, root, _ = list_file_samples(path, data_root, require_labels=True)
+    num_classes = max(label for _, label in samples) + 1
+    names = [str(i) for i in range(num_classes)]
+    if class_names is not None:
+        if num_classes > len(class_names):
+            raise DataError(
+                f"the {split} list file {path} has labels up to {num_classes - 1} but the "
+                f"training data has {len(class_names)} classes (labels 0..."
+                f"{len(class_names) - 1})"
+            )
+        names = list(class_names)  # a val list may not reach the last training labels
+    return ImageDataset(samples, transform, "list file", path, len(names),
+                        note=f"root {root}", class_names=names)
 
 
 def build_eval_loader(dataset, batch_size: int, num_workers: int, num_replicas: int = 1,

@@ -2,7 +2,7 @@
 pycocotools evaluation helpers.
 
 :class:`CocoDetection` reads the usual COCO layout (``root/<split>/*.jpg`` and
-``root/annotations/instances_<split>.json``) on top of :class:`~ummae.data.datasets.ImageDataset`,
+``root/annotations/instances_<split>.json``) on top of :class:`~ummae.data.dataset.ImageDataset`,
 so it keeps its keyed, seeded augmentation (a pure function of ``(index, sample_seed)``) and its
 handling of unreadable images (substituted in training, skipped in evaluation). Targets follow
 torchvision's detection models: ``boxes`` xyxy in absolute pixels, ``labels`` 1..K (0 is the
@@ -32,21 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-try:
-    from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-except ImportError as e:  # not a core dependency: only detection needs it
-    raise ImportError(f"COCO detection needs pycocotools ({e}); install it with "
-                      f"`pip install pycocotools`") from e
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torch.utils.data import default_collate
+from torchvision.ops import masks_to_boxes as tight_boxes
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ummae.data.datasets import ImageDataset, Key, PairTransform, to_uint8_tensor
-from ummae.data.sampler import readable_items
+from ummae.data.collate import readable_items
+from ummae.data.dataset import ImageDataset, Key
+from ummae.data.transforms import IMAGENET_MEAN_RGB, PairTransform, to_uint8_tensor
 from ummae.errors import DataError
+from ummae.weights.io import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +53,6 @@ IOU_TYPES = ("bbox", "segm")
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0..5]
 # Per-instance fields of a target: whatever drops an instance drops its row in each of these.
 INSTANCE_KEYS = ("boxes", "labels", "masks", "iscrowd", "area")
-# ImageNet mean colour (0.485, 0.456, 0.406) x 255: padding of this colour normalises to ~0,
-# which is what MMDetection's Pad (zeros, after normalisation) gives the network.
-IMAGENET_MEAN_RGB = (124, 116, 104)
 
 
 # ---------------------------------------------------------------- annotation file
@@ -64,7 +60,7 @@ IMAGENET_MEAN_RGB = (124, 116, 104)
 
 def _load_instances(ann_file: str, *, need_area: bool, need_masks: bool) -> dict:
     """The parsed ``instances_*.json``, checked to be a COCO instances file (raises a one-line
-    ``ValueError`` naming ``ann_file`` and the first problem otherwise)."""
+    :class:`~ummae.errors.DataError` naming ``ann_file`` and the first problem otherwise)."""
     if not os.path.isfile(ann_file):
         raise DataError(f"COCO annotation file not found: {ann_file} (expected the layout "
                          f"root/annotations/instances_<split>.json next to root/<split>/)")
@@ -76,9 +72,17 @@ def _load_instances(ann_file: str, *, need_area: bool, need_masks: bool) -> dict
         raise DataError(f"{ann_file} is not valid JSON ({detail}); is the file "
                          f"complete?") from None
 
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{ann_file} is not a COCO instances file: {why}")
+    def bad(why: str) -> DataError:
+        return DataError(f"{ann_file} is not a COCO instances file: {why}")
 
+    sizes, cat_ids = _check_images_and_categories(data, bad)
+    _check_annotations(data["annotations"], sizes, cat_ids, bad, need_area=need_area, need_masks=need_masks)
+    return data
+
+
+def _check_images_and_categories(data, bad: Callable[[str], DataError]) -> tuple[dict[int, tuple[int, int]], set]:
+    """``({image id: (height, width)}, category ids)`` of a parsed instances file, checked
+    (``bad(why)`` is the error to raise)."""
     if not isinstance(data, dict):
         raise bad(f"the top level is a {type(data).__name__}, not an object")
     for key in ("images", "annotations", "categories"):
@@ -102,9 +106,15 @@ def _load_instances(ann_file: str, *, need_area: bool, need_masks: bool) -> dict
         cat_ids.add(cat["id"])
     if not cat_ids:
         raise bad("the 'categories' list is empty")
+    return sizes, cat_ids
+
+
+def _check_annotations(annotations: list, sizes: dict[int, tuple[int, int]], cat_ids: set,
+                       bad: Callable[[str], DataError], *, need_area: bool, need_masks: bool) -> None:
+    """Check each annotation's fields, image and category (``bad(why)``: the error to raise)."""
     # COCOeval needs the GT 'area' (size ranges) and 'iscrowd'; training needs neither.
     required = ["id", "image_id", "category_id", "bbox"] + (["area"] if need_area else [])
-    for k, ann in enumerate(data["annotations"]):
+    for k, ann in enumerate(annotations):
         if not isinstance(ann, dict):
             raise bad(f"annotations[{k}] is not an object")
         name = f"annotation id {ann['id']}" if "id" in ann else f"annotations[{k}]"
@@ -129,7 +139,6 @@ def _load_instances(ann_file: str, *, need_area: bool, need_masks: bool) -> dict
                               f"to the image's [height, width] = [{h}, {w}]")
             elif not isinstance(seg, list):
                 raise bad(f"{name} has no 'segmentation' (polygons or RLE), needed for masks")
-    return data
 
 
 def _make_coco(data: dict) -> COCO:
@@ -206,7 +215,7 @@ class CocoDetection(ImageDataset):
     (their names: label ``l`` is ``class_names[l - 1]``), ``num_classes`` (``len(cat_ids)``;
     a torchvision detector takes ``num_classes + 1`` with the background).
 
-    Raises a one-line ``ValueError`` naming the file for a missing or malformed annotation file
+    Raises a one-line :class:`~ummae.errors.DataError` naming the file for a missing or malformed annotation file
     and for images it lists that are missing on disk.
     """
 
@@ -338,8 +347,6 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     """``[n, 4]`` float32 xyxy boxes around uint8/bool ``[n, H, W]`` masks, pixel edges
     included (x2 = last column + 1, as MMDetection's ``BitmapMasks.get_bboxes``; torchvision's
     ``masks_to_boxes`` gives the last column's index); an empty mask gets ``[0, 0, 0, 0]``."""
-    from torchvision.ops import masks_to_boxes as tight_boxes
-
     boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32)
     has = (masks != 0).flatten(1).any(dim=1) if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
     if has.any():
@@ -514,7 +521,7 @@ def coco_results(image_ids: Sequence[int | Mapping], predictions: Sequence[Mappi
     if len(image_ids) != len(predictions):
         raise ValueError(f"{len(image_ids)} image ids but {len(predictions)} predictions")
     results: list[dict] = []
-    for ref, pred in zip(image_ids, predictions):
+    for ref, pred in zip(image_ids, predictions, strict=True):
         image_id = int(ref["image_id"] if isinstance(ref, Mapping) else ref)
         if image_id not in dataset.coco.imgs:
             raise ValueError(f"image id {image_id} is not an image of {dataset.ann_file}")
@@ -617,7 +624,5 @@ def coco_evaluate(coco_gt: COCO, results: Sequence[dict],
 def write_results_json(results: Sequence[dict], path: str | os.PathLike) -> Path:
     """Write COCO results as JSON atomically (temp file in the same folder + rename, so a kill
     never leaves a torn file); the parent folder is made if needed. Returns the path."""
-    from ummae.weights.io import write_atomic
-
     write_atomic(path, lambda f: json.dump(list(results), f), "w")
     return Path(path)

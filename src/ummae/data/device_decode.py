@@ -20,6 +20,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import default_collate
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F2
+
+from ummae.data.collate import readable_items
 from ummae.errors import DataError
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
@@ -60,7 +65,7 @@ def read_encoded(source: str | bytes, name: str = "") -> EncodedJpeg | None:
             if im.format != "JPEG" or im.mode not in ("RGB", "L", "CMYK", "YCbCr"):
                 return None
             width, height = im.size
-    except Exception:  # noqa: BLE001 (a header Pillow cannot parse: decoded, or refused, on the CPU)
+    except Exception:  # a header Pillow cannot parse: decoded, or refused, on the CPU
         return None
     return EncodedJpeg(torch.frombuffer(bytearray(source), dtype=torch.uint8), height, width, name)
 
@@ -97,14 +102,10 @@ class EncodedBatch:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.items), 3, self.img_size, self.img_size)
 
-    def pin_memory(self) -> "EncodedBatch":
+    def pin_memory(self) -> EncodedBatch:
         return self
 
     def decode(self, device: torch.device | str, exact_cpu: bool | None = None) -> Tensor:
-        from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2 import functional as F2
-
         device = torch.device(device)
         planned = [(i, it) for i, it in enumerate(self.items) if isinstance(it, PlannedCrop)]
         out = [None] * len(self.items)
@@ -128,7 +129,7 @@ class EncodedBatch:
             # same pixels); elsewhere the resize is in float, rounded back
             uint8_resize = device.type == "cpu" if exact_cpu is None else exact_cpu
             size = [self.img_size, self.img_size]
-            for (i, it), image in zip(planned, images):
+            for (i, it), image in zip(planned, images, strict=True):
                 x = image if uint8_resize else image.float()
                 x = F2.resized_crop(x, *it.box, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
                 if not uint8_resize:
@@ -148,8 +149,6 @@ class _CollateEncoded:
         self.img_size = img_size
 
     def __call__(self, batch: list):
-        from ummae.data.sampler import readable_items
-
         good, n_skipped = readable_items(batch)
         if not good:
             return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped

@@ -8,10 +8,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ummae.data.collate import collate_skip_bad
+from ummae.data.dataset import SubstituteUnreadable
+from ummae.data.shards import ShardStream
 from ummae.engine.seeds import mix_seed
-from ummae.data.datasets import SubstituteUnreadable
+from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +46,13 @@ class ResumableSampler(Sampler):
                              f"{num_replicas}")
         global_batch = batch_size * num_replicas
         if drop_last and dataset_len < global_batch:
-            raise ValueError(
+            raise DataError(
                 f"the dataset has {dataset_len} images but one global batch needs "
                 f"{global_batch} ({batch_size} per rank x {num_replicas} ranks); use a smaller "
                 f"batch size or more data"
             )
         if dataset_len < 1:
-            raise ValueError("the dataset is empty")
+            raise DataError("the dataset is empty")
         self.dataset_len = dataset_len
         self.batch_size = batch_size
         self.num_replicas = num_replicas
@@ -120,37 +123,6 @@ class ResumableSampler(Sampler):
         self._active_start = 0
 
 
-def readable_items(batch: list) -> tuple[list, int]:
-    """The training items of ``batch`` that are not ``None`` (an unreadable image), and the
-    unreadable images of the batch: the ``None`` items plus each item's own ``n_skipped``
-    (its third field: 1 where a substitute took an unreadable image's place). What every
-    training collate counts into ``skipped_images``."""
-    good = [item for item in batch if item is not None]
-    return good, len(batch) - len(good) + sum(int(item[2]) for item in good if len(item) > 2)
-
-
-def collate_skip_bad(batch: list) -> tuple[Tensor, Tensor, int]:
-    """Collate a batch of items, counting the unreadable images.
-
-    Items are ``(image [3, S, S], label)`` or ``None`` (an unreadable image, from
-    ``ImageDataset[key]``: evaluation), or ``(image, label, n_skipped)`` (from
-    :class:`~ummae.data.datasets.SubstituteUnreadable`: training, where an unreadable image
-    was replaced by a readable one and ``n_skipped`` is 1). ``None`` items are dropped.
-
-    Returns ``(images [B, 3, S, S] float, labels [B] long, n_skipped)``: ``B`` the number of
-    items that are not ``None`` (so a training batch always has its full size) and
-    ``n_skipped`` the unreadable images of the batch (dropped or replaced). If every item is
-    ``None`` the size is unknown, so ``images`` is ``torch.empty(0)`` (``images.shape[0] == 0``
-    still holds) and ``labels`` is ``[0]``.
-    """
-    good, n_skipped = readable_items(batch)
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped
-    # default_collate stacks straight into shared memory inside workers (one copy fewer)
-    images, labels = default_collate([(item[0], item[1]) for item in good])
-    return images, labels.long(), n_skipped
-
-
 def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
                        num_replicas: int = 1, rank: int = 0, seed: int = 0,
                        pin_memory: bool = False,
@@ -162,20 +134,18 @@ def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
     its sampler (call ``set_epoch`` / ``set_start_batch`` on it). No worker_init_fn is needed:
     augmentation seeds travel with the indices, so batches do not depend on ``num_workers``.
 
-    An :class:`~ummae.data.datasets.ImageDataset` is read through
-    :class:`~ummae.data.datasets.SubstituteUnreadable`: an unreadable image is replaced by the
+    An :class:`~ummae.data.dataset.ImageDataset` is read through
+    :class:`~ummae.data.dataset.SubstituteUnreadable`: an unreadable image is replaced by the
     next readable one in dataset order (a pure function of the index, so resume stays exact)
     and counted in ``n_skipped``, so every batch has exactly ``batch_size`` images (DDP ranks
     stay in lockstep, mixup gets even batches); only a dataset of which no image can be read
-    stops the run (``NoReadableImageError``, a ``ValueError``). Other datasets are used as
+    stops the run (``NoReadableImageError``, a :class:`~ummae.errors.DataError`). Other datasets are used as
     they are (``None`` items are dropped and counted).
 
     ``collate_fn`` builds the batches from the items (``(image, label, n_skipped)`` with an
     ImageDataset); detection passes :func:`~ummae.data.coco.collate_detection`, whose targets
     are a list of dicts.
     """
-    from ummae.data.shards import ShardStream
-
     if isinstance(dataset, ShardStream):  # its own split of the shards over ranks and workers
         dataset.configure(batch_size, num_replicas, rank, seed, num_workers)
         return dataset.loader(num_workers, pin_memory, collate_fn), dataset

@@ -24,13 +24,20 @@ be read from disk at all is an error naming it.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import math
 import os
 import random
-import sys
+from collections.abc import Iterable
+
+from webdataset import TarWriter
+
+from ummae.data.sources import folder_samples, is_image_file, list_file_samples
+from ummae.engine.progress import progress
 from ummae.errors import DataError
+from ummae.weights.io import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +61,7 @@ def shard_pattern(output: str, num_shards: int) -> str:
     """The ``--data`` value that names all ``num_shards`` shards of ``output``: webdataset's
     brace pattern ``output/shard-{000000..000009}.tar``, or the one file for one shard."""
     if num_shards < 1:
-        raise DataError(f"num_shards must be >= 1, got {num_shards}")
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if num_shards == 1:
         return os.path.join(str(output), shard_name(0))
     last = f"{num_shards - 1:0{SHARD_DIGITS}d}"
@@ -68,9 +75,7 @@ def _member_ext(path: str) -> str:
 
 def _list_samples(src: str, data_root: str | None) -> tuple[list[tuple[str, int]], list[str] | None, str]:
     """``(samples, class names or None, the folder or file read)`` of ``src``, listed as
-    ``pretrain --data`` lists it (:mod:`ummae.data.datasets`)."""
-    from ummae.data.datasets import _folder_samples, _list_file_samples, is_image_file
-
+    ``pretrain --data`` lists it (:mod:`ummae.data.sources`)."""
     path = os.path.expanduser(str(src))
     if not os.path.exists(path):
         raise DataError(f"source not found: {src}")
@@ -81,10 +86,10 @@ def _list_samples(src: str, data_root: str | None) -> tuple[list[tuple[str, int]
             # as pretrain/finetune --data: a dataset root is read through its train/ split
             logger.info("%s has a train/ folder: writing shards of %s", path, os.path.join(path, "train"))
             path = os.path.join(path, "train")
-        samples, _, classes = _folder_samples(path)
+        samples, _, classes = folder_samples(path)
         names = list(classes) or None  # an ImageFolder's class names; a flat folder: None
     else:
-        samples, _, _ = _list_file_samples(path, data_root)
+        samples, _, _ = list_file_samples(path, data_root)
         names = None
     for file, _ in samples:
         if not is_image_file(os.path.basename(file)):
@@ -124,11 +129,10 @@ def _read_bytes(path: str) -> bytes:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _write_shard(output: str, index: int, items: list[tuple[int, str, int]]) -> None:
+def _write_shard(output: str, index: int, items: Iterable[tuple[int, str, int]]) -> int:
     """Shard ``index`` of ``items`` (``(key number, path, label)``), written under its temporary
-    name and renamed when complete."""
-    from webdataset import TarWriter
-
+    name and renamed when complete. Returns the number of samples written."""
+    count = 0
     tmp = os.path.join(output, _temp_name(index))
     try:
         with open(tmp, "wb") as f:
@@ -140,6 +144,7 @@ def _write_shard(output: str, index: int, items: list[tuple[int, str, int]]) -> 
                     if label >= 0:
                         sample["cls"] = str(int(label)).encode("ascii")
                     sink.write(sample)
+                    count += 1
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(output, shard_name(index)))
@@ -147,6 +152,7 @@ def _write_shard(output: str, index: int, items: list[tuple[int, str, int]]) -> 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return count
 
 
 def write_shards(src: str, output: str, shard_size: int = 1000, *, data_root: str | None = None,
@@ -158,7 +164,7 @@ def write_shards(src: str, output: str, shard_size: int = 1000, *, data_root: st
     shards and shards.json already in ``output`` (refused otherwise). ``data_root``: the root
     of a list file's paths (default: the list file's folder).
 
-    Returns the content of ``shards.json``. Raises ``ValueError`` (one line) for bad input and
+    Returns the content of ``shards.json``. Raises :class:`~ummae.errors.DataError` (one line) for bad input and
     for a source file that cannot be read; the shards of a failed run are removed."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise DataError(f"--shard-size must be an integer >= 1, got {shard_size}")
@@ -175,18 +181,14 @@ def write_shards(src: str, output: str, shard_size: int = 1000, *, data_root: st
         random.Random(seed).shuffle(order)
     items = [(i, *samples[j]) for i, j in enumerate(order)]
 
-    from tqdm import tqdm
-
     shards, written = [], []
+    images = progress(items, desc="shards", unit="img")  # counts each image as it is written
     try:
-        with tqdm(total=len(items), unit="img", desc="shards", file=sys.stderr,
-                  disable=not sys.stderr.isatty()) as bar:
-            for k in range(num_shards):
-                chunk = items[k * shard_size:(k + 1) * shard_size]
-                _write_shard(output, k, chunk)
-                written.append(os.path.join(output, shard_name(k)))
-                shards.append({"name": shard_name(k), "num_samples": len(chunk)})
-                bar.update(len(chunk))
+        for k in range(num_shards):
+            count = _write_shard(output, k, itertools.islice(images, shard_size))
+            written.append(os.path.join(output, shard_name(k)))
+            shards.append({"name": shard_name(k), "num_samples": count})
+        next(images, None)  # past the last image: the progress report ends with its summary line
         info = {
             "format": FORMAT,
             "num_samples": len(items),
@@ -196,8 +198,6 @@ def write_shards(src: str, output: str, shard_size: int = 1000, *, data_root: st
             "shuffled": bool(shuffle),
             "seed": int(seed),
         }
-        from ummae.weights.io import write_atomic
-
         write_atomic(os.path.join(output, INDEX_NAME),
                      lambda f: f.write(json.dumps(info, indent=1) + "\n"), mode="w")
     except BaseException:

@@ -40,11 +40,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import _shuffle
+from webdataset.tariterators import tarfile_samples
 
+from ummae.data.collate import collate_skip_bad
+from ummae.data.dataset import NoReadableImageError
+from ummae.data.decode import read_image, read_image_or_encoded
+from ummae.data.sources import IMG_EXTENSIONS
+from ummae.data.transforms import augment_seeded
 from ummae.engine.seeds import mix_seed
-from ummae.data.datasets import IMG_EXTENSIONS, NoReadableImageError, augment_seeded, read_image, read_image_or_encoded
-from ummae.data.sampler import collate_skip_bad
 from ummae.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -80,8 +86,6 @@ def expand_shards(spec: str) -> tuple[list[str], dict | None]:
     """The shard URLs of ``spec`` (webdataset's brace expansion; a folder: the shards its
     ``shards.json`` lists) and that index when there is one beside local shards. A local shard
     that does not exist is an error naming it."""
-    from braceexpand import braceexpand
-
     spec = str(spec)
     folder = os.path.expanduser(spec)
     if os.path.isdir(folder):
@@ -208,7 +212,7 @@ class ShardStream(IterableDataset):
 
     def set_start_batch(self, k: int) -> None:
         if not 0 <= k <= self.num_batches():
-            raise DataError(f"start batch must be in [0, {self.num_batches()}], got {k}")
+            raise ValueError(f"start batch must be in [0, {self.num_batches()}], got {k}")
         self._start_batch = k
 
     # --- the stream ----------------------------------------------------------------------
@@ -229,9 +233,6 @@ class ShardStream(IterableDataset):
     def _raw_samples(self, shards: list[str], role: int) -> Iterator[dict]:
         """The worker's samples, pass after pass over its shards (each pass its own shard
         order and its own shuffle buffer, flushed at the end of the pass)."""
-        from webdataset.filters import _shuffle
-        from webdataset.tariterators import tarfile_samples
-
         for pass_ in range(1 << 30):
             rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, role, pass_))
             order = list(shards)
@@ -254,7 +255,7 @@ class ShardStream(IterableDataset):
             return None
         try:
             return read_image_or_encoded(data, self.tensor_input, self.encoded, str(sample.get("__key__", "")))
-        except Exception:  # noqa: BLE001 (the decoders' zoo of errors, as ImageDataset._read)
+        except Exception:  # the decoders' zoo of errors, as ImageDataset._read
             return None
 
     def __iter__(self) -> Iterator[tuple[Any, int, int]]:
@@ -290,8 +291,6 @@ class ShardStream(IterableDataset):
     def preview(self, n: int) -> list:
         """The first ``n`` decodable images (PIL) of the first shard, in its order: what the
         pre-training pictures show."""
-        from webdataset.tariterators import tarfile_samples
-
         out = []
         for sample in tarfile_samples([{"url": self.urls[0]}], handler=_WarnShard()):
             data = _image_member(sample)
@@ -299,7 +298,7 @@ class ShardStream(IterableDataset):
                 continue
             try:
                 out.append(read_image(data, False))
-            except Exception:  # noqa: BLE001 (skipped, as in training)
+            except Exception:  # skipped, as in training
                 continue
             if len(out) >= n:
                 break
