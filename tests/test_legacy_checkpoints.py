@@ -218,3 +218,23 @@ def test_visualize_the_pretrain_checkpoint(work):
         ],
     )
     assert picture.stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["pretrain-mae_swin_test.pth", "finetune-swin_test.pth"])
+def test_resume_from_the_checkpoint(work, name):
+    """``--resume`` of a legacy training checkpoint goes on from the epoch it holds, and only
+    that one (the fixtures' optimiser moments are emptied, see make_legacy_checkpoints.slim: the
+    losses are not the uninterrupted run's, so only the resumed position is checked)."""
+    entry = FILES[name]
+    argv = [
+        str(LEGACY / "pretrain-mae_swin_test.pth") if a == FILES["pretrain-mae_swin_test.pth"]["copied_from"] else a
+        for a in entry["argv"]
+    ]
+    out = f"runs/resumed-{entry['kind']}"
+    argv[argv.index("--output") + 1] = out
+    next_epoch = entry["contents"]["epoch"]  # a checkpoint holds the epoch to run next
+    argv[argv.index("--epochs") + 1] = str(next_epoch + 1)
+    ummae(work, [*argv, "--resume", f"{{fixtures}}/{name}"])
+    records = [json.loads(line) for line in (work / out / "metrics.jsonl").read_text().splitlines()]
+    epochs = sorted({r["epoch"] for r in records if "train_loss" in r})
+    assert epochs == [next_epoch], f"resumed epochs {epochs}"
