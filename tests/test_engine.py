@@ -25,11 +25,12 @@ from PIL import Image
 
 import ummae.tasks.pretrain as train
 from ummae.config import PretrainConfig
-from ummae.data.datasets import normalize_uint8
+from ummae.data.transforms import normalize_uint8
 from ummae.weights import io as ckpt
 from ummae.weights.io import CheckpointError
-from ummae.engine.trainer import NonFiniteLossError
-from ummae.engine.optim import no_weight_decay, param_groups, pretrain_no_weight_decay, warmup_cosine
+from ummae.errors import NonFiniteLossError, UsageError
+from ummae.engine.optim import no_weight_decay, param_groups, pretrain_no_weight_decay
+from ummae.engine.schedule import Schedule, warmup_cosine, warmup_poly
 from ummae.models.registry import create_model
 from ummae.tasks.pretrain import pretrain
 
@@ -537,6 +538,30 @@ def test_warmup_cosine__shape():
     assert lrs[(warm + total) // 2 + 0] == pytest.approx((base + low) / 2, rel=1e-9)  # cosine midpoint
     assert warmup_cosine(total + 5, total, warm, base, low) == pytest.approx(low)  # stays at the floor
     assert warmup_cosine(0, 10, 0, base, low) == base  # no warm-up
+
+
+def test_schedule__from_config_reads_epochs_iterations_and_warm_up_steps():
+    """Schedule.from_config decides what the config asks: an epoch run over epochs x updates
+    with the warm-up in epochs; an iteration run over ``iters`` with ``warmup_steps`` and the
+    config's schedule kind; the lr of each update is the schedule function's."""
+    from types import SimpleNamespace
+
+    epochs = SimpleNamespace(epochs=4, warmup_epochs=1.5, min_lr=1e-6)
+    s = Schedule.from_config(epochs, updates_per_epoch=10, base_lr=1e-3)
+    assert (s.kind, s.total_updates, s.warmup_updates, s.base_lr, s.min_lr, s.warmup_by_steps) == (
+        "cosine", 40, 15, 1e-3, 1e-6, False)
+    assert [s.lr(u) for u in range(41)] == [warmup_cosine(u, 40, 15, 1e-3, 1e-6) for u in range(41)]
+    assert s.peak_reached() == 1.0
+
+    iters = SimpleNamespace(epochs=1, iters=100, warmup_steps=10, warmup_epochs=0.0, min_lr=0.0, schedule="poly")
+    p = Schedule.from_config(iters, updates_per_epoch=7, base_lr=1e-2)
+    assert (p.kind, p.total_updates, p.warmup_updates, p.warmup_by_steps) == ("poly", 100, 10, True)
+    assert [p.lr(u) for u in range(101)] == [warmup_poly(u, 100, 10, 1e-2, 0.0) for u in range(101)]
+
+    long_warmup = Schedule("cosine", total_updates=4, warmup_updates=8, base_lr=1.0)
+    assert long_warmup.peak_reached() == pytest.approx(3 / 8)
+    with pytest.raises(UsageError, match="unknown lr schedule 'step'"):
+        Schedule("step", 10, 0, 1.0)
 
 
 @pytest.mark.parametrize("name", ["mae_swin_test", "mae_vit_test", "simmim_swin_test"])

@@ -17,7 +17,7 @@ import torch
 from _helpers import metrics_records, run_torchrun, semseg_subset, stable, step_records
 from ummae.cli import main
 from ummae.config import SegmentConfig
-from ummae.engine.optim import warmup_poly
+from ummae.engine.schedule import warmup_poly
 from ummae.tasks import segment
 from ummae.tasks.segment import (build_segmenter, confusion_matrix, keep_ratio_size, predict_probs,
                                  segmentation_metrics, slide_logits, train, whole_logits)

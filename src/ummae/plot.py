@@ -1,5 +1,5 @@
 """Training curves of one or several runs, from their ``metrics.jsonl`` (see
-:class:`ummae.engine.trainer.MetricsLog`): one subplot per metric, one line per run.
+:class:`ummae.engine.run.MetricsLog`): one subplot per metric, one line per run.
 
 Records with ``"loss"`` are step records (``loss``, ``lr``, ``images_per_s`` ...), records
 with ``"train_loss"`` are epoch records (``train_loss``, ``vis_loss``, ``acc1`` ...). The x

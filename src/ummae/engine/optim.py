@@ -1,10 +1,7 @@
-"""Optimiser and schedule: AdamW with the reference's weight-decay rules (pre-training: none on
-biases and norms only; fine-tuning: none on biases, norms, tokens and position tables);
-optional layer-wise lr decay; per-step linear warm-up then cosine (MAE's schedule, evaluated
-per optimiser update)."""
+"""The optimiser: AdamW with the reference's weight-decay rules (pre-training: none on biases and
+norms only; fine-tuning: none on biases, norms, tokens and position tables) and optional
+layer-wise lr decay. The lr of each update is :mod:`ummae.engine.schedule`'s."""
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
@@ -45,25 +42,3 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, dev
     return torch.optim.AdamW(
         param_groups(model, weight_decay, layer_decay, no_decay), lr=lr, betas=tuple(betas), fused=device.type == "cuda"
     )
-
-
-def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
-    if step < warmup:
-        return base_lr * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def warmup_poly(step: int, total: int, warmup: int, base_lr: float, min_lr: float, power: float = 1.0,
-                warmup_ratio: float = 1e-6) -> float:
-    """MMSegmentation's iteration schedule (mmcv ``PolyLrUpdaterHook`` with linear warm-up, the
-    segmentation recipe): ``(base - min) * (1 - step / total) ** power + min``, and during the
-    ``warmup`` first steps that value times a factor rising linearly from ``warmup_ratio`` to 1
-    (mmcv scales the poly value, not the base lr)."""
-    lr = (base_lr - min_lr) * (1.0 - min(step, total) / max(1, total)) ** power + min_lr
-    if step < warmup:
-        lr *= 1.0 - (1.0 - step / warmup) * (1.0 - warmup_ratio)
-    return lr
-
-
-SCHEDULES = {"cosine": warmup_cosine, "poly": warmup_poly}

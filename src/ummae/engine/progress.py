@@ -42,7 +42,17 @@ def progress_bar(total: Optional[int], desc: str, initial: int = 0, is_main: boo
     from tqdm import tqdm
 
     width = {"ncols": columns} if os.environ.get("COLUMNS", "").strip() else {"dynamic_ncols": True}
+    if _terminal_lines(sys.stderr) <= 0:  # a terminal of unknown size (``script``, some CI): tqdm would draw nothing
+        width["nrows"] = 20
     return tqdm(total=total, initial=initial, desc=desc, leave=False, file=sys.stderr, unit=unit, **width)
+
+
+def _terminal_lines(stream) -> int:
+    """Lines of the terminal ``stream`` writes to; 0 when unknown."""
+    try:
+        return os.get_terminal_size(stream.fileno()).lines
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def above_bar(bar):
