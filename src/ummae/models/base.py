@@ -13,15 +13,14 @@ half-integer positions, which is where they really are.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ummae.errors import UsageError
 from ummae.models.layers import LayerNorm, PatchEmbed
 from ummae.models.masking import compact_image, compact_positions, dense_positions, kept_unit_index
-from ummae.errors import UsageError
 
 
 def sizes_that_fit(fits, near: int, n: int = 4) -> str:
@@ -158,7 +157,3 @@ class PyramidBackbone(nn.Module):
 
     def forward_features(self, imgs: Tensor) -> Tensor:
         return self.forward_dense(imgs)[-1]
-
-    def forward_feature_maps(self, imgs: Tensor) -> OrderedDict[str, Tensor]:
-        """torchvision's backbone seam: ``OrderedDict`` '0'..'3' of the stage maps."""
-        return OrderedDict((str(i), f) for i, f in enumerate(self.forward_dense(imgs)))

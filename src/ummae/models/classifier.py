@@ -14,19 +14,14 @@ from typing import Any
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
+from timm.models import is_model
+from timm.models import register_model as timm_register
 from torch import Tensor, nn
 
-from ummae.models.base import PyramidBackbone
-
-from ummae.models.pvt import PyramidVisionTransformer
-
-from ummae.models.swin import SwinTransformer
-
-from ummae.models.vit import VisionTransformer
-from ummae.models.layers import LayerNorm, init_weights
-from ummae.models.zoo import DENSE_SR, DENSE_WINDOW, PVT, SWIN, VIT
-from ummae.models.registry import list_models, model_kind, register_model
 from ummae.errors import UsageError
+from ummae.models.base import PyramidBackbone
+from ummae.models.layers import LayerNorm, init_weights
+from ummae.models.registry import create_model, list_models, model_kind
 
 
 class Classifier(nn.Module):
@@ -69,9 +64,9 @@ class Classifier(nn.Module):
     def options(self) -> dict[str, Any]:
         enc = self.encoder
         opts: dict[str, Any] = dict(img_size=self.img_size, num_classes=self.num_classes, drop_path=enc.drop_path_rate)
-        if isinstance(enc, SwinTransformer):
+        if hasattr(enc, "window_size"):  # Swin
             opts["window_size"] = enc.window_size
-        if isinstance(enc, PyramidVisionTransformer):
+        if hasattr(enc, "sr_ratios"):  # PVT
             opts["sr_ratios"] = list(enc.sr_ratios)
         return opts
 
@@ -124,16 +119,18 @@ class Classifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# --- registered classifiers ------------------------------------------------------------------
-FINETUNE_WINDOW = DENSE_WINDOW  # METHOD.md: pre-train at window 8 on the compact map, fine-tune at 16
-FINETUNE_SR = DENSE_SR  # METHOD.md: PVT fine-tuning spatial reduction
+# --- building the registered classifiers (the family files: swin.py, pvt.py, vit.py) ----------
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _classifier(name: str, family: str, arch: str, img_size: int, drop_path: float, layer_decay: float,
-                kw: dict[str, Any], window: int = FINETUNE_WINDOW, patch: int = 16) -> Classifier:
-    allowed = {"img_size", "num_classes", "drop_path", "drop_rate"}
-    allowed |= {"window_size"} if family == "swin" else {"sr_ratios"} if family == "pvt" else set()
+def build_classifier(name: str, encoder_cls, arch: dict[str, Any], img_size: int, drop_path: float,
+                     layer_decay: float, kw: dict[str, Any], tunable: tuple[str, ...] = (),
+                     learnable_pos: bool = False) -> Classifier:
+    """``name`` as registered: a :class:`Classifier` on ``encoder_cls(**arch)``, initialised
+    from scratch. ``kw``: the caller's options; ``tunable`` the encoder settings among them
+    that override ``arch`` (Swin's window, PVT's spatial reduction); ``learnable_pos``: a
+    learnable position table at ``img_size`` (PVT, ViT)."""
+    allowed = {"img_size", "num_classes", "drop_path", "drop_rate", *tunable}
     unknown = sorted(set(kw) - allowed)
     if unknown:
         raise UsageError(f"option(s) {', '.join(unknown)} do not apply to {name}; it takes {', '.join(sorted(allowed))}")
@@ -141,16 +138,12 @@ def _classifier(name: str, family: str, arch: str, img_size: int, drop_path: flo
     drop_path = kw.pop("drop_path", drop_path)
     head_kw = dict(num_classes=kw.pop("num_classes", 1000), img_size=img_size, drop_rate=kw.pop("drop_rate", 0.0),
                    layer_decay=layer_decay)
-    if family == "swin":
-        enc = SwinTransformer(window_size=kw.pop("window_size", window), drop_path=drop_path, **SWIN[arch])
-    elif family == "pvt":
-        enc = PyramidVisionTransformer(sr_ratios=tuple(kw.pop("sr_ratios", FINETUNE_SR)), drop_path=drop_path,
-                                       pos_embed="learnable", img_size=img_size, **PVT[arch])
-    else:
-        enc = VisionTransformer(patch_size=patch, drop_path=drop_path, pos_embed="learnable", img_size=img_size,
-                                **VIT[arch])
-    model = Classifier(enc, **head_kw)
-    _init_encoder(enc)
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # what is left: the tunable
+    if learnable_pos:
+        settings.update(pos_embed="learnable", img_size=img_size)
+    encoder = encoder_cls(drop_path=drop_path, **{**arch, **settings})
+    model = Classifier(encoder, **head_kw)
+    _init_encoder(encoder)
     return model
 
 
@@ -158,58 +151,8 @@ def _init_encoder(enc: nn.Module) -> None:
     """From-scratch initialisation, as in pre-training (layers/init.py);
     position tables keep their sin-cos start."""
     enc.apply(init_weights)
-    if isinstance(enc, VisionTransformer):
+    if hasattr(enc, "cls_token"):  # ViT
         nn.init.normal_(enc.cls_token, std=0.02)
-
-
-@register_model("classify")
-def swin_tiny_256(**kw):
-    return _classifier("swin_tiny_256", "swin", "tiny", 256, 0.1, 0.85, kw)
-
-
-@register_model("classify")
-def swin_large_256(**kw):
-    return _classifier("swin_large_256", "swin", "large", 256, 0.2, 0.9, kw)
-
-
-@register_model("classify")
-def pvt_small_256(**kw):
-    return _classifier("pvt_small_256", "pvt", "small", 256, 0.1, 0.85, kw)
-
-
-@register_model("classify")
-def vit_base_patch16(**kw):
-    return _classifier("vit_base_patch16", "vit", "base", 224, 0.1, 0.65, kw)
-
-
-@register_model("classify")
-def vit_large_patch16(**kw):
-    return _classifier("vit_large_patch16", "vit", "large", 224, 0.2, 0.75, kw)
-
-
-@register_model("classify")
-def swin_nano_128(**kw):
-    return _classifier("swin_nano_128", "swin", "nano", 128, 0.1, 0.85, kw)
-
-
-@register_model("classify")
-def pvt_nano_128(**kw):
-    return _classifier("pvt_nano_128", "pvt", "nano", 128, 0.1, 0.85, kw)
-
-
-@register_model("classify")
-def swin_test(**kw):
-    return _classifier("swin_test", "swin", "test", 64, 0.1, 0.85, kw, window=8)
-
-
-@register_model("classify")
-def pvt_test(**kw):
-    return _classifier("pvt_test", "pvt", "test", 64, 0.1, 0.85, kw)
-
-
-@register_model("classify")
-def vit_test(**kw):
-    return _classifier("vit_test", "vit", "test", 64, 0.1, 0.65, kw)
 
 
 def check_classifier(name: str) -> None:
@@ -233,8 +176,6 @@ def classifier_for(pretrain_name: str) -> str:
 # --- timm registration: `import ummae; timm.create_model("ummae_swin_tiny_256", num_classes=10)`
 def _timm_entry(name: str):
     def create(pretrained: bool = False, **kwargs):
-        from ummae.models.registry import create_model
-
         if pretrained:
             raise UsageError(
                 f"ummae_{name}: ummae downloads no weights; create it with pretrained=False and load an exported "
@@ -253,9 +194,6 @@ def _timm_entry(name: str):
 
 
 def register_with_timm() -> None:
-    from timm.models import is_model
-    from timm.models import register_model as timm_register
-
     for name in list_models(kind="classify"):
         if not is_model(f"ummae_{name}"):
             timm_register(_timm_entry(name))

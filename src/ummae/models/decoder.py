@@ -3,8 +3,6 @@ grid, every masked unit gets the shared mask token, fixed sin-cos positions are 
 transformer blocks, LayerNorm, and a linear prediction of each unit's pixels."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
@@ -14,7 +12,7 @@ from ummae.models.layers import LayerNorm, sincos_grid
 
 
 class MAEDecoder(nn.Module):
-    def __init__(self, grid: Tuple[int, int], out_dim: int, dim: int = 512, depth: int = 2, num_heads: int = 16, mlp_ratio: float = 4.0):
+    def __init__(self, grid: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 2, num_heads: int = 16, mlp_ratio: float = 4.0):
         super().__init__()
         self.grid = grid
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -25,7 +23,7 @@ class MAEDecoder(nn.Module):
         self.norm = LayerNorm(dim)
         self.pred = nn.Linear(dim, out_dim)
 
-    def forward(self, visible: Tensor, unit_index: Tensor, prefix: Optional[Tensor] = None) -> Tensor:
+    def forward(self, visible: Tensor, unit_index: Tensor, prefix: Tensor | None = None) -> Tensor:
         """``visible [N, V, D]`` tokens of the units ``unit_index [N, V]`` (row-major on the
         full grid) -> predictions ``[N, L, out_dim]`` for every unit.
 

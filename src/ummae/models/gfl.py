@@ -21,7 +21,7 @@ DFL weight 0.25, GIoU weight 2, score threshold 0.05, NMS IoU 0.6, 1000 candidat
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -98,7 +98,7 @@ def _mean_over_ranks(x: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------- assignment
 
-def atss_assign(anchors: Tensor, num_anchors_per_level: List[int], gt_boxes: Tensor, topk: int = 9) -> Tensor:
+def atss_assign(anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Tensor, topk: int = 9) -> Tensor:
     """ATSS: for every gt, the ``min(topk, level size)`` anchors of each level whose centres
     are nearest its centre are the candidates; those with IoU >= mean + std (unbiased) of
     the candidates' IoUs and whose centre lies inside the gt (> 0.01 from every side) are
@@ -174,7 +174,7 @@ class GFLHead(nn.Module):
         self.num_classes, self.reg_max, self.num_levels = num_classes, reg_max, num_levels
 
         def tower() -> nn.Sequential:
-            layers: List[nn.Module] = []
+            layers: list[nn.Module] = []
             for _ in range(num_convs):
                 layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1), _group_norm(in_channels), nn.ReLU()]
             return nn.Sequential(*layers)
@@ -192,7 +192,7 @@ class GFLHead(nn.Module):
         # first steps
         nn.init.constant_(self.gfl_cls.bias, -math.log((1 - prior_probability) / prior_probability))
 
-    def forward(self, x: List[Tensor]) -> Dict[str, Tensor]:
+    def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
         if len(x) != self.num_levels:
             raise ValueError(f"GFLHead was built for {self.num_levels} levels, got {len(x)} feature maps")
         cls_out, reg_out = [], []
@@ -219,8 +219,8 @@ class GFL(FCOS):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, min_size: int = 800, max_size: int = 1333,
-                 image_mean: Optional[List[float]] = None, image_std: Optional[List[float]] = None,
-                 anchor_generator: Optional[AnchorGenerator] = None, head: Optional[nn.Module] = None,
+                 image_mean: list[float] | None = None, image_std: list[float] | None = None,
+                 anchor_generator: AnchorGenerator | None = None, head: nn.Module | None = None,
                  score_thresh: float = 0.05, nms_thresh: float = 0.6, detections_per_img: int = 100,
                  topk_candidates: int = 1000, reg_max: int = 16, atss_topk: int = 9, qfl_beta: float = 2.0,
                  dfl_weight: float = 0.25, giou_weight: float = 2.0, num_convs: int = 4,
@@ -255,15 +255,15 @@ class GFL(FCOS):
     def _strides(self, anchors: Tensor) -> Tensor:
         return (anchors[..., 2] - anchors[..., 0]) / self.octave_base_scale
 
-    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
-                     anchors: List[Tensor], num_anchors_per_level: List[int]) -> Dict[str, Tensor]:
+    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
+                     anchors: list[Tensor], num_anchors_per_level: list[int]) -> dict[str, Tensor]:
         # the losses in float32 whatever autocast made the head's outputs
         cls_logits = head_outputs["cls_logits"].float()  # [N, A, C]
         bbox_reg = head_outputs["bbox_regression"].float()  # [N, A, 4 (R + 1)]
         num_classes = cls_logits.shape[-1]
 
         all_labels, all_boxes = [], []
-        for anchors_i, target in zip(anchors, targets):
+        for anchors_i, target in zip(anchors, targets, strict=True):
             boxes, labels = target["boxes"], target["labels"]
             if labels.shape != boxes.shape[:1]:
                 raise ValueError(f"GFL: {boxes.shape[0]} boxes but {labels.numel()} labels in a target")
@@ -306,13 +306,13 @@ class GFL(FCOS):
         return {"loss_qfl": loss_qfl, "loss_bbox": self.giou_weight * loss_bbox,
                 "loss_dfl": self.dfl_weight * loss_dfl}
 
-    def postprocess_detections(self, head_outputs: Dict[str, List[Tensor]], anchors: List[List[Tensor]],
-                               image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        detections: List[Dict[str, Tensor]] = []
+    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                               image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        detections: list[dict[str, Tensor]] = []
         for index, image_shape in enumerate(image_shapes):
             boxes_all, scores_all, labels_all = [], [], []
             for logits, reg, level_anchors in zip(head_outputs["cls_logits"], head_outputs["bbox_regression"],
-                                                  anchors[index]):
+                                                  anchors[index], strict=True):
                 logits, reg = logits[index], reg[index]
                 num_classes = logits.shape[-1]
                 scores = logits.sigmoid().flatten()  # (anchor, class) pairs

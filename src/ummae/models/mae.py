@@ -3,19 +3,25 @@
 in this file: patchify, masking, encoder, decoder, loss."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ummae.models.base import PyramidBackbone
-from ummae.models.base import sizes_that_fit
-from ummae.models.layers import init_weights
-from ummae.models.masking import block_choice, check_uniform_grid, kept_unit_index, num_kept, random_masking, reference_unit_index, secondary_masking, uniform_sampling
-from ummae.models.decoder import MAEDecoder
 from ummae.errors import UsageError
+from ummae.models.base import PyramidBackbone, sizes_that_fit
+from ummae.models.decoder import MAEDecoder
+from ummae.models.layers import init_weights
+from ummae.models.masking import (
+    block_choice,
+    check_uniform_grid,
+    kept_unit_index,
+    num_kept,
+    random_masking,
+    reference_unit_index,
+    secondary_masking,
+    uniform_sampling,
+)
 
 
 def patchify(imgs: Tensor, unit: int) -> Tensor:
@@ -25,7 +31,7 @@ def patchify(imgs: Tensor, unit: int) -> Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // unit) * (w // unit), unit * unit * c)
 
 
-def unpatchify(x: Tensor, unit: int, grid: Tuple[int, int], channels: int = 3) -> Tensor:
+def unpatchify(x: Tensor, unit: int, grid: tuple[int, int], channels: int = 3) -> Tensor:
     """Inverse of :func:`patchify`."""
     n = x.shape[0]
     gh, gw = grid
@@ -110,13 +116,13 @@ class MaskedAutoencoder(nn.Module):
         if not self.pyramid:
             nn.init.normal_(encoder.cls_token, std=0.02)
 
-    def options(self) -> Dict[str, object]:
+    def options(self) -> dict[str, object]:
         """The method options this model was built with (recorded in checkpoints)."""
         return dict(img_size=self.img_size, unit_size=self.unit_size, sampling=self.sampling,
                     mask_ratio=self.mask_ratio, sm_ratio=self.sm_ratio, norm_pix_loss=self.norm_pix_loss,
                     decoder_pos=self.decoder_pos, drop_path=self.encoder.drop_path_rate)
 
-    def sample_masks(self, n: int, device, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    def sample_masks(self, n: int, device, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         gh, gw = self.grid
         if self.sampling == "uniform":
             mask = uniform_sampling(n, gh, gw, device=device, generator=generator)
@@ -128,8 +134,8 @@ class MaskedAutoencoder(nn.Module):
         return mask, sm_mask
 
     def forward_encoder(
-        self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor], validate: bool = True
-    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        self, imgs: Tensor, mask: Tensor, sm_mask: Tensor | None, validate: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """-> decoder-width tokens of the visible units ``[N, V, D]``, their unit indices, and
         the tokens without a unit (ViT's cls ``[N, 1, D]``; None for Swin / PVT)."""
         if not self.pyramid:
@@ -159,10 +165,10 @@ class MaskedAutoencoder(nn.Module):
     def forward(
         self,
         imgs: Tensor,
-        generator: Optional[torch.Generator] = None,
-        mask: Optional[Tensor] = None,
-        sm_mask: Optional[Tensor] = None,
-    ) -> Dict[str, Tensor]:
+        generator: torch.Generator | None = None,
+        mask: Tensor | None = None,
+        sm_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         if imgs.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}")
         given = mask is not None
@@ -219,3 +225,35 @@ def _size_problem(encoder, pyramid, img_size, unit, sampling) -> str | None:
         except ValueError as e:
             return str(e)
     return None
+
+
+# --- building the registered models (the family files: swin.py, pvt.py, vit.py) -------------
+# Decoders by the reference's names: dec512d2b is the paper's (METHOD.md), dec512d8b MAE's
+# (and the paper's Swin-L run).
+DECODER_512D2B = dict(decoder_dim=512, decoder_depth=2, decoder_heads=16)
+DECODER_512D8B = dict(decoder_dim=512, decoder_depth=8, decoder_heads=16)
+DECODER_NANO = dict(decoder_dim=128, decoder_depth=2, decoder_heads=4)
+DECODER_TEST = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
+MAE_OPTIONS = ("img_size", "unit_size", "sampling", "mask_ratio", "sm_ratio", "norm_pix_loss", "decoder_pos")
+
+
+def pop_drop_path(kw: dict[str, object], allowed, model: str) -> float:
+    """Refuse options ``model`` does not take; its stochastic depth (popped from ``kw``)."""
+    unknown = sorted(set(kw) - set(allowed) - {"drop_path"})
+    if unknown:
+        raise UsageError(f"option(s) {', '.join(unknown)} do not apply to {model}; it takes "
+                         f"{', '.join(sorted(allowed))} and drop_path")
+    return kw.pop("drop_path", 0.0)
+
+
+def build_mae(name: str, encoder_cls, arch: dict[str, object], img_size: int, decoder: dict[str, int],
+              kw: dict[str, object]) -> MaskedAutoencoder:
+    """``name`` as registered: ``encoder_cls(**arch)`` under a masked autoencoder with
+    ``decoder``; ``kw`` the caller's method options (:data:`MAE_OPTIONS`, ``drop_path``). A
+    ViT's mask unit defaults to its patch."""
+    drop_path = pop_drop_path(kw, MAE_OPTIONS, name)
+    img_size = kw.pop("img_size", img_size)
+    if "patch_size" in arch:
+        kw.setdefault("unit_size", arch["patch_size"])
+    encoder = encoder_cls(drop_path=drop_path, **arch)
+    return MaskedAutoencoder(encoder, img_size, **{**decoder, **kw})

@@ -7,13 +7,11 @@ the decoder). Masks are drawn on the tensor's device for the whole batch at once
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 
-def _device(generator: Optional[torch.Generator], device) -> torch.device:
+def _device(generator: torch.Generator | None, device) -> torch.device:
     if generator is not None:
         return generator.device
     return torch.device(device) if device is not None else torch.device("cpu")
@@ -29,7 +27,7 @@ def check_uniform_grid(grid_h: int, grid_w: int) -> None:
 
 
 def uniform_sampling(
-    n: int, grid_h: int, grid_w: int, *, device=None, generator: Optional[torch.Generator] = None
+    n: int, grid_h: int, grid_w: int, *, device=None, generator: torch.Generator | None = None
 ) -> Tensor:
     """Uniform Sampling: in every 2x2 block of units keep exactly one, chosen uniformly and
     independently per block and per image (the paper's rule, not the reference's pooled
@@ -65,7 +63,7 @@ def block_choice(mask: Tensor, grid_h: int, grid_w: int, validate: bool = True) 
 
 
 def secondary_masking(
-    mask: Tensor, ratio: float, *, generator: Optional[torch.Generator] = None, num_visible: Optional[int] = None
+    mask: Tensor, ratio: float, *, generator: torch.Generator | None = None, num_visible: int | None = None
 ) -> Tensor:
     """Secondary Masking: of the ``V`` visible units of each image choose exactly
     ``V - int(V * (1 - ratio))`` at random, the reference's count (it keeps
@@ -104,7 +102,7 @@ def num_kept(length: int, ratio: float) -> int:
 
 
 def random_masking(
-    n: int, length: int, ratio: float, *, device=None, generator: Optional[torch.Generator] = None
+    n: int, length: int, ratio: float, *, device=None, generator: torch.Generator | None = None
 ) -> Tensor:
     """MAE random sampling / SimMIM random mask: exactly ``int(ratio * length)`` units masked
     per image (the reference's count), uniformly at random."""

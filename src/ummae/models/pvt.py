@@ -16,9 +16,13 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from ummae.models.layers import LayerNorm, resize_pos_table, sincos_grid
-from ummae.models.base import PyramidBackbone
 from ummae.errors import UsageError
+from ummae.models.base import PyramidBackbone
+from ummae.models.classifier import build_classifier
+from ummae.models.layers import LayerNorm, resize_pos_table, sincos_grid
+from ummae.models.mae import DECODER_512D2B, DECODER_NANO, DECODER_TEST, build_mae
+from ummae.models.registry import register_model
+from ummae.models.simmim import build_simmim
 
 
 def _sincos_table(side: int, dim: int, device=None) -> Tensor:
@@ -125,7 +129,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         if len(sr_ratios) != len(self.stages):
             raise UsageError(f"need {len(self.stages)} sr ratios, got {list(sr_ratios)}")
         self.sr_ratios = list(sr_ratios)
-        for stage, sr in zip(self.stages, sr_ratios):
+        for stage, sr in zip(self.stages, sr_ratios, strict=True):
             for blk in stage:
                 blk.attn.sr_ratio = sr
 
@@ -160,3 +164,70 @@ class PyramidVisionTransformer(PyramidBackbone):
                 x = self.norm(x)
             outs.append(x.permute(0, 3, 1, 2))
         return outs
+
+
+# --- architectures and registered models ------------------------------------------------------
+# sr_ratios: the pre-training spatial reduction, on the compact map (METHOD.md); on the full map
+# (SimMIM, fine-tuning, dense tasks) it is DENSE_SR: pooling has no weights, nothing to convert.
+PVT_SMALL = dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
+                 sr_ratios=(4, 2, 1, 1))
+PVT_NANO = dict(embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), mlp_ratios=(4, 4, 4, 4),
+                sr_ratios=(4, 2, 1, 1))
+PVT_TEST = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
+                sr_ratios=(4, 2, 1, 1))
+DENSE_SR = (8, 4, 2, 1)
+
+
+def _dense(arch: dict) -> dict:
+    return {**arch, "sr_ratios": DENSE_SR}
+
+
+def _classifier(name, arch, img_size, kw):
+    return build_classifier(name, PyramidVisionTransformer, _dense(arch), img_size, drop_path=0.1, layer_decay=0.85,
+                            kw=kw, tunable=("sr_ratios",), learnable_pos=True)
+
+
+@register_model("pretrain")
+def mae_pvt_small_256(**kw):
+    return build_mae("mae_pvt_small_256", PyramidVisionTransformer, PVT_SMALL, img_size=256, decoder=DECODER_512D2B,
+                     kw=kw)
+
+
+@register_model("pretrain")
+def mae_pvt_nano_128(**kw):
+    return build_mae("mae_pvt_nano_128", PyramidVisionTransformer, PVT_NANO, img_size=128, decoder=DECODER_NANO, kw=kw)
+
+
+@register_model("pretrain")
+def mae_pvt_test(**kw):
+    return build_mae("mae_pvt_test", PyramidVisionTransformer, PVT_TEST, img_size=64, decoder=DECODER_TEST, kw=kw)
+
+
+@register_model("pretrain")
+def simmim_pvt_small_256(**kw):
+    return build_simmim("simmim_pvt_small_256", PyramidVisionTransformer, _dense(PVT_SMALL), img_size=256, kw=kw)
+
+
+@register_model("pretrain")
+def simmim_pvt_nano_128(**kw):
+    return build_simmim("simmim_pvt_nano_128", PyramidVisionTransformer, _dense(PVT_NANO), img_size=128, kw=kw)
+
+
+@register_model("pretrain")
+def simmim_pvt_test(**kw):
+    return build_simmim("simmim_pvt_test", PyramidVisionTransformer, _dense(PVT_TEST), img_size=64, kw=kw)
+
+
+@register_model("classify")
+def pvt_small_256(**kw):
+    return _classifier("pvt_small_256", PVT_SMALL, img_size=256, kw=kw)
+
+
+@register_model("classify")
+def pvt_nano_128(**kw):
+    return _classifier("pvt_nano_128", PVT_NANO, img_size=128, kw=kw)
+
+
+@register_model("classify")
+def pvt_test(**kw):
+    return _classifier("pvt_test", PVT_TEST, img_size=64, kw=kw)

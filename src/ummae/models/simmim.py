@@ -5,18 +5,16 @@ replaced by a learnable mask token; one linear layer + pixel shuffle predicts th
 every unit; L1 loss on the masked units (raw normalised pixels, as the paper's SimMIM runs)."""
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ummae.errors import UsageError
 from ummae.models.base import PyramidBackbone
 from ummae.models.layers import init_weights
+from ummae.models.mae import masked_mean, patchify, pop_drop_path
 from ummae.models.masking import random_masking, unit_mask_to_tokens
-from ummae.models.mae import masked_mean, patchify
-from ummae.errors import UsageError
 
 
 class SimMIM(nn.Module):
@@ -46,15 +44,15 @@ class SimMIM(nn.Module):
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def options(self) -> Dict[str, object]:
+    def options(self) -> dict[str, object]:
         return dict(img_size=self.img_size, unit_size=self.unit_size, mask_ratio=self.mask_ratio,
                     drop_path=self.encoder.drop_path_rate)
 
-    def sample_masks(self, n: int, device, generator: Optional[torch.Generator] = None):
+    def sample_masks(self, n: int, device, generator: torch.Generator | None = None):
         gh, gw = self.grid
         return random_masking(n, gh * gw, self.mask_ratio, device=device, generator=generator), None
 
-    def forward(self, imgs: Tensor, generator: Optional[torch.Generator] = None, mask: Optional[Tensor] = None, sm_mask=None) -> Dict[str, Tensor]:
+    def forward(self, imgs: Tensor, generator: torch.Generator | None = None, mask: Tensor | None = None, sm_mask=None) -> dict[str, Tensor]:
         if imgs.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}")
         if mask is None:
@@ -67,3 +65,11 @@ class SimMIM(nn.Module):
         target = patchify(imgs, self.unit_size)
         loss = masked_mean((pred.float() - target.float()).abs().mean(dim=-1), mask)
         return {"loss": loss, "pred": pred, "mask": mask, "sm_mask": None}
+
+
+def build_simmim(name: str, encoder_cls, arch: dict[str, object], img_size: int, kw: dict[str, object]) -> SimMIM:
+    """``name`` as registered: SimMIM on ``encoder_cls(**arch)`` (the dense-map settings);
+    ``kw`` the caller's options (image and unit size, mask ratio, ``drop_path``)."""
+    drop_path = pop_drop_path(kw, ("img_size", "unit_size", "mask_ratio"), name)
+    img_size = kw.pop("img_size", img_size)
+    return SimMIM(encoder_cls(drop_path=drop_path, **arch), img_size, **kw)

@@ -15,9 +15,13 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from ummae.models.layers import LayerNorm
-from ummae.models.base import PyramidBackbone
 from ummae.errors import UsageError
+from ummae.models.base import PyramidBackbone
+from ummae.models.classifier import build_classifier
+from ummae.models.layers import LayerNorm
+from ummae.models.mae import DECODER_512D2B, DECODER_512D8B, DECODER_NANO, DECODER_TEST, build_mae
+from ummae.models.registry import register_model
+from ummae.models.simmim import build_simmim
 
 
 def log_spaced(d: Tensor) -> Tensor:
@@ -182,7 +186,7 @@ class SwinTransformer(PyramidBackbone):
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         i = 0
-        for s, (depth, heads) in enumerate(zip(depths, num_heads)):
+        for s, (depth, heads) in enumerate(zip(depths, num_heads, strict=True)):
             self.stages.append(nn.ModuleList(
                 SwinBlock(dims[s], heads, window_size, shift=bool(j % 2), mlp_ratio=mlp_ratio,
                           drop_path=dpr[i + j], pos_hidden=pos_hidden)
@@ -224,3 +228,84 @@ class SwinTransformer(PyramidBackbone):
                 x, pos = self.downsamples[s](x, pos)
                 extent = (extent + 1) // 2
         return outs
+
+
+# --- architectures and registered models ------------------------------------------------------
+# window_size: the pre-training window, on the compact map (METHOD.md); on the full map (SimMIM,
+# fine-tuning, dense tasks) the window is DENSE_WINDOW: the pos-MLP bias carries over unchanged.
+SWIN_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=8, pos_hidden=32)
+SWIN_LARGE = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=8, pos_hidden=64)
+SWIN_NANO = dict(embed_dim=32, depths=(1, 1, 3, 1), num_heads=(1, 2, 4, 8), window_size=8, pos_hidden=16)
+SWIN_TEST = dict(embed_dim=16, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4, pos_hidden=8)
+DENSE_WINDOW = 16
+TEST_DENSE_WINDOW = 8  # the 64 px test model's full map
+
+
+def _dense(arch: dict, window_size: int = DENSE_WINDOW) -> dict:
+    return {**arch, "window_size": window_size}
+
+
+def _classifier(name, arch, img_size, drop_path, layer_decay, kw):
+    return build_classifier(name, SwinTransformer, arch, img_size, drop_path, layer_decay, kw, tunable=("window_size",))
+
+
+@register_model("pretrain")
+def mae_swin_tiny_256(**kw):
+    return build_mae("mae_swin_tiny_256", SwinTransformer, SWIN_TINY, img_size=256, decoder=DECODER_512D2B, kw=kw)
+
+
+@register_model("pretrain")
+def mae_swin_large_256(**kw):
+    """The paper's Swin-L run: 8-block decoder, pos-MLP width 64 (``..._dec512d8b64pmd``)."""
+    return build_mae("mae_swin_large_256", SwinTransformer, SWIN_LARGE, img_size=256, decoder=DECODER_512D8B, kw=kw)
+
+
+@register_model("pretrain")
+def mae_swin_nano_128(**kw):
+    return build_mae("mae_swin_nano_128", SwinTransformer, SWIN_NANO, img_size=128, decoder=DECODER_NANO, kw=kw)
+
+
+@register_model("pretrain")
+def mae_swin_test(**kw):
+    return build_mae("mae_swin_test", SwinTransformer, SWIN_TEST, img_size=64, decoder=DECODER_TEST, kw=kw)
+
+
+@register_model("pretrain")
+def simmim_swin_tiny_256(**kw):
+    return build_simmim("simmim_swin_tiny_256", SwinTransformer, _dense(SWIN_TINY), img_size=256, kw=kw)
+
+
+@register_model("pretrain")
+def simmim_swin_large_256(**kw):
+    return build_simmim("simmim_swin_large_256", SwinTransformer, _dense(SWIN_LARGE), img_size=256, kw=kw)
+
+
+@register_model("pretrain")
+def simmim_swin_nano_128(**kw):
+    return build_simmim("simmim_swin_nano_128", SwinTransformer, _dense(SWIN_NANO), img_size=128, kw=kw)
+
+
+@register_model("pretrain")
+def simmim_swin_test(**kw):
+    return build_simmim("simmim_swin_test", SwinTransformer, _dense(SWIN_TEST, TEST_DENSE_WINDOW), img_size=64, kw=kw)
+
+
+@register_model("classify")
+def swin_tiny_256(**kw):
+    return _classifier("swin_tiny_256", _dense(SWIN_TINY), img_size=256, drop_path=0.1, layer_decay=0.85, kw=kw)
+
+
+@register_model("classify")
+def swin_large_256(**kw):
+    return _classifier("swin_large_256", _dense(SWIN_LARGE), img_size=256, drop_path=0.2, layer_decay=0.9, kw=kw)
+
+
+@register_model("classify")
+def swin_nano_128(**kw):
+    return _classifier("swin_nano_128", _dense(SWIN_NANO), img_size=128, drop_path=0.1, layer_decay=0.85, kw=kw)
+
+
+@register_model("classify")
+def swin_test(**kw):
+    return _classifier("swin_test", _dense(SWIN_TEST, TEST_DENSE_WINDOW), img_size=64, drop_path=0.1,
+                       layer_decay=0.85, kw=kw)

@@ -13,8 +13,11 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ummae.models.layers import LayerNorm, PatchEmbed, resize_pos_table, sincos_grid
 from ummae.errors import UsageError
+from ummae.models.classifier import build_classifier
+from ummae.models.layers import LayerNorm, PatchEmbed, resize_pos_table, sincos_grid
+from ummae.models.mae import DECODER_512D2B, DECODER_512D8B, DECODER_TEST, build_mae
+from ummae.models.registry import register_model
 
 
 def _sincos_table(h: int, w: int, dim: int, device=None) -> Tensor:
@@ -121,3 +124,52 @@ class VisionTransformer(nn.Module):
         """All tokens ``[N, 1 + L, D]`` (cls first)."""
         x, pos = self._embed(imgs)
         return self._run(x + pos)
+
+
+# --- architectures and registered models ------------------------------------------------------
+VIT_BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+VIT_LARGE = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+VIT_TEST = dict(patch_size=16, embed_dim=32, depth=2, num_heads=2)
+
+
+def _classifier(name, arch, img_size, drop_path, layer_decay, kw):
+    return build_classifier(name, VisionTransformer, arch, img_size, drop_path, layer_decay, kw, learnable_pos=True)
+
+
+@register_model("pretrain")
+def mae_vit_base_patch16(**kw):
+    """MAE's 8-block decoder (``dec512d8b``)."""
+    return build_mae("mae_vit_base_patch16", VisionTransformer, VIT_BASE, img_size=224, decoder=DECODER_512D8B, kw=kw)
+
+
+@register_model("pretrain")
+def mae_vit_base_patch16_dec512d2b(**kw):
+    """The 2-block decoder of the paper's ViT-B rows."""
+    return build_mae("mae_vit_base_patch16_dec512d2b", VisionTransformer, VIT_BASE, img_size=224,
+                     decoder=DECODER_512D2B, kw=kw)
+
+
+@register_model("pretrain")
+def mae_vit_large_patch16(**kw):
+    return build_mae("mae_vit_large_patch16", VisionTransformer, VIT_LARGE, img_size=224, decoder=DECODER_512D8B,
+                     kw=kw)
+
+
+@register_model("pretrain")
+def mae_vit_test(**kw):
+    return build_mae("mae_vit_test", VisionTransformer, VIT_TEST, img_size=64, decoder=DECODER_TEST, kw=kw)
+
+
+@register_model("classify")
+def vit_base_patch16(**kw):
+    return _classifier("vit_base_patch16", VIT_BASE, img_size=224, drop_path=0.1, layer_decay=0.65, kw=kw)
+
+
+@register_model("classify")
+def vit_large_patch16(**kw):
+    return _classifier("vit_large_patch16", VIT_LARGE, img_size=224, drop_path=0.2, layer_decay=0.75, kw=kw)
+
+
+@register_model("classify")
+def vit_test(**kw):
+    return _classifier("vit_test", VIT_TEST, img_size=64, drop_path=0.1, layer_decay=0.65, kw=kw)
