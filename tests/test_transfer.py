@@ -29,7 +29,8 @@ from ummae.engine.optim import build_optimizer
 from ummae.models.registry import create_model, list_models
 from ummae.models.classifier import Classifier, classifier_for
 from ummae.tasks.classify import finetune
-from ummae.weights.load import export, load_pretrained
+from ummae.weights.export import export
+from ummae.weights.load import load_pretrained
 
 PRETRAIN_TEST_MODELS = list_models("*_test", kind="pretrain")
 PAIRS = [(name, classifier_for(name)) for name in PRETRAIN_TEST_MODELS]
@@ -387,3 +388,75 @@ def test_timm_create_model__pretrained_true_refused():
     with pytest.raises(ValueError, match="ummae downloads no weights.*load_state_dict"):
         timm.create_model("ummae_swin_test", pretrained=True)
     assert isinstance(timm.create_model("ummae_swin_test", pretrained=False), Classifier)
+
+
+# ---------------------------------------------------------------- the one door: build_from_checkpoint
+
+# What `ummae detect train` / `ummae segment train` recorded before detectors and segmenters were
+# registered (model_name composed by hand, these exact model_args): such checkpoints must load.
+OLD_DETECTOR_ARGS = {"detector": "gfl", "backbone": "swin_test", "num_classes": 4, "img_size": 128, "neck_channels": 16,
+                     "fpn_channels": 16, "drop_path": 0.0, "window_size": 8, "cat_ids": [1, 2, 3],
+                     "class_names": ["a", "b", "c"]}
+OLD_SEGMENTER_ARGS = {"backbone": "pvt_test", "num_classes": 5, "crop_size": 64, "neck_channels": 16, "head_channels": 8,
+                      "aux_channels": 8, "aux_weight": 0.4, "ignore_index": 255, "drop_path": 0.1,
+                      "reduce_zero_label": True, "scale": [128, 64], "test_mode": "slide", "test_stride": 32,
+                      "class_names": ["a", "b", "c", "d", "e"]}
+
+
+@pytest.mark.parametrize("name, args, kind", [("gfl_swin_test", OLD_DETECTOR_ARGS, "detect"),
+                                              ("upernet_pvt_test", OLD_SEGMENTER_ARGS, "segment")])
+def test_build_from_checkpoint__loads_a_dense_checkpoint_of_the_old_naming(tmp_path, name, args, kind):
+    from ummae.weights.build import build_from_checkpoint
+
+    torch.manual_seed(0)
+    built = {k: v for k, v in args.items() if k not in ("detector", "backbone")}
+    weights = create_model(name, **built).state_dict()
+    path = tmp_path / f"{kind}.pth"
+    ckpt.save_atomic({"model": weights, "model_name": name, "model_args": args, "epoch": 1}, path)
+    model, meta = build_from_checkpoint(path, kind, drop_path=0.0)
+    assert model.model_name == name and meta["model_name"] == name
+    assert model.model_args == {**args, "drop_path": 0.0}  # recorded by create_model, not by hand
+    assert set(model.state_dict()) == set(weights)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_create_model__dense_models_record_what_rebuilds_them():
+    model = create_model("gfl_swin_test", num_classes=4, img_size=128, neck_channels=16, fpn_channels=16)
+    assert model.model_name == "gfl_swin_test"
+    assert model.model_args["detector"] == "gfl" and model.model_args["backbone"] == "swin_test"
+    assert model.model_args["window_size"] == 8 and model.model_args["drop_path"] == 0.1  # swin_test's own
+    assert list_models(kind="detect") == ["fcos", "gfl", "maskrcnn", "retinanet"]
+    assert list_models(kind="segment") == ["upernet"] and "gfl" not in list_models()
+    with pytest.raises(ValueError, match="built on backbone 'swin_test', not 'pvt_test'"):
+        create_model("gfl_swin_test", backbone="pvt_test", num_classes=4)
+
+
+def test_build_from_checkpoint__refuses_another_kind_naming_both(tmp_path, pretrain_ckpt, save_checkpoint):
+    from ummae.weights.build import WrongKindError, build_from_checkpoint
+
+    classifier = save_checkpoint(create_model("swin_test"), tmp_path / "ft.pth")
+    with pytest.raises(WrongKindError, match=r"not a checkpoint of `ummae detect train` \(it holds swin_test\)"):
+        build_from_checkpoint(classifier, "detect")
+    with pytest.raises(WrongKindError, match=r"not a checkpoint of `ummae segment train` \(it holds mae_swin_test\)"):
+        build_from_checkpoint(pretrain_ckpt("mae_swin_test"), "segment")
+    detector = create_model("gfl_swin_test", num_classes=4, img_size=128, neck_channels=8, fpn_channels=8)
+    path = save_checkpoint(detector, tmp_path / "det.pth")
+    with pytest.raises(WrongKindError, match=r"holds a detect model \(gfl_swin_test\), not a pretrain one"):
+        build_from_checkpoint(path, "pretrain")
+    with pytest.raises(WrongKindError, match=r"holds no classifier head \(model mae_swin_test\)"):
+        build_from_checkpoint(pretrain_ckpt("mae_swin_test"), "classify", name="swin_test")
+
+
+def test_build_from_checkpoint__rebuilds_with_recorded_options_and_overrides(tmp_path, save_checkpoint):
+    from ummae.weights.build import build_from_checkpoint
+
+    torch.manual_seed(0)
+    trained = create_model("pvt_test", num_classes=7, sr_ratios=[4, 2, 1, 1])
+    path = save_checkpoint(trained, tmp_path / "ft.pth")
+    model, meta = build_from_checkpoint(path, "classify", drop_path=0.0)
+    assert model.num_classes == 7 and model.encoder.sr_ratios == [4, 2, 1, 1] and model.encoder.drop_path_rate == 0.0
+    assert meta["model_name"] == "pvt_test"
+    x = _imgs(2, 64)
+    assert torch.equal(model.eval()(x), trained.eval()(x))
+    bigger, _ = build_from_checkpoint(path, "classify", img_size=128)  # the position table resized to fit
+    assert bigger.img_size == 128 and bigger.encoder.pos_embed.shape[:2] == (32, 32)

@@ -19,7 +19,7 @@ from ummae.weights.io import CheckpointError
 from ummae.plot import plot_runs, read_metrics
 from ummae.models.mae import norm_pix_target, patchify, unnormalize_pix
 from ummae.models.registry import create_model
-from ummae.weights.load import export
+from ummae.weights.export import export
 from ummae.tasks.pretrain import _spread, _vis_image_paths, pretrain
 from ummae.visualize import (
     TOKEN_RGB,

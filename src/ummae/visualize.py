@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,13 +33,21 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision import transforms as T
 
-from ummae.data.datasets import _no_images_error, _scan_images
-from ummae.weights import io as ckpt
-from ummae.weights.io import CheckpointError
-from ummae.models.masking import block_choice, check_uniform_grid, compact_image, random_masking, secondary_masking, uniform_sampling, unit_mask_to_tokens
-from ummae.models.mae import MaskedAutoencoder, patchify, unnormalize_pix, unpatchify
-from ummae.models.simmim import SimMIM
+from ummae.data.sources import no_images_error, scan_images
 from ummae.errors import UsageError
+from ummae.models.mae import MaskedAutoencoder, patchify, unnormalize_pix, unpatchify
+from ummae.models.masking import (
+    block_choice,
+    check_uniform_grid,
+    compact_image,
+    random_masking,
+    secondary_masking,
+    uniform_sampling,
+    unit_mask_to_tokens,
+)
+from ummae.models.simmim import SimMIM
+from ummae.weights.build import WrongKindError, build_from_checkpoint
+from ummae.weights.io import CheckpointError
 
 log = logging.getLogger("ummae")
 
@@ -61,22 +69,13 @@ def load_pretraining_model(path: str | Path) -> nn.Module:
     or reference checkpoint (converted on the fly), in eval mode on the CPU. Anything else (an
     exported ``.safetensors``, a classifier checkpoint, weights without a decoder) is refused
     with a message saying what the file is."""
-    from ummae.models.registry import create_model, list_models, model_kind
-    from ummae.weights.load import model_args_within_bounds, read_weights
-
     path = Path(path)
     if path.is_file() and _is_safetensors(path):
         raise CheckpointError(f"{path} is an exported safetensors file (encoder or classifier weights, no decoder); {_NEEDS}")
-    state, meta = read_weights(path)
-    name = meta.get("model_name")
-    if name is None or name not in list_models():
-        raise CheckpointError(f"{path} does not name a registered ummae model (found {name!r}); {_NEEDS}")
-    if model_kind(name) != "pretrain":
-        raise CheckpointError(f"{path} is a checkpoint of the classifier {name} (fine-tuning or probing), which has no decoder; {_NEEDS}")
-    if not any(k.startswith("decoder") for k in state):
-        raise CheckpointError(f"{path} holds the weights of {name} without its decoder; {_NEEDS}")
-    model = create_model(name, **model_args_within_bounds(meta.get("model_args") or {}, path))
-    ckpt.load_state_strict(model, state, path)
+    try:
+        model, _ = build_from_checkpoint(path, "pretrain")
+    except WrongKindError as e:
+        raise WrongKindError(f"{e}; {_NEEDS}") from None
     return model.eval()
 
 
@@ -109,7 +108,7 @@ def read_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as f:
             return f.convert("RGB")
-    except Exception as e:  # noqa: BLE001  (Pillow raises many types for damaged files)
+    except Exception as e:
         raise UsageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
@@ -119,14 +118,14 @@ def load_image(path: str | Path, img_size: int) -> Tensor:
     return display_transform(img_size)(read_rgb(path))
 
 
-def image_paths(paths_or_folders: Sequence[str | Path]) -> List[str]:
+def image_paths(paths_or_folders: Sequence[str | Path]) -> list[str]:
     """Files as given, folders expanded to their image files (recursive, sorted)."""
-    out: List[str] = []
+    out: list[str] = []
     for p in map(str, paths_or_folders):
         if os.path.isdir(p):
-            found = _scan_images(p)
+            found = scan_images(p)
             if not found:
-                raise _no_images_error(p)
+                raise no_images_error(p)
             out.extend(found)
         else:
             out.append(p)
@@ -152,7 +151,7 @@ def to_display(x: Tensor) -> Tensor:
     return (x.float() * std + mean).clamp(0.0, 1.0)
 
 
-def paint_units(img: Tensor, mask: Tensor, grid: Tuple[int, int], unit: int, rgb) -> Tensor:
+def paint_units(img: Tensor, mask: Tensor, grid: tuple[int, int], unit: int, rgb) -> Tensor:
     """``img [N, 3, H, W]`` with the units where ``mask [N, L]`` is True filled with ``rgb``."""
     px = unit_mask_to_tokens(mask, *grid, unit).unsqueeze(1)  # [N, 1, H, W]
     colour = torch.tensor(rgb, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
@@ -160,7 +159,7 @@ def paint_units(img: Tensor, mask: Tensor, grid: Tuple[int, int], unit: int, rgb
 
 
 @torch.no_grad()
-def reconstruct(model: nn.Module, imgs: Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+def reconstruct(model: nn.Module, imgs: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """The model's own forward on ``imgs`` with masks drawn by its own sampler from
     ``generator`` (same seed, same masks) -> ``{"loss", "pred", "mask", "sm_mask"}``."""
     mask, sm_mask = model.sample_masks(imgs.shape[0], imgs.device, generator)
@@ -168,7 +167,7 @@ def reconstruct(model: nn.Module, imgs: Tensor, generator: Optional[torch.Genera
 
 
 @torch.no_grad()
-def panels_from_output(model: nn.Module, imgs: Tensor, out: Dict[str, Tensor]) -> Tuple[List[str], Tensor]:
+def panels_from_output(model: nn.Module, imgs: Tensor, out: dict[str, Tensor]) -> tuple[list[str], Tensor]:
     """``(titles, panels [N, P, 3, S, S])`` in [0, 1] from a forward output (see the module
     doc for the panels)."""
     unit, grid = model.unit_size, model.grid
@@ -194,7 +193,7 @@ def panels_from_output(model: nn.Module, imgs: Tensor, out: Dict[str, Tensor]) -
     return titles, torch.stack(panels, 1)
 
 
-def reconstruction_panels(model: nn.Module, imgs: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[List[str], Tensor]:
+def reconstruction_panels(model: nn.Module, imgs: Tensor, generator: torch.Generator | None = None) -> tuple[list[str], Tensor]:
     """``(titles, panels [N, P, 3, S, S])`` in [0, 1]: P = 5 for UM-MAE, 4 without SM (MAE
     random sampling), 3 for SimMIM. ``imgs`` are ImageNet-normalised, on the model's device."""
     return panels_from_output(model, imgs, reconstruct(model, imgs, generator))
@@ -203,12 +202,12 @@ def reconstruction_panels(model: nn.Module, imgs: Tensor, generator: Optional[to
 # --- pictures ---------------------------------------------------------------------------------
 
 
-def panel_origin(row: int, col: int, s: int) -> Tuple[int, int]:
+def panel_origin(row: int, col: int, s: int) -> tuple[int, int]:
     """Top-left pixel ``(x, y)`` of panel ``(row, col)`` in a :func:`compose_grid` picture."""
     return GAP + col * (s + GAP), TITLE_H + row * (s + GAP)
 
 
-def grid_size(n: int, p: int, s: int) -> Tuple[int, int]:
+def grid_size(n: int, p: int, s: int) -> tuple[int, int]:
     """``(width, height)`` of a :func:`compose_grid` picture of ``n`` rows of ``p`` panels of
     ``s x s`` pixels: ``(GAP + p * (s + GAP), TITLE_H + n * (s + GAP))``."""
     return GAP + p * (s + GAP), TITLE_H + n * (s + GAP)
@@ -262,7 +261,7 @@ def _shorten(text: str, font, width: int) -> str:
 
 def demo_photo(name: str = DEMO_PHOTO) -> str:
     """Path of a photo shipped inside scikit-image's wheel (never downloaded)."""
-    import skimage.data
+    import skimage.data  # slow to import (all of scikit-image): only the demo photo needs it
 
     path = os.path.join(os.path.dirname(skimage.data.__file__), name)
     if not os.path.isfile(path):

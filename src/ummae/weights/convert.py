@@ -37,14 +37,14 @@ import argparse
 import math
 import re
 from collections import defaultdict
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ummae.weights.io import CheckpointError
-from ummae.models.layers import sincos_grid
 from ummae.errors import CheckpointError
+from ummae.models.classifier import classifier_for
+from ummae.models.layers import sincos_grid
 
 # Reference model functions -> our registered models (the same architecture at paper size).
 REFERENCE_MODELS = {
@@ -72,12 +72,12 @@ REFERENCE_MODELS = {
 _FIXED_TABLE_TOL = 1e-5
 
 
-def is_foreign(ckpt: Dict[str, Any]) -> bool:
+def is_foreign(ckpt: dict[str, Any]) -> bool:
     """A checkpoint of another code base: every one ummae writes names its model."""
     return "model_name" not in ckpt
 
 
-def _state_of(ckpt: Dict[str, Any]) -> Dict[str, Tensor]:
+def _state_of(ckpt: dict[str, Any]) -> dict[str, Tensor]:
     state = ckpt["model"]
     state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
@@ -85,14 +85,14 @@ def _state_of(ckpt: Dict[str, Any]) -> Dict[str, Tensor]:
     return state
 
 
-def _args_of(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+def _args_of(ckpt: dict[str, Any]) -> dict[str, Any]:
     args = ckpt.get("args")
     if isinstance(args, argparse.Namespace):
         return vars(args)
     return dict(args) if isinstance(args, dict) else {}
 
 
-def convert_checkpoint(ckpt: Dict[str, Any], source: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+def convert_checkpoint(ckpt: dict[str, Any], source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A foreign checkpoint (as read by ``torch.load``) -> ``(state, meta)`` in our format:
     ``meta`` has ``model_name`` (our registered model of the same architecture at paper
     size, or None when the checkpoint is of another size), ``model_args`` (what the checkpoint
@@ -110,9 +110,9 @@ def convert_checkpoint(ckpt: Dict[str, Any], source: str) -> Tuple[Dict[str, Ten
         )
     family = _family(state, source)
     kind = _kind(state)
-    out: Dict[str, Tensor] = {}
-    dropped: Dict[str, str] = {}
-    unmapped: List[str] = []
+    out: dict[str, Tensor] = {}
+    dropped: dict[str, str] = {}
+    unmapped: list[str] = []
     stage_of = _stage_index(state) if family != "vit" else {}
 
     for k, v in state.items():
@@ -127,7 +127,7 @@ def convert_checkpoint(ckpt: Dict[str, Any], source: str) -> Tuple[Dict[str, Ten
             f"(e.g. {', '.join(sorted(unmapped)[:5])})"
         )
     _pos_tables(state, family, kind, out, dropped, source)
-    notes: Dict[str, str] = {}
+    notes: dict[str, str] = {}
     meta = {
         "model_name": _our_model(args, family, kind, state),
         "model_args": _model_args(args, family, kind, state, notes),
@@ -141,7 +141,7 @@ def convert_checkpoint(ckpt: Dict[str, Any], source: str) -> Tuple[Dict[str, Ten
 # --- detection ---------------------------------------------------------------------------------
 
 
-def _family(state: Dict[str, Tensor], source: str) -> str:
+def _family(state: dict[str, Tensor], source: str) -> str:
     if any(".attn.posmlp." in k for k in state):
         return "swin"
     if any(".attn.sr." in k for k in state):
@@ -154,7 +154,7 @@ def _family(state: Dict[str, Tensor], source: str) -> str:
     )
 
 
-def _kind(state: Dict[str, Tensor]) -> str:
+def _kind(state: dict[str, Tensor]) -> str:
     if "decoder_embed.weight" in state:
         return "mae"
     if "decoder_pred.weight" in state:
@@ -164,7 +164,7 @@ def _kind(state: Dict[str, Tensor]) -> str:
     return "encoder"
 
 
-def _stage_index(state: Dict[str, Tensor]) -> Dict[int, Tuple[int, int]]:
+def _stage_index(state: dict[str, Tensor]) -> dict[int, tuple[int, int]]:
     """Flat block index -> (stage, index in stage): a stage starts at each block that holds
     the down-sampling layer."""
     blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
@@ -191,7 +191,7 @@ _BLOCK = {
 _DECODER = {"decoder_norm": "decoder.norm", "decoder_pred": "decoder.pred", "decoder_embed": "decoder_embed"}
 
 
-def _map_key(k: str, v: Tensor, family: str, kind: str, stage_of) -> Tuple[str, Tensor] | object | None:
+def _map_key(k: str, v: Tensor, family: str, kind: str, stage_of) -> tuple[str, Tensor] | object | None:
     """``(our key, tensor)``, ``_LATER`` for position tables, None if there is no place for it."""
     if k in ("pos_embed", "decoder_pos_embed"):
         return _LATER
@@ -287,8 +287,6 @@ def _our_model(args, family, kind, state) -> str | None:
     """Our registered model of the checkpoint's architecture at paper size: the one its
     ``args.model`` names, else the one its width suggests; None if neither (a run of another
     size: the caller names the model, e.g. ``ummae convert --model``)."""
-    from ummae.models.classifier import classifier_for
-
     name = args.get("model")
     ours = REFERENCE_MODELS.get(name) if name else None
     if ours is None:
@@ -322,10 +320,10 @@ def _infer_model(family, kind, state) -> str | None:
     return f"{name}_dec512d2b" if family == "vit" and depth == 2 else name
 
 
-def _model_args(args, family, kind, state, notes: Dict[str, str]) -> Dict[str, Any]:
+def _model_args(args, family, kind, state, notes: dict[str, str]) -> dict[str, Any]:
     """Our model options from the checkpoint's ``args``; what they do not record is said in
     ``notes`` (option -> what is used instead), never filled in silently."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     if args.get("input_size"):
         out["img_size"] = int(args["input_size"])
     else:
@@ -356,67 +354,12 @@ def _model_args(args, family, kind, state, notes: Dict[str, str]) -> Dict[str, A
     return out
 
 
-def describe(meta: Dict[str, Any]) -> str:
+def describe(meta: dict[str, Any]) -> str:
     """Lines for the key report: what the conversion dropped and why, grouped, and the options
     the checkpoint did not record."""
-    groups: Dict[str, List[str]] = defaultdict(list)
+    groups: dict[str, list[str]] = defaultdict(list)
     for k, why in meta.get("conversion", {}).items():
         groups[why].append(k)
     lines = [f"  {', '.join(ks)}: {why}" for why, ks in groups.items()]
     lines += [f"  option {k}: {why}" for k, why in meta.get("assumed", {}).items()]
     return "\n".join(lines)
-
-
-def convert_file(src: str, output: str, model: str | None = None, overwrite: bool = False) -> Dict[str, Any]:
-    """``ummae convert``: a reference checkpoint -> our checkpoint (``.pth``: loads with
-    ``--pretrained``, ``--init``, ``visualize``, ``eval``) or a safetensors export. The
-    converted weights are loaded into the model they name (``model`` overrides the name the
-    checkpoint's ``args`` give, for runs of other sizes) before anything is written, so a
-    file that does not fit exactly is refused, not written."""
-    from pathlib import Path
-
-    from ummae.weights import io as ckpt
-    from ummae.weights.io import load_state_strict
-    from ummae.models.registry import create_model, model_kind
-    from ummae.weights.load import load_weights, write_export
-
-    out = Path(output)
-    if out.suffix not in (".pth", ".safetensors"):
-        raise CheckpointError(f"--output must end in .pth (an ummae checkpoint) or .safetensors (an export), got {output}")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{output} exists; pass --overwrite to replace it")
-    ck = ckpt.load(src)
-    if not is_foreign(ck):
-        raise CheckpointError(f"{src} is already an ummae checkpoint (model {ck.get('model_name')}); nothing to convert")
-    state, meta = convert_checkpoint(ck, src)
-    if model:
-        meta["model_name"] = model
-    name = meta["model_name"]
-    if name is None:
-        raise CheckpointError(
-            f"{src}: cannot tell which ummae model holds these weights (its args name {meta['source_model']!r}, "
-            f"and no registered model has its width); name one with --model (`ummae models`)"
-        )
-    kind = model_kind(name)
-    args = dict(meta["model_args"])
-    if kind == "classify":
-        args = {k: v for k, v in args.items() if k in ("img_size", "num_classes")}
-    net = create_model(name, **args)
-    hint = "" if model else "; for a run of another size, name the registered model that has it with --model"
-    try:
-        if kind == "pretrain":
-            load_state_strict(net, state, src)
-        else:  # an encoder-only file leaves the head new; anything else must fit exactly
-            report = load_weights(net, state, meta, src)
-            if report.dropped:
-                raise CheckpointError(f"{src} does not fit {name}:\n{report.format()}")
-    except CheckpointError as e:
-        raise CheckpointError(f"the weights of {src} do not fit {name}: {e}{hint}") from None
-    meta["model_args"] = net.model_args
-    if out.suffix == ".safetensors":
-        write_export(state, meta, out)
-    else:
-        ckpt.save_atomic({"model": state, "model_name": name, "model_args": net.model_args,
-                          "converted_from": str(src), "conversion": meta["conversion"], "assumed": meta["assumed"]}, out)
-    return {"model_name": name, "kind": kind, "tensors": len(state), "source_model": meta["source_model"],
-            "dropped": meta["conversion"], "assumed": meta["assumed"]}

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import random
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 import torch
 
-from ummae.errors import CheckpointError  # noqa: F401  (re-exported: raised by every reader of weights)
+from ummae.errors import CheckpointError
 
 
-
-
-def save_atomic(obj: Dict[str, Any], path: str | Path) -> None:
+def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
@@ -50,7 +48,7 @@ def remove_stale_temp(folder: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(path: str | Path, mmap: bool = False) -> Dict[str, Any]:
+def load(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint, read with ``weights_only=True``; ``mmap``: tensors stay on disk until
     touched (to read a checkpoint's settings without loading its weights; a legacy-format file
     is read whole)."""
@@ -93,7 +91,7 @@ def _load_error(path: Path, e: Exception) -> str:
     return " ".join(text.split())[:300]
 
 
-def check_run_state(state: Dict[str, Any], path) -> None:
+def check_run_state(state: dict[str, Any], path) -> None:
     """Refuse a checkpoint whose training state would break the resumed run, before using it."""
     if "model_name" not in state:
         raise CheckpointError(f"{path} is not an ummae training checkpoint (a reference or exported one?): it cannot "
@@ -107,7 +105,7 @@ def check_run_state(state: Dict[str, Any], path) -> None:
             raise CheckpointError(f"checkpoint {path} has no {key} state: it cannot resume a run (use --init to start from its weights)")
 
 
-def check_compatible(ckpt: Dict[str, Any], path, model_name: str, model_args: Dict[str, Any]) -> None:
+def check_compatible(ckpt: dict[str, Any], path, model_name: str, model_args: dict[str, Any]) -> None:
     """Refuse a checkpoint of another model or of the same model built differently."""
     theirs = ckpt.get("model_name")
     if theirs != model_name:
@@ -119,7 +117,7 @@ def check_compatible(ckpt: Dict[str, Any], path, model_name: str, model_args: Di
         raise CheckpointError(f"checkpoint {path} was built with other model options ({detail})")
 
 
-def load_state_strict(module: torch.nn.Module, state: Dict[str, torch.Tensor], path) -> None:
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -136,7 +134,7 @@ def load_state_strict(module: torch.nn.Module, state: Dict[str, torch.Tensor], p
     module.load_state_dict(state)
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": list(random.getstate()[1]),
@@ -150,7 +148,7 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])

@@ -1,7 +1,9 @@
-"""Carrying pre-trained weights into a classifier, and exporting them.
+"""Reading weights files, and carrying pre-trained weights into a new classifier or dense
+backbone (:func:`load_pretrained`, the door for transfer; the door from a checkpoint to the model
+it holds is :mod:`.build`).
 
 Sources: an ummae checkpoint (``.pth``: pre-training, UM-MAE / MAE / SimMIM, or fine-tuning)
-read with ``weights_only=True``, or a ``.safetensors`` file written by :func:`export`.
+read with ``weights_only=True``, or a ``.safetensors`` file written by :func:`.export.export`.
 
 What changes between pre-training and fine-tuning (METHOD.md), and how the load handles it:
 
@@ -21,23 +23,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 
-from ummae.weights.convert import convert_checkpoint, describe, is_foreign
-from ummae.weights import io as ckpt
-from ummae.weights.io import CheckpointError
+from ummae.models.classifier import classifier_for
+from ummae.models.dense import StageMaps
 from ummae.models.layers import resize_pos_table
-from ummae.models.registry import list_models, model_kind
+from ummae.weights import io as ckpt
+from ummae.weights.convert import convert_checkpoint, describe, is_foreign
+from ummae.weights.io import CheckpointError
 
 log = logging.getLogger("ummae")
 
-EXPORT_FORMAT = "ummae-weights-1"
 _HEAD_PREFIXES = ("fc_norm.", "head.")
 
 
@@ -52,10 +54,10 @@ class LoadReport:
     source: str
     source_model: str | None
     converted: str = ""  # what the conversion of a reference checkpoint dropped, and why
-    loaded: List[str] = field(default_factory=list)
-    adapted: Dict[str, str] = field(default_factory=dict)  # key -> how
-    new: Dict[str, str] = field(default_factory=dict)  # key -> how initialised
-    dropped: Dict[str, str] = field(default_factory=dict)  # source key -> why
+    loaded: list[str] = field(default_factory=list)
+    adapted: dict[str, str] = field(default_factory=dict)  # key -> how
+    new: dict[str, str] = field(default_factory=dict)  # key -> how initialised
+    dropped: dict[str, str] = field(default_factory=dict)  # source key -> why
 
     def format(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source} (model {self.source_model})"]
@@ -69,10 +71,10 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _group(items: Dict[str, str]) -> Dict[str, str]:
+def _group(items: dict[str, str]) -> dict[str, str]:
     """Collapse ``decoder.blocks.0.attn.qkv.weight`` ... into ``decoder.*`` lines per reason."""
-    out: Dict[str, str] = {}
-    counts: Dict[Tuple[str, str], int] = {}
+    out: dict[str, str] = {}
+    counts: dict[tuple[str, str], int] = {}
     for k, why in items.items():
         top = k.split(".")[0]
         group = k if top in ("encoder",) or "." not in k else f"{top}.*"
@@ -82,7 +84,7 @@ def _group(items: Dict[str, str]) -> Dict[str, str]:
     return out
 
 
-def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, meta)`` of an ummae ``.pth`` checkpoint or exported ``.safetensors``, or
     of a reference (UM-MAE / MAE code base) checkpoint converted to ours (:mod:`ummae.weights.convert`);
     ``meta`` has ``model_name`` and ``model_args`` when the file records them. ``ema``: the
@@ -93,18 +95,16 @@ def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> T
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
         if ema:
             raise CheckpointError(f"{path} is an exported file with one set of weights; --ema applies to fine-tuning checkpoints (.pth)")
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
-                state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+                state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (a safe_open handle, not a dict)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
-        info: Dict[str, Any] = {"model_name": meta.get("model_name"), "source_model": meta.get("source_model"),
+        info: dict[str, Any] = {"model_name": meta.get("model_name"), "source_model": meta.get("source_model"),
                                 "contents": meta.get("contents")}
         if "model_args" in meta:
             try:
@@ -125,7 +125,7 @@ def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> T
                          "source_model": ck.get("model_name")}
 
 
-def log_load_report(report: "LoadReport | None", out: Path, what: str = "the model") -> None:
+def log_load_report(report: LoadReport | None, out: Path, what: str = "the model") -> None:
     """A run's record of its ``--pretrained`` load: the report in the log and in
     ``pretrained_load.txt`` of its folder (rank 0 only)."""
     if report is None:
@@ -137,36 +137,59 @@ def log_load_report(report: "LoadReport | None", out: Path, what: str = "the mod
 
 
 def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> LoadReport:
-    """Load pre-trained (or fine-tuned) weights into classifier ``model``; see the module doc."""
+    """Load pre-trained (or fine-tuned) weights into classifier ``model``, or into the encoder
+    of a dense backbone (a detector's or segmenter's :class:`StageMaps`, loaded as the
+    classifier it was cut from); see the module doc."""
+    stage_maps = next((m for m in model.modules() if isinstance(m, StageMaps)), None)
+    if stage_maps is not None:
+        model = stage_maps.as_classifier()
     return load_weights(model, *read_weights(path, ema), path)
 
 
-def load_weights(model: nn.Module, state: Dict[str, torch.Tensor], meta: Dict[str, Any], path: str | Path) -> LoadReport:
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> LoadReport:
     """:func:`load_pretrained` of weights already read by :func:`read_weights` from ``path``."""
     source_model = meta.get("source_model") or meta.get("model_name")
     report = LoadReport(str(path), source_model, describe(meta))
     own = model.state_dict()
-    target_name = getattr(model, "model_name", type(model).__name__)
     merged = dict(own)
-    missing, unexpected, shapes = [], [], []
+    unexpected, shapes = _take_source(state, own, merged, report)
+    missing = _account_for_own(own, state, report)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} encoder tensors missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {'; '.join(shapes[:3])})")
+        target_name = getattr(model, "model_name", type(model).__name__)
+        raise CheckpointError(
+            f"{path} holds the encoder of {source_model or 'an unknown model'}, which does not match {target_name}: "
+            f"{'; '.join(parts)}{_suggest(source_model)}"
+        )
+    model.load_state_dict(merged)
+    return report
 
+
+def _take_source(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], merged: dict[str, torch.Tensor],
+                 report: LoadReport) -> tuple[list[str], list[str]]:
+    """Each source tensor into ``merged`` (loaded or adapted) or the report's dropped; the
+    encoder keys the model lacks, and those of another shape."""
+    unexpected, shapes = [], []
     for k, v in state.items():
         if not k.startswith("encoder."):
-            if k.startswith(_HEAD_PREFIXES):
-                if k in own and own[k].shape == v.shape:
-                    merged[k] = v
-                    report.loaded.append(k)
-                elif k in own:
-                    report.dropped[k] = f"shape {tuple(v.shape)} vs the model's {tuple(own[k].shape)} (other classes)"
-                else:
-                    report.dropped[k] = "a head of another form (e.g. a linear probe's): the model's head is new"
-            else:
+            if not k.startswith(_HEAD_PREFIXES):
                 report.dropped[k] = "pre-training only (decoder / masking token)"
-            continue
-        if k.startswith("encoder.norm."):
+            elif k in own and own[k].shape == v.shape:
+                merged[k] = v
+                report.loaded.append(k)
+            elif k in own:
+                report.dropped[k] = f"shape {tuple(v.shape)} vs the model's {tuple(own[k].shape)} (other classes)"
+            else:
+                report.dropped[k] = "a head of another form (e.g. a linear probe's): the model's head is new"
+        elif k.startswith("encoder.norm."):
             report.dropped[k] = "the encoder's final norm: the classifier norms pooled features (fc_norm)"
-            continue
-        if k not in own:
+        elif k not in own:
             unexpected.append(k)
         elif own[k].shape == v.shape:
             merged[k] = v
@@ -177,8 +200,14 @@ def load_weights(model: nn.Module, state: Dict[str, torch.Tensor], meta: Dict[st
             report.adapted[k] = f"position table resized {v.shape[0]}x{v.shape[1]} -> {h}x{w} (bicubic)"
         else:
             shapes.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+    return unexpected, shapes
 
+
+def _account_for_own(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], report: LoadReport) -> list[str]:
+    """The model's tensors the source did not fill: new ones (positions, head) in the report;
+    the encoder tensors missing from the source returned."""
     done = set(report.loaded) | set(report.adapted)
+    missing = []
     for k in own:
         if k in done:
             continue
@@ -190,106 +219,23 @@ def load_weights(model: nn.Module, state: Dict[str, torch.Tensor], meta: Dict[st
             report.new[k] = "head (weights: trunc normal std 2e-5, bias 0)" if k.startswith("head.") else "fc_norm (1, 0)"
         elif k.startswith("encoder.") and k not in state:
             missing.append(k)
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} encoder tensors missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} of another shape (e.g. {'; '.join(shapes[:3])})")
-        raise CheckpointError(
-            f"{path} holds the encoder of {source_model or 'an unknown model'}, which does not match {target_name}: "
-            f"{'; '.join(parts)}{_suggest(source_model)}"
-        )
-    model.load_state_dict(merged)
-    return report
+    return missing
 
 
 def _suggest(source_model: str | None) -> str:
-    from ummae.models.classifier import classifier_for
-
     try:
         return f". Its classifier is {classifier_for(source_model)}" if source_model else ""
     except ValueError:
         return ""
 
 
-def export(checkpoint: str | Path, output: str | Path, encoder_only: bool = False, ema: bool = False) -> Dict[str, str]:
-    """Write the inference weights of an ummae checkpoint as safetensors: the encoder of a
-    pre-training checkpoint (decoder and masking tokens dropped), or a whole fine-tuned
-    classifier (``encoder_only`` strips its head; ``ema``: its EMA weights). The metadata names the classifier that
-    loads it (ours and timm's ``ummae_<name>``) and the model options."""
-    state, meta = read_weights(checkpoint, ema)
-    name = meta.get("model_name")
-    if name is None or name not in list_models():
-        raise CheckpointError(f"{checkpoint} does not name a registered ummae model (found {name!r})")
-    check_weights_fit(state, meta, checkpoint)
-    return write_export(state, meta, output, encoder_only, "ema" if ema else "raw")
-
-
-def check_weights_fit(state: Dict[str, torch.Tensor], meta: Dict[str, Any], path) -> None:
-    """The tensors must be those of the model the file names (built with its recorded options),
-    so that nothing with the wrong shapes is passed on under that name."""
-    from ummae.models.registry import create_model
-
-    name = meta["model_name"]
-    args = model_args_within_bounds(meta.get("model_args") or {}, path)
-    if model_kind(name) == "classify":
-        args = {k: v for k, v in args.items() if k in ("img_size", "window_size", "sr_ratios", "num_classes")}
-        if "head.weight" in state:
-            args["num_classes"] = state["head.weight"].shape[0]
-    own = create_model(name, **args).state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
-    # an encoder export keeps pre-training's final norm, which a classifier replaces (fc_norm)
-    unknown = [k for k in state if k not in own and not k.startswith("encoder.norm.")]
-    if bad or unknown:
-        raise CheckpointError(f"{path} does not hold weights of {name}: " + "; ".join(
-            ([f"{len(bad)} of another shape (e.g. {', '.join(bad[:2])})"] if bad else [])
-            + ([f"{len(unknown)} unknown (e.g. {', '.join(unknown[:2])})"] if unknown else [])))
-
-
 MAX_IMG_SIZE = 2048  # what a checkpoint's recorded options may ask a model to be built at
 
 
-def model_args_within_bounds(args: Dict[str, Any], path) -> Dict[str, Any]:
+def model_args_within_bounds(args: dict[str, Any], path) -> dict[str, Any]:
     """Options read from a checkpoint are untrusted input too: refuse sizes no real run has
     (a 4096 px model would take many GB before anything is checked)."""
     size = args.get("img_size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= MAX_IMG_SIZE):
         raise CheckpointError(f"{path} records img_size={size!r}; a model is built only at 16 to {MAX_IMG_SIZE} px")
     return args
-
-
-def write_export(state: Dict[str, torch.Tensor], meta: Dict[str, Any], output: str | Path, encoder_only: bool = False,
-                 weights: str = "raw") -> Dict[str, str]:
-    """:func:`export` of weights already read (or converted): ``meta`` names the model."""
-    from safetensors.torch import save_file
-
-    from ummae.models.classifier import classifier_for
-
-    name = meta["model_name"]
-    pretraining = model_kind(name) == "pretrain"
-    has_head = any(k.startswith("head.") for k in state)
-    keep = "encoder." if (pretraining or encoder_only or not has_head) else ""
-    out = {k: v.contiguous() for k, v in state.items() if k.startswith(keep)}
-    classifier = classifier_for(name) if pretraining else name
-    metadata = {
-        "format": EXPORT_FORMAT,
-        "model_name": classifier,
-        "timm_model_name": f"ummae_{classifier}",
-        "source_model": meta.get("source_model") or name,
-        "model_args": json.dumps(meta.get("model_args", {}), sort_keys=True),
-        "contents": "encoder" if keep else "classifier",
-        "weights": weights,
-    }
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    save_file(out, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the usual file mode, as checkpoints get
-    tmp.replace(output)  # atomic, like every checkpoint we write
-    log.info("wrote %d tensors (%s of %s) to %s", len(out), metadata["contents"], metadata["source_model"], output)
-    return metadata
