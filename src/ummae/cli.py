@@ -21,107 +21,95 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
+import json
 import logging
 import os
 import re
 import sys
-from typing import List, Optional
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-from ummae.config import DetectConfig, DetectEvalConfig, EvalConfig, FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, SegmentConfig, SegmentEvalConfig, add_dataclass_flags, config_from_args
+from ummae.config import (
+    DetectConfig,
+    DetectEvalConfig,
+    EvalConfig,
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    PretrainConfig,
+    SegmentConfig,
+    SegmentEvalConfig,
+    add_dataclass_flags,
+    builtin_configs,
+    config_from_args,
+)
 from ummae.errors import NonFiniteLossError, UmmaeError, UsageError
 
-# command -> (config class, help, "module:function" that runs it)
-RUNS = {
-    "pretrain": (PretrainConfig, "pre-train an encoder (UM-MAE, MAE or SimMIM)", "tasks.pretrain:pretrain"),
-    "finetune": (FinetuneConfig, "fine-tune a classifier, from pre-trained weights or from scratch", "tasks.classify:finetune"),
-    "linprobe": (LinprobeConfig, "linear probe of a frozen pre-trained encoder (MAE's recipe)", "tasks.classify:linprobe"),
-    "eval": (EvalConfig, "top-1 / top-5 of a classifier checkpoint on a validation split", "tasks.classify:run_eval"),
-    "knn": (KnnConfig, "weighted kNN top-1 of a frozen pre-trained encoder", "tasks.knn:run_knn"),
-}
-# task -> {action: (config class, help, "module:function")}: `ummae detect train ...`
-TASK_RUNS = {
-    "detect": ("object detection and instance segmentation on COCO (GFL, Mask R-CNN, RetinaNet, FCOS)", {
-        "train": (DetectConfig, "train a detector on COCO from a pre-trained backbone", "tasks.detect:train"),
-        "eval": (DetectEvalConfig, "COCO box (and mask) AP of a detection checkpoint", "tasks.detect:run_eval"),
-    }),
-    "segment": ("semantic segmentation with UperNet (ADE20K layout)", {
-        "train": (SegmentConfig, "train UperNet on an ADE20K-layout data set from a pre-trained backbone", "tasks.segment:train"),
-        "eval": (SegmentEvalConfig, "mIoU, mean / overall accuracy and per-class IoU of a segmentation checkpoint", "tasks.segment:run_eval"),
-    }),
-}
+# Every handler below imports what it runs inside itself: `ummae --help` then imports no torch.
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: its help line, what runs it, and where its flags come from.
 
-    try:
-        return version("ummae")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        return "(not installed)"
+    ``run`` is ``"module:function"`` (imported when the command runs) or a handler here. With a
+    ``config`` class the flags are generated from it (plus ``--config YAML``) and ``run`` takes
+    the config; otherwise ``flags(parser)`` adds them and ``run`` takes the parsed arguments and
+    returns the exit status. ``heavy``: ``flags`` imports torch, so they are added only when
+    this command is the one parsed. ``result``: the returned figures are printed as one JSON
+    line on stdout (rank 0)."""
+
+    help: str
+    run: str | Callable[[argparse.Namespace], int]
+    config: type | None = None
+    flags: Callable[[argparse.ArgumentParser], None] | None = None
+    description: str | None = None
+    heavy: bool = False
+    result: bool = False
 
 
-def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
-    """The whole command line; with ``command`` (the sub-command about to be parsed, "" for
-    none), sub-commands whose flags need heavy imports (bench: torch) get them only when they
-    are the one, so that ``ummae --help`` stays fast."""
-    p = argparse.ArgumentParser(prog="ummae", description="Uniform Masking (UM-MAE) pre-training for pyramid vision transformers")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# --- hand-written flags of the commands without a config class -----------------------------
 
-    def add(name: str, help_: str, description: Optional[str] = None) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=description or help_[0].upper() + help_[1:] + ".")
 
-    m = add("models", "list the registered models, one per line")
+def _models_flags(m: argparse.ArgumentParser) -> None:
     m.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'mae_swin*'")
     m.add_argument("--kind", choices=("pretrain", "classify"), help="only pre-training models or only classifiers")
 
-    from ummae.config import builtin_configs
 
-    for name, (cls, help_, _) in RUNS.items():
-        r = add(name, help_, cls.__doc__)
-        names = builtin_configs(cls)
-        builtin = f", or a built-in config name ({', '.join(names)})" if names else ""
-        r.add_argument("--config", help=f"YAML file of options{builtin}; command-line flags override it")
-        add_dataclass_flags(r, cls)
+def _detect_predict_flags(dp: argparse.ArgumentParser) -> None:
+    dp.add_argument("--checkpoint", required=True, help="a checkpoint of `ummae detect train`")
+    dp.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
+    dp.add_argument("--output", default="detections", help="folder for the pictures (default: detections)")
+    dp.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this (default: 0.3)")
+    dp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
-    for task, (task_help, actions) in TASK_RUNS.items():
-        t = add(task, task_help)
-        actions_parser = t.add_subparsers(dest="action", required=True, metavar="ACTION")
-        for action, (cls, help_, _) in actions.items():
-            r = actions_parser.add_parser(action, help=help_, description=cls.__doc__)
-            r.add_argument("--config", help="YAML file of options; command-line flags override it")
-            add_dataclass_flags(r, cls)
-        if task == "detect":
-            dp = actions_parser.add_parser("predict", help="draw a detection checkpoint's boxes (and masks) on images",
-                                           description="Draw a detection checkpoint's boxes, labels, scores (and masks) on images.")
-            dp.add_argument("--checkpoint", required=True, help="a checkpoint of `ummae detect train`")
-            dp.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
-            dp.add_argument("--output", default="detections", help="folder for the pictures (default: detections)")
-            dp.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this (default: 0.3)")
-            dp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-        if task == "segment":
-            sp = actions_parser.add_parser("predict", help="colour a segmentation checkpoint's classes over images",
-                                           description="Write each image with its predicted classes coloured over it "
-                                                       "(STEM.png) and the label map (STEM_labels.png).")
-            sp.add_argument("--checkpoint", required=True, help="a checkpoint of `ummae segment train`")
-            sp.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
-            sp.add_argument("--output", default="segmentations", help="folder for the pictures (default: segmentations)")
-            sp.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours (default: 0.5)")
-            sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
-    e = add("export", "write a checkpoint's inference weights as safetensors (decoder dropped)")
+def _segment_predict_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--checkpoint", required=True, help="a checkpoint of `ummae segment train`")
+    sp.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
+    sp.add_argument("--output", default="segmentations", help="folder for the pictures (default: segmentations)")
+    sp.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours (default: 0.5)")
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+def _export_flags(e: argparse.ArgumentParser) -> None:
     e.add_argument("--checkpoint", required=True, help="an ummae checkpoint (pre-training or fine-tuning)")
     e.add_argument("--output", required=True, help="the .safetensors file to write")
     e.add_argument("--encoder-only", action="store_true", help="drop a fine-tuned classifier's head too")
     e.add_argument("--ema", action="store_true", help="the EMA weights of a fine-tuning checkpoint (a run with --ema)")
 
-    cv = add("convert", "turn a reference checkpoint (UM-MAE, MAE code base) into an ummae checkpoint or export")
+
+def _convert_flags(cv: argparse.ArgumentParser) -> None:
     cv.add_argument("src", help="a checkpoint of the UM-MAE reference code or the MAE code base (pre-training or fine-tuned)")
     cv.add_argument("--output", required=True, help="ummae checkpoint (.pth) or safetensors export (.safetensors) to write")
     cv.add_argument("--model", help="our registered model to load it into (default: the one the checkpoint's args name)")
     cv.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
-    v = add("visualize", "reconstruction pictures of a pre-training checkpoint (one row per image)")
+
+def _visualize_flags(v: argparse.ArgumentParser) -> None:
     v.add_argument("--checkpoint", required=True, help="a pre-training checkpoint with its decoder (checkpoint-last.pth of `ummae pretrain`, or a reference one)")
     v.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
     v.add_argument("--output", default="recon.png", help="picture to write (default: recon.png)")
@@ -129,18 +117,16 @@ def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     v.add_argument("--max-images", type=int, default=8, help="show at most this many images, the first ones (default: 8)")
     v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
-    k = add("masks", "the masking strategies side by side on one image (MAE, US, UM, compact map, SimMIM)")
+
+def _masks_flags(k: argparse.ArgumentParser) -> None:
     k.add_argument("--img-size", type=int, default=256, help="image size (default: 256)")
     k.add_argument("--unit-size", type=int, default=16, help="mask unit size in pixels (default: 16)")
     k.add_argument("--image", help="an image file (default: scikit-image's chelsea.png)")
     k.add_argument("--output", default="masks.png", help="picture to write (default: masks.png)")
     k.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
 
-    # --- shards (ummae.data.shard_writer) ---
-    w = add("shards", "write WebDataset tar shards from an image folder or list file",
-            "Write WebDataset tar shards (DIR/shard-000000.tar, ... and DIR/shards.json) from what "
-            "`pretrain --data` reads: an ImageFolder (labels kept), a flat image folder or a list file. "
-            "The image files' bytes are stored as they are.")
+
+def _shards_flags(w: argparse.ArgumentParser) -> None:
     w.add_argument("src", help="an ImageFolder, a flat image folder, a dataset root with train/, or a list file of 'relative/path [label]' lines")
     w.add_argument("--output", required=True, help="folder for the shards and shards.json")
     w.add_argument("--shard-size", type=int, default=1000, help="images per shard, the last may hold fewer (default: 1000)")
@@ -148,179 +134,88 @@ def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     w.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: a seeded random order)")
     w.add_argument("--seed", type=int, default=0, help="seed of the random order (default: 0)")
     w.add_argument("--overwrite", action="store_true", help="replace the shards and shards.json already in --output")
-    # --- end shards ---
 
-    c = add("plot", "training curves of one or several runs, from their metrics.jsonl")
+
+def _plot_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("runs", nargs="+", help="run output folders")
     c.add_argument("--output", default="curves.png", help="figure to write; the suffix picks the format (default: curves.png)")
     c.add_argument("--metrics", default="loss,lr,images_per_s", help="comma-separated metrics, one subplot each (default: loss,lr,images_per_s)")
 
-    b = add("bench", "time full training steps of models side by side")
-    if command in (None, "bench"):
-        from ummae.bench import add_bench_args  # imports torch
 
-        add_bench_args(b)
-    return p
+def _bench_flags(b: argparse.ArgumentParser) -> None:
+    from ummae.bench import add_bench_args  # imports torch
 
-
-# Other code bases' spellings of our options (after "_" -> "-"): MAE's main_pretrain.py /
-# main_finetune.py and timm's train.py. The first one the sub-command has is suggested.
-ALIASES = {
-    "--data-path": ("--data",), "--data-dir": ("--data",), "--finetune": ("--pretrained",),
-    "--initial-checkpoint": ("--pretrained", "--init"), "--output-dir": ("--output",), "--log-dir": ("--output",),
-    "--input-size": ("--img-size",), "--nb-classes": ("--num-classes",), "--workers": ("--num-workers",),
-    "--model-ema": ("--ema",), "--model-ema-decay": ("--ema-decay",), "--aa": ("--auto-augment",),
-    "--opt-betas": ("--betas",), "--resume": ("--checkpoint",),  # MAE evaluates with --eval --resume CKPT
-}
+    add_bench_args(b)
 
 
-def _command_in(argv: List[str]) -> str:
-    """The sub-command of ``argv`` (its first word that is no option: the top level has no
-    option that takes a value), or "" for none."""
-    return next((a for a in argv if not a.startswith("-")), "")
+# --- handlers of the commands without a config class ---------------------------------------
 
 
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+def _models(args) -> int:
+    from ummae.models.registry import list_models
+
+    for name in list_models(args.pattern, kind=args.kind):
+        print(name)
+    return 0
 
 
-def _unknown_text(parser: argparse.ArgumentParser, command: str, unknown: List[str]) -> str:
-    """One line for what the sub-command does not know, naming the option meant when there is
-    one: MAE's/timm's ``--batch_size`` -> ``--batch-size``, ``--data_path`` -> ``--data``..."""
-    import difflib
+def _bench(args) -> int:
+    from ummae.bench import bench_main
 
-    see = f"see `ummae {command} --help`"
-    options = [a for a in unknown if a.startswith("--")]
-    if not options:
-        return f"unrecognized arguments: {' '.join(unknown)}; {see}"
-    typed = options[0].split("=", 1)[0]
-    sub = parser
-    for word in command.split():  # "detect train": the action's parser inside the task's
-        sub = _subparser(sub, word)
-    known = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
-    dashed = "--" + typed[2:].replace("_", "-")
-    meant = next((c for c in (*ALIASES.get(dashed, ()), dashed) if c in known and c != typed), None)
-    if meant is None:
-        close = difflib.get_close_matches(dashed, known, n=1, cutoff=0.75)
-        meant = close[0] if close else None
-    return f"unknown option {typed}; did you mean {meant}?" if meant else f"unknown option {typed}; {see}"
+    return bench_main(args)
 
 
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-inf$", re.IGNORECASE)
+def _export(args) -> int:
+    from ummae.weights.export import export
+
+    if not args.output.endswith(".safetensors"):
+        raise UsageError(f"--output must name a .safetensors file, got {args.output}")
+    meta = export(args.checkpoint, args.output, args.encoder_only, args.ema)
+    print(f"wrote {args.output}: {meta['contents']} of {meta['source_model']}; load it with "
+          f"`ummae finetune --model {meta['model_name']} --pretrained {args.output}` or "
+          f"timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)")
+    return 0
 
 
-def _attach_negative_numbers(argv: List[str]) -> List[str]:
-    """``--lr -1e-3`` -> ``--lr=-1e-3``: argparse reads a value that starts with '-' and has an
-    exponent as another option, and the flag as missing its value; the config then says what
-    is wrong with the number itself."""
-    out: List[str] = []
-    for tok in argv:
-        if out and _NEGATIVE_NUMBER.match(tok) and out[-1].startswith("--") and "=" not in out[-1]:
-            out[-1] = f"{out[-1]}={tok}"
-        else:
-            out.append(tok)
-    return out
+def _convert(args) -> int:
+    from ummae.weights.export import convert_file
+
+    done = convert_file(args.src, args.output, args.model, args.overwrite)
+    use = "--init / --pretrained / visualize" if done["kind"] == "pretrain" else "--pretrained / eval"
+    print(f"wrote {args.output}: {done['tensors']} tensors of {done['model_name']} from {done['source_model']}"
+          f" ({len(done['dropped'])} source tensors dropped: fixed tables we compute); use it with {use}")
+    for option, why in done["assumed"].items():
+        print(f"  {option}: {why}")
+    return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = _attach_negative_numbers(sys.argv[1:] if argv is None else list(argv))
-    parser = _parser(_command_in(argv))
-    args, unknown = parser.parse_known_args(argv)
-    command = " ".join(w for w in (args.command, getattr(args, "action", None)) if w)  # "detect train"
-    if unknown:  # one line, not argparse's whole usage text
-        print(f"ummae {command}: error: {_unknown_text(parser, command, unknown)}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        if args.command == "models":
-            from ummae.models.registry import list_models
+def _masks(args) -> int:
+    from ummae.visualize import mask_figure
 
-            for name in list_models(args.pattern, kind=args.kind):
-                print(name)
-            return 0
-        if args.command == "bench":
-            from ummae.bench import bench_main
+    if not 16 <= args.img_size <= 4096:
+        raise UsageError(f"--img-size {args.img_size}: the figure is drawn at 16 to 4096 px")
+    _save_picture(mask_figure(args.image, args.img_size, args.unit_size, args.seed), args.output)
+    print(f"wrote {args.output}")
+    return 0
 
-            return bench_main(args)
-        if args.command == "export":
-            from ummae.weights.load import export
 
-            if not args.output.endswith(".safetensors"):
-                raise UsageError(f"--output must name a .safetensors file, got {args.output}")
-            meta = export(args.checkpoint, args.output, args.encoder_only, args.ema)
-            print(f"wrote {args.output}: {meta['contents']} of {meta['source_model']}; load it with "
-                  f"`ummae finetune --model {meta['model_name']} --pretrained {args.output}` or "
-                  f"timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)")
-            return 0
-        if args.command == "convert":
-            from ummae.weights.convert import convert_file
+def _shards(args) -> int:
+    from ummae.data.shard_writer import shard_pattern, write_shards
 
-            done = convert_file(args.src, args.output, args.model, args.overwrite)
-            use = "--init / --pretrained / visualize" if done["kind"] == "pretrain" else "--pretrained / eval"
-            print(f"wrote {args.output}: {done['tensors']} tensors of {done['model_name']} from {done['source_model']}"
-                  f" ({len(done['dropped'])} source tensors dropped: fixed tables we compute); use it with {use}")
-            for option, why in done["assumed"].items():
-                print(f"  {option}: {why}")
-            return 0
-        if args.command == "visualize":
-            return _visualize(args)
-        if args.command == "masks":
-            from ummae.visualize import mask_figure
+    info = write_shards(args.src, args.output, args.shard_size, data_root=args.data_root,
+                        shuffle=not args.no_shuffle, seed=args.seed, overwrite=args.overwrite)
+    k = len(info["shards"])
+    print(f"wrote {info['num_samples']} samples in {k} shard{'s' if k != 1 else ''} to {args.output}; "
+          f"train with --data \"{shard_pattern(args.output, k)}\"")
+    return 0
 
-            if not 16 <= args.img_size <= 4096:
-                raise UsageError(f"--img-size {args.img_size}: the figure is drawn at 16 to 4096 px")
 
-            _save_picture(mask_figure(args.image, args.img_size, args.unit_size, args.seed), args.output)
-            print(f"wrote {args.output}")
-            return 0
-        if args.command == "shards":  # --- shards ---
-            from ummae.data.shard_writer import shard_pattern, write_shards
+def _plot(args) -> int:
+    from ummae.plot import plot_runs
 
-            info = write_shards(args.src, args.output, args.shard_size, data_root=args.data_root,
-                                shuffle=not args.no_shuffle, seed=args.seed, overwrite=args.overwrite)
-            k = len(info["shards"])
-            print(f"wrote {info['num_samples']} samples in {k} shard{'s' if k != 1 else ''} to {args.output}; "
-                  f"train with --data \"{shard_pattern(args.output, k)}\"")
-            return 0  # --- end shards ---
-        if args.command == "plot":
-            from ummae.plot import plot_runs
-
-            plotted = plot_runs(args.runs, args.output, args.metrics.split(","))
-            print(f"wrote {args.output}: {', '.join(plotted)} of {len(args.runs)} run(s)")
-            return 0
-        if args.command in TASK_RUNS and args.action == "predict":
-            import importlib
-
-            return importlib.import_module(f".tasks.{args.command}", __package__).predict(args)
-        if args.command in RUNS or args.command in TASK_RUNS:
-            import importlib
-
-            cls, _, target = RUNS[args.command] if args.command in RUNS else TASK_RUNS[args.command][1][args.action]
-            module, fn = target.split(":")
-            result = getattr(importlib.import_module(f".{module}", __package__), fn)(config_from_args(cls, args))
-            if command in ("eval", "knn", "detect eval", "segment eval") and int(os.environ.get("RANK", "0")) == 0:
-                import json
-
-                print(json.dumps(result))  # one JSON line on stdout, from rank 0 only
-            return 0
-    except NonFiniteLossError as e:  # the run stopped itself; its last checkpoint is whole and finite
-        print(f"ummae {command}: error: {e}", file=sys.stderr)
-        return 3
-    except UmmaeError as e:  # bad input: one clear message, no traceback
-        print(f"ummae {command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # full or read-only disk, a path that is a file or a folder, ...
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"ummae {command}: error: {e.strerror or e}{where}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:  # Ctrl-C: the checkpoints on disk are whole (written atomically)
-        print(f"ummae {command}: {e or 'interrupted'}", file=sys.stderr)
-        return 130
-    except Exception:  # anything else is a bug in ummae: its traceback is what a report needs
-        print(f"ummae {command}: internal error: this is a bug in ummae, not in your input; please report it to "
-              f"the maintainers with the traceback below", file=sys.stderr)
-        raise
-    return 1
+    plotted = plot_runs(args.runs, args.output, args.metrics.split(","))
+    print(f"wrote {args.output}: {', '.join(plotted)} of {len(args.runs)} run(s)")
+    return 0
 
 
 def _visualize(args) -> int:
@@ -345,14 +240,205 @@ def _visualize(args) -> int:
 
 
 def _save_picture(picture, output: str) -> None:
-    from pathlib import Path
-
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         picture.save(out)
     except (KeyError, ValueError) as e:  # Pillow: unknown file extension
         raise UsageError(f"cannot write {output}: {e} (use .png or .jpg)") from None
+
+
+# --- the table: command -> what runs it, in the order `ummae --help` lists them -------------
+
+GROUPS = {  # commands of two words: `ummae detect train ...`
+    "detect": "object detection and instance segmentation on COCO (GFL, Mask R-CNN, RetinaNet, FCOS)",
+    "segment": "semantic segmentation with UperNet (ADE20K layout)",
+}
+COMMANDS: dict[str, Command] = {
+    "models": Command("list the registered models, one per line", _models, flags=_models_flags),
+    "pretrain": Command("pre-train an encoder (UM-MAE, MAE or SimMIM)", "tasks.pretrain:pretrain", PretrainConfig),
+    "finetune": Command("fine-tune a classifier, from pre-trained weights or from scratch", "tasks.classify:finetune",
+                        FinetuneConfig),
+    "linprobe": Command("linear probe of a frozen pre-trained encoder (MAE's recipe)", "tasks.classify:linprobe",
+                        LinprobeConfig),
+    "eval": Command("top-1 / top-5 of a classifier checkpoint on a validation split", "tasks.classify:run_eval",
+                    EvalConfig, result=True),
+    "knn": Command("weighted kNN top-1 of a frozen pre-trained encoder", "tasks.knn:run_knn", KnnConfig, result=True),
+    "detect train": Command("train a detector on COCO from a pre-trained backbone", "tasks.detect:train", DetectConfig),
+    "detect eval": Command("COCO box (and mask) AP of a detection checkpoint", "tasks.detect:run_eval",
+                           DetectEvalConfig, result=True),
+    "detect predict": Command("draw a detection checkpoint's boxes (and masks) on images", "tasks.detect:predict",
+                              flags=_detect_predict_flags,
+                              description="Draw a detection checkpoint's boxes, labels, scores (and masks) on images."),
+    "segment train": Command("train UperNet on an ADE20K-layout data set from a pre-trained backbone",
+                             "tasks.segment:train", SegmentConfig),
+    "segment eval": Command("mIoU, mean / overall accuracy and per-class IoU of a segmentation checkpoint",
+                            "tasks.segment:run_eval", SegmentEvalConfig, result=True),
+    "segment predict": Command("colour a segmentation checkpoint's classes over images", "tasks.segment:predict",
+                               flags=_segment_predict_flags,
+                               description="Write each image with its predicted classes coloured over it (STEM.png) "
+                                           "and the label map (STEM_labels.png)."),
+    "export": Command("write a checkpoint's inference weights as safetensors (decoder dropped)", _export,
+                      flags=_export_flags),
+    "convert": Command("turn a reference checkpoint (UM-MAE, MAE code base) into an ummae checkpoint or export",
+                       _convert, flags=_convert_flags),
+    "visualize": Command("reconstruction pictures of a pre-training checkpoint (one row per image)", _visualize,
+                         flags=_visualize_flags),
+    "masks": Command("the masking strategies side by side on one image (MAE, US, UM, compact map, SimMIM)", _masks,
+                     flags=_masks_flags),
+    "shards": Command("write WebDataset tar shards from an image folder or list file", _shards, flags=_shards_flags,
+                      description="Write WebDataset tar shards (DIR/shard-000000.tar, ... and DIR/shards.json) from "
+                                  "what `pretrain --data` reads: an ImageFolder (labels kept), a flat image folder or "
+                                  "a list file. The image files' bytes are stored as they are."),
+    "plot": Command("training curves of one or several runs, from their metrics.jsonl", _plot, flags=_plot_flags),
+    "bench": Command("time full training steps of models side by side", _bench, flags=_bench_flags, heavy=True),
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ummae")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
+def _add_command(sub, name: str, spec: Command, command: str | None) -> None:
+    """The parser of one command of the table, inside its parent's sub-parsers."""
+    word = name.split()[-1]
+    description = spec.config.__doc__ if spec.config is not None else spec.description or _sentence(spec.help)
+    r = sub.add_parser(word, help=spec.help, description=description)
+    if spec.config is not None:
+        names = builtin_configs(spec.config)
+        builtin = f", or a built-in config name ({', '.join(names)})" if names else ""
+        r.add_argument("--config", help=f"YAML file of options{builtin}; command-line flags override it")
+        add_dataclass_flags(r, spec.config)
+    elif spec.flags is not None and (not spec.heavy or command in (None, name.split()[0])):
+        spec.flags(r)
+
+
+def _sentence(help_: str) -> str:
+    return help_[0].upper() + help_[1:] + "."
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, from :data:`COMMANDS`; with ``command`` (the sub-command about
+    to be parsed, "" for none), the flags of ``heavy`` commands (bench: torch) are added only
+    when they are the one, so that ``ummae --help`` stays fast."""
+    p = argparse.ArgumentParser(prog="ummae", description="Uniform Masking (UM-MAE) pre-training for pyramid vision transformers")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    actions = {}  # group -> its sub-parsers ("detect" -> train / eval / predict)
+    for name, spec in COMMANDS.items():
+        group = name.split()[0] if " " in name else None
+        if group is not None and group not in actions:
+            g = sub.add_parser(group, help=GROUPS[group], description=_sentence(GROUPS[group]))
+            actions[group] = g.add_subparsers(dest="action", required=True, metavar="ACTION")
+        _add_command(actions[group] if group else sub, name, spec, command)
+    return p
+
+
+# Other code bases' spellings of our options (after "_" -> "-"): MAE's main_pretrain.py /
+# main_finetune.py and timm's train.py. The first one the sub-command has is suggested.
+ALIASES = {
+    "--data-path": ("--data",), "--data-dir": ("--data",), "--finetune": ("--pretrained",),
+    "--initial-checkpoint": ("--pretrained", "--init"), "--output-dir": ("--output",), "--log-dir": ("--output",),
+    "--input-size": ("--img-size",), "--nb-classes": ("--num-classes",), "--workers": ("--num-workers",),
+    "--model-ema": ("--ema",), "--model-ema-decay": ("--ema-decay",), "--aa": ("--auto-augment",),
+    "--opt-betas": ("--betas",), "--resume": ("--checkpoint",),  # MAE evaluates with --eval --resume CKPT
+}
+
+
+def _command_in(argv: list[str]) -> str:
+    """The sub-command of ``argv`` (its first word that is no option: the top level has no
+    option that takes a value), or "" for none."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+def _unknown_text(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """One line for what the sub-command does not know, naming the option meant when there is
+    one: MAE's/timm's ``--batch_size`` -> ``--batch-size``, ``--data_path`` -> ``--data``..."""
+    see = f"see `ummae {command} --help`"
+    options = [a for a in unknown if a.startswith("--")]
+    if not options:
+        return f"unrecognized arguments: {' '.join(unknown)}; {see}"
+    typed = options[0].split("=", 1)[0]
+    sub = parser
+    for word in command.split():  # "detect train": the action's parser inside the task's
+        sub = _subparser(sub, word)
+    known = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+    dashed = "--" + typed[2:].replace("_", "-")
+    meant = next((c for c in (*ALIASES.get(dashed, ()), dashed) if c in known and c != typed), None)
+    if meant is None:
+        close = difflib.get_close_matches(dashed, known, n=1, cutoff=0.75)
+        meant = close[0] if close else None
+    return f"unknown option {typed}; did you mean {meant}?" if meant else f"unknown option {typed}; {see}"
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-inf$", re.IGNORECASE)
+
+
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """``--lr -1e-3`` -> ``--lr=-1e-3``: argparse reads a value that starts with '-' and has an
+    exponent as another option, and the flag as missing its value; the config then says what
+    is wrong with the number itself."""
+    out: list[str] = []
+    for tok in argv:
+        if out and _NEGATIVE_NUMBER.match(tok) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
+def _run(command: str, args: argparse.Namespace) -> int:
+    """Run ``command`` of the table on the parsed ``args``; its exit status."""
+    spec = COMMANDS[command]
+    run = spec.run
+    if isinstance(run, str):  # "module:function", imported only now (torch)
+        module, fn = run.split(":")
+        run = getattr(importlib.import_module(f"ummae.{module}"), fn)
+    if spec.config is None:
+        return run(args)
+    result = run(config_from_args(spec.config, args))
+    if spec.result and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))  # one JSON line on stdout, from rank 0 only
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _attach_negative_numbers(sys.argv[1:] if argv is None else list(argv))
+    parser = _parser(_command_in(argv))
+    args, unknown = parser.parse_known_args(argv)
+    command = " ".join(w for w in (args.command, getattr(args, "action", None)) if w)  # "detect train"
+    if unknown:  # one line, not argparse's whole usage text
+        print(f"ummae {command}: error: {_unknown_text(parser, command, unknown)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _run(command, args)
+    except NonFiniteLossError as e:  # the run stopped itself; its last checkpoint is whole and finite
+        print(f"ummae {command}: error: {e}", file=sys.stderr)
+        return 3
+    except UmmaeError as e:  # bad input: one clear message, no traceback
+        print(f"ummae {command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # full or read-only disk, a path that is a file or a folder, ...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"ummae {command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: the checkpoints on disk are whole (written atomically)
+        print(f"ummae {command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+    except Exception:  # anything else is a bug in ummae: its traceback is what a report needs
+        print(f"ummae {command}: internal error: this is a bug in ummae, not in your input; please report it to "
+              f"the maintainers with the traceback below", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":
