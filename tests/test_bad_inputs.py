@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from PIL import Image
 
 from _helpers import smooth_images, write_colour_dataset
 from ummae.cli import main
-from ummae.weights import io as ckpt
 from ummae.models.registry import create_model
+from ummae.weights import io as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +175,55 @@ def test_export__usual_file_mode_and_a_reexported_encoder_stays_an_encoder(tmp_p
 
     with safe_open(str(again), framework="pt") as f:
         assert f.metadata()["contents"] == "encoder"
+
+
+# Every command reads what its weights file holds (cheaply: no tensors) before it scans any data
+# or builds a model: a wrong file is refused at once, not minutes into an ImageNet scan.
+SCANNERS = [("ummae.tasks.classify", "build_classify_dataset"), ("ummae.tasks.knn", "build_classify_dataset"),
+            ("ummae.tasks.pretrain", "build_pretrain_dataset"), ("ummae.tasks.detect", "CocoDetection"),
+            ("ummae.tasks.segment", "SegmentationFolder")]
+WEIGHTS_FIRST = [
+    ("knn", lambda t, i, w: ["knn", "--pretrained", w, "--data", i]),
+    ("knn_model_given", lambda t, i, w: ["knn", "--model", "swin_test", "--pretrained", w, "--data", i]),
+    ("finetune", lambda t, i, w: ["finetune", "--model", "swin_test", "--pretrained", w, "--data", i,
+                                  "--output", str(t / "o")]),
+    ("linprobe", lambda t, i, w: ["linprobe", "--model", "swin_test", "--pretrained", w, "--data", i,
+                                  "--output", str(t / "o")]),
+    ("eval", lambda t, i, w: ["eval", "--model", "swin_test", "--checkpoint", w, "--data", i]),
+    ("pretrain_init", lambda t, i, w: _pre(i, t / "o", "--init", w)),
+    ("detect_train", lambda t, i, w: ["detect", "train", "--backbone", "swin_test", "--pretrained", w, "--data", i,
+                                      "--output", str(t / "o")]),
+    ("detect_eval", lambda t, i, w: ["detect", "eval", "--checkpoint", w, "--data", i, "--output", str(t / "o")]),
+    ("segment_train", lambda t, i, w: ["segment", "train", "--backbone", "swin_test", "--pretrained", w, "--data", i,
+                                       "--output", str(t / "o")]),
+    ("segment_eval", lambda t, i, w: ["segment", "eval", "--checkpoint", w, "--data", i, "--output", str(t / "o")]),
+]
+
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy"
+# (id, argv builder (tmp, data, weights) -> argv, weights file (tmp) -> path, text the one line must contain)
+WRONG_WEIGHTS = [(name, argv, lambda t: str(_jpeg(t)), "is an image") for name, argv in WEIGHTS_FIRST] + [
+    ("knn_detect_checkpoint", WEIGHTS_FIRST[0][1], lambda t: str(LEGACY / "detect-gfl-pvt_test.pth"),
+     "is a checkpoint of `ummae detect train`"),
+    ("finetune_segment_checkpoint", WEIGHTS_FIRST[2][1], lambda t: str(LEGACY / "segment-upernet-pvt_test.pth"),
+     "is a checkpoint of `ummae segment train`"),
+    ("segment_train_detect_checkpoint", WEIGHTS_FIRST[8][1], lambda t: str(LEGACY / "detect-gfl-pvt_test.pth"),
+     "is a checkpoint of `ummae detect train`"),
+]
+
+
+@pytest.mark.parametrize("case", WRONG_WEIGHTS, ids=[c[0] for c in WRONG_WEIGHTS])
+def test_cli__weights_file_refused_before_the_data_is_scanned(case, tmp_path, imgs, capsys, monkeypatch):
+    import importlib
+
+    def scanned(*a, **k):
+        raise AssertionError("the data was scanned before the weights file was checked")
+
+    for module, name in SCANNERS:
+        monkeypatch.setattr(importlib.import_module(module), name, scanned)
+    _, argv, weights, text = case
+    path = weights(tmp_path)
+    code = main(argv(tmp_path, str(imgs), path))
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if " INFO " not in line and " WARNING " not in line]
+    assert code == 2 and len(err) == 1, err
+    assert path in err[0] and text in err[0], err[0]

@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from _helpers import assert_tensors_equal, run_torchrun, stable, write_colour_images, write_image, write_pattern_images
 from ummae.cli import main
 from ummae.config import EvalConfig, FinetuneConfig, KnnConfig, LinprobeConfig
-from ummae.weights import io as ckpt
 from ummae.engine.optim import param_groups
+from ummae.models.classifier import Classifier
 from ummae.models.registry import create_model, list_models
 from ummae.tasks import classify as finetune_module
-from ummae.models.classifier import Classifier
 from ummae.tasks.classify import finetune, linprobe, load_classifier, run_eval
 from ummae.tasks.knn import knn_scores, run_knn
-from ummae.weights.load import export
+from ummae.weights import io as ckpt
+from ummae.weights.export import export
 
 CLASSIFIERS = list_models("*_test", kind="classify")
 
@@ -191,7 +191,7 @@ def _knn_reference(train, labels, queries, num_classes, k, temperature):
     out = torch.zeros(len(queries), num_classes, dtype=torch.float64)
     for i, q in enumerate(queries.double()):
         sims = []
-        for t, y in zip(train.double(), labels.tolist()):
+        for t, y in zip(train.double(), labels.tolist(), strict=True):
             sims.append((float(q @ t / (q.norm() * t.norm())), y))
         sims.sort(key=lambda s: -s[0])
         for s, y in sims[:k]:
@@ -241,7 +241,7 @@ def test_run_knn__uses_the_temperature_it_is_given(colour_data, pretrain_ckpt, m
     train_labels = torch.tensor([0, 0, 1] + [2] * 15)
     fake = iter([])
 
-    def extract(model, loader, device, precision):
+    def extract(model, loader, device, precision, desc="features"):
         return next(fake)
 
     monkeypatch.setattr(knn_module, "extract_features", extract)
@@ -252,6 +252,34 @@ def test_run_knn__uses_the_temperature_it_is_given(colour_data, pretrain_ckpt, m
                                                  data=str(colour_data), k=3, temperature=temperature, num_workers=0,
                                                  device="cpu"))["knn_acc1"]
     assert results == {1.0: 100.0, 0.05: 0.0}
+
+
+def test_evaluation_and_knn_features__log_progress_lines_without_a_terminal(colour_data, pretrain_ckpt, caplog,
+                                                                          monkeypatch):
+    """Without a terminal (as under pytest) the evaluation loops report through the one
+    progress helper: a line with the count so far every ``log_every`` items, and a last line
+    with the total and the elapsed time."""
+    import functools
+
+    import ummae.tasks.knn as knn_module
+    from ummae.engine.progress import progress
+
+    every_batch = functools.partial(progress, log_every=1)
+    monkeypatch.setattr(finetune_module, "progress", every_batch)
+    monkeypatch.setattr(knn_module, "progress", every_batch)
+    model = create_model("swin_test", num_classes=3, drop_path=0.0)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    with caplog.at_level("INFO", logger="ummae"):
+        finetune_module.evaluate(model, [(images, labels, 0)] * 3, torch.device("cpu"), "fp32")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluation: ")]
+    assert [line.split(" (")[0] for line in lines[:2]] == ["evaluation: 1/3 batch", "evaluation: 2/3 batch"], lines
+    assert lines[2].startswith("evaluation: 3 batch in "), lines
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ummae"):
+        run_knn(KnnConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(colour_data),
+                          k=5, batch_size=8, num_workers=0, device="cpu"))
+    done = [r.getMessage().split(" in ")[0] for r in caplog.records if " batch in " in r.getMessage()]
+    assert done == ["kNN features (train): 3 batch", "kNN features (val): 2 batch"], done  # 18 and 9 images
 
 
 def test_linprobe__frozen_encoder_separates_colour_classes(colour_data, pretrain_ckpt, tmp_path):
@@ -311,7 +339,7 @@ def test_finetune__exact_resume_with_mixup_and_ema(colour_data, tmp_path, monkey
     finetune(_ft_cfg(out, colour_data, resume="auto", **kw))
     rec_ref, rec_out = stable(_records(ref)), stable(_records(out))
     assert [r["step"] for r in rec_out] == [r["step"] for r in rec_ref]
-    for a, b in zip(rec_ref, rec_out):
+    for a, b in zip(rec_ref, rec_out, strict=True):
         assert a == b, f"metrics differ at step {a['step']}: {a} vs {b}"
     assert all("ema_acc1" in r for r in _epoch_records(out))
     a, b = ckpt.load(ref / "checkpoint-last.pth"), ckpt.load(out / "checkpoint-last.pth")

@@ -200,8 +200,8 @@ def test_cli__required_flags_shown_without_brackets(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["eval", "--help"], ["--version"]])
 def test_cli__help_does_not_import_torch(argv):
-    code = ("import sys\nfrom ummae.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "print('torch' in sys.modules)" % (argv,))
+    code = (f"import sys\nfrom ummae.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"

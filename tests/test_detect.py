@@ -16,7 +16,7 @@ import torch
 from _helpers import coco_subset, epoch_records, run_torchrun, stable, step_records
 from ummae.cli import main
 from ummae.config import DetectConfig
-from ummae.tasks.dense import build_stage_maps
+from ummae.models.dense import build_stage_maps
 from ummae.tasks.detect import build_detector, train
 
 TINY = dict(img_size=128, neck_channels=32, fpn_channels=32)
@@ -36,7 +36,7 @@ def _cfg(out: Path, data: Path, **kw) -> DetectConfig:
 
 @pytest.mark.parametrize("backbone", ["swin_test", "pvt_test"])
 def test_stage_maps__four_maps_of_the_projected_width_at_strides_4_to_32(backbone):
-    maps, _ = build_stage_maps(backbone, 128, out_channels=24)
+    maps = build_stage_maps(backbone, 128, out_channels=24)
     out = maps(torch.randn(2, 3, 128, 128))
     assert list(out) == ["0", "1", "2", "3"]
     assert [tuple(v.shape) for v in out.values()] == [(2, 24, 128 // s, 128 // s) for s in (4, 8, 16, 32)]

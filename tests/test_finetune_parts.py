@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ummae.config import FinetuneConfig
-from ummae.weights import io as ckpt
 from ummae.tasks.classify import classify_step, finetune, lars_optimizer
+from ummae.weights import io as ckpt
 
 
 class _Logits(nn.Module):
@@ -65,7 +65,7 @@ def test_mixup__depends_on_the_step_seed_only():
     for seed, global_seed in ((7, 0), (7, 12345), (8, 0)):
         np.random.seed(global_seed)
         step(Capture(), (x.clone(), y), torch.Generator().manual_seed(seed))  # (timm mixes in place)
-    (img_a, tgt_a), (img_b, tgt_b), (img_c, tgt_c) = zip(seen[0::2], seen[1::2])
+    (img_a, tgt_a), (img_b, tgt_b), (img_c, tgt_c) = zip(seen[0::2], seen[1::2], strict=False)
     assert torch.equal(img_a, img_b) and torch.equal(tgt_a, tgt_b)
     assert not torch.equal(img_a, x)  # really mixed
     assert not (torch.equal(img_a, img_c) and torch.equal(tgt_a, tgt_c))  # another step mixes otherwise
@@ -82,7 +82,7 @@ def test_lars__two_steps_equal_maes_update():
     opt = lars_optimizer(head, lr=0.5, weight_decay=0.0)
     w, b = head.weight.detach().clone(), head.bias.detach().clone()
     mw, mb = torch.zeros_like(w), torch.zeros_like(b)
-    for i in range(2):
+    for _ in range(2):
         gw, gb = torch.randn(3, 5), torch.randn(3)
         head.weight.grad, head.bias.grad = gw.clone(), gb.clone()
         opt.step()

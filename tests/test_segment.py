@@ -19,8 +19,16 @@ from ummae.cli import main
 from ummae.config import SegmentConfig
 from ummae.engine.schedule import warmup_poly
 from ummae.tasks import segment
-from ummae.tasks.segment import (build_segmenter, confusion_matrix, keep_ratio_size, predict_probs,
-                                 segmentation_metrics, slide_logits, train, whole_logits)
+from ummae.tasks.segment import (
+    build_segmenter,
+    confusion_matrix,
+    keep_ratio_size,
+    predict_probs,
+    segmentation_metrics,
+    slide_logits,
+    train,
+    whole_logits,
+)
 
 TINY = dict(crop_size=64, neck_channels=32, head_channels=16, aux_channels=8)
 K = 81  # coco_semseg_mini: background + 80 things, after reduce-zero-label
@@ -226,7 +234,8 @@ def test_segment_train__iterations_evaluations_and_an_interrupted_run_resume_exa
 # ---------------------------------------------------------------- commands
 
 
-def test_segment_cli__train_eval_predict(semseg, tmp_path, capsys):
+def test_segment_cli__train_eval_predict(semseg, tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="ummae")
     out = tmp_path / "run"
     args = ["segment", "train", "--data", str(semseg), "--backbone", "pvt_test", "--output", str(out),
             "--num-classes", str(K), "--iters", "2", "--eval-every-iters", "0", "--batch-size", "2", "--num-workers", "0",
@@ -241,6 +250,10 @@ def test_segment_cli__train_eval_predict(semseg, tmp_path, capsys):
                  "--num-workers", "0", "--ratios", "0.75", "1.0", "--flip"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed) == {"mIoU", "mAcc", "aAcc"}
+    n_val = len(list((semseg / "images" / "validation").iterdir()))
+    evals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("segmentation eval: ")]
+    # the sliding-window evaluation reports per image (no terminal here: log lines), in training and in eval
+    assert [m.split(" in ")[0] for m in evals] == [f"segmentation eval: {n_val} img"] * 2, evals
     saved = json.loads((ev / "metrics_validation.json").read_text())
     assert saved["mIoU"] == printed["mIoU"] and len(saved["IoU"]) == K and "person" in saved["IoU"]
     table = (ev / "per_class_validation.txt").read_text()
@@ -256,7 +269,7 @@ def test_segment_cli__train_eval_predict(semseg, tmp_path, capsys):
     for p in images:
         with Image.open(p) as im, Image.open(pics / f"{p.stem}_labels.png") as lab:
             assert lab.size == im.size and lab.mode == "L"
-            assert 1 <= min(lab.getextrema()) and max(lab.getextrema()) <= K  # the data set's 1..K
+            assert min(lab.getextrema()) >= 1 and max(lab.getextrema()) <= K  # the data set's 1..K
 
 
 def test_segment_cli__labels_beyond_the_declared_classes_are_one_clear_line(semseg, tmp_path, capsys):

@@ -129,3 +129,9 @@ def distributed(device_name: str = "auto"):
     except RuntimeError:  # a peer failed after the last collective: it reports its own error
         pass
     cleanup()
+
+
+def loader_workers(requested: int) -> int:
+    """Data-loader worker processes for ``--num-workers requested``: no more than this
+    machine has CPUs (more only add start-up time and memory)."""
+    return min(requested, os.cpu_count() or 1)

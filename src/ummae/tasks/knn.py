@@ -4,20 +4,21 @@ training images vote for their class with weight ``exp(sim / T)``."""
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ummae.engine import dist as udist
 from ummae.config import KnnConfig
 from ummae.data import build_classify_dataset, build_classify_transform, build_eval_loader
+from ummae.engine import dist as udist
 from ummae.engine.precision import autocast, resolve_precision
-from ummae.models.registry import create_model
+from ummae.engine.progress import progress
 from ummae.models.classifier import check_classifier
+from ummae.models.registry import create_model
+from ummae.tasks.base import check_weights_file
 from ummae.tasks.classify import VAL_IS_TRAIN, model_from_weights, same_images
 from ummae.weights.load import load_pretrained
 
@@ -38,11 +39,12 @@ def knn_scores(train_feats: Tensor, train_labels: Tensor, feats: Tensor, num_cla
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, loader, device: torch.device, precision: str) -> Tuple[Tensor, Tensor]:
+def extract_features(model: nn.Module, loader, device: torch.device, precision: str,
+                     desc: str = "features") -> tuple[Tensor, Tensor]:
     """Features and labels of every rank's shard, gathered on every rank."""
     model.eval()
     feats, labels = [], []
-    for images, y, _ in loader:
+    for images, y, _ in progress(loader, desc=desc, unit="batch", is_main=udist.is_main_process()):
         if images.shape[0] == 0:
             continue
         with autocast(device, precision):
@@ -55,8 +57,10 @@ def extract_features(model: nn.Module, loader, device: torch.device, precision: 
     return udist.all_gather_rows(f), udist.all_gather_rows(y)
 
 
-def run_knn(cfg: KnnConfig) -> Dict[str, Any]:
+def run_knn(cfg: KnnConfig) -> dict[str, Any]:
+    """``ummae knn``: weighted kNN top-1 of the frozen encoder of ``--pretrained``."""
     cfg.validate()
+    check_weights_file(cfg.pretrained, encoder=True)  # a wrong file is refused before the data is scanned
     model_from_weights(cfg, cfg.pretrained, "--pretrained", "kNN evaluation")
     check_classifier(cfg.model)
     with udist.distributed(cfg.device) as (info, device):
@@ -68,12 +72,12 @@ def run_knn(cfg: KnnConfig) -> Dict[str, Any]:
         if info.is_main:
             log.info("pre-trained weights:\n%s", report.format())
         model.to(device)
-        workers = min(cfg.num_workers, os.cpu_count() or 1)
+        workers = udist.loader_workers(cfg.num_workers)
         feats = {}
         for name, ds in (("train", train_ds), ("val", val_ds)):
             ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
             loader = build_eval_loader(ds, cfg.batch_size, workers, info.world_size, info.rank, pin_memory=device.type == "cuda")
-            feats[name] = extract_features(model, loader, device, precision)
+            feats[name] = extract_features(model, loader, device, precision, f"kNN features ({name})")
         scores = knn_scores(*feats["train"], feats["val"][0], train_ds.num_classes, cfg.k, cfg.temperature)
         val_labels = feats["val"][1]
         top1 = 100.0 * float((scores.argmax(1) == val_labels).float().mean())

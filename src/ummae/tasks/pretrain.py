@@ -1,24 +1,29 @@
-"""Assembling runs: config -> model, data, optimiser -> the one :class:`Trainer`."""
+"""``ummae pretrain``: the pre-training task (model, data, loss step, reconstruction pictures)
+on the one run set-up (:func:`ummae.tasks.base.run`)."""
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ummae.config import PretrainConfig, settings_from_checkpoint
-from ummae.data import build_pretrain_dataset, build_train_loader
-from ummae.data.datasets import _scan_images, normalize_uint8
+from ummae.config import PretrainConfig
+from ummae.data import build_pretrain_dataset
 from ummae.data.device_decode import EncodedBatch, collate_encoded
-from ummae.engine.trainer import Trainer, training_run
+from ummae.data.sources import scan_images
+from ummae.data.transforms import normalize_uint8
 from ummae.engine.optim import build_optimizer, pretrain_no_weight_decay
+from ummae.engine.trainer import Trainer
+from ummae.errors import CheckpointError, UsageError
 from ummae.models.registry import create_model, model_kind
+from ummae.tasks.base import Parts, RunContext, Task, check_weights_file, run
 from ummae.visualize import compose_grid, display_transform, load_image, panels_from_output, reconstruct
-from ummae.errors import UsageError
+from ummae.weights.build import load_strict
+from ummae.weights.load import read_weights
 
 log = logging.getLogger("ummae")
 
@@ -63,7 +68,7 @@ class ReconstructionPictures:
             else:
                 log.warning("reconstruction pictures: no readable image in %s; none will be drawn", source)
 
-    def __call__(self, model: nn.Module) -> Dict[str, float]:
+    def __call__(self, model: nn.Module) -> dict[str, float]:
         if self.images is None:
             return {}
         model.eval()  # the Trainer sets train mode again at the next epoch's start
@@ -79,20 +84,20 @@ class ReconstructionPictures:
         return {"vis_loss": float(out["loss"])}
 
 
-def _vis_image_paths(cfg: PretrainConfig, dataset) -> Tuple[List[str] | None, str]:
+def _vis_image_paths(cfg: PretrainConfig, dataset) -> tuple[list[str] | None, str]:
     """Where the pictures' images come from: the ``val/`` split of a dataset root that has one
     (images pre-training never trains on), else the training images themselves (for the
     embedded demo: its photos, each once; for tar shards, None: ``dataset.preview``)."""
     if cfg.data:
         val = os.path.join(os.path.expanduser(cfg.data), "val")
         if os.path.isdir(val):
-            return _scan_images(val), val
+            return scan_images(val), val
     if not hasattr(dataset, "samples"):
         return None, f"the first shard of {dataset.source}"
     return list(dict.fromkeys(path for path, _ in dataset.samples)), dataset.source
 
 
-def _spread(paths: List[str], n: int) -> List[str]:
+def _spread(paths: list[str], n: int) -> list[str]:
     """``n`` paths evenly spaced through the (sorted) list, first and last included: an
     ImageFolder split shows several classes rather than ``n`` images of its first one."""
     if len(paths) <= n:
@@ -107,12 +112,9 @@ def init_weights_from(model: nn.Module, path: str, verbose: bool) -> None:
     checkpoint converted by :mod:`ummae.weights.convert`), nothing else: the optimiser, schedule and
     epoch start fresh. The weights must be those of this very model; options without weights
     that differ (e.g. the reference's decoder positions) are logged."""
-    from ummae.weights.io import CheckpointError, load_state_strict
-    from ummae.weights.load import read_weights
-
     state, meta = read_weights(path)
     try:
-        load_state_strict(model, state, path)
+        load_strict(model, state, meta, path, "pretrain")
     except CheckpointError as e:
         source = meta.get("source_model") or meta.get("model_name")
         raise CheckpointError(f"--init: {path} (model {source}) does not hold the weights of {model.model_name}: {e}") from None
@@ -125,37 +127,52 @@ def init_weights_from(model: nn.Module, path: str, verbose: bool) -> None:
             log.info("  %s: %r in %s, %r in this run", k, a, path, b)
 
 
-def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
-    cfg.validate()
-    if model_kind(cfg.model) != "pretrain":
-        raise UsageError(f"{cfg.model!r} is not a pre-training model; `ummae models` lists them")
-    settings_from_checkpoint(cfg, log)
-    with training_run(cfg) as (info, device, precision):
+class PretrainTask(Task):
+    """``ummae pretrain``: UM-MAE, MAE or SimMIM pre-training of an encoder."""
+
+    def __init__(self):
+        self.pictures: ReconstructionPictures | None = None
+
+    def check(self, cfg: PretrainConfig) -> None:
+        if model_kind(cfg.model) != "pretrain":
+            raise UsageError(f"{cfg.model!r} is not a pre-training model; `ummae models` lists them")
+        check_weights_file(cfg.init, "--init")
+
+    def build(self, cfg: PretrainConfig, ctx: RunContext) -> Parts:
         model = create_model(cfg.model, **cfg.model_kwargs())
         if cfg.init:
-            init_weights_from(model, cfg.init, info.is_main)
-        model = model.to(device)
+            init_weights_from(model, cfg.init, ctx.is_main)
         dataset = build_pretrain_dataset(cfg.data, model.img_size, cfg.crop_scale, cfg.data_root, cfg.demo_repeats,
                                          cfg.input_pipeline, cfg.samples_per_epoch)
-        workers = min(cfg.num_workers, os.cpu_count() or 1)
-        extra = {"collate_fn": collate_encoded(model.img_size)} if cfg.input_pipeline == "device" else {}
-        loader, sampler = build_train_loader(
-            dataset, cfg.batch_size, workers, info.world_size, info.rank, cfg.seed, pin_memory=device.type == "cuda",
-            **extra)
-        eff_batch = cfg.batch_size * cfg.accum_iter * info.world_size
-        lr = cfg.effective_lr(info.world_size)
-        optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, no_decay=pretrain_no_weight_decay)
-        if info.is_main:
-            Path(cfg.output).mkdir(parents=True, exist_ok=True)
-            log.info("model %s (%.1fM params)", cfg.model, sum(p.numel() for p in model.parameters()) / 1e6)
-            log.info("device %s x%d, precision %s, effective batch %d, lr %.3e", device, info.world_size, precision, eff_batch, lr)
-        pictures = ReconstructionPictures(cfg, dataset, model.img_size, device, info.is_main) if cfg.vis_every else None
-        trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, pretrain_step,
-                          evaluate=pictures, eval_every=cfg.vis_every)
-        if pictures is not None:
-            pictures.trainer = trainer  # the pictures are named by its epoch, logged at its step
-        summary = trainer.fit()
-        if info.is_main:
-            log.info("done: checkpoints and metrics.jsonl in %s", cfg.output)
-        return summary
+        collate = collate_encoded(model.img_size) if cfg.input_pipeline == "device" else None
+        return Parts(model, dataset, collate=collate)
 
+    def optimizer(self, cfg: PretrainConfig, model: nn.Module, lr: float, device: torch.device):
+        return build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, no_decay=pretrain_no_weight_decay)
+
+    def step(self, cfg: PretrainConfig, parts: Parts):
+        return pretrain_step
+
+    def describe(self, cfg: PretrainConfig, ctx: RunContext, parts: Parts, lr: float) -> None:
+        eff_batch = cfg.batch_size * cfg.accum_iter * ctx.info.world_size
+        log.info("model %s (%.1fM params)", cfg.model, sum(p.numel() for p in parts.model.parameters()) / 1e6)
+        log.info("device %s x%d, precision %s, effective batch %d, lr %.3e", ctx.device, ctx.info.world_size,
+                 ctx.precision, eff_batch, lr)
+
+    def evaluator(self, cfg: PretrainConfig, ctx: RunContext, parts: Parts):
+        if not cfg.vis_every:
+            return None, 0
+        self.pictures = ReconstructionPictures(cfg, parts.train, parts.model.img_size, ctx.device, ctx.is_main)
+        return self.pictures, cfg.vis_every
+
+    def started(self, trainer: Trainer) -> None:
+        if self.pictures is not None:
+            self.pictures.trainer = trainer  # the pictures are named by its epoch, logged at its step
+
+    def finished(self, cfg: PretrainConfig, summary: dict[str, Any]) -> None:
+        log.info("done: checkpoints and metrics.jsonl in %s", cfg.output)
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """``ummae pretrain``."""
+    return run(PretrainTask(), cfg)

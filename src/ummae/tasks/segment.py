@@ -1,6 +1,6 @@
 """Semantic segmentation with UperNet (the paper's ADE20K protocol) on the dense backbone.
 
-``ummae segment train`` builds UperNet on the four stage maps of :mod:`.dense` (each LayerNorm +
+``ummae segment train`` builds UperNet on the four stage maps of :mod:`ummae.models.dense` (each LayerNorm +
 Linear to 768 channels, the reference's ``up1..up4``) and trains it with the one engine, for a
 number of iterations (MMSegmentation's ``IterBasedRunner``): the reference's
 ``upernet_mae_swin_tiny_256_..._512_slide_160k_ade20k_lr1e4_lrd1_pt``, i.e.
@@ -18,176 +18,65 @@ number of iterations (MMSegmentation's ``IterBasedRunner``): the reference's
 No library holds an UperNet that takes our backbone: segmentation_models_pytorch builds its
 UPerNet only on its own encoders, and its decoder is not MMSegmentation's (its pooling
 branches have ``in_channels / 4`` channels, not the head's); MMSegmentation no longer installs
-with current PyTorch. So the head is written here, on torchvision's ``Conv2dNormActivation``,
-layer for layer as ``UPerHead`` / ``FCNHead`` build it. The metrics (confusion matrix, summed
+with current PyTorch. So the head is written in :mod:`ummae.models.upernet`, on torchvision's
+``Conv2dNormActivation``, layer for layer as ``UPerHead`` / ``FCNHead`` build it. The metrics (confusion matrix, summed
 over the ranks) are torchmetrics'.
 """
 from __future__ import annotations
 
+import colorsys
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
-from torchvision.ops.misc import Conv2dNormActivation
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchvision.transforms.functional import pil_to_tensor
 
+from ummae.data import build_eval_loader
+from ummae.data.ade import SegmentationFolder, SegTrainTransform, collate_segmentation, collate_segmentation_eval
 from ummae.engine import dist as udist
-from ummae.weights import io as ckpt
-from ummae.engine.precision import autocast
-from ummae.tasks.dense import StageMaps, build_stage_maps, encoder_options, load_task_model, validation
-from ummae.weights.load import log_load_report
+from ummae.engine.optim import build_optimizer
+from ummae.engine.precision import autocast, resolve_device, resolve_precision
+from ummae.engine.progress import progress
 from ummae.errors import UsageError
+from ummae.models.dense import check_dense_backbone
+from ummae.models.registry import create_model
+from ummae.models.upernet import Segmenter, resize
+from ummae.tasks.base import Parts, RunContext, Task, check_weights_file, run
+from ummae.tasks.dense import validation
+from ummae.visualize import image_paths, read_rgb
+from ummae.weights import io as ckpt
+from ummae.weights.build import build_from_checkpoint
+from ummae.weights.load import load_pretrained, log_load_report
 
 log = logging.getLogger("ummae")
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-POOL_SCALES = (1, 2, 3, 6)
-
-
-def _conv(in_ch: int, out_ch: int, kernel: int) -> Conv2dNormActivation:
-    """MMCV's ``ConvModule``: conv (no bias) + BatchNorm + ReLU, the conv Kaiming-normal
-    (fan_out), as MMCV initialises it."""
-    block = Conv2dNormActivation(in_ch, out_ch, kernel, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU)
-    nn.init.kaiming_normal_(block[0].weight, mode="fan_out", nonlinearity="relu")
-    return block
-
-
-def _classifier(in_ch: int, num_classes: int) -> nn.Conv2d:
-    conv = nn.Conv2d(in_ch, num_classes, 1)
-    nn.init.normal_(conv.weight, std=0.01)  # MMSegmentation's conv_seg init
-    nn.init.zeros_(conv.bias)
-    return conv
-
-
-def _resize(x: Tensor, size) -> Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-class UperHead(nn.Module):
-    """UperNet's decode head (MMSegmentation's ``UPerHead``): pyramid pooling on the last map,
-    lateral 1x1 convs on the others, a top-down pathway, 3x3 convs on each level, all levels
-    upsampled to the first and fused by a 3x3 conv; dropout and a 1x1 classifier."""
-
-    def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int,
-                 pool_scales: Sequence[int] = POOL_SCALES, dropout: float = 0.1):
-        super().__init__()
-        last = in_channels[-1]
-        self.pool = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv(last, channels, 1)) for s in pool_scales)
-        self.bottleneck = _conv(last + len(pool_scales) * channels, channels, 3)
-        self.lateral = nn.ModuleList(_conv(c, channels, 1) for c in in_channels[:-1])
-        self.smooth = nn.ModuleList(_conv(channels, channels, 3) for _ in in_channels[:-1])
-        self.fuse = _conv(len(in_channels) * channels, channels, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = _classifier(channels, num_classes)
-
-    def forward(self, maps: Sequence[Tensor]) -> Tensor:
-        top = maps[-1]
-        pooled = [_resize(branch(top), top.shape[-2:]) for branch in self.pool]
-        levels = [lat(m) for lat, m in zip(self.lateral, maps[:-1])]
-        levels.append(self.bottleneck(torch.cat([top, *pooled], dim=1)))
-        for i in range(len(levels) - 1, 0, -1):  # top-down
-            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
-        outs = [smooth(x) for smooth, x in zip(self.smooth, levels[:-1])] + [levels[-1]]
-        size = outs[0].shape[-2:]
-        fused = self.fuse(torch.cat([outs[0], *(_resize(x, size) for x in outs[1:])], dim=1))
-        return self.classifier(self.dropout(fused))
-
-
-class FCNHead(nn.Module):
-    """The auxiliary head (MMSegmentation's ``FCNHead``, ``num_convs=1``, no input concat)."""
-
-    def __init__(self, in_channels: int, channels: int, num_classes: int, dropout: float = 0.1):
-        super().__init__()
-        self.conv = _conv(in_channels, channels, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = _classifier(channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.dropout(self.conv(x)))
-
-
-class Segmenter(nn.Module):
-    """UperNet on :class:`StageMaps`. Takes uint8 (or [0, 255] float) images ``[N, 3, H, W]``
-    and normalises them itself (4x fewer bytes to the device).
-
-    ``model(images)``: logits ``[N, K, H/4, W/4]`` of the decode head. ``model(images, labels)``
-    (training, through DDP's forward): the losses, ``{"loss", "loss_decode", "loss_aux"}``, each
-    the cross-entropy of logits upsampled to the labels, averaged over all pixels (ignored
-    ones count 0: MMSegmentation 0.x's mean, which the reference trained with)."""
-
-    AUX_STAGE = 2  # stage 3 (stride 16): the reference's auxiliary head in_index
-
-    def __init__(self, backbone: StageMaps, num_classes: int, head_channels: int = 768, aux_channels: int = 256,
-                 aux_weight: float = 0.4, ignore_index: int = 255):
-        super().__init__()
-        self.backbone = backbone
-        c = backbone.out_channels
-        self.decode_head = UperHead([c] * len(backbone.proj), head_channels, num_classes)
-        self.aux_head = FCNHead(c, aux_channels, num_classes) if aux_weight > 0 else None
-        self.aux_weight = aux_weight
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
-
-    def normalize(self, images: Tensor) -> Tensor:
-        return (images.float() - self.mean) / self.std
-
-    def logits(self, x: Tensor) -> Tensor:
-        """Decode-head logits ``[N, K, H/4, W/4]`` of normalised images."""
-        return self.decode_head(list(self.backbone(x).values()))
-
-    def forward(self, images: Tensor, labels: Tensor | None = None):
-        x = self.normalize(images)
-        if labels is None:
-            return self.logits(x)
-        maps = list(self.backbone(x).values())
-        losses = {"loss_decode": self._ce(self.decode_head(maps), labels)}
-        if self.aux_head is not None:
-            losses["loss_aux"] = self.aux_weight * self._ce(self.aux_head(maps[self.AUX_STAGE]), labels)
-        return {"loss": sum(losses.values()), **losses}
-
-    def _ce(self, logits: Tensor, labels: Tensor) -> Tensor:
-        logits = _resize(logits, labels.shape[-2:]).float()
-        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="none").mean()
-
-    # layer-wise lr decay (engine.optim.param_groups): the encoder's depths, heads at full lr
-    @property
-    def num_layers(self) -> int:
-        return self.backbone.encoder.num_layers
-
-    def layer_id(self, name: str) -> int:
-        prefix = "backbone.encoder."
-        if name.startswith(prefix):
-            return self.backbone.encoder.layer_id(name[len(prefix):])
-        return self.num_layers + 1
-
 
 def build_segmenter(backbone: str, num_classes: int, crop_size: int = 512, neck_channels: int = 768,
                     head_channels: int = 768, aux_channels: int = 256, aux_weight: float = 0.4,
                     ignore_index: int = 255, drop_path: float | None = 0.1, window_size: int | None = None,
                     pretrained: str | None = None, **settings: Any):
-    """UperNet on ``backbone`` (built at ``crop_size``), and the report of loading ``pretrained``
-    into it (None from scratch). ``settings`` (data conventions, test settings, class names) are
-    recorded in ``model_args`` with the rest: what eval and predict rebuild it from."""
-    body, report = build_stage_maps(backbone, crop_size, neck_channels, drop_path, window_size, pretrained)
-    model = Segmenter(body, num_classes, head_channels, aux_channels, aux_weight, ignore_index)
-    model.model_name = f"upernet_{backbone}"
-    model.model_args = dict(backbone=backbone, num_classes=num_classes, crop_size=crop_size,
-                            neck_channels=neck_channels, head_channels=head_channels, aux_channels=aux_channels,
-                            aux_weight=aux_weight, ignore_index=ignore_index, **encoder_options(body), **settings)
+    """UperNet on ``backbone`` (registered as ``upernet_<backbone>``: :mod:`ummae.models.upernet`,
+    built at ``crop_size``), and the report of loading ``pretrained`` into it (None from
+    scratch). ``settings`` (data conventions, test settings, class names) are recorded in
+    ``model_args`` with the rest: what eval and predict rebuild it from."""
+    model = create_model(f"upernet_{backbone}", num_classes=num_classes, crop_size=crop_size,
+                         neck_channels=neck_channels, head_channels=head_channels, aux_channels=aux_channels,
+                         aux_weight=aux_weight, ignore_index=ignore_index, drop_path=drop_path,
+                         window_size=window_size, **settings)
+    report = load_pretrained(model, pretrained) if pretrained else None
     return model, report
 
 
 def load_segmenter(path: str) -> Segmenter:
     """A segmenter as ``ummae segment train`` saved it (any of its checkpoints)."""
-    return load_task_model(path, "segment", lambda name, args: isinstance(name, str) and name.startswith("upernet_"),
-                           build_segmenter)
+    return build_from_checkpoint(path, "segment", drop_path=0.0)[0]  # drop path off: inference
 
 
 # ------------------------------------------------------------------------- inference
@@ -221,7 +110,7 @@ def _logits_at(model: Segmenter, x: Tensor, height: int, width: int) -> Tensor:
     """Logits of normalised ``x`` padded to ``height`` x ``width``, at the input's own size."""
     h, w = x.shape[-2:]
     out = model.logits(_pad_to(x, height, width))
-    return _resize(out.float(), (height, width))[..., :h, :w]
+    return resize(out.float(), (height, width))[..., :h, :w]
 
 
 def slide_logits(model: Segmenter, x: Tensor, crop: int, stride: int) -> Tensor:
@@ -262,13 +151,13 @@ def predict_probs(model: Segmenter, image: Tensor, mode: str, crop: int, stride:
     views = 0
     for ratio in ratios:
         size = keep_ratio_size(h0, w0, [round(s * ratio) for s in scale])
-        x = _resize(x0, size)
+        x = resize(x0, size)
         for flipped in ([False, True] if flip else [False]):
             xi = x.flip(-1) if flipped else x
             with autocast(device, precision):
                 out = slide_logits(model, xi, crop, stride) if mode == "slide" else whole_logits(model, xi)
             out = out.float().flip(-1) if flipped else out.float()
-            probs += _resize(out, (h0, w0))[0].softmax(0)
+            probs += resize(out, (h0, w0))[0].softmax(0)
             views += 1
     return probs / views
 
@@ -276,7 +165,7 @@ def predict_probs(model: Segmenter, image: Tensor, mode: str, crop: int, stride:
 # ------------------------------------------------------------------------- metrics
 
 
-def segmentation_metrics(confusion: Tensor) -> Dict[str, Any]:
+def segmentation_metrics(confusion: Tensor) -> dict[str, Any]:
     """MMSegmentation's metrics from a confusion matrix ``[K, K]`` (rows: label, columns:
     prediction; ignored pixels left out): per-class IoU = TP / (label + predicted - TP) and
     accuracy = TP / label; ``mIoU`` / ``mAcc`` their means over the classes where they are
@@ -294,11 +183,11 @@ def segmentation_metrics(confusion: Tensor) -> Dict[str, Any]:
             "IoU": iou.tolist(), "Acc": acc.tolist()}
 
 
-def per_class_table(metrics: Dict[str, Any], class_names: Sequence[str]) -> str:
+def per_class_table(metrics: dict[str, Any], class_names: Sequence[str]) -> str:
     """The per-class IoU / accuracy table (percent), as MMSegmentation prints it."""
     width = max([5, *(len(n) for n in class_names)])
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
-    for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"]):
+    for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"], strict=False):
         lines.append(f"{name:<{width}}  {100 * iou:6.2f}  {100 * acc:6.2f}".replace("nan", "  - "))
     lines.append(f"{'mean':<{width}}  {100 * metrics['mIoU']:6.2f}  {100 * metrics['mAcc']:6.2f}")
     lines.append(f"overall pixel accuracy (aAcc) {100 * metrics['aAcc']:.2f}")
@@ -309,50 +198,55 @@ def confusion_matrix(num_classes: int, ignore_index: int, device: torch.device |
     """torchmetrics' confusion-matrix metric (rows: label, columns: prediction; pixels labelled
     ``ignore_index`` left out), summed over the ranks by its ``compute()``. The labels were
     checked against the classes when read (:mod:`ummae.data.ade`), so its own checks are off."""
-    from torchmetrics.classification import MulticlassConfusionMatrix
-
     return MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False).to(device)
+
+
+def _images_of(loader):
+    """``(image, label)`` pairs of a segmentation eval loader's batches."""
+    for images, labels, _paths, _ in loader:
+        yield from zip(images, labels, strict=True)
 
 
 @torch.no_grad()
 def evaluate_segmentation(model: Segmenter, loader, device: torch.device, precision: str, *, mode: str, crop: int,
                           stride: int, scale: Sequence[int], ratios: Sequence[float] = (1.0,),
-                          flip: bool = False) -> Dict[str, Any]:
+                          flip: bool = False) -> dict[str, Any]:
     """mIoU, mAcc, aAcc and per-class IoU / Acc of ``model`` over this rank's shard of the
     images, the confusion matrices of all ranks summed (torchmetrics syncs them): every rank
     returns the same figures."""
     model.eval()
     confusion = confusion_matrix(model.num_classes, model.ignore_index, device)
-    for images, labels, _paths, _ in loader:
-        for image, label in zip(images, labels):
-            probs = predict_probs(model, image.to(device, non_blocking=True), mode, crop, stride, scale, ratios,
-                                  flip, precision)
-            confusion.update(probs.argmax(0).flatten(), label.to(device).flatten())
+    # reported per image: sliding windows over a large one take long
+    images = progress(_images_of(loader), len(loader.sampler), "segmentation eval", "img", udist.is_main_process())
+    for image, label in images:
+        probs = predict_probs(model, image.to(device, non_blocking=True), mode, crop, stride, scale, ratios, flip,
+                              precision)
+        confusion.update(probs.argmax(0).flatten(), label.to(device).flatten())
     return segmentation_metrics(confusion.compute().cpu())
 
 
-def scalar_metrics(metrics: Dict[str, Any]) -> Dict[str, float]:
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
 # ------------------------------------------------------------------------- commands
 
 
-def _data_settings(cfg) -> Dict[str, Any]:
+def _data_settings(cfg) -> dict[str, Any]:
     return dict(num_classes=cfg.num_classes, reduce_zero_label=cfg.reduce_zero_label, ignore_index=cfg.ignore_index)
 
 
-def train(cfg) -> Dict[str, Any]:
-    """``ummae segment train``: UperNet on an ADE20K-layout data set with the one Trainer."""
-    from ummae.config import settings_from_checkpoint
-    from ummae.data import build_eval_loader, build_train_loader
-    from ummae.data.ade import SegmentationFolder, SegTrainTransform, collate_segmentation, collate_segmentation_eval
-    from ummae.engine.trainer import Trainer, training_run
-    from ummae.engine.optim import build_optimizer
+class SegmentTask(Task):
+    """``ummae segment train``: UperNet on an ADE20K-layout data set from a pre-trained backbone,
+    for ``--iters`` iterations, validated at the end (and every ``--eval-every-iters``)."""
 
-    cfg.validate()
-    settings_from_checkpoint(cfg, log)
-    with training_run(cfg) as (info, device, precision):
+    best_metric = "mIoU"
+
+    def check(self, cfg) -> None:
+        check_dense_backbone(cfg.backbone)
+        check_weights_file(cfg.pretrained, encoder=True)
+
+    def build(self, cfg, ctx: RunContext) -> Parts:
         transform = SegTrainTransform(cfg.crop_size, tuple(cfg.scale), tuple(cfg.ratio_range), cat_max_ratio=cfg.cat_max_ratio,
                                       flip_prob=cfg.flip_prob, photometric=cfg.photometric, ignore_index=cfg.ignore_index)
         train_ds = SegmentationFolder(cfg.data, cfg.train_split, train=True, transform=transform, **_data_settings(cfg))
@@ -362,56 +256,56 @@ def train(cfg) -> Dict[str, Any]:
             cfg.aux_weight, cfg.ignore_index, cfg.drop_path, cfg.window_size, cfg.pretrained,
             reduce_zero_label=cfg.reduce_zero_label, scale=list(cfg.scale), test_mode=cfg.test_mode,
             test_stride=cfg.stride(), class_names=list(train_ds.class_names))
-        sync_bn = info.enabled and device.type == "cuda"
+        sync_bn = ctx.info.enabled and ctx.device.type == "cuda"
         if sync_bn:  # the paper's SyncBN in the heads (BatchNorm per rank otherwise)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        norm_batch = cfg.batch_size * (info.world_size if sync_bn else 1)
-        if norm_batch < 2:
+        if cfg.batch_size * (ctx.info.world_size if sync_bn else 1) < 2:
             # the pyramid pooling's 1x1 branch gives BatchNorm one value per channel
             raise UsageError(f"--batch-size {cfg.batch_size}: the heads' BatchNorm needs at least 2 images per step "
                              f"(SyncBN pools the ranks' images only under DDP on CUDA); use --batch-size 2 or more")
-        model.to(device)
-        workers = min(cfg.num_workers, os.cpu_count() or 1)
-        pin = device.type == "cuda"
-        loader, sampler = build_train_loader(train_ds, cfg.batch_size, workers, info.world_size, info.rank, cfg.seed,
-                                             pin_memory=pin, collate_fn=collate_segmentation)
-        # this rank's shard of the images (rank, rank + R, ...: each image once), one at a time
-        val_loader = build_eval_loader(val_ds, 1, workers, info.world_size, info.rank, pin_memory=pin,
-                                       collate_fn=collate_segmentation_eval)
-        lr = cfg.effective_lr(info.world_size)
+        return Parts(model, train_ds, val_ds, report, collate=collate_segmentation)
+
+    def optimizer(self, cfg, model: nn.Module, lr: float, device: torch.device):
         layer_decay = cfg.layer_decay if cfg.layer_decay < 1 else None
-        optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, layer_decay=layer_decay)
-        out = Path(cfg.output)
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            log.info("segmentation: UperNet on %s, %d classes, %.1fM params; train %d images, val %d images; device %s "
-                     "x%d, precision %s, lr %.3e, %d iterations", cfg.backbone, cfg.num_classes,
-                     sum(p.numel() for p in model.parameters()) / 1e6, len(train_ds), len(val_ds), device,
-                     info.world_size, precision, lr, cfg.iters)
-            log_load_report(report, out, "the backbone")
+        return build_optimizer(model, lr, cfg.weight_decay, cfg.betas, device, layer_decay=layer_decay)
+
+    def step(self, cfg, parts: Parts) -> SegmentStep:
+        return SegmentStep()
+
+    def describe(self, cfg, ctx: RunContext, parts: Parts, lr: float) -> None:
+        log.info("segmentation: UperNet on %s, %d classes, %.1fM params; train %d images, val %d images; device %s "
+                 "x%d, precision %s, lr %.3e, %d iterations", cfg.backbone, cfg.num_classes,
+                 sum(p.numel() for p in parts.model.parameters()) / 1e6, len(parts.train), len(parts.val), ctx.device,
+                 ctx.info.world_size, ctx.precision, lr, cfg.iters)
+        log_load_report(parts.report, Path(cfg.output), "the backbone")
+
+    def evaluator(self, cfg, ctx: RunContext, parts: Parts):
+        # this rank's shard of the images (rank, rank + R, ...: each image once), one at a time
+        val_loader = build_eval_loader(parts.val, 1, ctx.workers, ctx.info.world_size, ctx.info.rank, pin_memory=ctx.pin,
+                                       collate_fn=collate_segmentation_eval)
         test = dict(mode=cfg.test_mode, crop=cfg.crop_size, stride=cfg.stride(), scale=tuple(cfg.scale))
-        run_eval = validation(lambda m: scalar_metrics(evaluate_segmentation(m, val_loader, device, precision, **test)),
-                              val_ds.img_dir, train_ds.img_dir, cfg.val_split, info.is_main)
-        trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, SegmentStep(),
-                          evaluate=run_eval, eval_every=0, best_metric="mIoU")
-        return trainer.fit()
+        measure = validation(
+            lambda m: scalar_metrics(evaluate_segmentation(m, val_loader, ctx.device, ctx.precision, **test)),
+            parts.val.img_dir, parts.train.img_dir, cfg.val_split, ctx.is_main)
+        return measure, 0  # iteration-based: --eval-every-iters, and after the last
+
+
+def train(cfg) -> dict[str, Any]:
+    """``ummae segment train``: UperNet on an ADE20K-layout data set with the one Trainer."""
+    return run(SegmentTask(), cfg)
 
 
 class SegmentStep:
     """``step_fn`` of the Trainer: (uint8 crops, labels) -> the losses, through the model's
     forward (so DDP sees it)."""
 
-    def __call__(self, model: nn.Module, batch, generator: torch.Generator) -> Dict[str, Tensor]:
+    def __call__(self, model: nn.Module, batch, generator: torch.Generator) -> dict[str, Tensor]:
         images, labels = batch[0], batch[1]
         return model(images, labels)
 
 
-def run_eval(cfg) -> Dict[str, Any]:
+def run_eval(cfg) -> dict[str, Any]:
     """``ummae segment eval``: mIoU, mAcc, aAcc and the per-class table of a checkpoint."""
-    from ummae.data import build_eval_loader
-    from ummae.data.ade import SegmentationFolder, collate_segmentation_eval
-    from ummae.engine.precision import resolve_precision
-
     cfg.validate()
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
@@ -428,14 +322,14 @@ def run_eval(cfg) -> Dict[str, Any]:
         out = Path(cfg.output)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
-        loader = build_eval_loader(ds, cfg.batch_size, min(cfg.num_workers, os.cpu_count() or 1), info.world_size,
+        loader = build_eval_loader(ds, cfg.batch_size, udist.loader_workers(cfg.num_workers), info.world_size,
                                    info.rank, pin_memory=device.type == "cuda", collate_fn=collate_segmentation_eval)
         metrics = evaluate_segmentation(model, loader, device, precision, **test)
         if info.is_main:
             names = args.get("class_names") or ds.class_names
             table = per_class_table(metrics, names)
-            record = {**scalar_metrics(metrics), "IoU": dict(zip(names, metrics["IoU"])),
-                      "Acc": dict(zip(names, metrics["Acc"])), "images": len(ds), "test": test}
+            record = {**scalar_metrics(metrics), "IoU": dict(zip(names, metrics["IoU"], strict=False)),
+                      "Acc": dict(zip(names, metrics["Acc"], strict=False)), "images": len(ds), "test": test}
             ckpt.write_atomic(out / f"metrics_{cfg.split}.json",
                               lambda f: f.write(json.dumps(record, indent=1, allow_nan=True) + "\n"), "w")
             ckpt.write_atomic(out / f"per_class_{cfg.split}.txt", lambda f: f.write(table), "w")
@@ -447,8 +341,6 @@ def run_eval(cfg) -> Dict[str, Any]:
 def palette(num_classes: int) -> Tensor:
     """A fixed colour per class ``[K, 3]`` uint8 (golden-ratio hues, alternating brightness):
     neighbouring class ids get distant colours."""
-    import colorsys
-
     colours = [colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.65 + 0.35 * (k % 2), 0.95 - 0.3 * ((k // 2) % 2))
                for k in range(num_classes)]
     return (torch.tensor(colours) * 255).round().to(torch.uint8)
@@ -458,13 +350,6 @@ def palette(num_classes: int) -> Tensor:
 def predict(args) -> int:
     """``ummae segment predict``: for each image, ``STEM.png`` (the class colours over the image)
     and ``STEM_labels.png`` (the class per pixel, encoded as the data set's label maps)."""
-    import numpy as np
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    from ummae.engine.precision import resolve_device
-    from ummae.visualize import image_paths, read_rgb
-
     if not 0 <= args.alpha <= 1:
         raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
     device = resolve_device(args.device)
@@ -473,7 +358,7 @@ def predict(args) -> int:
     paths = image_paths(args.images)
     if not paths:
         raise UsageError("no images given")
-    stems: Dict[str, str] = {}
+    stems: dict[str, str] = {}
     for path in paths:
         stem = Path(path).stem
         if stem in stems:
