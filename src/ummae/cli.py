@@ -30,6 +30,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ummae.config import (
@@ -152,7 +153,7 @@ def _bench_flags(b: argparse.ArgumentParser) -> None:
 
 
 def _models(args) -> int:
-    from ummae.models.registry import list_models
+    from ummae.models.registry import list_models  # torch: only when run
 
     for name in list_models(args.pattern, kind=args.kind):
         print(name)
@@ -160,13 +161,13 @@ def _models(args) -> int:
 
 
 def _bench(args) -> int:
-    from ummae.bench import bench_main
+    from ummae.bench import bench_main  # torch: only when run
 
     return bench_main(args)
 
 
 def _export(args) -> int:
-    from ummae.weights.export import export
+    from ummae.weights.export import export  # torch: only when run
 
     if not args.output.endswith(".safetensors"):
         raise UsageError(f"--output must name a .safetensors file, got {args.output}")
@@ -178,7 +179,7 @@ def _export(args) -> int:
 
 
 def _convert(args) -> int:
-    from ummae.weights.export import convert_file
+    from ummae.weights.export import convert_file  # torch: only when run
 
     done = convert_file(args.src, args.output, args.model, args.overwrite)
     use = "--init / --pretrained / visualize" if done["kind"] == "pretrain" else "--pretrained / eval"
@@ -190,7 +191,7 @@ def _convert(args) -> int:
 
 
 def _masks(args) -> int:
-    from ummae.visualize import mask_figure
+    from ummae.visualize import mask_figure  # torch: only when run
 
     if not 16 <= args.img_size <= 4096:
         raise UsageError(f"--img-size {args.img_size}: the figure is drawn at 16 to 4096 px")
@@ -200,7 +201,7 @@ def _masks(args) -> int:
 
 
 def _shards(args) -> int:
-    from ummae.data.shard_writer import shard_pattern, write_shards
+    from ummae.data.shard_writer import shard_pattern, write_shards  # torch: only when run
 
     info = write_shards(args.src, args.output, args.shard_size, data_root=args.data_root,
                         shuffle=not args.no_shuffle, seed=args.seed, overwrite=args.overwrite)
@@ -211,7 +212,7 @@ def _shards(args) -> int:
 
 
 def _plot(args) -> int:
-    from ummae.plot import plot_runs
+    from ummae.plot import plot_runs  # matplotlib: only when run
 
     plotted = plot_runs(args.runs, args.output, args.metrics.split(","))
     print(f"wrote {args.output}: {', '.join(plotted)} of {len(args.runs)} run(s)")
@@ -219,6 +220,7 @@ def _plot(args) -> int:
 
 
 def _visualize(args) -> int:
+    # torch: only when run
     import torch
 
     from ummae.engine.precision import resolve_device
@@ -296,8 +298,6 @@ COMMANDS: dict[str, Command] = {
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("ummae")
     except PackageNotFoundError:  # run from a source tree that is not installed

@@ -26,7 +26,8 @@ from ummae.data import build_train_loader
 from ummae.engine.dist import DistInfo, loader_workers
 from ummae.engine.run import training_run
 from ummae.engine.trainer import Trainer
-from ummae.errors import CheckpointError
+from ummae.errors import CheckpointError, UsageError
+from ummae.models.registry import model_kind
 from ummae.weights.load import LoadReport, read_weights
 
 log = logging.getLogger("ummae")
@@ -108,23 +109,24 @@ def check_weights_file(path: str | None, flag: str = "--pretrained", encoder: bo
     if not path:
         return {}
     meta = read_weights(path, tensors=False)[1]
-    task = trained_by(meta)
-    if encoder and task is not None:
-        raise CheckpointError(f"{flag} {path} is a checkpoint of `ummae {task} train` ({meta.get('model_name')}), not "
+    kind = recorded_kind(meta)
+    if encoder and kind in ("detect", "segment"):
+        raise CheckpointError(f"{flag} {path} is a checkpoint of `ummae {kind} train` ({meta.get('model_name')}), not "
                               f"an encoder to start from; give a pre-training, fine-tuning or exported checkpoint "
-                              f"(this one goes to `ummae {task} eval` / `predict`)")
+                              f"(this one goes to `ummae {kind} eval` / `predict`)")
     return meta
 
 
-def trained_by(meta: dict[str, Any]) -> str | None:
-    """"detect" / "segment" for the metadata of a checkpoint those commands' training wrote,
-    else None. (Detectors record their ``detector`` option, segmenters are ``upernet_*``.)"""
-    name, args = meta.get("model_name"), meta.get("model_args")
-    if isinstance(args, dict) and "detector" in args:
-        return "detect"
-    if isinstance(name, str) and name.startswith("upernet_"):
-        return "segment"
-    return None
+def recorded_kind(meta: dict[str, Any]) -> str | None:
+    """The kind (``pretrain``, ``classify``, ``detect``, ``segment``) of the model a weights
+    file's metadata names; None when it names no registered model."""
+    name = meta.get("model_name")
+    if not isinstance(name, str):
+        return None
+    try:
+        return model_kind(name)
+    except UsageError:  # not a registered name (a reference checkpoint of another size, ...)
+        return None
 
 
 def run(task: Task, cfg) -> dict[str, Any]:
