@@ -15,7 +15,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
@@ -23,10 +22,6 @@ from ummae.errors import UsageError
 from ummae.models.base import PyramidBackbone
 from ummae.models.classifier import Classifier
 from ummae.models.registry import create_model, model_kind
-
-# The normalisation of the images the encoders are trained on (timm's constants, as the data
-# pipelines use): detectors and segmenters normalise uint8 images on the device with it.
-IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 class StageMaps(nn.Module):

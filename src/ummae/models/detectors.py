@@ -10,7 +10,7 @@ Linear to 768 channels), registered as heads of kind ``detect``: ``create_model(
 * ``retinanet`` / ``fcos``: torchvision's, on the P3-P7 pyramid of GFL.
 
 ``num_classes`` counts torchvision's background (K + 1). Images are normalised on the device
-by torchvision's transform (:data:`.dense.IMAGENET_MEAN`).
+by torchvision's transform (timm's ImageNet mean and std, as every data pipeline uses).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import functools
 from collections import OrderedDict
 from typing import Any
 
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -27,7 +28,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from ummae.choices import DETECTORS
 from ummae.errors import UsageError
-from ummae.models.dense import IMAGENET_MEAN, IMAGENET_STD, StageMaps, build_stage_maps, encoder_options
+from ummae.models.dense import StageMaps, build_stage_maps, encoder_options
 from ummae.models.gfl import GFL
 from ummae.models.registry import register_model
 
@@ -84,7 +85,7 @@ def build_detector(detector: str, backbone: str, num_classes: int, img_size: int
     # Training images come as the img_size canvas of the jitter (no resize); evaluation
     # images are fitted into it (min_size = max_size: scale = img_size / long side) and padded
     # to it (size_divisible = img_size), so the backbone always sees the size it trains at.
-    model.transform = GeneralizedRCNNTransform(img_size, img_size, IMAGENET_MEAN, IMAGENET_STD,
+    model.transform = GeneralizedRCNNTransform(img_size, img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                                                size_divisible=img_size, _skip_resize=True)
     # torchvision's detectors have no options(): what create_model records
     model.options = functools.partial(dict, detector=detector, backbone=backbone, num_classes=num_classes,

@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ummae.models.dense import IMAGENET_MEAN, IMAGENET_STD, StageMaps, build_stage_maps, encoder_options
+from ummae.models.dense import StageMaps, build_stage_maps, encoder_options
 from ummae.models.registry import register_model
 
 POOL_SCALES = (1, 2, 3, 6)
@@ -114,8 +115,8 @@ class Segmenter(nn.Module):
         self.aux_weight = aux_weight
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255, persistent=False)
 
     def normalize(self, images: Tensor) -> Tensor:
         return (images.float() - self.mean) / self.std
