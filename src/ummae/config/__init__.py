@@ -30,7 +30,7 @@ from ummae.config.commands import (
 )
 from ummae.config.fields import check_fields, option
 from ummae.config.flags import BUILTIN_CONFIGS, add_dataclass_flags, builtin_configs, config_from_args, load_yaml
-from ummae.config.resume import MAY_CHANGE_ON_RESUME, config_to_dict, given_fields, settings_from_checkpoint
+from ummae.config.resume import MAY_CHANGE_ON_RESUME, given_fields, settings_from_checkpoint
 
 __all__ = [
     "BUILTIN_CONFIGS",
@@ -57,7 +57,6 @@ __all__ = [
     "builtin_configs",
     "check_fields",
     "config_from_args",
-    "config_to_dict",
     "given_fields",
     "load_yaml",
     "option",

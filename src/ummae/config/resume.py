@@ -1,12 +1,11 @@
-"""``--resume``: a resumed run keeps the settings it was started with (read from its
-checkpoint), and a config's record as plain data (for ``config.yaml`` and checkpoints)."""
+"""``--resume``: a resumed run keeps the settings it was started with, read from its
+checkpoint (whose ``config`` is :func:`ummae.engine.run.config_record`)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 from ummae.errors import UsageError
 
@@ -81,8 +80,3 @@ def _compare_with_saved(cfg, saved: dict) -> tuple[list[str], list[str], list[st
             setattr(cfg, f.name, theirs)
             taken.append(f"{flag} {theirs!r}")
     return taken, changed, conflicts
-
-
-def config_to_dict(cfg) -> dict[str, Any]:
-    """The config as plain data (tuples as lists), for YAML and checkpoints."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
