@@ -13,12 +13,12 @@ from PIL import Image
 from _reference_layout import SWIN_T, reference_checkpoint
 from ummae.cli import main
 from ummae.config import PretrainConfig
-from ummae.weights.convert import convert_checkpoint
-from ummae.weights import io as ckpt
-from ummae.weights.io import CheckpointError, load_state_strict
 from ummae.models.registry import create_model
-from ummae.weights.load import load_pretrained, read_weights
 from ummae.tasks.pretrain import pretrain
+from ummae.weights import io as ckpt
+from ummae.weights.convert import convert_checkpoint
+from ummae.weights.io import CheckpointError, load_state_strict
+from ummae.weights.load import load_pretrained, read_weights
 
 # our mae_swin_test / swin_test, in the reference's terms
 SWIN_TEST = dict(family="swin", dims=[16, 32, 64, 128], depths=[2, 1, 1, 1], heads=[1, 2, 2, 4], posmlp=8, img_size=64)

@@ -133,7 +133,7 @@ class ToyPyramid(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, 4, 1), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2, 1))
         self.down = nn.ModuleList(nn.Conv2d(channels, channels, 3, 2, 1) for _ in range(4))
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         x = self.stem(x)
         maps = OrderedDict(p3=x)
         for i, conv in enumerate(self.down):

@@ -39,7 +39,7 @@ def chi2_critical(df: int, z: float = 5.0) -> float:
 
 
 def chi2_stat(observed, expected) -> float:
-    return float(sum((o - e) ** 2 / e for o, e in zip(observed, expected)))
+    return float(sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True)))
 
 
 def loop_choices(mask: torch.Tensor, gh: int, gw: int):

@@ -11,17 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ummae.models.base import PyramidBackbone
-
-from ummae.models.pvt import PyramidVisionTransformer
-
-from ummae.models.swin import SwinTransformer
-from ummae.models import pvt as pvt_module
-from ummae.models.pvt import SRAttention
-from ummae.models.swin import PosMLPBias, SwinBlock
 import _reference_forward as ref
 from _helpers import brute_unit_orders
 from _reference_layout import mae_sincos
+from ummae.models import pvt as pvt_module
+from ummae.models.base import PyramidBackbone
+from ummae.models.mae import MaskedAutoencoder, patchify, unpatchify
 from ummae.models.masking import (
     block_choice,
     compact_positions,
@@ -31,9 +26,10 @@ from ummae.models.masking import (
     secondary_masking,
     uniform_sampling,
 )
-from ummae.models.mae import MaskedAutoencoder, patchify, unpatchify
-from ummae.models.simmim import SimMIM
+from ummae.models.pvt import PyramidVisionTransformer, SRAttention
 from ummae.models.registry import create_model, list_models
+from ummae.models.simmim import SimMIM
+from ummae.models.swin import PosMLPBias, SwinBlock, SwinTransformer
 
 TEST_MODELS = list_models("*_test", kind="pretrain")
 MAE_TEST_MODELS = [n for n in TEST_MODELS if n.startswith("mae_")]
@@ -257,7 +253,7 @@ def test_forward_dense__equals_reference_forward(name, setting):
             table = torch.from_numpy(mae_sincos(enc.embed_dims[0], 16, cls=False)).float().view(16, 16, -1)
             want = ref.pvt_dense(enc, imgs, table, setting)
         got = enc.forward_dense(imgs)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
@@ -443,7 +439,7 @@ def test_forward_dense__maps_match_feature_info(name):
     with torch.no_grad():
         maps = enc.forward_dense(_imgs(2, 64))
     assert len(maps) == len(enc.feature_info) == 4
-    for f, info in zip(maps, enc.feature_info):
+    for f, info in zip(maps, enc.feature_info, strict=True):
         assert f.shape[:2] == (2, info["num_chs"])
         assert 64 // f.shape[-1] == info["reduction"] and 64 // f.shape[-2] == info["reduction"]
         assert torch.all(torch.isfinite(f))

@@ -15,15 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from _reference_layout import reference_shapes
+from ummae.models.classifier import Classifier
+from ummae.models.mae import MaskedAutoencoder
+from ummae.models.masking import block_choice, kept_unit_index, reference_unit_index
 from ummae.models.pvt import PyramidVisionTransformer
+from ummae.models.simmim import SimMIM
 from ummae.models.swin import SwinTransformer
 from ummae.models.vit import VisionTransformer
 from ummae.weights import io as ckpt
 from ummae.weights.io import CheckpointError, load_state_strict
-from ummae.models.masking import block_choice, kept_unit_index, reference_unit_index
-from ummae.models.mae import MaskedAutoencoder
-from ummae.models.simmim import SimMIM
-from ummae.models.classifier import Classifier
 from ummae.weights.load import load_pretrained, read_weights
 
 PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity"

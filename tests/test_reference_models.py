@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from _reference_layout import PVT_S, SWIN_L, SWIN_T, VIT_B, VIT_L, reference_checkpoint, trainable_count
+from ummae.models.registry import create_model
 from ummae.weights.convert import convert_checkpoint
 from ummae.weights.io import load_state_strict
-from ummae.models.registry import create_model
 
 PAPER = {  # our name: (the reference's architecture, its trainable parameters)
     "mae_swin_tiny_256": (dict(SWIN_T, kind="mae", decoder=(512, 2), sm=True), 35_774_346),

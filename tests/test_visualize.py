@@ -13,21 +13,29 @@ import pytest
 import torch
 from PIL import Image
 
+from _helpers import write_colour_dataset, write_colour_images
 from ummae.cli import main
 from ummae.config import PretrainConfig
-from ummae.weights.io import CheckpointError
-from ummae.plot import plot_runs, read_metrics
 from ummae.models.mae import norm_pix_target, patchify, unnormalize_pix
 from ummae.models.registry import create_model
-from ummae.weights.export import export
+from ummae.plot import plot_runs, read_metrics
 from ummae.tasks.pretrain import _spread, _vis_image_paths, pretrain
 from ummae.visualize import (
+    GAP,
+    TITLE_H,
     TOKEN_RGB,
-    GAP, TITLE_H, compose_grid, grid_size, load_images, load_pretraining_model, panel_origin, panels_from_output,
-    reconstruct, reconstruction_panels, to_display,
+    compose_grid,
+    grid_size,
+    load_images,
+    load_pretraining_model,
+    panel_origin,
+    panels_from_output,
+    reconstruct,
+    reconstruction_panels,
+    to_display,
 )
-
-from _helpers import write_colour_dataset, write_colour_images
+from ummae.weights.export import export
+from ummae.weights.io import CheckpointError
 
 S = 64  # the *_test models' image size
 PANELS = [  # (model, options, titles)
