@@ -526,6 +526,35 @@ def test_pretrain__resume_missing_checkpoint_refused(tmp_path, data24):
 # ---------------------------------------------------------------- optimiser and schedule
 
 
+def test_progress_bar__drawn_on_a_terminal_of_unknown_height(tmp_path):
+    """A pseudo-terminal nobody sized (``script``, some CI runners) reports 0 lines, from
+    which tqdm concludes that no line is free and draws nothing: the training bar is drawn
+    there all the same. (In a process of its own, whose real stderr is that terminal.)"""
+    code = ("import sys; from ummae.engine.progress import progress_bar; "
+            "bar = progress_bar(3, 'epoch 0'); bar.update(1); bar.refresh(); bar.close()")
+    master, slave = os.openpty()
+    try:
+        assert os.get_terminal_size(slave).lines == 0
+        subprocess.run([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, check=True, timeout=60,
+                       env={**os.environ, "COLUMNS": "100"})
+        os.close(slave)
+        slave = -1
+        drawn = b""
+        while True:  # until the terminal is drained (Linux: EIO once no process holds it)
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert "epoch 0:" in drawn.decode() and "1/3" in drawn.decode(), repr(drawn)
+
+
 def test_warmup_cosine__shape():
     base, low, warm, total = 1e-3, 1e-5, 10, 100
     lrs = [warmup_cosine(s, total, warm, base, low) for s in range(total + 1)]

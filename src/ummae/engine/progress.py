@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Iterable, Iterator, Optional, TypeVar
 
+from tqdm import tqdm
+
 log = logging.getLogger("ummae")
 T = TypeVar("T")
 MIN_BAR_COLUMNS = 40  # narrower, tqdm draws nothing useful (at 0 columns: nothing at all)
@@ -39,8 +41,6 @@ def progress_bar(total: Optional[int], desc: str, initial: int = 0, is_main: boo
     columns = terminal_columns(sys.stderr)
     if columns < MIN_BAR_COLUMNS:
         return None
-    from tqdm import tqdm
-
     width = {"ncols": columns} if os.environ.get("COLUMNS", "").strip() else {"dynamic_ncols": True}
     if _terminal_lines(sys.stderr) <= 0:  # a terminal of unknown size (``script``, some CI): tqdm would draw nothing
         width["nrows"] = 20
