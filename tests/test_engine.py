@@ -24,18 +24,24 @@ import torch.nn as nn
 from PIL import Image
 
 import ummae.tasks.pretrain as train
+from _helpers import (
+    assert_tensors_equal,
+    epoch_records,
+    metrics_records,
+    run_torchrun,
+    smooth_images,
+    stable,
+    step_records,
+)
 from ummae.config import PretrainConfig
 from ummae.data.transforms import normalize_uint8
-from ummae.weights import io as ckpt
-from ummae.weights.io import CheckpointError
-from ummae.errors import NonFiniteLossError, UsageError
 from ummae.engine.optim import no_weight_decay, param_groups, pretrain_no_weight_decay
 from ummae.engine.schedule import Schedule, warmup_cosine, warmup_poly
+from ummae.errors import NonFiniteLossError, UsageError
 from ummae.models.registry import create_model
 from ummae.tasks.pretrain import pretrain
-
-from _helpers import assert_tensors_equal, epoch_records, metrics_records, run_torchrun, smooth_images, stable, step_records
-
+from ummae.weights import io as ckpt
+from ummae.weights.io import CheckpointError
 
 # ---------------------------------------------------------------- helpers and fixtures
 
@@ -70,7 +76,7 @@ def _assert_same_training(out_a: Path, out_b: Path) -> None:
     """Same metrics (wall-clock fields aside) and bit-identical final model and optimiser."""
     rec_a, rec_b = stable(metrics_records(out_a)), stable(metrics_records(out_b))
     assert [r["step"] for r in rec_b] == [r["step"] for r in rec_a]
-    for ra, rb in zip(rec_a, rec_b):
+    for ra, rb in zip(rec_a, rec_b, strict=True):
         assert ra == rb, f"metrics differ at step {ra['step']}: {ra} vs {rb}"
     a = torch.load(Path(out_a) / "checkpoint-last.pth", weights_only=True)
     b = torch.load(Path(out_b) / "checkpoint-last.pth", weights_only=True)
@@ -560,10 +566,10 @@ def test_warmup_cosine__shape():
     lrs = [warmup_cosine(s, total, warm, base, low) for s in range(total + 1)]
     assert lrs[0] == 0.0
     assert lrs[5] == pytest.approx(base / 2)
-    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))  # linear rise
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1 : warm + 1], strict=True))  # linear rise
     assert lrs[warm] == pytest.approx(base, rel=1e-12)
     assert lrs[total] == pytest.approx(low, rel=1e-12)
-    assert all(a > b for a, b in zip(lrs[warm:total], lrs[warm + 1:total + 1]))  # strictly falling
+    assert all(a > b for a, b in zip(lrs[warm:total], lrs[warm + 1 : total + 1], strict=True))  # strictly falling
     assert lrs[(warm + total) // 2 + 0] == pytest.approx((base + low) / 2, rel=1e-9)  # cosine midpoint
     assert warmup_cosine(total + 5, total, warm, base, low) == pytest.approx(low)  # stays at the floor
     assert warmup_cosine(0, 10, 0, base, low) == base  # no warm-up

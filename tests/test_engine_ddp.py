@@ -9,6 +9,7 @@ thread everywhere, so that every run is bit-for-bit reproducible.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,15 +23,21 @@ import torch
 import torch.nn as nn
 
 import ummae.tasks.pretrain as train
-from ummae.config import PretrainConfig
-from ummae.weights import io as ckpt
-from ummae.engine.seeds import mix_seed
-from ummae.tasks.pretrain import pretrain
-
 from _helpers import (
-    _free_port, assert_tensors_equal, epoch_records, metrics_records, run_torchrun, smooth_images, stable, step_records,
+    _free_port,
+    assert_tensors_equal,
+    epoch_records,
+    metrics_records,
+    run_torchrun,
+    smooth_images,
+    stable,
+    step_records,
     write_colour_dataset,
 )
+from ummae.config import PretrainConfig
+from ummae.engine.seeds import mix_seed
+from ummae.tasks.pretrain import pretrain
+from ummae.weights import io as ckpt
 
 # ---------------------------------------------------------------- data, runs, metrics
 
@@ -58,7 +65,7 @@ def _assert_same_training(ref: Path, run: Path) -> None:
     final model, optimiser and grad scaler."""
     rec_a, rec_b = stable(metrics_records(ref)), stable(metrics_records(run))
     assert [(r["epoch"], r["step"], "loss" in r) for r in rec_b] == [(r["epoch"], r["step"], "loss" in r) for r in rec_a]
-    for ra, rb in zip(rec_a, rec_b):
+    for ra, rb in zip(rec_a, rec_b, strict=True):
         assert ra == rb, f"metrics differ at step {ra['step']}:\n{ra}\n{rb}"
     a = torch.load(Path(ref) / "checkpoint-last.pth", weights_only=True)
     b = torch.load(Path(run) / "checkpoint-last.pth", weights_only=True)
@@ -120,10 +127,8 @@ def _alive(pid: int) -> bool:
 def _sigkill(pid: int) -> None:
     """SIGKILL ``pid`` and, when it leads one, its process group."""
     for kill in (os.killpg, os.kill):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _sigkill_run(proc: subprocess.Popen) -> None:
@@ -144,10 +149,8 @@ def _latest_step(metrics: Path) -> int:
     step = 0
     if metrics.exists():
         for line in metrics.read_text().splitlines():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # a line being written
                 step = max(step, json.loads(line).get("step", 0))
-            except json.JSONDecodeError:  # a line being written
-                pass
     return step
 
 
@@ -197,7 +200,7 @@ def _torchrun_killed_mid_epoch(args: list, out: Path, kill_after_update: int, lo
 def _assert_killed_inside_epoch(state: dict, epoch: int) -> None:
     # The kill must leave a checkpoint written inside an epoch, so that the resumed run starts
     # mid-epoch with partial sums. A margin of several steps makes this all but certain.
-    assert state["epoch"] == epoch and 0 < state["step_in_epoch"], (
+    assert state["epoch"] == epoch and state["step_in_epoch"] > 0, (
         f"the kill landed at epoch {state['epoch']}, step {state['step_in_epoch']}, not inside epoch {epoch}")
 
 

@@ -83,7 +83,7 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     padded[: t.shape[0]] = t
     parts = [torch.zeros_like(padded) for _ in sizes]
     torch_dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
 def _initialized() -> bool:
@@ -124,10 +124,8 @@ def distributed(device_name: str = "auto"):
         raise
     # Every rank finishes its work before any tears the group down: rank 0 hosts the store,
     # and a gloo rank still talking to it when it goes away aborts ("terminate called ...").
-    try:
+    with contextlib.suppress(RuntimeError):  # a peer failed after the last collective: it reports its own error
         barrier()
-    except RuntimeError:  # a peer failed after the last collective: it reports its own error
-        pass
     cleanup()
 
 

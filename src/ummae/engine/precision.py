@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
 from ummae.errors import UsageError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

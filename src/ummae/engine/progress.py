@@ -9,7 +9,8 @@ import logging
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Optional, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -33,7 +34,7 @@ def terminal_columns(stream) -> int:
         return 0
 
 
-def progress_bar(total: Optional[int], desc: str, initial: int = 0, is_main: bool = True, unit: str = "it"):
+def progress_bar(total: int | None, desc: str, initial: int = 0, is_main: bool = True, unit: str = "it"):
     """A tqdm bar on stderr when it is a terminal wide enough for one (main process only);
     else None (the caller logs lines instead)."""
     if not (is_main and sys.stderr.isatty()):
@@ -66,7 +67,7 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
-def progress(items: Iterable[T], total: Optional[int] = None, desc: str = "", unit: str = "it", is_main: bool = True,
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it", is_main: bool = True,
              log_every: int = 50, log_seconds: float = 30.0) -> Iterator[T]:
     """Yield ``items`` while reporting progress: a bar on a terminal, else ``desc: n/total
     (rate unit/s, ETA m:ss)`` lines every ``log_every`` items or ``log_seconds`` seconds, and

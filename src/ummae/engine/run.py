@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import yaml
 
@@ -28,7 +28,7 @@ log = logging.getLogger("ummae")
 RUN_FILE_NAMES = ("metrics.jsonl", "tensorboard", "pretrained_load.txt", "log.txt", "config.yaml")
 
 
-def config_record(cfg) -> Dict[str, Any]:
+def config_record(cfg) -> dict[str, Any]:
     """A config dataclass as plain values (tuples as lists): what ``config.yaml`` and a
     checkpoint's ``config`` hold, and what ``--config`` and ``--resume`` read back."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
@@ -135,7 +135,7 @@ class RunLog:
     run lasts (a resumed run appends), starting with the lines held since the run began.
     :meth:`close` removes the handler."""
 
-    def __init__(self, out: Path, config: Dict[str, Any]):
+    def __init__(self, out: Path, config: dict[str, Any]):
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -160,7 +160,7 @@ class RunLog:
 class MetricsLog:
     """JSON lines + TensorBoard on rank 0 (and, given the run's ``config``, its :class:`RunLog`)."""
 
-    def __init__(self, out: Path, enabled: bool, config: Dict[str, Any] | None = None):
+    def __init__(self, out: Path, enabled: bool, config: dict[str, Any] | None = None):
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
         self.tb = None
@@ -189,7 +189,7 @@ class MetricsLog:
         tmp.write_text("".join(k + "\n" for k in keep))
         tmp.replace(self.path)
 
-    def write(self, record: Dict[str, Any], step: int, prefix: str) -> None:
+    def write(self, record: dict[str, Any], step: int, prefix: str) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:

@@ -52,7 +52,7 @@ class Schedule:
             raise UsageError(f"unknown lr schedule {self.kind!r}; known: {', '.join(KINDS)}")
 
     @classmethod
-    def from_config(cls, cfg, updates_per_epoch: int, base_lr: float) -> "Schedule":
+    def from_config(cls, cfg, updates_per_epoch: int, base_lr: float) -> Schedule:
         """The schedule a training config asks for: over ``cfg.iters`` updates when it has them
         (iteration-based runs), else over ``cfg.epochs`` epochs of ``updates_per_epoch``; the
         warm-up in updates (``cfg.warmup_steps``) when given, else in epochs."""

@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ummae.engine import dist as udist
 from ummae.engine.precision import autocast, grad_scaler
 from ummae.engine.progress import above_bar, progress_bar
-from ummae.engine.run import MetricsLog, config_record, training_run  # noqa: F401  (training_run: the tasks' door)
+from ummae.engine.run import MetricsLog, config_record
 from ummae.engine.schedule import Schedule
 from ummae.engine.seeds import mix_seed
 from ummae.errors import DataError, NonFiniteLossError, UsageError
@@ -82,8 +83,8 @@ class Trainer:
         precision: str,
         base_lr: float,
         dist_info: udist.DistInfo,
-        step_fn: Callable[[nn.Module, Any, torch.Generator], Dict[str, torch.Tensor]],
-        evaluate: Callable[[nn.Module], Dict[str, float]] | None = None,
+        step_fn: Callable[[nn.Module, Any, torch.Generator], dict[str, torch.Tensor]],
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         eval_every: int = 0,
         ema: nn.Module | None = None,
         best_metric: str = "acc1",
@@ -100,7 +101,7 @@ class Trainer:
         self.evaluate = evaluate
         self.eval_every = eval_every  # 0: after the last epoch only
         self.ema = ema  # timm ModelEmaV3: updated after every optimiser step
-        self.best: Dict[str, Any] = {}
+        self.best: dict[str, Any] = {}
         self.best_metric = best_metric  # the val figure (higher = better) that picks checkpoint-best.pth
         self.scaler = grad_scaler(device, precision)
         self.out = Path(cfg.output)
@@ -164,7 +165,7 @@ class Trainer:
                     "--warmup-steps" if s.warmup_by_steps else "--warmup-epochs")
 
     # --- checkpoints ------------------------------------------------------------------------
-    def state(self) -> Dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "model_name": getattr(self.model, "model_name", None),
@@ -186,7 +187,7 @@ class Trainer:
             **({"data_order": self.sampler.order_key()} if hasattr(self.sampler, "order_key") else {}),
         }
 
-    def _rank_state(self) -> Dict[str, Any]:
+    def _rank_state(self) -> dict[str, Any]:
         """What each rank holds for itself: the partial sums of the images it trained on since
         the epoch (and log window) began, and its RNG streams."""
         return {"epoch_loss_sum": self.epoch_loss_sum, "epoch_skipped": self.epoch_skipped,
@@ -273,7 +274,7 @@ class Trainer:
             self._warn_resume_differences(state)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step_in_epoch)
 
-    def _warn_resume_differences(self, state: Dict[str, Any]) -> None:
+    def _warn_resume_differences(self, state: dict[str, Any]) -> None:
         """Say what makes the resumed run differ from the interrupted one: another number of
         processes, or (shards) another data order."""
         before = state.get("world_size", self.dist.world_size)
@@ -290,10 +291,10 @@ class Trainer:
                 log.warning("resuming with %s: the order of the data differs from the interrupted run's (exact resume "
                             "over shards needs the same shards, processes, workers and batch size)", ", ".join(changed))
     # --- training ---------------------------------------------------------------------------
-    def fit(self) -> Dict[str, Any]:
+    def fit(self) -> dict[str, Any]:
         if self.cfg.resume:
             self.resume(self.cfg.resume)
-        summary: Dict[str, Any] = {}
+        summary: dict[str, Any] = {}
         try:
             while self.epoch < self.num_epochs:
                 try:
@@ -322,7 +323,7 @@ class Trainer:
                 f"try a lower lr, --precision bf16/fp32 or --clip-grad"
             )
 
-    def _run_evaluation(self) -> Dict[str, Any]:
+    def _run_evaluation(self) -> dict[str, Any]:
         """Validation metrics of the weights (and of their EMA), plus the best so far (with
         the epoch, and in an iteration-based run the update, where it was reached)."""
         out = dict(self.evaluate(self.model))
@@ -331,7 +332,7 @@ class Trainer:
         _best_update(self.best, out, self.epoch, self.best_metric, self.update if self.iters else None)
         return {**out, **self.best}
 
-    def _is_new_best(self, record: Dict[str, Any]) -> bool:
+    def _is_new_best(self, record: dict[str, Any]) -> bool:
         key = self.best_metric
         if key not in record:
             return False
@@ -339,7 +340,7 @@ class Trainer:
             return self.best.get(f"best_{key}_iter") == self.update
         return self.best.get(f"best_{key}_epoch") == self.epoch
 
-    def _evaluate_at_update(self) -> Dict[str, Any]:
+    def _evaluate_at_update(self) -> dict[str, Any]:
         """Evaluation inside a pass (iteration-based runs): one metrics line of its own."""
         record = {"epoch": self.epoch, "step": self.update, **self._run_evaluation()}
         self.metrics.write(record, self.update, "eval")
@@ -354,7 +355,7 @@ class Trainer:
         left = (self.total_updates - epoch * self.updates_per_epoch) * self.cfg.accum_iter
         return max(0, min(self.steps_per_epoch, left))
 
-    def train_one_epoch(self) -> Dict[str, Any]:
+    def train_one_epoch(self) -> dict[str, Any]:
         """One pass over the data, from ``step_in_epoch`` (a resumed run starts mid-pass)."""
         p = self._begin_pass()
         for step, batch in enumerate(self.loader, start=self.step_in_epoch):
@@ -464,7 +465,7 @@ class Trainer:
             self.save_best()
         self.net.train()
 
-    def _end_pass(self, p: _Pass) -> Dict[str, Any]:
+    def _end_pass(self, p: _Pass) -> dict[str, Any]:
         """The epoch's record (mean loss over every rank's steps, time, skipped images,
         replica check, evaluation when due), its log line and checkpoints."""
         self._check_finite(p.bad)
@@ -520,7 +521,7 @@ class Trainer:
                      self.out / "checkpoint-best.pth")
 
 
-def _best_update(best: Dict[str, Any], metrics: Dict[str, float], epoch: int, metric: str = "acc1",
+def _best_update(best: dict[str, Any], metrics: dict[str, float], epoch: int, metric: str = "acc1",
                  update: int | None = None) -> None:
     for k, v in metrics.items():
         if k.endswith(metric) and v >= best.get(f"best_{k}", float("-inf")):
