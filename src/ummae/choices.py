@@ -4,6 +4,6 @@ below it (data pipelines, detectors, segmentation inference) acts on them. Defin
 at the bottom of the layers, so that no lower layer imports the config to know them."""
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-INPUT_PIPELINES = ("tensor", "pil", "device")  # pre-training samples: data/datasets.build_pretrain_transform
+INPUT_PIPELINES = ("tensor", "pil", "device")  # pre-training samples: data/transforms.build_pretrain_transform
 DETECTORS = ("gfl", "maskrcnn", "retinanet", "fcos")
 SEG_TEST_MODES = ("slide", "whole")
