@@ -6,6 +6,7 @@ annotations, the full category list, images linked rather than copied.
 ``--val-from train2017`` makes the val split the same images as the training split: an
 over-fit check, whose AP says whether the detector can learn what it is shown.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Test helpers: image files the tests write themselves (random-noise images, small labelled datasets of separable colour classes) and exact comparison of two runs."""
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,7 @@ def assert_tensors_equal(a, b, where: str = "state") -> None:
             assert_tensors_equal(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_tensors_equal(x, y, f"{where}[{i}]")
     elif torch.is_tensor(a):
         assert torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype, f"{where}: tensor kind differs"
@@ -100,8 +101,18 @@ def _free_port() -> int:
 def run_torchrun(args: list[str], timeout: float, nproc: int = 2) -> subprocess.CompletedProcess:
     """Run ``ummae <args>`` under torchrun on one node (gloo on CPU) and assert it exited 0,
     showing the tail of both streams when it did not."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "ummae", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "-m",
+        "ummae",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -146,7 +157,6 @@ def step_records(out: Path) -> list:
 
 def epoch_records(out: Path) -> list:
     return [r for r in metrics_records(out) if "train_loss" in r]
-
 
 
 COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_mini"

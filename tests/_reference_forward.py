@@ -5,6 +5,7 @@ roll and region masks), a per-pair pos-MLP evaluated by its formula (instead of 
 table), average pooling by reshape-and-mean, LayerNorm with the reference's eps written here.
 Only the modules' weights are read from the model under test.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,12 @@ def swin_allowed(side: int, ws: int, shifted: bool) -> Tensor:
     low = idx < s  # wrapped to the far edge by the shift
     r, c = torch.meshgrid(idx, idx, indexing="ij")
     win_r, win_c, low_r, low_c = win[r].flatten(), win[c].flatten(), low[r].flatten(), low[c].flatten()
-    return ((win_r[:, None] == win_r[None]) & (win_c[:, None] == win_c[None])
-            & (low_r[:, None] == low_r[None]) & (low_c[:, None] == low_c[None]))
+    return (
+        (win_r[:, None] == win_r[None])
+        & (win_c[:, None] == win_c[None])
+        & (low_r[:, None] == low_r[None])
+        & (low_c[:, None] == low_c[None])
+    )
 
 
 def swin_block(x: Tensor, pos: Tensor, blk, ws: int, shifted: bool) -> Tensor:
@@ -154,7 +159,7 @@ def bicubic_resize(table: Tensor, h: int, w: int, a: float = -0.75) -> Tensor:
             src = (i + 0.5) * n_in / out - 0.5
             x0 = math.floor(src)
             acc = 0
-            for tap, wt in zip(range(x0 - 1, x0 + 3), weights(src - x0)):
+            for tap, wt in zip(range(x0 - 1, x0 + 3), weights(src - x0), strict=True):
                 acc = acc + wt * x.select(dim, min(max(tap, 0), n_in - 1))
             rows.append(acc)
         return torch.stack(rows, dim)

@@ -13,11 +13,11 @@ A spec: ``family`` (swin | pvt | vit), ``kind`` (mae | simmim | classifier | enc
 ``heads``, ``mlp_ratios``, ``posmlp``, ``decoder`` = (dim, depth), ``sm``, ``num_classes``,
 ``patch`` (ViT), ``unit`` (mask unit, 16)).
 """
+
 from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
-from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -42,10 +42,10 @@ def _vit_block(out, key, c, mlp=4):
     _linear(out, f"{key}.mlp.fc2", c, int(mlp * c))
 
 
-def reference_shapes(spec: dict) -> "OrderedDict[str, Tuple[int, ...]]":
+def reference_shapes(spec: dict) -> OrderedDict[str, tuple[int, ...]]:
     fam, kind = spec["family"], spec["kind"]
     unit = spec.get("unit", 16)
-    out: "OrderedDict[str, Tuple[int, ...]]" = OrderedDict()
+    out: OrderedDict[str, tuple[int, ...]] = OrderedDict()
     if fam == "vit":
         d, p = spec["dim"], spec["patch"]
         n = (spec["img_size"] // p) ** 2
@@ -154,7 +154,7 @@ def mae_sincos(dim: int, grid: int, cls: bool) -> np.ndarray:
     return emb
 
 
-def reference_checkpoint(spec: dict, args: Dict, seed: int = 0) -> dict:
+def reference_checkpoint(spec: dict, args: dict, seed: int = 0) -> dict:
     """A checkpoint as the reference's ``main_pretrain.py`` / ``main_finetune.py`` save it."""
     g = torch.Generator().manual_seed(seed)
     model = OrderedDict()
@@ -163,13 +163,24 @@ def reference_checkpoint(spec: dict, args: Dict, seed: int = 0) -> dict:
     vit = spec["family"] == "vit"
     for key in frozen_keys(spec) & set(model):
         n = model[key].shape[1] - (1 if vit else 0)
-        model[key] = torch.from_numpy(mae_sincos(model[key].shape[2], int(round(n ** 0.5)), vit)).float()[None]
+        model[key] = torch.from_numpy(mae_sincos(model[key].shape[2], int(round(n**0.5)), vit)).float()[None]
     return {"model": model, "epoch": 199, "args": argparse.Namespace(**args)}
 
 
 # The paper-size models, as the reference's model functions build them.
-SWIN_T = dict(family="swin", dims=[96, 192, 384, 768], depths=[2, 2, 6, 2], heads=[3, 6, 12, 24], posmlp=32, img_size=256)
-SWIN_L = dict(family="swin", dims=[192, 384, 768, 1536], depths=[2, 2, 18, 2], heads=[6, 12, 24, 48], posmlp=64, img_size=256)
-PVT_S = dict(family="pvt", dims=[64, 128, 320, 512], depths=[3, 4, 6, 3], heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4], img_size=256)
+SWIN_T = dict(
+    family="swin", dims=[96, 192, 384, 768], depths=[2, 2, 6, 2], heads=[3, 6, 12, 24], posmlp=32, img_size=256
+)
+SWIN_L = dict(
+    family="swin", dims=[192, 384, 768, 1536], depths=[2, 2, 18, 2], heads=[6, 12, 24, 48], posmlp=64, img_size=256
+)
+PVT_S = dict(
+    family="pvt",
+    dims=[64, 128, 320, 512],
+    depths=[3, 4, 6, 3],
+    heads=[1, 2, 5, 8],
+    mlp_ratios=[8, 8, 4, 4],
+    img_size=256,
+)
 VIT_B = dict(family="vit", dim=768, depth=12, heads=12, patch=16, img_size=224)
 VIT_L = dict(family="vit", dim=1024, depth=24, heads=16, patch=16, img_size=224)

@@ -3,11 +3,12 @@ loader, and rank 0 writes the sample labels each rank saw to the JSON file given
 
     python -m torch.distributed.run --nproc_per_node 2 tests/_shard_ranks.py SHARDS OUT.json WORKERS BATCH
 """
+
 import json
 import sys
 
-from ummae.engine import dist as udist
 from ummae.data import build_pretrain_dataset, build_train_loader
+from ummae.engine import dist as udist
 
 
 def main(spec: str, out: str, workers: int, batch: int) -> None:

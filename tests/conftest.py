@@ -71,7 +71,20 @@ def finetuned(tmp_path_factory, colour_data, pretrain_ckpt):
     from ummae.tasks.classify import finetune
 
     out = tmp_path_factory.mktemp("finetuned")
-    finetune(FinetuneConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(colour_data),
-                            output=str(out), epochs=2, warmup_epochs=0, batch_size=6, lr=1e-3, num_workers=0,
-                            device="cpu", log_every=1, keep_every=0))
+    finetune(
+        FinetuneConfig(
+            model="swin_test",
+            pretrained=str(pretrain_ckpt("mae_swin_test")),
+            data=str(colour_data),
+            output=str(out),
+            epochs=2,
+            warmup_epochs=0,
+            batch_size=6,
+            lr=1e-3,
+            num_workers=0,
+            device="cpu",
+            log_every=1,
+            keep_every=0,
+        )
+    )
     return out

@@ -3,6 +3,7 @@ ADE20K layout, long side 256, raw label 0 = ignore, 1 = background, 2..81 = thin
 label mapping and checking (LabelError, also through a DataLoader worker), the MMSegmentation
 training pipeline (shapes, seeding, padding, nearest labels, cat_max_ratio), collate, and bad
 input (missing folders or label maps, sizes that differ, unreadable files)."""
+
 from __future__ import annotations
 
 import logging
@@ -35,16 +36,17 @@ IGNORE = 255
 
 def _root() -> Path:
     if not (SEMSEG_MINI / "label_map.txt").is_file():
-        pytest.fail(f"the coco_semseg_mini test data is missing: expected {SEMSEG_MINI} with "
-                    f"images/{{training,validation}}/, annotations/{{training,validation}}/ "
-                    f"and label_map.txt")
+        pytest.fail(
+            f"the coco_semseg_mini test data is missing: expected {SEMSEG_MINI} with "
+            f"images/{{training,validation}}/, annotations/{{training,validation}}/ "
+            f"and label_map.txt"
+        )
     return SEMSEG_MINI
 
 
 @pytest.fixture(scope="module")
 def train_ds():
-    return SegmentationFolder(_root(), train=True, num_classes=81,
-                              transform=SegTrainTransform(128))
+    return SegmentationFolder(_root(), train=True, num_classes=81, transform=SegTrainTransform(128))
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +72,9 @@ def _mirror(tmp_path: Path, n: int = 3, split: str = "training") -> Path:
     return root
 
 
-def _tiny_root(tmp_path: Path, labels: list[np.ndarray], split: str = "training",
-               image_sizes: list[tuple[int, int]] | None = None) -> Path:
+def _tiny_root(
+    tmp_path: Path, labels: list[np.ndarray], split: str = "training", image_sizes: list[tuple[int, int]] | None = None
+) -> Path:
     """A root of ``len(labels)`` noise images with the given label maps (mode L PNGs); each
     image has its label map's size unless ``image_sizes`` (w, h) says otherwise."""
     root = tmp_path / "tiny"
@@ -122,8 +125,7 @@ def test_label_maps_reduce_zero_label(train_ds):
 
 
 def test_label_maps_kept_without_reduce_zero_label():
-    ds = SegmentationFolder(_root(), train=False, num_classes=82, reduce_zero_label=False,
-                            ignore_index=IGNORE)
+    ds = SegmentationFolder(_root(), train=False, num_classes=82, reduce_zero_label=False, ignore_index=IGNORE)
     assert torch.equal(ds.label(3), torch.from_numpy(_raw(ds, 3)).long())
     assert ds.class_names[:3] == ["ignore", "background", "person"]
 
@@ -208,8 +210,9 @@ def test_label_above_declared_classes_is_an_error(tmp_path):
         ds.load_or_substitute((index, 0))
     _assert_label_error(err, ds.ann_paths[index], worst)
     # and through a DataLoader worker: still a LabelError of one line
-    loader = DataLoader(SubstituteUnreadable(ds), batch_size=1, num_workers=1,
-                        sampler=[(index, 0)], collate_fn=collate_segmentation)
+    loader = DataLoader(
+        SubstituteUnreadable(ds), batch_size=1, num_workers=1, sampler=[(index, 0)], collate_fn=collate_segmentation
+    )
     kind, message = _first_batch_error(loader)
     assert kind is LabelError and "\n" not in message, message
     assert message.startswith(f"label {worst} ") and ds.ann_paths[index] in message, message
@@ -219,19 +222,24 @@ def test_crafted_label_value_is_named(tmp_path):
     lab = np.ones((12, 16))
     lab[3, 4] = 200
     ds = SegmentationFolder(_tiny_root(tmp_path, [lab]), train=False, num_classes=20)
-    with pytest.raises(LabelError, match=r"^label 199 \(value 200 in the file\) in .*s0\.png is "
-                                         r"outside the 20 classes declared"):
+    with pytest.raises(
+        LabelError,
+        match=r"^label 199 \(value 200 in the file\) in .*s0\.png is "
+        r"outside the 20 classes declared",
+    ):
         ds[0]
 
 
 def test_label_size_unlike_image_is_an_error(tmp_path):
-    root = _tiny_root(tmp_path, [np.ones((12, 16)), np.ones((12, 16))],
-                      image_sizes=[(16, 12), (17, 12)])
+    root = _tiny_root(tmp_path, [np.ones((12, 16)), np.ones((12, 16))], image_sizes=[(16, 12), (17, 12)])
     ds = SegmentationFolder(root, train=False, num_classes=5)
     assert ds[0][1].shape == (12, 16)
     for read in (lambda: ds[1], lambda: ds.label(1)):
-        with pytest.raises(LabelError, match=r"label map .*s1\.png is 16x12 but its image "
-                                             r".*s1\.jpg is 17x12"):
+        with pytest.raises(
+            LabelError,
+            match=r"label map .*s1\.png is 16x12 but its image "
+            r".*s1\.jpg is 17x12",
+        ):
             read()
 
 
@@ -245,8 +253,10 @@ def test_rgb_label_map_is_an_error(tmp_path):
 def test_worker_safe_errors():
     assert issubclass(LabelError, WorkerSafeValueError)
     assert issubclass(NoReadableImageError, WorkerSafeValueError)
-    wrapped = ("Caught LabelError in DataLoader worker process 0.\nOriginal Traceback (most "
-               "recent call last):\n  ...\nummae.data.ade.LabelError: label 3 in x.png\n")
+    wrapped = (
+        "Caught LabelError in DataLoader worker process 0.\nOriginal Traceback (most "
+        "recent call last):\n  ...\nummae.data.ade.LabelError: label 3 in x.png\n"
+    )
     assert str(LabelError(wrapped)) == "label 3 in x.png"
     assert str(LabelError("plain")) == "plain"
 
@@ -257,8 +267,11 @@ def test_worker_safe_errors():
 def test_constructor_errors(tmp_path):
     root = _tiny_root(tmp_path, [np.ones((8, 10)), np.ones((8, 10))])
     (root / "annotations" / "training" / "s1.png").unlink()
-    with pytest.raises(ValueError, match=r"^1 of the 2 images in .* have no label map, e\.g\. "
-                                         r".*s1\.jpg \(expected .*annotations/training/s1\.png\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^1 of the 2 images in .* have no label map, e\.g\. "
+        r".*s1\.jpg \(expected .*annotations/training/s1\.png\)$",
+    ):
         SegmentationFolder(root, train=True)
     with pytest.raises(ValueError, match=r"^folder .*annotations/validation not found \(expected"):
         (root / "images" / "validation").mkdir()
@@ -278,10 +291,13 @@ def test_constructor_errors(tmp_path):
 
 
 def test_transform_argument_errors():
-    for kwargs, match in (({"crop_size": 0}, "crop_size"),
-                          ({"ratio_range": (2.0, 1.0)}, "ratio_range"),
-                          ({"scale": (512,)}, "scale"), ({"cat_max_ratio": 0}, "cat_max_ratio"),
-                          ({"flip_prob": 1.5}, "flip_prob")):
+    for kwargs, match in (
+        ({"crop_size": 0}, "crop_size"),
+        ({"ratio_range": (2.0, 1.0)}, "ratio_range"),
+        ({"scale": (512,)}, "scale"),
+        ({"cat_max_ratio": 0}, "cat_max_ratio"),
+        ({"flip_prob": 1.5}, "flip_prob"),
+    ):
         with pytest.raises(ValueError, match=match):
             SegTrainTransform(**kwargs)
     text = repr(SegTrainTransform(64))
@@ -346,7 +362,6 @@ def _max_share(label: Tensor) -> float:
     return float(counts.max()) / float(counts.sum()) if counts.numel() > 1 else 1.0
 
 
-
 def test_cat_max_ratio_prefers_mixed_crops():
     # one dominant class with a 60x60 square of another in the middle of 200x200: a 100 px
     # crop passes mmseg's test (largest class < 75%) only where it holds enough of the square,
@@ -381,15 +396,14 @@ def test_collate_segmentation():
     with pytest.raises(ValueError, match="one size to be stacked"):
         collate_segmentation([item(1, 0), small])
     images, labels, paths, skipped = collate_segmentation_eval(
-        [(torch.zeros(3, 5, 6), torch.zeros(5, 6), "a.jpg"), None,
-         (torch.zeros(3, 2, 2), torch.zeros(2, 2), "b.jpg")])
+        [(torch.zeros(3, 5, 6), torch.zeros(5, 6), "a.jpg"), None, (torch.zeros(3, 2, 2), torch.zeros(2, 2), "b.jpg")]
+    )
     assert [i.shape[1:] for i in images] == [(5, 6), (2, 2)] and len(labels) == 2
     assert paths == ["a.jpg", "b.jpg"] and skipped == 1
 
 
 def test_train_loader_batches(train_ds):
-    loader, _ = build_train_loader(train_ds, batch_size=4, num_workers=0,
-                                   collate_fn=collate_segmentation)
+    loader, _ = build_train_loader(train_ds, batch_size=4, num_workers=0, collate_fn=collate_segmentation)
     images, labels, skipped = next(iter(loader))
     assert images.shape == (4, 3, 128, 128) and labels.shape == (4, 128, 128) and skipped == 0
 

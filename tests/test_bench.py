@@ -2,6 +2,7 @@
 
 Speed is measured by benchmarks/run_bench.sh, never asserted here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,21 @@ from ummae.bench import add_bench_args, bench_main, format_table, run_bench
 
 PAIR = ["mae_swin_test", "simmim_swin_test"]
 KEYS = {
-    "model", "images_per_s", "peak_mem_mb", "ratio", "batch_size", "img_size", "steps",
-    "device", "precision", "step_time_ms", "loss", "params_m", "torch", "device_name", "num_threads",
+    "model",
+    "images_per_s",
+    "peak_mem_mb",
+    "ratio",
+    "batch_size",
+    "img_size",
+    "steps",
+    "device",
+    "precision",
+    "step_time_ms",
+    "loss",
+    "params_m",
+    "torch",
+    "device_name",
+    "num_threads",
 }
 FAST = dict(batch_size=2, img_size=None, steps=2, warmup=1, device="cpu", precision="auto")
 
@@ -51,10 +65,22 @@ def test_bench_main_writes_json(tmp_path, capsys):
     models = ["mae_pvt_test", "simmim_pvt_test"]
     path = tmp_path / "new" / "folder" / "bench.json"  # parent folders are created
     parser = add_bench_args(argparse.ArgumentParser())
-    args = parser.parse_args([
-        "--models", ",".join(models), "--batch-size", "2", "--steps", "1", "--warmup", "0",
-        "--device", "cpu", "--json", str(path),
-    ])
+    args = parser.parse_args(
+        [
+            "--models",
+            ",".join(models),
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(path),
+        ]
+    )
     assert args.img_size is None and args.precision == "auto" and args.seed == 0
     assert bench_main(args) == 0
     out = capsys.readouterr().out
@@ -79,8 +105,25 @@ def test_input_bench__times_both_pipelines_per_core_and_with_workers(tmp_path, c
     for i in range(12):
         write_image(tmp_path / "imgs" / f"{i}.jpg", size=(90, 70), seed=i)
     args = add_bench_args(argparse.ArgumentParser()).parse_args(
-        ["--data", str(tmp_path / "imgs"), "--images", "12", "--workers", "1", "--batch-size", "4",
-         "--img-size", "32", "--pipelines", "pil,tensor,device", "--device", "cpu", "--json", str(tmp_path / "b.json")])
+        [
+            "--data",
+            str(tmp_path / "imgs"),
+            "--images",
+            "12",
+            "--workers",
+            "1",
+            "--batch-size",
+            "4",
+            "--img-size",
+            "32",
+            "--pipelines",
+            "pil,tensor,device",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
     assert bench_main(args) == 0
     rows = json.loads((tmp_path / "b.json").read_text())
     assert [r["pipeline"] for r in rows] == ["pil", "tensor", "device"]
@@ -104,10 +147,18 @@ def test_bad_counts_raise(bad):
 
 def test_format_table_aligned():
     rows = [
-        dict(model="a_long_model_name", batch_size=8, img_size=256, images_per_s=12.345,
-             step_time_ms=648.1, peak_mem_mb=1024.0, ratio=1.0),
-        dict(model="b", batch_size=8, img_size=256, images_per_s=30.0,
-             step_time_ms=266.7, peak_mem_mb=None, ratio=2.43),
+        dict(
+            model="a_long_model_name",
+            batch_size=8,
+            img_size=256,
+            images_per_s=12.345,
+            step_time_ms=648.1,
+            peak_mem_mb=1024.0,
+            ratio=1.0,
+        ),
+        dict(
+            model="b", batch_size=8, img_size=256, images_per_s=30.0, step_time_ms=266.7, peak_mem_mb=None, ratio=2.43
+        ),
     ]
     lines = format_table(rows).splitlines()
     assert len({len(line) for line in lines}) == 1  # every line equally wide

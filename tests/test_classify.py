@@ -5,6 +5,7 @@ kNN and linear probing, evaluation (one process and two), and bad input at the c
 Runs use the tiny ``*_test`` classifiers on 72 px images written by the tests themselves
 (``_helpers``), with one intra-op thread (conftest).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,12 +41,21 @@ def _epoch_records(out: Path) -> list:
     return [r for r in _records(out) if "train_loss" in r]
 
 
-
-
-
 def _ft_cfg(out: Path, data: Path, **kw) -> FinetuneConfig:
-    values = dict(model="swin_test", data=str(data), output=str(out), epochs=1, warmup_epochs=0, batch_size=6,
-                  lr=1e-3, num_workers=0, device="cpu", log_every=1, keep_every=0, seed=0)
+    values = dict(
+        model="swin_test",
+        data=str(data),
+        output=str(out),
+        epochs=1,
+        warmup_epochs=0,
+        batch_size=6,
+        lr=1e-3,
+        num_workers=0,
+        device="cpu",
+        log_every=1,
+        keep_every=0,
+        seed=0,
+    )
     values.update(kw)
     return FinetuneConfig(**values)
 
@@ -62,8 +72,9 @@ def test_classifier__forward_backward_features_and_head_init(name):
     logits = model(x)
     assert logits.shape == (2, 7)
     F.cross_entropy(logits, torch.tensor([1, 5])).backward()
-    no_grad = [n for n, p in model.named_parameters()
-               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    no_grad = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not no_grad, f"parameters without a gradient: {no_grad}"
 
     with torch.no_grad():
@@ -114,23 +125,41 @@ def test_classifier__reset_classifier_and_probe_head():
 # (name prefix, depth from the top: lr_scale = decay ** depth); the first matching prefix wins
 LAYER_DEPTHS = {
     "swin_test": [  # depths (2, 1, 1, 1): 5 layers
-        ("encoder.patch_embed.", 6), ("encoder.patch_norm.", 6),
+        ("encoder.patch_embed.", 6),
+        ("encoder.patch_norm.", 6),
         # a down-sampling layer goes with the first block after it (the reference's blocks hold it)
-        ("encoder.stages.0.0.", 5), ("encoder.stages.0.1.", 4), ("encoder.downsamples.0.", 3),
-        ("encoder.stages.1.0.", 3), ("encoder.downsamples.1.", 2),
-        ("encoder.stages.2.0.", 2), ("encoder.downsamples.2.", 1),
-        ("encoder.stages.3.0.", 1), ("fc_norm.", 0), ("head.", 0),
+        ("encoder.stages.0.0.", 5),
+        ("encoder.stages.0.1.", 4),
+        ("encoder.downsamples.0.", 3),
+        ("encoder.stages.1.0.", 3),
+        ("encoder.downsamples.1.", 2),
+        ("encoder.stages.2.0.", 2),
+        ("encoder.downsamples.2.", 1),
+        ("encoder.stages.3.0.", 1),
+        ("fc_norm.", 0),
+        ("head.", 0),
     ],
     "pvt_test": [  # depths (1, 1, 1, 1): 4 layers; the position table is part of the embedding
-        ("encoder.patch_embed.", 5), ("encoder.pos_embed", 5),
-        ("encoder.stages.0.0.", 4), ("encoder.downsamples.0.", 3),
-        ("encoder.stages.1.0.", 3), ("encoder.downsamples.1.", 2),
-        ("encoder.stages.2.0.", 2), ("encoder.downsamples.2.", 1),
-        ("encoder.stages.3.0.", 1), ("fc_norm.", 0), ("head.", 0),
+        ("encoder.patch_embed.", 5),
+        ("encoder.pos_embed", 5),
+        ("encoder.stages.0.0.", 4),
+        ("encoder.downsamples.0.", 3),
+        ("encoder.stages.1.0.", 3),
+        ("encoder.downsamples.1.", 2),
+        ("encoder.stages.2.0.", 2),
+        ("encoder.downsamples.2.", 1),
+        ("encoder.stages.3.0.", 1),
+        ("fc_norm.", 0),
+        ("head.", 0),
     ],
     "vit_test": [  # depth 2: embeddings, blocks.0, blocks.1, head
-        ("encoder.patch_embed.", 3), ("encoder.cls_token", 3), ("encoder.pos_embed", 3),  # and pos_embed_cls
-        ("encoder.blocks.0.", 2), ("encoder.blocks.1.", 1), ("fc_norm.", 0), ("head.", 0),
+        ("encoder.patch_embed.", 3),
+        ("encoder.cls_token", 3),
+        ("encoder.pos_embed", 3),  # and pos_embed_cls
+        ("encoder.blocks.0.", 2),
+        ("encoder.blocks.1.", 1),
+        ("fc_norm.", 0),
+        ("head.", 0),
     ],
 }
 
@@ -173,9 +202,24 @@ def test_finetune__memorises_a_few_images(tmp_path):
     colours), evaluated on the same images: training accuracy with the eval transform."""
     few = write_pattern_images(tmp_path / "few", per_class=4)
     out = tmp_path / "o"
-    summary = finetune(_ft_cfg(out, few, val_data=str(few), epochs=40, warmup_epochs=1, batch_size=4, mixup=0.0,
-                               cutmix=0.0, smoothing=0.0, auto_augment="none", reprob=0.0, drop_path=0.0,
-                               eval_every=0, log_every=100))
+    summary = finetune(
+        _ft_cfg(
+            out,
+            few,
+            val_data=str(few),
+            epochs=40,
+            warmup_epochs=1,
+            batch_size=4,
+            mixup=0.0,
+            cutmix=0.0,
+            smoothing=0.0,
+            auto_augment="none",
+            reprob=0.0,
+            drop_path=0.0,
+            eval_every=0,
+            log_every=100,
+        )
+    )
     assert summary["val_images"] == 12
     assert summary["acc1"] == 100.0, summary
     losses = [r["train_loss"] for r in _epoch_records(out)]
@@ -219,14 +263,19 @@ def test_knn_scores__matches_a_loop_and_separates_clusters():
 
 def test_run_knn__separates_colour_classes(colour_data, pretrain_ckpt, tmp_path):
     path = pretrain_ckpt("mae_swin_test")
-    result = run_knn(KnnConfig(model="swin_test", pretrained=str(path), data=str(colour_data), k=5, num_workers=0,
-                               device="cpu"))
+    result = run_knn(
+        KnnConfig(model="swin_test", pretrained=str(path), data=str(colour_data), k=5, num_workers=0, device="cpu")
+    )
     assert (result["train_images"], result["val_images"]) == (18, 9)
     assert result["knn_acc1"] >= 90.0, result
     st = tmp_path / "enc.safetensors"
     export(path, st)  # the exported encoder gives the same features
-    assert run_knn(KnnConfig(model="swin_test", pretrained=str(st), data=str(colour_data), k=5, num_workers=0,
-                             device="cpu")) == result
+    assert (
+        run_knn(
+            KnnConfig(model="swin_test", pretrained=str(st), data=str(colour_data), k=5, num_workers=0, device="cpu")
+        )
+        == result
+    )
 
 
 def test_run_knn__uses_the_temperature_it_is_given(colour_data, pretrain_ckpt, monkeypatch):
@@ -248,14 +297,23 @@ def test_run_knn__uses_the_temperature_it_is_given(colour_data, pretrain_ckpt, m
     results = {}
     for temperature in (1.0, 0.05):
         fake = iter([(train, train_labels), (q.expand(9, 2).clone(), torch.zeros(9, dtype=torch.long))])
-        results[temperature] = run_knn(KnnConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")),
-                                                 data=str(colour_data), k=3, temperature=temperature, num_workers=0,
-                                                 device="cpu"))["knn_acc1"]
+        results[temperature] = run_knn(
+            KnnConfig(
+                model="swin_test",
+                pretrained=str(pretrain_ckpt("mae_swin_test")),
+                data=str(colour_data),
+                k=3,
+                temperature=temperature,
+                num_workers=0,
+                device="cpu",
+            )
+        )["knn_acc1"]
     assert results == {1.0: 100.0, 0.05: 0.0}
 
 
-def test_evaluation_and_knn_features__log_progress_lines_without_a_terminal(colour_data, pretrain_ckpt, caplog,
-                                                                          monkeypatch):
+def test_evaluation_and_knn_features__log_progress_lines_without_a_terminal(
+    colour_data, pretrain_ckpt, caplog, monkeypatch
+):
     """Without a terminal (as under pytest) the evaluation loops report through the one
     progress helper: a line with the count so far every ``log_every`` items, and a last line
     with the total and the elapsed time."""
@@ -276,8 +334,17 @@ def test_evaluation_and_knn_features__log_progress_lines_without_a_terminal(colo
     assert lines[2].startswith("evaluation: 3 batch in "), lines
     caplog.clear()
     with caplog.at_level("INFO", logger="ummae"):
-        run_knn(KnnConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(colour_data),
-                          k=5, batch_size=8, num_workers=0, device="cpu"))
+        run_knn(
+            KnnConfig(
+                model="swin_test",
+                pretrained=str(pretrain_ckpt("mae_swin_test")),
+                data=str(colour_data),
+                k=5,
+                batch_size=8,
+                num_workers=0,
+                device="cpu",
+            )
+        )
     done = [r.getMessage().split(" in ")[0] for r in caplog.records if " batch in " in r.getMessage()]
     assert done == ["kNN features (train): 3 batch", "kNN features (val): 2 batch"], done  # 18 and 9 images
 
@@ -287,9 +354,22 @@ def test_linprobe__frozen_encoder_separates_colour_classes(colour_data, pretrain
     # linear probe on 18 images needs a large lr and a few dozen steps.
     path = pretrain_ckpt("mae_swin_test")
     out = tmp_path / "lp"
-    summary = linprobe(LinprobeConfig(model="swin_test", pretrained=str(path), data=str(colour_data), output=str(out),
-                                      epochs=30, warmup_epochs=1, batch_size=6, lr=1.0, num_workers=0,
-                                      device="cpu", eval_every=0, log_every=100))
+    summary = linprobe(
+        LinprobeConfig(
+            model="swin_test",
+            pretrained=str(path),
+            data=str(colour_data),
+            output=str(out),
+            epochs=30,
+            warmup_epochs=1,
+            batch_size=6,
+            lr=1.0,
+            num_workers=0,
+            device="cpu",
+            eval_every=0,
+            log_every=100,
+        )
+    )
     assert summary["acc1"] >= 90.0, summary
     state = ckpt.load(out / "checkpoint-last.pth")["model"]
     src = ckpt.load(path)["model"]
@@ -297,8 +377,15 @@ def test_linprobe__frozen_encoder_separates_colour_classes(colour_data, pretrain
     assert not frozen, f"the probe changed encoder weights: {frozen[:5]}"
     assert {"head.0.running_mean", "head.1.weight"} <= set(state) and "head.0.weight" not in state
     # the probe's checkpoint evaluates as it was validated (BatchNorm statistics included)
-    result = run_eval(EvalConfig(model="swin_test", checkpoint=str(out / "checkpoint-last.pth"), data=str(colour_data),
-                                 num_workers=0, device="cpu"))
+    result = run_eval(
+        EvalConfig(
+            model="swin_test",
+            checkpoint=str(out / "checkpoint-last.pth"),
+            data=str(colour_data),
+            num_workers=0,
+            device="cpu",
+        )
+    )
     assert result["acc1"] == summary["acc1"] and result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
 
 
@@ -313,8 +400,18 @@ def test_finetune__exact_resume_with_mixup_and_ema(colour_data, tmp_path, monkey
     # 18 images, batch 4: 4 steps per epoch; checkpoints at updates 2, 4 (epoch end), 6, ...
     # Drop path (on by default in fine-tuning) draws from torch's global RNG: a high rate makes
     # any difference in that stream after the resume show in the losses.
-    kw = dict(epochs=3, warmup_epochs=1, batch_size=4, mixup=0.8, cutmix=1.0, ema=True, ema_decay=0.9,
-              drop_path=0.3, save_every_steps=2, eval_every=1)
+    kw = dict(
+        epochs=3,
+        warmup_epochs=1,
+        batch_size=4,
+        mixup=0.8,
+        cutmix=1.0,
+        ema=True,
+        ema_decay=0.9,
+        drop_path=0.3,
+        save_every_steps=2,
+        eval_every=1,
+    )
     ref = tmp_path / "ref"
     finetune(_ft_cfg(ref, colour_data, **kw))
 
@@ -354,8 +451,16 @@ def test_finetune__exact_resume_with_mixup_and_ema(colour_data, tmp_path, monkey
 
 def test_run_eval__reproduces_the_fine_tune_validation(finetuned, colour_data):
     logged = _epoch_records(finetuned)[-1]
-    result = run_eval(EvalConfig(model="swin_test", checkpoint=str(finetuned / "checkpoint-last.pth"),
-                                 data=str(colour_data), batch_size=4, num_workers=0, device="cpu"))
+    result = run_eval(
+        EvalConfig(
+            model="swin_test",
+            checkpoint=str(finetuned / "checkpoint-last.pth"),
+            data=str(colour_data),
+            batch_size=4,
+            num_workers=0,
+            device="cpu",
+        )
+    )
     assert result["val_images"] == logged["val_images"] == 9
     assert result["acc1"] == logged["acc1"] and result["acc5"] == logged["acc5"]
     assert result["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
@@ -364,8 +469,10 @@ def test_run_eval__reproduces_the_fine_tune_validation(finetuned, colour_data):
 def test_run_eval__exported_classifier_gives_the_same_result(finetuned, colour_data, tmp_path):
     st = tmp_path / "clf.safetensors"
     export(finetuned / "checkpoint-last.pth", st)
-    results = [run_eval(EvalConfig(model="swin_test", checkpoint=str(p), data=str(colour_data), num_workers=0,
-                                   device="cpu")) for p in (finetuned / "checkpoint-last.pth", st)]
+    results = [
+        run_eval(EvalConfig(model="swin_test", checkpoint=str(p), data=str(colour_data), num_workers=0, device="cpu"))
+        for p in (finetuned / "checkpoint-last.pth", st)
+    ]
     assert results[0] == results[1]
 
 
@@ -377,8 +484,11 @@ def test_run_eval__ema_weights_on_request(finetuned, colour_data, tmp_path):
     ck = out / "checkpoint-last.pth"
 
     def evaluate_file(path, **kw):
-        return run_eval(EvalConfig(model="swin_test", checkpoint=str(path), data=str(colour_data), num_workers=0,
-                                   device="cpu", **kw))
+        return run_eval(
+            EvalConfig(
+                model="swin_test", checkpoint=str(path), data=str(colour_data), num_workers=0, device="cpu", **kw
+            )
+        )
 
     ema = evaluate_file(ck, ema=True)
     assert ema["acc1"] == logged["ema_acc1"] and ema["val_loss"] == pytest.approx(logged["ema_val_loss"], rel=1e-5)
@@ -411,17 +521,34 @@ def test_run_eval__model_built_with_the_fine_tuned_window(colour_data, tmp_path)
     assert ckpt.load(path)["model_args"]["window_size"] == 4
     model = load_classifier(EvalConfig(model="swin_test", checkpoint=str(path), data=str(colour_data)), str(path))
     assert model.encoder.window_size == 4, "eval runs another model than the one fine-tuned"
-    result = run_eval(EvalConfig(model="swin_test", checkpoint=str(path), data=str(colour_data), num_workers=0,
-                                 device="cpu"))
+    result = run_eval(
+        EvalConfig(model="swin_test", checkpoint=str(path), data=str(colour_data), num_workers=0, device="cpu")
+    )
     assert result["val_loss"] == pytest.approx(_epoch_records(out)[-1]["val_loss"], rel=1e-6)
 
 
 def test_run_eval__torchrun_two_gloo_processes_match_one(finetuned, colour_data):
     path = finetuned / "checkpoint-last.pth"
-    args = ["eval", "--model", "swin_test", "--checkpoint", str(path), "--data", str(colour_data),
-            "--batch-size", "2", "--num-workers", "0", "--device", "cpu"]
-    one = run_eval(EvalConfig(model="swin_test", checkpoint=str(path), data=str(colour_data), batch_size=2,
-                              num_workers=0, device="cpu"))
+    args = [
+        "eval",
+        "--model",
+        "swin_test",
+        "--checkpoint",
+        str(path),
+        "--data",
+        str(colour_data),
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    one = run_eval(
+        EvalConfig(
+            model="swin_test", checkpoint=str(path), data=str(colour_data), batch_size=2, num_workers=0, device="cpu"
+        )
+    )
     proc = run_torchrun(args, timeout=300)
     printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert printed, proc.stdout
@@ -461,22 +588,32 @@ def bad_trees(tmp_path_factory) -> dict:
     return {"flat": flat, "mismatch": mismatch}
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["finetune", "--model", "swin_test"], "fine-tuning needs labelled data: pass --data"),
-    (["linprobe", "--model", "swin_test", "--data", "{colour}"], "linear probing needs --pretrained"),
-    (["finetune", "--model", "swin_test", "--data", "{colour}", "--layer-decay", "0"],
-     "bad config value layer_decay=0.0: must be in (0, 1]"),
-    (["finetune", "--model", "swin_test", "--data", "{flat}"], "has no class sub-folders"),
-    (["finetune", "--model", "swin_test", "--data", "{mismatch}"],
-     "differ from the training classes (2 vs 3; missing here: green)"),
-    (["finetune", "--model", "mae_swin_test", "--data", "{colour}"], "'mae_swin_test' is a pre-training model"),
-    (["knn", "--model", "mae_swin_test", "--data", "{colour}", "--pretrained", "{ckpt}"],
-     "'mae_swin_test' is a pre-training model"),
-    (["eval", "--model", "swin_test", "--data", "{colour}"], "evaluation needs --checkpoint"),
-    (["eval", "--model", "swin_test", "--data", "{colour}", "--checkpoint", "{ckpt}"], "holds no classifier head"),
-])
-def test_cli_classify__bad_input_one_error_line(capsys, tmp_path, colour_data, pretrain_ckpt, bad_trees, argv,
-                                                 expected):
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["finetune", "--model", "swin_test"], "fine-tuning needs labelled data: pass --data"),
+        (["linprobe", "--model", "swin_test", "--data", "{colour}"], "linear probing needs --pretrained"),
+        (
+            ["finetune", "--model", "swin_test", "--data", "{colour}", "--layer-decay", "0"],
+            "bad config value layer_decay=0.0: must be in (0, 1]",
+        ),
+        (["finetune", "--model", "swin_test", "--data", "{flat}"], "has no class sub-folders"),
+        (
+            ["finetune", "--model", "swin_test", "--data", "{mismatch}"],
+            "differ from the training classes (2 vs 3; missing here: green)",
+        ),
+        (["finetune", "--model", "mae_swin_test", "--data", "{colour}"], "'mae_swin_test' is a pre-training model"),
+        (
+            ["knn", "--model", "mae_swin_test", "--data", "{colour}", "--pretrained", "{ckpt}"],
+            "'mae_swin_test' is a pre-training model",
+        ),
+        (["eval", "--model", "swin_test", "--data", "{colour}"], "evaluation needs --checkpoint"),
+        (["eval", "--model", "swin_test", "--data", "{colour}", "--checkpoint", "{ckpt}"], "holds no classifier head"),
+    ],
+)
+def test_cli_classify__bad_input_one_error_line(
+    capsys, tmp_path, colour_data, pretrain_ckpt, bad_trees, argv, expected
+):
     values = {"colour": colour_data, "ckpt": pretrain_ckpt("mae_swin_test"), **bad_trees}
     argv = [a.format(**{k: str(v) for k, v in values.items()}) for a in argv]
     out = tmp_path / "out"
@@ -495,21 +632,54 @@ def test_finetune_and_knn__val_figures_from_training_images_are_flagged(tmp_path
     flat = write_colour_images(tmp_path / "no_split", per_class=4)
     out = tmp_path / "ft"
     with caplog.at_level("WARNING", logger="ummae"):
-        finetune(FinetuneConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(flat),
-                                output=str(out), epochs=2, warmup_epochs=0, batch_size=6, lr=1e-3, num_workers=0,
-                                device="cpu", keep_every=0, eval_every=1))
+        finetune(
+            FinetuneConfig(
+                model="swin_test",
+                pretrained=str(pretrain_ckpt("mae_swin_test")),
+                data=str(flat),
+                output=str(out),
+                epochs=2,
+                warmup_epochs=0,
+                batch_size=6,
+                lr=1e-3,
+                num_workers=0,
+                device="cpu",
+                keep_every=0,
+                eval_every=1,
+            )
+        )
     evals = [r for r in _epoch_records(out) if "acc1" in r]
     assert len(evals) == 2 and all(r["val_is_train"] == 1.0 for r in evals)
     assert sum("measured on the TRAINING images" in m for m in caplog.messages) == 2
-    result = run_knn(KnnConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(flat), k=3,
-                               num_workers=0, device="cpu"))
+    result = run_knn(
+        KnnConfig(
+            model="swin_test",
+            pretrained=str(pretrain_ckpt("mae_swin_test")),
+            data=str(flat),
+            k=3,
+            num_workers=0,
+            device="cpu",
+        )
+    )
     assert result["val_is_train"] is True
     # with a val split: nothing of the kind
     caplog.clear()
     out2 = tmp_path / "ft2"
     with caplog.at_level("WARNING", logger="ummae"):
-        finetune(FinetuneConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(colour_data),
-                                output=str(out2), epochs=1, warmup_epochs=0, batch_size=6, lr=1e-3, num_workers=0,
-                                device="cpu", keep_every=0))
+        finetune(
+            FinetuneConfig(
+                model="swin_test",
+                pretrained=str(pretrain_ckpt("mae_swin_test")),
+                data=str(colour_data),
+                output=str(out2),
+                epochs=1,
+                warmup_epochs=0,
+                batch_size=6,
+                lr=1e-3,
+                num_workers=0,
+                device="cpu",
+                keep_every=0,
+            )
+        )
     assert all("val_is_train" not in r for r in _epoch_records(out2))
     assert not any("TRAINING images" in m for m in caplog.messages)

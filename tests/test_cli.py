@@ -1,5 +1,6 @@
 """Tests of the ``ummae`` command line: help, ``models``, clear one-line errors with exit code
 2, YAML + flag precedence, built-in configs, and the ``python -m ummae`` entry (torchrun's)."""
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,15 @@ import ummae.tasks.pretrain as train
 from ummae.cli import _parser, main
 from ummae.config import PretrainConfig, config_from_args
 
-PAPER_MODELS = ["mae_swin_tiny_256", "mae_swin_large_256", "mae_pvt_small_256", "simmim_swin_tiny_256",
-                "simmim_pvt_small_256", "mae_vit_base_patch16"]
+PAPER_MODELS = [
+    "mae_swin_tiny_256",
+    "mae_swin_large_256",
+    "mae_pvt_small_256",
+    "simmim_swin_tiny_256",
+    "simmim_pvt_small_256",
+    "mae_vit_base_patch16",
+]
 TEST_MODELS = ["mae_swin_test", "mae_pvt_test", "mae_vit_test", "simmim_swin_test", "simmim_pvt_test"]
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,18 @@ def test_cli_help__pretrain_mentions_flags(capsys):
         main(["pretrain", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--mask-ratio", "--sm-ratio", "--sampling", "--precision", "--resume", "--config",
-                 "--accum-iter", "--save-every-steps", "--data", "--output"):
+    for flag in (
+        "--mask-ratio",
+        "--sm-ratio",
+        "--sampling",
+        "--precision",
+        "--resume",
+        "--config",
+        "--accum-iter",
+        "--save-every-steps",
+        "--data",
+        "--output",
+    ):
         assert flag in out, flag
     assert "demo" in out  # built-in config names are advertised
 
@@ -100,8 +113,9 @@ def test_cli_models__pattern_filters(capsys):
 
 
 def test_cli_module_entry__python_m_ummae_models():
-    proc = subprocess.run([sys.executable, "-m", "ummae", "models", "*_256"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ummae", "models", "*_256"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     names = proc.stdout.splitlines()
     assert "mae_swin_tiny_256" in names and "simmim_pvt_small_256" in names
@@ -113,9 +127,25 @@ def test_cli_module_entry__python_m_ummae_models():
 
 def test_cli_pretrain__missing_data_path_subprocess(tmp_path):
     """At process level: exit code 2, one error line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "ummae", "pretrain", "--model", "mae_swin_test", "--data",
-                           str(tmp_path / "missing"), "--output", str(tmp_path / "out"), "--num-workers", "0"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ummae",
+            "pretrain",
+            "--model",
+            "mae_swin_test",
+            "--data",
+            str(tmp_path / "missing"),
+            "--output",
+            str(tmp_path / "out"),
+            "--num-workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"ummae pretrain: error: data path not found: {tmp_path / 'missing'}"], proc.stderr
@@ -123,20 +153,46 @@ def test_cli_pretrain__missing_data_path_subprocess(tmp_path):
 
 
 def test_cli_pretrain__missing_data_path(capsys, tmp_path):
-    line = _error_line(capsys, ["pretrain", "--model", "mae_swin_test", "--data", str(tmp_path / "nope"),
-                                "--output", str(tmp_path / "o")])
+    line = _error_line(
+        capsys,
+        ["pretrain", "--model", "mae_swin_test", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o")],
+    )
     assert "data path not found" in line and "nope" in line
 
 
 def test_cli_pretrain__odd_unit_grid(capsys, tmp_path, images):
-    line = _error_line(capsys, ["pretrain", "--model", "mae_swin_test", "--img-size", "80", "--data", str(images),
-                                "--output", str(tmp_path / "o")])
+    line = _error_line(
+        capsys,
+        [
+            "pretrain",
+            "--model",
+            "mae_swin_test",
+            "--img-size",
+            "80",
+            "--data",
+            str(images),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "5x5" in line and "even" in line and "80" in line
 
 
 def test_cli_pretrain__bad_precision(capsys, tmp_path, images):
-    line = _error_line(capsys, ["pretrain", "--model", "mae_swin_test", "--precision", "fp8",
-                                "--data", str(images), "--output", str(tmp_path / "o")])
+    line = _error_line(
+        capsys,
+        [
+            "pretrain",
+            "--model",
+            "mae_swin_test",
+            "--precision",
+            "fp8",
+            "--data",
+            str(images),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "precision='fp8'" in line and "bf16" in line
 
 
@@ -158,8 +214,9 @@ def test_cli_pretrain__missing_config_file(capsys, tmp_path):
 
 
 def test_cli_pretrain__unknown_model_suggests(capsys, tmp_path, images):
-    line = _error_line(capsys, ["pretrain", "--model", "mae_swin_tst", "--data", str(images),
-                                "--output", str(tmp_path / "o")])
+    line = _error_line(
+        capsys, ["pretrain", "--model", "mae_swin_tst", "--data", str(images), "--output", str(tmp_path / "o")]
+    )
     assert "unknown model 'mae_swin_tst'" in line and "Did you mean mae_swin_test" in line
     assert not (tmp_path / "o").exists()
 
@@ -172,8 +229,25 @@ def test_cli_pretrain__non_finite_loss_exit_3(capsys, tmp_path, images, monkeypa
         return {**out, "loss": out["loss"] * float("nan")}
 
     monkeypatch.setattr(train, "pretrain_step", nan_step)
-    code = main(["pretrain", "--model", "mae_swin_test", "--data", str(images), "--output", str(tmp_path / "o"),
-                 "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--log-every", "1"])
+    code = main(
+        [
+            "pretrain",
+            "--model",
+            "mae_swin_test",
+            "--data",
+            str(images),
+            "--output",
+            str(tmp_path / "o"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--log-every",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3, err
     assert err.startswith("ummae pretrain: error: non-finite loss") and "Traceback" not in err
@@ -181,9 +255,33 @@ def test_cli_pretrain__non_finite_loss_exit_3(capsys, tmp_path, images, monkeypa
 
 def test_cli_pretrain__runs(capsys, tmp_path, images):
     out = tmp_path / "o"
-    assert main(["pretrain", "--model", "mae_vit_test", "--data", str(images), "--output", str(out),
-                 "--epochs", "2", "--batch-size", "4", "--num-workers", "0", "--log-every", "1",
-                 "--blr", "1e-3", "--crop-scale", "0.5", "1.0"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--model",
+                "mae_vit_test",
+                "--data",
+                str(images),
+                "--output",
+                str(out),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--num-workers",
+                "0",
+                "--log-every",
+                "1",
+                "--blr",
+                "1e-3",
+                "--crop-scale",
+                "0.5",
+                "1.0",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train_loss" in r] == [2, 4]
     assert {"checkpoint-last.pth", "checkpoint-1.pth"} <= set(os.listdir(out))
@@ -218,7 +316,13 @@ def test_config_from_args__builtin_demo():
 
 def test_config_from_args__builtin_paper_recipe():
     cfg = config_from_args(PretrainConfig, _parser().parse_args(["pretrain", "--config", "swin_tiny_in1k"]))
-    assert (cfg.model, cfg.batch_size, cfg.accum_iter, cfg.blr, cfg.sm_ratio) == ("mae_swin_tiny_256", 128, 4, 1.5e-4, 0.25)
+    assert (cfg.model, cfg.batch_size, cfg.accum_iter, cfg.blr, cfg.sm_ratio) == (
+        "mae_swin_tiny_256",
+        128,
+        4,
+        1.5e-4,
+        0.25,
+    )
 
 
 def test_builtin_configs__each_listed_for_the_commands_it_fits():

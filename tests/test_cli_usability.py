@@ -3,6 +3,7 @@ the checkpoint, ``config.yaml`` + ``log.txt`` + ``checkpoint-best.pth`` in every
 ``--version``, choices and required flags in ``--help``, a fast ``--help`` (no torch), MAE's
 ``--batch_size`` spellings answered in one line, and step log lines that never depend on the
 progress bar."""
+
 from __future__ import annotations
 
 import io
@@ -47,8 +48,22 @@ def _help(capsys, argv) -> str:
     return capsys.readouterr().out
 
 
-PRETRAIN_ARGS = ["--model", "mae_swin_test", "--epochs", "1", "--batch-size", "4", "--num-workers", "0",
-                 "--log-every", "1", "--vis-every", "0", "--device", "cpu"]
+PRETRAIN_ARGS = [
+    "--model",
+    "mae_swin_test",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--log-every",
+    "1",
+    "--vis-every",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 # ---------------------------------------------------------------- 1. --model from the checkpoint
@@ -57,8 +72,21 @@ PRETRAIN_ARGS = ["--model", "mae_swin_test", "--epochs", "1", "--batch-size", "4
 def test_knn__model_taken_from_a_pretraining_checkpoint(capsys, caplog, colour_data, pretrain_ckpt):
     """No --model: a pre-training checkpoint's classifier (mae_swin_test -> swin_test), said in the log."""
     with caplog.at_level(logging.INFO, logger="ummae"):
-        code = main(["knn", "--pretrained", str(pretrain_ckpt("mae_swin_test")), "--data", str(colour_data),
-                     "--k", "3", "--num-workers", "0", "--device", "cpu"])
+        code = main(
+            [
+                "knn",
+                "--pretrained",
+                str(pretrain_ckpt("mae_swin_test")),
+                "--data",
+                str(colour_data),
+                "--k",
+                "3",
+                "--num-workers",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["val_images"] == 9
@@ -71,16 +99,55 @@ def test_finetune_then_eval__model_taken_from_the_checkpoints(tmp_path, capsys, 
     records it; eval without --model takes the classifier the checkpoint holds."""
     out = tmp_path / "ft"
     with caplog.at_level(logging.INFO, logger="ummae"):
-        assert main(["finetune", "--pretrained", str(pretrain_ckpt("mae_swin_test")), "--data", str(colour_data),
-                     "--output", str(out), "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "6",
-                     "--lr", "1e-3", "--num-workers", "0", "--device", "cpu", "--keep-every", "0"]) == 0
+        assert (
+            main(
+                [
+                    "finetune",
+                    "--pretrained",
+                    str(pretrain_ckpt("mae_swin_test")),
+                    "--data",
+                    str(colour_data),
+                    "--output",
+                    str(out),
+                    "--epochs",
+                    "1",
+                    "--warmup-epochs",
+                    "0",
+                    "--batch-size",
+                    "6",
+                    "--lr",
+                    "1e-3",
+                    "--num-workers",
+                    "0",
+                    "--device",
+                    "cpu",
+                    "--keep-every",
+                    "0",
+                ]
+            )
+            == 0
+        )
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["model_name"] == "swin_test"
     assert yaml.safe_load((out / "config.yaml").read_text())["model"] == "swin_test"
     caplog.clear()
     capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="ummae"):
-        assert main(["eval", "--checkpoint", str(out / "checkpoint-last.pth"), "--data", str(colour_data),
-                     "--num-workers", "0", "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--checkpoint",
+                    str(out / "checkpoint-last.pth"),
+                    "--data",
+                    str(colour_data),
+                    "--num-workers",
+                    "0",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["val_images"] == 9
     said = [m for m in caplog.messages if m.startswith("--model swin_test")]
@@ -139,9 +206,21 @@ def test_finetune__checkpoint_best_follows_val_top1(tmp_path, colour_data, pretr
 
     monkeypatch.setattr(ft, "evaluate", fake_evaluate)
     out = tmp_path / "ft"
-    ft.finetune(ft.FinetuneConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")),
-                                  data=str(colour_data), output=str(out), epochs=3, warmup_epochs=0, batch_size=6,
-                                  lr=1e-3, num_workers=0, device="cpu", keep_every=1))
+    ft.finetune(
+        ft.FinetuneConfig(
+            model="swin_test",
+            pretrained=str(pretrain_ckpt("mae_swin_test")),
+            data=str(colour_data),
+            output=str(out),
+            epochs=3,
+            warmup_epochs=0,
+            batch_size=6,
+            lr=1e-3,
+            num_workers=0,
+            device="cpu",
+            keep_every=1,
+        )
+    )
     best = torch.load(out / "checkpoint-best.pth", weights_only=True)
     kept = torch.load(out / "checkpoint-1.pth", weights_only=True)
     last = torch.load(out / "checkpoint-last.pth", weights_only=True)
@@ -184,8 +263,12 @@ def test_cli__fixed_value_options_show_their_values(capsys):
 
 
 def test_cli__required_flags_shown_without_brackets(capsys, tmp_path):
-    for argv, flag in ((["eval", "--help"], "--checkpoint"), (["knn", "--help"], "--pretrained"),
-                       (["linprobe", "--help"], "--pretrained"), (["finetune", "--help"], "--data")):
+    for argv, flag in (
+        (["eval", "--help"], "--checkpoint"),
+        (["knn", "--help"], "--pretrained"),
+        (["linprobe", "--help"], "--pretrained"),
+        (["finetune", "--help"], "--data"),
+    ):
         usage = " ".join(_help(capsys, argv).split("\n\n")[0].split())
         assert f" {flag} " in usage and f"[{flag} " not in usage, usage
         assert "[--output " in usage or argv[0] in ("eval", "knn")  # optional ones keep theirs
@@ -200,8 +283,10 @@ def test_cli__required_flags_shown_without_brackets(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["eval", "--help"], ["--version"]])
 def test_cli__help_does_not_import_torch(argv):
-    code = (f"import sys\nfrom ummae.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
-            "print('torch' in sys.modules)")
+    code = (
+        f"import sys\nfrom ummae.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
@@ -210,18 +295,21 @@ def test_cli__help_does_not_import_torch(argv):
 # ---------------------------------------------------------------- 5. MAE / timm spellings
 
 
-@pytest.mark.parametrize("argv, typed, meant", [
-    (["pretrain", "--batch_size", "4"], "--batch_size", "--batch-size"),
-    (["pretrain", "--mask_ratio=0.75"], "--mask_ratio", "--mask-ratio"),
-    (["pretrain", "--output_dir", "runs/x"], "--output_dir", "--output"),
-    (["finetune", "--data_path", "/imagenet"], "--data_path", "--data"),
-    (["finetune", "--finetune", "ckpt.pth"], "--finetune", "--pretrained"),
-    (["finetune", "--nb_classes", "10"], "--nb_classes", "--num-classes"),
-    (["linprobe", "--warmup_epochs", "1"], "--warmup_epochs", "--warmup-epochs"),
-    (["finetune", "--model-ema"], "--model-ema", "--ema"),
-    (["eval", "--resume", "ckpt.pth"], "--resume", "--checkpoint"),
-    (["pretrain", "--epochz", "3"], "--epochz", "--epochs"),
-])
+@pytest.mark.parametrize(
+    "argv, typed, meant",
+    [
+        (["pretrain", "--batch_size", "4"], "--batch_size", "--batch-size"),
+        (["pretrain", "--mask_ratio=0.75"], "--mask_ratio", "--mask-ratio"),
+        (["pretrain", "--output_dir", "runs/x"], "--output_dir", "--output"),
+        (["finetune", "--data_path", "/imagenet"], "--data_path", "--data"),
+        (["finetune", "--finetune", "ckpt.pth"], "--finetune", "--pretrained"),
+        (["finetune", "--nb_classes", "10"], "--nb_classes", "--num-classes"),
+        (["linprobe", "--warmup_epochs", "1"], "--warmup_epochs", "--warmup-epochs"),
+        (["finetune", "--model-ema"], "--model-ema", "--ema"),
+        (["eval", "--resume", "ckpt.pth"], "--resume", "--checkpoint"),
+        (["pretrain", "--epochz", "3"], "--epochz", "--epochs"),
+    ],
+)
 def test_cli__mae_spellings_answered_in_one_line(capsys, argv, typed, meant):
     line = _one_error_line(capsys, argv, argv[0])
     assert line == f"ummae {argv[0]}: error: unknown option {typed}; did you mean {meant}?"
@@ -254,8 +342,19 @@ def test_pretrain__step_lines_logged_with_or_without_a_bar(tmp_path, caplog, ima
     monkeypatch.setattr(sys, "stderr", terminal)
     monkeypatch.setenv("COLUMNS", columns)
     with caplog.at_level(logging.INFO, logger="ummae"):
-        pretrain(PretrainConfig(model="mae_swin_test", data=str(images), output=str(tmp_path / "o"), epochs=1,
-                                batch_size=4, num_workers=0, log_every=1, vis_every=0, device="cpu"))
+        pretrain(
+            PretrainConfig(
+                model="mae_swin_test",
+                data=str(images),
+                output=str(tmp_path / "o"),
+                epochs=1,
+                batch_size=4,
+                num_workers=0,
+                log_every=1,
+                vis_every=0,
+                device="cpu",
+            )
+        )
     steps = [m for m in caplog.messages if m.startswith("epoch 0 step ")]
     assert [m.split(" loss")[0] for m in steps] == ["epoch 0 step 1/2", "epoch 0 step 2/2"], caplog.messages
     drawn = terminal.getvalue()

@@ -2,6 +2,7 @@
 loading and targets (boxes, labels, crowd regions, masks from polygons and RLE), large-scale
 jitter, collate and the training loader, COCO evaluation, and bad input (broken or missing
 annotation files, images missing on disk or corrupt)."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ PAD = (124, 116, 104)
 
 def _root() -> Path:
     if not (COCO_MINI / "annotations" / "instances_train2017.json").is_file():
-        pytest.fail(f"the coco_mini test data is missing: expected {COCO_MINI} with "
-                    f"annotations/instances_{{train,val}}2017.json and train2017/, val2017/")
+        pytest.fail(
+            f"the coco_mini test data is missing: expected {COCO_MINI} with "
+            f"annotations/instances_{{train,val}}2017.json and train2017/, val2017/"
+        )
     return COCO_MINI
 
 
@@ -44,8 +47,7 @@ def _json(split: str) -> dict:
 
 @pytest.fixture(scope="module")
 def train_ds():
-    return CocoDetection(_root(), "train2017", train=True, with_masks=True,
-                         transform=LargeScaleJitter(256))
+    return CocoDetection(_root(), "train2017", train=True, with_masks=True, transform=LargeScaleJitter(256))
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,7 @@ def test_masks__polygon_area_and_crowd_rle(train_ds, train_eval_ds):
     assert 0.9 < int(t["masks"][k].sum()) / 73211.1102 < 1.1
     # the mask's box (pixel edges) is the annotation's box [2.48, 0.93, 237.52, 314.19] within
     # the rasterisation's pixel
-    assert torch.allclose(masks_to_boxes(t["masks"][k:k + 1])[0], t["boxes"][k], atol=1.0)
+    assert torch.allclose(masks_to_boxes(t["masks"][k : k + 1])[0], t["boxes"][k], atol=1.0)
     # crowd regions are uncompressed RLEs: e.g. 904400581632 of image 581632 (239 x 320)
     t = train_eval_ds.target(train_eval_ds.ids.index(581632))
     ids = [a["id"] for a in train_eval_ds.coco.imgToAnns[581632]]
@@ -230,8 +232,7 @@ def test_lsj__flip_mirrors_boxes_and_image(val_ds):
     ch, cw = ta["img_shape"]
     assert tb["img_shape"] == (ch, cw)
     fa = ta["boxes"]
-    assert torch.allclose(tb["boxes"], torch.stack([cw - fa[:, 2], fa[:, 1], cw - fa[:, 0],
-                                                    fa[:, 3]], dim=1))
+    assert torch.allclose(tb["boxes"], torch.stack([cw - fa[:, 2], fa[:, 1], cw - fa[:, 0], fa[:, 3]], dim=1))
     assert torch.equal(b[:, :ch, :cw], a[:, :ch, :cw].flip(-1))
 
 
@@ -283,9 +284,14 @@ def _gt_predictions(ds: CocoDetection, keep_every: int = 1):
     for i in range(len(ds)):
         _, t = ds[i]
         keep = torch.nonzero(t["iscrowd"] == 0).flatten()[::keep_every]
-        preds.append({"boxes": t["boxes"][keep], "labels": t["labels"][keep],
-                      "scores": torch.ones(len(keep)),
-                      "masks": t["masks"][keep][:, None].float()})
+        preds.append(
+            {
+                "boxes": t["boxes"][keep],
+                "labels": t["labels"][keep],
+                "scores": torch.ones(len(keep)),
+                "masks": t["masks"][keep][:, None].float(),
+            }
+        )
         targets.append(t)
     return targets, preds
 
@@ -313,8 +319,7 @@ def test_coco_evaluate__ground_truth_scores_one(val_ds, caplog):
     for t in ("bbox", "segm"):
         assert m[f"{t}_AP"] == m[f"{t}_AP50"] == m[f"{t}_AP75"] == pytest.approx(1.0)
         assert "Average Precision" in summaries[t]
-    assert set(m) == {f"{t}_{k}" for t in ("bbox", "segm")
-                      for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    assert set(m) == {f"{t}_{k}" for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
     assert "Average Precision" in caplog.text
 
 
@@ -329,8 +334,7 @@ def test_coco_evaluate__images_without_detections_count(val_ds):
     targets, preds = _gt_predictions(val_ds)
     results = coco_results(targets[:40], preds[:40], val_ds)
     assert coco_evaluate(val_ds.coco, results, "bbox", val_ds.ids)["bbox_AP"] < 1.0
-    assert coco_evaluate(val_ds.coco, results, "bbox", val_ds.ids[:40])["bbox_AP"] == \
-        pytest.approx(1.0)
+    assert coco_evaluate(val_ds.coco, results, "bbox", val_ds.ids[:40])["bbox_AP"] == pytest.approx(1.0)
 
 
 def test_coco_evaluate__no_results_is_zero(val_ds, caplog):
@@ -370,12 +374,15 @@ def test_bad_input__truncated_json(tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d.pop("annotations"), "no 'annotations' list"),
-    (lambda d: d["annotations"][0].update(image_id=1), "points at image id 1"),
-    (lambda d: d["annotations"][0].update(category_id=12), "category id 12"),
-    (lambda d: d["images"][0].pop("file_name"), "has no 'file_name'"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.pop("annotations"), "no 'annotations' list"),
+        (lambda d: d["annotations"][0].update(image_id=1), "points at image id 1"),
+        (lambda d: d["annotations"][0].update(category_id=12), "category id 12"),
+        (lambda d: d["images"][0].pop("file_name"), "has no 'file_name'"),
+    ],
+)
 def test_bad_input__not_a_coco_instances_file(tmp_path, edit, message):
     root = _mirror(tmp_path)
     path = root / "annotations" / "instances_train2017.json"
@@ -389,8 +396,11 @@ def test_bad_input__not_a_coco_instances_file(tmp_path, edit, message):
 def test_bad_input__image_missing_on_disk(tmp_path):
     root = _mirror(tmp_path)
     (root / "train2017" / "000000098304.jpg").unlink()
-    with pytest.raises(ValueError, match=r"1 of the 80 images listed in .*instances_train2017"
-                                         r"\.json are missing on disk, e\.g\. .*000000098304\.jpg"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 of the 80 images listed in .*instances_train2017"
+        r"\.json are missing on disk, e\.g\. .*000000098304\.jpg",
+    ):
         CocoDetection(root, "train2017", train=True)
 
 

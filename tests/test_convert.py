@@ -1,6 +1,7 @@
 """``ummae convert``, ``pretrain --init``, ``visualize`` and ``eval`` on reference checkpoints
 (made here in the reference's layout by tests/_reference_layout.py: the real ones are tested in
 test_parity.py against the reference's outputs)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ from ummae.weights.load import load_pretrained, read_weights
 
 # our mae_swin_test / swin_test, in the reference's terms
 SWIN_TEST = dict(family="swin", dims=[16, 32, 64, 128], depths=[2, 1, 1, 1], heads=[1, 2, 2, 4], posmlp=8, img_size=64)
-MAE_ARGS = dict(model="mae_swin_tiny_256", input_size=64, mask_regular=True, vis_mask_ratio=0.25, norm_pix_loss=True,
-                mask_ratio=0.75)
+MAE_ARGS = dict(
+    model="mae_swin_tiny_256",
+    input_size=64,
+    mask_regular=True,
+    vis_mask_ratio=0.25,
+    norm_pix_loss=True,
+    mask_ratio=0.75,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,9 @@ def test_cli_convert__writes_an_ummae_checkpoint_that_computes_the_same(capsys, 
     model = create_model("mae_swin_test", **saved["model_args"])
     load_state_strict(model, saved["model"], out)
     ref = ckpt.load(ref_mae)["model"]
-    assert torch.equal(model.encoder.stages[0][0].attn.pos_bias.mlp[0].weight, ref["blocks.0.attn.posmlp.0.weight"][..., 0, 0])
+    assert torch.equal(
+        model.encoder.stages[0][0].attn.pos_bias.mlp[0].weight, ref["blocks.0.attn.posmlp.0.weight"][..., 0, 0]
+    )
     assert torch.equal(model.encoder.downsamples[0].reduction.weight, ref["blocks.2.downsample.proj.weight"])
     assert torch.equal(model.sm_token, ref["vis_mask_token"].flatten())
 
@@ -89,7 +98,9 @@ def test_cli_convert__clear_errors(capsys, ref_mae, tmp_path, save_checkpoint):
     # its args name the paper's Swin-T, whose tensors are larger: refused, pointing at --model
     code, _, err = _run(capsys, ["convert", str(ref_mae), "--output", str(tmp_path / "x.pth")])
     assert code == 2 and "do not fit mae_swin_tiny_256" in err and "--model" in err and "Traceback" not in err
-    code, _, err = _run(capsys, ["convert", str(ref_mae), "--output", str(tmp_path / "x.pth"), "--model", "mae_pvt_test"])
+    code, _, err = _run(
+        capsys, ["convert", str(ref_mae), "--output", str(tmp_path / "x.pth"), "--model", "mae_pvt_test"]
+    )
     assert code == 2 and "do not fit mae_pvt_test" in err and "does not match the model" in err
     odd = tmp_path / "odd.pth"
     ck = ckpt.load(ref_mae)
@@ -105,23 +116,38 @@ def test_cli_convert__clear_errors(capsys, ref_mae, tmp_path, save_checkpoint):
     out.write_bytes(b"keep me")
     code, _, err = _run(capsys, ["convert", str(ref_mae), "--output", str(out), "--model", "mae_swin_test"])
     assert code == 2 and "exists" in err and out.read_bytes() == b"keep me"
-    code, _, err = _run(capsys, ["convert", str(ref_mae), "--output", str(out), "--model", "mae_swin_test", "--overwrite"])
+    code, _, err = _run(
+        capsys, ["convert", str(ref_mae), "--output", str(out), "--model", "mae_swin_test", "--overwrite"]
+    )
     assert code == 0, err
-    code, _, err = _run(capsys, ["convert", str(ref_mae), "--output", str(tmp_path / "z.bin"), "--model", "mae_swin_test"])
+    code, _, err = _run(
+        capsys, ["convert", str(ref_mae), "--output", str(tmp_path / "z.bin"), "--model", "mae_swin_test"]
+    )
     assert code == 2 and ".pth" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_convert__paper_size_checkpoint_names_its_model(capsys, tmp_path):
     """A reference checkpoint of the paper's Swin-T: the model comes from its ``args``."""
     src = tmp_path / "swin_t.pth"
-    torch.save(reference_checkpoint(dict(SWIN_T, kind="mae", decoder=(512, 2), sm=True),
-                                    dict(MAE_ARGS, input_size=256)), src)
+    torch.save(
+        reference_checkpoint(dict(SWIN_T, kind="mae", decoder=(512, 2), sm=True), dict(MAE_ARGS, input_size=256)), src
+    )
     out = tmp_path / "swin_t_ummae.pth"
     code, stdout, err = _run(capsys, ["convert", str(src), "--output", str(out)])
     assert code == 0, err
     assert ckpt.load(out)["model_name"] == "mae_swin_tiny_256"
-    code, stdout, err = _run(capsys, ["visualize", "--checkpoint", str(src), "--images", str(_one_image(tmp_path)),
-                                      "--output", str(tmp_path / "r.png")])
+    code, stdout, err = _run(
+        capsys,
+        [
+            "visualize",
+            "--checkpoint",
+            str(src),
+            "--images",
+            str(_one_image(tmp_path)),
+            "--output",
+            str(tmp_path / "r.png"),
+        ],
+    )
     assert code == 0, err  # visualize reads the reference file directly
     assert Image.open(tmp_path / "r.png").size[0] > 256
 
@@ -136,8 +162,19 @@ def test_pretrain_init__starts_from_the_reference_weights_with_a_fresh_optimiser
     """``--init``: weights from the reference checkpoint, optimiser and schedule new; with a
     negligible lr the trained weights are still the reference's."""
     out = tmp_path / "run"
-    cfg = PretrainConfig(model="mae_swin_test", init=str(ref_mae), data=str(images), output=str(out), epochs=1,
-                         warmup_epochs=0, batch_size=4, lr=1e-12, num_workers=0, keep_every=0, vis_every=0)
+    cfg = PretrainConfig(
+        model="mae_swin_test",
+        init=str(ref_mae),
+        data=str(images),
+        output=str(out),
+        epochs=1,
+        warmup_epochs=0,
+        batch_size=4,
+        lr=1e-12,
+        num_workers=0,
+        keep_every=0,
+        vis_every=0,
+    )
     pretrain(cfg)
     saved = ckpt.load(out / "checkpoint-last.pth")
     want, _ = read_weights(ref_mae)
@@ -149,8 +186,15 @@ def test_pretrain_init__starts_from_the_reference_weights_with_a_fresh_optimiser
 
 
 def test_pretrain_init__weights_of_another_model_refused(ref_mae, images, tmp_path):
-    cfg = PretrainConfig(model="mae_pvt_test", init=str(ref_mae), data=str(images), output=str(tmp_path / "r"),
-                         epochs=1, batch_size=4, num_workers=0)
+    cfg = PretrainConfig(
+        model="mae_pvt_test",
+        init=str(ref_mae),
+        data=str(images),
+        output=str(tmp_path / "r"),
+        epochs=1,
+        batch_size=4,
+        num_workers=0,
+    )
     with pytest.raises(CheckpointError, match="--init: .* does not hold the weights of mae_pvt_test"):
         pretrain(cfg)
 
@@ -158,10 +202,28 @@ def test_pretrain_init__weights_of_another_model_refused(ref_mae, images, tmp_pa
 def test_cli_eval__reference_finetuned_checkpoint(capsys, tmp_path, colour_data):
     """A reference fine-tuned classifier evaluates directly (converted on the fly)."""
     src = tmp_path / "ref_clf.pth"
-    torch.save(reference_checkpoint(dict(SWIN_TEST, kind="classifier", num_classes=3),
-                                    dict(model="swin_tiny_256", input_size=64, nb_classes=3)), src)
-    code, stdout, err = _run(capsys, ["eval", "--model", "swin_test", "--checkpoint", str(src), "--data",
-                                      str(colour_data), "--num-workers", "0", "--device", "cpu"])
+    torch.save(
+        reference_checkpoint(
+            dict(SWIN_TEST, kind="classifier", num_classes=3), dict(model="swin_tiny_256", input_size=64, nb_classes=3)
+        ),
+        src,
+    )
+    code, stdout, err = _run(
+        capsys,
+        [
+            "eval",
+            "--model",
+            "swin_test",
+            "--checkpoint",
+            str(src),
+            "--data",
+            str(colour_data),
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert code == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["val_images"] == 9
@@ -178,8 +240,13 @@ def test_mae_codebase_vit_checkpoints(tmp_path):
     torch.save(reference_checkpoint(dict(VIT_TEST, kind="mae", decoder=(32, 1), sm=False), MAE_CODEBASE_ARGS), full)
     state, meta = read_weights(full)
     assert meta["model_name"] == "mae_vit_base_patch16" and meta["assumed"] == {}
-    assert meta["model_args"] == {"img_size": 64, "sampling": "random", "mask_ratio": 0.75, "sm_ratio": 0.0,
-                                  "norm_pix_loss": True}
+    assert meta["model_args"] == {
+        "img_size": 64,
+        "sampling": "random",
+        "mask_ratio": 0.75,
+        "sm_ratio": 0.0,
+        "norm_pix_loss": True,
+    }
     model = create_model("mae_vit_test", **meta["model_args"])
     load_state_strict(model, state, full)
     with torch.no_grad():
@@ -187,12 +254,20 @@ def test_mae_codebase_vit_checkpoints(tmp_path):
     assert out["mask"].sum(1).tolist() == [12, 12] and torch.isfinite(out["loss"])
 
     enc_only = tmp_path / "mae_pretrain_vit.pth"
-    ck = reference_checkpoint(dict(VIT_TEST, kind="encoder"), {k: v for k, v in MAE_CODEBASE_ARGS.items() if k != "input_size"})
+    ck = reference_checkpoint(
+        dict(VIT_TEST, kind="encoder"), {k: v for k, v in MAE_CODEBASE_ARGS.items() if k != "input_size"}
+    )
     torch.save(ck, enc_only)
     clf = create_model("vit_test", num_classes=3)
     report = load_pretrained(clf, enc_only)
-    assert set(report.new) == {"encoder.pos_embed", "encoder.pos_embed_cls", "fc_norm.weight", "fc_norm.bias",
-                               "head.weight", "head.bias"}
+    assert set(report.new) == {
+        "encoder.pos_embed",
+        "encoder.pos_embed_cls",
+        "fc_norm.weight",
+        "fc_norm.bias",
+        "head.weight",
+        "head.bias",
+    }
     assert set(report.dropped) == {"encoder.norm.weight", "encoder.norm.bias"}
     text = report.format()
     assert "pos_embed: fixed 2-D sin-cos" in text and "option img_size: not recorded" in text

@@ -1,6 +1,7 @@
 """Tests of ummae.data: datasets, collate, the resumable sampler and the loader; unreadable
 images in training (replaced by the next readable one, never an empty or short batch); folder
 scans through symlinked directories (each real directory once, link loops end)."""
+
 from __future__ import annotations
 
 import gc
@@ -65,8 +66,7 @@ def test_build_pretrain_dataset__list_file(tmp_path):
     lst = tmp_path / "train.txt"
     lst.write_text("# comment\nimgs/a.png 3\n\nimgs/b.png\n")
     ds = build_pretrain_dataset(str(lst), img_size=8)
-    assert ds.samples == [(str(tmp_path / "imgs" / "a.png"), 3),
-                          (str(tmp_path / "imgs" / "b.png"), -1)]
+    assert ds.samples == [(str(tmp_path / "imgs" / "a.png"), 3), (str(tmp_path / "imgs" / "b.png"), -1)]
     assert ds[0][0].shape == (3, 8, 8)
 
 
@@ -177,8 +177,9 @@ def test_image_dataset__timm_transform_is_function_of_key(tmp_path):
     # random and numpy too, not only torch: all three must follow the sample seed.
     from timm.data import create_transform
 
-    tf = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
-                          re_prob=0.25, interpolation="bicubic")
+    tf = create_transform(
+        32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, interpolation="bicubic"
+    )
     ds = ImageDataset([(str(write_image(tmp_path / "x.png", size=(64, 48))), 0)], tf, "test", "x")
     a = ds[(0, 2**40 + 5)][0]  # > 32 bits: numpy gets seed % 2**32
     random.random()
@@ -353,8 +354,11 @@ def test_load_or_substitute__next_readable_image_takes_the_place(tmp_path, caplo
     assert torch.equal(image, own_image) and label == own_label == ds.samples[want][1]
     assert image.shape == (3, 16, 16) and n_skipped == 1
     # one warning naming the bad file (and its substitute), however often it comes up
-    named = [r.getMessage() for r in caplog.records if ds.samples[bad][0] in r.getMessage()
-             and "in its place" in r.getMessage()]
+    named = [
+        r.getMessage()
+        for r in caplog.records
+        if ds.samples[bad][0] in r.getMessage() and "in its place" in r.getMessage()
+    ]
     assert len(named) == 1 and ds.samples[want][0] in named[0]
     # a readable sample is itself, not counted
     good = (bad + 1) % len(ds) if kind != "list file" else 3
@@ -430,9 +434,21 @@ def test_pretrain__batch_size_1_with_unreadable_image_finishes(tmp_path, monkeyp
 
     monkeypatch.setattr(train, "pretrain_step", step)
     out = tmp_path / "run"
-    cfg = PretrainConfig(model="mae_swin_test", data=str(data), output=str(out), epochs=2,
-                         warmup_epochs=1, batch_size=1, blr=0.05, num_workers=0, log_every=1,
-                         keep_every=0, seed=0, device="cpu", vis_every=0)
+    cfg = PretrainConfig(
+        model="mae_swin_test",
+        data=str(data),
+        output=str(out),
+        epochs=2,
+        warmup_epochs=1,
+        batch_size=1,
+        blr=0.05,
+        num_workers=0,
+        log_every=1,
+        keep_every=0,
+        seed=0,
+        device="cpu",
+        vis_every=0,
+    )
     train.pretrain(cfg)
     assert sizes == [1] * 12  # 6 samples x 2 epochs, none empty
     assert [r["skipped_images"] for r in epoch_records(out)] == [1, 1]
@@ -448,9 +464,27 @@ def test_cli_pretrain__no_readable_image_one_error_line(tmp_path, capsys):
     data = tmp_path / "data"
     for i in range(2):
         _bad_file(data / f"{i}.png")
-    rc = main(["pretrain", "--model", "mae_swin_test", "--data", str(data), "--output",
-               str(tmp_path / "run"), "--epochs", "1", "--batch-size", "1", "--num-workers", "2",
-               "--device", "cpu", "--vis-every", "0"])
+    rc = main(
+        [
+            "pretrain",
+            "--model",
+            "mae_swin_test",
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "1",
+            "--num-workers",
+            "2",
+            "--device",
+            "cpu",
+            "--vis-every",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1].startswith(f"ummae pretrain: error: no image of flat folder {data} can be read")
@@ -488,9 +522,11 @@ def test_scan__loop_link_lists_each_image_once(tmp_path):
     ds = build_pretrain_dataset(str(tmp_path), img_size=8)
     assert len(ds) == 5
     assert _real_files(p for p, _ in ds.samples) == _real_files(
-        [tmp_path / f"{i}.png" for i in range(4)] + [tmp_path / "sub" / "s.png"])
+        [tmp_path / f"{i}.png" for i in range(4)] + [tmp_path / "sub" / "s.png"]
+    )
     assert [p for p, _ in ds.samples] == [str(tmp_path / f"{i}.png") for i in range(4)] + [
-        str(tmp_path / "sub" / "s.png")]  # real paths, not paths through the link
+        str(tmp_path / "sub" / "s.png")
+    ]  # real paths, not paths through the link
 
 
 def test_scan__imagefolder_links_to_parent_and_other_class(tmp_path):
@@ -535,8 +571,12 @@ def test_scan__link_to_outside_folder_followed_once(tmp_path):
     paths = _scan_in_thread(lambda: scan_images(str(data)))
     # the real tree first (a folder's own files, then its sub-folders, sorted), then the
     # trees reached through links
-    assert paths == [str(data / "x.png"), str(data / "z" / "deep" / "z.png"),
-                     str(data / "linked" / "o1.png"), str(data / "linked" / "deeper" / "o2.png")]
+    assert paths == [
+        str(data / "x.png"),
+        str(data / "z" / "deep" / "z.png"),
+        str(data / "linked" / "o1.png"),
+        str(data / "linked" / "deeper" / "o2.png"),
+    ]
     # an ImageFolder class that is itself a link to an outside folder
     os.unlink(outside / "back")
     tree = tmp_path / "tree"
@@ -545,4 +585,7 @@ def test_scan__link_to_outside_folder_followed_once(tmp_path):
     _symlink(outside, tree / "b")
     ds = build_pretrain_dataset(str(tree), img_size=8)
     assert {(os.path.relpath(p, tree), lab) for p, lab in ds.samples} == {
-        ("a/0.png", 0), ("b/o1.png", 1), ("b/deeper/o2.png", 1)}
+        ("a/0.png", 0),
+        ("b/o1.png", 1),
+        ("b/deeper/o2.png", 1),
+    }

@@ -1,4 +1,5 @@
 """Tests of ummae.data.classify: labelled datasets, their transforms and the eval loader."""
+
 from __future__ import annotations
 
 import logging
@@ -123,10 +124,8 @@ def test_build_classify_dataset__list_file_data_root(tmp_path, eval_tf):
     assert ds.samples == [(str(tmp_path / "root" / "a.png"), 1)] and ds.num_classes == 2
 
 
-@pytest.mark.parametrize("bad_line, problem", [("b.png", "has no label"),
-                                                ("b.png -1", "has negative label -1")])
-def test_build_classify_dataset__list_file_line_without_label(tmp_path, eval_tf, bad_line,
-                                                              problem):
+@pytest.mark.parametrize("bad_line, problem", [("b.png", "has no label"), ("b.png -1", "has negative label -1")])
+def test_build_classify_dataset__list_file_line_without_label(tmp_path, eval_tf, bad_line, problem):
     lst = tmp_path / "train.txt"
     lst.write_text(f"a.png 0\n{bad_line}\n")
     with pytest.raises(ValueError, match=rf"train\.txt, line 2: b\.png {problem}"):
@@ -136,8 +135,11 @@ def test_build_classify_dataset__list_file_line_without_label(tmp_path, eval_tf,
 def test_build_classify_dataset__flat_folder_refused(tmp_path, eval_tf):
     write_image(tmp_path / "x.png")
     write_image(tmp_path / "sub" / "y.png")
-    with pytest.raises(ValueError, match=rf"{tmp_path.name} has no class sub-folders: "
-                                         r"fine-tuning needs labelled data"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{tmp_path.name} has no class sub-folders: "
+        r"fine-tuning needs labelled data",
+    ):
         build_classify_dataset(str(tmp_path), "train", eval_tf)
 
 
@@ -154,8 +156,7 @@ def test_build_classify_dataset__folder_without_images_refused(tmp_path, eval_tf
 
 
 def test_build_classify_dataset__val_classes_mismatch_refused(tmp_path, eval_tf):
-    train = build_classify_dataset(str(_tree(tmp_path / "train", ("a", "b", "c"))), "train",
-                                   eval_tf)
+    train = build_classify_dataset(str(_tree(tmp_path / "train", ("a", "b", "c"))), "train", eval_tf)
     _tree(tmp_path / "val", ("a", "c"))  # "b" missing: "c" would read as label 1
     with pytest.raises(ValueError, match=r"differ from the training classes .*missing here: b"):
         build_classify_dataset(str(tmp_path), "val", eval_tf, class_names=train.class_names)
@@ -178,12 +179,12 @@ def test_build_classify_dataset__imagenette_mini(eval_tf):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_build_eval_loader__shards_disjoint_and_cover(tmp_path, eval_tf, world):
     n = 7  # not divisible by 2 or 3: no padding, no duplicates
-    ds = ImageDataset([(str(write_image(tmp_path / f"{i}.png", seed=i)), i) for i in range(n)],
-                      eval_tf, "test", str(tmp_path))
+    ds = ImageDataset(
+        [(str(write_image(tmp_path / f"{i}.png", seed=i)), i) for i in range(n)], eval_tf, "test", str(tmp_path)
+    )
     shards = []
     for rank in range(world):
-        loader = build_eval_loader(ds, batch_size=2, num_workers=0, num_replicas=world,
-                                   rank=rank)
+        loader = build_eval_loader(ds, batch_size=2, num_workers=0, num_replicas=world, rank=rank)
         labels = [y for _, ys, _ in loader for y in ys.tolist()]
         assert labels == list(range(rank, n, world))  # sequential within the shard
         shards.append(labels)
@@ -255,8 +256,11 @@ def test_build_train_loader__classify_all_unreadable_refused(tmp_path, eval_tf):
         (tmp_path / c / "x.png").write_bytes(b"garbage")
     ds = build_classify_dataset(str(tmp_path), "train", eval_tf)
     loader, _ = build_train_loader(ds, batch_size=2, num_workers=0)
-    with pytest.raises(NoReadableImageError, match=rf"no image of ImageFolder {tmp_path} can be "
-                                                   r"read: all 2 files failed"):
+    with pytest.raises(
+        NoReadableImageError,
+        match=rf"no image of ImageFolder {tmp_path} can be "
+        r"read: all 2 files failed",
+    ):
         next(iter(loader))
 
 
@@ -275,8 +279,9 @@ def test_build_classify_dataset__symlink_loops_each_image_once(tmp_path, eval_tf
     except (OSError, NotImplementedError) as e:
         pytest.skip(f"cannot make directory symlinks here: {e}")
     result = {}
-    thread = threading.Thread(daemon=True, target=lambda: result.setdefault(
-        "ds", build_classify_dataset(str(tmp_path), "train", eval_tf)))
+    thread = threading.Thread(
+        daemon=True, target=lambda: result.setdefault("ds", build_classify_dataset(str(tmp_path), "train", eval_tf))
+    )
     thread.start()
     thread.join(30)
     assert not thread.is_alive(), "the scan did not end within 30 s"

@@ -5,6 +5,7 @@ rank's images once, and the commands give one clear line for bad input.
 Tiny configurations: test backbones, 128 px, 32-channel neck and FPN, a handful of
 ``../shared/data/coco_mini`` images (these tests must run in CI: they fail without it).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,20 @@ def coco(tmp_path_factory):
 
 
 def _cfg(out: Path, data: Path, **kw) -> DetectConfig:
-    base = dict(output=str(out), data=str(data), backbone="swin_test", detector="gfl", epochs=2, batch_size=2,
-                num_workers=0, warmup_steps=2, log_every=1, blr=1.6e-2, drop_path=0.0, **TINY)
+    base = dict(
+        output=str(out),
+        data=str(data),
+        backbone="swin_test",
+        detector="gfl",
+        epochs=2,
+        batch_size=2,
+        num_workers=0,
+        warmup_steps=2,
+        log_every=1,
+        blr=1.6e-2,
+        drop_path=0.0,
+        **TINY,
+    )
     base.update(kw)
     return DetectConfig(**base)
 
@@ -69,8 +82,9 @@ def test_build_detector__backbone_weights_come_from_a_pretraining_checkpoint(pre
 def _real_batch(coco: Path, masks: bool):
     from ummae.data.coco import CocoDetection, LargeScaleJitter, collate_detection
 
-    ds = CocoDetection(str(coco), "train2017", train=True, with_masks=masks,
-                       transform=LargeScaleJitter(128, (1.0, 1.0), 0.0))
+    ds = CocoDetection(
+        str(coco), "train2017", train=True, with_masks=masks, transform=LargeScaleJitter(128, (1.0, 1.0), 0.0)
+    )
     return collate_detection([ds.load_or_substitute((i, i)) for i in range(2)])
 
 
@@ -125,30 +139,87 @@ def test_gfl_and_maskrcnn__a_killed_run_resumes_to_the_same_numbers(coco, tmp_pa
 def test_detect_cli__train_eval_predict(coco, tmp_path, capsys):
     # 256 px: torchvision's FCOS head norms with GroupNorm(32), which needs P7 (1/128) > 1x1
     out = tmp_path / "run"
-    args = ["detect", "train", "--data", str(coco), "--backbone", "pvt_test", "--detector", "fcos", "--output", str(out),
-            "--epochs", "1", "--batch-size", "2", "--num-workers", "0", "--img-size", "256", "--neck-channels", "32",
-            "--fpn-channels", "32", "--max-steps-per-epoch", "2", "--warmup-steps", "1"]
+    args = [
+        "detect",
+        "train",
+        "--data",
+        str(coco),
+        "--backbone",
+        "pvt_test",
+        "--detector",
+        "fcos",
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--img-size",
+        "256",
+        "--neck-channels",
+        "32",
+        "--fpn-channels",
+        "32",
+        "--max-steps-per-epoch",
+        "2",
+        "--warmup-steps",
+        "1",
+    ]
     assert main(args) == 0
     assert main(args) == 2  # the folder holds a run
     assert "holds a run" in capsys.readouterr().err
     ckpt = out / "checkpoint-last.pth"
-    assert main(["detect", "eval", "--checkpoint", str(ckpt), "--data", str(coco), "--output", str(tmp_path / "ev"),
-                 "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "eval",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(coco),
+                "--output",
+                str(tmp_path / "ev"),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed) >= {"bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl"}
     results = json.loads((tmp_path / "ev" / "detections_val2017.json").read_text())
     assert all({"image_id", "category_id", "bbox", "score"} <= set(r) for r in results)
     pics = tmp_path / "vis"
     images = sorted((coco / "val2017").iterdir())[:2]
-    assert main(["detect", "predict", "--checkpoint", str(ckpt), "--images", *map(str, images), "--output", str(pics),
-                 "--score-thresh", "0.0"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "--images",
+                *map(str, images),
+                "--output",
+                str(pics),
+                "--score-thresh",
+                "0.0",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in pics.iterdir()) == sorted(p.stem + ".png" for p in images)
 
 
 def test_detect_eval__two_ranks_give_the_one_rank_numbers(coco, tmp_path, capsys):
     """Each image is evaluated once: the COCO results and AP of two gloo ranks are those of
     one process."""
-    model, _ = build_detector("gfl", "swin_test", 81, drop_path=0.0, cat_ids=list(range(1, 81)), class_names=[""] * 80, **TINY)
+    model, _ = build_detector(
+        "gfl", "swin_test", 81, drop_path=0.0, cat_ids=list(range(1, 81)), class_names=[""] * 80, **TINY
+    )
     # a checkpoint as `detect train` writes one, with the real categories
     from ummae.data.coco import CocoDetection
 
@@ -158,7 +229,18 @@ def test_detect_eval__two_ranks_give_the_one_rank_numbers(coco, tmp_path, capsys
         model.head.gfl_cls.bias.zero_()
     path = tmp_path / "det.pth"
     torch.save({"model": model.state_dict(), "model_name": model.model_name, "model_args": model.model_args}, path)
-    common = ["detect", "eval", "--checkpoint", str(path), "--data", str(coco), "--num-workers", "0", "--batch-size", "1"]
+    common = [
+        "detect",
+        "eval",
+        "--checkpoint",
+        str(path),
+        "--data",
+        str(coco),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "1",
+    ]
     assert main([*common, "--output", str(tmp_path / "one")]) == 0
     run_torchrun([*common, "--output", str(tmp_path / "two")], timeout=300)
     one = json.loads((tmp_path / "one" / "detections_val2017.json").read_text())
@@ -166,7 +248,8 @@ def test_detect_eval__two_ranks_give_the_one_rank_numbers(coco, tmp_path, capsys
     key = lambda r: (r["image_id"], r["category_id"], round(r["score"], 4), [round(v, 2) for v in r["bbox"]])  # noqa: E731
     assert len(one) > 0 and sorted(map(key, one)) == sorted(map(key, two))
     assert json.loads((tmp_path / "one" / "metrics_val2017.json").read_text()) == pytest.approx(
-        json.loads((tmp_path / "two" / "metrics_val2017.json").read_text()), abs=1e-6)
+        json.loads((tmp_path / "two" / "metrics_val2017.json").read_text()), abs=1e-6
+    )
 
 
 def test_detect__bad_inputs_get_one_line(coco, tmp_path, capsys):
@@ -198,9 +281,36 @@ def test_detect__bad_inputs_get_one_line(coco, tmp_path, capsys):
 def test_detect_train__two_ranks_keep_one_model(coco, tmp_path):
     """torchrun + DDP (gloo): two ranks train GFL in lockstep and end with the same weights."""
     out = tmp_path / "ddp"
-    run_torchrun(["detect", "train", "--data", str(coco), "--backbone", "swin_test", "--output", str(out),
-                  "--epochs", "1", "--batch-size", "2", "--num-workers", "0", "--img-size", "128",
-                  "--neck-channels", "32", "--fpn-channels", "32", "--max-steps-per-epoch", "1",
-                  "--warmup-steps", "1", "--eval-every", "0"], timeout=300)
+    run_torchrun(
+        [
+            "detect",
+            "train",
+            "--data",
+            str(coco),
+            "--backbone",
+            "swin_test",
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "0",
+            "--img-size",
+            "128",
+            "--neck-channels",
+            "32",
+            "--fpn-channels",
+            "32",
+            "--max-steps-per-epoch",
+            "1",
+            "--warmup-steps",
+            "1",
+            "--eval-every",
+            "0",
+        ],
+        timeout=300,
+    )
     record = epoch_records(out)[-1]
     assert record["replica_max_diff"] == 0.0 and "bbox_AP" in record

@@ -6,6 +6,7 @@ Runs use the tiny ``*_test`` models on small images written by the tests themsel
 intra-op thread (in-process and in subprocesses): a tiny model is fastest that way on a small
 shared machine, and it keeps every run bit-for-bit reproducible.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,8 +67,19 @@ def data24(tmp_path_factory) -> Path:
 
 
 def _cfg(out: Path, data: Path, **kw) -> PretrainConfig:
-    values = dict(model="mae_swin_test", data=str(data), output=str(out), epochs=1, warmup_epochs=1,
-                  batch_size=4, blr=0.05, num_workers=0, log_every=1, keep_every=0, seed=0)
+    values = dict(
+        model="mae_swin_test",
+        data=str(data),
+        output=str(out),
+        epochs=1,
+        warmup_epochs=1,
+        batch_size=4,
+        blr=0.05,
+        num_workers=0,
+        log_every=1,
+        keep_every=0,
+        seed=0,
+    )
     values.update(kw)
     return PretrainConfig(**values)
 
@@ -220,10 +232,36 @@ def test_pretrain__exact_resume_after_sigkill(data24, tmp_path):
     trains exactly as a run that was never interrupted."""
     kw = dict(epochs=10, batch_size=2, save_every_steps=1, log_every=1)  # 12 steps/epoch, 120 in all
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ummae", "pretrain", "--model", "mae_swin_test", "--data", str(data24),
-           "--output", str(killed), "--epochs", "10", "--warmup-epochs", "1", "--batch-size", "2",
-           "--blr", "0.05", "--num-workers", "0", "--log-every", "1", "--keep-every", "0",
-           "--seed", "0", "--save-every-steps", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ummae",
+        "pretrain",
+        "--model",
+        "mae_swin_test",
+        "--data",
+        str(data24),
+        "--output",
+        str(killed),
+        "--epochs",
+        "10",
+        "--warmup-epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--blr",
+        "0.05",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        "--keep-every",
+        "0",
+        "--seed",
+        "0",
+        "--save-every-steps",
+        "1",
+    ]
     log_path = tmp_path / "killed.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
@@ -231,10 +269,16 @@ def test_pretrain__exact_resume_after_sigkill(data24, tmp_path):
             deadline = time.monotonic() + 240
             while True:
                 if proc.poll() is not None:
-                    pytest.fail(f"the run ended (exit {proc.returncode}) before it could be killed: make it "
-                                f"longer. Log:\n{log_path.read_text()[-3000:]}")
+                    pytest.fail(
+                        f"the run ended (exit {proc.returncode}) before it could be killed: make it "
+                        f"longer. Log:\n{log_path.read_text()[-3000:]}"
+                    )
                 metrics = killed / "metrics.jsonl"
-                if (killed / "checkpoint-last.pth").exists() and metrics.exists() and metrics.read_text().count("\n") >= 4:
+                if (
+                    (killed / "checkpoint-last.pth").exists()
+                    and metrics.exists()
+                    and metrics.read_text().count("\n") >= 4
+                ):
                     break
                 if time.monotonic() > deadline:
                     pytest.fail(f"no checkpoint and metrics after 240 s. Log:\n{log_path.read_text()[-3000:]}")
@@ -265,9 +309,36 @@ def test_pretrain__exact_resume_after_sigkill(data24, tmp_path):
 def test_pretrain__torchrun_two_gloo_processes_keep_replicas_identical(data24, tmp_path):
     out = tmp_path / "ddp"
     # 24 images, 2 per rank, 2 ranks: 6 steps per epoch; accum 2 exercises DDP no_sync.
-    run_torchrun(["pretrain", "--model", "mae_swin_test", "--data", str(data24), "--output", str(out),
-                  "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "2", "--accum-iter", "2", "--blr", "0.05",
-                  "--num-workers", "0", "--log-every", "1", "--save-every-steps", "2", "--device", "cpu"], timeout=400)
+    run_torchrun(
+        [
+            "pretrain",
+            "--model",
+            "mae_swin_test",
+            "--data",
+            str(data24),
+            "--output",
+            str(out),
+            "--epochs",
+            "2",
+            "--warmup-epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--accum-iter",
+            "2",
+            "--blr",
+            "0.05",
+            "--num-workers",
+            "0",
+            "--log-every",
+            "1",
+            "--save-every-steps",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        timeout=400,
+    )
 
     epochs = epoch_records(out)
     assert [r["epoch"] for r in epochs] == [0, 1]
@@ -279,8 +350,15 @@ def test_pretrain__torchrun_two_gloo_processes_keep_replicas_identical(data24, t
     _assert_no_duplicate_steps(out, 6, 2)
     assert len(os.listdir(out / "tensorboard")) == 1
     # (and one reconstruction picture, after the last epoch: vis_every 20 > 2 epochs)
-    assert sorted(os.listdir(out)) == ["checkpoint-1.pth", "checkpoint-last.pth", "config.yaml", "log.txt", "metrics.jsonl",
-                                       "recon-epoch0002.png", "tensorboard"]
+    assert sorted(os.listdir(out)) == [
+        "checkpoint-1.pth",
+        "checkpoint-last.pth",
+        "config.yaml",
+        "log.txt",
+        "metrics.jsonl",
+        "recon-epoch0002.png",
+        "tensorboard",
+    ]
     assert [("vis_loss" in r) for r in epochs] == [False, True]
     state = ckpt.load(out / "checkpoint-last.pth")
     assert state["update"] == 6 and not any(k.startswith("module.") for k in state["model"])
@@ -328,8 +406,12 @@ def test_pretrain__diverged_weights_are_never_checkpointed(data24, tmp_path):
     assert last.exists(), "the first update's checkpoint was good and must be there"
     state = ckpt.load(last)
     bad = [k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    bad += [f"optimizer {i}.{n}" for i, st in state["optimizer"]["state"].items() for n, t in st.items()
-            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    bad += [
+        f"optimizer {i}.{n}"
+        for i, st in state["optimizer"]["state"].items()
+        for n, t in st.items()
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
+    ]
     assert bad == []
     assert f"last good checkpoint is {last}" in msg and f"step {state['step_in_epoch']}" in msg
     assert state["update"] >= 1
@@ -360,8 +442,24 @@ def test_pretrain__used_output_folder_refused_unless_resume_or_overwrite(data24,
     # the CLI says it in one line
     from ummae.cli import main
 
-    assert main(["pretrain", "--model", "mae_swin_test", "--data", str(data24), "--output", str(out),
-                 "--epochs", "1", "--num-workers", "0"]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                "--model",
+                "mae_swin_test",
+                "--data",
+                str(data24),
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a run" in err[0]
     # --overwrite: a clean log, a new checkpoint
@@ -406,8 +504,27 @@ def test_pretrain__resume_takes_the_runs_settings_from_its_checkpoint(data24, tm
     from ummae.cli import main
 
     out = tmp_path / "r"
-    common = ["pretrain", "--model", "mae_swin_test", "--data", str(data24), "--output", str(out), "--batch-size", "4",
-              "--num-workers", "0", "--log-every", "1", "--keep-every", "0", "--vis-every", "0", "--warmup-epochs", "1"]
+    common = [
+        "pretrain",
+        "--model",
+        "mae_swin_test",
+        "--data",
+        str(data24),
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        "--keep-every",
+        "0",
+        "--vis-every",
+        "0",
+        "--warmup-epochs",
+        "1",
+    ]
     assert main(common + ["--epochs", "1", "--blr", "0.05"]) == 0
     with caplog.at_level("INFO", logger="ummae"):
         assert main(common + ["--epochs", "2", "--resume", "auto"]) == 0
@@ -465,8 +582,10 @@ def test_pretrain__corrupt_image_is_skipped_and_counted(tmp_path, caplog):
     assert (out / "checkpoint-last.pth").is_file()
 
 
-@pytest.mark.parametrize("field, value", [("epochs", 0), ("precision", "fp8"), ("crop_scale", (0.9, 0.1)),
-                                          ("batch_size", 0), ("accum_iter", 0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("epochs", 0), ("precision", "fp8"), ("crop_scale", (0.9, 0.1)), ("batch_size", 0), ("accum_iter", 0)],
+)
 def test_pretrain__bad_config_value_names_the_field(tmp_path, data24, field, value):
     with pytest.raises(ValueError, match=rf"bad config value {field}="):
         pretrain(_cfg(tmp_path / "o", data24, **{field: value}))
@@ -477,8 +596,7 @@ def test_pretrain__bad_config_value_names_the_field(tmp_path, data24, field, val
 def small_ckpts(tmp_path_factory, data24) -> dict:
     """One-step checkpoints of a few model variants."""
     made = {}
-    for key, kw in {"pvt": dict(model="mae_pvt_test"), "swin_sm0": dict(sm_ratio=0.0),
-                    "swin_default": dict()}.items():
+    for key, kw in {"pvt": dict(model="mae_pvt_test"), "swin_sm0": dict(sm_ratio=0.0), "swin_default": dict()}.items():
         out = tmp_path_factory.mktemp(key)
         pretrain(_cfg(out, data24, max_steps_per_epoch=1, **kw))
         made[key] = out / "checkpoint-last.pth"
@@ -536,13 +654,22 @@ def test_progress_bar__drawn_on_a_terminal_of_unknown_height(tmp_path):
     """A pseudo-terminal nobody sized (``script``, some CI runners) reports 0 lines, from
     which tqdm concludes that no line is free and draws nothing: the training bar is drawn
     there all the same. (In a process of its own, whose real stderr is that terminal.)"""
-    code = ("import sys; from ummae.engine.progress import progress_bar; "
-            "bar = progress_bar(3, 'epoch 0'); bar.update(1); bar.refresh(); bar.close()")
+    code = (
+        "import sys; from ummae.engine.progress import progress_bar; "
+        "bar = progress_bar(3, 'epoch 0'); bar.update(1); bar.refresh(); bar.close()"
+    )
     master, slave = os.openpty()
     try:
         assert os.get_terminal_size(slave).lines == 0
-        subprocess.run([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, check=True, timeout=60,
-                       env={**os.environ, "COLUMNS": "100"})
+        subprocess.run(
+            [sys.executable, "-c", code],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            check=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "100"},
+        )
         os.close(slave)
         slave = -1
         drawn = b""
@@ -584,7 +711,13 @@ def test_schedule__from_config_reads_epochs_iterations_and_warm_up_steps():
     epochs = SimpleNamespace(epochs=4, warmup_epochs=1.5, min_lr=1e-6)
     s = Schedule.from_config(epochs, updates_per_epoch=10, base_lr=1e-3)
     assert (s.kind, s.total_updates, s.warmup_updates, s.base_lr, s.min_lr, s.warmup_by_steps) == (
-        "cosine", 40, 15, 1e-3, 1e-6, False)
+        "cosine",
+        40,
+        15,
+        1e-3,
+        1e-6,
+        False,
+    )
     assert [s.lr(u) for u in range(41)] == [warmup_cosine(u, 40, 15, 1e-3, 1e-6) for u in range(41)]
     assert s.peak_reached() == 1.0
 

@@ -7,6 +7,7 @@ gradient clipping.
 As in ``test_engine.py``: tiny ``*_test`` models on small images the tests write, one intra-op
 thread everywhere, so that every run is bit-for-bit reproducible.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,20 @@ def colour48(tmp_path_factory) -> Path:
 
 
 def _cfg(out: Path, data: Path, **kw) -> PretrainConfig:
-    values = dict(model="mae_swin_test", data=str(data), output=str(out), epochs=1, warmup_epochs=1,
-                  batch_size=4, blr=0.05, num_workers=0, log_every=1, keep_every=0, seed=0, vis_every=0)
+    values = dict(
+        model="mae_swin_test",
+        data=str(data),
+        output=str(out),
+        epochs=1,
+        warmup_epochs=1,
+        batch_size=4,
+        blr=0.05,
+        num_workers=0,
+        log_every=1,
+        keep_every=0,
+        seed=0,
+        vis_every=0,
+    )
     values.update(kw)
     return PretrainConfig(**values)
 
@@ -64,7 +77,9 @@ def _assert_same_training(ref: Path, run: Path) -> None:
     """Same metrics records, step and epoch ones (wall-clock fields aside), and a bit-identical
     final model, optimiser and grad scaler."""
     rec_a, rec_b = stable(metrics_records(ref)), stable(metrics_records(run))
-    assert [(r["epoch"], r["step"], "loss" in r) for r in rec_b] == [(r["epoch"], r["step"], "loss" in r) for r in rec_a]
+    assert [(r["epoch"], r["step"], "loss" in r) for r in rec_b] == [
+        (r["epoch"], r["step"], "loss" in r) for r in rec_a
+    ]
     for ra, rb in zip(rec_a, rec_b, strict=True):
         assert ra == rb, f"metrics differ at step {ra['step']}:\n{ra}\n{rb}"
     a = torch.load(Path(ref) / "checkpoint-last.pth", weights_only=True)
@@ -106,7 +121,7 @@ def _children(pid: int) -> list:
             text = stat.read_text()
         except OSError:
             continue
-        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+        fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
         parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
     found, todo = [], [pid]
     while todo:
@@ -164,21 +179,36 @@ def _rank_of(pid: int) -> int | None:
     return ranks[0] if ranks else None
 
 
-def _torchrun_killed_mid_epoch(args: list, out: Path, kill_after_update: int, log: Path, nproc: int = 2,
-                               kill_rank: int | None = None) -> dict:
+def _torchrun_killed_mid_epoch(
+    args: list, out: Path, kill_after_update: int, log: Path, nproc: int = 2, kill_rank: int | None = None
+) -> dict:
     """Start ``torchrun --nproc_per_node=nproc -m ummae <args> --output out`` (which must
     checkpoint every update) and, as soon as metrics.jsonl shows update ``kill_after_update``,
     SIGKILL it and its workers (or only the worker of ``kill_rank``, after which torchrun stops
     the others); return the checkpoint the run left."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "ummae", *args, "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "-m",
+        "ummae",
+        *args,
+        "--output",
+        str(out),
+    ]
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 300
             while _latest_step(out / "metrics.jsonl") < kill_after_update:
                 if proc.poll() is not None:
-                    pytest.fail(f"the run ended (exit {proc.returncode}) before it could be killed. Log:\n{log.read_text()[-3000:]}")
+                    pytest.fail(
+                        f"the run ended (exit {proc.returncode}) before it could be killed. Log:\n{log.read_text()[-3000:]}"
+                    )
                 if time.monotonic() > deadline:
                     pytest.fail(f"update {kill_after_update} not reached after 300 s. Log:\n{log.read_text()[-3000:]}")
                 time.sleep(0.01)
@@ -201,12 +231,15 @@ def _assert_killed_inside_epoch(state: dict, epoch: int) -> None:
     # The kill must leave a checkpoint written inside an epoch, so that the resumed run starts
     # mid-epoch with partial sums. A margin of several steps makes this all but certain.
     assert state["epoch"] == epoch and state["step_in_epoch"] > 0, (
-        f"the kill landed at epoch {state['epoch']}, step {state['step_in_epoch']}, not inside epoch {epoch}")
+        f"the kill landed at epoch {state['epoch']}, step {state['step_in_epoch']}, not inside epoch {epoch}"
+    )
 
 
 # ---------------------------------------------------------------- exact resume under torchrun
 
-needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers in /proc (Linux)")
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="finds torchrun's workers in /proc (Linux)"
+)
 
 
 @needs_proc
@@ -217,9 +250,33 @@ def test_torchrun_pretrain__exact_resume_after_sigkill(data24, tmp_path):
     (``train_loss`` of the resumed epoch averages every rank's own losses, as uninterrupted) and
     ends with bit-identical weights and optimiser as an uninterrupted 2-process run."""
     # 24 images, 1 per rank per step, 2 ranks: 12 updates per epoch, 24 in all.
-    args = ["pretrain", "--model", "mae_swin_test", "--data", str(data24), "--epochs", "2", "--warmup-epochs", "1",
-            "--batch-size", "1", "--blr", "0.05", "--num-workers", "0", "--log-every", "2", "--keep-every", "0",
-            "--seed", "0", "--device", "cpu", "--vis-every", "0"]
+    args = [
+        "pretrain",
+        "--model",
+        "mae_swin_test",
+        "--data",
+        str(data24),
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--batch-size",
+        "1",
+        "--blr",
+        "0.05",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "2",
+        "--keep-every",
+        "0",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--vis-every",
+        "0",
+    ]
     killed = tmp_path / "killed"
     state = _torchrun_killed_mid_epoch([*args, "--save-every-steps", "1"], killed, 14, tmp_path / "killed.log")
     _assert_killed_inside_epoch(state, 1)
@@ -245,12 +302,37 @@ def test_torchrun_pretrain__exact_resume_at_four_ranks_after_one_rank_is_killed(
     resume (at 2 ranks a sum has one order, so only this test sees it)."""
     data = smooth_images(tmp_path / "data", 16)
     # 16 images, 1 per rank per step, 4 ranks: 4 updates per epoch, 8 in all.
-    args = ["pretrain", "--model", "mae_swin_test", "--data", str(data), "--epochs", "2", "--warmup-epochs", "1",
-            "--batch-size", "1", "--blr", "0.05", "--num-workers", "0", "--log-every", "1", "--keep-every", "0",
-            "--seed", "0", "--device", "cpu", "--vis-every", "0"]
+    args = [
+        "pretrain",
+        "--model",
+        "mae_swin_test",
+        "--data",
+        str(data),
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--batch-size",
+        "1",
+        "--blr",
+        "0.05",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        "--keep-every",
+        "0",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--vis-every",
+        "0",
+    ]
     killed = tmp_path / "killed"
-    state = _torchrun_killed_mid_epoch([*args, "--save-every-steps", "1"], killed, 6, tmp_path / "killed.log",
-                                       nproc=4, kill_rank=2)
+    state = _torchrun_killed_mid_epoch(
+        [*args, "--save-every-steps", "1"], killed, 6, tmp_path / "killed.log", nproc=4, kill_rank=2
+    )
     _assert_killed_inside_epoch(state, 1)
     assert len(state["ranks"]) == 4
 
@@ -271,10 +353,39 @@ def test_torchrun_finetune__exact_resume_after_sigkill_with_mixup_cutmix(colour4
     records (train loss, val accuracy and loss) and ends with bit-identical weights as an
     uninterrupted 2-process run."""
     # 48 images, 2 per rank per step, 2 ranks: 12 updates per epoch, 24 in all.
-    args = ["finetune", "--model", "swin_test", "--data", str(colour48), "--epochs", "2", "--warmup-epochs", "1",
-            "--batch-size", "2", "--lr", "1e-3", "--num-workers", "0", "--log-every", "1", "--keep-every", "0",
-            "--seed", "0", "--device", "cpu", "--mixup", "0.8", "--cutmix", "1.0", "--mixup-prob", "1.0",
-            "--mixup-switch-prob", "0.5"]
+    args = [
+        "finetune",
+        "--model",
+        "swin_test",
+        "--data",
+        str(colour48),
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        "--keep-every",
+        "0",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--mixup",
+        "0.8",
+        "--cutmix",
+        "1.0",
+        "--mixup-prob",
+        "1.0",
+        "--mixup-switch-prob",
+        "0.5",
+    ]
     killed = tmp_path / "killed"
     state = _torchrun_killed_mid_epoch([*args, "--save-every-steps", "1"], killed, 14, tmp_path / "killed.log")
     _assert_killed_inside_epoch(state, 1)
@@ -315,6 +426,7 @@ OVERFLOW_AT = (0, 2)  # (epoch, step): update 3
 def _fp16_step(seen: dict, crash_at=None):
     """A pre-training step whose loss at OVERFLOW_AT is multiplied by 1e30: finite in fp32,
     but its scaled gradients overflow fp16. Records the weights around that step."""
+
     def step(model, batch, generator, real):
         seed = generator.initial_seed()
         if crash_at is not None and seed == _step_at(*crash_at):
@@ -330,6 +442,7 @@ def _fp16_step(seen: dict, crash_at=None):
             seen["overflow_loss"] = float(out["loss"].detach()) * 1e30
             return {**out, "loss": out["loss"] * 1e30}
         return out
+
     return step
 
 
@@ -351,7 +464,7 @@ def test_pretrain__fp16_grad_scaler_skips_overflow_and_resumes_exactly(data24, t
     assert len(changed) > 10, "the step after the overflow must update the weights"
     state = ckpt.load(ref / "checkpoint-last.pth")
     assert state["update"] == 12
-    assert state["scaler"]["scale"] == 2.0 ** 15  # init 2^16, one backoff, < 2000 good steps since
+    assert state["scaler"]["scale"] == 2.0**15  # init 2^16, one backoff, < 2000 good steps since
     assert state["scaler"]["_growth_tracker"] == 12 - 3  # good steps since the overflow
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {11}  # one of 12 updates skipped
     assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
@@ -363,7 +476,7 @@ def test_pretrain__fp16_grad_scaler_skips_overflow_and_resumes_exactly(data24, t
         pretrain(_cfg(out, data24, save_every_steps=1, **FP16))
     state = ckpt.load(out / "checkpoint-last.pth")
     assert (state["epoch"], state["step_in_epoch"], state["update"]) == (1, 3, 9)
-    assert state["scaler"] == {**state["scaler"], "scale": 2.0 ** 15, "_growth_tracker": 9 - 3}
+    assert state["scaler"] == {**state["scaler"], "scale": 2.0**15, "_growth_tracker": 9 - 3}
     _wrap_pretrain_step(monkeypatch, _fp16_step({}))
     pretrain(_cfg(out, data24, save_every_steps=1, resume="auto", **FP16))
     _assert_same_training(ref, out)
@@ -374,6 +487,7 @@ def test_pretrain__bf16_autocast_on_cpu_keeps_fp32_weights(data24, tmp_path, mon
     model computes in bf16 (its output dtype, seen by a forward hook) from fp32 weights; the
     gradients the optimiser applies and the saved weights stay fp32. With fp32 the same hooks
     see fp32 outputs (so the hook does tell the two apart)."""
+
     def run(precision: str) -> dict:
         seen = {"outputs": set(), "weights": set(), "grads": set(), "autocast": set()}
 
@@ -391,7 +505,11 @@ def test_pretrain__bf16_autocast_on_cpu_keeps_fp32_weights(data24, tmp_path, mon
 
         def build_optimizer(*a, **kw):
             opt = real_build(*a, **kw)
-            opt.register_step_pre_hook(lambda o, *_: seen["grads"].update(p.grad.dtype for g in o.param_groups for p in g["params"] if p.grad is not None))
+            opt.register_step_pre_hook(
+                lambda o, *_: seen["grads"].update(
+                    p.grad.dtype for g in o.param_groups for p in g["params"] if p.grad is not None
+                )
+            )
             return opt
 
         real_build = train.build_optimizer

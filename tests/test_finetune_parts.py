@@ -1,5 +1,6 @@
 """The fine-tuning recipe's parts against formulas written here: label smoothing, mixup seeded
 by the step (not numpy's global state), MAE's LARS step, the EMA of the weights."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -109,9 +110,24 @@ def test_ema__weights_are_the_moving_average_of_every_update(colour_data, pretra
     monkeypatch.setattr(ModelEmaV3, "update", update)
     d = 0.6
     out = tmp_path / "ft"
-    finetune(FinetuneConfig(model="swin_test", pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(colour_data),
-                            output=str(out), epochs=1, warmup_epochs=0, batch_size=6, lr=1e-3, num_workers=0,
-                            device="cpu", keep_every=0, ema=True, ema_decay=d, eval_every=0))
+    finetune(
+        FinetuneConfig(
+            model="swin_test",
+            pretrained=str(pretrain_ckpt("mae_swin_test")),
+            data=str(colour_data),
+            output=str(out),
+            epochs=1,
+            warmup_epochs=0,
+            batch_size=6,
+            lr=1e-3,
+            num_workers=0,
+            device="cpu",
+            keep_every=0,
+            ema=True,
+            ema_decay=d,
+            eval_every=0,
+        )
+    )
     assert len(seen) == 3  # 18 images / 6
     want = {k: v.double() for k, v in seen[0].items()}
     for w in seen[1:]:

@@ -3,6 +3,7 @@ distribution focal losses and the integral decoding on hand-computed cases, the 
 normalisation on a hand-built batch, and a tiny GFL (toy backbone, 128 px images) that trains
 with and without boxes, overfits one image and detects its boxes.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,19 @@ def _bce(x: float, y: float) -> float:
 
 # Every box spans y 0..10, so IoUs are the 1-D IoUs in x and centre distances are |dx|.
 # Level 0: width 10, centres 5, 15, 25, 35, 45; level 1: width 20, centres 10, 30, 50.
-ANCHORS = torch.tensor([[0, 0, 10, 10], [10, 0, 20, 10], [20, 0, 30, 10], [30, 0, 40, 10], [40, 0, 50, 10],
-                        [0, 0, 20, 10], [20, 0, 40, 10], [40, 0, 60, 10]], dtype=torch.float32)
+ANCHORS = torch.tensor(
+    [
+        [0, 0, 10, 10],
+        [10, 0, 20, 10],
+        [20, 0, 30, 10],
+        [30, 0, 40, 10],
+        [40, 0, 50, 10],
+        [0, 0, 20, 10],
+        [20, 0, 40, 10],
+        [40, 0, 60, 10],
+    ],
+    dtype=torch.float32,
+)
 LEVELS = [5, 3]
 
 
@@ -82,6 +94,7 @@ def test_atss_without_gts_and_with_topk_above_the_level_size():
 
 # ---------------------------------------------------------------------------------- losses
 
+
 def test_quality_focal_loss_by_hand():
     # anchor 0: positive of class 1 with IoU target 0.6; anchor 1: negative
     logits = torch.tensor([[0.5, -1.0], [2.0, 0.0]], dtype=torch.float64)
@@ -94,7 +107,8 @@ def test_quality_focal_loss_by_hand():
     # the gradient goes through the modulating factor too (it is part of the loss)
     assert torch.autograd.gradcheck(
         lambda x: quality_focal_loss(x, torch.tensor([1, -1]), torch.tensor([0.6, 0.0], dtype=torch.float64)),
-        logits.clone().requires_grad_())
+        logits.clone().requires_grad_(),
+    )
     # beta 0: plain BCE towards the soft targets
     loss0 = quality_focal_loss(logits, torch.tensor([1, -1]), torch.tensor([0.6, 0.0], dtype=torch.float64), 0.0)
     assert loss0[0, 1].item() == pytest.approx(_bce(-1.0, 0.6))
@@ -123,6 +137,7 @@ def test_integral_is_the_mean_of_each_side_distribution():
 
 
 # ---------------------------------------------------------------------------------- the model
+
 
 class ToyPyramid(nn.Module):
     """A few convs to P3-P7 (strides 8-128) of ``channels`` each."""
@@ -172,8 +187,9 @@ def test_loss_normalisation_on_a_hand_built_batch():
         return model.compute_loss([target] * len(pos_logits), outputs, [ANCHORS] * len(pos_logits), LEVELS)
 
     def qfl(rows: list) -> float:  # QFL summed over the batch: 7 all-zero anchors x 2 classes
-        per_image = [14 * _bce(0, 0) * 0.25 + _bce(a, 0) * _sig(a) ** 2 + _bce(b, 0.6) * abs(0.6 - _sig(b)) ** 2
-                     for a, b in rows]
+        per_image = [
+            14 * _bce(0, 0) * 0.25 + _bce(a, 0) * _sig(a) ** 2 + _bce(b, 0.6) * abs(0.6 - _sig(b)) ** 2 for a, b in rows
+        ]
         return sum(per_image)
 
     # one image: weight = the best class score, sigmoid(2) = 0.881 (class 0, not the gt's
@@ -202,8 +218,9 @@ def test_postprocess_decodes_thresholds_and_clips_by_hand():
     anchors = torch.tensor([[8.0, 16.0, 72.0, 80.0], [96.0, 96.0, 160.0, 160.0]])
     reg = torch.tensor([[0.0, log(2), 0.0, 0.0, 0.0, log(2), -100.0, -100.0, 0.0, 0.0, 0.0, -100.0], [0.0] * 12])
     cls = torch.tensor([[-5.0, 2.0], [1.0, -5.0]])
-    det = model.postprocess_detections({"cls_logits": [cls[None]], "bbox_regression": [reg[None]]}, [[anchors]],
-                                       [(128, 128)])[0]
+    det = model.postprocess_detections(
+        {"cls_logits": [cls[None]], "bbox_regression": [reg[None]]}, [[anchors]], [(128, 128)]
+    )[0]
     torch.testing.assert_close(det["boxes"], torch.tensor([[32.0, 38.0, 56.0, 52.0], [120.0, 120.0, 128.0, 128.0]]))
     torch.testing.assert_close(det["scores"], torch.tensor([_sig(2.0), _sig(1.0)]))
     assert det["labels"].tolist() == [1, 0]

@@ -3,6 +3,7 @@
 Statistical properties are checked over many draws from fixed seeds; the vectorised code is
 compared with plain loop implementations written here (METHOD.md is the specification).
 """
+
 from __future__ import annotations
 
 import math
@@ -260,8 +261,9 @@ def test_secondary_masking__seeded_and_refuses_bad_input():
 
 # (units, ratio, masked): the reference's generator masks int(ratio * units): 49 * 0.6 = 29.4
 # -> 29 (MAE's own int(L * (1 - r)) kept would mask 30)
-@pytest.mark.parametrize("length,ratio,masked", [(256, 0.75, 192), (196, 0.75, 147), (16, 0.75, 12), (49, 0.6, 29),
-                                                 (10, 0.33, 3)])
+@pytest.mark.parametrize(
+    "length,ratio,masked", [(256, 0.75, 192), (196, 0.75, 147), (16, 0.75, 12), (49, 0.6, 29), (10, 0.33, 3)]
+)
 def test_random_masking__exact_count(length, ratio, masked):
     m = random_masking(300, length, ratio, generator=_gen(31))
     assert m.shape == (300, length) and m.dtype == torch.bool
@@ -300,8 +302,9 @@ def brute_compact_image(x, choice, unit):
             for bj in range(bw):
                 ch = int(choice[b, bi, bj])
                 ui, uj = 2 * bi + ch // 2, 2 * bj + ch % 2
-                out[b, :, bi * unit:(bi + 1) * unit, bj * unit:(bj + 1) * unit] = \
-                    x[b, :, ui * unit:(ui + 1) * unit, uj * unit:(uj + 1) * unit]
+                out[b, :, bi * unit : (bi + 1) * unit, bj * unit : (bj + 1) * unit] = x[
+                    b, :, ui * unit : (ui + 1) * unit, uj * unit : (uj + 1) * unit
+                ]
     return out
 
 
@@ -388,4 +391,3 @@ def test_reference_unit_index__flaw_fraction():
     # a mask whose block rows keep only top units (or only bottom units) has no flaw
     top = torch.randint(0, 2, (1, 8, 8), generator=_gen(72))  # choices 0/1 = top row of block
     assert torch.equal(reference_unit_index(top), kept_unit_index(top))
-

@@ -3,6 +3,7 @@
 Golden values come from plain re-computations written here (loops over images, units, pairs);
 the tiny ``*_test`` models of the registry run at 64 px on the CPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,7 +77,7 @@ def brute_patchify(x: torch.Tensor, u: int) -> torch.Tensor:
     for b in range(n):
         for ui in range(gh):
             for uj in range(gw):
-                block = x[b, :, ui * u:(ui + 1) * u, uj * u:(uj + 1) * u]  # [C, u, u]
+                block = x[b, :, ui * u : (ui + 1) * u, uj * u : (uj + 1) * u]  # [C, u, u]
                 out[b, ui * gw + uj] = block.permute(1, 2, 0).reshape(-1)
     return out
 
@@ -84,8 +85,12 @@ def brute_patchify(x: torch.Tensor, u: int) -> torch.Tensor:
 # ------------------------------------------------------------------- registry / construction
 
 REFERENCE_NAMES = [
-    "mae_swin_tiny_256", "mae_swin_large_256", "mae_pvt_small_256",
-    "simmim_swin_tiny_256", "simmim_pvt_small_256", "mae_vit_base_patch16",
+    "mae_swin_tiny_256",
+    "mae_swin_large_256",
+    "mae_pvt_small_256",
+    "simmim_swin_tiny_256",
+    "simmim_pvt_small_256",
+    "mae_vit_base_patch16",
 ]
 
 
@@ -190,15 +195,18 @@ def test_pos_mlp_bias__table_gather_equals_per_pair_mlp(frac_bits):
                     want = w2 @ torch.relu(w1 @ feat + b1) + b2  # [heads]
                     torch.testing.assert_close(bias[a, w, :, i, j], want, rtol=1e-5, atol=1e-5)
                     # and the module's own per-pair path agrees
-                    torch.testing.assert_close(
-                        m.mlp_of_offsets(torch.tensor(d)).detach(), want, rtol=1e-5, atol=1e-5
-                    )
+                    torch.testing.assert_close(m.mlp_of_offsets(torch.tensor(d)).detach(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("side,ws,shift,compact", [
-    (8, 4, False, True), (8, 4, True, True),  # compact map: irregular true positions
-    (32, 16, True, False), (16, 16, True, False),  # fine-tuning / SimMIM window 16 (= the map: no shift)
-])
+@pytest.mark.parametrize(
+    "side,ws,shift,compact",
+    [
+        (8, 4, False, True),
+        (8, 4, True, True),  # compact map: irregular true positions
+        (32, 16, True, False),
+        (16, 16, True, False),  # fine-tuning / SimMIM window 16 (= the map: no shift)
+    ],
+)
 def test_swin_block__equals_reference_attention(side, ws, shift, compact):
     """A Swin block == global attention restricted to the pairs in the same (shifted) window
     that were neighbours before the cyclic shift, with the pos-MLP bias of the TRUE offset
@@ -234,8 +242,10 @@ def test_pvt_sr_attention__equals_reference(sr):
         torch.testing.assert_close(attn(x), ref.sr_attention(x, attn, sr), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,setting", [("mae_swin_test", 8), ("mae_swin_test", 16), ("mae_pvt_test", (4, 2, 1, 1)),
-                                          ("mae_pvt_test", (8, 4, 2, 1))])
+@pytest.mark.parametrize(
+    "name,setting",
+    [("mae_swin_test", 8), ("mae_swin_test", 16), ("mae_pvt_test", (4, 2, 1, 1)), ("mae_pvt_test", (8, 4, 2, 1))],
+)
 def test_forward_dense__equals_reference_forward(name, setting):
     """The dense encoder (fine-tuning, SimMIM, transfer) == the plain forward written from the
     method (tests/_reference_forward.py), at the pre-training and the fine-tuning settings."""
@@ -609,7 +619,12 @@ def _plain_mae_loss(imgs, pred, mask, unit, norm_pix):
             if not mask[b, u]:
                 continue
             ui, uj = divmod(u, gw)
-            t = imgs[b, :, ui * unit:(ui + 1) * unit, uj * unit:(uj + 1) * unit].permute(1, 2, 0).reshape(-1).double()
+            t = (
+                imgs[b, :, ui * unit : (ui + 1) * unit, uj * unit : (uj + 1) * unit]
+                .permute(1, 2, 0)
+                .reshape(-1)
+                .double()
+            )
             if norm_pix:
                 mean = t.sum() / t.numel()
                 var = ((t - mean) ** 2).sum() / (t.numel() - 1)  # unbiased, like MAE's .var()

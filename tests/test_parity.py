@@ -4,6 +4,7 @@ computed by implus/UM-MAE) load through the path a user's ``--pretrained`` / ``c
 
 These tests must run in CI (it has ``../shared``); elsewhere they skip when it is absent.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,18 @@ TOL = 1e-5
 
 
 def test_parity_cases__all_ten_present():
-    assert CASES == ["mae_pvt", "mae_swin", "mae_swin_us_only", "mae_vit_rs", "mae_vit_um", "pvt_finetuned",
-                     "simmim_pvt", "simmim_swin", "swin_finetuned", "vit_finetuned"]
+    assert CASES == [
+        "mae_pvt",
+        "mae_swin",
+        "mae_swin_us_only",
+        "mae_vit_rs",
+        "mae_vit_um",
+        "pvt_finetuned",
+        "simmim_pvt",
+        "simmim_swin",
+        "swin_finetuned",
+        "vit_finetuned",
+    ]
 
 
 def _case(name: str):
@@ -59,14 +70,29 @@ def _spec(case: dict) -> dict:
     if family == "vit":
         spec.update(dim=kw["embed_dim"], depth=kw["depth"], heads=kw["num_heads"], patch=kw["patch_size"])
     elif family == "swin":
-        spec.update(dims=[kw["embed_dim"] * 2**i for i in range(4)], depths=kw["depths"], heads=kw["num_heads"],
-                    posmlp=kw.get("posmlp_dim", 32), window=kw["window_size"])
+        spec.update(
+            dims=[kw["embed_dim"] * 2**i for i in range(4)],
+            depths=kw["depths"],
+            heads=kw["num_heads"],
+            posmlp=kw.get("posmlp_dim", 32),
+            window=kw["window_size"],
+        )
     else:
-        spec.update(dims=kw["embed_dims"], depths=kw["depths"], heads=kw["num_heads"], mlp_ratios=kw["mlp_ratios"],
-                    sr=kw["sr_ratios"])
+        spec.update(
+            dims=kw["embed_dims"],
+            depths=kw["depths"],
+            heads=kw["num_heads"],
+            mlp_ratios=kw["mlp_ratios"],
+            sr=kw["sr_ratios"],
+        )
     if kind == "mae":
-        spec.update(decoder=(kw["decoder_embed_dim"], kw["decoder_depth"]), decoder_heads=kw["decoder_num_heads"],
-                    sm=extra["vis_mask_ratio"] > 0, sm_ratio=extra["vis_mask_ratio"], norm_pix=extra["norm_pix_loss"])
+        spec.update(
+            decoder=(kw["decoder_embed_dim"], kw["decoder_depth"]),
+            decoder_heads=kw["decoder_num_heads"],
+            sm=extra["vis_mask_ratio"] > 0,
+            sm_ratio=extra["vis_mask_ratio"],
+            norm_pix=extra["norm_pix_loss"],
+        )
     if kind == "classifier":
         spec["num_classes"] = kw["num_classes"]
     return spec
@@ -77,23 +103,48 @@ def _build(spec: dict, decoder_pos: str = "reference", sampling: str = "uniform"
     fam, kind = spec["family"], spec["kind"]
     learnable = "learnable" if kind == "classifier" else "sincos"
     if fam == "swin":
-        enc = SwinTransformer(embed_dim=spec["dims"][0], depths=spec["depths"], num_heads=spec["heads"],
-                              window_size=spec["window"], pos_hidden=spec["posmlp"])
+        enc = SwinTransformer(
+            embed_dim=spec["dims"][0],
+            depths=spec["depths"],
+            num_heads=spec["heads"],
+            window_size=spec["window"],
+            pos_hidden=spec["posmlp"],
+        )
     elif fam == "pvt":
-        enc = PyramidVisionTransformer(embed_dims=spec["dims"], depths=spec["depths"], num_heads=spec["heads"],
-                                       mlp_ratios=spec["mlp_ratios"], sr_ratios=spec["sr"], pos_embed=learnable,
-                                       img_size=spec["img_size"])
+        enc = PyramidVisionTransformer(
+            embed_dims=spec["dims"],
+            depths=spec["depths"],
+            num_heads=spec["heads"],
+            mlp_ratios=spec["mlp_ratios"],
+            sr_ratios=spec["sr"],
+            pos_embed=learnable,
+            img_size=spec["img_size"],
+        )
     else:
-        enc = VisionTransformer(patch_size=spec["patch"], embed_dim=spec["dim"], depth=spec["depth"],
-                                num_heads=spec["heads"], pos_embed=learnable, img_size=spec["img_size"])
+        enc = VisionTransformer(
+            patch_size=spec["patch"],
+            embed_dim=spec["dim"],
+            depth=spec["depth"],
+            num_heads=spec["heads"],
+            pos_embed=learnable,
+            img_size=spec["img_size"],
+        )
     if kind == "classifier":
         return Classifier(enc, spec["num_classes"], img_size=spec["img_size"]).eval()
     if kind == "simmim":
         return SimMIM(enc, spec["img_size"]).eval()
     dim, depth = spec["decoder"]
-    return MaskedAutoencoder(enc, spec["img_size"], sampling=sampling, sm_ratio=spec["sm_ratio"],
-                             norm_pix_loss=spec["norm_pix"], decoder_pos=decoder_pos, decoder_dim=dim,
-                             decoder_depth=depth, decoder_heads=spec["decoder_heads"]).eval()
+    return MaskedAutoencoder(
+        enc,
+        spec["img_size"],
+        sampling=sampling,
+        sm_ratio=spec["sm_ratio"],
+        norm_pix_loss=spec["norm_pix"],
+        decoder_pos=decoder_pos,
+        decoder_dim=dim,
+        decoder_depth=depth,
+        decoder_heads=spec["decoder_heads"],
+    ).eval()
 
 
 def _run(model, t):
@@ -120,8 +171,11 @@ def test_parity__pretraining_loss_and_predictions_equal_the_reference(name):
     case, t = _case(name)
     spec = _spec(case)
     vit = spec["family"] == "vit"
-    model = _build(spec, decoder_pos="true" if vit else "reference",  # ViT: the reference's order is right
-                   sampling="random" if name == "mae_vit_rs" else "uniform")
+    model = _build(
+        spec,
+        decoder_pos="true" if vit else "reference",  # ViT: the reference's order is right
+        sampling="random" if name == "mae_vit_rs" else "uniform",
+    )
     state, meta = read_weights(PARITY / name / "reference.pth")  # what --pretrained / --init / convert read
     load_state_strict(model, state, name)
     out = _run(model, t)
@@ -200,8 +254,14 @@ def test_parity__pretrained_encoder_carries_into_a_classifier(name):
     report = load_pretrained(clf, PARITY / name / "reference.pth")
     assert "decoder_pos_embed" in report.converted  # the conversion names what it dropped
     assert all(k.startswith(("decoder", "sm_token", "encoder.norm.")) for k in report.dropped)
-    assert set(report.new) <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias", "encoder.pos_embed",
-                               "encoder.pos_embed_cls"}
+    assert set(report.new) <= {
+        "head.weight",
+        "head.bias",
+        "fc_norm.weight",
+        "fc_norm.bias",
+        "encoder.pos_embed",
+        "encoder.pos_embed_cls",
+    }
     enc = pre.encoder
     if isinstance(enc, SwinTransformer):
         enc.set_window_size(16)
@@ -232,8 +292,12 @@ def test_convert__refuses_what_it_cannot_map(tmp_path):
     table["decoder_pos_embed"] = table["decoder_pos_embed"] + 0.01
     with pytest.raises(CheckpointError, match="decoder_pos_embed differs from the 2-D sin-cos"):
         read_weights(_write(tmp_path, {**base, "model": table}, "table.pth"))
-    simmim_codebase = {"model": {"encoder.layers.0.blocks.0.attn.relative_position_bias_table": torch.zeros(3, 3),
-                                 "encoder.mask_token": torch.zeros(1, 1, 8)}}
+    simmim_codebase = {
+        "model": {
+            "encoder.layers.0.blocks.0.attn.relative_position_bias_table": torch.zeros(3, 3),
+            "encoder.mask_token": torch.zeros(1, 1, 8),
+        }
+    }
     with pytest.raises(CheckpointError, match="SimMIM code base.*cannot be mapped"):
         read_weights(_write(tmp_path, simmim_codebase, "simmim.pth"))
     unknown = {"model": {"backbone.conv.weight": torch.zeros(2)}}

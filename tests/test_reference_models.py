@@ -2,6 +2,7 @@
 counts, and a checkpoint in the reference's layout (tests/_reference_layout.py, checked against
 the real reference checkpoints in test_parity.py) converts onto every one of their tensors.
 Needs no ../shared."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,8 +38,17 @@ def test_paper_models__reference_parameters_exactly(name):
     torch.manual_seed(0)
     model = create_model(name)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
-    ref = reference_checkpoint(spec, {"model": name, "input_size": spec["img_size"], "mask_regular": True,
-                                      "vis_mask_ratio": 0.25, "norm_pix_loss": True, "mask_ratio": 0.75})
+    ref = reference_checkpoint(
+        spec,
+        {
+            "model": name,
+            "input_size": spec["img_size"],
+            "mask_regular": True,
+            "vis_mask_ratio": 0.25,
+            "norm_pix_loss": True,
+            "mask_ratio": 0.75,
+        },
+    )
     state, meta = convert_checkpoint(ref, name)
     load_state_strict(model, state, name)
     assert meta["model_name"] == name

@@ -5,6 +5,7 @@ falling loss and exact resume, distributed evaluation and the commands.
 Tiny configurations: test backbones, 64 px crops, 32-channel neck, 16-channel head, a handful
 of ``../shared/data/coco_semseg_mini`` images (these tests must run in CI: they fail without it).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,15 +42,30 @@ def semseg(tmp_path_factory):
 
 def _model(backbone="swin_test", num_classes=5, **kw):
     args = {**TINY, **kw}
-    model, _ = build_segmenter(backbone, num_classes, drop_path=0.0, scale=[128, 64], test_mode="slide",
-                               test_stride=43, **args)
+    model, _ = build_segmenter(
+        backbone, num_classes, drop_path=0.0, scale=[128, 64], test_mode="slide", test_stride=43, **args
+    )
     return model.eval()
 
 
 def _cfg(out: Path, data: Path, **kw) -> SegmentConfig:
-    base = dict(output=str(out), data=str(data), backbone="swin_test", num_classes=K, iters=7, eval_every_iters=2,
-                batch_size=2, num_workers=0, warmup_steps=2, log_every=1, blr=1.6e-2, drop_path=0.0,
-                scale=(128, 64), test_stride=43, **TINY)
+    base = dict(
+        output=str(out),
+        data=str(data),
+        backbone="swin_test",
+        num_classes=K,
+        iters=7,
+        eval_every_iters=2,
+        batch_size=2,
+        num_workers=0,
+        warmup_steps=2,
+        log_every=1,
+        blr=1.6e-2,
+        drop_path=0.0,
+        scale=(128, 64),
+        test_stride=43,
+        **TINY,
+    )
     base.update(kw)
     return SegmentConfig(**base)
 
@@ -116,8 +132,8 @@ def test_slide__windows_that_tile_the_image_are_each_the_model_on_that_window():
     x = model.normalize(torch.randint(0, 256, (1, 3, 64, 128), dtype=torch.uint8))
     out = slide_logits(model, x, 64, 64)
     for x1 in (0, 64):
-        alone = torch.nn.functional.interpolate(model.logits(x[..., x1:x1 + 64]), size=(64, 64), mode="bilinear")
-        assert torch.allclose(out[..., x1:x1 + 64], alone, atol=1e-5)
+        alone = torch.nn.functional.interpolate(model.logits(x[..., x1 : x1 + 64]), size=(64, 64), mode="bilinear")
+        assert torch.allclose(out[..., x1 : x1 + 64], alone, atol=1e-5)
     # overlapping windows (stride 43 < 64): every pixel covered, the overlap averaged
     over = slide_logits(model, x, 64, 43)
     assert torch.allclose(over[..., :21], out[..., :21], atol=1e-5)  # only the first window covers these
@@ -184,8 +200,17 @@ def test_poly_schedule__mmcv_values():
 
 
 def test_segment_train__loss_falls_on_real_images(semseg, tmp_path):
-    cfg = _cfg(tmp_path / "run", semseg, iters=30, eval_every_iters=0, batch_size=2, photometric=False,
-               ratio_range=(1.0, 1.0), blr=3.0, warmup_steps=3)
+    cfg = _cfg(
+        tmp_path / "run",
+        semseg,
+        iters=30,
+        eval_every_iters=0,
+        batch_size=2,
+        photometric=False,
+        ratio_range=(1.0, 1.0),
+        blr=3.0,
+        warmup_steps=3,
+    )
     train(cfg)
     losses = [r["loss"] for r in step_records(Path(cfg.output))]
     assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
@@ -237,17 +262,67 @@ def test_segment_train__iterations_evaluations_and_an_interrupted_run_resume_exa
 def test_segment_cli__train_eval_predict(semseg, tmp_path, capsys, caplog):
     caplog.set_level("INFO", logger="ummae")
     out = tmp_path / "run"
-    args = ["segment", "train", "--data", str(semseg), "--backbone", "pvt_test", "--output", str(out),
-            "--num-classes", str(K), "--iters", "2", "--eval-every-iters", "0", "--batch-size", "2", "--num-workers", "0",
-            "--crop-size", "64", "--scale", "128", "64", "--neck-channels", "32", "--head-channels", "16",
-            "--aux-channels", "8", "--warmup-steps", "1", "--test-stride", "43"]
+    args = [
+        "segment",
+        "train",
+        "--data",
+        str(semseg),
+        "--backbone",
+        "pvt_test",
+        "--output",
+        str(out),
+        "--num-classes",
+        str(K),
+        "--iters",
+        "2",
+        "--eval-every-iters",
+        "0",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--crop-size",
+        "64",
+        "--scale",
+        "128",
+        "64",
+        "--neck-channels",
+        "32",
+        "--head-channels",
+        "16",
+        "--aux-channels",
+        "8",
+        "--warmup-steps",
+        "1",
+        "--test-stride",
+        "43",
+    ]
     assert main(args) == 0
     assert main(args) == 2  # the folder holds a run
     assert "holds a run" in capsys.readouterr().err
     ckpt = out / "checkpoint-last.pth"
     ev = tmp_path / "ev"
-    assert main(["segment", "eval", "--checkpoint", str(ckpt), "--data", str(semseg), "--output", str(ev),
-                 "--num-workers", "0", "--ratios", "0.75", "1.0", "--flip"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                "eval",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(semseg),
+                "--output",
+                str(ev),
+                "--num-workers",
+                "0",
+                "--ratios",
+                "0.75",
+                "1.0",
+                "--flip",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed) == {"mIoU", "mAcc", "aAcc"}
     n_val = len(list((semseg / "images" / "validation").iterdir()))
@@ -260,8 +335,10 @@ def test_segment_cli__train_eval_predict(semseg, tmp_path, capsys, caplog):
     assert table.splitlines()[0].split() == ["class", "IoU", "Acc"] and "background" in table
     pics = tmp_path / "vis"
     images = sorted((semseg / "images" / "validation").iterdir())[:2]
-    assert main(["segment", "predict", "--checkpoint", str(ckpt), "--images", *map(str, images),
-                 "--output", str(pics)]) == 0
+    assert (
+        main(["segment", "predict", "--checkpoint", str(ckpt), "--images", *map(str, images), "--output", str(pics)])
+        == 0
+    )
     names = sorted(p.name for p in pics.iterdir())
     assert names == sorted([f"{p.stem}.png" for p in images] + [f"{p.stem}_labels.png" for p in images])
     from PIL import Image
@@ -274,10 +351,37 @@ def test_segment_cli__train_eval_predict(semseg, tmp_path, capsys, caplog):
 
 def test_segment_cli__labels_beyond_the_declared_classes_are_one_clear_line(semseg, tmp_path, capsys):
     for workers in ("0", "1"):
-        code = main(["segment", "train", "--data", str(semseg), "--backbone", "swin_test", "--output",
-                     str(tmp_path / f"run{workers}"), "--num-classes", "20", "--iters", "1", "--batch-size", "2",
-                     "--num-workers", workers, "--crop-size", "64", "--scale", "128", "64", "--neck-channels", "32",
-                     "--head-channels", "16", "--aux-channels", "8"])
+        code = main(
+            [
+                "segment",
+                "train",
+                "--data",
+                str(semseg),
+                "--backbone",
+                "swin_test",
+                "--output",
+                str(tmp_path / f"run{workers}"),
+                "--num-classes",
+                "20",
+                "--iters",
+                "1",
+                "--batch-size",
+                "2",
+                "--num-workers",
+                workers,
+                "--crop-size",
+                "64",
+                "--scale",
+                "128",
+                "64",
+                "--neck-channels",
+                "32",
+                "--head-channels",
+                "16",
+                "--aux-channels",
+                "8",
+            ]
+        )
         err = capsys.readouterr().err.strip()
         assert code == 2, err
         assert len(err.splitlines()) == 1, err
@@ -286,22 +390,67 @@ def test_segment_cli__labels_beyond_the_declared_classes_are_one_clear_line(sems
 
 def test_segment_cli__bad_options_are_one_clear_line(semseg, tmp_path, capsys):
     base = ["segment", "train", "--data", str(semseg), "--output", str(tmp_path / "r")]
-    for extra, words in [(["--ignore-index", "3"], "ignore_index"), (["--test-stride", "600"], "test_stride"),
-                         (["--num-classes", "0"], "num_classes"), (["--batch-size", "1", "--num-classes", "81",
-                          "--crop-size", "64", "--scale", "128", "64", "--backbone", "swin_test"], "at least 2 images")]:
+    for extra, words in [
+        (["--ignore-index", "3"], "ignore_index"),
+        (["--test-stride", "600"], "test_stride"),
+        (["--num-classes", "0"], "num_classes"),
+        (
+            [
+                "--batch-size",
+                "1",
+                "--num-classes",
+                "81",
+                "--crop-size",
+                "64",
+                "--scale",
+                "128",
+                "64",
+                "--backbone",
+                "swin_test",
+            ],
+            "at least 2 images",
+        ),
+    ]:
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
     assert main(["segment", "eval", "--checkpoint", str(tmp_path / "none.pth"), "--data", str(semseg)]) == 2
     assert "none.pth" in capsys.readouterr().err
-    assert main(["segment", "eval", "--checkpoint", str(tmp_path / "none.pth"), "--data", str(semseg),
-                 "--ratios", "1.0", "0"]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "none.pth"),
+                "--data",
+                str(semseg),
+                "--ratios",
+                "1.0",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "ratios" in capsys.readouterr().err
 
 
 def test_segment_eval__refuses_a_checkpoint_of_another_task(semseg, tmp_path, capsys, pretrain_ckpt):
-    assert main(["segment", "eval", "--checkpoint", str(pretrain_ckpt("mae_swin_test")), "--data", str(semseg),
-                 "--output", str(tmp_path / "ev")]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                "eval",
+                "--checkpoint",
+                str(pretrain_ckpt("mae_swin_test")),
+                "--data",
+                str(semseg),
+                "--output",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 2
+    )
     assert "not a checkpoint of `ummae segment train`" in capsys.readouterr().err
 
 
@@ -322,10 +471,42 @@ def test_segment_train__two_ranks_keep_one_model(semseg, tmp_path):
     """torchrun + DDP (gloo): two ranks train UperNet (both heads through DDP's forward) in
     lockstep, evaluate a shard each, and end with the same weights."""
     out = tmp_path / "ddp"
-    proc = run_torchrun(["segment", "train", "--data", str(semseg), "--backbone", "swin_test", "--output", str(out),
-                         "--num-classes", str(K), "--iters", "3", "--eval-every-iters", "2", "--batch-size", "2",
-                         "--num-workers", "0", "--crop-size", "64", "--scale", "128", "64", "--neck-channels", "32",
-                         "--head-channels", "16", "--aux-channels", "8", "--warmup-steps", "1"], timeout=300)
+    proc = run_torchrun(
+        [
+            "segment",
+            "train",
+            "--data",
+            str(semseg),
+            "--backbone",
+            "swin_test",
+            "--output",
+            str(out),
+            "--num-classes",
+            str(K),
+            "--iters",
+            "3",
+            "--eval-every-iters",
+            "2",
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "0",
+            "--crop-size",
+            "64",
+            "--scale",
+            "128",
+            "64",
+            "--neck-channels",
+            "32",
+            "--head-channels",
+            "16",
+            "--aux-channels",
+            "8",
+            "--warmup-steps",
+            "1",
+        ],
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = metrics_records(out)
     assert [r["step"] for r in records if "mIoU" in r] == [2, 3]

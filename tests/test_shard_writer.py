@@ -1,6 +1,7 @@
 """``ummae shards`` / :func:`ummae.data.shard_writer.write_shards`: WebDataset tar shards of an
 ImageFolder, a flat folder or a list file, with the original bytes, the labels, a seeded
 order, shards.json, and one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -57,13 +58,24 @@ def test_imagefolder_round_trip(tmp_path, folder):
     assert len(samples) == 13
     assert info == json.loads((out / "shards.json").read_text())
     assert info == {
-        "format": "ummae-shards-1", "num_samples": 13,
-        "shards": [{"name": "shard-000000.tar", "num_samples": 5}, {"name": "shard-000001.tar", "num_samples": 5},
-                   {"name": "shard-000002.tar", "num_samples": 3}],
-        "classes": ["blue", "green", "red"], "source": str(folder), "shuffled": True, "seed": 0,
+        "format": "ummae-shards-1",
+        "num_samples": 13,
+        "shards": [
+            {"name": "shard-000000.tar", "num_samples": 5},
+            {"name": "shard-000001.tar", "num_samples": 5},
+            {"name": "shard-000002.tar", "num_samples": 3},
+        ],
+        "classes": ["blue", "green", "red"],
+        "source": str(folder),
+        "shuffled": True,
+        "seed": 0,
     }
-    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar",
-                                                     "shards.json"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+        "shards.json",
+    ]  # no temp files left
     written = read_shards(out)
     assert [k for k, _ in written] == [f"{i:09d}" for i in range(13)]  # unique, in written order
     by_bytes = {Path(p).read_bytes(): (p, label) for p, label in samples}
@@ -117,8 +129,9 @@ def test_list_file_labels_kept_and_data_root(tmp_path):
     info = write_shards(str(listing), str(out), 3, data_root=str(root), shuffle=False)
     assert info["classes"] is None and info["shuffled"] is False
     written = read_shards(out)
-    assert [(m["png"], m["cls"]) for _, m in written] == [(p.read_bytes(), str(7 - i).encode())
-                                                           for i, p in enumerate(paths)]
+    assert [(m["png"], m["cls"]) for _, m in written] == [
+        (p.read_bytes(), str(7 - i).encode()) for i, p in enumerate(paths)
+    ]
 
 
 def _order(out: Path) -> list[bytes]:
@@ -128,8 +141,7 @@ def _order(out: Path) -> list[bytes]:
 def test_order_seeded_reproducible_and_no_shuffle_keeps_source_order(tmp_path, folder):
     source = [Path(p).read_bytes() for p, _ in folder_samples(str(folder))[0]]
     orders = {}
-    for name, kwargs in {"s0": {"seed": 0}, "s0b": {"seed": 0}, "s1": {"seed": 1},
-                         "plain": {"shuffle": False}}.items():
+    for name, kwargs in {"s0": {"seed": 0}, "s0b": {"seed": 0}, "s1": {"seed": 1}, "plain": {"shuffle": False}}.items():
         write_shards(str(folder), str(tmp_path / name), 4, **kwargs)
         orders[name] = _order(tmp_path / name)
     assert orders["plain"] == source
@@ -189,7 +201,9 @@ def test_corrupt_image_is_copied_as_is(tmp_path):
     out = tmp_path / "shards"
     write_shards(str(src), str(out), 10, shuffle=False)
     assert [sorted(m.items()) for _, m in read_shards(out)] == [
-        [("jpg", b"\xff\xd8 not really a jpeg")], [("png", (src / "good.png").read_bytes())]]
+        [("jpg", b"\xff\xd8 not really a jpeg")],
+        [("png", (src / "good.png").read_bytes())],
+    ]
 
 
 def test_shard_pattern():
@@ -209,13 +223,17 @@ def test_cli_writes_shards_and_prints_the_pattern(tmp_path, folder, capsys):
     assert len(list(braceexpand(pattern))) == 3
 
     assert main(["shards", str(folder), "--output", str(tmp_path / "one"), "--no-shuffle", "--seed", "3"]) == 0
-    assert capsys.readouterr().out.strip().endswith(f'in 1 shard to {tmp_path / "one"}; train with --data '
-                                                    f'"{tmp_path / "one" / "shard-000000.tar"}"')
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(f'in 1 shard to {tmp_path / "one"}; train with --data "{tmp_path / "one" / "shard-000000.tar"}"')
+    )
     assert json.loads((tmp_path / "one" / "shards.json").read_text())["shuffled"] is False
 
 
-@pytest.mark.parametrize("extra, says", [(["--shard-size", "0"], "--shard-size must be an integer >= 1"),
-                                         ([], "already holds")])
+@pytest.mark.parametrize(
+    "extra, says", [(["--shard-size", "0"], "--shard-size must be an integer >= 1"), ([], "already holds")]
+)
 def test_cli_errors_are_one_line_exit_2(tmp_path, folder, capsys, extra, says):
     out = tmp_path / "shards"
     if not extra:

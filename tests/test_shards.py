@@ -7,6 +7,7 @@ naming it, the other counted. Pipeline: the uint8 path draws the crops and flips
 transform (statistically, and draw for draw under one seed) and gives its pixels within
 interpolation rounding on real JPEGs (`../shared/data/jpeg_fullres`; these must run in CI).
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,20 @@ def test_shards__two_gloo_ranks_see_every_sample_once_per_epoch(shards24, tmp_pa
     """4 shards of 6, 2 ranks x 2 workers, batch 3: each worker reads its own shard."""
     out = tmp_path / "seen.json"
     script = Path(__file__).resolve().parent / "_shard_ranks.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script), str(shards24), str(out), "2", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--nnodes=1",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        str(script),
+        str(shards24),
+        str(out),
+        "2",
+        "3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = json.loads(out.read_text())
@@ -103,6 +116,7 @@ def test_shards__an_epoch_split_unevenly_still_gives_every_rank_its_batches(shar
 def test_shards__a_resumed_epoch_gives_the_same_batches(shards24):
     """Batch t of an epoch is the same whether the epoch starts at 0 or, resumed, at k (odd
     k with 2 workers: the worker that owns batch k must deliver first)."""
+
     def stream():
         s = ShardStream(str(shards24), build_pretrain_transform(16), samples_per_epoch=24, shuffle_buffer=5)
         s.configure(batch_size=2, num_replicas=1, rank=0, seed=1, num_workers=2)
@@ -163,9 +177,22 @@ def test_shards__bad_specs_are_one_clear_line(tmp_path, shards24):
 
 
 def _pretrain_cfg(out: Path, data: Path, **kw) -> PretrainConfig:
-    values = dict(model="mae_swin_test", data=str(data), output=str(out), epochs=2, warmup_epochs=1, batch_size=4,
-                  blr=0.05, num_workers=2, log_every=1, keep_every=0, seed=0, img_size=64, vis_every=0,
-                  save_every_steps=2)
+    values = dict(
+        model="mae_swin_test",
+        data=str(data),
+        output=str(out),
+        epochs=2,
+        warmup_epochs=1,
+        batch_size=4,
+        blr=0.05,
+        num_workers=2,
+        log_every=1,
+        keep_every=0,
+        seed=0,
+        img_size=64,
+        vis_every=0,
+        save_every_steps=2,
+    )
     values.update(kw)
     return PretrainConfig(**values)
 
@@ -259,7 +286,9 @@ def test_pipeline__same_pixels_as_pil_for_a_fixed_crop_on_real_jpegs():
         tensor = read_image(str(f), as_tensor=True)
         assert torch.equal(tensor, torch.from_numpy(np.array(pil)).permute(2, 0, 1))  # the same decoded pixels
         box = (17, 23, pil.height - 60, pil.width - 90)  # top, left, height, width
-        a = torch.from_numpy(np.array(TF.resized_crop(pil, *box, [256, 256], InterpolationMode.BICUBIC))).permute(2, 0, 1)
+        a = torch.from_numpy(np.array(TF.resized_crop(pil, *box, [256, 256], InterpolationMode.BICUBIC))).permute(
+            2, 0, 1
+        )
         b = F2.resized_crop(tensor, *box, [256, 256], interpolation=InterpolationMode.BICUBIC, antialias=True)
         d = (a.int() - b.int()).abs()
         # Pillow rounds and clips to uint8 between its horizontal and vertical passes, so at
@@ -285,13 +314,24 @@ def test_finetune_from_labelled_shards__classes_from_the_index_and_val_from_a_fo
 
     index = write_shards(str(colour_data / "train"), str(tmp_path / "sh"), shard_size=6)
     assert index["classes"] == ["blue", "green", "red"]
-    cfg = dict(model="swin_test", data=str(tmp_path / "sh"), output=str(tmp_path / "ft"), epochs=1, warmup_epochs=0,
-               batch_size=6, lr=1e-3, num_workers=0, device="cpu", log_every=1, keep_every=0, seed=0)
+    cfg = dict(
+        model="swin_test",
+        data=str(tmp_path / "sh"),
+        output=str(tmp_path / "ft"),
+        epochs=1,
+        warmup_epochs=0,
+        batch_size=6,
+        lr=1e-3,
+        num_workers=0,
+        device="cpu",
+        log_every=1,
+        keep_every=0,
+        seed=0,
+    )
     with pytest.raises(ValueError, match="--val-data"):
         finetune(FinetuneConfig(**cfg))
     summary = finetune(FinetuneConfig(**{**cfg, "val_data": str(colour_data / "val"), "overwrite": True}))
     assert "acc1" in summary and summary["train_loss"] > 0
-
 
 
 @pytest.mark.parametrize("source", ["folder", "shards"])
@@ -339,8 +379,11 @@ def test_pretrain_with_the_device_pipeline_runs_and_counts_a_truncated_jpeg(tmp_
         shutil.copy(f, flat / f.name)
     broken = flat / "broken.jpg"
     broken.write_bytes(sorted(JPEGS.glob("*.jpg"))[9].read_bytes()[:5000])  # no end marker: decoded in the worker
-    summary = train.pretrain(_pretrain_cfg(tmp_path / "run", flat, input_pipeline="device", epochs=1, num_workers=0,
-                                           batch_size=3, save_every_steps=0))
+    summary = train.pretrain(
+        _pretrain_cfg(
+            tmp_path / "run", flat, input_pipeline="device", epochs=1, num_workers=0, batch_size=3, save_every_steps=0
+        )
+    )
     assert summary["skipped_images"] == 1 and math.isfinite(summary["train_loss"])
 
 

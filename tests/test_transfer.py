@@ -6,6 +6,7 @@ at another size), refusals with clear messages, and the safetensors export (ours
 Checkpoints are written in the Trainer's format from freshly initialised models (conftest);
 the weights need not be trained for the loads to be checked exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,9 @@ def _sincos_reference(side: int, dim: int) -> torch.Tensor:
 
 
 def _params_without_grad(model: nn.Module) -> list:
-    return [n for n, p in model.named_parameters()
-            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    return [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
 
 
 # ---------------------------------------------------------------- the key report
@@ -242,9 +244,14 @@ def test_load_pretrained__classifier_with_other_classes_gets_a_new_head(tmp_path
 # ---------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("source, target", [("mae_pvt_test", "swin_test"),  # another family
-                                            ("mae_swin_test", "swin_nano_128"),  # same family, other width
-                                            ("simmim_swin_test", "vit_test")])
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        ("mae_pvt_test", "swin_test"),  # another family
+        ("mae_swin_test", "swin_nano_128"),  # same family, other width
+        ("simmim_swin_test", "vit_test"),
+    ],
+)
 def test_load_pretrained__other_encoder_refused_naming_both_models(source, target, pretrain_ckpt):
     path = pretrain_ckpt(source)
     model = create_model(target, num_classes=3)
@@ -284,16 +291,33 @@ def test_load_pretrained__safetensors_of_another_model_refused(pretrain_ckpt, tm
 
     alien = tmp_path / "alien.safetensors"  # some other library's weights
     save_file({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, str(alien))
-    with pytest.raises(CheckpointError,
-                       match=r"unknown model, which does not match swin_test: \d+ encoder tensors missing"):
+    with pytest.raises(
+        CheckpointError, match=r"unknown model, which does not match swin_test: \d+ encoder tensors missing"
+    ):
         load_pretrained(create_model("swin_test", num_classes=3), alien)
 
 
 def test_cli_finetune__wrong_pretrained_one_error_line(capsys, tmp_path, colour_data, pretrain_ckpt):
     out = tmp_path / "ft"
-    code = main(["finetune", "--model", "swin_test", "--pretrained", str(pretrain_ckpt("mae_pvt_test")),
-                 "--data", str(colour_data), "--output", str(out), "--epochs", "1", "--num-workers", "0",
-                 "--device", "cpu"])
+    code = main(
+        [
+            "finetune",
+            "--model",
+            "swin_test",
+            "--pretrained",
+            str(pretrain_ckpt("mae_pvt_test")),
+            "--data",
+            str(colour_data),
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -320,7 +344,11 @@ def test_export__pretraining_checkpoint_holds_only_the_encoder(pretrain_ckpt, tm
     assert all(torch.equal(v, src["model"][k]) for k, v in weights.items())
     meta = _metadata(out)
     assert (meta["model_name"], meta["timm_model_name"], meta["source_model"], meta["contents"]) == (
-        "swin_test", "ummae_swin_test", "mae_swin_test", "encoder")
+        "swin_test",
+        "ummae_swin_test",
+        "mae_swin_test",
+        "encoder",
+    )
     assert json.loads(meta["model_args"]) == json.loads(json.dumps(src["model_args"]))
     assert [p.name for p in tmp_path.iterdir()] == ["enc.safetensors"]  # no temp file left
 
@@ -336,9 +364,20 @@ def test_export__pretrained_safetensors_fine_tunes_like_the_pth(pretrain_ckpt, c
     outs = {}
     for kind, weights in (("pth", pth), ("st", st)):
         outs[kind] = tmp_path / kind
-        finetune(FinetuneConfig(model="swin_test", pretrained=str(weights), data=str(colour_data),
-                                output=str(outs[kind]), epochs=1, max_steps_per_epoch=1, batch_size=6,
-                                num_workers=0, device="cpu", eval_every=0))
+        finetune(
+            FinetuneConfig(
+                model="swin_test",
+                pretrained=str(weights),
+                data=str(colour_data),
+                output=str(outs[kind]),
+                epochs=1,
+                max_steps_per_epoch=1,
+                batch_size=6,
+                num_workers=0,
+                device="cpu",
+                eval_every=0,
+            )
+        )
     ma, mb = _state(outs["pth"] / "checkpoint-last.pth"), _state(outs["st"] / "checkpoint-last.pth")
     assert set(ma) == set(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
     assert f"loaded {len(b.loaded)} tensors from {st}" in (outs["st"] / "pretrained_load.txt").read_text()
@@ -394,17 +433,40 @@ def test_timm_create_model__pretrained_true_refused():
 
 # What `ummae detect train` / `ummae segment train` recorded before detectors and segmenters were
 # registered (model_name composed by hand, these exact model_args): such checkpoints must load.
-OLD_DETECTOR_ARGS = {"detector": "gfl", "backbone": "swin_test", "num_classes": 4, "img_size": 128, "neck_channels": 16,
-                     "fpn_channels": 16, "drop_path": 0.0, "window_size": 8, "cat_ids": [1, 2, 3],
-                     "class_names": ["a", "b", "c"]}
-OLD_SEGMENTER_ARGS = {"backbone": "pvt_test", "num_classes": 5, "crop_size": 64, "neck_channels": 16, "head_channels": 8,
-                      "aux_channels": 8, "aux_weight": 0.4, "ignore_index": 255, "drop_path": 0.1,
-                      "reduce_zero_label": True, "scale": [128, 64], "test_mode": "slide", "test_stride": 32,
-                      "class_names": ["a", "b", "c", "d", "e"]}
+OLD_DETECTOR_ARGS = {
+    "detector": "gfl",
+    "backbone": "swin_test",
+    "num_classes": 4,
+    "img_size": 128,
+    "neck_channels": 16,
+    "fpn_channels": 16,
+    "drop_path": 0.0,
+    "window_size": 8,
+    "cat_ids": [1, 2, 3],
+    "class_names": ["a", "b", "c"],
+}
+OLD_SEGMENTER_ARGS = {
+    "backbone": "pvt_test",
+    "num_classes": 5,
+    "crop_size": 64,
+    "neck_channels": 16,
+    "head_channels": 8,
+    "aux_channels": 8,
+    "aux_weight": 0.4,
+    "ignore_index": 255,
+    "drop_path": 0.1,
+    "reduce_zero_label": True,
+    "scale": [128, 64],
+    "test_mode": "slide",
+    "test_stride": 32,
+    "class_names": ["a", "b", "c", "d", "e"],
+}
 
 
-@pytest.mark.parametrize("name, args, kind", [("gfl_swin_test", OLD_DETECTOR_ARGS, "detect"),
-                                              ("upernet_pvt_test", OLD_SEGMENTER_ARGS, "segment")])
+@pytest.mark.parametrize(
+    "name, args, kind",
+    [("gfl_swin_test", OLD_DETECTOR_ARGS, "detect"), ("upernet_pvt_test", OLD_SEGMENTER_ARGS, "segment")],
+)
 def test_build_from_checkpoint__loads_a_dense_checkpoint_of_the_old_naming(tmp_path, name, args, kind):
     from ummae.weights.build import build_from_checkpoint
 

@@ -4,6 +4,7 @@ reconstructions every ``vis_every`` epochs, and the refusal of checkpoints witho
 
 Tiny ``*_test`` models at 64 px on the CPU; the runs are real ``pretrain`` runs on a few small
 images the tests write."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,7 +42,11 @@ S = 64  # the *_test models' image size
 PANELS = [  # (model, options, titles)
     ("mae_swin_test", {}, ["original", "masked input (US)", "after SM", "reconstruction", "reconstruction + visible"]),
     ("mae_pvt_test", {}, ["original", "masked input (US)", "after SM", "reconstruction", "reconstruction + visible"]),
-    ("mae_vit_test", dict(sampling="random", sm_ratio=0.0), ["original", "masked input (random)", "reconstruction", "reconstruction + visible"]),
+    (
+        "mae_vit_test",
+        dict(sampling="random", sm_ratio=0.0),
+        ["original", "masked input (random)", "reconstruction", "reconstruction + visible"],
+    ),
     ("simmim_swin_test", {}, ["original", "masked input (random)", "reconstruction"]),
 ]
 
@@ -82,8 +87,21 @@ def data(tmp_path_factory) -> Path:
 
 
 def _run(out: Path, data: Path, **kw) -> Path:
-    values = dict(model="mae_swin_test", data=str(data), output=str(out), epochs=2, warmup_epochs=1, batch_size=3,
-                  blr=0.05, num_workers=0, log_every=1, keep_every=0, seed=0, device="cpu", vis_every=1)
+    values = dict(
+        model="mae_swin_test",
+        data=str(data),
+        output=str(out),
+        epochs=2,
+        warmup_epochs=1,
+        batch_size=3,
+        blr=0.05,
+        num_workers=0,
+        log_every=1,
+        keep_every=0,
+        seed=0,
+        device="cpu",
+        vis_every=1,
+    )
     values.update(kw)
     pretrain(PretrainConfig(**values))
     return out
@@ -197,11 +215,11 @@ def test_reconstruction_panels__pasted_panel_keeps_every_visible_unit_exactly(na
         crops = []
         for j in (0, len(titles) - 1):
             x, y = panel_origin(i, j, S)
-            crops.append(png[y:y + S, x:x + S])
+            crops.append(png[y : y + S, x : x + S])
         visible = ~masked[i, 0].numpy()
         assert np.array_equal(crops[1][visible], crops[0][visible])
         # and those are the input file's pixels: the 8-bit levels the test images were made of
-        expected = (to_display(imgs[i:i + 1])[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        expected = (to_display(imgs[i : i + 1])[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         assert np.array_equal(crops[0], expected)
 
 
@@ -282,8 +300,22 @@ def test_load_images__folder_sorted_and_bad_files_named(data, tmp_path):
 
 def test_cli_visualize__writes_the_picture_of_a_real_run(capsys, run_a, data, tmp_path):
     out = tmp_path / "sub" / "recon.png"
-    code, cap = _cli(capsys, ["visualize", "--checkpoint", str(run_a / "checkpoint-last.pth"), "--images", str(data),
-                              "--output", str(out), "--max-images", "4", "--device", "cpu"])
+    code, cap = _cli(
+        capsys,
+        [
+            "visualize",
+            "--checkpoint",
+            str(run_a / "checkpoint-last.pth"),
+            "--images",
+            str(data),
+            "--output",
+            str(out),
+            "--max-images",
+            "4",
+            "--device",
+            "cpu",
+        ],
+    )
     assert code == 0, cap.err
     assert "4 image(s) x 5 panels" in cap.out
     assert Image.open(out).size == grid_size(4, 5, S)
@@ -291,7 +323,9 @@ def test_cli_visualize__writes_the_picture_of_a_real_run(capsys, run_a, data, tm
 
 def test_cli_visualize__classifier_checkpoint_gets_a_clear_error(capsys, save_checkpoint, data, tmp_path):
     path = save_checkpoint(create_model("swin_test"), tmp_path / "ft.pth")
-    code, cap = _cli(capsys, ["visualize", "--checkpoint", str(path), "--images", str(data), "--output", str(tmp_path / "r.png")])
+    code, cap = _cli(
+        capsys, ["visualize", "--checkpoint", str(path), "--images", str(data), "--output", str(tmp_path / "r.png")]
+    )
     assert code == 2
     assert cap.err.startswith("ummae visualize: error: ") and "pre-training checkpoint" in cap.err
     assert "Traceback" not in cap.err and not (tmp_path / "r.png").exists()
@@ -302,7 +336,9 @@ def test_cli_masks__six_panels(capsys, tmp_path, data):
     code, cap = _cli(capsys, ["masks", "--img-size", "64", "--unit-size", "16", "--output", str(out)])
     assert code == 0, cap.err
     assert Image.open(out).size == grid_size(1, 6, 64)
-    code, cap = _cli(capsys, ["masks", "--img-size", "128", "--image", str(data / "red" / "red_1.png"), "--output", str(out)])
+    code, cap = _cli(
+        capsys, ["masks", "--img-size", "128", "--image", str(data / "red" / "red_1.png"), "--output", str(out)]
+    )
     assert code == 0, cap.err
     assert Image.open(out).size == grid_size(1, 6, 128)
 
@@ -363,7 +399,11 @@ def test_pretrain_hook__images_from_val_split_when_there_is_one(tmp_path):
     cfg = PretrainConfig(data=str(root))
     paths, source = _vis_image_paths(cfg, dataset=None)
     assert source == str(root / "val")
-    assert [Path(p).relative_to(root).as_posix() for p in paths] == ["val/blue/blue_0.png", "val/green/green_0.png", "val/red/red_0.png"]
+    assert [Path(p).relative_to(root).as_posix() for p in paths] == [
+        "val/blue/blue_0.png",
+        "val/green/green_0.png",
+        "val/red/red_0.png",
+    ]
 
 
 def test_spread__evenly_spaced_first_and_last():
@@ -377,4 +417,3 @@ def test_spread__evenly_spaced_first_and_last():
 def test_config__vis_options_validated(field, value):
     with pytest.raises(ValueError, match=field):
         PretrainConfig(**{field: value}).validate()
-

@@ -4,6 +4,7 @@ imports inside functions, in-package ones apart.
 
     python tools/architecture_stats.py [SRC_DIR]      # default: src/ummae of this checkout
 """
+
 from __future__ import annotations
 
 import ast
@@ -96,7 +97,9 @@ def main(src: Path) -> None:
     for mod, path in mods.items():
         text = path.read_text()
         parts = mod.split(".")
-        lines[parts[1] if len(parts) > 2 or (len(parts) == 2 and path.name == "__init__.py") else "(top level)"] += len(text.splitlines())
+        lines[parts[1] if len(parts) > 2 or (len(parts) == 2 and path.name == "__init__.py") else "(top level)"] += len(
+            text.splitlines()
+        )
         tree = ast.parse(text)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

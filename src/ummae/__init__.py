@@ -6,6 +6,7 @@ The registration is done as soon as timm is imported (at once when it already is
 ``create_model`` / ``list_models`` load the models on first use: ``import ummae`` itself, and
 so ``ummae --help``, does not load torch.
 """
+
 import importlib.abc
 import sys
 
@@ -53,7 +54,9 @@ class _RegisterWithTimm(importlib.abc.MetaPathFinder):
     def register(self, just_run: str = "") -> None:
         if self not in sys.meta_path or "timm" not in sys.modules:
             return
-        if any(_initializing(n) for n in list(sys.modules) if n != just_run and (n == "timm" or n.startswith("ummae."))):
+        if any(
+            _initializing(n) for n in list(sys.modules) if n != just_run and (n == "timm" or n.startswith("ummae."))
+        ):
             return  # the module that imports it is still being run: after it
         sys.meta_path.remove(self)
         from ummae.models.classifier import register_with_timm

@@ -12,6 +12,7 @@ by a background thread (``ru_maxrss`` is a process-wide high-water mark, useless
 model of a run); between models the memory of the previous one is handed back to the OS
 (``gc.collect`` + glibc ``malloc_trim``) so that every model starts from a fair baseline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -165,7 +166,9 @@ class _RuntimeWarmup(torch.nn.Module):
         self.embed = torch.nn.Conv2d(3, width, 4, 4)
         self.norm = torch.nn.LayerNorm(width)
         self.qkv = torch.nn.Linear(width, 3 * width)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width)
+        )
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         x = self.embed(imgs).flatten(2).transpose(1, 2)
@@ -188,8 +191,13 @@ def _warm_runtime(device: torch.device, precision: str) -> None:
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     model = _RuntimeWarmup().to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                            **({"fused": True} if device.type == "cuda" else {}))
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=1e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.05,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
     scaler = grad_scaler(device, precision)
     imgs = torch.randn(4, 3, 32, 32, device=device)
     for _ in range(3):
@@ -234,8 +242,16 @@ def _loss_of(out) -> torch.Tensor:
     raise TypeError(f"model returned {type(out).__name__}; expected a dict with a 'loss' entry")
 
 
-def _time_steps(name: str, batch_size: int, img_size: int | None, steps: int, warmup: int,
-                device: torch.device, precision: str, seed: int) -> dict[str, object]:
+def _time_steps(
+    name: str,
+    batch_size: int,
+    img_size: int | None,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    precision: str,
+    seed: int,
+) -> dict[str, object]:
     """Build model ``name`` and run ``warmup`` untimed then ``steps`` timed training steps on one
     synthetic batch; ``img_size``, ``elapsed`` (seconds of the timed steps), last ``loss`` and
     ``params_m``."""
@@ -372,15 +388,17 @@ def _samples(dataset, n: int, seed: int):
             yield dataset.load_or_substitute((i % len(dataset), seed + i))[0]
 
 
-def _time_samples(dataset, n: int, seed: int, img_size: int, device: torch.device, desc: str = "",
-                  report: bool = True) -> tuple[int, float]:
+def _time_samples(
+    dataset, n: int, seed: int, img_size: int, device: torch.device, desc: str = "", report: bool = True
+) -> tuple[int, float]:
     """(samples, seconds) of reading ``n`` training samples in this process (decode + augment;
     for the ``device`` pipeline also the batched decode on ``device``, 32 at a time), with
     progress reported as ``desc`` when ``report``."""
     t0 = time.perf_counter()
     count, pending = 0, []
-    for item in progress(itertools.islice(_samples(dataset, n, seed), n), total=n, desc=desc, unit="img",
-                         is_main=report):
+    for item in progress(
+        itertools.islice(_samples(dataset, n, seed), n), total=n, desc=desc, unit="img", is_main=report
+    ):
         pending.append(item)
         count += 1
         if len(pending) == 32 or count >= n:
@@ -399,8 +417,9 @@ def _batches(loader, sampler, epochs: int):
         yield from loader
 
 
-def _time_loader(data: str, img_size: int, pipeline: str, workers: int, images: int, batch_size: int, seed: int,
-                 device: torch.device) -> float | None:
+def _time_loader(
+    data: str, img_size: int, pipeline: str, workers: int, images: int, batch_size: int, seed: int, device: torch.device
+) -> float | None:
     """Images/s of the training loader with ``workers`` workers over ``images`` samples (the
     first batch untimed: it waits for the workers to start); None when no batch was timed."""
     ds = build_pretrain_dataset(data, img_size, pipeline=pipeline)
@@ -408,8 +427,12 @@ def _time_loader(data: str, img_size: int, pipeline: str, workers: int, images: 
     loader, sampler = build_train_loader(ds, batch_size, workers, seed=seed, **extra)
     n_batches = 1 + math.ceil(images / batch_size)  # every training batch is full (drop_last)
     seen, t0 = 0, None
-    for batch in progress(itertools.islice(_batches(loader, sampler, images), n_batches), total=n_batches,
-                          desc=f"input {pipeline}, {workers} workers", unit="batch"):
+    for batch in progress(
+        itertools.islice(_batches(loader, sampler, images), n_batches),
+        total=n_batches,
+        desc=f"input {pipeline}, {workers} workers",
+        unit="batch",
+    ):
         if t0 is None:
             t0 = time.perf_counter()
             continue
@@ -421,9 +444,16 @@ def _time_loader(data: str, img_size: int, pipeline: str, workers: int, images: 
     return seen / (time.perf_counter() - t0) if seen else None
 
 
-def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"), workers: int = 0,
-                    images: int = 200, batch_size: int = 32, seed: int = 0,
-                    device: str = "cpu") -> list[dict[str, object]]:
+def run_input_bench(
+    data: str,
+    img_size: int = 256,
+    pipelines=("pil", "tensor"),
+    workers: int = 0,
+    images: int = 200,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[dict[str, object]]:
     """Images/s of the pre-training sample pipeline alone (read, decode, RandomResizedCrop,
     flip, and for ``pil`` the float normalisation; ``tensor`` normalises on the device) on
     ``data`` (any ``pretrain --data``: a folder, a list file, tar shards).
@@ -437,8 +467,10 @@ def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"),
     dev = resolve_device(device)
 
     if images < 1 or img_size < 16 or workers < 0 or batch_size < 1:
-        raise UsageError(f"bad input bench settings: images {images}, img_size {img_size}, workers {workers}, "
-                         f"batch size {batch_size}")
+        raise UsageError(
+            f"bad input bench settings: images {images}, img_size {img_size}, workers {workers}, "
+            f"batch size {batch_size}"
+        )
     threads = torch.get_num_threads()
     results = []
     try:
@@ -447,12 +479,20 @@ def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"),
             ds = build_pretrain_dataset(data, img_size, pipeline=pipeline)
             _time_samples(ds, min(8, images), seed + 1, img_size, dev, report=False)  # warm caches and lazy imports
             n, dt = _time_samples(ds, images, seed, img_size, dev, desc=f"input {pipeline}, one core")
-            row = {"pipeline": pipeline, "per_core_images_per_s": n / dt, "workers": workers,
-                   "total_images_per_s": None, "images": n, "img_size": img_size, "data": str(data)}
+            row = {
+                "pipeline": pipeline,
+                "per_core_images_per_s": n / dt,
+                "workers": workers,
+                "total_images_per_s": None,
+                "images": n,
+                "img_size": img_size,
+                "data": str(data),
+            }
             if workers:
                 torch.set_num_threads(threads)
-                row["total_images_per_s"] = _time_loader(data, img_size, pipeline, workers, images, batch_size,
-                                                         seed, dev)
+                row["total_images_per_s"] = _time_loader(
+                    data, img_size, pipeline, workers, images, batch_size, seed, dev
+                )
             results.append(row)
     finally:
         torch.set_num_threads(threads)
@@ -462,11 +502,22 @@ def run_input_bench(data: str, img_size: int = 256, pipelines=("pil", "tensor"),
 def format_input_table(results: list[dict[str, object]]) -> str:
     header = ["pipeline", "img", "images/s per core", "workers", "images/s total", "ratio per core"]
     first = results[0]["per_core_images_per_s"]
-    rows = [[str(r["pipeline"]), str(r["img_size"]), _fmt(r["per_core_images_per_s"], ".1f"), str(r["workers"]),
-             _fmt(r["total_images_per_s"], ".1f"), _fmt(r["per_core_images_per_s"] / first, ".2f")] for r in results]
+    rows = [
+        [
+            str(r["pipeline"]),
+            str(r["img_size"]),
+            _fmt(r["per_core_images_per_s"], ".1f"),
+            str(r["workers"]),
+            _fmt(r["total_images_per_s"], ".1f"),
+            _fmt(r["per_core_images_per_s"] / first, ".2f"),
+        ]
+        for r in results
+    ]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
-                     for row in [header, ["-" * w for w in widths]] + rows)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+        for row in [header, ["-" * w for w in widths]] + rows
+    )
 
 
 # ----------------------------------------------------------------------------- output
@@ -513,28 +564,50 @@ def _model_list(text: str) -> list[str]:
 
 def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``ummae bench`` flags to ``parser`` (and return it)."""
-    parser.add_argument("--models", type=_model_list, default=None,
-                        help="comma-separated registered models, e.g. simmim_swin_tiny_256,mae_swin_tiny_256; "
-                             "ratio is relative to the first (required unless --data is given)")
-    parser.add_argument("--data", default=None,
-                        help="time the pre-training input pipeline alone on this data (a folder, list file or tar "
-                             "shards): images/s per core and with --workers, beside the models' step rate")
-    parser.add_argument("--pipelines", default="pil,tensor",
-                        help="with --data: input pipelines to time, comma-separated: pil, tensor, device (its "
-                             "batched JPEG decode on --device) (default pil,tensor)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="with --data: also time a DataLoader with this many workers (default 0: per core only)")
+    parser.add_argument(
+        "--models",
+        type=_model_list,
+        default=None,
+        help="comma-separated registered models, e.g. simmim_swin_tiny_256,mae_swin_tiny_256; "
+        "ratio is relative to the first (required unless --data is given)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="time the pre-training input pipeline alone on this data (a folder, list file or tar "
+        "shards): images/s per core and with --workers, beside the models' step rate",
+    )
+    parser.add_argument(
+        "--pipelines",
+        default="pil,tensor",
+        help="with --data: input pipelines to time, comma-separated: pil, tensor, device (its "
+        "batched JPEG decode on --device) (default pil,tensor)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="with --data: also time a DataLoader with this many workers (default 0: per core only)",
+    )
     parser.add_argument("--images", type=int, default=200, help="with --data: images timed per pipeline (default 200)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: each model's own)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per model (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                        help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (grad scaler) or fp32")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (grad scaler) or fp32",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the input batch, init and masks (default 0)")
-    parser.add_argument("--json", default=None, metavar="PATH",
-                        help="also write the results as a JSON list to PATH (folders are created)")
+    parser.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the results as a JSON list to PATH (folders are created)",
+    )
     return parser
 
 
@@ -544,28 +617,43 @@ def bench_main(args: argparse.Namespace) -> int:
     input size, and a last line says which of the two limits training."""
     data = getattr(args, "data", None)
     if args.models is None and not data:
-        print("ummae bench: error: give --models (training-step speed), --data (input pipeline speed) or both",
-              file=sys.stderr)
+        print(
+            "ummae bench: error: give --models (training-step speed), --data (input pipeline speed) or both",
+            file=sys.stderr,
+        )
         return 2
     results: list[dict[str, object]] = []
     inputs: list[dict[str, object]] = []
     try:
         if args.models is not None:
             models = args.models if isinstance(args.models, list) else _model_list(args.models)
-            results = run_bench(models, batch_size=args.batch_size, img_size=args.img_size, steps=args.steps,
-                                warmup=args.warmup, device=args.device, precision=args.precision, seed=args.seed)
+            results = run_bench(
+                models,
+                batch_size=args.batch_size,
+                img_size=args.img_size,
+                steps=args.steps,
+                warmup=args.warmup,
+                device=args.device,
+                precision=args.precision,
+                seed=args.seed,
+            )
             r0 = results[0]
-            print(f"torch {r0['torch']} | device {r0['device']} ({r0['device_name']}) | "
-                  f"threads {r0['num_threads']} | precision {r0['precision']} | "
-                  f"steps {r0['steps']} (+{args.warmup} warm-up)")
+            print(
+                f"torch {r0['torch']} | device {r0['device']} ({r0['device_name']}) | "
+                f"threads {r0['num_threads']} | precision {r0['precision']} | "
+                f"steps {r0['steps']} (+{args.warmup} warm-up)"
+            )
             print(format_table(results))
         if data:
             pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
             size = args.img_size or (int(results[0]["img_size"]) if results else 256)
-            inputs = run_input_bench(data, size, pipelines, args.workers, args.images, args.batch_size, args.seed,
-                                     args.device)
-            print(f"input pipeline on {data} ({inputs[0]['images']} images, {os.cpu_count()} CPUs here; per core: "
-                  f"one process, one torch thread)")
+            inputs = run_input_bench(
+                data, size, pipelines, args.workers, args.images, args.batch_size, args.seed, args.device
+            )
+            print(
+                f"input pipeline on {data} ({inputs[0]['images']} images, {os.cpu_count()} CPUs here; per core: "
+                f"one process, one torch thread)"
+            )
             print(format_input_table(inputs))
     except UmmaeError as e:  # a user error: one line (anything else is a bug: its traceback)
         print(f"ummae bench: error: {e}", file=sys.stderr)

@@ -1,23 +1,24 @@
 """``ummae`` command line: one sub-command per job, flags generated from the config dataclass.
 
-    ummae models [PATTERN] [--kind pretrain|classify]
-    ummae pretrain [--config run.yaml] [--flag value ...]
-    ummae finetune --model swin_tiny_256 --pretrained ckpt.pth --data /imagenet [...]
-    ummae linprobe | knn --model ... --pretrained ... --data ...
-    ummae eval --model ... --checkpoint ... --data ...
-    ummae export --checkpoint ckpt.pth --output model.safetensors
-    ummae bench --models a,b [...]
-    ummae visualize --checkpoint runs/pt/checkpoint-last.pth --images a.jpg b.jpg [--output recon.png]
-    ummae masks [--img-size 256 --unit-size 16 --image photo.jpg --output masks.png]
-    ummae shards /imagenet/train --output shards/ [--shard-size 1000 --no-shuffle --seed 0 --overwrite]
-    ummae plot runs/a runs/b [--output curves.png --metrics loss,lr,images_per_s]
-    ummae detect train --backbone swin_tiny_256 --pretrained ckpt.pth --data /coco [--detector gfl]
-    ummae detect eval --checkpoint runs/det/checkpoint-best.pth --data /coco
-    ummae detect predict --checkpoint runs/det/checkpoint-best.pth --images a.jpg --output vis/
-    ummae segment train --backbone swin_tiny_256 --pretrained ckpt.pth --data /ADEChallengeData2016
-    ummae segment eval --checkpoint runs/seg/checkpoint-best.pth --data /ADEChallengeData2016 [--ratios ... --flip]
-    ummae segment predict --checkpoint runs/seg/checkpoint-best.pth --images a.jpg --output vis/
+ummae models [PATTERN] [--kind pretrain|classify]
+ummae pretrain [--config run.yaml] [--flag value ...]
+ummae finetune --model swin_tiny_256 --pretrained ckpt.pth --data /imagenet [...]
+ummae linprobe | knn --model ... --pretrained ... --data ...
+ummae eval --model ... --checkpoint ... --data ...
+ummae export --checkpoint ckpt.pth --output model.safetensors
+ummae bench --models a,b [...]
+ummae visualize --checkpoint runs/pt/checkpoint-last.pth --images a.jpg b.jpg [--output recon.png]
+ummae masks [--img-size 256 --unit-size 16 --image photo.jpg --output masks.png]
+ummae shards /imagenet/train --output shards/ [--shard-size 1000 --no-shuffle --seed 0 --overwrite]
+ummae plot runs/a runs/b [--output curves.png --metrics loss,lr,images_per_s]
+ummae detect train --backbone swin_tiny_256 --pretrained ckpt.pth --data /coco [--detector gfl]
+ummae detect eval --checkpoint runs/det/checkpoint-best.pth --data /coco
+ummae detect predict --checkpoint runs/det/checkpoint-best.pth --images a.jpg --output vis/
+ummae segment train --backbone swin_tiny_256 --pretrained ckpt.pth --data /ADEChallengeData2016
+ummae segment eval --checkpoint runs/seg/checkpoint-best.pth --data /ADEChallengeData2016 [--ratios ... --flip]
+ummae segment predict --checkpoint runs/seg/checkpoint-best.pth --images a.jpg --output vis/
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,7 +85,9 @@ def _detect_predict_flags(dp: argparse.ArgumentParser) -> None:
     dp.add_argument("--checkpoint", required=True, help="a checkpoint of `ummae detect train`")
     dp.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
     dp.add_argument("--output", default="detections", help="folder for the pictures (default: detections)")
-    dp.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this (default: 0.3)")
+    dp.add_argument(
+        "--score-thresh", type=float, default=0.3, help="draw detections scoring at least this (default: 0.3)"
+    )
     dp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
@@ -104,18 +107,30 @@ def _export_flags(e: argparse.ArgumentParser) -> None:
 
 
 def _convert_flags(cv: argparse.ArgumentParser) -> None:
-    cv.add_argument("src", help="a checkpoint of the UM-MAE reference code or the MAE code base (pre-training or fine-tuned)")
-    cv.add_argument("--output", required=True, help="ummae checkpoint (.pth) or safetensors export (.safetensors) to write")
-    cv.add_argument("--model", help="our registered model to load it into (default: the one the checkpoint's args name)")
+    cv.add_argument(
+        "src", help="a checkpoint of the UM-MAE reference code or the MAE code base (pre-training or fine-tuned)"
+    )
+    cv.add_argument(
+        "--output", required=True, help="ummae checkpoint (.pth) or safetensors export (.safetensors) to write"
+    )
+    cv.add_argument(
+        "--model", help="our registered model to load it into (default: the one the checkpoint's args name)"
+    )
     cv.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
 def _visualize_flags(v: argparse.ArgumentParser) -> None:
-    v.add_argument("--checkpoint", required=True, help="a pre-training checkpoint with its decoder (checkpoint-last.pth of `ummae pretrain`, or a reference one)")
+    v.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a pre-training checkpoint with its decoder (checkpoint-last.pth of `ummae pretrain`, or a reference one)",
+    )
     v.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
     v.add_argument("--output", default="recon.png", help="picture to write (default: recon.png)")
     v.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
-    v.add_argument("--max-images", type=int, default=8, help="show at most this many images, the first ones (default: 8)")
+    v.add_argument(
+        "--max-images", type=int, default=8, help="show at most this many images, the first ones (default: 8)"
+    )
     v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
@@ -128,9 +143,14 @@ def _masks_flags(k: argparse.ArgumentParser) -> None:
 
 
 def _shards_flags(w: argparse.ArgumentParser) -> None:
-    w.add_argument("src", help="an ImageFolder, a flat image folder, a dataset root with train/, or a list file of 'relative/path [label]' lines")
+    w.add_argument(
+        "src",
+        help="an ImageFolder, a flat image folder, a dataset root with train/, or a list file of 'relative/path [label]' lines",
+    )
     w.add_argument("--output", required=True, help="folder for the shards and shards.json")
-    w.add_argument("--shard-size", type=int, default=1000, help="images per shard, the last may hold fewer (default: 1000)")
+    w.add_argument(
+        "--shard-size", type=int, default=1000, help="images per shard, the last may hold fewer (default: 1000)"
+    )
     w.add_argument("--data-root", help="root of a list file's paths (default: the list file's folder)")
     w.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: a seeded random order)")
     w.add_argument("--seed", type=int, default=0, help="seed of the random order (default: 0)")
@@ -139,8 +159,14 @@ def _shards_flags(w: argparse.ArgumentParser) -> None:
 
 def _plot_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("runs", nargs="+", help="run output folders")
-    c.add_argument("--output", default="curves.png", help="figure to write; the suffix picks the format (default: curves.png)")
-    c.add_argument("--metrics", default="loss,lr,images_per_s", help="comma-separated metrics, one subplot each (default: loss,lr,images_per_s)")
+    c.add_argument(
+        "--output", default="curves.png", help="figure to write; the suffix picks the format (default: curves.png)"
+    )
+    c.add_argument(
+        "--metrics",
+        default="loss,lr,images_per_s",
+        help="comma-separated metrics, one subplot each (default: loss,lr,images_per_s)",
+    )
 
 
 def _bench_flags(b: argparse.ArgumentParser) -> None:
@@ -172,9 +198,11 @@ def _export(args) -> int:
     if not args.output.endswith(".safetensors"):
         raise UsageError(f"--output must name a .safetensors file, got {args.output}")
     meta = export(args.checkpoint, args.output, args.encoder_only, args.ema)
-    print(f"wrote {args.output}: {meta['contents']} of {meta['source_model']}; load it with "
-          f"`ummae finetune --model {meta['model_name']} --pretrained {args.output}` or "
-          f"timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)")
+    print(
+        f"wrote {args.output}: {meta['contents']} of {meta['source_model']}; load it with "
+        f"`ummae finetune --model {meta['model_name']} --pretrained {args.output}` or "
+        f"timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)"
+    )
     return 0
 
 
@@ -183,8 +211,10 @@ def _convert(args) -> int:
 
     done = convert_file(args.src, args.output, args.model, args.overwrite)
     use = "--init / --pretrained / visualize" if done["kind"] == "pretrain" else "--pretrained / eval"
-    print(f"wrote {args.output}: {done['tensors']} tensors of {done['model_name']} from {done['source_model']}"
-          f" ({len(done['dropped'])} source tensors dropped: fixed tables we compute); use it with {use}")
+    print(
+        f"wrote {args.output}: {done['tensors']} tensors of {done['model_name']} from {done['source_model']}"
+        f" ({len(done['dropped'])} source tensors dropped: fixed tables we compute); use it with {use}"
+    )
     for option, why in done["assumed"].items():
         print(f"  {option}: {why}")
     return 0
@@ -203,11 +233,20 @@ def _masks(args) -> int:
 def _shards(args) -> int:
     from ummae.data.shard_writer import shard_pattern, write_shards  # torch: only when run
 
-    info = write_shards(args.src, args.output, args.shard_size, data_root=args.data_root,
-                        shuffle=not args.no_shuffle, seed=args.seed, overwrite=args.overwrite)
+    info = write_shards(
+        args.src,
+        args.output,
+        args.shard_size,
+        data_root=args.data_root,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     k = len(info["shards"])
-    print(f"wrote {info['num_samples']} samples in {k} shard{'s' if k != 1 else ''} to {args.output}; "
-          f"train with --data \"{shard_pattern(args.output, k)}\"")
+    print(
+        f"wrote {info['num_samples']} samples in {k} shard{'s' if k != 1 else ''} to {args.output}; "
+        f'train with --data "{shard_pattern(args.output, k)}"'
+    )
     return 0
 
 
@@ -259,39 +298,69 @@ GROUPS = {  # commands of two words: `ummae detect train ...`
 COMMANDS: dict[str, Command] = {
     "models": Command("list the registered models, one per line", _models, flags=_models_flags),
     "pretrain": Command("pre-train an encoder (UM-MAE, MAE or SimMIM)", "tasks.pretrain:pretrain", PretrainConfig),
-    "finetune": Command("fine-tune a classifier, from pre-trained weights or from scratch", "tasks.classify:finetune",
-                        FinetuneConfig),
-    "linprobe": Command("linear probe of a frozen pre-trained encoder (MAE's recipe)", "tasks.classify:linprobe",
-                        LinprobeConfig),
-    "eval": Command("top-1 / top-5 of a classifier checkpoint on a validation split", "tasks.classify:run_eval",
-                    EvalConfig, result=True),
+    "finetune": Command(
+        "fine-tune a classifier, from pre-trained weights or from scratch", "tasks.classify:finetune", FinetuneConfig
+    ),
+    "linprobe": Command(
+        "linear probe of a frozen pre-trained encoder (MAE's recipe)", "tasks.classify:linprobe", LinprobeConfig
+    ),
+    "eval": Command(
+        "top-1 / top-5 of a classifier checkpoint on a validation split",
+        "tasks.classify:run_eval",
+        EvalConfig,
+        result=True,
+    ),
     "knn": Command("weighted kNN top-1 of a frozen pre-trained encoder", "tasks.knn:run_knn", KnnConfig, result=True),
     "detect train": Command("train a detector on COCO from a pre-trained backbone", "tasks.detect:train", DetectConfig),
-    "detect eval": Command("COCO box (and mask) AP of a detection checkpoint", "tasks.detect:run_eval",
-                           DetectEvalConfig, result=True),
-    "detect predict": Command("draw a detection checkpoint's boxes (and masks) on images", "tasks.detect:predict",
-                              flags=_detect_predict_flags,
-                              description="Draw a detection checkpoint's boxes, labels, scores (and masks) on images."),
-    "segment train": Command("train UperNet on an ADE20K-layout data set from a pre-trained backbone",
-                             "tasks.segment:train", SegmentConfig),
-    "segment eval": Command("mIoU, mean / overall accuracy and per-class IoU of a segmentation checkpoint",
-                            "tasks.segment:run_eval", SegmentEvalConfig, result=True),
-    "segment predict": Command("colour a segmentation checkpoint's classes over images", "tasks.segment:predict",
-                               flags=_segment_predict_flags,
-                               description="Write each image with its predicted classes coloured over it (STEM.png) "
-                                           "and the label map (STEM_labels.png)."),
-    "export": Command("write a checkpoint's inference weights as safetensors (decoder dropped)", _export,
-                      flags=_export_flags),
-    "convert": Command("turn a reference checkpoint (UM-MAE, MAE code base) into an ummae checkpoint or export",
-                       _convert, flags=_convert_flags),
-    "visualize": Command("reconstruction pictures of a pre-training checkpoint (one row per image)", _visualize,
-                         flags=_visualize_flags),
-    "masks": Command("the masking strategies side by side on one image (MAE, US, UM, compact map, SimMIM)", _masks,
-                     flags=_masks_flags),
-    "shards": Command("write WebDataset tar shards from an image folder or list file", _shards, flags=_shards_flags,
-                      description="Write WebDataset tar shards (DIR/shard-000000.tar, ... and DIR/shards.json) from "
-                                  "what `pretrain --data` reads: an ImageFolder (labels kept), a flat image folder or "
-                                  "a list file. The image files' bytes are stored as they are."),
+    "detect eval": Command(
+        "COCO box (and mask) AP of a detection checkpoint", "tasks.detect:run_eval", DetectEvalConfig, result=True
+    ),
+    "detect predict": Command(
+        "draw a detection checkpoint's boxes (and masks) on images",
+        "tasks.detect:predict",
+        flags=_detect_predict_flags,
+        description="Draw a detection checkpoint's boxes, labels, scores (and masks) on images.",
+    ),
+    "segment train": Command(
+        "train UperNet on an ADE20K-layout data set from a pre-trained backbone", "tasks.segment:train", SegmentConfig
+    ),
+    "segment eval": Command(
+        "mIoU, mean / overall accuracy and per-class IoU of a segmentation checkpoint",
+        "tasks.segment:run_eval",
+        SegmentEvalConfig,
+        result=True,
+    ),
+    "segment predict": Command(
+        "colour a segmentation checkpoint's classes over images",
+        "tasks.segment:predict",
+        flags=_segment_predict_flags,
+        description="Write each image with its predicted classes coloured over it (STEM.png) "
+        "and the label map (STEM_labels.png).",
+    ),
+    "export": Command(
+        "write a checkpoint's inference weights as safetensors (decoder dropped)", _export, flags=_export_flags
+    ),
+    "convert": Command(
+        "turn a reference checkpoint (UM-MAE, MAE code base) into an ummae checkpoint or export",
+        _convert,
+        flags=_convert_flags,
+    ),
+    "visualize": Command(
+        "reconstruction pictures of a pre-training checkpoint (one row per image)", _visualize, flags=_visualize_flags
+    ),
+    "masks": Command(
+        "the masking strategies side by side on one image (MAE, US, UM, compact map, SimMIM)",
+        _masks,
+        flags=_masks_flags,
+    ),
+    "shards": Command(
+        "write WebDataset tar shards from an image folder or list file",
+        _shards,
+        flags=_shards_flags,
+        description="Write WebDataset tar shards (DIR/shard-000000.tar, ... and DIR/shards.json) from "
+        "what `pretrain --data` reads: an ImageFolder (labels kept), a flat image folder or "
+        "a list file. The image files' bytes are stored as they are.",
+    ),
     "plot": Command("training curves of one or several runs, from their metrics.jsonl", _plot, flags=_plot_flags),
     "bench": Command("time full training steps of models side by side", _bench, flags=_bench_flags, heavy=True),
 }
@@ -326,7 +395,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line, from :data:`COMMANDS`; with ``command`` (the sub-command about
     to be parsed, "" for none), the flags of ``heavy`` commands (bench: torch) are added only
     when they are the one, so that ``ummae --help`` stays fast."""
-    p = argparse.ArgumentParser(prog="ummae", description="Uniform Masking (UM-MAE) pre-training for pyramid vision transformers")
+    p = argparse.ArgumentParser(
+        prog="ummae", description="Uniform Masking (UM-MAE) pre-training for pyramid vision transformers"
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     actions = {}  # group -> its sub-parsers ("detect" -> train / eval / predict)
@@ -342,11 +413,20 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 # Other code bases' spellings of our options (after "_" -> "-"): MAE's main_pretrain.py /
 # main_finetune.py and timm's train.py. The first one the sub-command has is suggested.
 ALIASES = {
-    "--data-path": ("--data",), "--data-dir": ("--data",), "--finetune": ("--pretrained",),
-    "--initial-checkpoint": ("--pretrained", "--init"), "--output-dir": ("--output",), "--log-dir": ("--output",),
-    "--input-size": ("--img-size",), "--nb-classes": ("--num-classes",), "--workers": ("--num-workers",),
-    "--model-ema": ("--ema",), "--model-ema-decay": ("--ema-decay",), "--aa": ("--auto-augment",),
-    "--opt-betas": ("--betas",), "--resume": ("--checkpoint",),  # MAE evaluates with --eval --resume CKPT
+    "--data-path": ("--data",),
+    "--data-dir": ("--data",),
+    "--finetune": ("--pretrained",),
+    "--initial-checkpoint": ("--pretrained", "--init"),
+    "--output-dir": ("--output",),
+    "--log-dir": ("--output",),
+    "--input-size": ("--img-size",),
+    "--nb-classes": ("--num-classes",),
+    "--workers": ("--num-workers",),
+    "--model-ema": ("--ema",),
+    "--model-ema-decay": ("--ema-decay",),
+    "--aa": ("--auto-augment",),
+    "--opt-betas": ("--betas",),
+    "--resume": ("--checkpoint",),  # MAE evaluates with --eval --resume CKPT
 }
 
 
@@ -436,8 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ummae {command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception:  # anything else is a bug in ummae: its traceback is what a report needs
-        print(f"ummae {command}: internal error: this is a bug in ummae, not in your input; please report it to "
-              f"the maintainers with the traceback below", file=sys.stderr)
+        print(
+            f"ummae {command}: internal error: this is a bug in ummae, not in your input; please report it to "
+            f"the maintainers with the traceback below",
+            file=sys.stderr,
+        )
         raise
 
 

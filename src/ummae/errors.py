@@ -25,4 +25,3 @@ class DataError(UmmaeError, ValueError):
 
 class NonFiniteLossError(UmmaeError, RuntimeError):
     """Training stopped: the loss or the weights became NaN / infinite (nothing bad was saved)."""
-

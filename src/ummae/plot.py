@@ -5,20 +5,22 @@ Records with ``"loss"`` are step records (``loss``, ``lr``, ``images_per_s`` ...
 with ``"train_loss"`` are epoch records (``train_loss``, ``vis_loss``, ``acc1`` ...). The x
 axis is ``epoch_1000x / 1000``: epochs, comparable between runs of any batch size.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+
 from ummae.errors import UsageError
 
 log = logging.getLogger("ummae")
 
-Record = Dict[str, object]
+Record = dict[str, object]
 
 
-def read_metrics(run_dir: str | Path) -> Tuple[List[Record], List[Record]]:
+def read_metrics(run_dir: str | Path) -> tuple[list[Record], list[Record]]:
     """``(step_records, epoch_records)`` of a run folder. Lines torn by a kill are skipped
     with a warning; a folder without ``metrics.jsonl`` raises ``ValueError`` naming it."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -40,12 +42,14 @@ def read_metrics(run_dir: str | Path) -> Tuple[List[Record], List[Record]]:
     return steps, epochs
 
 
-def _series(records: Sequence[Record], key: str) -> Tuple[List[float], List[float]]:
+def _series(records: Sequence[Record], key: str) -> tuple[list[float], list[float]]:
     pts = [(r["epoch_1000x"] / 1000, r[key]) for r in records if isinstance(r.get(key), (int, float))]
     return [x for x, _ in pts], [y for _, y in pts]
 
 
-def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, metrics: Sequence[str] = ("loss", "lr", "images_per_s")) -> List[str]:
+def plot_runs(
+    run_dirs: Sequence[str | Path], output: str | Path, metrics: Sequence[str] = ("loss", "lr", "images_per_s")
+) -> list[str]:
     """Write one figure (format from ``output``'s suffix, e.g. ``.png``, ``.pdf``) with one
     subplot per metric and one line per run, labelled by its folder name. A metric is read
     from the step records, else from the epoch records; an epoch-level ``acc1`` (fine-tuning
@@ -68,8 +72,8 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, metrics: Seque
         raise UsageError(f"no run has the metric(s) {', '.join(missing)}; available: {', '.join(sorted(available))}")
     fig = Figure(figsize=(5.0 * len(metrics), 3.6), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    for ax, key in zip(axes, metrics):
-        for label, (steps, epochs) in zip(labels, runs.values()):
+    for ax, key in zip(axes, metrics, strict=True):
+        for label, (steps, epochs) in zip(labels, runs.values(), strict=True):
             x, y = _series(steps, key)
             if not x:
                 x, y = _series(epochs, key)

@@ -19,6 +19,7 @@ masked units to the encoder as a learnable mask token, so they are magenta.
 Colour code everywhere: grey = removed from the encoder; magenta = seen by the encoder as a
 learnable token instead of its pixels.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,7 +59,9 @@ GAP = 4  # white pixels around and between panels
 TITLE_H = 16  # height of the title strip above the first row
 DEMO_PHOTO = "chelsea.png"  # the default picture of `ummae masks`, from scikit-image's wheel
 
-_NEEDS = "reconstructions need a pre-training checkpoint with its decoder (e.g. checkpoint-last.pth of `ummae pretrain`)"
+_NEEDS = (
+    "reconstructions need a pre-training checkpoint with its decoder (e.g. checkpoint-last.pth of `ummae pretrain`)"
+)
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -71,7 +74,9 @@ def load_pretraining_model(path: str | Path) -> nn.Module:
     with a message saying what the file is."""
     path = Path(path)
     if path.is_file() and _is_safetensors(path):
-        raise CheckpointError(f"{path} is an exported safetensors file (encoder or classifier weights, no decoder); {_NEEDS}")
+        raise CheckpointError(
+            f"{path} is an exported safetensors file (encoder or classifier weights, no decoder); {_NEEDS}"
+        )
     try:
         model, _ = build_from_checkpoint(path, "pretrain")
     except WrongKindError as e:
@@ -92,12 +97,14 @@ def _is_safetensors(path: Path) -> bool:
 def display_transform(img_size: int):
     """Deterministic: shorter side resized to ``img_size`` (bicubic), center crop, then the
     ImageNet normalisation the models are trained with."""
-    return T.Compose([
-        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(img_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
+    return T.Compose(
+        [
+            T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ]
+    )
 
 
 def read_rgb(path: str | Path) -> Image.Image:
@@ -193,7 +200,9 @@ def panels_from_output(model: nn.Module, imgs: Tensor, out: dict[str, Tensor]) -
     return titles, torch.stack(panels, 1)
 
 
-def reconstruction_panels(model: nn.Module, imgs: Tensor, generator: torch.Generator | None = None) -> tuple[list[str], Tensor]:
+def reconstruction_panels(
+    model: nn.Module, imgs: Tensor, generator: torch.Generator | None = None
+) -> tuple[list[str], Tensor]:
     """``(titles, panels [N, P, 3, S, S])`` in [0, 1]: P = 5 for UM-MAE, 4 without SM (MAE
     random sampling), 3 for SimMIM. ``imgs`` are ImageNet-normalised, on the model's device."""
     return panels_from_output(model, imgs, reconstruct(model, imgs, generator))
@@ -224,7 +233,9 @@ def compose_grid(panels: Tensor, titles: Sequence[str]) -> Image.Image:
     :func:`grid_size`, :func:`panel_origin`."""
     n, p, c, s, s2 = panels.shape
     if c != 3 or s != s2 or len(titles) != p:
-        raise ValueError(f"expected panels [N, P, 3, S, S] and P titles, got {tuple(panels.shape)} and {len(titles)} titles")
+        raise ValueError(
+            f"expected panels [N, P, 3, S, S] and P titles, got {tuple(panels.shape)} and {len(titles)} titles"
+        )
     canvas = Image.new("RGB", grid_size(n, p, s), "white")
     pixels = to_uint8(panels).permute(0, 1, 3, 4, 2).cpu().numpy()
     for i in range(n):
@@ -269,7 +280,9 @@ def demo_photo(name: str = DEMO_PHOTO) -> str:
     return path
 
 
-def mask_figure(image: str | Path | None = None, img_size: int = 256, unit_size: int = 16, seed: int = 0) -> Image.Image:
+def mask_figure(
+    image: str | Path | None = None, img_size: int = 256, unit_size: int = 16, seed: int = 0
+) -> Image.Image:
     """One row: original | MAE random 75% | Uniform Sampling | Uniform Masking (US + SM 0.25) |
     the compact map a pyramid encoder sees (at its true half size: a quarter of the area,
     centred) | SimMIM random 75% (mask tokens, so 100% of the units reach the encoder).
@@ -293,8 +306,14 @@ def mask_figure(image: str | Path | None = None, img_size: int = 256, unit_size:
     compact = compact_image(um, block_choice(us_mask, g, g), unit_size)  # [1, 3, S/2, S/2]
     compact_panel = torch.full_like(original, 0.92)  # light grey: the full image area, for scale
     lo = img_size // 4
-    compact_panel[..., lo:lo + img_size // 2, lo:lo + img_size // 2] = compact
+    compact_panel[..., lo : lo + img_size // 2, lo : lo + img_size // 2] = compact
     simmim = paint_units(original, random_masking(1, length, 0.75, generator=gen), grid, unit_size, TOKEN_RGB)
-    titles = ["original", "MAE random 75%", "Uniform Sampling", "US + SM 25%", "compact (encoder input)", "SimMIM random 75%"]
+    titles = [
+        "original",
+        "MAE random 75%",
+        "Uniform Sampling",
+        "US + SM 25%",
+        "compact (encoder input)",
+        "SimMIM random 75%",
+    ]
     return compose_grid(torch.stack([original, mae, us, um, compact_panel, simmim], 1), titles)
-

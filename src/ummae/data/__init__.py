@@ -11,6 +11,7 @@
 - :mod:`~ummae.data.pretrain`, :mod:`~ummae.data.classify`, :mod:`~ummae.data.coco`,
   :mod:`~ummae.data.ade`: the datasets of pre-training, classification, COCO detection and
   ADE20K-style segmentation."""
+
 from ummae.data.classify import build_classify_dataset, build_classify_transform, build_eval_loader
 from ummae.data.collate import collate_skip_bad
 from ummae.data.dataset import ImageDataset, NoReadableImageError, SubstituteUnreadable

@@ -19,6 +19,7 @@ value ``v`` class ``v - 1`` (:func:`map_labels`), giving the 150 classes of
 RandomCrop with ``cat_max_ratio``, RandomFlip, PhotoMetricDistortion, Pad) with all randomness
 drawn from torch's default CPU generator.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,24 +45,156 @@ logger = logging.getLogger(__name__)
 # The 150 classes of MMSegmentation's ADE20KDataset, in its order (label k = ADE value k + 1).
 # mmseg spells the 8th 'bed ' with a stray trailing space; it is 'bed' here.
 ADE20K_CLASSES: tuple[str, ...] = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane",
-    "grass", "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant",
-    "curtain", "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror",
-    "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub",
-    "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter",
-    "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs",
-    "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench",
-    "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
-    "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
-    "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track",
-    "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet",
-    "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer",
-    "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag",
-    "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave",
-    "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood",
-    "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate",
-    "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+    "wall",
+    "building",
+    "sky",
+    "floor",
+    "tree",
+    "ceiling",
+    "road",
+    "bed",
+    "windowpane",
+    "grass",
+    "cabinet",
+    "sidewalk",
+    "person",
+    "earth",
+    "door",
+    "table",
+    "mountain",
+    "plant",
+    "curtain",
+    "chair",
+    "car",
+    "water",
+    "painting",
+    "sofa",
+    "shelf",
+    "house",
+    "sea",
+    "mirror",
+    "rug",
+    "field",
+    "armchair",
+    "seat",
+    "fence",
+    "desk",
+    "rock",
+    "wardrobe",
+    "lamp",
+    "bathtub",
+    "railing",
+    "cushion",
+    "base",
+    "box",
+    "column",
+    "signboard",
+    "chest of drawers",
+    "counter",
+    "sand",
+    "sink",
+    "skyscraper",
+    "fireplace",
+    "refrigerator",
+    "grandstand",
+    "path",
+    "stairs",
+    "runway",
+    "case",
+    "pool table",
+    "pillow",
+    "screen door",
+    "stairway",
+    "river",
+    "bridge",
+    "bookcase",
+    "blind",
+    "coffee table",
+    "toilet",
+    "flower",
+    "book",
+    "hill",
+    "bench",
+    "countertop",
+    "stove",
+    "palm",
+    "kitchen island",
+    "computer",
+    "swivel chair",
+    "boat",
+    "bar",
+    "arcade machine",
+    "hovel",
+    "bus",
+    "towel",
+    "light",
+    "truck",
+    "tower",
+    "chandelier",
+    "awning",
+    "streetlight",
+    "booth",
+    "television receiver",
+    "airplane",
+    "dirt track",
+    "apparel",
+    "pole",
+    "land",
+    "bannister",
+    "escalator",
+    "ottoman",
+    "bottle",
+    "buffet",
+    "poster",
+    "stage",
+    "van",
+    "ship",
+    "fountain",
+    "conveyer belt",
+    "canopy",
+    "washer",
+    "plaything",
+    "swimming pool",
+    "stool",
+    "barrel",
+    "basket",
+    "waterfall",
+    "tent",
+    "bag",
+    "minibike",
+    "cradle",
+    "oven",
+    "ball",
+    "food",
+    "step",
+    "tank",
+    "trade name",
+    "microwave",
+    "pot",
+    "animal",
+    "bicycle",
+    "lake",
+    "dishwasher",
+    "screen",
+    "blanket",
+    "sculpture",
+    "hood",
+    "sconce",
+    "vase",
+    "traffic light",
+    "tray",
+    "ashcan",
+    "fan",
+    "pier",
+    "crt screen",
+    "plate",
+    "monitor",
+    "bulletin board",
+    "shower",
+    "radiator",
+    "glass",
+    "clock",
+    "flag",
 )
 assert len(ADE20K_CLASSES) == 150
 
@@ -127,8 +260,9 @@ def _read_label_map_names(path: str) -> dict[int, str]:
             try:
                 value = int(fields[0])
             except ValueError:
-                raise DataError(f"{path}, line {lineno}: {fields[0]!r} is not an integer "
-                                 f"label value (expected 'value<TAB>name')") from None
+                raise DataError(
+                    f"{path}, line {lineno}: {fields[0]!r} is not an integer label value (expected 'value<TAB>name')"
+                ) from None
             names[value] = fields[1].strip() if len(fields) > 1 else f"value{value}"
     return names
 
@@ -162,16 +296,26 @@ class SegmentationFolder(ImageDataset):
     without a label map, ``num_classes < 1`` and an ``ignore_index`` inside the classes.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "training", *, train: bool,
-                 num_classes: int = 150, reduce_zero_label: bool = True,
-                 ignore_index: int = 255, transform: Callable | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "training",
+        *,
+        train: bool,
+        num_classes: int = 150,
+        reduce_zero_label: bool = True,
+        ignore_index: int = 255,
+        transform: Callable | None = None,
+    ):
         root = os.path.expanduser(str(root))
         if int(num_classes) < 1:
             raise DataError(f"num_classes must be at least 1, got {num_classes}")
         num_classes, ignore_index = int(num_classes), int(ignore_index)
         if 0 <= ignore_index < num_classes:
-            raise DataError(f"ignore_index {ignore_index} is one of the {num_classes} classes "
-                             f"(0..{num_classes - 1}); use a value outside them, e.g. 255")
+            raise DataError(
+                f"ignore_index {ignore_index} is one of the {num_classes} classes "
+                f"(0..{num_classes - 1}); use a value outside them, e.g. 255"
+            )
         self.root = root
         self.split = split
         self.train = bool(train)
@@ -190,24 +334,36 @@ class SegmentationFolder(ImageDataset):
         self.ann_paths = [os.path.join(self.ann_dir, stem + ".png") for stem in stems]
         missing = [(p, a) for p, a in zip(images, self.ann_paths, strict=True) if not os.path.isfile(a)]
         if missing:
-            raise DataError(f"{len(missing)} of the {len(images)} images in {self.img_dir} have "
-                             f"no label map, e.g. {missing[0][0]} (expected {missing[0][1]})")
+            raise DataError(
+                f"{len(missing)} of the {len(images)} images in {self.img_dir} have "
+                f"no label map, e.g. {missing[0][0]} (expected {missing[0][1]})"
+            )
         if transform is None:
-            transform = (SegTrainTransform(ignore_index=ignore_index) if self.train
-                         else to_uint8_tensor)
+            transform = SegTrainTransform(ignore_index=ignore_index) if self.train else to_uint8_tensor
         t_ignore = getattr(transform, "ignore_index", ignore_index)
         if t_ignore != ignore_index:
             # Its padding would be a class (or a class would be padding) to the loss.
-            raise DataError(f"the transform's ignore_index {t_ignore} differs from the "
-                             f"dataset's {ignore_index}; give both the same value")
+            raise DataError(
+                f"the transform's ignore_index {t_ignore} differs from the "
+                f"dataset's {ignore_index}; give both the same value"
+            )
         self.pair_transform = transform
         self.label_map_file = os.path.join(root, "label_map.txt")
         names = self._class_names(num_classes)
-        note = (f"labels in {self.ann_dir}, reduce_zero_label "
-                f"{'on' if self.reduce_zero_label else 'off'}, ignore index {ignore_index}")
+        note = (
+            f"labels in {self.ann_dir}, reduce_zero_label "
+            f"{'on' if self.reduce_zero_label else 'off'}, ignore index {ignore_index}"
+        )
         samples = [(p, i) for i, p in enumerate(images)]
-        super().__init__(samples, PairTransform(transform), "segmentation", self.img_dir,
-                         num_classes=num_classes, note=note, class_names=names)
+        super().__init__(
+            samples,
+            PairTransform(transform),
+            "segmentation",
+            self.img_dir,
+            num_classes=num_classes,
+            note=note,
+            class_names=names,
+        )
         logger.info("%s data: %s", split, self.describe())
 
     def _class_names(self, num_classes: int) -> list[str]:
@@ -218,39 +374,52 @@ class SegmentationFolder(ImageDataset):
             return list(ADE20K_CLASSES) if num_classes == 150 else names
         by_label = {}
         for value, name in _read_label_map_names(self.label_map_file).items():
-            (label,) = map_labels(np.array([value]), reduce_zero_label=self.reduce_zero_label,
-                                  ignore_index=self.ignore_index).tolist()
+            (label,) = map_labels(
+                np.array([value]), reduce_zero_label=self.reduce_zero_label, ignore_index=self.ignore_index
+            ).tolist()
             if label != self.ignore_index:
                 by_label[label] = name
         extra = sorted(k for k in by_label if not 0 <= k < num_classes)
         absent = [k for k in range(num_classes) if k not in by_label]
         if extra:
-            logger.warning("%s names %d label(s) beyond the %d classes declared (e.g. label %d, "
-                           "%r): left out", self.label_map_file, len(extra), num_classes,
-                           extra[0], by_label[extra[0]])
+            logger.warning(
+                "%s names %d label(s) beyond the %d classes declared (e.g. label %d, %r): left out",
+                self.label_map_file,
+                len(extra),
+                num_classes,
+                extra[0],
+                by_label[extra[0]],
+            )
         if absent:
-            logger.warning("%s names no class for %d of the %d labels (e.g. label %d): named "
-                           "class<i>", self.label_map_file, len(absent), num_classes, absent[0])
+            logger.warning(
+                "%s names no class for %d of the %d labels (e.g. label %d): named class<i>",
+                self.label_map_file,
+                len(absent),
+                num_classes,
+                absent[0],
+            )
         for k, name in by_label.items():
             if 0 <= k < num_classes:
                 names[k] = name
         return names
 
-    def _checked_label(self, raw: np.ndarray, mode: str, index: int,
-                       image_size: tuple[int, int] | None) -> Tensor:
+    def _checked_label(self, raw: np.ndarray, mode: str, index: int, image_size: tuple[int, int] | None) -> Tensor:
         """:func:`map_labels` of sample ``index``'s raw map, after checking its kind and its
         size (``image_size`` ``(w, h)``, ``None``: not checked) and then its values."""
         png = self.ann_paths[index]
         if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer):
-            raise LabelError(f"label map {png} is a mode {mode} image ({raw.dtype}, shape "
-                             f"{raw.shape}); expected a single-channel PNG of class indices "
-                             f"(mode L or P)")
+            raise LabelError(
+                f"label map {png} is a mode {mode} image ({raw.dtype}, shape "
+                f"{raw.shape}); expected a single-channel PNG of class indices "
+                f"(mode L or P)"
+            )
         if image_size is not None and (raw.shape[1], raw.shape[0]) != tuple(image_size):
-            raise LabelError(f"label map {png} is {raw.shape[1]}x{raw.shape[0]} but its image "
-                             f"{self.samples[index][0]} is {image_size[0]}x{image_size[1]}: a "
-                             f"label map must have the size of its image")
-        lab = map_labels(raw, reduce_zero_label=self.reduce_zero_label,
-                         ignore_index=self.ignore_index)
+            raise LabelError(
+                f"label map {png} is {raw.shape[1]}x{raw.shape[0]} but its image "
+                f"{self.samples[index][0]} is {image_size[0]}x{image_size[1]}: a "
+                f"label map must have the size of its image"
+            )
+        lab = map_labels(raw, reduce_zero_label=self.reduce_zero_label, ignore_index=self.ignore_index)
         bad = ((lab < 0) | (lab >= self.num_classes)) & (lab != self.ignore_index)
         if bool(bad.any()):
             worst = int(lab[bad].max())
@@ -259,7 +428,8 @@ class SegmentationFolder(ImageDataset):
                 f"label {worst} (value {raw_value} in the file) in {png} is outside the "
                 f"{self.num_classes} classes declared (--num-classes {self.num_classes}, "
                 f"--reduce-zero-label {'on' if self.reduce_zero_label else 'off'}, ignore "
-                f"index {self.ignore_index}): check --num-classes / --reduce-zero-label")
+                f"index {self.ignore_index}): check --num-classes / --reduce-zero-label"
+            )
         return lab
 
     def label(self, index: int) -> Tensor:
@@ -343,20 +513,25 @@ class SegTrainTransform:
     the output is a pure function of the sample seed.
     """
 
-    def __init__(self, crop_size: int = 512, scale: tuple[int, int] = (2048, 512),
-                 ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
-                 flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = 255):
+    def __init__(
+        self,
+        crop_size: int = 512,
+        scale: tuple[int, int] = (2048, 512),
+        ratio_range: Sequence[float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        ignore_index: int = 255,
+    ):
         if int(crop_size) < 1:
             raise DataError(f"crop_size must be positive, got {crop_size}")
         if len(scale) != 2 or min(int(s) for s in scale) < 1:
             raise DataError(f"scale must be two positive sizes (long, short), got {tuple(scale)}")
         lo, hi = (float(r) for r in ratio_range)
         if not 0 < lo <= hi:
-            raise DataError(f"ratio_range must be (low, high) with 0 < low <= high, got "
-                             f"{tuple(ratio_range)}")
+            raise DataError(f"ratio_range must be (low, high) with 0 < low <= high, got {tuple(ratio_range)}")
         if not float(cat_max_ratio) > 0:
-            raise DataError(f"cat_max_ratio must be positive (1 or more: no check), got "
-                             f"{cat_max_ratio}")
+            raise DataError(f"cat_max_ratio must be positive (1 or more: no check), got {cat_max_ratio}")
         if not 0.0 <= float(flip_prob) <= 1.0:
             raise DataError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.crop_size = int(crop_size)
@@ -368,10 +543,12 @@ class SegTrainTransform:
         self.ignore_index = int(ignore_index)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(crop_size={self.crop_size}, scale={self.scale}, "
-                f"ratio_range={self.ratio_range}, cat_max_ratio={self.cat_max_ratio}, "
-                f"flip_prob={self.flip_prob}, photometric={self.photometric}, "
-                f"ignore_index={self.ignore_index})")
+        return (
+            f"{type(self).__name__}(crop_size={self.crop_size}, scale={self.scale}, "
+            f"ratio_range={self.ratio_range}, cat_max_ratio={self.cat_max_ratio}, "
+            f"flip_prob={self.flip_prob}, photometric={self.photometric}, "
+            f"ignore_index={self.ignore_index})"
+        )
 
     def _crop_ok(self, crop: Tensor) -> bool:
         """mmseg's RandomCrop test: more than one class and none over ``cat_max_ratio``."""
@@ -392,23 +569,21 @@ class SegTrainTransform:
         target = (int(self.scale[0] * r), int(self.scale[1] * r))
         factor = min(max(target) / max(h, w), min(target) / min(h, w))
         nh, nw = max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
-        image = TF.resize(image, [nh, nw], interpolation=InterpolationMode.BILINEAR,
-                          antialias=True)
+        image = TF.resize(image, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
         label = TF.resize(label[None], [nh, nw], interpolation=InterpolationMode.NEAREST)[0]
 
         # 2. RandomCrop(crop_size, cat_max_ratio)
         def offsets() -> tuple[int, int]:
-            return (int(torch.randint(0, max(nh - c, 0) + 1, ())),
-                    int(torch.randint(0, max(nw - c, 0) + 1, ())))
+            return (int(torch.randint(0, max(nh - c, 0) + 1, ())), int(torch.randint(0, max(nw - c, 0) + 1, ())))
 
         oy, ox = offsets()
         if self.cat_max_ratio < 1 and (nh > c or nw > c):  # else every crop is the same
             for _ in range(10):
-                if self._crop_ok(label[oy:oy + c, ox:ox + c]):
+                if self._crop_ok(label[oy : oy + c, ox : ox + c]):
                     break
                 oy, ox = offsets()
-        image = image[:, oy:oy + c, ox:ox + c]
-        label = label[oy:oy + c, ox:ox + c]
+        image = image[:, oy : oy + c, ox : ox + c]
+        label = label[oy : oy + c, ox : ox + c]
 
         # 3. RandomFlip
         if float(torch.rand(())) < self.flip_prob:
@@ -435,10 +610,13 @@ def _uniform(lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand(()))
 
 
-def _photometric_distortion(image: Tensor, brightness_delta: int = 32,
-                            contrast_range: tuple[float, float] = (0.5, 1.5),
-                            saturation_range: tuple[float, float] = (0.5, 1.5),
-                            hue_delta: int = 18) -> Tensor:
+def _photometric_distortion(
+    image: Tensor,
+    brightness_delta: int = 32,
+    contrast_range: tuple[float, float] = (0.5, 1.5),
+    saturation_range: tuple[float, float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> Tensor:
     """mmseg's PhotoMetricDistortion on a uint8 ``[3, H, W]`` image, in float. Each step is
     clamped to [0, 255] and truncated, as mmseg's ``convert`` returns uint8 after each."""
     x = image.to(torch.float32)
@@ -480,9 +658,11 @@ def collate_segmentation(batch: list) -> tuple[Tensor, Tensor, int]:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), n_skipped
     shapes = {(tuple(item[0].shape), tuple(item[1].shape)) for item in good}
     if len(shapes) > 1 or any(img[-2:] != lab for img, lab in shapes):
-        raise ValueError(f"training images and labels of one batch must have one size to be "
-                         f"stacked, got (image, label) shapes {sorted(shapes)}; use a "
-                         f"fixed-size transform such as SegTrainTransform")
+        raise ValueError(
+            f"training images and labels of one batch must have one size to be "
+            f"stacked, got (image, label) shapes {sorted(shapes)}; use a "
+            f"fixed-size transform such as SegTrainTransform"
+        )
     # default_collate stacks straight into shared memory inside workers (one copy fewer)
     images = default_collate([item[0] for item in good])
     labels = default_collate([item[1] for item in good])
@@ -494,5 +674,4 @@ def collate_segmentation_eval(batch: list) -> tuple[list[Tensor], list[Tensor], 
     (unreadable) -> ``(images, labels, paths, n_skipped)``: lists (the sizes differ), ``None``
     items dropped and counted in ``n_skipped``."""
     good = [item for item in batch if item is not None]
-    return ([item[0] for item in good], [item[1] for item in good], [item[2] for item in good],
-            len(batch) - len(good))
+    return ([item[0] for item in good], [item[1] for item in good], [item[2] for item in good], len(batch) - len(good))

@@ -7,6 +7,7 @@ unreadable image is replaced by the next readable one, with that one's own label
 skips it), but unlabelled data is refused: a flat folder or a list file line without a label
 would otherwise train on label -1 or on meaningless folder names.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,10 +34,14 @@ SPLIT_NAMES = ("train", "val", "validation", "test")
 _MAX_NAMED = 5  # class names quoted in an error message
 
 
-def build_classify_transform(img_size: int, is_training: bool,
-                             auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-                             re_prob: float = 0.25, crop_pct: float = 0.875,
-                             simple: bool = False):
+def build_classify_transform(
+    img_size: int,
+    is_training: bool,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    re_prob: float = 0.25,
+    crop_pct: float = 0.875,
+    simple: bool = False,
+):
     """timm's create_transform with the MAE fine-tuning recipe.
 
     training: RandomResizedCrop(img_size, bicubic) + flip + RandAugment(auto_augment) +
@@ -56,21 +61,34 @@ def build_classify_transform(img_size: int, is_training: bool,
     if not 0.0 <= re_prob <= 1.0:
         raise DataError(f"re_prob must be in [0, 1], got {re_prob}")
     if not is_training:
-        return create_transform(img_size, is_training=False, crop_pct=crop_pct,
-                                interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
-                                std=IMAGENET_DEFAULT_STD)
+        return create_transform(
+            img_size,
+            is_training=False,
+            crop_pct=crop_pct,
+            interpolation="bicubic",
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+        )
     if simple:
-        return T.Compose([
-            T.RandomResizedCrop(img_size, scale=(0.08, 1.0),
-                                interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-        ])
+        return T.Compose(
+            [
+                T.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+            ]
+        )
     transform = create_transform(
-        img_size, is_training=True, color_jitter=None, auto_augment=auto_augment or None,
-        interpolation="bicubic", re_prob=re_prob, re_mode="pixel", re_count=1,
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        img_size,
+        is_training=True,
+        color_jitter=None,
+        auto_augment=auto_augment or None,
+        interpolation="bicubic",
+        re_prob=re_prob,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
     )
     _patch_posterize(transform)
     return transform
@@ -117,8 +135,7 @@ def _resolve_split(data: str, split: str) -> str:
         return path
     split_dir = os.path.join(path, split)
     if os.path.isdir(split_dir):
-        logger.info("%s has a %s/ folder: reading the %s split from %s",
-                    path, split, split, split_dir)
+        logger.info("%s has a %s/ folder: reading the %s split from %s", path, split, split, split_dir)
         return split_dir
     others = [s for s in SPLIT_NAMES if os.path.isdir(os.path.join(path, s))]
     if others:
@@ -130,8 +147,14 @@ def _resolve_split(data: str, split: str) -> str:
     return path
 
 
-def build_classify_dataset(data: str, split: str, transform, data_root: str | None = None,
-                           class_names: list[str] | None = None, samples_per_epoch: int | None = None) -> ImageDataset:
+def build_classify_dataset(
+    data: str,
+    split: str,
+    transform,
+    data_root: str | None = None,
+    class_names: list[str] | None = None,
+    samples_per_epoch: int | None = None,
+) -> ImageDataset:
     """Labelled ``split`` ("train", "val", ...) of ``data``, for fine-tuning, probing or eval:
 
     - a folder holding ``<split>/`` (the ImageNet root with ``train/`` and ``val/``): its
@@ -167,16 +190,21 @@ def build_classify_dataset(data: str, split: str, transform, data_root: str | No
     return ds
 
 
-def _shard_split(data: str, split: str, transform, class_names: list[str] | None,
-                 samples_per_epoch: int | None) -> ShardStream:
+def _shard_split(
+    data: str, split: str, transform, class_names: list[str] | None, samples_per_epoch: int | None
+) -> ShardStream:
     """Labelled tar shards: a training split only, with the classes of their shards.json."""
     if split != "train":
-        raise DataError(f"--data {data} is tar shards, a training stream: give the {split} images with "
-                        f"--val-data (an ImageFolder or a list file)")
+        raise DataError(
+            f"--data {data} is tar shards, a training stream: give the {split} images with "
+            f"--val-data (an ImageFolder or a list file)"
+        )
     ds = ShardStream(data, transform, samples_per_epoch=samples_per_epoch, tensor_input=False)
     if not ds.num_classes:
-        raise DataError(f"the shards of {data} list no classes in their shards.json: fine-tuning needs "
-                        f"labelled shards (ummae shards of an ImageFolder or of a list file with labels)")
+        raise DataError(
+            f"the shards of {data} list no classes in their shards.json: fine-tuning needs "
+            f"labelled shards (ummae shards of an ImageFolder or of a list file with labels)"
+        )
     if class_names is not None and list(class_names) != ds.class_names:
         raise DataError(f"the classes of the shards {data} differ from the training classes")
     return ds
@@ -208,8 +236,7 @@ def _folder_split(path: str, split: str, transform, class_names: list[str] | Non
     return ImageDataset(samples, transform, kind, path, len(names), class_names=names)
 
 
-def _list_split(path: str, split: str, transform, class_names: list[str] | None,
-                data_root: str | None) -> ImageDataset:
+def _list_split(path: str, split: str, transform, class_names: list[str] | None, data_root: str | None) -> ImageDataset:
     """A labelled list file split; its labels must lie below ``len(class_names)``."""
     samples, root, _ = list_file_samples(path, data_root, require_labels=True)
     num_classes = max(label for _, label in samples) + 1
@@ -222,12 +249,18 @@ def _list_split(path: str, split: str, transform, class_names: list[str] | None,
                 f"{len(class_names) - 1})"
             )
         names = list(class_names)  # a val list may not reach the last training labels
-    return ImageDataset(samples, transform, "list file", path, len(names),
-                        note=f"root {root}", class_names=names)
+    return ImageDataset(samples, transform, "list file", path, len(names), note=f"root {root}", class_names=names)
 
 
-def build_eval_loader(dataset, batch_size: int, num_workers: int, num_replicas: int = 1,
-                      rank: int = 0, pin_memory: bool = False, collate_fn=collate_skip_bad) -> DataLoader:
+def build_eval_loader(
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+    collate_fn=collate_skip_bad,
+) -> DataLoader:
     """Sequential loader over this rank's shard: indices rank, rank+R, rank+2R, ... (no
     padding and no duplicates, unlike DistributedSampler, so counts summed over ranks are
     exact); collate_fn=collate_skip_bad (batches are (images, labels, n_skipped)): an
@@ -239,8 +272,7 @@ def build_eval_loader(dataset, batch_size: int, num_workers: int, num_replicas: 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_replicas < 1 or not 0 <= rank < num_replicas:
-        raise ValueError(f"rank must be in [0, num_replicas), got rank {rank} of "
-                         f"{num_replicas}")
+        raise ValueError(f"rank must be in [0, num_replicas), got rank {rank} of {num_replicas}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     indices = list(range(rank, len(dataset), num_replicas))

@@ -18,6 +18,7 @@ RandomResize with ratio range (0.1, 2.0), RandomCrop with recomputed boxes, Filt
 RandomFlip, Pad). :func:`coco_results` and :func:`coco_evaluate` turn torchvision's outputs into
 COCO result dicts and COCO AP.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,15 +63,16 @@ def _load_instances(ann_file: str, *, need_area: bool, need_masks: bool) -> dict
     """The parsed ``instances_*.json``, checked to be a COCO instances file (raises a one-line
     :class:`~ummae.errors.DataError` naming ``ann_file`` and the first problem otherwise)."""
     if not os.path.isfile(ann_file):
-        raise DataError(f"COCO annotation file not found: {ann_file} (expected the layout "
-                         f"root/annotations/instances_<split>.json next to root/<split>/)")
+        raise DataError(
+            f"COCO annotation file not found: {ann_file} (expected the layout "
+            f"root/annotations/instances_<split>.json next to root/<split>/)"
+        )
     try:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{ann_file} is not valid JSON ({detail}); is the file "
-                         f"complete?") from None
+        raise DataError(f"{ann_file} is not valid JSON ({detail}); is the file complete?") from None
 
     def bad(why: str) -> DataError:
         return DataError(f"{ann_file} is not a COCO instances file: {why}")
@@ -90,8 +92,7 @@ def _check_images_and_categories(data, bad: Callable[[str], DataError]) -> tuple
             raise bad(f"no '{key}' list")
     sizes: dict[int, tuple[int, int]] = {}
     for k, img in enumerate(data["images"]):
-        missing = [f for f in ("id", "file_name", "height", "width")
-                   if not isinstance(img, dict) or f not in img]
+        missing = [f for f in ("id", "file_name", "height", "width") if not isinstance(img, dict) or f not in img]
         if missing:
             raise bad(f"images[{k}] has no '{missing[0]}'")
         if img["id"] in sizes:
@@ -109,8 +110,15 @@ def _check_images_and_categories(data, bad: Callable[[str], DataError]) -> tuple
     return sizes, cat_ids
 
 
-def _check_annotations(annotations: list, sizes: dict[int, tuple[int, int]], cat_ids: set,
-                       bad: Callable[[str], DataError], *, need_area: bool, need_masks: bool) -> None:
+def _check_annotations(
+    annotations: list,
+    sizes: dict[int, tuple[int, int]],
+    cat_ids: set,
+    bad: Callable[[str], DataError],
+    *,
+    need_area: bool,
+    need_masks: bool,
+) -> None:
     """Check each annotation's fields, image and category (``bad(why)``: the error to raise)."""
     # COCOeval needs the GT 'area' (size ranges) and 'iscrowd'; training needs neither.
     required = ["id", "image_id", "category_id", "bbox"] + (["area"] if need_area else [])
@@ -124,19 +132,19 @@ def _check_annotations(annotations: list, sizes: dict[int, tuple[int, int]], cat
         if ann["image_id"] not in sizes:
             raise bad(f"{name} points at image id {ann['image_id']}, which 'images' does not list")
         if ann["category_id"] not in cat_ids:
-            raise bad(f"{name} has category id {ann['category_id']}, which 'categories' does "
-                      f"not list")
+            raise bad(f"{name} has category id {ann['category_id']}, which 'categories' does not list")
         box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4
-                and all(isinstance(v, (int, float)) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
             raise bad(f"{name}: 'bbox' must be [x, y, w, h], got {box!r:.60}")
         if need_masks:
             seg = ann.get("segmentation")
             if isinstance(seg, dict):
                 h, w = sizes[ann["image_id"]]
                 if "counts" not in seg or list(seg.get("size", ())) != [h, w]:
-                    raise bad(f"{name}: its RLE 'segmentation' needs 'counts' and a 'size' equal "
-                              f"to the image's [height, width] = [{h}, {w}]")
+                    raise bad(
+                        f"{name}: its RLE 'segmentation' needs 'counts' and a 'size' equal "
+                        f"to the image's [height, width] = [{h}, {w}]"
+                    )
             elif not isinstance(seg, list):
                 raise bad(f"{name} has no 'segmentation' (polygons or RLE), needed for masks")
 
@@ -219,8 +227,15 @@ class CocoDetection(ImageDataset):
     and for images it lists that are missing on disk.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train2017", *, train: bool,
-                 with_masks: bool = False, transform: Callable | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train2017",
+        *,
+        train: bool,
+        with_masks: bool = False,
+        transform: Callable | None = None,
+    ):
         root = os.path.expanduser(str(root))
         self.root = root
         self.split = split
@@ -230,13 +245,17 @@ class CocoDetection(ImageDataset):
         self.img_dir = os.path.join(root, split)
         data = _load_instances(self.ann_file, need_area=not self.train, need_masks=self.with_masks)
         if not os.path.isdir(self.img_dir):
-            raise DataError(f"image folder {self.img_dir} not found (the images of "
-                             f"{self.ann_file})")
-        missing = [os.path.join(self.img_dir, img["file_name"]) for img in data["images"]
-                   if not os.path.exists(os.path.join(self.img_dir, img["file_name"]))]
+            raise DataError(f"image folder {self.img_dir} not found (the images of {self.ann_file})")
+        missing = [
+            os.path.join(self.img_dir, img["file_name"])
+            for img in data["images"]
+            if not os.path.exists(os.path.join(self.img_dir, img["file_name"]))
+        ]
         if missing:
-            raise DataError(f"{len(missing)} of the {len(data['images'])} images listed in "
-                             f"{self.ann_file} are missing on disk, e.g. {missing[0]}")
+            raise DataError(
+                f"{len(missing)} of the {len(data['images'])} images listed in "
+                f"{self.ann_file} are missing on disk, e.g. {missing[0]}"
+            )
         self.coco = _make_coco(data)
         self.cat_ids = sorted(self.coco.cats)
         self._label_of = {cid: k + 1 for k, cid in enumerate(self.cat_ids)}
@@ -244,16 +263,20 @@ class CocoDetection(ImageDataset):
         ids = sorted(self.coco.imgs)
         n_crowd = sum(1 for a in data["annotations"] if a.get("iscrowd", 0))
         if self.train:
-            self._anns = {i: [a for a in self.coco.imgToAnns.get(i, [])
-                              if _is_training_target(a, *self._size(i))] for i in ids}
+            self._anns = {
+                i: [a for a in self.coco.imgToAnns.get(i, []) if _is_training_target(a, *self._size(i))] for i in ids
+            }
             kept = [i for i in ids if self._anns[i]]
             n_targets = sum(len(self._anns[i]) for i in kept)
-            note = (f"{n_targets} training targets; {len(ids) - len(kept)} images without one "
-                    f"left out; {n_crowd} crowd regions ignored")
+            note = (
+                f"{n_targets} training targets; {len(ids) - len(kept)} images without one "
+                f"left out; {n_crowd} crowd regions ignored"
+            )
             ids = kept
             if not ids:
-                raise DataError(f"no image of {self.ann_file} has a training annotation "
-                                 f"(non-crowd, box at least 1x1 px)")
+                raise DataError(
+                    f"no image of {self.ann_file} has a training annotation (non-crowd, box at least 1x1 px)"
+                )
         else:
             self._anns = {i: list(self.coco.imgToAnns.get(i, [])) for i in ids}
             note = f"{len(data['annotations'])} annotations ({n_crowd} crowd)"
@@ -263,8 +286,15 @@ class CocoDetection(ImageDataset):
         self.pair_transform = transform
         samples = [(os.path.join(self.img_dir, self.coco.imgs[i]["file_name"]), i) for i in ids]
         names = [self.coco.cats[c]["name"] for c in self.cat_ids]
-        super().__init__(samples, PairTransform(transform), "COCO", self.img_dir,
-                         num_classes=len(self.cat_ids), note=note, class_names=names)
+        super().__init__(
+            samples,
+            PairTransform(transform),
+            "COCO",
+            self.img_dir,
+            num_classes=len(self.cat_ids),
+            note=note,
+            class_names=names,
+        )
         logger.info("%s data: %s", split, self.describe())
 
     def _size(self, image_id: int) -> tuple[int, int]:
@@ -275,8 +305,10 @@ class CocoDetection(ImageDataset):
         """The COCO category id of model label ``label`` (1..num_classes)."""
         label = int(label)
         if not 1 <= label <= len(self.cat_ids):
-            raise DataError(f"label {label} is not a class of {self.ann_file} (labels are "
-                             f"1..{len(self.cat_ids)}; 0 is the background)")
+            raise DataError(
+                f"label {label} is not a class of {self.ann_file} (labels are "
+                f"1..{len(self.cat_ids)}; 0 is the background)"
+            )
         return self.cat_ids[label - 1]
 
     def target(self, index: int) -> dict:
@@ -291,18 +323,16 @@ class CocoDetection(ImageDataset):
         boxes[:, 2:] += boxes[:, :2]  # COCO [x, y, w, h] -> [x1, y1, x2, y2]
         target = {
             "boxes": boxes,
-            "labels": torch.tensor([self._label_of[a["category_id"]] for a in anns],
-                                   dtype=torch.int64),
-            "iscrowd": torch.tensor([int(bool(a.get("iscrowd", 0))) for a in anns],
-                                    dtype=torch.int64),
-            "area": torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3]))
-                                  for a in anns], dtype=torch.float32),
+            "labels": torch.tensor([self._label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+            "iscrowd": torch.tensor([int(bool(a.get("iscrowd", 0))) for a in anns], dtype=torch.int64),
+            "area": torch.tensor(
+                [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns], dtype=torch.float32
+            ),
             "image_id": int(image_id),
             "orig_size": (h, w),
         }
         if self.with_masks:
-            target["masks"] = torch.from_numpy(
-                decode_segmentations([a["segmentation"] for a in anns], h, w))
+            target["masks"] = torch.from_numpy(decode_segmentations([a["segmentation"] for a in anns], h, w))
         return target
 
     def _read(self, index: int) -> Image.Image | None:
@@ -314,8 +344,7 @@ class CocoDetection(ImageDataset):
             # Boxes and masks are in the JSON's pixel frame: a resized or rotated copy of the
             # image would be trained and evaluated on misplaced targets.
             path = self.samples[index][0]
-            self._bad[path] = (f"its size {img.size[0]}x{img.size[1]} differs from the "
-                               f"{w}x{h} of {self.ann_file}")
+            self._bad[path] = f"its size {img.size[0]}x{img.size[1]} differs from the {w}x{h} of {self.ann_file}"
             return None
         return img
 
@@ -389,14 +418,18 @@ class LargeScaleJitter:
     ImageDataset's seeding the output is a pure function of the sample seed.
     """
 
-    def __init__(self, img_size: int = 1024, scale_range: Sequence[float] = (0.1, 2.0),
-                 flip_prob: float = 0.5, pad_value: Sequence[int] = IMAGENET_MEAN_RGB):
+    def __init__(
+        self,
+        img_size: int = 1024,
+        scale_range: Sequence[float] = (0.1, 2.0),
+        flip_prob: float = 0.5,
+        pad_value: Sequence[int] = IMAGENET_MEAN_RGB,
+    ):
         if int(img_size) < 1:
             raise DataError(f"img_size must be positive, got {img_size}")
         lo, hi = (float(s) for s in scale_range)
         if not 0 < lo <= hi:
-            raise DataError(f"scale_range must be (low, high) with 0 < low <= high, got "
-                             f"{tuple(scale_range)}")
+            raise DataError(f"scale_range must be (low, high) with 0 < low <= high, got {tuple(scale_range)}")
         if not 0.0 <= flip_prob <= 1.0:
             raise DataError(f"flip_prob must be in [0, 1], got {flip_prob}")
         if len(pad_value) != 3 or not all(0 <= int(v) <= 255 for v in pad_value):
@@ -407,8 +440,10 @@ class LargeScaleJitter:
         self.pad_value = tuple(int(v) for v in pad_value)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(img_size={self.img_size}, scale_range="
-                f"{self.scale_range}, flip_prob={self.flip_prob}, pad_value={self.pad_value})")
+        return (
+            f"{type(self).__name__}(img_size={self.img_size}, scale_range="
+            f"{self.scale_range}, flip_prob={self.flip_prob}, pad_value={self.pad_value})"
+        )
 
     def __call__(self, img: Image.Image | Tensor, target: dict) -> tuple[Tensor, dict]:
         size = self.img_size
@@ -422,8 +457,7 @@ class LargeScaleJitter:
         r = lo + (hi - lo) * float(torch.rand(()))
         scale = r * size / max(h, w)
         nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
-        image = TF.resize(image, [nh, nw], interpolation=InterpolationMode.BILINEAR,
-                          antialias=True)
+        image = TF.resize(image, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
         sx, sy = nw / w, nh / h
         boxes = target["boxes"].to(torch.float32) * torch.tensor([sx, sy, sx, sy])
 
@@ -431,7 +465,7 @@ class LargeScaleJitter:
         oy = int(torch.randint(0, max(nh - size, 0) + 1, ()))
         ox = int(torch.randint(0, max(nw - size, 0) + 1, ()))
         ch, cw = min(nh, size), min(nw, size)
-        image = image[:, oy:oy + ch, ox:ox + cw]
+        image = image[:, oy : oy + ch, ox : ox + cw]
         boxes = boxes - torch.tensor([ox, oy, ox, oy], dtype=torch.float32)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, cw)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ch)
@@ -467,8 +501,11 @@ class LargeScaleJitter:
             target["masks"] = padded
         if "area" in target:
             b = target["boxes"]
-            target["area"] = (target["masks"].sum(dim=(1, 2)).to(torch.float32) if has_masks
-                              else (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+            target["area"] = (
+                target["masks"].sum(dim=(1, 2)).to(torch.float32)
+                if has_masks
+                else (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+            )
         target["img_shape"] = (ch, cw)
         return canvas, target
 
@@ -485,9 +522,11 @@ def collate_detection(batch: list) -> tuple[Tensor, list[dict], int]:
         return torch.empty(0, dtype=torch.uint8), [], n_skipped
     shapes = {tuple(item[0].shape) for item in good}
     if len(shapes) > 1:
-        raise ValueError(f"training images of one batch must have one size to be stacked, got "
-                         f"{sorted(shapes)}; use a fixed-size transform such as "
-                         f"LargeScaleJitter")
+        raise ValueError(
+            f"training images of one batch must have one size to be stacked, got "
+            f"{sorted(shapes)}; use a fixed-size transform such as "
+            f"LargeScaleJitter"
+        )
     # default_collate stacks straight into shared memory inside workers (one copy fewer)
     images = default_collate([item[0] for item in good])
     return images, [item[1] for item in good], n_skipped
@@ -504,8 +543,9 @@ def collate_detection_eval(batch: list) -> tuple[list[Tensor], list[dict], int]:
 # ---------------------------------------------------------------- results and evaluation
 
 
-def coco_results(image_ids: Sequence[int | Mapping], predictions: Sequence[Mapping[str, Tensor]],
-                 dataset: CocoDetection) -> list[dict]:
+def coco_results(
+    image_ids: Sequence[int | Mapping], predictions: Sequence[Mapping[str, Tensor]], dataset: CocoDetection
+) -> list[dict]:
     """COCO result dicts of torchvision detection outputs.
 
     ``image_ids[i]``: the image id of ``predictions[i]``, or its target (a dict with
@@ -538,27 +578,33 @@ def coco_results(image_ids: Sequence[int | Mapping], predictions: Sequence[Mappi
                 masks = masks[:, 0]
             h, w = dataset._size(image_id)
             if masks.shape[-2:] != (h, w):
-                raise ValueError(f"masks of image {image_id} are {tuple(masks.shape[-2:])} but "
-                                 f"the image is ({h}, {w}): masks must be at the original size")
+                raise ValueError(
+                    f"masks of image {image_id} are {tuple(masks.shape[-2:])} but "
+                    f"the image is ({h}, {w}): masks must be at the original size"
+                )
             binary = (masks.to(torch.float32) > 0.5).numpy().astype(np.uint8)
             # pycocotools encodes [H, W, n] Fortran-ordered arrays
             rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
         for k in range(len(xywh)):
-            r = {"image_id": image_id, "category_id": cats[k], "bbox": xywh[k],
-                 "score": scores[k]}
+            r = {"image_id": image_id, "category_id": cats[k], "bbox": xywh[k], "score": scores[k]}
             if rles is not None:
                 counts = rles[k]["counts"]
-                r["segmentation"] = {"size": list(rles[k]["size"]),
-                                     "counts": counts.decode("ascii") if isinstance(counts, bytes)
-                                     else counts}
+                r["segmentation"] = {
+                    "size": list(rles[k]["size"]),
+                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+                }
             results.append(r)
     return results
 
 
-def coco_evaluate(coco_gt: COCO, results: Sequence[dict],
-                  iou_types: str | Iterable[str] = ("bbox",),
-                  image_ids: Iterable[int] | None = None, *,
-                  summaries: dict[str, str] | None = None) -> dict[str, float]:
+def coco_evaluate(
+    coco_gt: COCO,
+    results: Sequence[dict],
+    iou_types: str | Iterable[str] = ("bbox",),
+    image_ids: Iterable[int] | None = None,
+    *,
+    summaries: dict[str, str] | None = None,
+) -> dict[str, float]:
     """COCO AP of ``results`` (as :func:`coco_results` makes them) against ``coco_gt``.
 
     For each of ``iou_types`` ("bbox", "segm") runs COCOeval over ``image_ids`` (default: every
@@ -579,14 +625,12 @@ def coco_evaluate(coco_gt: COCO, results: Sequence[dict],
         raise ValueError("no image ids to evaluate")
     unknown = {int(r["image_id"]) for r in results} - set(coco_gt.imgs)
     if unknown:
-        raise ValueError(f"{len(unknown)} result image id(s) are not images of the ground "
-                         f"truth, e.g. {min(unknown)}")
+        raise ValueError(f"{len(unknown)} result image id(s) are not images of the ground truth, e.g. {min(unknown)}")
     metrics: dict[str, float] = {}
     for t in iou_types:
         if t == "segm":
             if any("segmentation" not in r for r in results):
-                raise ValueError("segm evaluation needs a 'segmentation' in every result (a "
-                                 "model that predicts masks)")
+                raise ValueError("segm evaluation needs a 'segmentation' in every result (a model that predicts masks)")
             # Without 'bbox', loadRes takes the mask area as the detection's area, so the
             # small/medium/large split is by mask area, as for the ground truth (Detectron2
             # drops the box for the same reason).
@@ -596,8 +640,7 @@ def coco_evaluate(coco_gt: COCO, results: Sequence[dict],
         # fresh dicts: loadRes writes 'id', 'area' and 'iscrowd' into the ones it gets
         dets = [{k: r[k] for k in keys} for r in results]
         if not dets:
-            logger.warning("COCO %s evaluation: no detections on the %d images; every AP is 0",
-                           t, len(img_ids))
+            logger.warning("COCO %s evaluation: no detections on the %d images; every AP is 0", t, len(img_ids))
             metrics.update({f"{t}_{m}": 0.0 for m in METRIC_NAMES})
             if summaries is not None:
                 summaries[t] = "no detections"
@@ -613,8 +656,7 @@ def coco_evaluate(coco_gt: COCO, results: Sequence[dict],
             ev.summarize()
         logger.debug("pycocotools (%s): %s", t, chatter.getvalue().strip())
         text = table.getvalue().rstrip()
-        logger.info("COCO %s evaluation, %d images, %d detections:\n%s", t, len(img_ids),
-                    len(dets), text)
+        logger.info("COCO %s evaluation, %d images, %d detections:\n%s", t, len(img_ids), len(dets), text)
         if summaries is not None:
             summaries[t] = text
         metrics.update({f"{t}_{m}": float(ev.stats[k]) for k, m in enumerate(METRIC_NAMES)})

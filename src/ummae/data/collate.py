@@ -1,4 +1,5 @@
 """Collating training and evaluation batches of images, counting the unreadable ones."""
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ Samples are addressed by ``(index, sample_seed)`` keys from
 whatever the number of workers, which is what makes a resumed run see exactly the images it
 would have seen.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,6 @@ class NoReadableImageError(WorkerSafeValueError):
     line with and without workers: see :class:`WorkerSafeValueError`)."""
 
 
-
 class ImageDataset(Dataset):
     """A list of ``(path, label)`` samples (label -1 = unlabelled) plus the augmentation.
 
@@ -71,9 +71,18 @@ class ImageDataset(Dataset):
     copy) and not opened again. ``class_names[label]`` names a label (empty when unlabelled).
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform, kind: str, source: str,
-                 num_classes: int = 0, note: str = "",
-                 class_names: list[str] | None = None, tensor_input: bool = False, encoded: bool = False):
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        transform,
+        kind: str,
+        source: str,
+        num_classes: int = 0,
+        note: str = "",
+        class_names: list[str] | None = None,
+        tensor_input: bool = False,
+        encoded: bool = False,
+    ):
         self.samples = samples
         self.tensor_input = tensor_input  # decode to uint8 tensors (read_image) rather than PIL
         self.encoded = encoded  # JPEGs left undecoded (device_decode.read_encoded): decoded by the step
@@ -182,8 +191,13 @@ class ImageDataset(Dataset):
         j, img = self._first_readable(index)
         if j != index:
             path = self.samples[index][0]
-            self._warn_once(path, "unreadable image %s (%s): training uses the next readable "
-                            "image, %s, in its place", path, self._bad[path], self.samples[j][0])
+            self._warn_once(
+                path,
+                "unreadable image %s (%s): training uses the next readable image, %s, in its place",
+                path,
+                self._bad[path],
+                self.samples[j][0],
+            )
         return j, img
 
 

@@ -1,5 +1,6 @@
 """Decoding image files: a path or encoded bytes (a shard member) -> an RGB image (PIL, or a
 uint8 tensor from torchvision's decoders), or a JPEG left undecoded for the ``device`` pipeline."""
+
 from __future__ import annotations
 
 import io
@@ -36,4 +37,3 @@ def read_image(source: str | bytes, as_tensor: bool = False):
                 return torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1).contiguous()
     with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as f:
         return f.convert("RGB")  # also forces the full decode: truncation shows here
-

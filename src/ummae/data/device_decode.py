@@ -11,6 +11,7 @@ A file that is not a JPEG (PNG, WebP, ...) or whose data does not end with the J
 marker (a truncated file) is decoded in the worker instead, through the ``tensor`` pipeline, so
 that unreadable files are still replaced and counted there as with every other pipeline.
 """
+
 from __future__ import annotations
 
 import io
@@ -122,9 +123,11 @@ class EncodedBatch:
                     try:
                         images.append(decode_jpeg(it.data, mode=ImageReadMode.RGB, device=device))
                     except RuntimeError as e:
-                        raise DataError(f"{it.name or 'a JPEG'} cannot be decoded on {device} ({str(e).splitlines()[0]}); "
-                                         f"--input-pipeline tensor decodes on the CPU, where unreadable files are "
-                                         f"replaced and counted") from None
+                        raise DataError(
+                            f"{it.name or 'a JPEG'} cannot be decoded on {device} ({str(e).splitlines()[0]}); "
+                            f"--input-pipeline tensor decodes on the CPU, where unreadable files are "
+                            f"replaced and counted"
+                        ) from None
             # uint8 bicubic with antialias runs on the CPU (the tensor pipeline's kernel: the
             # same pixels); elsewhere the resize is in float, rounded back
             uint8_resize = device.type == "cpu" if exact_cpu is None else exact_cpu

@@ -1,5 +1,6 @@
 """The pre-training dataset of a ``--data`` value: a dataset root, an image folder, a list file,
 tar shards or (no value) the embedded demo photos."""
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,9 @@ def build_pretrain_dataset(
     tensor_input, encoded = pipeline in ("tensor", "device"), pipeline == "device"
 
     if is_shard_spec(data):
-        ds = ShardStream(data, transform, samples_per_epoch=samples_per_epoch, tensor_input=tensor_input,
-                         encoded=encoded)
+        ds = ShardStream(
+            data, transform, samples_per_epoch=samples_per_epoch, tensor_input=tensor_input, encoded=encoded
+        )
         logger.info("pre-training data: %s", ds.describe())
         return ds
     if samples_per_epoch is not None:

@@ -1,4 +1,5 @@
 """Resumable, distributed sampling with per-sample augmentation seeds, and the loader."""
+
 from __future__ import annotations
 
 import logging
@@ -37,13 +38,20 @@ class ResumableSampler(Sampler):
     batches, which resumes a run mid-epoch on exactly the samples and crops it would have seen.
     """
 
-    def __init__(self, dataset_len: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True):
+    def __init__(
+        self,
+        dataset_len: int,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas), got rank {rank} of "
-                             f"{num_replicas}")
+            raise ValueError(f"rank must be in [0, num_replicas), got rank {rank} of {num_replicas}")
         global_batch = batch_size * num_replicas
         if drop_last and dataset_len < global_batch:
             raise DataError(
@@ -123,11 +131,16 @@ class ResumableSampler(Sampler):
         self._active_start = 0
 
 
-def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
-                       num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                       pin_memory: bool = False,
-                       collate_fn: Callable[[list], Any] = collate_skip_bad,
-                       ) -> tuple[DataLoader, ResumableSampler]:
+def build_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+    collate_fn: Callable[[list], Any] = collate_skip_bad,
+) -> tuple[DataLoader, ResumableSampler]:
     """Training loader (pre-training and fine-tuning): shuffled, resumable, drop_last.
 
     Loader of ``(images [B, 3, S, S], labels [B], n_skipped)`` batches for this rank, and
@@ -151,8 +164,7 @@ def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
         return dataset.loader(num_workers, pin_memory, collate_fn), dataset
     if hasattr(dataset, "load_or_substitute"):
         dataset = SubstituteUnreadable(dataset)
-    sampler = ResumableSampler(len(dataset), batch_size, num_replicas, rank, seed,
-                               shuffle=True, drop_last=True)
+    sampler = ResumableSampler(len(dataset), batch_size, num_replicas, rank, seed, shuffle=True, drop_last=True)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

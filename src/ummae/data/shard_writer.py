@@ -21,6 +21,7 @@ is complete, so a killed run never leaves a torn ``.tar`` that looks whole. A so
 that is damaged is copied as it is (the reader skips it and counts it); a file that cannot
 be read from disk at all is an error naming it.
 """
+
 from __future__ import annotations
 
 import glob
@@ -45,7 +46,7 @@ FORMAT = "ummae-shards-1"
 INDEX_NAME = "shards.json"
 SHARD_DIGITS = 6
 KEY_DIGITS = 9
-MAX_SHARDS = 10 ** SHARD_DIGITS
+MAX_SHARDS = 10**SHARD_DIGITS
 
 
 def shard_name(index: int) -> str:
@@ -93,8 +94,10 @@ def _list_samples(src: str, data_root: str | None) -> tuple[list[tuple[str, int]
         names = None
     for file, _ in samples:
         if not is_image_file(os.path.basename(file)):
-            raise DataError(f"{file} is not an image file name (a non-hidden name ending in one of "
-                             f"jpg jpeg png bmp webp tif tiff gif, any case); fix the list {src}")
+            raise DataError(
+                f"{file} is not an image file name (a non-hidden name ending in one of "
+                f"jpg jpeg png bmp webp tif tiff gif, any case); fix the list {src}"
+            )
     return samples, names, path
 
 
@@ -105,8 +108,10 @@ def _check_output(output: str, overwrite: bool) -> None:
         raise DataError(f"--output {output} is a file, not a folder")
     os.makedirs(output, exist_ok=True)
     index = os.path.join(output, INDEX_NAME)
-    old = sorted(glob.glob(os.path.join(glob.escape(output), "shard-*.tar"))
-                 + glob.glob(os.path.join(glob.escape(output), ".shard-*.tar.tmp")))
+    old = sorted(
+        glob.glob(os.path.join(glob.escape(output), "shard-*.tar"))
+        + glob.glob(os.path.join(glob.escape(output), ".shard-*.tar.tmp"))
+    )
     has_index = os.path.lexists(index)
     if not (old or has_index):
         return
@@ -117,8 +122,9 @@ def _check_output(output: str, overwrite: bool) -> None:
         os.remove(index)
     for path in old:
         os.remove(path)
-    logger.info("--overwrite: removed %d old shard file(s)%s from %s", len(old),
-                " and shards.json" if has_index else "", output)
+    logger.info(
+        "--overwrite: removed %d old shard file(s)%s from %s", len(old), " and shards.json" if has_index else "", output
+    )
 
 
 def _read_bytes(path: str) -> bytes:
@@ -155,8 +161,16 @@ def _write_shard(output: str, index: int, items: Iterable[tuple[int, str, int]])
     return count
 
 
-def write_shards(src: str, output: str, shard_size: int = 1000, *, data_root: str | None = None,
-                 shuffle: bool = True, seed: int = 0, overwrite: bool = False) -> dict:
+def write_shards(
+    src: str,
+    output: str,
+    shard_size: int = 1000,
+    *,
+    data_root: str | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
     """Write the images of ``src`` (an ImageFolder, flat folder, list file or dataset root with
     ``train/``: what ``pretrain --data`` reads) as WebDataset shards of at most ``shard_size``
     samples into ``output``; see the module docstring for the format. ``shuffle``: write them
@@ -171,8 +185,10 @@ def write_shards(src: str, output: str, shard_size: int = 1000, *, data_root: st
     samples, classes, source = _list_samples(src, data_root)
     num_shards = math.ceil(len(samples) / shard_size)
     if num_shards > MAX_SHARDS:
-        raise DataError(f"{len(samples)} images in shards of {shard_size} make {num_shards} shards, "
-                         f"more than {SHARD_DIGITS}-digit names allow; pass a larger --shard-size")
+        raise DataError(
+            f"{len(samples)} images in shards of {shard_size} make {num_shards} shards, "
+            f"more than {SHARD_DIGITS}-digit names allow; pass a larger --shard-size"
+        )
     output = str(output)
     _check_output(output, overwrite)
 
@@ -198,8 +214,7 @@ def write_shards(src: str, output: str, shard_size: int = 1000, *, data_root: st
             "shuffled": bool(shuffle),
             "seed": int(seed),
         }
-        write_atomic(os.path.join(output, INDEX_NAME),
-                     lambda f: f.write(json.dumps(info, indent=1) + "\n"), mode="w")
+        write_atomic(os.path.join(output, INDEX_NAME), lambda f: f.write(json.dumps(info, indent=1) + "\n"), mode="w")
     except BaseException:
         # no shards.json was written: the completed shards of this run are not a usable set
         for path in written:

@@ -29,6 +29,7 @@ batch size are the same.
 of the stream and counted (``skipped_images``), as an unreadable file of a folder is; a tar that
 ends early (truncated, unreadable) gives its samples up to the damage and a warning naming it.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,12 @@ def is_shard_spec(data: str | None) -> bool:
     if not data:
         return False
     data = str(data)
-    return (data.startswith("pipe:") or data.rstrip("/").endswith(".tar") or "://" in data
-            or os.path.isfile(os.path.join(os.path.expanduser(data), INDEX_NAME)))
+    return (
+        data.startswith("pipe:")
+        or data.rstrip("/").endswith(".tar")
+        or "://" in data
+        or os.path.isfile(os.path.join(os.path.expanduser(data), INDEX_NAME))
+    )
 
 
 def _read_index(path: str) -> dict | None:
@@ -91,8 +96,10 @@ def expand_shards(spec: str) -> tuple[list[str], dict | None]:
     if os.path.isdir(folder):
         index = _read_index(os.path.join(folder, INDEX_NAME))
         if index is None:
-            raise DataError(f"--data {spec}: a folder of shards needs the {INDEX_NAME} `ummae shards` writes; "
-                             f"or give the shards as a pattern, e.g. \"{folder}/shard-{{000000..000099}}.tar\"")
+            raise DataError(
+                f"--data {spec}: a folder of shards needs the {INDEX_NAME} `ummae shards` writes; "
+                f'or give the shards as a pattern, e.g. "{folder}/shard-{{000000..000099}}.tar"'
+            )
         urls = [os.path.join(folder, s["name"]) for s in index["shards"]]
     else:
         urls = [os.path.expanduser(u) for u in braceexpand(spec)]
@@ -101,8 +108,9 @@ def expand_shards(spec: str) -> tuple[list[str], dict | None]:
         if local:
             missing = [u for u in local if not os.path.isfile(u)]
             if missing:
-                raise DataError(f"{len(missing)} of the {len(urls)} shards of --data {spec} do not exist, "
-                                 f"e.g. {missing[0]}")
+                raise DataError(
+                    f"{len(missing)} of the {len(urls)} shards of --data {spec} do not exist, e.g. {missing[0]}"
+                )
             parents = {os.path.dirname(os.path.abspath(u)) for u in local}
             if len(parents) == 1 and len(local) == len(urls):
                 index = _read_index(os.path.join(parents.pop(), INDEX_NAME))
@@ -132,8 +140,9 @@ class _WarnShard:
     """webdataset's error handler for tar reading: warn, naming the shard, and go on."""
 
     def __call__(self, exn: Exception) -> bool:
-        where = next((a for a in reversed(exn.args) if isinstance(a, str) and (".tar" in a or a.startswith("pipe:"))),
-                     "a shard")
+        where = next(
+            (a for a in reversed(exn.args) if isinstance(a, str) and (".tar" in a or a.startswith("pipe:"))), "a shard"
+        )
         logger.warning("skipping the rest of %s: %s: %s", where, type(exn).__name__, exn.args[0] if exn.args else exn)
         return True
 
@@ -147,14 +156,23 @@ class ShardStream(IterableDataset):
     place in the epoch. Also the resumable-sampler interface the Trainer drives
     (``set_epoch``, ``set_start_batch``, ``num_batches``), after :meth:`configure`."""
 
-    def __init__(self, spec: str, transform: Callable | None = None, *, samples_per_epoch: int | None = None,
-                 tensor_input: bool = True, shuffle_buffer: int = 1000, encoded: bool = False):
+    def __init__(
+        self,
+        spec: str,
+        transform: Callable | None = None,
+        *,
+        samples_per_epoch: int | None = None,
+        tensor_input: bool = True,
+        shuffle_buffer: int = 1000,
+        encoded: bool = False,
+    ):
         self.source = str(spec)
         self.urls, index = expand_shards(spec)
         if samples_per_epoch is None:
             if index is None or "num_samples" not in index:
-                raise DataError(f"--data {spec}: give --samples-per-epoch (the shards have no {INDEX_NAME} to count "
-                                 f"their samples)")
+                raise DataError(
+                    f"--data {spec}: give --samples-per-epoch (the shards have no {INDEX_NAME} to count their samples)"
+                )
             names = {os.path.basename(u) for u in self.urls}
             samples_per_epoch = sum(int(s["num_samples"]) for s in index["shards"] if s["name"] in names)
         if samples_per_epoch < 1:
@@ -186,18 +204,26 @@ class ShardStream(IterableDataset):
             raise DataError(
                 f"{len(self.urls)} shards cannot feed {num_replicas} process(es) x {max(1, num_workers)} data-loading "
                 f"worker(s) (each reads whole shards): write more, smaller shards (ummae shards --shard-size) or use "
-                f"fewer --num-workers")
+                f"fewer --num-workers"
+            )
         if self.num_batches_for(batch_size, num_replicas) < 1:
-            raise DataError(f"--samples-per-epoch {self.samples_per_epoch} is less than one global batch "
-                             f"({batch_size} x {num_replicas} processes)")
+            raise DataError(
+                f"--samples-per-epoch {self.samples_per_epoch} is less than one global batch "
+                f"({batch_size} x {num_replicas} processes)"
+            )
         self.batch_size, self.num_replicas, self.rank, self.seed = batch_size, num_replicas, rank, seed
         self.num_workers = num_workers
 
     def order_key(self) -> dict:
         """What the order of the batches depends on besides the seed (kept in checkpoints: a
         resumed run with other values is warned that it does not continue exactly)."""
-        return {"shards": len(self.urls), "processes": self.num_replicas, "workers": max(1, self.num_workers),
-                "batch_size": self.batch_size, "samples_per_epoch": self.samples_per_epoch}
+        return {
+            "shards": len(self.urls),
+            "processes": self.num_replicas,
+            "workers": max(1, self.num_workers),
+            "batch_size": self.batch_size,
+            "samples_per_epoch": self.samples_per_epoch,
+        }
 
     def num_batches_for(self, batch_size: int, num_replicas: int) -> int:
         return self.samples_per_epoch // (batch_size * num_replicas)
@@ -228,7 +254,7 @@ class ShardStream(IterableDataset):
         """The shards worker ``role`` of this rank reads in this epoch."""
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         perm = torch.randperm(len(self.urls), generator=g).tolist()
-        return [self.urls[i] for i in perm[self.rank::self.num_replicas][role::workers]]
+        return [self.urls[i] for i in perm[self.rank :: self.num_replicas][role::workers]]
 
     def _raw_samples(self, shards: list[str], role: int) -> Iterator[dict]:
         """The worker's samples, pass after pass over its shards (each pass its own shard
@@ -246,8 +272,10 @@ class ShardStream(IterableDataset):
                 found += 1
                 yield sample
             if not found:
-                raise NoReadableImageError(f"the shards {', '.join(order[:3])}{' ...' if len(order) > 3 else ''} "
-                                           f"hold no sample that can be read")
+                raise NoReadableImageError(
+                    f"the shards {', '.join(order[:3])}{' ...' if len(order) > 3 else ''} "
+                    f"hold no sample that can be read"
+                )
 
     def _decode(self, sample: dict) -> Any | None:
         data = _image_member(sample)
@@ -273,8 +301,11 @@ class ShardStream(IterableDataset):
             image, skipped = self._decode(sample), 0
             if image is None:  # the next decodable sample of the stream takes its place
                 skipped = 1
-                logger.warning("undecodable sample %s in %s: the next one is used in its place",
-                               sample.get("__key__"), sample.get("__url__"))
+                logger.warning(
+                    "undecodable sample %s in %s: the next one is used in its place",
+                    sample.get("__key__"),
+                    sample.get("__url__"),
+                )
                 for _ in range(1 << 20):
                     nxt = next(raw)
                     ahead.append(nxt)
@@ -304,10 +335,18 @@ class ShardStream(IterableDataset):
                 break
         return out
 
-    def loader(self, num_workers: int, pin_memory: bool = False,
-               collate_fn: Callable[[list], Any] = collate_skip_bad) -> DataLoader:
+    def loader(
+        self, num_workers: int, pin_memory: bool = False, collate_fn: Callable[[list], Any] = collate_skip_bad
+    ) -> DataLoader:
         """The DataLoader of this rank (after :meth:`configure`). Workers are started anew each
         epoch (not persistent): they take the epoch and start batch set since."""
-        return DataLoader(self, batch_size=self.batch_size, num_workers=num_workers, collate_fn=collate_fn,
-                          pin_memory=pin_memory, drop_last=True, persistent_workers=False,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            self,
+            batch_size=self.batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            pin_memory=pin_memory,
+            drop_last=True,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.seed),
+        )

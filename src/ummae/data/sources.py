@@ -9,6 +9,7 @@ Folder scans follow symlinked directories (dataset trees are often assembled fro
 read each real directory once, so a link back to a parent neither repeats images nor loops
 (:func:`_scan_trees`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,9 +27,23 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 # images (chessboard, logo, text, page, phantom, color chart, binary horse) are left out, and
 # so is microaneurysms.png (102x102 px: too small to crop from).
 DEMO_PHOTOS = (
-    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
-    "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
-    "moon.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "cell.png",
+    "chelsea.png",
+    "clock_motion.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "rocket.jpg",
 )
 MIN_DEMO_PHOTOS = 5
 
@@ -84,8 +99,7 @@ def _scan_trees(folders: list[str], visited: set) -> list[list[str]]:
                     visited.add(key)
                     keep.append(d)
                 dirs[:] = keep  # os.walk descends into these only, in this order
-                found[owner].extend(os.path.join(root, f) for f in sorted(files)
-                                    if is_image_file(f))
+                found[owner].extend(os.path.join(root, f) for f in sorted(files) if is_image_file(f))
         pending = []
         for owner, path in links:
             key = _dir_key(path)
@@ -97,9 +111,12 @@ def _scan_trees(folders: list[str], visited: set) -> list[list[str]]:
             visited.add(key)
             pending.append((owner, path))
     if revisits:
-        logger.info("%s: %d folder link(s) lead to directories already scanned (a link loop "
-                    "or a second path); each directory is read once",
-                    folders[0] if len(folders) == 1 else os.path.dirname(folders[0]), revisits)
+        logger.info(
+            "%s: %d folder link(s) lead to directories already scanned (a link loop "
+            "or a second path); each directory is read once",
+            folders[0] if len(folders) == 1 else os.path.dirname(folders[0]),
+            revisits,
+        )
     return found
 
 
@@ -116,9 +133,7 @@ def scan_images(folder: str, visited: set | None = None) -> list[str]:
 
 def no_images_error(folder: str) -> DataError:
     """The error for a folder that holds no image file (raise it)."""
-    return DataError(
-        f"no images were found in {folder} (looked for {' '.join(IMG_EXTENSIONS)}, any case)"
-    )
+    return DataError(f"no images were found in {folder} (looked for {' '.join(IMG_EXTENSIONS)}, any case)")
 
 
 def demo_samples(repeats: int) -> tuple[list[tuple[str, int]], str, str]:
@@ -126,8 +141,7 @@ def demo_samples(repeats: int) -> tuple[list[tuple[str, int]], str, str]:
     in scikit-image's wheel listed ``repeats`` times with label -1."""
     folder = os.path.dirname(skimage.data.__file__)
     # Only files already in the wheel are opened: never skimage's fetch/download helpers.
-    photos = [os.path.join(folder, n) for n in DEMO_PHOTOS
-              if os.path.isfile(os.path.join(folder, n))]
+    photos = [os.path.join(folder, n) for n in DEMO_PHOTOS if os.path.isfile(os.path.join(folder, n))]
     if len(photos) < MIN_DEMO_PHOTOS:
         raise DataError(
             f"embedded demo data: found only {len(photos)} of the {len(DEMO_PHOTOS)} sample "
@@ -148,8 +162,7 @@ def folder_samples(folder: str) -> tuple[list[tuple[str, int]], str, list[str]]:
     Returns ``(samples, kind, class_names)``: kind ``"ImageFolder"`` with the sorted class
     folder names (label = index in them), or ``"flat folder"`` with ``[]``."""
     entries = sorted(e for e in os.listdir(folder) if not e.startswith("."))
-    top_images = [e for e in entries if is_image_file(e)
-                  and os.path.isfile(os.path.join(folder, e))]
+    top_images = [e for e in entries if is_image_file(e) and os.path.isfile(os.path.join(folder, e))]
     if top_images:
         paths = scan_images(folder)
         return [(p, -1) for p in paths], "flat folder", []
@@ -166,22 +179,23 @@ def folder_samples(folder: str) -> tuple[list[tuple[str, int]], str, list[str]]:
     for label, (class_dir, paths) in enumerate(zip(class_dirs, per_class, strict=True)):
         # labels = index in the sorted names, as ImageNet
         if not paths:
-            logger.warning("class folder %s holds no images (its label %d stays unused)",
-                           class_dir, label)
+            logger.warning("class folder %s holds no images (its label %d stays unused)", class_dir, label)
         direct = direct or any(os.path.dirname(p) == class_dir for p in paths)
         samples.extend((p, label) for p in paths)
     if not samples:
         raise no_images_error(folder)
     if not direct:
         # e.g. the dataset root with train/ and val/ was passed instead of train/
-        logger.warning("no class folder of %s holds images directly; its sub-folders (%s) are "
-                       "used as classes - is this the parent of the split folders?",
-                       folder, ", ".join(classes[:5]))
+        logger.warning(
+            "no class folder of %s holds images directly; its sub-folders (%s) are "
+            "used as classes - is this the parent of the split folders?",
+            folder,
+            ", ".join(classes[:5]),
+        )
     return samples, "ImageFolder", classes
 
 
-def list_file_samples(list_file: str, data_root: str | None,
-                       require_labels: bool = False) -> tuple[list, str, int]:
+def list_file_samples(list_file: str, data_root: str | None, require_labels: bool = False) -> tuple[list, str, int]:
     """``relative/path [label]`` per line (the reference's IN1K/train.txt); blank lines and
     lines starting with ``#`` are skipped. Paths may not contain spaces. Files are not checked
     here (ImageNet lists have 1.28M lines): a missing one reads as a bad image later.
@@ -199,8 +213,10 @@ def list_file_samples(list_file: str, data_root: str | None,
         try:
             lines = f.readlines()
         except UnicodeDecodeError:
-            raise DataError(f"--data {list_file} is not a text list file (it is not UTF-8 text); give an image "
-                             f"folder or a list file of 'relative/path label' lines") from None
+            raise DataError(
+                f"--data {list_file} is not a text list file (it is not UTF-8 text); give an image "
+                f"folder or a list file of 'relative/path label' lines"
+            ) from None
         for lineno, line in enumerate(lines, 1):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
@@ -215,9 +231,7 @@ def list_file_samples(list_file: str, data_root: str | None,
                 try:
                     label = int(fields[1])
                 except ValueError:
-                    raise DataError(
-                        f"{list_file}, line {lineno}: label {fields[1]!r} is not an integer"
-                    ) from None
+                    raise DataError(f"{list_file}, line {lineno}: label {fields[1]!r} is not an integer") from None
             if require_labels and label < 0:
                 problem = "has no label" if len(fields) == 1 else f"has negative label {label}"
                 raise DataError(
@@ -228,4 +242,3 @@ def list_file_samples(list_file: str, data_root: str | None,
     if not samples:
         raise DataError(f"list file {list_file} lists no images")
     return samples, root, len({lab for _, lab in samples if lab >= 0})
-

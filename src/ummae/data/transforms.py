@@ -1,6 +1,7 @@
 """Augmentations: the pre-training transforms of the three input pipelines, the uint8
 normalisation done on the device, the (image, target) adapter and the seeded application that
 makes an augmentation a pure function of the sample's seed."""
+
 from __future__ import annotations
 
 import random
@@ -39,22 +40,25 @@ def build_pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.2, 
     if pipeline not in INPUT_PIPELINES:
         raise DataError(f"input pipeline must be one of {', '.join(INPUT_PIPELINES)}, got {pipeline!r}")
     if pipeline in ("tensor", "device"):
-        tensor_transform = v2.Compose([
-            v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC,
-                                 antialias=True),
-            v2.RandomHorizontalFlip(),
-        ])
+        tensor_transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(
+                    img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC, antialias=True
+                ),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
         if pipeline == "device":
             return DeviceCropPlan(tensor_transform)
         return tensor_transform
-    return T.Compose([
-        T.RandomResizedCrop(
-            img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC
-        ),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ]
+    )
 
 
 def normalize_uint8(images: Tensor) -> Tensor:
@@ -65,7 +69,6 @@ def normalize_uint8(images: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(3, 1, 1) * 255
     std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(3, 1, 1) * 255
     return (images.float() - mean) / std
-
 
 
 class PairTransform:
@@ -109,4 +112,3 @@ def augment_seeded(transform, img, seed: int):
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-

@@ -1,5 +1,6 @@
 """Distributed helpers for ``torchrun`` (DDP: NCCL on GPU, gloo on CPU). No print patching:
 only rank 0 logs and writes files, by checking ``is_main``."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,7 @@
 """The optimiser: AdamW with the reference's weight-decay rules (pre-training: none on biases and
 norms only; fine-tuning: none on biases, norms, tokens and position tables) and optional
 layer-wise lr decay. The lr of each update is :mod:`ummae.engine.schedule`'s."""
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,15 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     return [g for _, g in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, device: torch.device,
-                    layer_decay: float | None = None, no_decay=no_weight_decay) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas,
+    device: torch.device,
+    layer_decay: float | None = None,
+    no_decay=no_weight_decay,
+) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         param_groups(model, weight_decay, layer_decay, no_decay), lr=lr, betas=tuple(betas), fused=device.type == "cuda"
     )

@@ -2,6 +2,7 @@
 terminal wide enough for one, otherwise a log line every ``log_every`` items or ``log_seconds``
 seconds (whichever comes first), as MMDetection's and MMSegmentation's ``test.py`` print.
 Only the main process reports."""
+
 from __future__ import annotations
 
 import contextlib
@@ -64,11 +65,22 @@ def above_bar(bar):
 
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60:02d}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60:02d}:{seconds % 60:02d}"
+    )
 
 
-def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it", is_main: bool = True,
-             log_every: int = 50, log_seconds: float = 30.0) -> Iterator[T]:
+def progress(
+    items: Iterable[T],
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    is_main: bool = True,
+    log_every: int = 50,
+    log_seconds: float = 30.0,
+) -> Iterator[T]:
     """Yield ``items`` while reporting progress: a bar on a terminal, else ``desc: n/total
     (rate unit/s, ETA m:ss)`` lines every ``log_every`` items or ``log_seconds`` seconds, and
     a last line with the elapsed time."""

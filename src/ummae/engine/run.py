@@ -7,6 +7,7 @@ The log lines a run writes before its folder may be written to (a run refused at
 writes nothing) are held by an :class:`EarlyLines` handler on the ``ummae`` logger, which
 :class:`RunLog` replays into ``log.txt`` and removes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,10 @@ def claim_output(cfg) -> None:
     held = [p for p in run_files(out) if p.name == "metrics.jsonl" or p.suffix == ".pth"] if out.is_dir() else []
     if held and not cfg.resume and not cfg.overwrite:
         names = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
-        raise UsageError(f"output folder {out} holds a run ({names}); pass --resume auto to continue it, "
-                         f"--overwrite to start over (its checkpoints and logs are deleted), or another --output")
+        raise UsageError(
+            f"output folder {out} holds a run ({names}); pass --resume auto to continue it, "
+            f"--overwrite to start over (its checkpoints and logs are deleted), or another --output"
+        )
 
 
 def clear_output(cfg) -> None:

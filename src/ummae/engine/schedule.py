@@ -1,6 +1,7 @@
 """The learning-rate schedule, per optimiser update: linear warm-up, then cosine (MAE's) or poly
 (MMSegmentation's). One :class:`Schedule` holds everything that decides the lr of an update;
 :meth:`Schedule.from_config` reads it from a training config once."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,9 @@ def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: fl
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def warmup_poly(step: int, total: int, warmup: int, base_lr: float, min_lr: float, power: float = 1.0,
-                warmup_ratio: float = 1e-6) -> float:
+def warmup_poly(
+    step: int, total: int, warmup: int, base_lr: float, min_lr: float, power: float = 1.0, warmup_ratio: float = 1e-6
+) -> float:
     """MMSegmentation's iteration schedule (mmcv ``PolyLrUpdaterHook`` with linear warm-up, the
     segmentation recipe): ``(base - min) * (1 - step / total) ** power + min``, and during the
     ``warmup`` first steps that value times a factor rising linearly from ``warmup_ratio`` to 1
@@ -65,8 +67,14 @@ class Schedule:
     def lr(self, update: int) -> float:
         """The lr of optimiser update ``update`` (0-based)."""
         if self.kind == "poly":
-            return warmup_poly(update, self.total_updates, self.warmup_updates, self.base_lr, self.min_lr,
-                               warmup_ratio=self.warmup_ratio)
+            return warmup_poly(
+                update,
+                self.total_updates,
+                self.warmup_updates,
+                self.base_lr,
+                self.min_lr,
+                warmup_ratio=self.warmup_ratio,
+            )
         return warmup_cosine(update, self.total_updates, self.warmup_updates, self.base_lr, self.min_lr)
 
     def peak_reached(self) -> float:

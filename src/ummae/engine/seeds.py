@@ -1,5 +1,6 @@
 """Deterministic seeds. Data order, augmentation and masks are pure functions of
 (seed, epoch, step/position, rank), which is what makes a resumed run exact."""
+
 from __future__ import annotations
 
 import random

@@ -16,6 +16,7 @@ it ends after exactly ``iters`` optimiser updates, wherever that falls in a pass
 and ``eval_every_iters`` evaluates and checkpoints every N updates; epochs are then just passes
 over the data (each with its own permutation), and the lr schedule runs over the ``iters``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -150,8 +151,9 @@ class Trainer:
         warning from DDP that every parameter was used)."""
         net = torch.compile(model) if self.cfg.compile else model
         if self.dist.enabled:
-            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                      find_unused_parameters=True)
+            net = DDP(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True
+            )
         return net
 
     def _warn_if_warmup_too_long(self) -> None:
@@ -160,9 +162,14 @@ class Trainer:
             return
         warm = f"{s.warmup_updates} steps" if s.warmup_by_steps else f"{cfg.warmup_epochs:g} epochs"
         run = f"{self.iters} iterations" if self.iters else f"{cfg.epochs} epochs"
-        log.warning("warm-up (%s) is not shorter than the run (%s): the lr only rises, to %.0f%% of its peak; "
-                    "lower %s (the recipes' are for full-length runs)", warm, run, 100 * s.peak_reached(),
-                    "--warmup-steps" if s.warmup_by_steps else "--warmup-epochs")
+        log.warning(
+            "warm-up (%s) is not shorter than the run (%s): the lr only rises, to %.0f%% of its peak; "
+            "lower %s (the recipes' are for full-length runs)",
+            warm,
+            run,
+            100 * s.peak_reached(),
+            "--warmup-steps" if s.warmup_by_steps else "--warmup-epochs",
+        )
 
     # --- checkpoints ------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -190,8 +197,12 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         """What each rank holds for itself: the partial sums of the images it trained on since
         the epoch (and log window) began, and its RNG streams."""
-        return {"epoch_loss_sum": self.epoch_loss_sum, "epoch_skipped": self.epoch_skipped,
-                "window_loss_sum": self.window_loss_sum, "rng": ckpt.rng_state()}
+        return {
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_skipped": self.epoch_skipped,
+            "window_loss_sum": self.window_loss_sum,
+            "rng": ckpt.rng_state(),
+        }
 
     def save(self, keep: bool = False) -> None:
         """checkpoint-last.pth (what --resume auto reads); with ``keep`` also a numbered copy
@@ -228,8 +239,12 @@ class Trainer:
         """1.0 if every weight, optimiser state tensor and EMA weight is finite, else 0.0 (one
         reduction per checkpoint, not per step)."""
         tensors = [p.detach() for p in self.model.parameters()]
-        tensors += [v for st in self.optimizer.state.values() for v in st.values()
-                    if torch.is_tensor(v) and v.is_floating_point()]
+        tensors += [
+            v
+            for st in self.optimizer.state.values()
+            for v in st.values()
+            if torch.is_tensor(v) and v.is_floating_point()
+        ]
         if self.ema is not None:
             tensors += [v for v in self.ema.module.state_dict().values() if v.is_floating_point()]
         ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
@@ -280,16 +295,27 @@ class Trainer:
         before = state.get("world_size", self.dist.world_size)
         if before != self.dist.world_size:
             per = self.cfg.batch_size * self.cfg.accum_iter
-            log.warning("resuming a run of %d processes with %d: the effective batch goes from %d to %d, the lr from "
-                        "%.3e to %.3e, and an epoch has %s steps; the data order of the rest of the epoch differs",
-                        before, self.dist.world_size, per * before, per * self.dist.world_size,
-                        self.cfg.effective_lr(before), self.base_lr, "more" if self.dist.world_size < before else "fewer")
+            log.warning(
+                "resuming a run of %d processes with %d: the effective batch goes from %d to %d, the lr from "
+                "%.3e to %.3e, and an epoch has %s steps; the data order of the rest of the epoch differs",
+                before,
+                self.dist.world_size,
+                per * before,
+                per * self.dist.world_size,
+                self.cfg.effective_lr(before),
+                self.base_lr,
+                "more" if self.dist.world_size < before else "fewer",
+            )
         if hasattr(self.sampler, "order_key") and "data_order" in state:
             order, now = state["data_order"], self.sampler.order_key()
             changed = [f"{k} {order.get(k)} -> {v}" for k, v in now.items() if order.get(k) != v]
             if changed:
-                log.warning("resuming with %s: the order of the data differs from the interrupted run's (exact resume "
-                            "over shards needs the same shards, processes, workers and batch size)", ", ".join(changed))
+                log.warning(
+                    "resuming with %s: the order of the data differs from the interrupted run's (exact resume "
+                    "over shards needs the same shards, processes, workers and batch size)",
+                    ", ".join(changed),
+                )
+
     # --- training ---------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         if self.cfg.resume:
@@ -300,8 +326,10 @@ class Trainer:
                 try:
                     summary = self.train_one_epoch()
                 except KeyboardInterrupt:  # Ctrl-C: drop the step in flight; what is on disk is whole
-                    raise KeyboardInterrupt(f"interrupted at epoch {self.epoch}, step {self.step_in_epoch}. "
-                                            f"{self._last_good_text()}; continue with --resume auto") from None
+                    raise KeyboardInterrupt(
+                        f"interrupted at epoch {self.epoch}, step {self.step_in_epoch}. "
+                        f"{self._last_good_text()}; continue with --resume auto"
+                    ) from None
             # Rank 0 may still be drawing pictures or writing the last checkpoint: no rank may
             # tear the process group down under it (gloo aborts the process if one does).
             udist.barrier()
@@ -385,11 +413,16 @@ class Trainer:
             self.epoch_loss_sum, self.epoch_skipped = 0.0, 0
         now = time.time()
         return _Pass(
-            epoch=epoch, steps=steps, bad=torch.zeros((), device=self.device, dtype=torch.bool),
+            epoch=epoch,
+            steps=steps,
+            bad=torch.zeros((), device=self.device, dtype=torch.bool),
             loss_sum=torch.tensor(self.epoch_loss_sum, device=self.device, dtype=torch.float64),
-            window_loss=torch.tensor(self.window_loss_sum, device=self.device), window_n=self.window_n,
-            lr=self._set_lr(), bar=progress_bar(steps, f"epoch {epoch}", initial=start, is_main=self.dist.is_main),
-            window_t0=now, t0=now,
+            window_loss=torch.tensor(self.window_loss_sum, device=self.device),
+            window_n=self.window_n,
+            lr=self._set_lr(),
+            bar=progress_bar(steps, f"epoch {epoch}", initial=start, is_main=self.dist.is_main),
+            window_t0=now,
+            t0=now,
         )
 
     def _micro_step(self, p: _Pass, step: int, batch) -> bool:
@@ -399,7 +432,9 @@ class Trainer:
         cfg = self.cfg
         images, n_skipped = batch[0], batch[-1]
         if images.shape[0] == 0:
-            raise DataError(f"every image of batch {step} of epoch {p.epoch} was unreadable; check the data (warnings above name the files)")
+            raise DataError(
+                f"every image of batch {step} of epoch {p.epoch} was unreadable; check the data (warnings above name the files)"
+            )
         self.epoch_skipped += n_skipped
         micro = step % cfg.accum_iter
         if micro == 0:
@@ -435,23 +470,37 @@ class Trainer:
         self._check_finite(p.bad)
         mean_loss = float(udist.all_reduce_sum(p.window_loss.clone())) / (p.window_n * self.dist.world_size)
         ips = p.window_imgs * self.dist.world_size / max(time.time() - p.window_t0, 1e-9)
-        rec = {"epoch": p.epoch, "step": self.update,
-               "epoch_1000x": int(1000 * (p.epoch + self.step_in_epoch / self.steps_per_epoch)),
-               "loss": mean_loss, "lr": p.lr, "images_per_s": ips, "skipped_images": self.epoch_skipped}
+        rec = {
+            "epoch": p.epoch,
+            "step": self.update,
+            "epoch_1000x": int(1000 * (p.epoch + self.step_in_epoch / self.steps_per_epoch)),
+            "loss": mean_loss,
+            "lr": p.lr,
+            "images_per_s": ips,
+            "skipped_images": self.epoch_skipped,
+        }
         self.metrics.write(rec, self.update, "train")
         if p.bar is not None:
             p.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{p.lr:.2e}", img_s=f"{ips:.1f}")
         if self.dist.is_main:  # logged whether or not a bar is drawn
             with above_bar(p.bar):
-                log.info("epoch %d step %d/%d loss %.4f lr %.3e %.1f img/s", p.epoch, self.step_in_epoch, p.steps,
-                         mean_loss, p.lr, ips)
+                log.info(
+                    "epoch %d step %d/%d loss %.4f lr %.3e %.1f img/s",
+                    p.epoch,
+                    self.step_in_epoch,
+                    p.steps,
+                    mean_loss,
+                    p.lr,
+                    ips,
+                )
         p.new_window()
 
     def _mid_pass_checkpoint(self, p: _Pass) -> None:
         """Inside a pass, after an update: evaluate every ``eval_every_iters`` updates
         (iteration-based runs) and checkpoint then and every ``save_every_steps`` updates."""
-        evaluate_now = bool(self.eval_every_iters and self.evaluate is not None
-                            and self.update % self.eval_every_iters == 0)
+        evaluate_now = bool(
+            self.eval_every_iters and self.evaluate is not None and self.update % self.eval_every_iters == 0
+        )
         save_now = bool(self.cfg.save_every_steps and self.update % self.cfg.save_every_steps == 0)
         if not (evaluate_now or save_now):
             return
@@ -473,8 +522,14 @@ class Trainer:
         self.window_loss_sum, self.window_n = 0.0, 0  # the epoch's last step always logs
         epoch_loss = float(udist.all_reduce_sum(p.loss_sum.float())) / (p.steps * self.dist.world_size)
         skipped = int(udist.all_reduce_sum(torch.tensor(self.epoch_skipped, device=self.device)))
-        record = {"epoch": p.epoch, "step": self.update, "epoch_1000x": 1000 * (p.epoch + 1), "train_loss": epoch_loss,
-                  "epoch_time_s": time.time() - p.t0, "skipped_images": skipped}
+        record = {
+            "epoch": p.epoch,
+            "step": self.update,
+            "epoch_1000x": 1000 * (p.epoch + 1),
+            "train_loss": epoch_loss,
+            "epoch_time_s": time.time() - p.t0,
+            "skipped_images": skipped,
+        }
         if self.dist.enabled:
             record["replica_max_diff"] = udist.replica_max_diff(self.model)
         last = p.epoch + 1 == self.num_epochs
@@ -515,14 +570,23 @@ class Trainer:
         self._write(["checkpoint-best.pth"])
         if self.dist.is_main:
             key = self.best_metric
-            where = (f"iteration {self.best[f'best_{key}_iter']}" if self.iters
-                     else f"epoch {self.best[f'best_{key}_epoch']}")
-            log.info("val %s %.4g is the best so far (%s): wrote %s", key, self.best[f"best_{key}"], where,
-                     self.out / "checkpoint-best.pth")
+            where = (
+                f"iteration {self.best[f'best_{key}_iter']}"
+                if self.iters
+                else f"epoch {self.best[f'best_{key}_epoch']}"
+            )
+            log.info(
+                "val %s %.4g is the best so far (%s): wrote %s",
+                key,
+                self.best[f"best_{key}"],
+                where,
+                self.out / "checkpoint-best.pth",
+            )
 
 
-def _best_update(best: dict[str, Any], metrics: dict[str, float], epoch: int, metric: str = "acc1",
-                 update: int | None = None) -> None:
+def _best_update(
+    best: dict[str, Any], metrics: dict[str, float], epoch: int, metric: str = "acc1", update: int | None = None
+) -> None:
     for k, v in metrics.items():
         if k.endswith(metric) and v >= best.get(f"best_{k}", float("-inf")):
             best[f"best_{k}"] = v

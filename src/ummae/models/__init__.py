@@ -19,6 +19,7 @@ reference's architecture:
   models are named ``<head>_<classifier>`` (``gfl_swin_tiny_256``).
 
 ``*_nano_128`` for the demo and small experiments; ``*_test`` for CI."""
+
 # Importing the family and dense-task files runs their @register_model decorators.
 from ummae.models import detectors, pvt, swin, upernet, vit  # noqa: F401
 from ummae.models.registry import create_model, list_models, model_kind, register_model

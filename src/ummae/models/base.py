@@ -11,6 +11,7 @@ Each down-sampling gives a merged token the position of its top-left token divid
 exactly (the reference's rule): on the compact map the last stage's tokens sit at
 half-integer positions, which is where they really are.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -103,7 +104,9 @@ class PyramidBackbone(nn.Module):
             return 0
         return self.num_layers + 1
 
-    def forward_tokens(self, tokens: Tensor, pos: Tensor, extent: int, frac_bits: Sequence[int] | None = None) -> list[Tensor]:
+    def forward_tokens(
+        self, tokens: Tensor, pos: Tensor, extent: int, frac_bits: Sequence[int] | None = None
+    ) -> list[Tensor]:
         """The stages on any token map: ``tokens [N, H, W, C]`` patch embeddings (before the
         patch norm), ``pos [P, H, W, 2]`` their true positions. Without ``frac_bits`` every stage
         allows the finest step positions can have after its halvings (``2**-s``): always exact,

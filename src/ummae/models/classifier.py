@@ -7,6 +7,7 @@ by the norm after pooling). Registered under the reference names (``swin_tiny_25
 Fine-tuning settings that differ from pre-training are the models' defaults: Swin window 16,
 PVT spatial reduction 8-4-2-1 and a learnable position embedding.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,8 +28,14 @@ from ummae.models.registry import create_model, list_models, model_kind
 class Classifier(nn.Module):
     """timm's model surface: ``forward_features`` -> ``forward_head(pre_logits)`` -> logits."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int = 1000, img_size: int = 256, drop_rate: float = 0.0,
-                 layer_decay: float = 0.75):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: int = 1000,
+        img_size: int = 256,
+        drop_rate: float = 0.0,
+        layer_decay: float = 0.75,
+    ):
         super().__init__()
         if num_classes < 0:
             raise UsageError(f"num_classes must be >= 0 (0 = no head), got {num_classes}")
@@ -47,8 +54,13 @@ class Classifier(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._new_head(num_classes)
         self.pretrained_cfg = self.default_cfg = dict(
-            input_size=(3, img_size, img_size), num_classes=num_classes, interpolation="bicubic", crop_pct=0.875,
-            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="encoder.patch_embed.proj",
+            input_size=(3, img_size, img_size),
+            num_classes=num_classes,
+            interpolation="bicubic",
+            crop_pct=0.875,
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+            first_conv="encoder.patch_embed.proj",
             classifier="head",
         )
 
@@ -100,7 +112,7 @@ class Classifier(nn.Module):
 
     def layer_id(self, name: str) -> int:
         if name.startswith("encoder."):
-            return self.encoder.layer_id(name[len("encoder."):])
+            return self.encoder.layer_id(name[len("encoder.") :])
         return self.num_layers + 1  # fc_norm and head: full lr
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -123,9 +135,17 @@ class Classifier(nn.Module):
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def build_classifier(name: str, encoder_cls, arch: dict[str, Any], img_size: int, drop_path: float,
-                     layer_decay: float, kw: dict[str, Any], tunable: tuple[str, ...] = (),
-                     learnable_pos: bool = False) -> Classifier:
+def build_classifier(
+    name: str,
+    encoder_cls,
+    arch: dict[str, Any],
+    img_size: int,
+    drop_path: float,
+    layer_decay: float,
+    kw: dict[str, Any],
+    tunable: tuple[str, ...] = (),
+    learnable_pos: bool = False,
+) -> Classifier:
     """``name`` as registered: a :class:`Classifier` on ``encoder_cls(**arch)``, initialised
     from scratch. ``kw``: the caller's options; ``tunable`` the encoder settings among them
     that override ``arch`` (Swin's window, PVT's spatial reduction); ``learnable_pos``: a
@@ -133,11 +153,17 @@ def build_classifier(name: str, encoder_cls, arch: dict[str, Any], img_size: int
     allowed = {"img_size", "num_classes", "drop_path", "drop_rate", *tunable}
     unknown = sorted(set(kw) - allowed)
     if unknown:
-        raise UsageError(f"option(s) {', '.join(unknown)} do not apply to {name}; it takes {', '.join(sorted(allowed))}")
+        raise UsageError(
+            f"option(s) {', '.join(unknown)} do not apply to {name}; it takes {', '.join(sorted(allowed))}"
+        )
     img_size = kw.pop("img_size", img_size)
     drop_path = kw.pop("drop_path", drop_path)
-    head_kw = dict(num_classes=kw.pop("num_classes", 1000), img_size=img_size, drop_rate=kw.pop("drop_rate", 0.0),
-                   layer_decay=layer_decay)
+    head_kw = dict(
+        num_classes=kw.pop("num_classes", 1000),
+        img_size=img_size,
+        drop_rate=kw.pop("drop_rate", 0.0),
+        layer_decay=layer_decay,
+    )
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # what is left: the tunable
     if learnable_pos:
         settings.update(pos_embed="learnable", img_size=img_size)
@@ -167,7 +193,7 @@ def classifier_for(pretrain_name: str) -> str:
     and SimMIM share the encoder; the decoder does not matter)."""
     for prefix in ("mae_", "simmim_"):
         if pretrain_name.startswith(prefix):
-            name = re.sub(r"_dec\d+d\d+b$", "", pretrain_name[len(prefix):])
+            name = re.sub(r"_dec\d+d\d+b$", "", pretrain_name[len(prefix) :])
             if name in list_models(kind="classify"):
                 return name
     raise UsageError(f"no classifier is registered for the encoder of {pretrain_name!r}")

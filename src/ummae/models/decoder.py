@@ -1,6 +1,7 @@
 """MAE decoder (METHOD.md): visible unit tokens are placed at their units on the full unit
 grid, every masked unit gets the shared mask token, fixed sin-cos positions are added, a few
 transformer blocks, LayerNorm, and a linear prediction of each unit's pixels."""
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,15 @@ from ummae.models.layers import LayerNorm, sincos_grid
 
 
 class MAEDecoder(nn.Module):
-    def __init__(self, grid: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 2, num_heads: int = 16, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        out_dim: int,
+        dim: int = 512,
+        depth: int = 2,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         self.grid = grid
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -41,5 +50,5 @@ class MAEDecoder(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         if prefix is not None:
-            x = x[:, prefix.shape[1]:]
+            x = x[:, prefix.shape[1] :]
         return self.pred(self.norm(x))

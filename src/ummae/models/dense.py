@@ -9,6 +9,7 @@ The seam is the one classification uses: the encoder is that of a registered cla
 encoder we register is a detection and segmentation backbone. Pre-trained weights load into
 :meth:`StageMaps.as_classifier` as into that classifier, with the same key report.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -30,8 +31,14 @@ class StageMaps(nn.Module):
     would get no gradient, which DDP refuses. ``backbone`` / ``img_size``: the registered
     classifier the encoder comes from, and the size it was built at."""
 
-    def __init__(self, encoder: PyramidBackbone, out_channels: int = 768, stages: Sequence[int] = (0, 1, 2, 3),
-                 backbone: str = "", img_size: int = 0):
+    def __init__(
+        self,
+        encoder: PyramidBackbone,
+        out_channels: int = 768,
+        stages: Sequence[int] = (0, 1, 2, 3),
+        backbone: str = "",
+        img_size: int = 0,
+    ):
         super().__init__()
         self.encoder = encoder
         # Every stage gets its own norm below; the encoder's final norm (the classifier's
@@ -42,8 +49,12 @@ class StageMaps(nn.Module):
         self.img_size = img_size
         # nn.LayerNorm's eps 1e-5, as the reference builds these layers
         self.proj = nn.ModuleDict(
-            {str(i): nn.Sequential(nn.LayerNorm(encoder.embed_dims[i]), nn.Linear(encoder.embed_dims[i], out_channels))
-             for i in stages}
+            {
+                str(i): nn.Sequential(
+                    nn.LayerNorm(encoder.embed_dims[i]), nn.Linear(encoder.embed_dims[i], out_channels)
+                )
+                for i in stages
+            }
         )
         for m in self.proj.modules():
             if isinstance(m, nn.Linear):
@@ -52,7 +63,9 @@ class StageMaps(nn.Module):
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         maps = self.encoder.forward_dense(x)
-        return OrderedDict((k, proj(maps[int(k)].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)) for k, proj in self.proj.items())
+        return OrderedDict(
+            (k, proj(maps[int(k)].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)) for k, proj in self.proj.items()
+        )
 
     def as_classifier(self) -> Classifier:
         """The classifier (no head) this backbone's encoder belongs to, sharing the encoder's
@@ -75,12 +88,20 @@ def stage_maps_of(model: nn.Module) -> StageMaps:
 def check_dense_backbone(name: str) -> None:
     """Refuse what cannot give four stage maps: a pre-training model name or a plain ViT."""
     if model_kind(name) != "classify":
-        raise UsageError(f"--backbone {name!r} is a pre-training model; give its encoder's name (`ummae models --kind "
-                         f"classify`, e.g. swin_tiny_256) and the checkpoint with --pretrained")
+        raise UsageError(
+            f"--backbone {name!r} is a pre-training model; give its encoder's name (`ummae models --kind "
+            f"classify`, e.g. swin_tiny_256) and the checkpoint with --pretrained"
+        )
 
 
-def build_stage_maps(backbone: str, img_size: int, out_channels: int = 768, drop_path: float | None = None,
-                     window_size: int | None = None, stages: Sequence[int] = (0, 1, 2, 3)) -> StageMaps:
+def build_stage_maps(
+    backbone: str,
+    img_size: int,
+    out_channels: int = 768,
+    drop_path: float | None = None,
+    window_size: int | None = None,
+    stages: Sequence[int] = (0, 1, 2, 3),
+) -> StageMaps:
     """The encoder of the registered classifier ``backbone`` at ``img_size``, as
     :class:`StageMaps` (initialised from scratch: the task loads its ``--pretrained``)."""
     check_dense_backbone(backbone)
@@ -89,8 +110,10 @@ def build_stage_maps(backbone: str, img_size: int, out_channels: int = 768, drop
         kwargs["window_size"] = window_size
     classifier = create_model(backbone, **kwargs)
     if not isinstance(classifier.encoder, PyramidBackbone):
-        raise UsageError(f"--backbone {backbone}: a plain ViT has one map at stride 16, not the four stage maps "
-                         f"detection and segmentation take; use a Swin or PVT backbone")
+        raise UsageError(
+            f"--backbone {backbone}: a plain ViT has one map at stride 16, not the four stage maps "
+            f"detection and segmentation take; use a Swin or PVT backbone"
+        )
     return StageMaps(classifier.encoder, out_channels, stages, backbone, img_size)
 
 

@@ -12,6 +12,7 @@ Linear to 768 channels), registered as heads of kind ``detect``: ``create_model(
 ``num_classes`` counts torchvision's background (K + 1). Images are normalised on the device
 by torchvision's transform (timm's ImageNet mean and std, as every data pipeline uses).
 """
+
 from __future__ import annotations
 
 import functools
@@ -69,9 +70,17 @@ class FeaturePyramid(nn.Module):
 _DETECTOR_CLASSES = {"gfl": GFL, "maskrcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
 
 
-def build_detector(detector: str, backbone: str, num_classes: int, img_size: int = 1024, neck_channels: int = 768,
-                   fpn_channels: int = 256, drop_path: float | None = None, window_size: int | None = None,
-                   **names: Any) -> nn.Module:
+def build_detector(
+    detector: str,
+    backbone: str,
+    num_classes: int,
+    img_size: int = 1024,
+    neck_channels: int = 768,
+    fpn_channels: int = 256,
+    drop_path: float | None = None,
+    window_size: int | None = None,
+    **names: Any,
+) -> nn.Module:
     """``detector`` on the stage maps of ``backbone``, from scratch; ``names`` (category ids
     and names) are recorded with the options. Called through the registry (``create_model``)."""
     if detector not in DETECTORS:
@@ -85,12 +94,21 @@ def build_detector(detector: str, backbone: str, num_classes: int, img_size: int
     # Training images come as the img_size canvas of the jitter (no resize); evaluation
     # images are fitted into it (min_size = max_size: scale = img_size / long side) and padded
     # to it (size_divisible = img_size), so the backbone always sees the size it trains at.
-    model.transform = GeneralizedRCNNTransform(img_size, img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
-                                               size_divisible=img_size, _skip_resize=True)
+    model.transform = GeneralizedRCNNTransform(
+        img_size, img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, size_divisible=img_size, _skip_resize=True
+    )
     # torchvision's detectors have no options(): what create_model records
-    model.options = functools.partial(dict, detector=detector, backbone=backbone, num_classes=num_classes,
-                                      img_size=img_size, neck_channels=neck_channels, fpn_channels=fpn_channels,
-                                      **encoder_options(body), **names)
+    model.options = functools.partial(
+        dict,
+        detector=detector,
+        backbone=backbone,
+        num_classes=num_classes,
+        img_size=img_size,
+        neck_channels=neck_channels,
+        fpn_channels=fpn_channels,
+        **encoder_options(body),
+        **names,
+    )
     return model
 
 

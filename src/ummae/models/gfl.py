@@ -18,6 +18,7 @@ The numbers follow MMDetection's GFL config (``gfl_r50_fpn_1x_coco``): ATSS top 
 DFL weight 0.25, GIoU weight 2, score threshold 0.05, NMS IoU 0.6, 1000 candidates per level,
 100 detections per image.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,13 +38,16 @@ __all__ = ["GFL", "GFLHead", "atss_assign", "quality_focal_loss", "distribution_
 
 # ---------------------------------------------------------------------------------- the losses
 
+
 def quality_focal_loss(logits: Tensor, labels: Tensor, scores: Tensor, beta: float = 2.0) -> Tensor:
     """Elementwise QFL ``[A, C]``: ``BCE(x, y) * |y - sigmoid(x)|^beta`` with the soft target
     ``y`` = ``scores[a]`` at the label channel of a positive (``labels[a] >= 0``), else 0.
     With ``y = 0`` the factor is ``sigmoid(x)^beta``: the focal loss of the negatives."""
     if logits.dim() != 2 or labels.shape != logits.shape[:1] or scores.shape != logits.shape[:1]:
-        raise ValueError(f"quality_focal_loss: logits [A, C], labels [A], scores [A]; got {tuple(logits.shape)}, "
-                         f"{tuple(labels.shape)}, {tuple(scores.shape)}")
+        raise ValueError(
+            f"quality_focal_loss: logits [A, C], labels [A], scores [A]; got {tuple(logits.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(scores.shape)}"
+        )
     pos = labels >= 0
     target = torch.zeros_like(logits)
     target[pos, labels[pos]] = scores[pos].to(logits.dtype)
@@ -57,14 +61,18 @@ def distribution_focal_loss(pred: Tensor, target: Tensor) -> Tensor:
     in ``[0, reg_max)``: cross-entropy towards the two bins around the target, each weighted
     by its nearness, so the distribution's mean is drawn to the target."""
     if pred.dim() != 2 or target.shape != pred.shape[:1]:
-        raise ValueError(f"distribution_focal_loss: pred [P, reg_max + 1], target [P]; got "
-                         f"{tuple(pred.shape)}, {tuple(target.shape)}")
+        raise ValueError(
+            f"distribution_focal_loss: pred [P, reg_max + 1], target [P]; got "
+            f"{tuple(pred.shape)}, {tuple(target.shape)}"
+        )
     left = target.long()  # floor: the targets are not negative
     right = left + 1
     w_left = right.to(target.dtype) - target
     w_right = target - left.to(target.dtype)
-    return (F.cross_entropy(pred, left, reduction="none") * w_left
-            + F.cross_entropy(pred, right, reduction="none") * w_right)
+    return (
+        F.cross_entropy(pred, left, reduction="none") * w_left
+        + F.cross_entropy(pred, right, reduction="none") * w_right
+    )
 
 
 def integral(pred: Tensor, reg_max: int) -> Tensor:
@@ -98,6 +106,7 @@ def _mean_over_ranks(x: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------- assignment
 
+
 def atss_assign(anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Tensor, topk: int = 9) -> Tensor:
     """ATSS: for every gt, the ``min(topk, level size)`` anchors of each level whose centres
     are nearest its centre are the candidates; those with IoU >= mean + std (unbiased) of
@@ -106,11 +115,14 @@ def atss_assign(anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Ten
 
     Returns ``matched [A]``: the gt index of each anchor, -1 for background."""
     if anchors.dim() != 2 or anchors.shape[-1] != 4 or gt_boxes.dim() != 2 or gt_boxes.shape[-1] != 4:
-        raise ValueError(f"atss_assign: anchors [A, 4] and gt_boxes [G, 4]; got {tuple(anchors.shape)}, "
-                         f"{tuple(gt_boxes.shape)}")
+        raise ValueError(
+            f"atss_assign: anchors [A, 4] and gt_boxes [G, 4]; got {tuple(anchors.shape)}, {tuple(gt_boxes.shape)}"
+        )
     if sum(num_anchors_per_level) != anchors.shape[0]:
-        raise ValueError(f"atss_assign: num_anchors_per_level sums to {sum(num_anchors_per_level)}, "
-                         f"not the {anchors.shape[0]} anchors")
+        raise ValueError(
+            f"atss_assign: num_anchors_per_level sums to {sum(num_anchors_per_level)}, "
+            f"not the {anchors.shape[0]} anchors"
+        )
     if topk < 1:
         raise ValueError(f"atss_assign: topk must be >= 1, got {topk}")
     num_anchors, num_gts = anchors.shape[0], gt_boxes.shape[0]
@@ -130,7 +142,7 @@ def atss_assign(anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Ten
     for n in num_anchors_per_level:
         if n > 0:
             k = min(topk, n)
-            candidates.append(dist[start:start + n].topk(k, dim=0, largest=False).indices + start)
+            candidates.append(dist[start : start + n].topk(k, dim=0, largest=False).indices + start)
         start += n
     cand = torch.cat(candidates, dim=0)  # [K, G], anchor indices
     cand_ious = ious.gather(0, cand)
@@ -151,6 +163,7 @@ def atss_assign(anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Ten
 
 # ---------------------------------------------------------------------------------- the head
 
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     # 32 groups as MMDetection's head (256 channels); with few channels, the most groups that
     # keep two channels each, so a 1x1 map (P7 of a small image) still has two values a group
@@ -165,12 +178,21 @@ class GFLHead(nn.Module):
     ``cls_logits [N, HWA, num_classes]`` and ``bbox_regression [N, HWA, 4 * (reg_max + 1)]``.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, reg_max: int = 16, num_convs: int = 4,
-                 num_levels: int = 5, prior_probability: float = 0.01):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        reg_max: int = 16,
+        num_convs: int = 4,
+        num_levels: int = 5,
+        prior_probability: float = 0.01,
+    ):
         super().__init__()
         if num_classes < 1 or reg_max < 1 or num_convs < 0 or num_levels < 1:
-            raise ValueError(f"GFLHead: need num_classes >= 1, reg_max >= 1, num_convs >= 0, num_levels >= 1; got "
-                             f"{num_classes}, {reg_max}, {num_convs}, {num_levels}")
+            raise ValueError(
+                f"GFLHead: need num_classes >= 1, reg_max >= 1, num_convs >= 0, num_levels >= 1; got "
+                f"{num_classes}, {reg_max}, {num_convs}, {num_levels}"
+            )
         self.num_classes, self.reg_max, self.num_levels = num_classes, reg_max, num_levels
 
         def tower() -> nn.Sequential:
@@ -207,6 +229,7 @@ class GFLHead(nn.Module):
 
 # ---------------------------------------------------------------------------------- the detector
 
+
 class GFL(FCOS):
     """GFL detector. ``backbone`` has ``out_channels`` and returns the P3-P7 maps (strides
     8-128, an ``OrderedDict``); images and targets as every torchvision detector takes them
@@ -218,33 +241,63 @@ class GFL(FCOS):
     ``padded size // feature size``, which is the true stride at P6/P7 only then.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, min_size: int = 800, max_size: int = 1333,
-                 image_mean: list[float] | None = None, image_std: list[float] | None = None,
-                 anchor_generator: AnchorGenerator | None = None, head: nn.Module | None = None,
-                 score_thresh: float = 0.05, nms_thresh: float = 0.6, detections_per_img: int = 100,
-                 topk_candidates: int = 1000, reg_max: int = 16, atss_topk: int = 9, qfl_beta: float = 2.0,
-                 dfl_weight: float = 0.25, giou_weight: float = 2.0, num_convs: int = 4,
-                 octave_base_scale: float = 8.0, **kwargs: Any):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        min_size: int = 800,
+        max_size: int = 1333,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        anchor_generator: AnchorGenerator | None = None,
+        head: nn.Module | None = None,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.6,
+        detections_per_img: int = 100,
+        topk_candidates: int = 1000,
+        reg_max: int = 16,
+        atss_topk: int = 9,
+        qfl_beta: float = 2.0,
+        dfl_weight: float = 0.25,
+        giou_weight: float = 2.0,
+        num_convs: int = 4,
+        octave_base_scale: float = 8.0,
+        **kwargs: Any,
+    ):
         if num_classes < 1:
             raise ValueError(f"GFL: num_classes must be >= 1, got {num_classes}")
         if reg_max < 1 or atss_topk < 1 or octave_base_scale <= 0:
-            raise ValueError(f"GFL: need reg_max >= 1, atss_topk >= 1, octave_base_scale > 0; got {reg_max}, "
-                             f"{atss_topk}, {octave_base_scale}")
+            raise ValueError(
+                f"GFL: need reg_max >= 1, atss_topk >= 1, octave_base_scale > 0; got {reg_max}, "
+                f"{atss_topk}, {octave_base_scale}"
+            )
         if not hasattr(backbone, "out_channels"):
             raise ValueError("GFL: the backbone needs an `out_channels` attribute (channels of every map)")
         if anchor_generator is None:
             sizes = tuple((int(octave_base_scale * s),) for s in (8, 16, 32, 64, 128))
             anchor_generator = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
         if head is None:
-            head = GFLHead(backbone.out_channels, num_classes, reg_max, num_convs,
-                           num_levels=len(anchor_generator.sizes))
+            head = GFLHead(
+                backbone.out_channels, num_classes, reg_max, num_convs, num_levels=len(anchor_generator.sizes)
+            )
         elif getattr(head, "reg_max", reg_max) != reg_max:
             raise ValueError(f"GFL: head.reg_max {head.reg_max} differs from reg_max {reg_max}")
         kwargs.setdefault("size_divisible", 128)
-        super().__init__(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=image_mean,
-                         image_std=image_std, anchor_generator=anchor_generator, head=head,
-                         score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
-                         topk_candidates=topk_candidates, **kwargs)
+        super().__init__(
+            backbone,
+            num_classes,
+            min_size=min_size,
+            max_size=max_size,
+            image_mean=image_mean,
+            image_std=image_std,
+            anchor_generator=anchor_generator,
+            head=head,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img,
+            topk_candidates=topk_candidates,
+            **kwargs,
+        )
         self.num_classes = num_classes
         self.reg_max, self.atss_topk, self.qfl_beta = reg_max, atss_topk, qfl_beta
         self.dfl_weight, self.giou_weight = dfl_weight, giou_weight
@@ -255,8 +308,13 @@ class GFL(FCOS):
     def _strides(self, anchors: Tensor) -> Tensor:
         return (anchors[..., 2] - anchors[..., 0]) / self.octave_base_scale
 
-    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
-                     anchors: list[Tensor], num_anchors_per_level: list[int]) -> dict[str, Tensor]:
+    def compute_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        num_anchors_per_level: list[int],
+    ) -> dict[str, Tensor]:
         # the losses in float32 whatever autocast made the head's outputs
         cls_logits = head_outputs["cls_logits"].float()  # [N, A, C]
         bbox_reg = head_outputs["bbox_regression"].float()  # [N, A, 4 (R + 1)]
@@ -268,7 +326,9 @@ class GFL(FCOS):
             if labels.shape != boxes.shape[:1]:
                 raise ValueError(f"GFL: {boxes.shape[0]} boxes but {labels.numel()} labels in a target")
             if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-                raise ValueError(f"GFL: labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
+                raise ValueError(
+                    f"GFL: labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}"
+                )
             matched = atss_assign(anchors_i, num_anchors_per_level, boxes, self.atss_topk)
             if boxes.shape[0] == 0:
                 all_labels.append(torch.full_like(matched, -1))
@@ -303,16 +363,17 @@ class GFL(FCOS):
         loss_bbox = (giou * weight).sum() / avg
         # MMDetection's avg_factor 4: the four sides count as one box
         loss_dfl = (dfl * weight.repeat_interleave(4)).sum() / 4.0 / avg
-        return {"loss_qfl": loss_qfl, "loss_bbox": self.giou_weight * loss_bbox,
-                "loss_dfl": self.dfl_weight * loss_dfl}
+        return {"loss_qfl": loss_qfl, "loss_bbox": self.giou_weight * loss_bbox, "loss_dfl": self.dfl_weight * loss_dfl}
 
-    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
-                               image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def postprocess_detections(
+        self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
         detections: list[dict[str, Tensor]] = []
         for index, image_shape in enumerate(image_shapes):
             boxes_all, scores_all, labels_all = [], [], []
-            for logits, reg, level_anchors in zip(head_outputs["cls_logits"], head_outputs["bbox_regression"],
-                                                  anchors[index], strict=True):
+            for logits, reg, level_anchors in zip(
+                head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors[index], strict=True
+            ):
                 logits, reg = logits[index], reg[index]
                 num_classes = logits.shape[-1]
                 scores = logits.sigmoid().flatten()  # (anchor, class) pairs

@@ -1,6 +1,7 @@
 """UM-MAE and MAE: masked autoencoders over Swin / PVT (Uniform Masking + compaction) and ViT
 (Uniform Masking or MAE random sampling). METHOD.md is the specification; the whole method is
 in this file: patchify, masking, encoder, decoder, loss."""
+
 from __future__ import annotations
 
 import torch
@@ -118,9 +119,16 @@ class MaskedAutoencoder(nn.Module):
 
     def options(self) -> dict[str, object]:
         """The method options this model was built with (recorded in checkpoints)."""
-        return dict(img_size=self.img_size, unit_size=self.unit_size, sampling=self.sampling,
-                    mask_ratio=self.mask_ratio, sm_ratio=self.sm_ratio, norm_pix_loss=self.norm_pix_loss,
-                    decoder_pos=self.decoder_pos, drop_path=self.encoder.drop_path_rate)
+        return dict(
+            img_size=self.img_size,
+            unit_size=self.unit_size,
+            sampling=self.sampling,
+            mask_ratio=self.mask_ratio,
+            sm_ratio=self.sm_ratio,
+            norm_pix_loss=self.norm_pix_loss,
+            decoder_pos=self.decoder_pos,
+            drop_path=self.encoder.drop_path_rate,
+        )
 
     def sample_masks(self, n: int, device, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         gh, gw = self.grid
@@ -170,7 +178,9 @@ class MaskedAutoencoder(nn.Module):
         sm_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         if imgs.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}")
+            raise ValueError(
+                f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}"
+            )
         given = mask is not None
         if not given:
             mask, sm_mask = self.sample_masks(imgs.shape[0], imgs.device, generator)
@@ -189,7 +199,9 @@ def _validate(encoder, pyramid, img_size, unit, sampling, mask_ratio, sm_ratio, 
         raise UsageError(f"bad sm_ratio {sm_ratio}: must be in [0, 1)")
     if sampling == "uniform":
         if abs(mask_ratio - 0.75) > 1e-9:
-            raise UsageError(f"uniform sampling keeps one unit per 2x2 block, so the mask ratio is 0.75; got mask_ratio={mask_ratio}")
+            raise UsageError(
+                f"uniform sampling keeps one unit per 2x2 block, so the mask ratio is 0.75; got mask_ratio={mask_ratio}"
+            )
     elif not 0.0 < mask_ratio < 1.0:
         raise UsageError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
     if pyramid:
@@ -199,9 +211,13 @@ def _validate(encoder, pyramid, img_size, unit, sampling, mask_ratio, sm_ratio, 
                 "dense map; use sampling='uniform', or a ViT model for MAE random sampling"
             )
         if unit <= 0 or unit % encoder.patch_size or 32 % unit:
-            raise UsageError(f"mask unit size {unit} must be a multiple of the {encoder.patch_size}px patch and divide 32 (4, 8, 16 or 32)")
+            raise UsageError(
+                f"mask unit size {unit} must be a multiple of the {encoder.patch_size}px patch and divide 32 (4, 8, 16 or 32)"
+            )
     elif unit != encoder.patch_size:
-        raise UsageError(f"ViT masks whole patches: the mask unit size must equal the patch size {encoder.patch_size}, got {unit}")
+        raise UsageError(
+            f"ViT masks whole patches: the mask unit size must equal the patch size {encoder.patch_size}, got {unit}"
+        )
     problem = _size_problem(encoder, pyramid, img_size, unit, sampling)
     if problem:
         fits = sizes_that_fit(lambda s: not _size_problem(encoder, pyramid, s, unit, sampling), img_size)
@@ -241,13 +257,16 @@ def pop_drop_path(kw: dict[str, object], allowed, model: str) -> float:
     """Refuse options ``model`` does not take; its stochastic depth (popped from ``kw``)."""
     unknown = sorted(set(kw) - set(allowed) - {"drop_path"})
     if unknown:
-        raise UsageError(f"option(s) {', '.join(unknown)} do not apply to {model}; it takes "
-                         f"{', '.join(sorted(allowed))} and drop_path")
+        raise UsageError(
+            f"option(s) {', '.join(unknown)} do not apply to {model}; it takes "
+            f"{', '.join(sorted(allowed))} and drop_path"
+        )
     return kw.pop("drop_path", 0.0)
 
 
-def build_mae(name: str, encoder_cls, arch: dict[str, object], img_size: int, decoder: dict[str, int],
-              kw: dict[str, object]) -> MaskedAutoencoder:
+def build_mae(
+    name: str, encoder_cls, arch: dict[str, object], img_size: int, decoder: dict[str, int], kw: dict[str, object]
+) -> MaskedAutoencoder:
     """``name`` as registered: ``encoder_cls(**arch)`` under a masked autoencoder with
     ``decoder``; ``kw`` the caller's method options (:data:`MAE_OPTIONS`, ``drop_path``). A
     ViT's mask unit defaults to its patch."""

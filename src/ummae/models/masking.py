@@ -5,6 +5,7 @@ of an image in row-major order, and **True = masked** (removed from the encoder,
 the decoder). Masks are drawn on the tensor's device for the whole batch at once; pass a
 ``torch.Generator`` to make them reproducible from a seed.
 """
+
 from __future__ import annotations
 
 import torch

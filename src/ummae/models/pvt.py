@@ -6,6 +6,7 @@ down-sampling convs. One position embedding, added to the patch embedding at sta
 fixed 2-D sin-cos of every token's TRUE position in pre-training; in fine-tuning
 (``pos_embed="learnable"``) a table initialised from it (METHOD.md).
 """
+
 from __future__ import annotations
 
 import functools
@@ -116,9 +117,11 @@ class PyramidVisionTransformer(PyramidBackbone):
         self.stages = nn.ModuleList()
         i = 0
         for s, depth in enumerate(depths):
-            self.stages.append(nn.ModuleList(
-                PVTBlock(embed_dims[s], num_heads[s], sr_ratios[s], mlp_ratios[s], dpr[i + j]) for j in range(depth)
-            ))
+            self.stages.append(
+                nn.ModuleList(
+                    PVTBlock(embed_dims[s], num_heads[s], sr_ratios[s], mlp_ratios[s], dpr[i + j]) for j in range(depth)
+                )
+            )
             i += depth
         self.norm = LayerNorm(embed_dims[-1])
         self.sr_ratios = list(sr_ratios)
@@ -137,7 +140,9 @@ class PyramidVisionTransformer(PyramidBackbone):
         super().check_map_size(side, what)
         for s, sr in enumerate(self.sr_ratios):
             if (side >> s) < sr:
-                raise UsageError(f"{what}: the {side >> s}x{side >> s} map of stage {s + 1} is smaller than its spatial reduction {sr}")
+                raise UsageError(
+                    f"{what}: the {side >> s}x{side >> s} map of stage {s + 1} is smaller than its spatial reduction {sr}"
+                )
 
     def position_embedding(self, pos: Tensor, extent: int) -> Tensor:
         """Stage-1 embedding at integer positions ``pos [P, h, w, 2]`` of a grid of side
@@ -169,12 +174,27 @@ class PyramidVisionTransformer(PyramidBackbone):
 # --- architectures and registered models ------------------------------------------------------
 # sr_ratios: the pre-training spatial reduction, on the compact map (METHOD.md); on the full map
 # (SimMIM, fine-tuning, dense tasks) it is DENSE_SR: pooling has no weights, nothing to convert.
-PVT_SMALL = dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
-                 sr_ratios=(4, 2, 1, 1))
-PVT_NANO = dict(embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), mlp_ratios=(4, 4, 4, 4),
-                sr_ratios=(4, 2, 1, 1))
-PVT_TEST = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
-                sr_ratios=(4, 2, 1, 1))
+PVT_SMALL = dict(
+    embed_dims=(64, 128, 320, 512),
+    depths=(3, 4, 6, 3),
+    num_heads=(1, 2, 5, 8),
+    mlp_ratios=(8, 8, 4, 4),
+    sr_ratios=(4, 2, 1, 1),
+)
+PVT_NANO = dict(
+    embed_dims=(32, 64, 128, 256),
+    depths=(1, 1, 2, 1),
+    num_heads=(1, 2, 4, 8),
+    mlp_ratios=(4, 4, 4, 4),
+    sr_ratios=(4, 2, 1, 1),
+)
+PVT_TEST = dict(
+    embed_dims=(16, 32, 64, 128),
+    depths=(1, 1, 1, 1),
+    num_heads=(1, 2, 2, 4),
+    mlp_ratios=(2, 2, 2, 2),
+    sr_ratios=(4, 2, 1, 1),
+)
 DENSE_SR = (8, 4, 2, 1)
 
 
@@ -183,14 +203,24 @@ def _dense(arch: dict) -> dict:
 
 
 def _classifier(name, arch, img_size, kw):
-    return build_classifier(name, PyramidVisionTransformer, _dense(arch), img_size, drop_path=0.1, layer_decay=0.85,
-                            kw=kw, tunable=("sr_ratios",), learnable_pos=True)
+    return build_classifier(
+        name,
+        PyramidVisionTransformer,
+        _dense(arch),
+        img_size,
+        drop_path=0.1,
+        layer_decay=0.85,
+        kw=kw,
+        tunable=("sr_ratios",),
+        learnable_pos=True,
+    )
 
 
 @register_model("pretrain")
 def mae_pvt_small_256(**kw):
-    return build_mae("mae_pvt_small_256", PyramidVisionTransformer, PVT_SMALL, img_size=256, decoder=DECODER_512D2B,
-                     kw=kw)
+    return build_mae(
+        "mae_pvt_small_256", PyramidVisionTransformer, PVT_SMALL, img_size=256, decoder=DECODER_512D2B, kw=kw
+    )
 
 
 @register_model("pretrain")

@@ -14,6 +14,7 @@ Two sorts of names:
 The registered functions are in the family files (swin.py, pvt.py, vit.py) and the dense-task
 files (detectors.py, upernet.py), which ``ummae.models`` imports.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -51,8 +52,7 @@ def list_models(pattern: str = "*", kind: str | None = None) -> list[str]:
     """The whole models (pre-training, classifiers) matching ``pattern``; with ``kind`` a head
     kind, the heads of that kind."""
     return sorted(
-        n for n in _MODELS
-        if fnmatch.fnmatch(n, pattern) and (_KINDS[n] == kind if kind else _KINDS[n] in MODEL_KINDS)
+        n for n in _MODELS if fnmatch.fnmatch(n, pattern) and (_KINDS[n] == kind if kind else _KINDS[n] in MODEL_KINDS)
     )
 
 

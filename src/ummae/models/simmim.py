@@ -3,6 +3,7 @@ the pyramid encoder runs densely on the FULL token map, with the settings of the
 (Swin window 16, PVT sr 8-4-2-1), and the masked 16 px units' normalised patch embeddings
 replaced by a learnable mask token; one linear layer + pixel shuffle predicts the pixels of
 every unit; L1 loss on the masked units (raw normalised pixels, as the paper's SimMIM runs)."""
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,9 @@ class SimMIM(nn.Module):
         if not isinstance(encoder, PyramidBackbone):
             raise UsageError("SimMIM is implemented for pyramid encoders (Swin, PVT)")
         if img_size % unit_size or unit_size % encoder.patch_size:
-            raise UsageError(f"image size {img_size} must be a multiple of the mask unit {unit_size}, itself a multiple of the {encoder.patch_size}px patch")
+            raise UsageError(
+                f"image size {img_size} must be a multiple of the mask unit {unit_size}, itself a multiple of the {encoder.patch_size}px patch"
+            )
         if not 0.0 < mask_ratio < 1.0:
             raise UsageError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
         encoder.check_image_size(img_size, f"image size {img_size}")
@@ -45,16 +48,24 @@ class SimMIM(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def options(self) -> dict[str, object]:
-        return dict(img_size=self.img_size, unit_size=self.unit_size, mask_ratio=self.mask_ratio,
-                    drop_path=self.encoder.drop_path_rate)
+        return dict(
+            img_size=self.img_size,
+            unit_size=self.unit_size,
+            mask_ratio=self.mask_ratio,
+            drop_path=self.encoder.drop_path_rate,
+        )
 
     def sample_masks(self, n: int, device, generator: torch.Generator | None = None):
         gh, gw = self.grid
         return random_masking(n, gh * gw, self.mask_ratio, device=device, generator=generator), None
 
-    def forward(self, imgs: Tensor, generator: torch.Generator | None = None, mask: Tensor | None = None, sm_mask=None) -> dict[str, Tensor]:
+    def forward(
+        self, imgs: Tensor, generator: torch.Generator | None = None, mask: Tensor | None = None, sm_mask=None
+    ) -> dict[str, Tensor]:
         if imgs.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}")
+            raise ValueError(
+                f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}"
+            )
         if mask is None:
             mask, _ = self.sample_masks(imgs.shape[0], imgs.device, generator)
         k = self.unit_size // self.encoder.patch_size

@@ -4,6 +4,7 @@ run on the compact map (pre-training, window 8) and on the full map (fine-tuning
 Patch merging = LayerNorm + 2x2 stride-2 conv. The shifted-window mask is -inf where the
 reference adds -100: both give the masked pairs zero weight in fp32.
 """
+
 from __future__ import annotations
 
 import functools
@@ -187,11 +188,20 @@ class SwinTransformer(PyramidBackbone):
         self.downsamples = nn.ModuleList()
         i = 0
         for s, (depth, heads) in enumerate(zip(depths, num_heads, strict=True)):
-            self.stages.append(nn.ModuleList(
-                SwinBlock(dims[s], heads, window_size, shift=bool(j % 2), mlp_ratio=mlp_ratio,
-                          drop_path=dpr[i + j], pos_hidden=pos_hidden)
-                for j in range(depth)
-            ))
+            self.stages.append(
+                nn.ModuleList(
+                    SwinBlock(
+                        dims[s],
+                        heads,
+                        window_size,
+                        shift=bool(j % 2),
+                        mlp_ratio=mlp_ratio,
+                        drop_path=dpr[i + j],
+                        pos_hidden=pos_hidden,
+                    )
+                    for j in range(depth)
+                )
+            )
             i += depth
             if s < len(depths) - 1:
                 self.downsamples.append(PatchMerging(dims[s], dims[s + 1]))
@@ -307,5 +317,6 @@ def swin_nano_128(**kw):
 
 @register_model("classify")
 def swin_test(**kw):
-    return _classifier("swin_test", _dense(SWIN_TEST, TEST_DENSE_WINDOW), img_size=64, drop_path=0.1,
-                       layer_decay=0.85, kw=kw)
+    return _classifier(
+        "swin_test", _dense(SWIN_TEST, TEST_DENSE_WINDOW), img_size=64, drop_path=0.1, layer_decay=0.85, kw=kw
+    )

@@ -13,6 +13,7 @@ branches have ``in_channels / 4`` channels, not the head's); MMSegmentation no l
 with current PyTorch. So the head is written here, on torchvision's ``Conv2dNormActivation``,
 layer for layer as ``UPerHead`` / ``FCNHead`` build it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,8 +57,14 @@ class UperHead(nn.Module):
     lateral 1x1 convs on the others, a top-down pathway, 3x3 convs on each level, all levels
     upsampled to the first and fused by a 3x3 conv; dropout and a 1x1 classifier."""
 
-    def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int,
-                 pool_scales: Sequence[int] = POOL_SCALES, dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        channels: int,
+        num_classes: int,
+        pool_scales: Sequence[int] = POOL_SCALES,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         last = in_channels[-1]
         self.pool = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv(last, channels, 1)) for s in pool_scales)
@@ -105,8 +112,15 @@ class Segmenter(nn.Module):
 
     AUX_STAGE = 2  # stage 3 (stride 16): the reference's auxiliary head in_index
 
-    def __init__(self, backbone: StageMaps, num_classes: int, head_channels: int = 768, aux_channels: int = 256,
-                 aux_weight: float = 0.4, ignore_index: int = 255):
+    def __init__(
+        self,
+        backbone: StageMaps,
+        num_classes: int,
+        head_channels: int = 768,
+        aux_channels: int = 256,
+        aux_weight: float = 0.4,
+        ignore_index: int = 255,
+    ):
         super().__init__()
         self.backbone = backbone
         c = backbone.out_channels
@@ -147,21 +161,40 @@ class Segmenter(nn.Module):
     def layer_id(self, name: str) -> int:
         prefix = "backbone.encoder."
         if name.startswith(prefix):
-            return self.backbone.encoder.layer_id(name[len(prefix):])
+            return self.backbone.encoder.layer_id(name[len(prefix) :])
         return self.num_layers + 1
 
 
 @register_model("segment")
-def upernet(backbone: str, num_classes: int, crop_size: int = 512, neck_channels: int = 768, head_channels: int = 768,
-            aux_channels: int = 256, aux_weight: float = 0.4, ignore_index: int = 255, drop_path: float | None = None,
-            window_size: int | None = None, **settings: Any) -> Segmenter:
+def upernet(
+    backbone: str,
+    num_classes: int,
+    crop_size: int = 512,
+    neck_channels: int = 768,
+    head_channels: int = 768,
+    aux_channels: int = 256,
+    aux_weight: float = 0.4,
+    ignore_index: int = 255,
+    drop_path: float | None = None,
+    window_size: int | None = None,
+    **settings: Any,
+) -> Segmenter:
     """UperNet on ``backbone`` (built at ``crop_size``), from scratch. ``settings`` (data
     conventions, test settings, class names) are recorded with the options: what eval and
     predict rebuild it from."""
     body = build_stage_maps(backbone, crop_size, neck_channels, drop_path, window_size)
     model = Segmenter(body, num_classes, head_channels, aux_channels, aux_weight, ignore_index)
-    model.options = functools.partial(dict, backbone=backbone, num_classes=num_classes, crop_size=crop_size,
-                                      neck_channels=neck_channels, head_channels=head_channels,
-                                      aux_channels=aux_channels, aux_weight=aux_weight, ignore_index=ignore_index,
-                                      **encoder_options(body), **settings)
+    model.options = functools.partial(
+        dict,
+        backbone=backbone,
+        num_classes=num_classes,
+        crop_size=crop_size,
+        neck_channels=neck_channels,
+        head_channels=head_channels,
+        aux_channels=aux_channels,
+        aux_weight=aux_weight,
+        ignore_index=ignore_index,
+        **encoder_options(body),
+        **settings,
+    )
     return model

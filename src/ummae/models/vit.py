@@ -5,6 +5,7 @@ Position embedding: fixed sin-cos of the input grid in pre-training (the cls tok
 is 0, as MAE's); learnable in fine-tuning (``pos_embed="learnable"``: a patch table initialised
 from the sin-cos and resized bicubically for another input size, plus the cls token's own
 learnable position ``pos_embed_cls``, as MAE fine-tunes timm's ViT)."""
+
 from __future__ import annotations
 
 import functools
@@ -101,7 +102,11 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_visible(
-        self, imgs: Tensor, mask: Tensor, sm_mask: Tensor | None = None, sm_token: Tensor | None = None,
+        self,
+        imgs: Tensor,
+        mask: Tensor,
+        sm_mask: Tensor | None = None,
+        sm_token: Tensor | None = None,
         num_visible: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """MAE encoder: ``mask [N, L]`` True = dropped. SM units get ``sm_token`` plus their
@@ -145,14 +150,14 @@ def mae_vit_base_patch16(**kw):
 @register_model("pretrain")
 def mae_vit_base_patch16_dec512d2b(**kw):
     """The 2-block decoder of the paper's ViT-B rows."""
-    return build_mae("mae_vit_base_patch16_dec512d2b", VisionTransformer, VIT_BASE, img_size=224,
-                     decoder=DECODER_512D2B, kw=kw)
+    return build_mae(
+        "mae_vit_base_patch16_dec512d2b", VisionTransformer, VIT_BASE, img_size=224, decoder=DECODER_512D2B, kw=kw
+    )
 
 
 @register_model("pretrain")
 def mae_vit_large_patch16(**kw):
-    return build_mae("mae_vit_large_patch16", VisionTransformer, VIT_LARGE, img_size=224, decoder=DECODER_512D8B,
-                     kw=kw)
+    return build_mae("mae_vit_large_patch16", VisionTransformer, VIT_LARGE, img_size=224, decoder=DECODER_512D8B, kw=kw)
 
 
 @register_model("pretrain")

@@ -10,6 +10,7 @@ loaders and the optimiser, and train with the one :class:`~ummae.engine.trainer.
 ``ummae pretrain``, ``finetune``, ``linprobe``, ``detect train`` and ``segment train`` are each
 ``run(SomeTask(), cfg)``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -111,9 +112,11 @@ def check_weights_file(path: str | None, flag: str = "--pretrained", encoder: bo
     meta = read_weights(path, tensors=False)[1]
     kind = recorded_kind(meta)
     if encoder and kind in ("detect", "segment"):
-        raise CheckpointError(f"{flag} {path} is a checkpoint of `ummae {kind} train` ({meta.get('model_name')}), not "
-                              f"an encoder to start from; give a pre-training, fine-tuning or exported checkpoint "
-                              f"(this one goes to `ummae {kind} eval` / `predict`)")
+        raise CheckpointError(
+            f"{flag} {path} is a checkpoint of `ummae {kind} train` ({meta.get('model_name')}), not "
+            f"an encoder to start from; give a pre-training, fine-tuning or exported checkpoint "
+            f"(this one goes to `ummae {kind} eval` / `predict`)"
+        )
     return meta
 
 
@@ -139,17 +142,38 @@ def run(task: Task, cfg) -> dict[str, Any]:
         parts = task.build(cfg, ctx)
         model = parts.model.to(device)
         collate = {"collate_fn": parts.collate} if parts.collate is not None else {}
-        loader, sampler = build_train_loader(parts.train, cfg.batch_size, ctx.workers, info.world_size, info.rank,
-                                             cfg.seed, pin_memory=ctx.pin, **collate)
+        loader, sampler = build_train_loader(
+            parts.train,
+            cfg.batch_size,
+            ctx.workers,
+            info.world_size,
+            info.rank,
+            cfg.seed,
+            pin_memory=ctx.pin,
+            **collate,
+        )
         lr = cfg.effective_lr(info.world_size)
         optimizer = task.optimizer(cfg, model, lr, device)
         if info.is_main:
             Path(cfg.output).mkdir(parents=True, exist_ok=True)
             task.describe(cfg, ctx, parts, lr)
         evaluate, eval_every = task.evaluator(cfg, ctx, parts)
-        trainer = Trainer(cfg, model, optimizer, loader, sampler, device, precision, lr, info, task.step(cfg, parts),
-                          evaluate=evaluate, eval_every=eval_every, ema=task.ema(cfg, model),
-                          best_metric=task.best_metric)
+        trainer = Trainer(
+            cfg,
+            model,
+            optimizer,
+            loader,
+            sampler,
+            device,
+            precision,
+            lr,
+            info,
+            task.step(cfg, parts),
+            evaluate=evaluate,
+            eval_every=eval_every,
+            ema=task.ema(cfg, model),
+            best_metric=task.best_metric,
+        )
         task.started(trainer)
         summary = trainer.fit()
         if info.is_main:

@@ -5,6 +5,7 @@ RandAugment, mixup/cutmix, label smoothing, random erasing, drop path, optional 
 ``linprobe``: MAE's probing recipe: frozen encoder, BatchNorm (no affine) + linear head, LARS.
 ``evaluate``: top-1 / top-5, sharded over ranks and summed exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,11 +87,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> 
         logits = logits.float()
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(labels.unsqueeze(1))
-        sums += torch.stack([
-            torch.tensor(float(labels.numel()), device=device, dtype=torch.float64),
-            hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-            F.cross_entropy(logits, labels, reduction="sum").double(),
-        ])
+        sums += torch.stack(
+            [
+                torch.tensor(float(labels.numel()), device=device, dtype=torch.float64),
+                hits[:, 0].sum().double(),
+                hits.any(dim=1).sum().double(),
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+            ]
+        )
     n, top1, top5, loss = udist.all_reduce_sum(sums).tolist()
     if n == 0:
         raise UsageError("the validation data yielded no readable image")
@@ -101,8 +105,9 @@ def _build_classifier(cfg, num_classes: int, **overrides) -> nn.Module:
     return create_model(cfg.model, **{**_model_kwargs(cfg), "num_classes": num_classes, **overrides})
 
 
-VAL_IS_TRAIN = ("the 'val' figures are measured on the TRAINING images: %s has no val/ split; give --val-data "
-                "for a real validation")
+VAL_IS_TRAIN = (
+    "the 'val' figures are measured on the TRAINING images: %s has no val/ split; give --val-data for a real validation"
+)
 
 
 def same_images(train_ds, val_ds, val_data) -> bool:
@@ -130,14 +135,21 @@ def model_from_weights(cfg, path: str | None, flag: str, what: str) -> None:
     if cfg.model:
         return
     if not path:
-        raise UsageError(f"{what} from scratch (no --pretrained) needs --model: a registered classifier "
-                         f"(`ummae models --kind classify`)")
+        raise UsageError(
+            f"{what} from scratch (no --pretrained) needs --model: a registered classifier "
+            f"(`ummae models --kind classify`)"
+        )
     name, source = _weights_model(path)
     if name is None or name not in list_models():
-        found = f"it records {name!r}, not a registered model" if name else (
-            "a reference checkpoint of a size ummae does not register, or an export without ummae metadata")
-        raise UsageError(f"{flag} {path} names no model ({found}): pass --model, a registered classifier "
-                         f"(`ummae models --kind classify`)")
+        found = (
+            f"it records {name!r}, not a registered model"
+            if name
+            else ("a reference checkpoint of a size ummae does not register, or an export without ummae metadata")
+        )
+        raise UsageError(
+            f"{flag} {path} names no model ({found}): pass --model, a registered classifier "
+            f"(`ummae models --kind classify`)"
+        )
     if model_kind(name) == "pretrain":
         cfg.model = classifier_for(name)
         how = f"the classifier of the pre-training model {name} ({flag} {path})"
@@ -155,9 +167,15 @@ def classify_step(cfg: FinetuneConfig, num_classes: int) -> ClassifyStep:
     """The fine-tuning loss of ``cfg``: mixup/cutmix with soft targets (timm's Mixup also
     applies the label smoothing to them), else label-smoothed or plain cross-entropy."""
     if cfg.mixup_prob > 0 and (cfg.mixup > 0 or cfg.cutmix > 0):
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                      switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
-                      num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            mode="batch",
+            label_smoothing=cfg.smoothing,
+            num_classes=num_classes,
+        )
         return ClassifyStep(SoftTargetCrossEntropy(), mixup)
     if cfg.smoothing > 0:
         return ClassifyStep(LabelSmoothingCrossEntropy(cfg.smoothing))
@@ -168,8 +186,12 @@ def lars_optimizer(head: nn.Linear, lr: float, weight_decay: float) -> torch.opt
     """MAE's linear-probing optimiser: LARS (momentum 0.9, trust coefficient 0.001) with the
     trust ratio on the weight matrix and none on the bias (timm's Lars, ``always_adapt`` per
     group)."""
-    return Lars([{"params": [head.weight], "always_adapt": True}, {"params": [head.bias], "always_adapt": False}],
-                lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return Lars(
+        [{"params": [head.weight], "always_adapt": True}, {"params": [head.bias], "always_adapt": False}],
+        lr=lr,
+        momentum=0.9,
+        weight_decay=weight_decay,
+    )
 
 
 class ClassifyTask(Task):
@@ -192,9 +214,12 @@ class ClassifyTask(Task):
         raise NotImplementedError
 
     def build(self, cfg, ctx: RunContext) -> Parts:
-        train_ds = build_classify_dataset(cfg.data, "train", None, cfg.data_root,
-                                          samples_per_epoch=getattr(cfg, "samples_per_epoch", None))
-        val_ds = build_classify_dataset(cfg.val_data or cfg.data, "val", None, cfg.data_root, class_names=train_ds.class_names)
+        train_ds = build_classify_dataset(
+            cfg.data, "train", None, cfg.data_root, samples_per_epoch=getattr(cfg, "samples_per_epoch", None)
+        )
+        val_ds = build_classify_dataset(
+            cfg.val_data or cfg.data, "val", None, cfg.data_root, class_names=train_ds.class_names
+        )
         num_classes = getattr(cfg, "num_classes", None) or train_ds.num_classes
         if num_classes < train_ds.num_classes:
             raise UsageError(f"num_classes={num_classes} but the training data has {train_ds.num_classes} classes")
@@ -208,16 +233,29 @@ class ClassifyTask(Task):
 
     def describe(self, cfg, ctx: RunContext, parts: Parts, lr: float) -> None:
         model = parts.model
-        log.info("%s %s: %d classes, %.1fM params (%.2fM trained)", self.what, cfg.model, model.num_classes,
-                 sum(p.numel() for p in model.parameters()) / 1e6,
-                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
-        log.info("train %d images, val %d images; device %s x%d, precision %s, lr %.3e",
-                 len(parts.train), len(parts.val), ctx.device, ctx.info.world_size, ctx.precision, lr)
+        log.info(
+            "%s %s: %d classes, %.1fM params (%.2fM trained)",
+            self.what,
+            cfg.model,
+            model.num_classes,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        )
+        log.info(
+            "train %d images, val %d images; device %s x%d, precision %s, lr %.3e",
+            len(parts.train),
+            len(parts.val),
+            ctx.device,
+            ctx.info.world_size,
+            ctx.precision,
+            lr,
+        )
         log_load_report(parts.report, Path(cfg.output))
 
     def evaluator(self, cfg, ctx: RunContext, parts: Parts):
-        val_loader = build_eval_loader(parts.val, cfg.batch_size, ctx.workers, ctx.info.world_size, ctx.info.rank,
-                                       pin_memory=ctx.pin)
+        val_loader = build_eval_loader(
+            parts.val, cfg.batch_size, ctx.workers, ctx.info.world_size, ctx.info.rank, pin_memory=ctx.pin
+        )
         val_is_train = same_images(parts.train, parts.val, cfg.val_data)
 
         def run_eval(m: nn.Module) -> dict[str, float]:
@@ -231,7 +269,9 @@ class ClassifyTask(Task):
         return run_eval, cfg.eval_every
 
     def finished(self, cfg, summary: dict[str, Any]) -> None:
-        log.info("done: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if "acc" in k and isinstance(v, float)))
+        log.info(
+            "done: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if "acc" in k and isinstance(v, float))
+        )
 
 
 class FinetuneTask(ClassifyTask):
@@ -308,10 +348,24 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         if ds.num_classes > model.num_classes:
             raise UsageError(f"the data has {ds.num_classes} classes but the classifier only {model.num_classes}")
         ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
-        loader = build_eval_loader(ds, cfg.batch_size, udist.loader_workers(cfg.num_workers), info.world_size, info.rank,
-                                   pin_memory=device.type == "cuda")
+        loader = build_eval_loader(
+            ds,
+            cfg.batch_size,
+            udist.loader_workers(cfg.num_workers),
+            info.world_size,
+            info.rank,
+            pin_memory=device.type == "cuda",
+        )
         result = evaluate(model, loader, device, precision)
         if info.is_main:
-            log.info("%s%s on %s (%s split, %d images): top-1 %.2f%%, top-5 %.2f%%", cfg.checkpoint, " (EMA)" if cfg.ema else "", cfg.data, cfg.split,
-                     result["val_images"], result["acc1"], result["acc5"])
+            log.info(
+                "%s%s on %s (%s split, %d images): top-1 %.2f%%, top-5 %.2f%%",
+                cfg.checkpoint,
+                " (EMA)" if cfg.ema else "",
+                cfg.data,
+                cfg.split,
+                result["val_images"],
+                result["acc1"],
+                result["acc5"],
+            )
         return result

@@ -2,6 +2,7 @@
 stage-map backbone, the detectors, UperNet) are in :mod:`ummae.models.dense`,
 :mod:`ummae.models.detectors` and :mod:`ummae.models.upernet`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,9 @@ from torch import nn
 log = logging.getLogger("ummae")
 
 
-def validation(measure: Callable[[nn.Module], dict[str, float]], val_dir: str, train_dir: str, val_split: str,
-               is_main: bool) -> Callable[[nn.Module], dict[str, float]]:
+def validation(
+    measure: Callable[[nn.Module], dict[str, float]], val_dir: str, train_dir: str, val_split: str, is_main: bool
+) -> Callable[[nn.Module], dict[str, float]]:
     """The Trainer's ``evaluate`` of a dense task: ``measure(model)``, logged on rank 0, and
     flagged ``val_is_train`` (with a warning each time) when the val split is the training
     folder, so that no figure measured on the training images passes for a validation one."""
@@ -25,8 +27,10 @@ def validation(measure: Callable[[nn.Module], dict[str, float]], val_dir: str, t
         if val_is_train:
             metrics["val_is_train"] = 1.0
             if is_main:
-                log.warning("the 'val' figures are measured on the TRAINING images (--val-split %s is the "
-                            "training split)", val_split)
+                log.warning(
+                    "the 'val' figures are measured on the TRAINING images (--val-split %s is the training split)",
+                    val_split,
+                )
         if is_main:
             log.info("val: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics

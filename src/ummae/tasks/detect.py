@@ -20,6 +20,7 @@ image by torchvision's post-processing. Labels are ``1..K`` for the K categories
 training annotations (0 is torchvision's background), recorded with the weights so that eval
 and predict map them back to COCO category ids without the training data.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,15 +61,31 @@ from ummae.weights.load import load_pretrained, log_load_report
 log = logging.getLogger("ummae")
 
 
-def build_detector(detector: str, backbone: str, num_classes: int, img_size: int = 1024, neck_channels: int = 768,
-                   fpn_channels: int = 256, drop_path: float | None = 0.1, window_size: int | None = None,
-                   pretrained: str | None = None, **names: Any):
+def build_detector(
+    detector: str,
+    backbone: str,
+    num_classes: int,
+    img_size: int = 1024,
+    neck_channels: int = 768,
+    fpn_channels: int = 256,
+    drop_path: float | None = 0.1,
+    window_size: int | None = None,
+    pretrained: str | None = None,
+    **names: Any,
+):
     """The detector (registered as ``<detector>_<backbone>``: :mod:`ummae.models.detectors`), and
     the report of loading ``pretrained`` into its backbone (None when it starts from scratch).
     ``num_classes`` counts torchvision's background (K + 1)."""
-    model = create_model(f"{detector}_{backbone}", num_classes=num_classes, img_size=img_size,
-                         neck_channels=neck_channels, fpn_channels=fpn_channels, drop_path=drop_path,
-                         window_size=window_size, **names)
+    model = create_model(
+        f"{detector}_{backbone}",
+        num_classes=num_classes,
+        img_size=img_size,
+        neck_channels=neck_channels,
+        fpn_channels=fpn_channels,
+        drop_path=drop_path,
+        window_size=window_size,
+        **names,
+    )
     report = load_pretrained(model, pretrained) if pretrained else None
     return model, report
 
@@ -80,7 +97,9 @@ class DetectStep:
         images, targets = batch[0], batch[1]
         device = images.device
         inputs = [im.float().div_(255) for im in images]
-        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        targets = [
+            {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets
+        ]
         losses = model(inputs, targets)
         return {"loss": sum(losses.values()), **losses}
 
@@ -94,8 +113,15 @@ def drop_background(detections: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def evaluate_coco(model: nn.Module, dataset, loader, device: torch.device, precision: str,
-                  iou_types: tuple[str, ...], results_path: str | None = None) -> dict[str, float]:
+def evaluate_coco(
+    model: nn.Module,
+    dataset,
+    loader,
+    device: torch.device,
+    precision: str,
+    iou_types: tuple[str, ...],
+    results_path: str | None = None,
+) -> dict[str, float]:
     """COCO AP of ``model`` over ``dataset``: every rank detects on its shard of the images,
     the results of all ranks are gathered (each image once), rank 0 runs pycocotools and
     every rank returns its numbers (they decide which checkpoint is the best, a collective)."""
@@ -107,7 +133,9 @@ def evaluate_coco(model: nn.Module, dataset, loader, device: torch.device, preci
             continue
         with autocast(device, precision):
             outputs = model(inputs)
-        outputs = [drop_background({k: v.float() if v.is_floating_point() else v for k, v in o.items()}) for o in outputs]
+        outputs = [
+            drop_background({k: v.float() if v.is_floating_point() else v for k, v in o.items()}) for o in outputs
+        ]
         results += coco_results(targets, outputs, dataset)
     everything = [r for part in udist.all_gather_object(results) for r in part]
     metrics: dict[str, float] = {}
@@ -129,8 +157,15 @@ def category_names(model: nn.Module) -> list[str]:
 
 
 def _model_kwargs(cfg) -> dict[str, Any]:
-    return dict(detector=cfg.detector, backbone=cfg.backbone, img_size=cfg.img_size, neck_channels=cfg.neck_channels,
-                fpn_channels=cfg.fpn_channels, drop_path=cfg.drop_path, window_size=cfg.window_size)
+    return dict(
+        detector=cfg.detector,
+        backbone=cfg.backbone,
+        img_size=cfg.img_size,
+        neck_channels=cfg.neck_channels,
+        fpn_channels=cfg.fpn_channels,
+        drop_path=cfg.drop_path,
+        window_size=cfg.window_size,
+    )
 
 
 class DetectTask(Task):
@@ -143,15 +178,26 @@ class DetectTask(Task):
         check_weights_file(cfg.pretrained, encoder=True)
 
     def build(self, cfg, ctx: RunContext) -> Parts:
-        train_ds = CocoDetection(cfg.data, cfg.train_split, train=True, with_masks=cfg.detector == "maskrcnn",
-                                 transform=LargeScaleJitter(cfg.img_size, cfg.scale_range, cfg.flip_prob))
+        train_ds = CocoDetection(
+            cfg.data,
+            cfg.train_split,
+            train=True,
+            with_masks=cfg.detector == "maskrcnn",
+            transform=LargeScaleJitter(cfg.img_size, cfg.scale_range, cfg.flip_prob),
+        )
         val_ds = CocoDetection(cfg.data, cfg.val_split, train=False)
         if val_ds.cat_ids != train_ds.cat_ids:
             raise UsageError(f"the {cfg.val_split} annotations have other categories than the {cfg.train_split} ones")
-        model, report = build_detector(num_classes=train_ds.num_classes + 1, pretrained=cfg.pretrained,
-                                       cat_ids=list(train_ds.cat_ids), class_names=list(train_ds.class_names),
-                                       **_model_kwargs(cfg))
-        if ctx.info.enabled and ctx.device.type == "cuda":  # the paper's SyncBN in the FPN (BatchNorm per rank otherwise)
+        model, report = build_detector(
+            num_classes=train_ds.num_classes + 1,
+            pretrained=cfg.pretrained,
+            cat_ids=list(train_ds.cat_ids),
+            class_names=list(train_ds.class_names),
+            **_model_kwargs(cfg),
+        )
+        if (
+            ctx.info.enabled and ctx.device.type == "cuda"
+        ):  # the paper's SyncBN in the FPN (BatchNorm per rank otherwise)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return Parts(model, train_ds, val_ds, report, collate=collate_detection)
 
@@ -162,18 +208,33 @@ class DetectTask(Task):
         return DetectStep()
 
     def describe(self, cfg, ctx: RunContext, parts: Parts, lr: float) -> None:
-        log.info("detection: %s on %s, %d classes, %.1fM params; train %d images, val %d images; device %s x%d, "
-                 "precision %s, lr %.3e", cfg.detector, cfg.backbone, parts.train.num_classes,
-                 sum(p.numel() for p in parts.model.parameters()) / 1e6, len(parts.train), len(parts.val), ctx.device,
-                 ctx.info.world_size, ctx.precision, lr)
+        log.info(
+            "detection: %s on %s, %d classes, %.1fM params; train %d images, val %d images; device %s x%d, "
+            "precision %s, lr %.3e",
+            cfg.detector,
+            cfg.backbone,
+            parts.train.num_classes,
+            sum(p.numel() for p in parts.model.parameters()) / 1e6,
+            len(parts.train),
+            len(parts.val),
+            ctx.device,
+            ctx.info.world_size,
+            ctx.precision,
+            lr,
+        )
         log_load_report(parts.report, Path(cfg.output), "the backbone")
 
     def evaluator(self, cfg, ctx: RunContext, parts: Parts):
         val_ds = parts.val
         val_loader = eval_loader(val_ds, cfg.batch_size, ctx.workers, ctx.info, ctx.pin)
         iou_types = ("bbox", "segm") if cfg.detector == "maskrcnn" else ("bbox",)
-        measure = validation(lambda m: evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types),
-                             val_ds.img_dir, parts.train.img_dir, cfg.val_split, ctx.is_main)
+        measure = validation(
+            lambda m: evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types),
+            val_ds.img_dir,
+            parts.train.img_dir,
+            cfg.val_split,
+            ctx.is_main,
+        )
         return measure, cfg.eval_every
 
 
@@ -184,8 +245,9 @@ def train(cfg) -> dict[str, Any]:
 
 def eval_loader(dataset, batch_size: int, workers: int, info, pin: bool):
     """This rank's shard of ``dataset`` (images rank, rank + R, ...: each image once)."""
-    return build_eval_loader(dataset, batch_size, workers, info.world_size, info.rank, pin_memory=pin,
-                             collate_fn=collate_detection_eval)
+    return build_eval_loader(
+        dataset, batch_size, workers, info.world_size, info.rank, pin_memory=pin, collate_fn=collate_detection_eval
+    )
 
 
 def run_eval(cfg) -> dict[str, Any]:
@@ -206,8 +268,15 @@ def run_eval(cfg) -> dict[str, Any]:
         metrics = evaluate_coco(model, ds, loader, device, precision, iou_types, results_path)
         if info.is_main:
             (out / f"metrics_{cfg.split}.json").write_text(json.dumps(metrics, indent=1) + "\n")
-            log.info("%s on %s (%s, %d images): %s; results in %s", cfg.checkpoint, cfg.data, cfg.split, len(ds),
-                     ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), results_path)
+            log.info(
+                "%s on %s (%s, %d images): %s; results in %s",
+                cfg.checkpoint,
+                cfg.data,
+                cfg.split,
+                len(ds),
+                ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
+                results_path,
+            )
         return metrics
 
 

@@ -1,5 +1,6 @@
 """``ummae pretrain``: the pre-training task (model, data, loss step, reconstruction pictures)
 on the one run set-up (:func:`ummae.tasks.base.run`)."""
+
 from __future__ import annotations
 
 import logging
@@ -64,7 +65,9 @@ class ReconstructionPictures:
                     log.warning("reconstruction pictures: %s; skipped", e)
             if loaded:
                 self.images = torch.stack(loaded)
-                log.info("reconstruction pictures of %d images of %s every %d epochs", len(loaded), source, cfg.vis_every)
+                log.info(
+                    "reconstruction pictures of %d images of %s every %d epochs", len(loaded), source, cfg.vis_every
+                )
             else:
                 log.warning("reconstruction pictures: no readable image in %s; none will be drawn", source)
 
@@ -117,12 +120,23 @@ def init_weights_from(model: nn.Module, path: str, verbose: bool) -> None:
         load_strict(model, state, meta, path, "pretrain")
     except CheckpointError as e:
         source = meta.get("source_model") or meta.get("model_name")
-        raise CheckpointError(f"--init: {path} (model {source}) does not hold the weights of {model.model_name}: {e}") from None
+        raise CheckpointError(
+            f"--init: {path} (model {source}) does not hold the weights of {model.model_name}: {e}"
+        ) from None
     if verbose:
         theirs = meta.get("model_args") or {}
-        differ = {k: (v, model.model_args.get(k)) for k, v in theirs.items() if k in model.model_args and model.model_args[k] != v}
-        log.info("initialised %s from %s (model %s, %d tensors); fresh optimiser and schedule", model.model_name, path,
-                 meta.get("source_model") or meta.get("model_name"), len(state))
+        differ = {
+            k: (v, model.model_args.get(k))
+            for k, v in theirs.items()
+            if k in model.model_args and model.model_args[k] != v
+        }
+        log.info(
+            "initialised %s from %s (model %s, %d tensors); fresh optimiser and schedule",
+            model.model_name,
+            path,
+            meta.get("source_model") or meta.get("model_name"),
+            len(state),
+        )
         for k, (a, b) in sorted(differ.items()):
             log.info("  %s: %r in %s, %r in this run", k, a, path, b)
 
@@ -142,8 +156,15 @@ class PretrainTask(Task):
         model = create_model(cfg.model, **cfg.model_kwargs())
         if cfg.init:
             init_weights_from(model, cfg.init, ctx.is_main)
-        dataset = build_pretrain_dataset(cfg.data, model.img_size, cfg.crop_scale, cfg.data_root, cfg.demo_repeats,
-                                         cfg.input_pipeline, cfg.samples_per_epoch)
+        dataset = build_pretrain_dataset(
+            cfg.data,
+            model.img_size,
+            cfg.crop_scale,
+            cfg.data_root,
+            cfg.demo_repeats,
+            cfg.input_pipeline,
+            cfg.samples_per_epoch,
+        )
         collate = collate_encoded(model.img_size) if cfg.input_pipeline == "device" else None
         return Parts(model, dataset, collate=collate)
 
@@ -156,8 +177,14 @@ class PretrainTask(Task):
     def describe(self, cfg: PretrainConfig, ctx: RunContext, parts: Parts, lr: float) -> None:
         eff_batch = cfg.batch_size * cfg.accum_iter * ctx.info.world_size
         log.info("model %s (%.1fM params)", cfg.model, sum(p.numel() for p in parts.model.parameters()) / 1e6)
-        log.info("device %s x%d, precision %s, effective batch %d, lr %.3e", ctx.device, ctx.info.world_size,
-                 ctx.precision, eff_batch, lr)
+        log.info(
+            "device %s x%d, precision %s, effective batch %d, lr %.3e",
+            ctx.device,
+            ctx.info.world_size,
+            ctx.precision,
+            eff_batch,
+            lr,
+        )
 
     def evaluator(self, cfg: PretrainConfig, ctx: RunContext, parts: Parts):
         if not cfg.vis_every:

@@ -22,6 +22,7 @@ with current PyTorch. So the head is written in :mod:`ummae.models.upernet`, on 
 ``Conv2dNormActivation``, layer for layer as ``UPerHead`` / ``FCNHead`` build it. The metrics (confusion matrix, summed
 over the ranks) are torchmetrics'.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -58,18 +59,38 @@ from ummae.weights.load import load_pretrained, log_load_report
 
 log = logging.getLogger("ummae")
 
-def build_segmenter(backbone: str, num_classes: int, crop_size: int = 512, neck_channels: int = 768,
-                    head_channels: int = 768, aux_channels: int = 256, aux_weight: float = 0.4,
-                    ignore_index: int = 255, drop_path: float | None = 0.1, window_size: int | None = None,
-                    pretrained: str | None = None, **settings: Any):
+
+def build_segmenter(
+    backbone: str,
+    num_classes: int,
+    crop_size: int = 512,
+    neck_channels: int = 768,
+    head_channels: int = 768,
+    aux_channels: int = 256,
+    aux_weight: float = 0.4,
+    ignore_index: int = 255,
+    drop_path: float | None = 0.1,
+    window_size: int | None = None,
+    pretrained: str | None = None,
+    **settings: Any,
+):
     """UperNet on ``backbone`` (registered as ``upernet_<backbone>``: :mod:`ummae.models.upernet`,
     built at ``crop_size``), and the report of loading ``pretrained`` into it (None from
     scratch). ``settings`` (data conventions, test settings, class names) are recorded in
     ``model_args`` with the rest: what eval and predict rebuild it from."""
-    model = create_model(f"upernet_{backbone}", num_classes=num_classes, crop_size=crop_size,
-                         neck_channels=neck_channels, head_channels=head_channels, aux_channels=aux_channels,
-                         aux_weight=aux_weight, ignore_index=ignore_index, drop_path=drop_path,
-                         window_size=window_size, **settings)
+    model = create_model(
+        f"upernet_{backbone}",
+        num_classes=num_classes,
+        crop_size=crop_size,
+        neck_channels=neck_channels,
+        head_channels=head_channels,
+        aux_channels=aux_channels,
+        aux_weight=aux_weight,
+        ignore_index=ignore_index,
+        drop_path=drop_path,
+        window_size=window_size,
+        **settings,
+    )
     report = load_pretrained(model, pretrained) if pretrained else None
     return model, report
 
@@ -138,8 +159,17 @@ def whole_logits(model: Segmenter, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def predict_probs(model: Segmenter, image: Tensor, mode: str, crop: int, stride: int, scale: Sequence[int],
-                  ratios: Sequence[float] = (1.0,), flip: bool = False, precision: str = "fp32") -> Tensor:
+def predict_probs(
+    model: Segmenter,
+    image: Tensor,
+    mode: str,
+    crop: int,
+    stride: int,
+    scale: Sequence[int],
+    ratios: Sequence[float] = (1.0,),
+    flip: bool = False,
+    precision: str = "fp32",
+) -> Tensor:
     """Class probabilities ``[K, H, W]`` of one uint8 image ``[3, H, W]`` at its own size: the
     image resized to fit ``scale`` x each ratio (and flipped, with ``flip``), the logits of each
     view resized back to the image and soft-maxed, the views averaged (MMSegmentation's
@@ -152,7 +182,7 @@ def predict_probs(model: Segmenter, image: Tensor, mode: str, crop: int, stride:
     for ratio in ratios:
         size = keep_ratio_size(h0, w0, [round(s * ratio) for s in scale])
         x = resize(x0, size)
-        for flipped in ([False, True] if flip else [False]):
+        for flipped in [False, True] if flip else [False]:
             xi = x.flip(-1) if flipped else x
             with autocast(device, precision):
                 out = slide_logits(model, xi, crop, stride) if mode == "slide" else whole_logits(model, xi)
@@ -177,10 +207,13 @@ def segmentation_metrics(confusion: Tensor) -> dict[str, Any]:
     iou = tp / (label + pred - tp)  # 0/0 = nan: undefined
     acc = tp / label
     total = label.sum()
-    return {"mIoU": float(iou.nanmean()) if iou.isfinite().any() else float("nan"),
-            "mAcc": float(acc.nanmean()) if acc.isfinite().any() else float("nan"),
-            "aAcc": float(tp.sum() / total) if total > 0 else float("nan"),
-            "IoU": iou.tolist(), "Acc": acc.tolist()}
+    return {
+        "mIoU": float(iou.nanmean()) if iou.isfinite().any() else float("nan"),
+        "mAcc": float(acc.nanmean()) if acc.isfinite().any() else float("nan"),
+        "aAcc": float(tp.sum() / total) if total > 0 else float("nan"),
+        "IoU": iou.tolist(),
+        "Acc": acc.tolist(),
+    }
 
 
 def per_class_table(metrics: dict[str, Any], class_names: Sequence[str]) -> str:
@@ -208,9 +241,19 @@ def _images_of(loader):
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: Segmenter, loader, device: torch.device, precision: str, *, mode: str, crop: int,
-                          stride: int, scale: Sequence[int], ratios: Sequence[float] = (1.0,),
-                          flip: bool = False) -> dict[str, Any]:
+def evaluate_segmentation(
+    model: Segmenter,
+    loader,
+    device: torch.device,
+    precision: str,
+    *,
+    mode: str,
+    crop: int,
+    stride: int,
+    scale: Sequence[int],
+    ratios: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> dict[str, Any]:
     """mIoU, mAcc, aAcc and per-class IoU / Acc of ``model`` over this rank's shard of the
     images, the confusion matrices of all ranks summed (torchmetrics syncs them): every rank
     returns the same figures."""
@@ -219,8 +262,9 @@ def evaluate_segmentation(model: Segmenter, loader, device: torch.device, precis
     # reported per image: sliding windows over a large one take long
     images = progress(_images_of(loader), len(loader.sampler), "segmentation eval", "img", udist.is_main_process())
     for image, label in images:
-        probs = predict_probs(model, image.to(device, non_blocking=True), mode, crop, stride, scale, ratios, flip,
-                              precision)
+        probs = predict_probs(
+            model, image.to(device, non_blocking=True), mode, crop, stride, scale, ratios, flip, precision
+        )
         confusion.update(probs.argmax(0).flatten(), label.to(device).flatten())
     return segmentation_metrics(confusion.compute().cpu())
 
@@ -247,22 +291,44 @@ class SegmentTask(Task):
         check_weights_file(cfg.pretrained, encoder=True)
 
     def build(self, cfg, ctx: RunContext) -> Parts:
-        transform = SegTrainTransform(cfg.crop_size, tuple(cfg.scale), tuple(cfg.ratio_range), cat_max_ratio=cfg.cat_max_ratio,
-                                      flip_prob=cfg.flip_prob, photometric=cfg.photometric, ignore_index=cfg.ignore_index)
+        transform = SegTrainTransform(
+            cfg.crop_size,
+            tuple(cfg.scale),
+            tuple(cfg.ratio_range),
+            cat_max_ratio=cfg.cat_max_ratio,
+            flip_prob=cfg.flip_prob,
+            photometric=cfg.photometric,
+            ignore_index=cfg.ignore_index,
+        )
         train_ds = SegmentationFolder(cfg.data, cfg.train_split, train=True, transform=transform, **_data_settings(cfg))
         val_ds = SegmentationFolder(cfg.data, cfg.val_split, train=False, **_data_settings(cfg))
         model, report = build_segmenter(
-            cfg.backbone, cfg.num_classes, cfg.crop_size, cfg.neck_channels, cfg.head_channels, cfg.aux_channels,
-            cfg.aux_weight, cfg.ignore_index, cfg.drop_path, cfg.window_size, cfg.pretrained,
-            reduce_zero_label=cfg.reduce_zero_label, scale=list(cfg.scale), test_mode=cfg.test_mode,
-            test_stride=cfg.stride(), class_names=list(train_ds.class_names))
+            cfg.backbone,
+            cfg.num_classes,
+            cfg.crop_size,
+            cfg.neck_channels,
+            cfg.head_channels,
+            cfg.aux_channels,
+            cfg.aux_weight,
+            cfg.ignore_index,
+            cfg.drop_path,
+            cfg.window_size,
+            cfg.pretrained,
+            reduce_zero_label=cfg.reduce_zero_label,
+            scale=list(cfg.scale),
+            test_mode=cfg.test_mode,
+            test_stride=cfg.stride(),
+            class_names=list(train_ds.class_names),
+        )
         sync_bn = ctx.info.enabled and ctx.device.type == "cuda"
         if sync_bn:  # the paper's SyncBN in the heads (BatchNorm per rank otherwise)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if cfg.batch_size * (ctx.info.world_size if sync_bn else 1) < 2:
             # the pyramid pooling's 1x1 branch gives BatchNorm one value per channel
-            raise UsageError(f"--batch-size {cfg.batch_size}: the heads' BatchNorm needs at least 2 images per step "
-                             f"(SyncBN pools the ranks' images only under DDP on CUDA); use --batch-size 2 or more")
+            raise UsageError(
+                f"--batch-size {cfg.batch_size}: the heads' BatchNorm needs at least 2 images per step "
+                f"(SyncBN pools the ranks' images only under DDP on CUDA); use --batch-size 2 or more"
+            )
         return Parts(model, train_ds, val_ds, report, collate=collate_segmentation)
 
     def optimizer(self, cfg, model: nn.Module, lr: float, device: torch.device):
@@ -273,20 +339,41 @@ class SegmentTask(Task):
         return SegmentStep()
 
     def describe(self, cfg, ctx: RunContext, parts: Parts, lr: float) -> None:
-        log.info("segmentation: UperNet on %s, %d classes, %.1fM params; train %d images, val %d images; device %s "
-                 "x%d, precision %s, lr %.3e, %d iterations", cfg.backbone, cfg.num_classes,
-                 sum(p.numel() for p in parts.model.parameters()) / 1e6, len(parts.train), len(parts.val), ctx.device,
-                 ctx.info.world_size, ctx.precision, lr, cfg.iters)
+        log.info(
+            "segmentation: UperNet on %s, %d classes, %.1fM params; train %d images, val %d images; device %s "
+            "x%d, precision %s, lr %.3e, %d iterations",
+            cfg.backbone,
+            cfg.num_classes,
+            sum(p.numel() for p in parts.model.parameters()) / 1e6,
+            len(parts.train),
+            len(parts.val),
+            ctx.device,
+            ctx.info.world_size,
+            ctx.precision,
+            lr,
+            cfg.iters,
+        )
         log_load_report(parts.report, Path(cfg.output), "the backbone")
 
     def evaluator(self, cfg, ctx: RunContext, parts: Parts):
         # this rank's shard of the images (rank, rank + R, ...: each image once), one at a time
-        val_loader = build_eval_loader(parts.val, 1, ctx.workers, ctx.info.world_size, ctx.info.rank, pin_memory=ctx.pin,
-                                       collate_fn=collate_segmentation_eval)
+        val_loader = build_eval_loader(
+            parts.val,
+            1,
+            ctx.workers,
+            ctx.info.world_size,
+            ctx.info.rank,
+            pin_memory=ctx.pin,
+            collate_fn=collate_segmentation_eval,
+        )
         test = dict(mode=cfg.test_mode, crop=cfg.crop_size, stride=cfg.stride(), scale=tuple(cfg.scale))
         measure = validation(
             lambda m: scalar_metrics(evaluate_segmentation(m, val_loader, ctx.device, ctx.precision, **test)),
-            parts.val.img_dir, parts.train.img_dir, cfg.val_split, ctx.is_main)
+            parts.val.img_dir,
+            parts.train.img_dir,
+            cfg.val_split,
+            ctx.is_main,
+        )
         return measure, 0  # iteration-based: --eval-every-iters, and after the last
 
 
@@ -311,38 +398,75 @@ def run_eval(cfg) -> dict[str, Any]:
         precision = resolve_precision(cfg.precision, device)
         model = load_segmenter(cfg.checkpoint).to(device)
         args = model.model_args
-        ds = SegmentationFolder(cfg.data, cfg.split, train=False, num_classes=args["num_classes"],
-                                reduce_zero_label=args["reduce_zero_label"], ignore_index=args["ignore_index"])
-        test = dict(mode=cfg.test_mode or args["test_mode"], crop=args["crop_size"],
-                    stride=cfg.test_stride or args["test_stride"], scale=tuple(cfg.scale or args["scale"]),
-                    ratios=tuple(cfg.ratios), flip=cfg.flip)
+        ds = SegmentationFolder(
+            cfg.data,
+            cfg.split,
+            train=False,
+            num_classes=args["num_classes"],
+            reduce_zero_label=args["reduce_zero_label"],
+            ignore_index=args["ignore_index"],
+        )
+        test = dict(
+            mode=cfg.test_mode or args["test_mode"],
+            crop=args["crop_size"],
+            stride=cfg.test_stride or args["test_stride"],
+            scale=tuple(cfg.scale or args["scale"]),
+            ratios=tuple(cfg.ratios),
+            flip=cfg.flip,
+        )
         if test["stride"] > test["crop"]:
-            raise UsageError(f"--test-stride {test['stride']} is larger than the {test['crop']} px window: pixels would "
-                             f"be left out")
+            raise UsageError(
+                f"--test-stride {test['stride']} is larger than the {test['crop']} px window: pixels would be left out"
+            )
         out = Path(cfg.output)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
-        loader = build_eval_loader(ds, cfg.batch_size, udist.loader_workers(cfg.num_workers), info.world_size,
-                                   info.rank, pin_memory=device.type == "cuda", collate_fn=collate_segmentation_eval)
+        loader = build_eval_loader(
+            ds,
+            cfg.batch_size,
+            udist.loader_workers(cfg.num_workers),
+            info.world_size,
+            info.rank,
+            pin_memory=device.type == "cuda",
+            collate_fn=collate_segmentation_eval,
+        )
         metrics = evaluate_segmentation(model, loader, device, precision, **test)
         if info.is_main:
             names = args.get("class_names") or ds.class_names
             table = per_class_table(metrics, names)
-            record = {**scalar_metrics(metrics), "IoU": dict(zip(names, metrics["IoU"], strict=False)),
-                      "Acc": dict(zip(names, metrics["Acc"], strict=False)), "images": len(ds), "test": test}
-            ckpt.write_atomic(out / f"metrics_{cfg.split}.json",
-                              lambda f: f.write(json.dumps(record, indent=1, allow_nan=True) + "\n"), "w")
+            record = {
+                **scalar_metrics(metrics),
+                "IoU": dict(zip(names, metrics["IoU"], strict=False)),
+                "Acc": dict(zip(names, metrics["Acc"], strict=False)),
+                "images": len(ds),
+                "test": test,
+            }
+            ckpt.write_atomic(
+                out / f"metrics_{cfg.split}.json",
+                lambda f: f.write(json.dumps(record, indent=1, allow_nan=True) + "\n"),
+                "w",
+            )
             ckpt.write_atomic(out / f"per_class_{cfg.split}.txt", lambda f: f.write(table), "w")
-            log.info("%s on %s (%s, %d images, %s%s):\n%s", cfg.checkpoint, cfg.data, cfg.split, len(ds), test["mode"],
-                     f", scales {list(test['ratios'])}" + (" + flip" if cfg.flip else ""), table)
+            log.info(
+                "%s on %s (%s, %d images, %s%s):\n%s",
+                cfg.checkpoint,
+                cfg.data,
+                cfg.split,
+                len(ds),
+                test["mode"],
+                f", scales {list(test['ratios'])}" + (" + flip" if cfg.flip else ""),
+                table,
+            )
         return scalar_metrics(metrics)
 
 
 def palette(num_classes: int) -> Tensor:
     """A fixed colour per class ``[K, 3]`` uint8 (golden-ratio hues, alternating brightness):
     neighbouring class ids get distant colours."""
-    colours = [colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.65 + 0.35 * (k % 2), 0.95 - 0.3 * ((k // 2) % 2))
-               for k in range(num_classes)]
+    colours = [
+        colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.65 + 0.35 * (k % 2), 0.95 - 0.3 * ((k // 2) % 2))
+        for k in range(num_classes)
+    ]
     return (torch.tensor(colours) * 255).round().to(torch.uint8)
 
 
@@ -362,15 +486,18 @@ def predict(args) -> int:
     for path in paths:
         stem = Path(path).stem
         if stem in stems:
-            raise UsageError(f"{stems[stem]} and {path} would both be written as {stem}.png; give them in separate runs")
+            raise UsageError(
+                f"{stems[stem]} and {path} would both be written as {stem}.png; give them in separate runs"
+            )
         stems[stem] = path
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     colours = palette(model.num_classes)
     for path in paths:
         image = pil_to_tensor(read_rgb(path))
-        probs = predict_probs(model, image.to(device), margs["test_mode"], margs["crop_size"], margs["test_stride"],
-                              margs["scale"])
+        probs = predict_probs(
+            model, image.to(device), margs["test_mode"], margs["crop_size"], margs["test_stride"], margs["scale"]
+        )
         labels = probs.argmax(0).cpu()
         blended = (1 - args.alpha) * image.float() + args.alpha * colours[labels].permute(2, 0, 1).float()
         picture = blended.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -378,10 +505,15 @@ def predict(args) -> int:
         # in the data set's own encoding (ADE20K: classes 1..150, as its annotation PNGs)
         encoded = labels.numpy() + (1 if margs.get("reduce_zero_label") else 0)
         Image.fromarray(encoded.astype(np.uint8 if encoded.max() < 256 else np.uint16)).save(
-            out / f"{Path(path).stem}_labels.png")
+            out / f"{Path(path).stem}_labels.png"
+        )
         present = labels.unique().tolist()
         names = margs.get("class_names") or [f"class{k}" for k in range(model.num_classes)]
-        log.info("%s: %s -> %s", path, ", ".join(names[k] for k in present[:8]) + (" ..." if len(present) > 8 else ""),
-                 out / f"{Path(path).stem}.png")
+        log.info(
+            "%s: %s -> %s",
+            path,
+            ", ".join(names[k] for k in present[:8]) + (" ..." if len(present) > 8 else ""),
+            out / f"{Path(path).stem}.png",
+        )
     print(f"wrote {len(paths)} picture(s) and label maps to {out}")
     return 0

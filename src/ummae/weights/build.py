@@ -10,6 +10,7 @@ a classifier or a dense backbone) go through the other door, :func:`.load.load_p
 which adapts rather than rebuilds; ``pretrain --init`` loads into the model it trains with
 :func:`load_strict`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,9 @@ class WrongKindError(CheckpointError):
     """The file holds no model of the kind asked for (another kind, or no registered model)."""
 
 
-def build_from_checkpoint(path: str | Path, kind: str, *, ema: bool = False, name: str | None = None,
-                          **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+def build_from_checkpoint(
+    path: str | Path, kind: str, *, ema: bool = False, name: str | None = None, **overrides: Any
+) -> tuple[nn.Module, dict[str, Any]]:
     """``(model, meta)``: the ``kind`` model the checkpoint at ``path`` holds, rebuilt with
     its recorded options (``overrides`` win; None means "as recorded") and loaded strictly.
     ``ema``: a fine-tuning checkpoint's EMA weights; ``name``: the registered model to build
@@ -40,8 +42,16 @@ def build_from_checkpoint(path: str | Path, kind: str, *, ema: bool = False, nam
     return build_from_weights(state, meta, path, kind, name=name, **overrides), meta
 
 
-def build_from_weights(state: State, meta: dict[str, Any], path: str | Path, kind: str, *, name: str | None = None,
-                       need_head: bool = True, **overrides: Any) -> nn.Module:
+def build_from_weights(
+    state: State,
+    meta: dict[str, Any],
+    path: str | Path,
+    kind: str,
+    *,
+    name: str | None = None,
+    need_head: bool = True,
+    **overrides: Any,
+) -> nn.Module:
     """:func:`build_from_checkpoint` of weights already read (or converted) from ``path``.
     ``need_head`` (classifiers): refuse a file without a trained head (eval); False builds
     the classifier with a new head (an encoder-only file, for ``ummae convert``)."""
@@ -58,8 +68,9 @@ def build_from_weights(state: State, meta: dict[str, Any], path: str | Path, kin
     return model
 
 
-def load_strict(model: nn.Module, state: State, meta: dict[str, Any], path: str | Path, kind: str,
-                need_head: bool = True) -> LoadReport | None:
+def load_strict(
+    model: nn.Module, state: State, meta: dict[str, Any], path: str | Path, kind: str, need_head: bool = True
+) -> LoadReport | None:
     """Every tensor of ``model`` from ``state`` and nothing else, the key differences in the
     error otherwise. A classifier may take a position table of another size (resized, as
     fine-tuning does): its report says so."""
@@ -89,20 +100,24 @@ def _check_kind(state: State, meta: dict[str, Any], path, kind: str, name: str |
     if kind == "classify" and need_head and "head.weight" not in state and "head.1.weight" not in state:
         raise WrongKindError(
             f"{path} holds no classifier head (model {meta.get('source_model') or meta.get('model_name')}): it is a "
-            f"pre-training or encoder-only file; fine-tune it (`ummae finetune --pretrained`) or use `ummae knn`")
+            f"pre-training or encoder-only file; fine-tune it (`ummae finetune --pretrained`) or use `ummae knn`"
+        )
     found = _kind_of(name)
     if found == kind:
         if kind == "pretrain" and not any(k.startswith("decoder") for k in state):
             raise WrongKindError(f"{path} holds the weights of {name} without its decoder")
         return
     if kind in ("detect", "segment"):
-        raise WrongKindError(f"{path} is not a checkpoint of `ummae {kind} train` (it holds {name or 'no model name'}); "
-                             f"a backbone checkpoint goes to `ummae {kind} train --pretrained`")
+        raise WrongKindError(
+            f"{path} is not a checkpoint of `ummae {kind} train` (it holds {name or 'no model name'}); "
+            f"a backbone checkpoint goes to `ummae {kind} train --pretrained`"
+        )
     if found is None:
         raise WrongKindError(f"{path} does not name a registered ummae model (found {name!r})")
     if kind == "pretrain" and found == "classify":
-        raise WrongKindError(f"{path} is a checkpoint of the classifier {name} (fine-tuning or probing), which has "
-                             f"no decoder")
+        raise WrongKindError(
+            f"{path} is a checkpoint of the classifier {name} (fine-tuning or probing), which has no decoder"
+        )
     raise WrongKindError(f"{path} holds a {found} model ({name}), not a {kind} one")
 
 

@@ -31,6 +31,7 @@ Layout transforms (METHOD.md "reference conventions"; everything else maps by na
 Nothing is guessed silently: every key is mapped, dropped with its reason, or the conversion
 fails naming the keys it cannot place.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,7 +82,7 @@ def _state_of(ckpt: dict[str, Any]) -> dict[str, Tensor]:
     state = ckpt["model"]
     state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -225,7 +226,7 @@ def _map_key(k: str, v: Tensor, family: str, kind: str, stage_of) -> tuple[str, 
         return f"encoder.blocks.{i}.{rest}", v
     s, j = stage_of[i]
     if rest.startswith("downsample."):
-        layer, leaf = rest[len("downsample."):].split(".", 1)
+        layer, leaf = rest[len("downsample.") :].split(".", 1)
         layer = {"proj": "reduction" if family == "swin" else "proj", "norm": "norm"}[layer]
         return f"encoder.downsamples.{s - 1}.{layer}.{leaf}", v
     if rest.startswith("attn.posmlp."):  # 1x1 convs [out, in, 1, 1] -> Linear [out, in]
@@ -307,8 +308,13 @@ def _width(state) -> int:
 
 
 def _infer_model(family, kind, state) -> str | None:
-    arch = {("swin", 96): "swin_tiny_256", ("swin", 192): "swin_large_256", ("pvt", 64): "pvt_small_256",
-            ("vit", 768): "vit_base_patch16", ("vit", 1024): "vit_large_patch16"}.get((family, _width(state)))
+    arch = {
+        ("swin", 96): "swin_tiny_256",
+        ("swin", 192): "swin_large_256",
+        ("pvt", 64): "pvt_small_256",
+        ("vit", 768): "vit_base_patch16",
+        ("vit", 1024): "vit_large_patch16",
+    }.get((family, _width(state)))
     if arch is None:
         return None
     if kind == "classifier" or kind == "encoder":

@@ -1,6 +1,7 @@
 """Writing our formats from weights: ``ummae export`` (the inference weights as safetensors,
 named for ours and timm's ``ummae_<name>``) and ``ummae convert`` (a reference checkpoint as an
 ummae checkpoint or export). Every file is written atomically (:func:`.io.write_atomic`)."""
+
 from __future__ import annotations
 
 import json
@@ -47,17 +48,30 @@ def check_weights_fit(state: dict[str, torch.Tensor], meta: dict[str, Any], path
         if "head.weight" in state:
             args["num_classes"] = state["head.weight"].shape[0]
     own = create_model(name, **args).state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    bad = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     # an encoder export keeps pre-training's final norm, which a classifier replaces (fc_norm)
     unknown = [k for k in state if k not in own and not k.startswith("encoder.norm.")]
     if bad or unknown:
-        raise CheckpointError(f"{path} does not hold weights of {name}: " + "; ".join(
-            ([f"{len(bad)} of another shape (e.g. {', '.join(bad[:2])})"] if bad else [])
-            + ([f"{len(unknown)} unknown (e.g. {', '.join(unknown[:2])})"] if unknown else [])))
+        raise CheckpointError(
+            f"{path} does not hold weights of {name}: "
+            + "; ".join(
+                ([f"{len(bad)} of another shape (e.g. {', '.join(bad[:2])})"] if bad else [])
+                + ([f"{len(unknown)} unknown (e.g. {', '.join(unknown[:2])})"] if unknown else [])
+            )
+        )
 
 
-def write_export(state: dict[str, torch.Tensor], meta: dict[str, Any], output: str | Path, encoder_only: bool = False,
-                 weights: str = "raw") -> dict[str, str]:
+def write_export(
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    output: str | Path,
+    encoder_only: bool = False,
+    weights: str = "raw",
+) -> dict[str, str]:
     """:func:`export` of weights already read (or converted): ``meta`` names the model."""
     name = meta["model_name"]
     pretraining = model_kind(name) == "pretrain"
@@ -87,12 +101,16 @@ def convert_file(src: str, output: str, model: str | None = None, overwrite: boo
     file that does not fit exactly is refused, not written."""
     out = Path(output)
     if out.suffix not in (".pth", ".safetensors"):
-        raise CheckpointError(f"--output must end in .pth (an ummae checkpoint) or .safetensors (an export), got {output}")
+        raise CheckpointError(
+            f"--output must end in .pth (an ummae checkpoint) or .safetensors (an export), got {output}"
+        )
     if out.exists() and not overwrite:
         raise CheckpointError(f"{output} exists; pass --overwrite to replace it")
     ck = ckpt.load(src)
     if not is_foreign(ck):
-        raise CheckpointError(f"{src} is already an ummae checkpoint (model {ck.get('model_name')}); nothing to convert")
+        raise CheckpointError(
+            f"{src} is already an ummae checkpoint (model {ck.get('model_name')}); nothing to convert"
+        )
     state, meta = convert_checkpoint(ck, src)
     name = meta["model_name"] = model or meta["model_name"]
     if name is None:
@@ -110,7 +128,22 @@ def convert_file(src: str, output: str, model: str | None = None, overwrite: boo
     if out.suffix == ".safetensors":
         write_export(state, meta, out)
     else:
-        ckpt.save_atomic({"model": state, "model_name": name, "model_args": net.model_args,
-                          "converted_from": str(src), "conversion": meta["conversion"], "assumed": meta["assumed"]}, out)
-    return {"model_name": name, "kind": kind, "tensors": len(state), "source_model": meta["source_model"],
-            "dropped": meta["conversion"], "assumed": meta["assumed"]}
+        ckpt.save_atomic(
+            {
+                "model": state,
+                "model_name": name,
+                "model_args": net.model_args,
+                "converted_from": str(src),
+                "conversion": meta["conversion"],
+                "assumed": meta["assumed"],
+            },
+            out,
+        )
+    return {
+        "model_name": name,
+        "kind": kind,
+        "tensors": len(state),
+        "source_model": meta["source_model"],
+        "dropped": meta["conversion"],
+        "assumed": meta["assumed"],
+    }

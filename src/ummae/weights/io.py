@@ -1,5 +1,6 @@
 """Checkpoints: written atomically (temp file + rename, so a kill never leaves a torn file),
 read with ``weights_only=True`` (a checkpoint is untrusted input)."""
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,10 @@ def _load_error(path: Path, e: Exception) -> str:
     text = str(e)
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if found:
-        return (f"it holds a Python object of class {found.group(1)}, which a checkpoint reader must not "
-                f"unpickle (only weights and plain values are loaded)")
+        return (
+            f"it holds a Python object of class {found.group(1)}, which a checkpoint reader must not "
+            f"unpickle (only weights and plain values are loaded)"
+        )
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:3] == b"\xff\xd8\xff" or head == b"\x89PNG":
@@ -94,15 +97,19 @@ def _load_error(path: Path, e: Exception) -> str:
 def check_run_state(state: dict[str, Any], path) -> None:
     """Refuse a checkpoint whose training state would break the resumed run, before using it."""
     if "model_name" not in state:
-        raise CheckpointError(f"{path} is not an ummae training checkpoint (a reference or exported one?): it cannot "
-                              f"resume a run; start from its weights with --init (pre-training) or --pretrained")
+        raise CheckpointError(
+            f"{path} is not an ummae training checkpoint (a reference or exported one?): it cannot "
+            f"resume a run; start from its weights with --init (pre-training) or --pretrained"
+        )
     for key in ("epoch", "step_in_epoch", "update"):
         value = state.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CheckpointError(f"checkpoint {path} is damaged or not a training checkpoint: {key}={value!r}")
     for key in ("optimizer", "scaler"):
         if not isinstance(state.get(key), dict):
-            raise CheckpointError(f"checkpoint {path} has no {key} state: it cannot resume a run (use --init to start from its weights)")
+            raise CheckpointError(
+                f"checkpoint {path} has no {key} state: it cannot resume a run (use --init to start from its weights)"
+            )
 
 
 def check_compatible(ckpt: dict[str, Any], path, model_name: str, model_args: dict[str, Any]) -> None:
@@ -111,7 +118,11 @@ def check_compatible(ckpt: dict[str, Any], path, model_name: str, model_args: di
     if theirs != model_name:
         raise CheckpointError(f"checkpoint {path} was written for model {theirs!r}, but this run uses {model_name!r}")
     their_args = ckpt.get("model_args", {})
-    diff = {k: (their_args.get(k), model_args.get(k)) for k in set(their_args) | set(model_args) if their_args.get(k) != model_args.get(k)}
+    diff = {
+        k: (their_args.get(k), model_args.get(k))
+        for k in set(their_args) | set(model_args)
+        if their_args.get(k) != model_args.get(k)
+    }
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"checkpoint {path} was built with other model options ({detail})")

@@ -19,6 +19,7 @@ What changes between pre-training and fine-tuning (METHOD.md), and how the load 
 Anything else that differs (another family, depth or width) is refused with the differences
 named: a silent partial load would look like a pre-trained run and train like a scratch one.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,10 @@ class LoadReport:
     def format(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source} (model {self.source_model})"]
         if self.converted:
-            lines += ["converted from the reference layout (ummae.weights.convert): source tensors not carried over, options not recorded:",
-                      self.converted]
+            lines += [
+                "converted from the reference layout (ummae.weights.convert): source tensors not carried over, options not recorded:",
+                self.converted,
+            ]
         for title, items in (("adapted", self.adapted), ("newly initialised", self.new), ("dropped", self.dropped)):
             if items:
                 lines.append(f"{title} ({len(items)}):")
@@ -84,7 +87,9 @@ def _group(items: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_weights(
+    path: str | Path, ema: bool = False, tensors: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, meta)`` of an ummae ``.pth`` checkpoint or exported ``.safetensors``, or
     of a reference (UM-MAE / MAE code base) checkpoint converted to ours (:mod:`ummae.weights.convert`);
     ``meta`` has ``model_name`` and ``model_args`` when the file records them. ``ema``: the
@@ -96,7 +101,9 @@ def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> t
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         if ema:
-            raise CheckpointError(f"{path} is an exported file with one set of weights; --ema applies to fine-tuning checkpoints (.pth)")
+            raise CheckpointError(
+                f"{path} is an exported file with one set of weights; --ema applies to fine-tuning checkpoints (.pth)"
+            )
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -104,8 +111,11 @@ def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> t
                 state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (a safe_open handle, not a dict)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
-        info: dict[str, Any] = {"model_name": meta.get("model_name"), "source_model": meta.get("source_model"),
-                                "contents": meta.get("contents")}
+        info: dict[str, Any] = {
+            "model_name": meta.get("model_name"),
+            "source_model": meta.get("source_model"),
+            "contents": meta.get("contents"),
+        }
         if "model_args" in meta:
             try:
                 info["model_args"] = json.loads(meta["model_args"])
@@ -117,12 +127,17 @@ def read_weights(path: str | Path, ema: bool = False, tensors: bool = True) -> t
     ck = ckpt.load(path, mmap=not tensors)
     if is_foreign(ck):  # the reference's / MAE's published weights: converted on the fly
         if ema:
-            raise CheckpointError(f"{path} is a reference checkpoint with one set of weights; --ema applies to ummae fine-tuning checkpoints")
+            raise CheckpointError(
+                f"{path} is a reference checkpoint with one set of weights; --ema applies to ummae fine-tuning checkpoints"
+            )
         return convert_checkpoint(ck, str(path))
     if ema and "ema" not in ck:
         raise CheckpointError(f"{path} holds no EMA weights (its run was not started with --ema)")
-    return ck["ema" if ema else "model"], {"model_name": ck.get("model_name"), "model_args": ck.get("model_args", {}),
-                         "source_model": ck.get("model_name")}
+    return ck["ema" if ema else "model"], {
+        "model_name": ck.get("model_name"),
+        "model_args": ck.get("model_args", {}),
+        "source_model": ck.get("model_name"),
+    }
 
 
 def log_load_report(report: LoadReport | None, out: Path, what: str = "the model") -> None:
@@ -146,7 +161,9 @@ def load_pretrained(model: nn.Module, path: str | Path, ema: bool = False) -> Lo
     return load_weights(model, *read_weights(path, ema), path)
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> LoadReport:
+def load_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path
+) -> LoadReport:
     """:func:`load_pretrained` of weights already read by :func:`read_weights` from ``path``."""
     source_model = meta.get("source_model") or meta.get("model_name")
     report = LoadReport(str(path), source_model, describe(meta))
@@ -171,8 +188,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], meta: dict[st
     return report
 
 
-def _take_source(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], merged: dict[str, torch.Tensor],
-                 report: LoadReport) -> tuple[list[str], list[str]]:
+def _take_source(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], merged: dict[str, torch.Tensor], report: LoadReport
+) -> tuple[list[str], list[str]]:
     """Each source tensor into ``merged`` (loaded or adapted) or the report's dropped; the
     encoder keys the model lacks, and those of another shape."""
     unexpected, shapes = [], []
@@ -216,7 +234,9 @@ def _account_for_own(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor
         elif _is_pos_table(k) and k not in state:
             report.new[k] = "learnable position table, initialised to the fixed sin-cos it replaces"
         elif k.startswith(_HEAD_PREFIXES):
-            report.new[k] = "head (weights: trunc normal std 2e-5, bias 0)" if k.startswith("head.") else "fc_norm (1, 0)"
+            report.new[k] = (
+                "head (weights: trunc normal std 2e-5, bias 0)" if k.startswith("head.") else "fc_norm (1, 0)"
+            )
         elif k.startswith("encoder.") and k not in state:
             missing.append(k)
     return missing

@@ -1,4 +1,5 @@
 """Layers shared by the encoders. Generic ones (DropPath, Mlp, trunc_normal_) come from timm."""
+
 from ummae.models.layers.init import init_weights
 from ummae.models.layers.norm import LayerNorm
 from ummae.models.layers.patch_embed import PatchEmbed

@@ -6,6 +6,7 @@ Channel layout is MAE's, on which every published checkpoint depends: the first 
 channels encodes the column (w), the second half the row (h), each as ``[sin, cos]`` of
 ``dim/4`` frequencies. Computed in float64 like MAE's numpy code, then rounded to float32, so
 the tables equal the ones stored in reference checkpoints to the last bit or so."""
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
