@@ -398,6 +398,7 @@ def run_eval(cfg) -> dict[str, Any]:
         precision = resolve_precision(cfg.precision, device)
         model = load_segmenter(cfg.checkpoint).to(device)
         args = model.model_args
+        test = _test_settings(cfg, args)
         ds = SegmentationFolder(
             cfg.data,
             cfg.split,
@@ -406,21 +407,6 @@ def run_eval(cfg) -> dict[str, Any]:
             reduce_zero_label=args["reduce_zero_label"],
             ignore_index=args["ignore_index"],
         )
-        test = dict(
-            mode=cfg.test_mode or args["test_mode"],
-            crop=args["crop_size"],
-            stride=cfg.test_stride or args["test_stride"],
-            scale=tuple(cfg.scale or args["scale"]),
-            ratios=tuple(cfg.ratios),
-            flip=cfg.flip,
-        )
-        if test["stride"] > test["crop"]:
-            raise UsageError(
-                f"--test-stride {test['stride']} is larger than the {test['crop']} px window: pixels would be left out"
-            )
-        out = Path(cfg.output)
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
         loader = build_eval_loader(
             ds,
             cfg.batch_size,
@@ -432,32 +418,49 @@ def run_eval(cfg) -> dict[str, Any]:
         )
         metrics = evaluate_segmentation(model, loader, device, precision, **test)
         if info.is_main:
-            names = args.get("class_names") or ds.class_names
-            table = per_class_table(metrics, names)
-            record = {
-                **scalar_metrics(metrics),
-                "IoU": dict(zip(names, metrics["IoU"], strict=False)),
-                "Acc": dict(zip(names, metrics["Acc"], strict=False)),
-                "images": len(ds),
-                "test": test,
-            }
-            ckpt.write_atomic(
-                out / f"metrics_{cfg.split}.json",
-                lambda f: f.write(json.dumps(record, indent=1, allow_nan=True) + "\n"),
-                "w",
-            )
-            ckpt.write_atomic(out / f"per_class_{cfg.split}.txt", lambda f: f.write(table), "w")
-            log.info(
-                "%s on %s (%s, %d images, %s%s):\n%s",
-                cfg.checkpoint,
-                cfg.data,
-                cfg.split,
-                len(ds),
-                test["mode"],
-                f", scales {list(test['ratios'])}" + (" + flip" if cfg.flip else ""),
-                table,
-            )
+            _write_eval_report(cfg, args.get("class_names") or ds.class_names, len(ds), metrics, test)
         return scalar_metrics(metrics)
+
+
+def _test_settings(cfg, args: dict[str, Any]) -> dict[str, Any]:
+    """The inference settings of ``segment eval``: the options given, else the checkpoint's."""
+    test = dict(
+        mode=cfg.test_mode or args["test_mode"],
+        crop=args["crop_size"],
+        stride=cfg.test_stride or args["test_stride"],
+        scale=tuple(cfg.scale or args["scale"]),
+        ratios=tuple(cfg.ratios),
+        flip=cfg.flip,
+    )
+    if test["stride"] > test["crop"]:
+        raise UsageError(
+            f"--test-stride {test['stride']} is larger than the {test['crop']} px window: pixels would be left out"
+        )
+    return test
+
+
+def _write_eval_report(cfg, names, images: int, metrics: dict[str, Any], test: dict[str, Any]) -> None:
+    """``metrics_SPLIT.json`` and ``per_class_SPLIT.txt`` in ``--output``, and the table in the log."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    table = per_class_table(metrics, names)
+    record = {
+        **scalar_metrics(metrics),
+        "IoU": dict(zip(names, metrics["IoU"], strict=False)),
+        "Acc": dict(zip(names, metrics["Acc"], strict=False)),
+        "images": images,
+        "test": test,
+    }
+    ckpt.write_atomic(
+        out / f"metrics_{cfg.split}.json",
+        lambda f: f.write(json.dumps(record, indent=1, allow_nan=True) + "\n"),
+        "w",
+    )
+    ckpt.write_atomic(out / f"per_class_{cfg.split}.txt", lambda f: f.write(table), "w")
+    scales = f", scales {list(test['ratios'])}" + (" + flip" if cfg.flip else "")
+    log.info(
+        "%s on %s (%s, %d images, %s%s):\n%s", cfg.checkpoint, cfg.data, cfg.split, images, test["mode"], scales, table
+    )
 
 
 def palette(num_classes: int) -> Tensor:
