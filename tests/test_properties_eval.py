@@ -80,11 +80,6 @@ def test_eval_transform__equals_the_plain_formulation_at_256_for_any_crop_pct(w,
     assert torch.equal(ours, mae_eval_transform(256, crop_pct)(img))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MAE's build_transform evaluates at input_size > 224 with crop_pct 1.0 "
-    "(resize 256, crop 256); our default crop_pct is 0.875 at every size",
-)
 def test_eval_transform__the_default_at_256_is_maes():
     img = _noise_image(500, 375, 8)
     crop_pct = FinetuneConfig.__dataclass_fields__["crop_pct"].default

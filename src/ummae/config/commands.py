@@ -188,7 +188,13 @@ class ClassifyData:
     val_data: str | None = option(None, "validation data (default: the val/ split of --data)")
     data_root: str | None = option(None, "root of the paths in list files (default: each list file's folder)")
     img_size: int | None = option(None, "input size (default: the model's)", gt=0)
-    crop_pct: float = option(0.875, "evaluation: resize to img_size / crop_pct, then center crop", gt=0, le=1)
+    crop_pct: float | None = option(
+        None,
+        "evaluation: resize to img_size / crop_pct, then center crop (default: MAE's rule, 224/256 up to 224 px, "
+        "1.0 above)",
+        gt=0,
+        le=1,
+    )
 
     def require_data(self, what: str) -> None:
         if not self.data:

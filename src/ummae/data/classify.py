@@ -34,12 +34,17 @@ SPLIT_NAMES = ("train", "val", "validation", "test")
 _MAX_NAMED = 5  # class names quoted in an error message
 
 
+def default_crop_pct(img_size: int) -> float:
+    """MAE's evaluation crop: 224/256 up to 224 px, the whole resized image (1.0) above."""
+    return 224 / 256 if img_size <= 224 else 1.0
+
+
 def build_classify_transform(
     img_size: int,
     is_training: bool,
     auto_augment: str | None = "rand-m9-mstd0.5-inc1",
     re_prob: float = 0.25,
-    crop_pct: float = 0.875,
+    crop_pct: float | None = None,
     simple: bool = False,
 ):
     """timm's create_transform with the MAE fine-tuning recipe.
@@ -52,10 +57,14 @@ def build_classify_transform(
     augmentation hurts a linear classifier on frozen features).
     eval: resize to int(img_size / crop_pct) bicubic, center crop img_size, normalise (timm
     create_transform is_training=False, crop_pct=crop_pct, interpolation='bicubic').
+    ``crop_pct`` None is MAE's rule (``util/datasets.py``, which the reference keeps): 224/256 for
+    inputs up to 224 px, 1.0 above (resize 256, center crop 256 for the 256-px models).
     ``simple`` only changes the training transform.
     """
     if img_size <= 0:
         raise DataError(f"img_size must be positive, got {img_size}")
+    if crop_pct is None:
+        crop_pct = default_crop_pct(img_size)
     if not 0.0 < crop_pct <= 1.0:
         raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if not 0.0 <= re_prob <= 1.0:

@@ -57,7 +57,7 @@ class Classifier(nn.Module):
             input_size=(3, img_size, img_size),
             num_classes=num_classes,
             interpolation="bicubic",
-            crop_pct=0.875,
+            crop_pct=224 / 256 if img_size <= 224 else 1.0,  # MAE's evaluation crop (util/datasets.py)
             mean=IMAGENET_DEFAULT_MEAN,
             std=IMAGENET_DEFAULT_STD,
             first_conv="encoder.patch_embed.proj",
