@@ -14,9 +14,8 @@ MMDetection's formulation, written out by the loop below:
   weighted by it and divided by the sum of the weights (at least 1), a constant;
 * the DFL target is the distance from the anchor centre to each gt side in units of the
   anchor's stride, clamped to ``[0, reg_max - eps]``; MMDetection's ``bbox2distance`` (2.x) /
-  ``DistancePointBBoxCoder.encode`` (3.x), as ``GFLHead`` calls it, has ``eps = 0.1``; ours
-  clamps at ``reg_max - 0.01`` (``DFL_EPS``), which the tests below take, and the
-  reference's 0.1 is an expected failure (``test_gfl_loss__dfl_target_clamp_is_mmdetections``);
+  ``DistancePointBBoxCoder.encode`` (3.x), as ``GFLHead`` calls it, has ``eps = 0.1``
+  (``DFL_EPS``; ``test_gfl_loss__dfl_target_clamp_is_mmdetections`` builds a target that is clamped);
 * ATSS: per gt, the ``topk`` anchors of each level nearest its centre; IoU >= mean + unbiased
   std of theirs, centre inside the gt by more than 0.01; the gt of highest IoU wins.
 
@@ -36,7 +35,7 @@ from torch import nn
 from ummae.models.gfl import GFL, atss_assign, distribution_focal_loss, integral, quality_focal_loss
 
 REG_MAX = 4
-DFL_EPS = 0.01  # ours; MMDetection's is 0.1 (see the xfail test): set to 0.1 once gfl.py follows it
+DFL_EPS = 0.1  # MMDetection 2.x GFLHead: bbox2distance(points, gt, max_dis=reg_max, eps=0.1)
 STRIDES = (8, 16, 32)
 OCTAVE = 8.0
 IMG = 256
@@ -509,11 +508,6 @@ def test_postprocess__equals_the_plain_decode_threshold_topk_clip_and_classwise_
     torch.testing.assert_close(det["boxes"], torch.tensor([t[2] for t in ref]), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MMDetection's GFLHead clamps the DFL target to reg_max - 0.1 (bbox2distance / "
-    "DistancePointBBoxCoder.encode, eps=0.1); gfl.py clamps to reg_max - 0.01",
-)
 def test_gfl_loss__dfl_target_clamp_is_mmdetections():
     """A side 12 strides from the anchor centre with reg_max 4: MMDetection's target is 3.9
     (bins 3 and 4 weighted 0.1 and 0.9), not 3.99."""

@@ -357,7 +357,9 @@ class GFL(FCOS):
         # still connected to the regression branch (DDP sees every parameter used)
         weight = cls_logits.detach().sigmoid().max(dim=-1).values[pos]  # [P]
         giou = generalized_box_iou_loss(pos_pred, pos_gt, reduction="none")
-        dfl_target = (self.box_coder.encode(pos_anchors, pos_gt) / pos_stride).clamp(0, self.reg_max - 0.01)
+        # MMDetection's bbox2distance(points, gt, max_dis=reg_max, eps=0.1): a target at the
+        # last bin still puts weight 0.1 on the one below
+        dfl_target = (self.box_coder.encode(pos_anchors, pos_gt) / pos_stride).clamp(0, self.reg_max - 0.1)
         dfl = distribution_focal_loss(pos_reg.reshape(-1, self.reg_max + 1), dfl_target.reshape(-1))
         avg = _mean_over_ranks(weight.sum()).clamp(min=1.0)
         loss_bbox = (giou * weight).sum() / avg
