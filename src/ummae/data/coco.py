@@ -244,47 +244,15 @@ class CocoDetection(ImageDataset):
         self.ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
         self.img_dir = os.path.join(root, split)
         data = _load_instances(self.ann_file, need_area=not self.train, need_masks=self.with_masks)
-        if not os.path.isdir(self.img_dir):
-            raise DataError(f"image folder {self.img_dir} not found (the images of {self.ann_file})")
-        missing = [
-            os.path.join(self.img_dir, img["file_name"])
-            for img in data["images"]
-            if not os.path.exists(os.path.join(self.img_dir, img["file_name"]))
-        ]
-        if missing:
-            raise DataError(
-                f"{len(missing)} of the {len(data['images'])} images listed in "
-                f"{self.ann_file} are missing on disk, e.g. {missing[0]}"
-            )
+        self._check_images_on_disk(data["images"])
         self.coco = _make_coco(data)
         self.cat_ids = sorted(self.coco.cats)
         self._label_of = {cid: k + 1 for k, cid in enumerate(self.cat_ids)}
-
-        ids = sorted(self.coco.imgs)
-        n_crowd = sum(1 for a in data["annotations"] if a.get("iscrowd", 0))
-        if self.train:
-            self._anns = {
-                i: [a for a in self.coco.imgToAnns.get(i, []) if _is_training_target(a, *self._size(i))] for i in ids
-            }
-            kept = [i for i in ids if self._anns[i]]
-            n_targets = sum(len(self._anns[i]) for i in kept)
-            note = (
-                f"{n_targets} training targets; {len(ids) - len(kept)} images without one "
-                f"left out; {n_crowd} crowd regions ignored"
-            )
-            ids = kept
-            if not ids:
-                raise DataError(
-                    f"no image of {self.ann_file} has a training annotation (non-crowd, box at least 1x1 px)"
-                )
-        else:
-            self._anns = {i: list(self.coco.imgToAnns.get(i, [])) for i in ids}
-            note = f"{len(data['annotations'])} annotations ({n_crowd} crowd)"
-        self.ids = ids
+        self.ids, note = self._select_images(data)
         if transform is None:
             transform = LargeScaleJitter() if self.train else to_uint8_tensor
         self.pair_transform = transform
-        samples = [(os.path.join(self.img_dir, self.coco.imgs[i]["file_name"]), i) for i in ids]
+        samples = [(os.path.join(self.img_dir, self.coco.imgs[i]["file_name"]), i) for i in self.ids]
         names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         super().__init__(
             samples,
@@ -296,6 +264,39 @@ class CocoDetection(ImageDataset):
             class_names=names,
         )
         logger.info("%s data: %s", split, self.describe())
+
+    def _check_images_on_disk(self, images: list[dict]) -> None:
+        """Every image the annotations list is on disk: one line naming the first missing one."""
+        if not os.path.isdir(self.img_dir):
+            raise DataError(f"image folder {self.img_dir} not found (the images of {self.ann_file})")
+        missing = [
+            os.path.join(self.img_dir, img["file_name"])
+            for img in images
+            if not os.path.exists(os.path.join(self.img_dir, img["file_name"]))
+        ]
+        if missing:
+            raise DataError(
+                f"{len(missing)} of the {len(images)} images listed in "
+                f"{self.ann_file} are missing on disk, e.g. {missing[0]}"
+            )
+
+    def _select_images(self, data: dict) -> tuple[list[int], str]:
+        """The image ids to use and a note of what was left out. Training keeps the images with
+        at least one training target (non-crowd, box at least 1x1 px), evaluation all of them."""
+        ids = sorted(self.coco.imgs)
+        n_crowd = sum(1 for a in data["annotations"] if a.get("iscrowd", 0))
+        if not self.train:
+            self._anns = {i: list(self.coco.imgToAnns.get(i, [])) for i in ids}
+            return ids, f"{len(data['annotations'])} annotations ({n_crowd} crowd)"
+        self._anns = {
+            i: [a for a in self.coco.imgToAnns.get(i, []) if _is_training_target(a, *self._size(i))] for i in ids
+        }
+        kept = [i for i in ids if self._anns[i]]
+        if not kept:
+            raise DataError(f"no image of {self.ann_file} has a training annotation (non-crowd, box at least 1x1 px)")
+        n_targets = sum(len(self._anns[i]) for i in kept)
+        note = f"{n_targets} training targets; {len(ids) - len(kept)} images without one left out; {n_crowd} crowd regions ignored"
+        return kept, note
 
     def _size(self, image_id: int) -> tuple[int, int]:
         img = self.coco.imgs[image_id]
