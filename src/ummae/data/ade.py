@@ -323,21 +323,7 @@ class SegmentationFolder(ImageDataset):
         self.ignore_index = ignore_index
         self.img_dir = os.path.join(root, "images", split)
         self.ann_dir = os.path.join(root, "annotations", split)
-        layout = f"expected the ADE20K layout root/images/{split}/ + root/annotations/{split}/"
-        for folder in (self.img_dir, self.ann_dir):
-            if not os.path.isdir(folder):
-                raise DataError(f"folder {folder} not found ({layout})")
-        images = scan_images(self.img_dir)
-        if not images:
-            raise no_images_error(self.img_dir)
-        stems = [os.path.splitext(os.path.relpath(p, self.img_dir))[0] for p in images]
-        self.ann_paths = [os.path.join(self.ann_dir, stem + ".png") for stem in stems]
-        missing = [(p, a) for p, a in zip(images, self.ann_paths, strict=True) if not os.path.isfile(a)]
-        if missing:
-            raise DataError(
-                f"{len(missing)} of the {len(images)} images in {self.img_dir} have "
-                f"no label map, e.g. {missing[0][0]} (expected {missing[0][1]})"
-            )
+        images = self._image_and_label_paths(split)
         if transform is None:
             transform = SegTrainTransform(ignore_index=ignore_index) if self.train else to_uint8_tensor
         t_ignore = getattr(transform, "ignore_index", ignore_index)
@@ -365,6 +351,26 @@ class SegmentationFolder(ImageDataset):
             class_names=names,
         )
         logger.info("%s data: %s", split, self.describe())
+
+    def _image_and_label_paths(self, split: str) -> list[str]:
+        """The split's images, sorted, each with its label map (``self.ann_paths``): refused in one
+        line when a folder, every image or one label map is missing."""
+        layout = f"expected the ADE20K layout root/images/{split}/ + root/annotations/{split}/"
+        for folder in (self.img_dir, self.ann_dir):
+            if not os.path.isdir(folder):
+                raise DataError(f"folder {folder} not found ({layout})")
+        images = scan_images(self.img_dir)
+        if not images:
+            raise no_images_error(self.img_dir)
+        stems = [os.path.splitext(os.path.relpath(p, self.img_dir))[0] for p in images]
+        self.ann_paths = [os.path.join(self.ann_dir, stem + ".png") for stem in stems]
+        missing = [(p, a) for p, a in zip(images, self.ann_paths, strict=True) if not os.path.isfile(a)]
+        if missing:
+            raise DataError(
+                f"{len(missing)} of the {len(images)} images in {self.img_dir} have "
+                f"no label map, e.g. {missing[0][0]} (expected {missing[0][1]})"
+            )
+        return images
 
     def _class_names(self, num_classes: int) -> list[str]:
         """``num_classes`` names: label_map.txt's (padded / truncated with a warning when it
