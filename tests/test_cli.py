@@ -315,7 +315,7 @@ def test_config_from_args__builtin_demo():
 
 
 def test_config_from_args__builtin_paper_recipe():
-    cfg = config_from_args(PretrainConfig, _parser().parse_args(["pretrain", "--config", "swin_tiny_in1k"]))
+    cfg = config_from_args(PretrainConfig, _parser().parse_args(["pretrain", "--config", "swin_tiny_ummae_in1k"]))
     assert (cfg.model, cfg.batch_size, cfg.accum_iter, cfg.blr, cfg.sm_ratio) == (
         "mae_swin_tiny_256",
         128,
@@ -329,11 +329,21 @@ def test_builtin_configs__each_listed_for_the_commands_it_fits():
     from ummae.config import EvalConfig, FinetuneConfig, PretrainConfig, builtin_configs, load_yaml
 
     assert "demo" in builtin_configs(PretrainConfig) and "demo" not in builtin_configs(FinetuneConfig)
-    assert builtin_configs(FinetuneConfig) == ["swin_tiny_in1k_finetune"]
+    assert builtin_configs(FinetuneConfig) == [
+        "vit_base_mae_in1k_finetune",
+        "vit_base_ummae_in1k_finetune",
+        "swin_tiny_ummae_in1k_finetune",
+        "swin_tiny_simmim_in1k_finetune",
+        "pvt_small_ummae_in1k_finetune",
+        "pvt_small_simmim_in1k_finetune",
+        "swin_large_ummae_in1k_finetune",
+    ]
     assert builtin_configs(EvalConfig) == []
     for cls in (PretrainConfig, FinetuneConfig):
         for name in builtin_configs(cls):
             cfg = cls(**load_yaml(cls, name))  # every option parses into the config it is listed for
             assert cfg.model
-    with pytest.raises(ValueError, match=r"built-in configs: swin_tiny_in1k_finetune\)"):
+    with pytest.raises(ValueError, match=r"built-in configs: vit_base_mae_in1k_finetune, .*_finetune\)"):
         load_yaml(FinetuneConfig, "no_such_config")
+    with pytest.raises(ValueError, match="swin_tiny_ummae_in1k is a recipe of `ummae pretrain`, not of this command"):
+        load_yaml(FinetuneConfig, "swin_tiny_ummae_in1k")

@@ -81,6 +81,10 @@ def _models_flags(m: argparse.ArgumentParser) -> None:
     m.add_argument("--kind", choices=("pretrain", "classify"), help="only pre-training models or only classifiers")
 
 
+def _recipes_flags(r: argparse.ArgumentParser) -> None:
+    r.add_argument("name", nargs="?", help="a recipe: print its values and sources")
+
+
 def _detect_predict_flags(dp: argparse.ArgumentParser) -> None:
     dp.add_argument("--checkpoint", required=True, help="a checkpoint of `ummae detect train`")
     dp.add_argument("--images", required=True, nargs="+", help="image files and/or folders (their images, sorted)")
@@ -183,6 +187,13 @@ def _models(args) -> int:
 
     for name in list_models(args.pattern, kind=args.kind):
         print(name)
+    return 0
+
+
+def _recipes(args) -> int:
+    from ummae.config.recipes import recipes_text
+
+    print(recipes_text(args.name))
     return 0
 
 
@@ -297,6 +308,11 @@ GROUPS = {  # commands of two words: `ummae detect train ...`
 }
 COMMANDS: dict[str, Command] = {
     "models": Command("list the registered models, one per line", _models, flags=_models_flags),
+    "recipes": Command(
+        "list the paper's runs as named recipes (`--config NAME`), with the published figures",
+        _recipes,
+        flags=_recipes_flags,
+    ),
     "pretrain": Command("pre-train an encoder (UM-MAE, MAE or SimMIM)", "tasks.pretrain:pretrain", PretrainConfig),
     "finetune": Command(
         "fine-tune a classifier, from pre-trained weights or from scratch", "tasks.classify:finetune", FinetuneConfig

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ummae.config.recipes import RECIPES
 from ummae.errors import UsageError
 
 BUILTIN_CONFIGS = Path(__file__).parent.parent / "configs"
@@ -88,17 +89,26 @@ def _convert_bool(value: Any) -> bool:
 
 
 def builtin_configs(cls=None):
-    """Names of the built-in YAML configs; with ``cls``, only those whose options all belong
-    to it (a pre-training config is no fine-tuning config)."""
+    """Names of the built-in configs: the YAML files, then the recipes (:mod:`ummae.config.recipes`);
+    with ``cls``, only those whose options all belong to it (a pre-training config is no
+    fine-tuning config)."""
     names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
     if cls is None:
-        return names
+        return names + list(RECIPES)
     known = {f.name for f in fields(cls)}
-    return [n for n in names if set(yaml.safe_load((BUILTIN_CONFIGS / f"{n}.yaml").read_text()) or {}) <= known]
+    names = [n for n in names if set(yaml.safe_load((BUILTIN_CONFIGS / f"{n}.yaml").read_text()) or {}) <= known]
+    return names + [n for n, r in RECIPES.items() if set(r.options()) <= known]
 
 
 def load_yaml(cls, path: str | Path) -> dict[str, Any]:
-    """Load a YAML file of options, or a built-in config by name (``demo``, ...)."""
+    """Load a YAML file of options, or a built-in config by name (``demo``, a recipe, ...). A
+    recipe gives its batch split for the reference's 8 processes; the run derives the split
+    for its own number (:func:`ummae.config.recipes.resolve_recipe_batch`)."""
+    if str(path) in RECIPES and not Path(path).is_file():
+        recipe = RECIPES[str(path)]
+        if str(path) not in builtin_configs(cls):
+            raise UsageError(f"--config {path} is a recipe of `ummae {recipe.command}`, not of this command")
+        return {name: _coerce(cls, name, value) for name, value in recipe.options().items()}
     path = Path(path)
     if not path.is_file() and (BUILTIN_CONFIGS / f"{path}.yaml").is_file():
         path = BUILTIN_CONFIGS / f"{path}.yaml"
@@ -189,10 +199,17 @@ def config_from_args(cls, args: argparse.Namespace):
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(load_yaml(cls, args.config))
+    flags = {}
     for f in fields(cls):
         if hasattr(args, f.name):
-            values[f.name] = _coerce(cls, f.name, getattr(args, f.name))
+            flags[f.name] = _coerce(cls, f.name, getattr(args, f.name))
+    name = getattr(args, "config", None)
+    recipe = RECIPES[name] if name in RECIPES and not Path(name).is_file() else None  # load_yaml checked its command
+    overridden = {k: v for k, v in flags.items() if recipe is not None and k in values and values[k] != v}
+    values.update(flags)
     cfg = cls(**values)
     cfg._given = set(values)  # what the user set (YAML or flags): a resumed run refuses contradictions
+    if recipe is not None:  # the run splits its total batch over its processes (tasks.base.run)
+        cfg._recipe, cfg._flags, cfg._overridden = recipe.name, set(flags), overridden
     cfg.validate()
     return cfg

@@ -14,6 +14,7 @@ loaders and the optimiser, and train with the one :class:`~ummae.engine.trainer.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ummae.config import settings_from_checkpoint
+from ummae.config.recipes import resolve_recipe_batch
 from ummae.data import build_train_loader
 from ummae.engine.dist import DistInfo, loader_workers
 from ummae.engine.run import training_run
@@ -135,9 +137,13 @@ def recorded_kind(meta: dict[str, Any]) -> str | None:
 def run(task: Task, cfg) -> dict[str, Any]:
     """Train ``task`` as ``cfg`` says; returns the Trainer's summary."""
     cfg.validate()
+    # a recipe's total batch over this run's processes (torchrun's WORLD_SIZE, known before they join)
+    recipe_lines = resolve_recipe_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     settings_from_checkpoint(cfg, log)  # a resumed run continues with its own settings
     task.check(cfg)
     with training_run(cfg) as (info, device, precision):
+        for line in recipe_lines if info.is_main else ():
+            log.info(line)
         ctx = RunContext(info, device, precision, loader_workers(cfg.num_workers))
         parts = task.build(cfg, ctx)
         model = parts.model.to(device)

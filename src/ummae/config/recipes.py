@@ -1,0 +1,258 @@
+"""The paper's runs as named recipes: one row per run of the reference code (its ``Makefile``,
+which PRETRAIN.md and FINETUNE.md point to, and its MMDetection / MMSegmentation configs), value
+for value, with the figure the paper / the reference README publishes for it (METHOD.md,
+"Reference results").
+
+A recipe states the *total* batch of the reference run (per-GPU batch x accumulation x 8
+GPUs); the command derives the per-process batch and accumulation from the number of
+processes (:func:`split_batch`), so 1, 8 or 64 processes train with the same total batch and
+the same lr. ``--config NAME`` takes a recipe's values; flags override them (precedence:
+dataclass default < recipe < flag). ``ummae recipes`` prints :data:`RECIPES`, and the README's
+recipe section is :func:`markdown_table` (checked by a test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ummae.errors import UsageError
+
+REFERENCE_GPUS = 8  # every reference run: `torch.distributed.launch --nproc_per_node=8` / `dist_train.sh ... 8`
+
+# main_finetune.py's own defaults, which the Makefile's fine-tuning rows leave as they are
+_FINETUNE_DEFAULTS = dict(
+    warmup_epochs=5, min_lr=1e-6, smoothing=0.1, auto_augment="rand-m9-mstd0.5-inc1", mixup_prob=1.0,
+    mixup_switch_prob=0.5,
+)  # fmt: skip
+_GFL = dict(
+    detector="gfl", img_size=1024, scale_range=(0.1, 2.0), flip_prob=0.5, drop_path=0.1, neck_channels=768,
+    fpn_channels=256, epochs=25, warmup_steps=2000, blr=1.6e-3, min_lr=1e-6, weight_decay=0.05, keep_every=5,
+)  # fmt: skip
+_UPERNET = dict(
+    num_classes=150, crop_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), drop_path=0.1, neck_channels=768,
+    head_channels=768, aux_weight=0.4, layer_decay=1.0, iters=160000, eval_every_iters=16000, schedule="poly",
+    warmup_steps=1500, blr=1.6e-3, min_lr=0.0, weight_decay=0.05, test_mode="slide", test_stride=341,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One run of the reference: the command that runs it, its total batch (``ref_batch`` per
+    GPU x accumulation x 8 GPUs in the reference), the options it sets, where they come from,
+    and the published figure."""
+
+    name: str
+    command: str  # "pretrain", "finetune", "detect train", "segment train"
+    total_batch: int
+    ref_batch: int  # the reference's per-GPU batch: kept per process where it divides
+    values: dict[str, Any] = field(hash=False)
+    source: str  # the Makefile target or config file
+    published: str  # the paper's figure for this row (METHOD.md / the reference README)
+
+    def options(self, world_size: int = REFERENCE_GPUS) -> dict[str, Any]:
+        """The config options: ``values`` plus the per-process batch and accumulation that give
+        ``total_batch`` on ``world_size`` processes."""
+        batch, accum = split_batch(self.total_batch, self.ref_batch, world_size, self.name)
+        return {**self.values, "batch_size": batch, "accum_iter": accum}
+
+
+def _pretrain(name, model, img_size, source, published, *, method="ummae", ref_batch=128, epochs=200, warmup=10):
+    values: dict[str, Any] = dict(model=model, img_size=img_size, mask_ratio=0.75)
+    if method == "ummae":  # --mask_regular --vis_mask_ratio 0.25 --norm_pix_loss
+        values.update(sampling="uniform", sm_ratio=0.25, norm_pix_loss=True)
+    elif method == "mae":  # MAE's random sampling: no --mask_regular, no secondary masking
+        values.update(sampling="random", sm_ratio=0.0, norm_pix_loss=True)
+    values.update(epochs=epochs, warmup_epochs=warmup, blr=1.5e-4, weight_decay=0.05, output=f"runs/{name}")
+    return Recipe(name, "pretrain", 4096, ref_batch, values, f"Makefile: {source}", published)
+
+
+def _finetune(name, model, img_size, source, published, *, layer_decay=0.85, drop_path=0.1, ref_batch=64):
+    values: dict[str, Any] = dict(
+        model=model, img_size=img_size, epochs=100, blr=5e-4, layer_decay=layer_decay, weight_decay=0.05,
+        drop_path=drop_path, reprob=0.25, mixup=0.8, cutmix=1.0, **_FINETUNE_DEFAULTS, output=f"runs/{name}",
+    )  # fmt: skip
+    return Recipe(name, "finetune", 1024, ref_batch, values, f"Makefile: {source}", published)
+
+
+def _dense(name, command, backbone, defaults, source, published):
+    values = dict(backbone=backbone, **defaults, output=f"runs/{name}")
+    return Recipe(name, command, 16, 2, values, source, published)
+
+
+_DET = "DET/configs/gfl/gfl_mae_{}_256_mask_vmr025_200e_100e_fpn_25ep_1024x1024_coco.py"
+_SEG = "SEG/configs/upernet/upernet_mae_{}_256_mask_vmr025_200e_100e_512_slide_160k_ade20k_lr1e4_lrd1_pt.py"
+_NOT_PUBLISHED = "not published (the paper gives no figure for this run in METHOD.md)"
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        _pretrain("vit_base_mae_in1k", "mae_vit_base_patch16_dec512d2b", 224,
+                  "pretrain_mae_vit_base_patch16_dec512d2b_224_200e", "82.88 top-1 after vit_base_mae_in1k_finetune",
+                  method="mae"),
+        _pretrain("vit_base_ummae_in1k", "mae_vit_base_patch16_dec512d2b", 224,
+                  "pretrain_mae_vit_base_patch16_dec512d2b_224_mask_vmr025_200e",
+                  "82.88 top-1 after vit_base_ummae_in1k_finetune"),
+        _pretrain("swin_tiny_ummae_in1k", "mae_swin_tiny_256", 256, "pretrain_mae_swin_tiny_256_mask_vmr025_200e",
+                  "25.0 h on 8 GPUs; 82.04 top-1 after swin_tiny_ummae_in1k_finetune"),
+        _pretrain("swin_tiny_simmim_in1k", "simmim_swin_tiny_256", 256, "pretrain_simmim_swin_tiny_256_200e",
+                  "49.3 h on 8 GPUs; 82.20 top-1 after swin_tiny_simmim_in1k_finetune", method="simmim", ref_batch=64),
+        _pretrain("pvt_small_ummae_in1k", "mae_pvt_small_256", 256, "pretrain_mae_pvt_small_256_mask_vmr025_200e",
+                  "21.3 h on 8 GPUs; 79.31 top-1 after pvt_small_ummae_in1k_finetune"),
+        _pretrain("pvt_small_simmim_in1k", "simmim_pvt_small_256", 256, "pretrain_simmim_pvt_small_256_200e",
+                  "38.0 h on 8 GPUs; 79.28 top-1 after pvt_small_simmim_in1k_finetune", method="simmim"),
+        _pretrain("swin_large_ummae_in1k", "mae_swin_large_256", 256, "pretrain_mae_swin_large_256_mask_vmr025_800e",
+                  "85.2 top-1 after swin_large_ummae_in1k_finetune", ref_batch=64, epochs=800, warmup=40),
+        _finetune("vit_base_mae_in1k_finetune", "vit_base_patch16", 224,
+                  "finetune_mae_vit_base_patch16_dec512d2b_200e_100e", "82.88 top-1", layer_decay=0.8),
+        _finetune("vit_base_ummae_in1k_finetune", "vit_base_patch16", 224,
+                  "finetune_mae_vit_base_patch16_dec512d2b_mask_vmr025_200e_100e", "82.88 top-1", layer_decay=0.8),
+        _finetune("swin_tiny_ummae_in1k_finetune", "swin_tiny_256", 256,
+                  "finetune_mae_swin_tiny_256_mask_vmr025_200e_100e", "82.04 top-1"),
+        _finetune("swin_tiny_simmim_in1k_finetune", "swin_tiny_256", 256, "finetune_simmim_swin_tiny_256_200e_100e",
+                  "82.20 top-1"),
+        _finetune("pvt_small_ummae_in1k_finetune", "pvt_small_256", 256,
+                  "finetune_mae_pvt_small_256_mask_vmr025_200e_100e", "79.31 top-1"),
+        _finetune("pvt_small_simmim_in1k_finetune", "pvt_small_256", 256, "finetune_simmim_pvt_small_256_200e_100e",
+                  "79.28 top-1"),
+        _finetune("swin_large_ummae_in1k_finetune", "swin_large_256", 256,
+                  "finetune_mae_swin_large_256_mask_vmr025_200e_100e", "85.2 top-1", layer_decay=0.7, drop_path=0.2,
+                  ref_batch=32),
+        _dense("swin_tiny_ummae_gfl_coco", "detect train", "swin_tiny_256", _GFL, _DET.format("swin_tiny"),
+               _NOT_PUBLISHED),
+        _dense("pvt_small_ummae_gfl_coco", "detect train", "pvt_small_256", _GFL, _DET.format("pvt_small"),
+               _NOT_PUBLISHED),
+        _dense("swin_tiny_ummae_upernet_ade20k", "segment train", "swin_tiny_256", _UPERNET, _SEG.format("swin_tiny"),
+               _NOT_PUBLISHED),
+        _dense("pvt_small_ummae_upernet_ade20k", "segment train", "pvt_small_256", _UPERNET, _SEG.format("pvt_small"),
+               _NOT_PUBLISHED),
+    ]
+}  # fmt: skip
+
+
+def split_batch(total: int, ref_batch: int, world_size: int, name: str = "") -> tuple[int, int]:
+    """``(per-process batch, accumulation)`` giving ``total`` images per update on
+    ``world_size`` processes: the reference's per-GPU batch where it divides each process's
+    share, else the largest batch under it that does. A world size that does not divide the
+    total is refused (its lr and schedule would not be the recipe's)."""
+    if world_size < 1 or total % world_size:
+        raise UsageError(
+            f"recipe {name}: {world_size} processes cannot make its total batch of {total} (use a number of "
+            f"processes that divides {total}, or give --batch-size and --accum-iter)"
+        )
+    share = total // world_size
+    batch = max(b for b in range(1, min(ref_batch, share) + 1) if share % b == 0)
+    return batch, share // batch
+
+
+def recipes_for(command: str) -> list[str]:
+    """The names of the recipes ``command`` runs."""
+    return [name for name, r in RECIPES.items() if r.command == command]
+
+
+def describe_split(recipe: Recipe, batch: int, accum: int, world_size: int) -> str:
+    """The log line of a recipe's batch: ``recipe X: total batch 4096 = 128 per process x 4
+    accumulation x 8 processes``."""
+    return (
+        f"recipe {recipe.name}: total batch {batch * accum * world_size} = {batch} per process x {accum} "
+        f"accumulation x {world_size} processes"
+    )
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def markdown_table() -> str:
+    """The README's recipe table, one row per recipe (what ``ummae recipes`` prints, as Markdown)."""
+    lines = [
+        "| `--config NAME` | command | total batch (reference: per GPU x accumulation x GPUs) | values | reference "
+        "| published |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in RECIPES.values():
+        values = ", ".join(f"{k}={_cell(v)}" for k, v in r.values.items() if k != "output")
+        split = " x ".join(map(str, (*split_batch(r.total_batch, r.ref_batch, REFERENCE_GPUS), REFERENCE_GPUS)))
+        lines.append(
+            f"| `{r.name}` | `ummae {r.command}` | {r.total_batch} ({split}) | {values} | `{r.source}` | {r.published} |"
+        )
+    return "\n".join(lines)
+
+
+def resolve_recipe_batch(cfg, world_size: int) -> list[str]:
+    """A run of a recipe (``--config NAME``): its per-process batch and accumulation for
+    ``world_size`` processes, set on ``cfg``, keeping the recipe's total batch. A flag given
+    for one of the two fixes it and the other is derived; both given override the total.
+    Returns the log lines: the split, and the recipe values the flags overrode. A config not
+    from a recipe is left as it is (no lines)."""
+    name = getattr(cfg, "_recipe", None)
+    if name is None:
+        return []
+    recipe, flags = RECIPES[name], getattr(cfg, "_flags", set())
+    overridden = getattr(cfg, "_overridden", {})
+    lines = []
+    if overridden:
+        lines.append(
+            f"recipe {name}: flags override "
+            + ", ".join(f"{k}={_cell(v)} (recipe: {_cell(recipe.values.get(k, recipe.options().get(k)))})"
+                        for k, v in overridden.items())
+        )  # fmt: skip
+    if {"batch_size", "accum_iter"} <= flags:
+        total = cfg.batch_size * cfg.accum_iter * world_size
+        lines.append(
+            f"recipe {name}: total batch {total} = {cfg.batch_size} per process x {cfg.accum_iter} accumulation x "
+            f"{world_size} processes, given by flags (the recipe's: {recipe.total_batch})"
+        )
+        return lines
+    if world_size < 1 or recipe.total_batch % world_size:
+        split_batch(recipe.total_batch, recipe.ref_batch, world_size, name)  # refuses, in one line
+    share = recipe.total_batch // world_size
+    if "batch_size" in flags and "accum_iter" not in flags:
+        if share % cfg.batch_size:
+            raise UsageError(
+                f"recipe {name}: --batch-size {cfg.batch_size} does not divide the {share} images per process of its "
+                f"total batch {recipe.total_batch} on {world_size} processes (give --accum-iter too to change the total)"
+            )
+        batch, accum = cfg.batch_size, share // cfg.batch_size
+    elif "accum_iter" in flags and "batch_size" not in flags:
+        if share % cfg.accum_iter:
+            raise UsageError(
+                f"recipe {name}: --accum-iter {cfg.accum_iter} does not divide the {share} images per process of its "
+                f"total batch {recipe.total_batch} on {world_size} processes (give --batch-size too to change the "
+                f"total)"
+            )
+        batch, accum = share // cfg.accum_iter, cfg.accum_iter
+    else:
+        batch, accum = split_batch(recipe.total_batch, recipe.ref_batch, world_size, name)
+    cfg.batch_size, cfg.accum_iter = batch, accum
+    # a resumed run may have another number of processes: the split derived here is no setting
+    # of the run, the checkpoint's is taken (and the change of total batch logged)
+    cfg._given = set(getattr(cfg, "_given", set())) - ({"batch_size", "accum_iter"} - flags)
+    lines.append(describe_split(recipe, batch, accum, world_size))
+    return lines
+
+
+def recipes_text(name: str | None = None) -> str:
+    """``ummae recipes``: one line per recipe (name, command, total batch, published figure);
+    with ``name``, that recipe's values and sources."""
+    if name is None:
+        width = max(map(len, RECIPES))
+        return "\n".join(
+            f"{r.name:<{width}}  ummae {r.command:<13}  total batch {r.total_batch:<5}  {r.published}"
+            for r in RECIPES.values()
+        )
+    if name not in RECIPES:
+        raise UsageError(f"no recipe {name!r}; recipes: {', '.join(RECIPES)}")
+    r = RECIPES[name]
+    batch, accum = split_batch(r.total_batch, r.ref_batch, REFERENCE_GPUS, name)
+    lines = [
+        f"{r.name}: ummae {r.command} --config {r.name} (flags override its values)",
+        f"  source: {r.source}",
+        f"  published: {r.published}",
+        f"  total batch: {r.total_batch} (the reference: {batch} per GPU x {accum} accumulation x {REFERENCE_GPUS} "
+        f"GPUs; each run splits it over its own processes)",
+    ]
+    lines += [f"  {k}: {_cell(v)}" for k, v in r.values.items()]
+    return "\n".join(lines)
