@@ -1,9 +1,9 @@
 """Properties of the data pipelines that their docs promise, against plain formulations:
 
 * tar shards (:class:`ummae.data.shards.ShardStream`): with equal shards, a multiple of
-  ranks x workers of them and ``samples_per_epoch`` their total, every sample is seen exactly
-  once per epoch across all ranks and all DataLoader workers, for several (ranks, workers,
-  batch) and epochs, and the epochs differ in who reads what (the shard permutation depends on
+  ranks of them and ``samples_per_epoch`` their total, every sample is seen exactly once per
+  epoch across all ranks and all DataLoader workers, for several (ranks, workers, batch) and
+  epochs, also where the workers divide neither the shards nor the batches, and the epochs differ in who reads what (the shard permutation depends on
   the epoch, the same on every rank). Run in-process: each (rank, worker) role is iterated as
   the DataLoader worker would (``get_worker_info`` stood in for), so many layouts are cheap;
   ``tests/test_shards.py`` runs the real two-rank, two-worker case under torchrun.
@@ -79,20 +79,31 @@ def test_shards__every_sample_exactly_once_per_epoch_across_ranks_and_workers(
         assert per_epoch[0] != per_epoch[1]
 
 
-def test_shards__the_shard_split_is_a_partition_of_a_permutation_shared_by_the_ranks(shards12):
-    """``worker_shards``: rank r takes shards r, r + R, ... of one permutation of the list
-    (seeded by the seed and the epoch only) and its worker w every W-th of those."""
-    for ranks, workers in ((2, 3), (3, 2), (4, 1)):
+def test_shards__ranks_split_one_permutation_and_workers_tile_their_ranks_batches(shards12):
+    """``rank_shards``: rank r takes shards r, r + R, ... of one permutation of the list, seeded
+    by the seed and the epoch only (so the ranks' lists interleaved are the one-rank order),
+    with the index's sample counts. ``worker_range``: the ranges of a rank's W workers tile
+    ``[0, num_batches x batch)`` in order, worker w's as long as its batches ``t % W == w``."""
+    for ranks, workers, batch in ((2, 3, 1), (3, 2, 2), (4, 1, 3), (1, 3, 3), (1, 5, 2)):
         for epoch in (0, 5):
-            parts = []
+            lists = []
             for rank in range(ranks):
                 stream = ShardStream(str(shards12), None)
-                stream.configure(batch_size=1, num_replicas=ranks, rank=rank, seed=9, num_workers=workers)
+                stream.configure(batch_size=batch, num_replicas=ranks, rank=rank, seed=9, num_workers=workers)
                 stream.set_epoch(epoch)
-                parts += [stream.worker_shards(role, workers) for role in range(workers)]
-            flat = [u for p in parts for u in p]
-            assert sorted(flat) == sorted(stream.urls)
-            assert all(len(p) == len(stream.urls) // (ranks * workers) for p in parts)
+                lists.append(stream.rank_shards())
+                assert all(n == 2 for _, n in lists[-1])  # shards of 2 (shards.json)
+                nb = N // (ranks * batch)
+                ranges = [stream.worker_range(w, workers) for w in range(workers)]
+                assert ranges[0][0] == 0 and ranges[-1][1] == nb * batch
+                assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+                assert [b - a for a, b in ranges] == [batch * len(range(w, nb, workers)) for w in range(workers)]
+            one = ShardStream(str(shards12), None)
+            one.configure(batch_size=1, num_replicas=1, rank=0, seed=9, num_workers=1)
+            one.set_epoch(epoch)
+            interleaved = [lists[i % ranks][i // ranks][0] for i in range(len(one.urls))]
+            assert interleaved == [u for u, _ in one.rank_shards()]
+            assert sorted(interleaved) == sorted(one.urls)
 
 
 def test_normalize_uint8__equals_totensor_normalize_on_a_batch_with_channels_that_differ():
@@ -117,17 +128,16 @@ def test_shards__worker_w_makes_the_batches_t_with_t_mod_W_equal_w(shards12, ran
         ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shards.py's docstring promises every sample once per epoch for equal shards, a multiple of R x W of "
-    "them and samples_per_epoch their total; when a rank's batches do not divide among its W workers, the "
-    "workers with more batches read their shards again and the others leave samples out",
-)
-def test_shards__every_sample_once_also_when_the_batches_do_not_divide_among_the_workers(shards12, monkeypatch):
-    """1 rank, 3 workers, batch 3: 12 shards of 2 (a multiple of 1 x 3), 24 samples per epoch,
-    8 batches: the workers make 3, 3 and 2 of them (9, 9 and 6 samples) from 8 samples each."""
-    seen = _epoch_labels(shards12, 1, 3, 3, 0, monkeypatch)
-    assert sorted(lab for labels in seen.values() for lab in labels) == list(range(N))
+@pytest.mark.parametrize("ranks, workers, batch", [(1, 3, 3), (1, 5, 2), (2, 5, 1), (3, 3, 2), (1, 7, 1)])
+def test_shards__every_sample_once_also_when_the_batches_do_not_divide_among_the_workers(
+    shards12, ranks, workers, batch, monkeypatch
+):
+    """E.g. 1 rank, 3 workers, batch 3: 12 shards of 2, 24 samples per epoch, 8 batches: the
+    workers make 3, 3 and 2 of them (9, 9 and 6 samples), so their ranges cut shards in two.
+    Also 5 and 7 workers, which divide neither the shards nor the batches."""
+    for epoch in (0, 1):
+        seen = _epoch_labels(shards12, ranks, workers, batch, epoch, monkeypatch)
+        assert sorted(lab for labels in seen.values() for lab in labels) == list(range(N)), (epoch, seen)
 
 
 # ------------------------------------------------------------------------- detection jitter

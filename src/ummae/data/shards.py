@@ -9,13 +9,21 @@ run resumes exactly.
 **An epoch** is ``samples_per_epoch`` samples (``--samples-per-epoch``; by default the
 ``num_samples`` of the shards' ``shards.json``), i.e. ``samples_per_epoch // (ranks x batch)``
 batches per rank. At epoch ``e`` the shard list is permuted by ``(seed, e)`` (the same on every
-rank), rank ``r`` takes shards ``r, r + R, ...`` of it and its DataLoader worker ``w`` shards
-``w, w + W, ...`` of those. Each worker makes the batches ``t`` of its rank with
-``t % W == w`` (the order in which the DataLoader collects them), reading its shards through a
-shuffle buffer (``shuffle_buffer`` samples, seeded by ``(seed, e, r, w)``) and, if it needs more
-samples than they hold, through them again (a new order per pass). Shards of equal size, a
-multiple of ``R x W`` of them, and ``samples_per_epoch`` their total: every sample is seen
-exactly once per epoch. Otherwise an epoch reads about the same share from every shard.
+rank) and rank ``r`` takes shards ``r, r + R, ...`` of it: the rank's *sequence* of samples is
+those shards in that order, read again if an epoch needs more samples than they hold (each
+later pass in an order of its own, seeded by ``(seed, e, r, pass)``). Each DataLoader worker
+``w`` makes the batches ``t`` of its rank with ``t % W == w`` (the order in which the
+DataLoader collects them), ``len(range(w, num_batches, W))`` of them, from its own contiguous
+range of the sequence, as long as those batches: the ranges of the workers tile the first
+``num_batches x batch`` samples, cut by the shards' sample counts (``shards.json``; without one,
+shards of equal size are assumed), so a shard may be shared by two workers, each reading its
+part. A worker reads its range through a shuffle buffer (``shuffle_buffer`` samples, seeded by
+``(seed, e, r, w)``, flushed at the end of the range). So, where the counts are right, a
+rank sees the first ``num_batches x batch`` samples of its sequence, none twice as long as its
+shards hold that many; when every rank's shards hold ``samples_per_epoch / R`` samples (equal
+shards, a multiple of ``R`` of them), ``samples_per_epoch`` is their total (the default) and a
+multiple of ``R x batch``, every sample is seen exactly once per epoch, whatever the number of
+workers.
 
 **Resume** is exact, at the granularity of a batch: batch ``t`` of epoch ``e`` of rank ``r``
 is a pure function of (the shard list, ``seed``, ``e``, ``r``, ``t``, ``R``, ``W``, the batch
@@ -32,6 +40,7 @@ ends early (truncated, unreadable) gives its samples up to the damage and a warn
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -180,6 +189,14 @@ class ShardStream(IterableDataset):
         if shuffle_buffer < 0:
             raise DataError(f"shuffle buffer must be >= 0, got {shuffle_buffer}")
         self.samples_per_epoch = int(samples_per_epoch)
+        # samples per shard (the index's counts), which cut the workers' ranges; without an
+        # index, equal shards are assumed
+        counts = {s["name"]: int(s["num_samples"]) for s in index["shards"] if "num_samples" in s} if index else {}
+        names = [os.path.basename(u) for u in self.urls]
+        if all(n in counts for n in names) and sum(counts[n] for n in names) > 0:
+            self.shard_sizes = [counts[n] for n in names]
+        else:
+            self.shard_sizes = [max(1, self.samples_per_epoch // len(self.urls))] * len(self.urls)
         classes = index.get("classes") if index else None
         self.class_names = list(classes) if classes else []
         self.num_classes = len(self.class_names)
@@ -203,7 +220,7 @@ class ShardStream(IterableDataset):
         if len(self.urls) < num_replicas * max(1, num_workers):
             raise DataError(
                 f"{len(self.urls)} shards cannot feed {num_replicas} process(es) x {max(1, num_workers)} data-loading "
-                f"worker(s) (each reads whole shards): write more, smaller shards (ummae shards --shard-size) or use "
+                f"worker(s) (at least one shard each): write more, smaller shards (ummae shards --shard-size) or use "
                 f"fewer --num-workers"
             )
         if self.num_batches_for(batch_size, num_replicas) < 1:
@@ -250,32 +267,60 @@ class ShardStream(IterableDataset):
         workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
         return (wid + self._start_batch) % workers, workers
 
-    def worker_shards(self, role: int, workers: int) -> list[str]:
-        """The shards worker ``role`` of this rank reads in this epoch."""
+    def rank_shards(self, pass_: int = 0) -> list[tuple[str, int]]:
+        """(url, samples) of the shards of this rank in pass ``pass_`` over them in this epoch:
+        shards ``r, r + R, ...`` of the epoch's permutation (the same on every rank); a later
+        pass in an order of its own, the same for all the rank's workers."""
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         perm = torch.randperm(len(self.urls), generator=g).tolist()
-        return [self.urls[i] for i in perm[self.rank :: self.num_replicas][role::workers]]
+        mine = perm[self.rank :: self.num_replicas]
+        if pass_:
+            random.Random(mix_seed(self.seed, self.epoch, self.rank, pass_)).shuffle(mine)
+        return [(self.urls[i], self.shard_sizes[i]) for i in mine]
 
-    def _raw_samples(self, shards: list[str], role: int) -> Iterator[dict]:
-        """The worker's samples, pass after pass over its shards (each pass its own shard
-        order and its own shuffle buffer, flushed at the end of the pass)."""
+    def worker_range(self, role: int, workers: int) -> tuple[int, int]:
+        """[start, stop) of the rank's sequence that worker ``role`` reads: the samples of its
+        batches ``t % W == role``, after those of the workers before it."""
+        nb, b = self.num_batches(), self.batch_size
+        start = b * sum(len(range(v, nb, workers)) for v in range(role))
+        return start, start + b * len(range(role, nb, workers))
+
+    def _rank_samples(self, start: int) -> Iterator[dict]:
+        """The rank's sequence from position ``start`` on, pass after pass over its shards.
+        Positions follow the recorded counts (a shard with more samples gives only that many),
+        so the workers' ranges meet exactly; a shard with fewer (truncated) shortens the stream."""
+        pos = 0
         for pass_ in range(1 << 30):
-            rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, role, pass_))
-            order = list(shards)
-            if pass_:
-                rng.shuffle(order)
-            found = 0
-            stream = tarfile_samples(({"url": u} for u in order), handler=_WarnShard())
-            if self.shuffle_buffer > 1:
-                stream = _shuffle(stream, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
-            for sample in stream:
-                found += 1
-                yield sample
-            if not found:
+            shards, read, found = self.rank_shards(pass_), False, 0
+            for url, n in shards:
+                if pos + n > start:
+                    read, skip = True, max(start - pos, 0)
+                    for k, sample in enumerate(tarfile_samples([{"url": url}], handler=_WarnShard())):
+                        if k >= n:
+                            break
+                        found += 1
+                        if k >= skip:
+                            yield sample
+                pos += n
+            if read and not found:
+                names = [u for u, _ in shards]
                 raise NoReadableImageError(
-                    f"the shards {', '.join(order[:3])}{' ...' if len(order) > 3 else ''} "
+                    f"the shards {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} "
                     f"hold no sample that can be read"
                 )
+
+    def _worker_samples(self, role: int, workers: int) -> Iterator[dict]:
+        """Worker ``role``'s range of the rank's sequence through its shuffle buffer (flushed
+        at the end of the range), then, only if shards held fewer samples than recorded or
+        some were undecodable, the sequence after it."""
+        start, stop = self.worker_range(role, workers)
+        raw = self._rank_samples(start)
+        own: Iterator[dict] = itertools.islice(raw, stop - start)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, role, 0))
+            own = _shuffle(own, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+        yield from own
+        yield from raw
 
     def _decode(self, sample: dict) -> Any | None:
         data = _image_member(sample)
@@ -291,8 +336,7 @@ class ShardStream(IterableDataset):
         start, nb, b = self._start_batch, self.num_batches(), self.batch_size
         mine = len(range(role, nb, workers)) * b  # samples this worker makes this epoch
         done = len(range(role, start, workers)) * b  # ... of which a resumed run already trained
-        shards = self.worker_shards(role, workers)
-        raw = self._raw_samples(shards, role)
+        raw = self._worker_samples(role, workers)
         ahead: deque = deque()  # samples read ahead to replace an undecodable one
         for pos in range(mine):
             sample = ahead.popleft() if ahead else next(raw)
