@@ -5,5 +5,8 @@ at the bottom of the layers, so that no lower layer imports the config to know t
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 INPUT_PIPELINES = ("tensor", "pil", "device")  # pre-training samples: data/transforms.build_pretrain_transform
-DETECTORS = ("gfl", "maskrcnn", "retinanet", "fcos")
+DETECTORS = ("gfl", "maskrcnn", "retinanet", "fcos", "cascade_maskrcnn", "htc")
+MASK_DETECTORS = ("maskrcnn", "cascade_maskrcnn", "htc")  # box and mask AP
+BOX_HEADS = ("2fc", "4conv1fc")  # cascade / HTC box heads: Shared2FCBBoxHead, Shared4Conv1FCBBoxHead
+BOX_NORMS = ("none", "bn", "gn")  # the 4conv1fc head's norm (bn: SyncBN under DDP on CUDA)
 SEG_TEST_MODES = ("slide", "whole")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ummae.choices import DETECTORS, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES
+from ummae.choices import BOX_HEADS, BOX_NORMS, DETECTORS, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES
 from ummae.config.fields import DEVICE, RAND_AUGMENT, check_fields, option, ordered_range
 from ummae.errors import UsageError
 
@@ -332,8 +332,20 @@ class DetectConfig(RunConfig):
         "swin_tiny_256", "registered classifier whose encoder is the backbone (`ummae models --kind classify`)"
     )
     detector: str = option(
-        "gfl", "gfl (the paper's), maskrcnn (box + mask AP), retinanet or fcos (torchvision's)", choices=DETECTORS
+        "gfl",
+        "gfl (the paper's), maskrcnn (box + mask AP), retinanet or fcos (torchvision's), cascade_maskrcnn or htc "
+        "(MMDetection's, box + mask AP)",
+        choices=DETECTORS,
     )
+    box_head: str = option(
+        "2fc",
+        "cascade_maskrcnn / htc box heads: 2fc (MMDetection's Shared2FCBBoxHead) or 4conv1fc (Swin's, with --box-norm)",
+        choices=BOX_HEADS,
+    )
+    box_norm: str = option(
+        "none", "norm of the 4conv1fc box heads' convs: bn (SyncBN under DDP on CUDA, Swin's) or gn", choices=BOX_NORMS
+    )
+    soft_nms: bool = option(False, "cascade_maskrcnn / htc: Gaussian soft-NMS at test (HTC++), not NMS at 0.5")
     pretrained: str | None = option(
         None,
         "backbone weights: a fine-tuning (the paper's choice) or pre-training checkpoint, ours or the reference's, "

@@ -7,7 +7,10 @@ Linear to 768 channels), registered as heads of kind ``detect``: ``create_model(
   head (:mod:`.gfl`);
 * ``maskrcnn``: torchvision's Mask R-CNN on an FPN over all four stages (P2-P6), the transfer
   benchmark of MAE / SimMIM;
-* ``retinanet`` / ``fcos``: torchvision's, on the P3-P7 pyramid of GFL.
+* ``retinanet`` / ``fcos``: torchvision's, on the P3-P7 pyramid of GFL;
+* ``cascade_maskrcnn`` / ``htc``: MMDetection 2.x's Cascade Mask R-CNN and HTC (without the
+  semantic branch) on the P2-P6 pyramid of Mask R-CNN (:mod:`.cascade`); ``box_head``
+  (``2fc`` / ``4conv1fc``), ``box_norm`` and ``soft_nms`` set the Swin paper's variants.
 
 ``num_classes`` counts torchvision's background (K + 1). Images are normalised on the device
 by torchvision's transform (timm's ImageNet mean and std, as every data pipeline uses).
@@ -27,8 +30,9 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ummae.choices import DETECTORS
+from ummae.choices import BOX_HEADS, BOX_NORMS, DETECTORS
 from ummae.errors import UsageError
+from ummae.models.cascade import CascadeMaskRCNN
 from ummae.models.dense import StageMaps, build_stage_maps, encoder_options
 from ummae.models.gfl import GFL
 from ummae.models.registry import register_model
@@ -67,7 +71,15 @@ class FeaturePyramid(nn.Module):
         return self.fpn(self.body(x))
 
 
-_DETECTOR_CLASSES = {"gfl": GFL, "maskrcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
+_DETECTOR_CLASSES = {
+    "gfl": GFL,
+    "maskrcnn": MaskRCNN,
+    "retinanet": RetinaNet,
+    "fcos": FCOS,
+    "cascade_maskrcnn": CascadeMaskRCNN,
+    "htc": functools.partial(CascadeMaskRCNN, htc=True),
+}
+CASCADES = ("cascade_maskrcnn", "htc")
 
 
 def build_detector(
@@ -79,18 +91,26 @@ def build_detector(
     fpn_channels: int = 256,
     drop_path: float | None = None,
     window_size: int | None = None,
+    box_head: str = "2fc",
+    box_norm: str = "none",
+    soft_nms: bool = False,
     **names: Any,
 ) -> nn.Module:
     """``detector`` on the stage maps of ``backbone``, from scratch; ``names`` (category ids
-    and names) are recorded with the options. Called through the registry (``create_model``)."""
+    and names) are recorded with the options. ``box_head``, ``box_norm`` and ``soft_nms``: the
+    cascade detectors' (recorded for them only). Called through the registry (``create_model``)."""
     if detector not in DETECTORS:
         raise UsageError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
+    if box_head not in BOX_HEADS or box_norm not in BOX_NORMS:
+        raise UsageError(f"box head {box_head!r} / norm {box_norm!r}: choose {BOX_HEADS} / {BOX_NORMS}")
+    cascade = dict(box_head=box_head, box_norm=box_norm, soft_nms=bool(soft_nms)) if detector in CASCADES else {}
     # Mask R-CNN: P2-P6, as torchvision's and MAE's / ViTDet's; the others P3-P7: from stage 2
     # on, two extra levels on the output
-    stages = [0, 1, 2, 3] if detector == "maskrcnn" else [1, 2, 3]
+    two_stage = detector == "maskrcnn" or detector in CASCADES
+    stages = [0, 1, 2, 3] if two_stage else [1, 2, 3]
     body = build_stage_maps(backbone, img_size, neck_channels, drop_path, window_size, stages)
-    extra = LastLevelMaxPool() if detector == "maskrcnn" else ExtraLevelsOnOutput(fpn_channels, nn.BatchNorm2d)
-    model = _DETECTOR_CLASSES[detector](FeaturePyramid(body, fpn_channels, extra), num_classes)
+    extra = LastLevelMaxPool() if two_stage else ExtraLevelsOnOutput(fpn_channels, nn.BatchNorm2d)
+    model = _DETECTOR_CLASSES[detector](FeaturePyramid(body, fpn_channels, extra), num_classes, **cascade)
     # Training images come as the img_size canvas of the jitter (no resize); evaluation
     # images are fitted into it (min_size = max_size: scale = img_size / long side) and padded
     # to it (size_divisible = img_size), so the backbone always sees the size it trains at.
@@ -107,6 +127,7 @@ def build_detector(
         neck_channels=neck_channels,
         fpn_channels=fpn_channels,
         **encoder_options(body),
+        **cascade,
         **names,
     )
     return model
@@ -138,3 +159,13 @@ def retinanet(**kw):
 @register_model("detect")
 def fcos(**kw):
     return _detector("fcos", kw)
+
+
+@register_model("detect")
+def cascade_maskrcnn(**kw):
+    return _detector("cascade_maskrcnn", kw)
+
+
+@register_model("detect")
+def htc(**kw):
+    return _detector("htc", kw)

@@ -60,10 +60,13 @@ def _resolve(name: str) -> tuple[str, dict[str, str]]:
     """The registered entry that builds ``name``, and the arguments its name gives."""
     if name in _MODELS and _KINDS[name] in MODEL_KINDS:
         return name, {}
-    head, _, backbone = name.partition("_")
+    # <head>_<backbone>, where a head's name may have underscores itself (cascade_maskrcnn);
     # any registered backbone name resolves: the head's builder refuses one that is no classifier
-    if _KINDS.get(head) in HEAD_KINDS and _KINDS.get(backbone) in MODEL_KINDS:
-        return head, {"backbone": backbone}
+    parts = name.split("_")
+    for i in range(1, len(parts)):
+        head, backbone = "_".join(parts[:i]), "_".join(parts[i:])
+        if _KINDS.get(head) in HEAD_KINDS and _KINDS.get(backbone) in MODEL_KINDS:
+            return head, {"backbone": backbone}
     close = difflib.get_close_matches(name, list_models(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UsageError(f"unknown model {name!r}.{hint} `ummae models` lists the registered ones.")

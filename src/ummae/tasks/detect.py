@@ -10,7 +10,9 @@ maps, each LayerNorm + Linear to 768 channels) and trains it with the one engine
   decay 0.05, 2000 warm-up steps, cosine to 0.01x, 25 epochs;
 * ``maskrcnn``: torchvision's Mask R-CNN on an FPN over all four stages (P2-P6), the transfer
   benchmark of MAE / SimMIM; box and mask AP;
-* ``retinanet`` / ``fcos``: torchvision's, on the P3-P7 pyramid of GFL.
+* ``retinanet`` / ``fcos``: torchvision's, on the P3-P7 pyramid of GFL;
+* ``cascade_maskrcnn`` / ``htc``: MMDetection 2.x's Cascade Mask R-CNN and HTC on the pyramid
+  of Mask R-CNN (:mod:`ummae.models.cascade`); box and mask AP.
 
 Images reach the model as uint8 (4x fewer bytes to the device) and are normalised there by
 torchvision's transform. Training images are already the ``img_size`` canvas (the jitter pads
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from ummae.choices import MASK_DETECTORS
 from ummae.data import build_eval_loader
 from ummae.data.coco import (
     CocoDetection,
@@ -165,6 +168,9 @@ def _model_kwargs(cfg) -> dict[str, Any]:
         fpn_channels=cfg.fpn_channels,
         drop_path=cfg.drop_path,
         window_size=cfg.window_size,
+        box_head=cfg.box_head,
+        box_norm=cfg.box_norm,
+        soft_nms=cfg.soft_nms,
     )
 
 
@@ -182,7 +188,7 @@ class DetectTask(Task):
             cfg.data,
             cfg.train_split,
             train=True,
-            with_masks=cfg.detector == "maskrcnn",
+            with_masks=cfg.detector in MASK_DETECTORS,
             transform=LargeScaleJitter(cfg.img_size, cfg.scale_range, cfg.flip_prob),
         )
         val_ds = CocoDetection(cfg.data, cfg.val_split, train=False)
@@ -227,7 +233,7 @@ class DetectTask(Task):
     def evaluator(self, cfg, ctx: RunContext, parts: Parts):
         val_ds = parts.val
         val_loader = eval_loader(val_ds, cfg.batch_size, ctx.workers, ctx.info, ctx.pin)
-        iou_types = ("bbox", "segm") if cfg.detector == "maskrcnn" else ("bbox",)
+        iou_types = ("bbox", "segm") if cfg.detector in MASK_DETECTORS else ("bbox",)
         measure = validation(
             lambda m: evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types),
             val_ds.img_dir,
@@ -263,7 +269,7 @@ def run_eval(cfg) -> dict[str, Any]:
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
         loader = eval_loader(ds, cfg.batch_size, udist.loader_workers(cfg.num_workers), info, device.type == "cuda")
-        iou_types = ("bbox", "segm") if model.model_args["detector"] == "maskrcnn" else ("bbox",)
+        iou_types = ("bbox", "segm") if model.model_args["detector"] in MASK_DETECTORS else ("bbox",)
         results_path = str(out / f"detections_{cfg.split}.json")
         metrics = evaluate_coco(model, ds, loader, device, precision, iou_types, results_path)
         if info.is_main:
@@ -283,7 +289,7 @@ def run_eval(cfg) -> dict[str, Any]:
 @torch.no_grad()
 def predict(args) -> int:
     """``ummae detect predict``: one picture per image with the detections scoring at least
-    ``--score-thresh`` drawn: boxes, ``label score`` captions and, for Mask R-CNN, masks."""
+    ``--score-thresh`` drawn: boxes, ``label score`` captions and, for the mask detectors, masks."""
     if not 0 <= args.score_thresh <= 1:
         raise UsageError(f"--score-thresh {args.score_thresh}: must be in [0, 1]")
     device = resolve_device(args.device)

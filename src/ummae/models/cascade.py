@@ -1,0 +1,345 @@
+"""Cascade Mask R-CNN and HTC RoI heads on torchvision's pieces (MultiScaleRoIAlign, BoxCoder,
+Matcher, BalancedPositiveNegativeSampler, the Mask R-CNN mask head and loss, ``batched_nms``).
+
+:class:`CascadeRoIHeads` replaces a torchvision ``FasterRCNN``'s ``roi_heads`` (same call:
+``(features, proposals, image_sizes, targets) -> (detections, losses)``), so the backbone, FPN,
+RPN, transform and post-processing stay torchvision's. It follows MMDetection 2.x:
+
+* ``CascadeRoIHead`` of ``configs/_base_/models/cascade_mask_rcnn_r50_fpn.py``: three box
+  stages (``Shared2FCBBoxHead``: two 1024-d fc) with IoU thresholds 0.5 / 0.6 / 0.7 (positive
+  and negative at the same threshold), 512 RoIs per image at 25 % positives with the ground
+  truth added as proposals, class-agnostic deltas with stds (0.1, 0.1, 0.2, 0.2) /
+  (0.05, 0.05, 0.1, 0.1) / (0.033, 0.033, 0.067, 0.067) (torchvision's BoxCoder weights are
+  their inverses), cross-entropy + smooth-L1 (beta 1) per stage, stage losses weighted
+  1 / 0.5 / 0.25; the sampled RoIs of stage t, minus the ground truth added, refined by its
+  deltas (no gradient) are the proposals of stage t + 1. A mask head (``FCNMaskHead``: four
+  3x3 convs, a 2x deconv, 28x28 class masks) per stage, trained on that stage's positives
+  with the stage's weight (MMDetection repeats a single ``mask_head`` config per stage).
+  Test: the proposals are refined by stages 1 and 2, the class logits of the three stages
+  are averaged, softmaxed, and the last stage's deltas give the boxes; every stage's mask
+  head runs on the final boxes and the sigmoid masks are averaged.
+* ``HybridTaskCascadeRoIHead`` of ``htc_without_semantic_r50_fpn_1x_coco.py`` (``htc=True``):
+  interleaved execution (the mask branch of stage t trains on RoIs re-assigned and re-sampled
+  after stage t's box refinement) and mask information flow (``HTCMaskHead``: stage t's mask
+  head adds, through a 1x1 conv + ReLU, the conv features of stage t - 1's mask head,
+  itself fed by t - 2's, on the same RoIs). The semantic branch is not built.
+* The Swin-paper heads (``Shared4Conv1FCBBoxHead``: four 3x3 convs with a norm, one fc) and
+  Gaussian soft-NMS at test (as mmcv's ``soft_nms``), the HTC++ settings, as options.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import maskrcnn_loss
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops.misc import Conv2dNormActivation
+
+# (IoU threshold, box coder stds) of the three stages: cascade_mask_rcnn_r50_fpn / htc_r50_fpn
+STAGES = ((0.5, (0.1, 0.1, 0.2, 0.2)), (0.6, (0.05, 0.05, 0.1, 0.1)), (0.7, (0.033, 0.033, 0.067, 0.067)))
+STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
+BOX_HEADS = ("2fc", "4conv1fc")
+NORMS = {"none": None, "bn": nn.BatchNorm2d, "gn": lambda c: nn.GroupNorm(32, c)}
+
+
+class BoxHead(nn.Module):
+    """MMDetection's ``ConvFCBBoxHead`` as ``Shared2FCBBoxHead`` (``convs=0, fcs=2``) or
+    ``Shared4Conv1FCBBoxHead`` (``convs=4, fcs=1``, each conv with ``norm``): RoI features ->
+    (class logits incl. background at 0, class-agnostic deltas ``[N, 4]``)."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, resolution: int = 7, convs: int = 0, fcs: int = 2, norm=None
+    ):
+        super().__init__()
+        self.convs = nn.Sequential(
+            *(Conv2dNormActivation(in_channels, in_channels, 3, norm_layer=norm) for _ in range(convs))
+        )
+        dims = [in_channels * resolution**2] + [1024] * fcs
+        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.cls = nn.Linear(dims[-1], num_classes)
+        self.reg = nn.Linear(dims[-1], 4)
+        # MMDetection's init: xavier-uniform fcs, N(0, 0.01) classifier, N(0, 0.001) regressor
+        for fc in self.fcs:
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+        nn.init.normal_(self.cls.weight, std=0.01)
+        nn.init.normal_(self.reg.weight, std=0.001)
+        nn.init.zeros_(self.cls.bias)
+        nn.init.zeros_(self.reg.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.convs(x).flatten(1)
+        for fc in self.fcs:
+            x = F.relu(fc(x))
+        return self.cls(x), self.reg(x)
+
+
+class MaskHead(nn.Module):
+    """``FCNMaskHead`` (torchvision's ``MaskRCNNHeads`` + ``MaskRCNNPredictor``); with
+    ``flow`` HTC's ``HTCMaskHead(with_conv_res=True)``: the previous stage's conv features go
+    through a 1x1 conv + ReLU and are added to the RoI features. Returns (mask logits, conv
+    features)."""
+
+    def __init__(self, in_channels: int, num_classes: int, flow: bool = False, norm=None):
+        super().__init__()
+        self.res = Conv2dNormActivation(in_channels, in_channels, 1, norm_layer=None) if flow else None
+        self.convs = MaskRCNNHeads(in_channels, (in_channels,) * 4, 1, norm_layer=norm)
+        self.predictor = MaskRCNNPredictor(in_channels, in_channels, num_classes)
+
+    def forward(self, x: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.res is not None and previous is not None:
+            x = x + self.res(previous)
+        feat = self.convs(x)
+        return self.predictor(feat), feat
+
+
+def soft_nms(boxes: Tensor, scores: Tensor, sigma: float = 0.5, min_score: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Gaussian soft-NMS as mmcv's ``soft_nms(method='gaussian')``: repeatedly take the highest
+    remaining score, decay every other remaining score by ``exp(-iou^2 / sigma)`` and drop
+    those below ``min_score``. Returns (indices in selection order, their decayed scores)."""
+    scores = scores.clone()
+    remaining = torch.arange(len(scores), device=scores.device)
+    keep, kept_scores = [], []
+    while remaining.numel():
+        best = int(scores[remaining].argmax())
+        i = remaining[best]
+        keep.append(i)
+        kept_scores.append(scores[i])
+        remaining = torch.cat([remaining[:best], remaining[best + 1 :]])
+        if not remaining.numel():
+            break
+        iou = box_iou(boxes[i][None], boxes[remaining])[0]
+        scores[remaining] = scores[remaining] * torch.exp(-(iou * iou) / sigma)
+        remaining = remaining[scores[remaining] >= min_score]
+    if not keep:
+        return torch.zeros(0, dtype=torch.long, device=scores.device), scores[:0]
+    return torch.stack(keep), torch.stack(kept_scores)
+
+
+def batched_soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, sigma: float = 0.5) -> tuple[Tensor, Tensor]:
+    """:func:`soft_nms` per class (mmcv's ``batched_nms``: boxes of different classes offset so
+    that they never overlap)."""
+    if not len(boxes):
+        return torch.zeros(0, dtype=torch.long, device=boxes.device), scores[:0]
+    offsets = labels.to(boxes) * (boxes.max() + 1)
+    return soft_nms(boxes + offsets[:, None], scores, sigma)
+
+
+class CascadeRoIHeads(nn.Module):
+    """The cascade's RoI heads (module docstring). ``num_classes`` counts the background (0)."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        htc: bool = False,
+        box_head: str = "2fc",
+        norm: str = "none",
+        soft_nms: bool = False,
+        rois_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+    ):
+        super().__init__()
+        names = ["0", "1", "2", "3"]
+        self.box_roi_pool = MultiScaleRoIAlign(names, 7, 2)
+        self.mask_roi_pool = MultiScaleRoIAlign(names, 14, 2)
+        norm_layer = NORMS[norm]
+        convs, fcs = (4, 1) if box_head == "4conv1fc" else (0, 2)
+        self.box_heads = nn.ModuleList(
+            BoxHead(channels, num_classes, 7, convs, fcs, norm_layer) for _ in range(len(STAGES))
+        )
+        self.mask_heads = nn.ModuleList(MaskHead(channels, num_classes, flow=htc and t > 0) for t in range(len(STAGES)))
+        self.coders = [det_utils.BoxCoder(tuple(1.0 / s for s in stds), math.log(1000.0 / 16)) for _, stds in STAGES]
+        self.matchers = [det_utils.Matcher(iou, iou, allow_low_quality_matches=False) for iou, _ in STAGES]
+        self.sampler = det_utils.BalancedPositiveNegativeSampler(rois_per_image, positive_fraction)
+        self.stage_loss_weights = STAGE_LOSS_WEIGHTS
+        self.htc = htc
+        self.soft_nms = soft_nms
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    # -- training ----------------------------------------------------------------------
+    def sample(self, stage: int, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
+        """Stage ``stage``'s RoIs per image: the proposals with the ground truth appended,
+        matched at the stage's IoU threshold, 512 sampled at <= 25 % positives. Returns per
+        image (rois, labels (0 = background), matched gt index (-1: none), is-gt flags)."""
+        out = []
+        for props, target in zip(proposals, targets, strict=True):
+            gt = target["boxes"].to(props)
+            rois = torch.cat([props, gt])
+            is_gt = torch.cat(
+                [props.new_zeros(len(props), dtype=torch.bool), props.new_ones(len(gt), dtype=torch.bool)]
+            )
+            if len(gt):
+                matched = self.matchers[stage](box_iou(gt, rois))
+                labels = target["labels"][matched.clamp(min=0)].to(torch.int64)
+                labels[matched < 0] = 0
+            else:
+                matched = torch.full((len(rois),), -1, dtype=torch.int64, device=rois.device)
+                labels = torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
+            pos, neg = self.sampler([labels])
+            keep = torch.where(pos[0] | neg[0])[0]
+            matched = matched[keep]
+            out.append((rois[keep], labels[keep], torch.where(labels[keep] > 0, matched, -1), is_gt[keep]))
+        return out
+
+    def box_loss(self, stage: int, logits: Tensor, deltas: Tensor, samples, targets) -> tuple[Tensor, Tensor]:
+        """Cross-entropy over the sampled RoIs, smooth-L1 (beta 1) on the positives' deltas
+        encoded with the stage's stds, summed and divided by the number of sampled RoIs
+        (MMDetection's ``avg_factor``)."""
+        labels = torch.cat([s[1] for s in samples])
+        regression = torch.cat(
+            [
+                self.coders[stage].encode_single(t["boxes"].to(s[0])[s[2].clamp(min=0)], s[0])
+                for s, t in zip(samples, targets, strict=True)
+            ]
+        )
+        loss_cls = F.cross_entropy(logits, labels)
+        pos = labels > 0
+        loss_box = F.smooth_l1_loss(deltas[pos], regression[pos], beta=1.0, reduction="sum") / max(labels.numel(), 1)
+        return loss_cls, loss_box
+
+    def mask_forward(self, stage: int, features, rois: list[Tensor], image_shapes) -> Tensor:
+        """Stage ``stage``'s mask logits on ``rois``; under HTC through the information flow of
+        the mask heads before it (on the same RoI features)."""
+        x = self.mask_roi_pool(features, rois, image_shapes)
+        previous = None
+        if self.htc:
+            for head in self.mask_heads[:stage]:
+                _, previous = head(x, previous)
+        return self.mask_heads[stage](x, previous)[0]
+
+    def mask_loss(self, stage: int, features, samples, targets, image_shapes) -> Tensor:
+        pos = [torch.where(s[1] > 0)[0] for s in samples]
+        rois = [s[0][p] for s, p in zip(samples, pos, strict=True)]
+        if sum(len(r) for r in rois) == 0:  # no positive: a zero that still reaches every mask parameter
+            return sum(p.sum() * 0 for p in self.mask_heads[stage].parameters())
+        logits = self.mask_forward(stage, features, rois, image_shapes)
+        return maskrcnn_loss(
+            logits,
+            rois,
+            [t["masks"] for t in targets],
+            [t["labels"] for t in targets],
+            [s[2][p] for s, p in zip(samples, pos, strict=True)],
+        )
+
+    def refine(self, stage: int, deltas: Tensor, rois: list[Tensor], image_shapes) -> list[Tensor]:
+        """Stage ``stage``'s class-agnostic deltas applied to ``rois``, clipped to the image."""
+        boxes = self.coders[stage].decode_single(deltas, torch.cat(rois))
+        return [
+            clip_boxes_to_image(b, s) for b, s in zip(boxes.split([len(r) for r in rois]), image_shapes, strict=True)
+        ]
+
+    def forward_train(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        with_masks = all("masks" in t for t in targets)
+        for stage, weight in enumerate(self.stage_loss_weights):
+            samples = self.sample(stage, proposals, targets)
+            rois = [s[0] for s in samples]
+            x = self.box_roi_pool(features, rois, image_shapes)
+            logits, deltas = self.box_heads[stage](x)
+            loss_cls, loss_box = self.box_loss(stage, logits, deltas, samples, targets)
+            losses[f"s{stage}_loss_classifier"] = loss_cls * weight
+            losses[f"s{stage}_loss_box_reg"] = loss_box * weight
+            refined = None
+            if stage < len(STAGES) - 1 or self.htc:
+                with torch.no_grad():  # the ground truth appended to the proposals leaves again
+                    refined = self.refine(stage, deltas.detach(), rois, image_shapes)
+                    refined = [r[~s[3]] for r, s in zip(refined, samples, strict=True)]
+            if with_masks:
+                mask_samples = samples
+                if self.htc:  # interleaved: the mask branch sees the RoIs this stage refined
+                    mask_samples = self.sample(stage, refined, targets)
+                losses[f"s{stage}_loss_mask"] = (
+                    self.mask_loss(stage, features, mask_samples, targets, image_shapes) * weight
+                )
+            proposals = refined
+        return losses
+
+    # -- inference ---------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_test(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
+        rois = proposals
+        stage_logits = []
+        for stage in range(len(STAGES)):
+            logits, deltas = self.box_heads[stage](self.box_roi_pool(features, rois, image_shapes))
+            stage_logits.append(logits)
+            if stage < len(STAGES) - 1:
+                rois = self.refine(stage, deltas, rois, image_shapes)
+        scores = torch.stack(stage_logits).mean(0).softmax(-1)  # MMDetection averages the logits
+        boxes = self.refine(len(STAGES) - 1, deltas, rois, image_shapes)
+        counts = [len(r) for r in rois]
+        results = [self.postprocess(b, s) for b, s in zip(boxes, scores.split(counts), strict=True)]
+        det_boxes = [r["boxes"] for r in results]
+        if not sum(len(b) for b in det_boxes):
+            for r in results:
+                r["masks"] = r["boxes"].new_zeros((0, 1, 28, 28))
+            return results
+        x = self.mask_roi_pool(features, det_boxes, image_shapes)
+        probs, previous = 0, None
+        for head in self.mask_heads:
+            logits, feat = head(x, previous if self.htc else None)
+            previous = feat
+            probs = probs + logits.sigmoid() / len(self.mask_heads)  # MMDetection's merge_aug_masks
+        labels = torch.cat([r["labels"] for r in results])
+        probs = probs[torch.arange(len(labels), device=labels.device), labels][:, None]
+        for r, p in zip(results, probs.split([len(b) for b in det_boxes]), strict=True):
+            r["masks"] = p
+        return results
+
+    def postprocess(self, boxes: Tensor, scores: Tensor) -> dict[str, Tensor]:
+        """torchvision's ``postprocess_detections`` for one image of class-agnostic boxes:
+        every (box, class > 0) pair scoring above ``score_thresh``, small boxes dropped, NMS
+        per class (or Gaussian soft-NMS, whose decayed scores are reported), the best
+        ``detections_per_img``."""
+        num_classes = scores.shape[1]
+        labels = torch.arange(num_classes, device=scores.device).expand_as(scores)[:, 1:].reshape(-1)
+        boxes = boxes[:, None].expand(-1, num_classes - 1, 4).reshape(-1, 4)
+        scores = scores[:, 1:].reshape(-1)
+        keep = torch.where(scores > self.score_thresh)[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = remove_small_boxes(boxes, 1e-2)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if self.soft_nms:
+            keep, scores = batched_soft_nms(boxes, scores, labels)
+            order = scores.argsort(descending=True)
+            keep, scores = keep[order], scores[order]
+        else:
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)
+            scores = scores[keep]
+        keep, scores = keep[: self.detections_per_img], scores[: self.detections_per_img]
+        return {"boxes": boxes[keep], "scores": scores, "labels": labels[keep]}
+
+    def forward(self, features: OrderedDict[str, Tensor], proposals, image_shapes, targets=None):
+        features = OrderedDict((k, v) for k, v in features.items() if k in self.box_roi_pool.featmap_names)
+        if self.training:
+            return [], self.forward_train(features, proposals, image_shapes, targets)
+        return self.forward_test(features, proposals, image_shapes), {}
+
+
+class CascadeMaskRCNN(FasterRCNN):
+    """torchvision's two-stage detector (transform, ``backbone`` with its FPN, RPN) with
+    :class:`CascadeRoIHeads` as its RoI heads: Cascade Mask R-CNN, or HTC with ``htc``."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        htc: bool = False,
+        box_head: str = "2fc",
+        box_norm: str = "none",
+        soft_nms: bool = False,
+    ):
+        super().__init__(backbone, num_classes)
+        self.roi_heads = CascadeRoIHeads(backbone.out_channels, num_classes, htc, box_head, box_norm, soft_nms)
