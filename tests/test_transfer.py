@@ -472,12 +472,17 @@ def test_build_from_checkpoint__loads_a_dense_checkpoint_of_the_old_naming(tmp_p
 
     torch.manual_seed(0)
     built = {k: v for k, v in args.items() if k not in ("detector", "backbone")}
-    weights = create_model(name, **built).state_dict()
+    # the forms of then (issue 25 records them): LayerNorm + Linear projections, PVT's table at the input size
+    old_forms = {"neck": "ln_linear", "pos_embed_mode": "resize"}
+    weights = create_model(name, **built, **old_forms).state_dict()
     path = tmp_path / f"{kind}.pth"
     ckpt.save_atomic({"model": weights, "model_name": name, "model_args": args, "epoch": 1}, path)
     model, meta = build_from_checkpoint(path, kind, drop_path=0.0)
     assert model.model_name == name and meta["model_name"] == name
-    assert model.model_args == {**args, "drop_path": 0.0}  # recorded by create_model, not by hand
+    recorded = {**args, "drop_path": 0.0, "neck": "ln_linear"}  # recorded by create_model, not by hand
+    if args["backbone"].startswith("pvt"):  # a position table: its form too
+        recorded["pos_embed_mode"] = "resize"
+    assert model.model_args == recorded
     assert set(model.state_dict()) == set(weights)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 

@@ -132,6 +132,11 @@ class Classifier(nn.Module):
 
 
 # --- building the registered classifiers (the family files: swin.py, pvt.py, vit.py) ----------
+# A learnable position table (PVT, ViT) for an input of another size than the model's own:
+# "resize" builds it at the input's size (a pre-trained table is resized once, at load);
+# "interpolate" keeps it at the model's own size (the pre-trained 64x64 at 256 px) and the
+# forward interpolates it to the input every time (the reference's DET/pvt.py).
+POS_EMBED_MODES = ("resize", "interpolate")
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
@@ -150,13 +155,17 @@ def build_classifier(
     from scratch. ``kw``: the caller's options; ``tunable`` the encoder settings among them
     that override ``arch`` (Swin's window, PVT's spatial reduction); ``learnable_pos``: a
     learnable position table at ``img_size`` (PVT, ViT)."""
-    allowed = {"img_size", "num_classes", "drop_path", "drop_rate", *tunable}
+    allowed = {"img_size", "num_classes", "drop_path", "drop_rate", "pos_embed_mode", *tunable}
     unknown = sorted(set(kw) - allowed)
     if unknown:
         raise UsageError(
             f"option(s) {', '.join(unknown)} do not apply to {name}; it takes {', '.join(sorted(allowed))}"
         )
+    own_size = img_size  # the registered size: that of the pre-trained position table
     img_size = kw.pop("img_size", img_size)
+    pos_embed_mode = kw.pop("pos_embed_mode", "resize")
+    if pos_embed_mode not in POS_EMBED_MODES:
+        raise UsageError(f"pos_embed_mode must be one of {', '.join(POS_EMBED_MODES)}, got {pos_embed_mode!r}")
     drop_path = kw.pop("drop_path", drop_path)
     head_kw = dict(
         num_classes=kw.pop("num_classes", 1000),
@@ -166,7 +175,8 @@ def build_classifier(
     )
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # what is left: the tunable
     if learnable_pos:
-        settings.update(pos_embed="learnable", img_size=img_size)
+        table_size = own_size if pos_embed_mode == "interpolate" else img_size
+        settings.update(pos_embed="learnable", img_size=table_size)
     encoder = encoder_cls(drop_path=drop_path, **{**arch, **settings})
     model = Classifier(encoder, **head_kw)
     _init_encoder(encoder)

@@ -1,8 +1,15 @@
 """The dense-prediction backbone shared by detection and segmentation (METHOD.md, "Transfer
 settings"): the encoder runs densely on the full image (Swin window 16, PVT sr 8-4-2-1,
 positions for the new size) and the output of the last block of each of its four stages
-(strides 4, 8, 16, 32) goes through its own LayerNorm + Linear to ``out_channels`` (768),
-the reference's ``up1..up4``.
+(strides 4, 8, 16, 32) goes through its own projection to ``out_channels`` (768): a LayerNorm
++ Linear in detection (``neck="ln_linear"``, the reference's ``DET/*.py`` ``up1..up4``), a 1x1
+convolution in segmentation (``neck="conv"``, its ``SEG/*.py`` ``fpn1..fpn4``, initialised
+normal with std sqrt(2 / out_channels): Kaiming fan-out).
+
+PVT's position table (``pos_embed_mode``, :data:`~ummae.models.classifier.POS_EMBED_MODES`):
+detection keeps the pre-trained table at its own size and interpolates it to the input on
+every forward (``"interpolate"``, the reference's ``DET/pvt.py``); segmentation builds it at
+the crop size, the pre-trained one resized once at load (``"resize"``, its ``SEG/pvt.py``).
 
 The seam is the one classification uses: the encoder is that of a registered classifier, and
 ``forward`` returns torchvision's ``OrderedDict`` '0'..'3' of stage maps, so any pyramid
@@ -12,6 +19,7 @@ encoder we register is a detection and segmentation backbone. Pre-trained weight
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -24,12 +32,15 @@ from ummae.models.base import PyramidBackbone
 from ummae.models.classifier import Classifier
 from ummae.models.registry import create_model, model_kind
 
+NECKS = ("ln_linear", "conv")  # detection's projections, segmentation's
+
 
 class StageMaps(nn.Module):
     """``encoder`` -> ``OrderedDict`` '0'..'3' of ``[N, out_channels, S/4/2^i, S/4/2^i]``, or
     of the ``stages`` a head uses (P3-P7 detectors: 1, 2, 3): a projection no head reads
     would get no gradient, which DDP refuses. ``backbone`` / ``img_size``: the registered
-    classifier the encoder comes from, and the size it was built at."""
+    classifier the encoder comes from, and the size it was built at. ``neck``: each stage's
+    projection, ``"ln_linear"`` (LayerNorm + Linear) or ``"conv"`` (a 1x1 convolution)."""
 
     def __init__(
         self,
@@ -38,31 +49,26 @@ class StageMaps(nn.Module):
         stages: Sequence[int] = (0, 1, 2, 3),
         backbone: str = "",
         img_size: int = 0,
+        neck: str = "ln_linear",
     ):
         super().__init__()
+        if neck not in NECKS:
+            raise UsageError(f"neck must be one of {', '.join(NECKS)}, got {neck!r}")
         self.encoder = encoder
-        # Every stage gets its own norm below; the encoder's final norm (the classifier's
-        # fc_norm replaces it too) would norm the last stage twice.
+        # Every stage gets its own projection below; the encoder's final norm (the
+        # classifier's fc_norm replaces it too) would norm the last stage twice.
         self.encoder.norm = nn.Identity()
         self.out_channels = out_channels
         self.backbone = backbone
         self.img_size = img_size
-        # nn.LayerNorm's eps 1e-5, as the reference builds these layers
-        self.proj = nn.ModuleDict(
-            {
-                str(i): nn.Sequential(
-                    nn.LayerNorm(encoder.embed_dims[i]), nn.Linear(encoder.embed_dims[i], out_channels)
-                )
-                for i in stages
-            }
-        )
-        for m in self.proj.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.neck = neck
+        self.pos_embed_mode = "resize"  # how the encoder's position table was built (build_stage_maps)
+        self.proj = nn.ModuleDict({str(i): _projection(neck, encoder.embed_dims[i], out_channels) for i in stages})
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         maps = self.encoder.forward_dense(x)
+        if self.neck == "conv":
+            return OrderedDict((k, proj(maps[int(k)])) for k, proj in self.proj.items())
         return OrderedDict(
             (k, proj(maps[int(k)].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)) for k, proj in self.proj.items()
         )
@@ -75,6 +81,21 @@ class StageMaps(nn.Module):
         view = Classifier(self.encoder, num_classes=0, img_size=self.img_size)
         view.model_name = self.backbone
         return view
+
+
+def _projection(neck: str, in_channels: int, out_channels: int) -> nn.Module:
+    """One stage's projection, initialised as the reference's: LayerNorm (nn.LayerNorm's eps
+    1e-5) + Linear (truncated normal, std 0.02), or a 1x1 convolution drawn normal with std
+    sqrt(2 / fan_out), fan_out = 1 x 1 x out_channels (``SEG/*.py`` ``_init_weights``), bias 0."""
+    if neck == "conv":
+        conv = nn.Conv2d(in_channels, out_channels, 1)
+        nn.init.normal_(conv.weight, std=math.sqrt(2.0 / out_channels))
+        nn.init.zeros_(conv.bias)
+        return conv
+    linear = nn.Linear(in_channels, out_channels)
+    trunc_normal_(linear.weight, std=0.02)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.LayerNorm(in_channels), linear)
 
 
 def stage_maps_of(model: nn.Module) -> StageMaps:
@@ -101,11 +122,14 @@ def build_stage_maps(
     drop_path: float | None = None,
     window_size: int | None = None,
     stages: Sequence[int] = (0, 1, 2, 3),
+    neck: str = "ln_linear",
+    pos_embed_mode: str = "resize",
 ) -> StageMaps:
     """The encoder of the registered classifier ``backbone`` at ``img_size``, as
-    :class:`StageMaps` (initialised from scratch: the task loads its ``--pretrained``)."""
+    :class:`StageMaps` (initialised from scratch: the task loads its ``--pretrained``).
+    ``neck`` and ``pos_embed_mode``: see the module's text."""
     check_dense_backbone(backbone)
-    kwargs: dict[str, Any] = dict(num_classes=0, img_size=img_size, drop_path=drop_path)
+    kwargs: dict[str, Any] = dict(num_classes=0, img_size=img_size, drop_path=drop_path, pos_embed_mode=pos_embed_mode)
     if window_size is not None:
         kwargs["window_size"] = window_size
     classifier = create_model(backbone, **kwargs)
@@ -114,13 +138,20 @@ def build_stage_maps(
             f"--backbone {backbone}: a plain ViT has one map at stride 16, not the four stage maps "
             f"detection and segmentation take; use a Swin or PVT backbone"
         )
-    return StageMaps(classifier.encoder, out_channels, stages, backbone, img_size)
+    maps = StageMaps(classifier.encoder, out_channels, stages, backbone, img_size, neck)
+    maps.pos_embed_mode = pos_embed_mode
+    return maps
 
 
 def encoder_options(maps: StageMaps) -> dict[str, Any]:
-    """What rebuilds the encoder as trained (recorded in a checkpoint's ``model_args``)."""
+    """What rebuilds the encoder and its projections as trained (recorded in a checkpoint's
+    ``model_args``). A checkpoint written before ``neck`` and ``pos_embed_mode`` were
+    recorded holds the forms of then, LayerNorm + Linear and a resized table: what
+    :func:`ummae.weights.build.build_from_checkpoint` rebuilds it with."""
     enc = maps.encoder
-    out: dict[str, Any] = {"drop_path": enc.drop_path_rate}
+    out: dict[str, Any] = {"drop_path": enc.drop_path_rate, "neck": maps.neck}
     if hasattr(enc, "window_size"):
         out["window_size"] = enc.window_size
+    if getattr(enc, "pos_embed", None) is not None:
+        out["pos_embed_mode"] = maps.pos_embed_mode
     return out

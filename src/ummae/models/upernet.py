@@ -177,12 +177,17 @@ def upernet(
     ignore_index: int = 255,
     drop_path: float | None = None,
     window_size: int | None = None,
+    neck: str = "conv",
+    pos_embed_mode: str = "resize",
     **settings: Any,
 ) -> Segmenter:
     """UperNet on ``backbone`` (built at ``crop_size``), from scratch. ``settings`` (data
     conventions, test settings, class names) are recorded with the options: what eval and
-    predict rebuild it from."""
-    body = build_stage_maps(backbone, crop_size, neck_channels, drop_path, window_size)
+    predict rebuild it from. The stage maps are projected as the reference's segmentation
+    backbones do (``neck="conv"``: a 1x1 convolution, ``SEG/*.py`` ``fpn1..fpn4``)."""
+    body = build_stage_maps(
+        backbone, crop_size, neck_channels, drop_path, window_size, neck=neck, pos_embed_mode=pos_embed_mode
+    )
     model = Segmenter(body, num_classes, head_channels, aux_channels, aux_weight, ignore_index)
     model.options = functools.partial(
         dict,

@@ -87,6 +87,13 @@ def _rebuild_options(kind: str, args: dict[str, Any], state: State) -> dict[str,
     """The recorded options a model is rebuilt with. A classifier: its head's classes (a
     probe's head is added after), its size and the options without weights (Swin window,
     PVT spatial reduction); the rest (stochastic depth, head dropout) is for training."""
+    if kind in ("detect", "segment"):
+        # written before the projections and the position table were recorded (issue 25):
+        # LayerNorm + Linear in both tasks, a PVT table built at the input size
+        old_forms: dict[str, Any] = {"neck": "ln_linear"}
+        if any(k.endswith("encoder.pos_embed") for k in state):
+            old_forms["pos_embed_mode"] = "resize"
+        return {**old_forms, **args}
     if kind != "classify":
         return dict(args)
     options = {k: args[k] for k in ("img_size", "window_size", "sr_ratios", "num_classes") if k in args}
