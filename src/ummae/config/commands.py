@@ -457,7 +457,9 @@ class SegmentConfig(IterationRunConfig):
     drop_path: float | None = option(0.1, "stochastic depth rate of the backbone", ge=0, lt=1)
     window_size: int | None = option(None, "Swin window (default: the backbone's, 16)", ge=1)
     neck_channels: int = option(
-        768, "channels each stage map is projected to (LayerNorm + Linear) before the head", ge=1
+        768,
+        "channels each stage map is projected to (a 1x1 convolution, the reference's SEG fpn1..4) before the head",
+        ge=1,
     )
     head_channels: int = option(768, "UperNet channels (the reference's decode_head channels=768)", ge=1)
     aux_channels: int = option(256, "channels of the auxiliary FCN head on stage 3", ge=1)

@@ -91,6 +91,8 @@ def build_detector(
     fpn_channels: int = 256,
     drop_path: float | None = None,
     window_size: int | None = None,
+    neck: str = "ln_linear",
+    pos_embed_mode: str = "interpolate",
     box_head: str = "2fc",
     box_norm: str = "none",
     soft_nms: bool = False,
@@ -108,7 +110,9 @@ def build_detector(
     # on, two extra levels on the output
     two_stage = detector == "maskrcnn" or detector in CASCADES
     stages = [0, 1, 2, 3] if two_stage else [1, 2, 3]
-    body = build_stage_maps(backbone, img_size, neck_channels, drop_path, window_size, stages)
+    # the reference's DET backbones: LayerNorm + Linear projections; PVT keeps its pre-trained
+    # position table and interpolates it to the input on every forward (DET/pvt.py)
+    body = build_stage_maps(backbone, img_size, neck_channels, drop_path, window_size, stages, neck, pos_embed_mode)
     extra = LastLevelMaxPool() if two_stage else ExtraLevelsOnOutput(fpn_channels, nn.BatchNorm2d)
     model = _DETECTOR_CLASSES[detector](FeaturePyramid(body, fpn_channels, extra), num_classes, **cascade)
     # Training images come as the img_size canvas of the jitter (no resize); evaluation
