@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import coco_subset, epoch_records, stable, step_records
+from _helpers import coco_subset, epoch_records, run_torchrun, stable, step_records
 from ummae.cli import main
 from ummae.config import DetectConfig
 from ummae.models.cascade import CascadeRoIHeads, soft_nms
@@ -338,3 +338,14 @@ def test_cascade_cli__train_eval_predict(coco, tmp_path, capsys):
     assert [p.name for p in pics.iterdir()] == [images[0].stem + ".png"]
     assert main([*args[:-2], "--box-head", "3fc"]) == 2
     assert "box_head" in capsys.readouterr().err
+
+
+def test_cascade_train__two_ranks_keep_one_model(coco, tmp_path):
+    """torchrun + DDP (gloo): two ranks train Cascade Mask R-CNN in lockstep (every parameter
+    in every step's graph, as DDP needs) and end with the same weights."""
+    out = tmp_path / "ddp"
+    args = ["detect", "train", "--data", str(coco), "--backbone", "pvt_test", "--detector", "cascade_maskrcnn"]
+    args += ["--output", str(out), "--epochs", "1", "--batch-size", "1", "--num-workers", "0", "--img-size", "128"]
+    args += ["--neck-channels", "32", "--fpn-channels", "32", "--max-steps-per-epoch", "1", "--warmup-steps", "1"]
+    run_torchrun([*args, "--eval-every", "0"], timeout=300)
+    assert epoch_records(out)[-1]["replica_max_diff"] == 0.0
