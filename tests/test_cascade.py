@@ -123,6 +123,16 @@ def test_sample__each_stage_assigns_at_its_iou_threshold_with_the_ground_truth_a
         assert ((matched == 0) == (labels > 0)).all() and (matched[labels == 0] == -1).all()
 
 
+def test_box_norm_gn__needs_channels_divisible_by_32():
+    from ummae.errors import UsageError
+
+    with pytest.raises(UsageError, match="GroupNorm"):
+        CascadeRoIHeads(16, 4, box_head="4conv1fc", norm="gn")
+    assert isinstance(
+        CascadeRoIHeads(32, 4, box_head="4conv1fc", norm="gn").box_heads[0].convs[0][1], torch.nn.GroupNorm
+    )
+
+
 def test_sample__512_rois_per_image_at_most_a_quarter_positive():
     heads = _heads()
     torch.manual_seed(0)

@@ -42,6 +42,8 @@ from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ummae.errors import UsageError
+
 # (IoU threshold, box coder stds) of the three stages: cascade_mask_rcnn_r50_fpn / htc_r50_fpn
 STAGES = ((0.5, (0.1, 0.1, 0.2, 0.2)), (0.6, (0.05, 0.05, 0.1, 0.1)), (0.7, (0.033, 0.033, 0.067, 0.067)))
 STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
@@ -150,6 +152,8 @@ class CascadeRoIHeads(nn.Module):
         detections_per_img: int = 100,
     ):
         super().__init__()
+        if norm == "gn" and channels % 32:
+            raise UsageError(f"--box-norm gn: GroupNorm(32) needs channels divisible by 32, not {channels}")
         names = ["0", "1", "2", "3"]
         self.box_roi_pool = MultiScaleRoIAlign(names, 7, 2)
         self.mask_roi_pool = MultiScaleRoIAlign(names, 14, 2)
@@ -236,7 +240,9 @@ class CascadeRoIHeads(nn.Module):
 
     def refine(self, stage: int, deltas: Tensor, rois: list[Tensor], image_shapes) -> list[Tensor]:
         """Stage ``stage``'s class-agnostic deltas applied to ``rois``, clipped to the image."""
-        boxes = self.coders[stage].decode_single(deltas, torch.cat(rois))
+        # in float32 whatever the autocast: torchvision's decode casts the boxes to the deltas'
+        # dtype, and bf16 coordinates of a 1024 px image are 4 px apart
+        boxes = self.coders[stage].decode_single(deltas.float(), torch.cat(rois).float())
         return [
             clip_boxes_to_image(b, s) for b, s in zip(boxes.split([len(r) for r in rois]), image_shapes, strict=True)
         ]
@@ -277,7 +283,7 @@ class CascadeRoIHeads(nn.Module):
             stage_logits.append(logits)
             if stage < len(STAGES) - 1:
                 rois = self.refine(stage, deltas, rois, image_shapes)
-        scores = torch.stack(stage_logits).mean(0).softmax(-1)  # MMDetection averages the logits
+        scores = torch.stack(stage_logits).float().mean(0).softmax(-1)  # MMDetection averages the logits
         boxes = self.refine(len(STAGES) - 1, deltas, rois, image_shapes)
         counts = [len(r) for r in rois]
         results = [self.postprocess(b, s) for b, s in zip(boxes, scores.split(counts), strict=True)]
@@ -291,7 +297,7 @@ class CascadeRoIHeads(nn.Module):
         for head in self.mask_heads:
             logits, feat = head(x, previous if self.htc else None)
             previous = feat
-            probs = probs + logits.sigmoid() / len(self.mask_heads)  # MMDetection's merge_aug_masks
+            probs = probs + logits.float().sigmoid() / len(self.mask_heads)  # MMDetection's merge_aug_masks
         labels = torch.cat([r["labels"] for r in results])
         probs = probs[torch.arange(len(labels), device=labels.device), labels][:, None]
         for r, p in zip(results, probs.split([len(b) for b in det_boxes]), strict=True):
