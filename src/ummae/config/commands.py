@@ -86,6 +86,11 @@ class _RunControl:
     log_every: int = option(20, "metrics every N steps", ge=1)
     max_steps_per_epoch: int | None = option(None, "cap on steps per epoch (quick runs)", ge=1)
     compile: bool = option(False, "torch.compile the model")
+    compile_backend: str = option(
+        "inductor",
+        "torch.compile backend of --compile: inductor (fast code), or aot_eager / eager (no code generation: to debug)",
+        choices=("inductor", "aot_eager", "eager"),
+    )
 
 
 @dataclass

@@ -12,9 +12,9 @@ from ummae.errors import UsageError
 # What a resumed run may change: where and how it runs, how long, how often it logs and saves.
 # Everything else defines the run (model, data order, optimisation) and comes from the checkpoint.
 MAY_CHANGE_ON_RESUME = frozenset({
-    "epochs", "num_workers", "device", "precision", "compile", "output", "resume", "overwrite", "log_every",
-    "save_every", "keep_every", "save_every_steps", "max_steps_per_epoch", "vis_every", "vis_images", "eval_every",
-    "data", "data_root", "val_data", "init", "pretrained", "iters", "eval_every_iters",
+    "epochs", "num_workers", "device", "precision", "compile", "compile_backend", "output", "resume", "overwrite",
+    "log_every", "save_every", "keep_every", "save_every_steps", "max_steps_per_epoch", "vis_every", "vis_images",
+    "eval_every", "data", "data_root", "val_data", "init", "pretrained", "iters", "eval_every_iters",
 })  # fmt: skip
 
 

@@ -149,7 +149,7 @@ class Trainer:
         uninterrupted run (weights 1e-6 apart at 4 ranks). ``find_unused_parameters=True`` is
         what turns the rebuild off (its cost: one walk of the autograd graph per step, and a
         warning from DDP that every parameter was used)."""
-        net = torch.compile(model) if self.cfg.compile else model
+        net = compiled(model, getattr(self.cfg, "compile_backend", "inductor")) if self.cfg.compile else model
         if self.dist.enabled:
             net = DDP(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True
@@ -582,6 +582,23 @@ class Trainer:
                 where,
                 self.out / "checkpoint-best.pth",
             )
+
+
+def compiled(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``model`` under ``torch.compile`` (``--compile``), or the submodule a model names in its
+    ``compile_region`` attribute compiled in place (a detector: its backbone and FPN, which
+    always see the same canvas; the target matching, losses and box decoding around them are
+    data-dependent Python). The step calls what this returns; checkpoints hold ``model``'s own
+    keys either way.
+
+    The pre-training step draws its masks outside the call (:mod:`ummae.tasks.pretrain`), so
+    the compiled forward runs from masked inputs to the loss: one graph, no graph break, and
+    no recompile from one batch, epoch, evaluation or resume to the next (tests/test_compile.py)."""
+    region = getattr(model, "compile_region", None)
+    if region is not None:
+        model.get_submodule(region).compile(backend=backend)
+        return model
+    return torch.compile(model, backend=backend)
 
 
 def _best_update(

@@ -121,6 +121,9 @@ def build_detector(
     model.transform = GeneralizedRCNNTransform(
         img_size, img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, size_divisible=img_size, _skip_resize=True
     )
+    # What --compile compiles (engine.trainer.compiled): the backbone and FPN always see the
+    # img_size canvas; target matching and box decoding are data-dependent Python
+    model.compile_region = "backbone"
     # torchvision's detectors have no options(): what create_model records
     model.options = functools.partial(
         dict,

@@ -176,7 +176,12 @@ class MaskedAutoencoder(nn.Module):
         generator: torch.Generator | None = None,
         mask: Tensor | None = None,
         sm_mask: Tensor | None = None,
+        validate: bool = True,
     ) -> dict[str, Tensor]:
+        """Masks drawn from ``generator`` (:meth:`sample_masks`), or the ``mask`` / ``sm_mask``
+        given, checked unless ``validate=False``: masks :meth:`sample_masks` drew need no check
+        (a host sync). The training step draws them first and passes them so, which keeps mask
+        generation out of the region ``--compile`` compiles: from masked inputs to the loss."""
         if imgs.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(
                 f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}"
@@ -184,7 +189,7 @@ class MaskedAutoencoder(nn.Module):
         given = mask is not None
         if not given:
             mask, sm_mask = self.sample_masks(imgs.shape[0], imgs.device, generator)
-        visible, index, prefix = self.forward_encoder(imgs, mask, sm_mask, validate=given)
+        visible, index, prefix = self.forward_encoder(imgs, mask, sm_mask, validate=given and validate)
         pred = self.decoder(visible, index, prefix)
         loss = self.forward_loss(imgs, pred, mask)
         return {"loss": loss, "pred": pred, "mask": mask, "sm_mask": sm_mask}

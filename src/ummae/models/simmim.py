@@ -60,8 +60,15 @@ class SimMIM(nn.Module):
         return random_masking(n, gh * gw, self.mask_ratio, device=device, generator=generator), None
 
     def forward(
-        self, imgs: Tensor, generator: torch.Generator | None = None, mask: Tensor | None = None, sm_mask=None
+        self,
+        imgs: Tensor,
+        generator: torch.Generator | None = None,
+        mask: Tensor | None = None,
+        sm_mask=None,
+        validate: bool = True,
     ) -> dict[str, Tensor]:
+        """Masks as :meth:`ummae.models.mae.MaskedAutoencoder.forward` takes them (a SimMIM
+        mask needs no check: ``validate`` is accepted for the same call)."""
         if imgs.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(
                 f"model {getattr(self, 'model_name', '')} was built for {self.img_size}px images, got {tuple(imgs.shape[-2:])}"

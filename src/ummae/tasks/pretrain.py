@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ummae.config import PretrainConfig
 from ummae.data import build_pretrain_dataset
@@ -32,11 +33,23 @@ log = logging.getLogger("ummae")
 def pretrain_step(model, batch, generator):
     """Pre-training ignores labels; masks are drawn from the step's generator. uint8 images
     (the default input pipeline) are normalised here, on the device; JPEGs of the ``device``
-    pipeline are decoded and cropped here first."""
+    pipeline are decoded and cropped here first.
+
+    The masks are drawn here, before the model call (the same draws as the model's own
+    forward makes): generator draws and data-dependent Python stay outside what ``--compile``
+    compiles, the model call from masked inputs to the loss."""
     images = batch[0]
     if isinstance(images, EncodedBatch):
         images = images.decode(generator.device)
-    return model(normalize_uint8(images), generator=generator)
+    mask, sm_mask = unwrapped(model).sample_masks(images.shape[0], images.device, generator)
+    return model(normalize_uint8(images), mask=mask, sm_mask=sm_mask, validate=False)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP and ``torch.compile``'s wrappers."""
+    while isinstance(model, (DDP, torch._dynamo.eval_frame.OptimizedModule)):
+        model = model.module if isinstance(model, DDP) else model._orig_mod
+    return model
 
 
 class ReconstructionPictures:
