@@ -163,3 +163,19 @@ def test_format_table_aligned():
     lines = format_table(rows).splitlines()
     assert len({len(line) for line in lines}) == 1  # every line equally wide
     assert "n/a" in lines[3] and "2.430" in lines[3] and "12.35" in lines[2]
+
+
+def test_run_bench_compile__rows_side_by_side_and_the_same_training():
+    """``--compile``: each model eager then compiled, from the same init, batch and masks: the
+    compiled row's last loss is the eager one's (fp32), its compile time stands apart, and the
+    FLOPs per image are FlopCounterMode's count of one step (the same for both rows)."""
+    models = ["mae_pvt_test", "simmim_pvt_test"]
+    results = run_bench(models, seed=0, compile=True, flops=True, compile_backend="aot_eager", **FAST)
+    assert [(r["model"], r["compiled"]) for r in results] == [(m, c) for m in models for c in (False, True)]
+    for eager, fast in zip(results[::2], results[1::2], strict=True):
+        assert eager["compile_s"] is None and fast["compile_s"] >= 0 and fast["compile_backend"] == "aot_eager"
+        assert fast["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+        assert fast["speedup"] == pytest.approx(fast["images_per_s"] / eager["images_per_s"])
+        assert eager["flops_per_image"] > 0 and fast["flops_per_image"] == eager["flops_per_image"]
+    header = format_table(results).splitlines()[0]
+    assert "compile s" in header and "speedup" in header

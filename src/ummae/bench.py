@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ummae.data import build_pretrain_dataset, build_train_loader
 from ummae.data.device_decode import EncodedBatch, PlannedCrop, collate_encoded
@@ -251,10 +252,17 @@ def _time_steps(
     device: torch.device,
     precision: str,
     seed: int,
+    compile: bool = False,
+    flops: bool = False,
+    backend: str = "inductor",
 ) -> dict[str, object]:
     """Build model ``name`` and run ``warmup`` untimed then ``steps`` timed training steps on one
     synthetic batch; ``img_size``, ``elapsed`` (seconds of the timed steps), last ``loss`` and
-    ``params_m``."""
+    ``params_m``. The masks are drawn before the model call, as the training step draws them.
+
+    ``compile``: the model call under ``torch.compile``; its first step is timed apart
+    (``first_step_s``: compilation and one step) and counts as a warm-up step. ``flops``: one
+    more (eager) step under ``FlopCounterMode`` gives ``flops_per_image`` (forward + backward)."""
     cuda = device.type == "cuda"
     torch.manual_seed(seed)  # same init and mask stream on every run
     model = create_model(name, img_size=img_size).to(device).train()
@@ -267,27 +275,47 @@ def _time_steps(
     # The same batch for every model (of one size): drawn from its own seeded generator.
     gen = torch.Generator().manual_seed(seed)
     imgs = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
+    call = torch.compile(model, backend=backend) if compile else model
 
-    def step() -> torch.Tensor:
+    def step(call=call) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
+        mask, sm_mask = model.sample_masks(imgs.shape[0], imgs.device)  # outside the compiled call
         with autocast(device, precision):
-            loss = _loss_of(model(imgs))
+            loss = _loss_of(call(imgs, mask=mask, sm_mask=sm_mask, validate=False))
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         return loss.detach()
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    first_step_s = None
+    if compile:
+        warmup = max(warmup, 1)
     t0 = 0.0
-    for i in progress(range(warmup + steps), desc=f"bench {name} ({warmup} warm-up + {steps} timed)", unit="step"):
+    label = f"bench {name}{' compiled' if compile else ''} ({warmup} warm-up + {steps} timed)"
+    for i in progress(range(warmup + steps), desc=label, unit="step"):
         if i == warmup:  # the timed steps start here
-            if cuda:
-                torch.cuda.synchronize(device)
+            sync()
             t0 = time.perf_counter()
+        if i == 0 and compile:
+            t_first = time.perf_counter()
+            loss = step()
+            sync()
+            first_step_s = time.perf_counter() - t_first
+            continue
         loss = step()
-    if cuda:
-        torch.cuda.synchronize(device)
+    sync()
     elapsed = time.perf_counter() - t0
-    return {"img_size": int(size), "elapsed": elapsed, "loss": float(loss.float().item()), "params_m": n_params / 1e6}
+    out = {"img_size": int(size), "elapsed": elapsed, "loss": float(loss.float().item()), "params_m": n_params / 1e6}
+    out["first_step_s"] = first_step_s
+    if flops:
+        with FlopCounterMode(display=False) as counter:
+            step(model)
+        out["flops_per_image"] = counter.get_total_flops() / batch_size
+    return out
 
 
 def _bench_one(
@@ -300,6 +328,9 @@ def _bench_one(
     precision: str,
     seed: int,
     rss: Callable[[], int] | None,
+    compile: bool = False,
+    flops: bool = False,
+    backend: str = "inductor",
 ) -> dict[str, object]:
     """The result row of model ``name``: :func:`_time_steps` with its peak memory."""
     cuda = device.type == "cuda"
@@ -309,7 +340,7 @@ def _bench_one(
     sampler = _RssPeakSampler(rss) if rss is not None and not cuda else None
     baseline = sampler.peak if sampler is not None else 0
     with sampler if sampler is not None else contextlib.nullcontext():
-        out = _time_steps(name, batch_size, img_size, steps, warmup, device, precision, seed)
+        out = _time_steps(name, batch_size, img_size, steps, warmup, device, precision, seed, compile, flops, backend)
     if cuda:
         peak_mb: float | None = torch.cuda.max_memory_allocated(device) / _MIB
     elif sampler is not None:
@@ -318,8 +349,16 @@ def _bench_one(
         peak_mb = None
 
     elapsed = max(out["elapsed"], 1e-12)
+    step_s = elapsed / steps
+    first = out["first_step_s"]
+    extra = {"flops_per_image": out["flops_per_image"]} if "flops_per_image" in out else {}
     return {
         "model": name,
+        "compiled": compile,
+        "compile_backend": backend if compile else None,
+        # the first compiled step less one steady step: the time compilation cost
+        "compile_s": max(0.0, first - step_s) if first is not None else None,
+        **extra,
         "batch_size": batch_size,
         "img_size": out["img_size"],
         "steps": steps,
@@ -342,8 +381,15 @@ def run_bench(
     device: str,
     precision: str,
     seed: int = 0,
+    compile: bool = False,
+    flops: bool = False,
+    compile_backend: str = "inductor",
 ) -> list[dict[str, object]]:
     """Time ``steps`` full training steps of each model (after ``warmup`` untimed ones).
+
+    ``compile``: each model twice, eager then under ``torch.compile`` (rows side by side; the
+    compiled row has ``compile_s``, apart from its step rate, and ``speedup``, its images/s over
+    the eager row's; ``compile_backend`` as ``--compile-backend``). ``flops``: ``flops_per_image`` of each row (FlopCounterMode, one step).
 
     Returns one dict per model, in order: ``model``, ``images_per_s``, ``step_time_ms``,
     ``peak_mem_mb`` (MiB; CUDA: peak allocated, CPU: peak RSS growth), ``ratio`` (images/s over
@@ -361,10 +407,16 @@ def run_bench(
     _warm_runtime(dev, prec)
     results: list[dict[str, object]] = []
     for name in models:
-        _release_memory(dev)  # previous model's memory back to the OS: a fair baseline
-        res = _bench_one(name, batch_size, img_size, steps, warmup, dev, prec, seed, rss)
-        res.update(env)
-        results.append(res)
+        for compiled in (False, True) if compile else (False,):
+            _release_memory(dev)  # previous model's memory back to the OS: a fair baseline
+            res = _bench_one(
+                name, batch_size, img_size, steps, warmup, dev, prec, seed, rss, compiled, flops, compile_backend
+            )
+            res.update(env)
+            if compiled:
+                eager = results[-1]["images_per_s"]
+                res["speedup"] = res["images_per_s"] / eager if eager > 0 else None
+            results.append(res)
     _release_memory(dev)
 
     first = results[0]["images_per_s"]
@@ -530,11 +582,14 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(results: list[dict[str, object]]) -> str:
-    """A plain text table: model, batch, img, images/s, ms/step, peak MiB, ratio."""
+    """A plain text table: model, batch, img, images/s, ms/step, peak MiB, ratio; with compiled
+    rows also the compile time and the speed-up over eager."""
+    compiled = any(r.get("compiled") for r in results)
     header = ["model", "batch", "img", "images/s", "ms/step", "peak MiB", "ratio"]
+    header += ["compile s", "speedup"] if compiled else []
     rows = [
         [
-            str(r["model"]),
+            str(r["model"]) + (" (compiled)" if r.get("compiled") else ""),
             str(r["batch_size"]),
             str(r["img_size"]),
             _fmt(r["images_per_s"], ".2f"),
@@ -542,6 +597,7 @@ def format_table(results: list[dict[str, object]]) -> str:
             _fmt(r["peak_mem_mb"], ".1f"),
             _fmt(r.get("ratio"), ".3f"),
         ]
+        + ([_fmt(r.get("compile_s"), ".1f"), _fmt(r.get("speedup"), ".3f")] if compiled else [])
         for r in results
     ]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
@@ -603,6 +659,22 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the input batch, init and masks (default 0)")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="time each model eager and under torch.compile, side by side (compile time apart from the step rate)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        choices=["inductor", "aot_eager", "eager"],
+        help="with --compile: torch.compile's backend (default inductor; aot_eager / eager skip code generation)",
+    )
+    parser.add_argument(
+        "--flops",
+        action="store_true",
+        help="also count each model's training FLOPs per image (FlopCounterMode, one extra step): for MFU",
+    )
+    parser.add_argument(
         "--json",
         default=None,
         metavar="PATH",
@@ -636,6 +708,9 @@ def bench_main(args: argparse.Namespace) -> int:
                 device=args.device,
                 precision=args.precision,
                 seed=args.seed,
+                compile=getattr(args, "compile", False),
+                flops=getattr(args, "flops", False),
+                compile_backend=getattr(args, "compile_backend", "inductor"),
             )
             r0 = results[0]
             print(
