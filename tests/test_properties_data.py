@@ -183,3 +183,40 @@ def test_lsj__a_flipped_sample_is_the_mirror_of_the_unflipped_one_in_the_valid_r
             if with_masks:
                 assert torch.equal(tb["masks"][:, :ch, :cw], ta["masks"][:, :ch, :cw].flip(-1))
                 torch.testing.assert_close(tb["boxes"], masks_to_boxes(tb["masks"]))
+
+
+def test_shards__without_an_index_equal_shards_are_assumed_and_every_sample_is_still_seen_once(
+    shards12, tmp_path, monkeypatch
+):
+    """A brace pattern of shards with no ``shards.json`` beside them (``--samples-per-epoch``
+    given): the workers' ranges are cut as if the shards were equal, which they are here, so
+    3 workers with 8 batches of 3 (3, 3 and 2 each) still see every sample once."""
+    import shutil
+
+    for tar in sorted(shards12.glob("*.tar")):
+        shutil.copy(tar, tmp_path / tar.name)
+    names = sorted(p.name for p in tmp_path.glob("*.tar"))
+    assert names[0] == "shard-000000.tar" and len(names) == 12
+    spec = str(tmp_path / "shard-{000000..000011}.tar")
+    seen = {}
+    for wid in range(3):
+        stream = ShardStream(spec, None, samples_per_epoch=N, shuffle_buffer=4)
+        assert stream.shard_sizes == [N // len(names)] * len(names)
+        stream.configure(batch_size=3, num_replicas=1, rank=0, seed=3, num_workers=3)
+        stream.set_epoch(0)
+        monkeypatch.setattr(shards_mod, "get_worker_info", lambda wid=wid: SimpleNamespace(num_workers=3, id=wid))
+        seen[wid] = [label for _, label, _ in stream]
+    assert [len(v) for v in seen.values()] == [9, 9, 6]
+    assert sorted(lab for labels in seen.values() for lab in labels) == list(range(N))
+
+
+def test_shards__shards_with_no_readable_sample_are_one_clear_error(tmp_path):
+    """Every shard of the rank unreadable: one error naming them, not an endless search."""
+    from ummae.data.dataset import NoReadableImageError
+
+    for i in range(2):
+        (tmp_path / f"bad-{i}.tar").write_bytes(b"not a tar file at all" * 40)
+    stream = ShardStream(str(tmp_path / "bad-{0..1}.tar"), None, samples_per_epoch=4, shuffle_buffer=0)
+    stream.configure(batch_size=2, num_replicas=1, rank=0, seed=0, num_workers=0)
+    with pytest.raises(NoReadableImageError, match=r"bad-\d\.tar.*hold no sample that can be read"):
+        list(stream)
