@@ -223,6 +223,11 @@ CASES = [
         lambda t, i: ["export", "--checkpoint", str(_wrong_shape_export(t)), "--output", str(t / "x.safetensors")],
         "another shape",
     ),
+    (
+        "export_not_safetensors",
+        lambda t, i: ["export", "--checkpoint", str(_wrong_shape_export(t)), "--output", str(t / "x.pth")],
+        "must name a .safetensors file",
+    ),
 ]
 
 
