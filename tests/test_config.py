@@ -122,7 +122,7 @@ def test_validate__choices_accept_theirs_and_refuse_any_other(cls, name):
     choices = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"]
     for value in choices:
         _valid(cls, **{name: value}).validate()
-    for value in ("", choices[0].upper(), choices[0] + "x", "none"):
+    for value in [v for v in ("", choices[0].upper(), choices[0] + "x", "none") if v not in choices]:
         with pytest.raises(UsageError, match=rf"^bad config value {name}={value!r}: must be one of "):
             _valid(cls, **{name: value}).validate()
 
