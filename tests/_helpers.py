@@ -67,7 +67,7 @@ def write_pattern_images(folder: Path, per_class: int, seed: int = 0, size: int 
 
 
 # --- comparing runs ----------------------------------------------------------------------------
-VOLATILE = ("images_per_s", "epoch_time_s")  # wall-clock values: differ between runs
+VOLATILE = ("images_per_s", "epoch_time_s", "peak_mem_mib")  # wall-clock values: differ between runs
 
 
 def stable(records: list) -> list:

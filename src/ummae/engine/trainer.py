@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -528,6 +529,7 @@ class Trainer:
             "epoch_1000x": 1000 * (p.epoch + 1),
             "train_loss": epoch_loss,
             "epoch_time_s": time.time() - p.t0,
+            "peak_mem_mib": peak_memory_mib(self.device),
             "skipped_images": skipped,
         }
         if self.dist.enabled:
@@ -582,6 +584,15 @@ class Trainer:
                 where,
                 self.out / "checkpoint-best.pth",
             )
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far, for the epoch records: allocated tensors on CUDA; on CPU the
+    process's resident high-water mark (``ru_maxrss``: Python, torch and data, not the
+    DataLoader workers, which are other processes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def compiled(model: nn.Module, backend: str = "inductor") -> nn.Module:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ummae.errors import UsageError
 from ummae.models.classifier import build_classifier
 from ummae.models.layers import LayerNorm, PatchEmbed, resize_pos_table, sincos_grid
-from ummae.models.mae import DECODER_512D2B, DECODER_512D8B, DECODER_TEST, build_mae
+from ummae.models.mae import DECODER_512D2B, DECODER_512D8B, DECODER_NANO, DECODER_TEST, build_mae
 from ummae.models.registry import register_model
 
 
@@ -135,6 +135,9 @@ class VisionTransformer(nn.Module):
 VIT_BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
 VIT_LARGE = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
 VIT_TEST = dict(patch_size=16, embed_dim=32, depth=2, num_heads=2)
+# ViT-Tiny's width at half its depth, 8 px patches: the ViT rows of the small-scale table
+# (experiments/minitable.py, 64 px inputs: an 8x8 patch grid, the unit grid of its pyramid rows).
+VIT_NANO = dict(patch_size=8, embed_dim=192, depth=6, num_heads=3)
 
 
 def _classifier(name, arch, img_size, drop_path, layer_decay, kw):
@@ -161,6 +164,11 @@ def mae_vit_large_patch16(**kw):
 
 
 @register_model("pretrain")
+def mae_vit_nano_patch8_64(**kw):
+    return build_mae("mae_vit_nano_patch8_64", VisionTransformer, VIT_NANO, img_size=64, decoder=DECODER_NANO, kw=kw)
+
+
+@register_model("pretrain")
 def mae_vit_test(**kw):
     return build_mae("mae_vit_test", VisionTransformer, VIT_TEST, img_size=64, decoder=DECODER_TEST, kw=kw)
 
@@ -174,6 +182,11 @@ def vit_base_patch16(**kw):
 @register_model("classify")
 def vit_large_patch16(**kw):
     return _classifier("vit_large_patch16", VIT_LARGE, img_size=224, drop_path=0.2, layer_decay=0.75, kw=kw)
+
+
+@register_model("classify")
+def vit_nano_patch8_64(**kw):
+    return _classifier("vit_nano_patch8_64", VIT_NANO, img_size=64, drop_path=0.1, layer_decay=0.75, kw=kw)
 
 
 @register_model("classify")

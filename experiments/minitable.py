@@ -1,0 +1,480 @@
+"""The paper's claim at small scale: UM-MAE vs SimMIM vs no pre-training, with the ablations
+(Secondary Masking and its ratio, uniform vs random sampling), as one resumable table.
+
+    python experiments/minitable.py                       # the CPU table on imagenette_mini
+    python experiments/minitable.py --scale paper --data /data/imagenet --out runs/table_in1k
+    python experiments/minitable.py --dry-run             # the ummae commands, one per line
+
+Every cell is an ``ummae`` run (pretrain, finetune, linprobe, knn) with ``--resume auto`` in its
+own folder under ``--out``; a finished run's figures go into ``--out/results.json`` at once, so
+a table run that stops (killed, machine gone) continues with the run it was in, from that run's
+last checkpoint, and never redoes a finished one. At the end (and after every run) the markdown
+table is written to ``--out/table.md`` and the plots to ``--img``.
+
+The rows (the issue's table): 1 no pre-training, 2 SimMIM, 3 UM-MAE (US + SM 0.25), 4 UM-MAE SM
+0 (US only), 5 UM-MAE SM 0.5 on Swin; 6 SimMIM and 7 UM-MAE on PVT; 8 MAE random sampling and
+UM on ViT. Every pre-training row uses its method's recipe (``ummae recipes``) at the scale's
+sizes; every fine-tuning uses the same recipe. Rows 1-3 run with two seeds. The budget curve
+fine-tunes rows 2 and 3 (seed 0) from their checkpoints after fewer pre-training epochs.
+
+Scales: ``mini`` (the CPU table, docs/experiments.md) changes the recipes' sizes only, the same
+way for every row: 64 px inputs with 8 px mask units (the 128 px / 16 px geometry halved), 30
+pre-training epochs at batch 128 and base lr 1.5e-3 (the recipes' 1.5e-4 is for 62k steps, this
+run has 930), fine-tuning 12 epochs at batch 128 without Mixup / CutMix (a 12-epoch schedule on
+4,000 images does not learn under them), linear probe 20 epochs at batch 256. ``paper`` is the
+recipes as they are: Swin-T / PVT-S at 256 px, ViT-B at 224 px, 200 pre-training epochs, 100
+fine-tuning epochs, MAE's 90-epoch linear probe, on the ImageNet-1k folder given by ``--data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The sizes of one version of the table; everything else comes from the recipes."""
+
+    data: str
+    families: dict[str, dict[str, str]]  # family -> recipes and the models that replace theirs
+    pretrain: list[str]  # flags added to every pre-training run
+    finetune: list[str]  # ... to every fine-tuning run
+    linprobe: list[str]
+    knn: list[str]
+    pt_epochs: int
+    budget_epochs: tuple[int, ...]  # fewer pre-training epochs for the budget curve
+    init_args: dict = field(default_factory=dict)  # model options of the untrained encoder (row 1)
+    unit_size: int | None = None  # mask unit of the pyramid rows (None: the recipe's)
+
+
+MINI_SIZES = ["--img-size", "64"]
+SCALES = {
+    "mini": Scale(
+        data=str(HERE.parent.parent / "shared" / "data" / "imagenette_mini"),
+        families={
+            "swin": dict(mae="mae_swin_nano_128", simmim="simmim_swin_nano_128", classifier="swin_nano_128",
+                         ummae="swin_tiny_ummae_in1k", simmim_recipe="swin_tiny_simmim_in1k",
+                         finetune="swin_tiny_ummae_in1k_finetune"),
+            "pvt": dict(mae="mae_pvt_nano_128", simmim="simmim_pvt_nano_128", classifier="pvt_nano_128",
+                        ummae="pvt_small_ummae_in1k", simmim_recipe="pvt_small_simmim_in1k",
+                        finetune="pvt_small_ummae_in1k_finetune"),
+            "vit": dict(mae="mae_vit_nano_patch8_64", classifier="vit_nano_patch8_64", ummae="vit_base_ummae_in1k",
+                        mae_recipe="vit_base_mae_in1k", finetune="vit_base_ummae_in1k_finetune"),
+        },
+        pretrain=[*MINI_SIZES, "--epochs", "30", "--warmup-epochs", "3", "--batch-size", "128", "--accum-iter", "1",
+                  "--blr", "1.5e-3", "--keep-every", "10", "--vis-every", "0"],
+        finetune=[*MINI_SIZES, "--epochs", "12", "--warmup-epochs", "2", "--batch-size", "128", "--accum-iter", "1",
+                  "--mixup", "0", "--cutmix", "0", "--eval-every", "4", "--keep-every", "0"],
+        linprobe=[*MINI_SIZES, "--epochs", "20", "--warmup-epochs", "2", "--batch-size", "256", "--eval-every", "5",
+                  "--keep-every", "0"],
+        knn=[*MINI_SIZES],
+        pt_epochs=30,
+        budget_epochs=(10, 20),
+        init_args=dict(img_size=64, unit_size=8),
+        unit_size=8,
+    ),
+    "paper": Scale(
+        data="",  # --data: an ImageNet-1k root with train/ and val/
+        families={
+            "swin": dict(mae="mae_swin_tiny_256", simmim="simmim_swin_tiny_256", classifier="swin_tiny_256",
+                         ummae="swin_tiny_ummae_in1k", simmim_recipe="swin_tiny_simmim_in1k",
+                         finetune="swin_tiny_ummae_in1k_finetune"),
+            "pvt": dict(mae="mae_pvt_small_256", simmim="simmim_pvt_small_256", classifier="pvt_small_256",
+                        ummae="pvt_small_ummae_in1k", simmim_recipe="pvt_small_simmim_in1k",
+                        finetune="pvt_small_ummae_in1k_finetune"),
+            "vit": dict(mae="mae_vit_base_patch16_dec512d2b", classifier="vit_base_patch16",
+                        ummae="vit_base_ummae_in1k", mae_recipe="vit_base_mae_in1k",
+                        finetune="vit_base_ummae_in1k_finetune"),
+        },
+        pretrain=["--keep-every", "50"],
+        finetune=[],
+        linprobe=[],
+        knn=[],
+        pt_epochs=200,
+        budget_epochs=(50, 100),
+    ),
+    # A few seconds a run: the test of this script (tests/test_minitable.py), on tiny images.
+    "test": Scale(
+        data="",
+        families={
+            "swin": dict(mae="mae_swin_test", simmim="simmim_swin_test", classifier="swin_test",
+                         ummae="swin_tiny_ummae_in1k", simmim_recipe="swin_tiny_simmim_in1k",
+                         finetune="swin_tiny_ummae_in1k_finetune"),
+            "pvt": dict(mae="mae_pvt_test", simmim="simmim_pvt_test", classifier="pvt_test",
+                        ummae="pvt_small_ummae_in1k", simmim_recipe="pvt_small_simmim_in1k",
+                        finetune="pvt_small_ummae_in1k_finetune"),
+            "vit": dict(mae="mae_vit_test", classifier="vit_test", ummae="vit_base_ummae_in1k",
+                        mae_recipe="vit_base_mae_in1k", finetune="vit_base_ummae_in1k_finetune"),
+        },
+        pretrain=["--img-size", "64", "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "4", "--accum-iter",
+                  "1", "--keep-every", "1", "--vis-every", "0"],
+        finetune=["--img-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--accum-iter",
+                  "1", "--mixup", "0", "--cutmix", "0", "--keep-every", "0"],
+        linprobe=["--img-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--keep-every",
+                  "0"],
+        knn=["--img-size", "64", "--k", "2"],
+        pt_epochs=2,
+        budget_epochs=(1,),
+        init_args=dict(img_size=64, unit_size=8),
+        unit_size=8,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: an encoder family, how it is pre-trained (None: not at all), the
+    pre-training options that make the row, what is measured after it, and its seeds."""
+
+    id: str
+    label: str
+    family: str
+    method: str | None  # "ummae", "simmim", "mae" (random sampling) or None
+    options: tuple[str, ...] = ()
+    evals: tuple[str, ...] = ("finetune",)
+    seeds: tuple[int, ...] = (0,)
+
+
+ROWS = [
+    Row("1", "Swin, no pre-training", "swin", None, evals=("finetune", "linprobe", "knn"), seeds=(0, 1)),
+    Row("2", "Swin, SimMIM", "swin", "simmim", evals=("finetune", "linprobe", "knn"), seeds=(0, 1)),
+    Row("3", "Swin, UM-MAE (US + SM 0.25)", "swin", "ummae", ("--sm-ratio", "0.25"),
+        evals=("finetune", "linprobe", "knn"), seeds=(0, 1)),
+    Row("4", "Swin, UM-MAE SM 0 (US only)", "swin", "ummae", ("--sm-ratio", "0"), evals=("finetune", "linprobe", "knn")),
+    Row("5", "Swin, UM-MAE SM 0.5", "swin", "ummae", ("--sm-ratio", "0.5")),
+    Row("6", "PVT, SimMIM", "pvt", "simmim"),
+    Row("7", "PVT, UM-MAE (US + SM 0.25)", "pvt", "ummae", ("--sm-ratio", "0.25")),
+    Row("8a", "ViT, MAE random sampling", "vit", "mae"),
+    Row("8b", "ViT, UM (US + SM 0.25)", "vit", "ummae", ("--sm-ratio", "0.25")),
+]  # fmt: skip
+BUDGET_ROWS = ("2", "3")  # fine-tuned (and kNN) after fewer pre-training epochs, seed 0
+
+
+@dataclass
+class Job:
+    key: str  # its name in results.json, and its folder under --out
+    kind: str  # "init", "pretrain", "finetune", "linprobe", "knn"
+    argv: list[str]  # the ummae command line (for "init": the model to save untrained)
+    row: str
+    seed: int
+    weights: str | None = None  # the pre-training checkpoint it starts from
+
+
+def _pretrain_argv(row: Row, scale: Scale, seed: int, out: Path, data: str, workers: list[str]) -> list[str]:
+    fam = scale.families[row.family]
+    recipe = {"ummae": fam["ummae"], "simmim": fam.get("simmim_recipe"), "mae": fam.get("mae_recipe")}[row.method]
+    model = fam["simmim"] if row.method == "simmim" else fam["mae"]
+    argv = ["pretrain", "--config", recipe, "--model", model, "--data", f"{data}/train", *scale.pretrain]
+    if scale.unit_size and row.family != "vit":  # ViT masks its own patches
+        argv += ["--unit-size", str(scale.unit_size)]
+    return [*argv, *row.options, "--seed", str(seed), *workers, "--output", str(out)]
+
+
+def plan(scale: Scale, out: Path, data: str, workers: list[str]) -> list[Job]:
+    """Every run of the table, in the order it runs: the main rows' first seed first (so a
+    table cut short still compares the methods), then the second seeds, the ablation rows and
+    the budget curve."""
+    main, later, budget = [], [], []
+    for row in ROWS:
+        fam = scale.families[row.family]
+        for seed in row.seeds:
+            jobs = main if seed == 0 and row.id in ("1", "2", "3") else later
+            pt = f"row{row.id}_s{seed}_pretrain"
+            if row.method is None:
+                weights = str(out / f"row{row.id}_s{seed}_init" / "checkpoint-last.pth")
+                if set(row.evals) & {"linprobe", "knn"}:
+                    jobs.append(Job(f"row{row.id}_s{seed}_init", "init", [fam["mae"]], row.id, seed))
+            else:
+                weights = str(out / pt / "checkpoint-last.pth")
+                jobs.append(
+                    Job(pt, "pretrain", _pretrain_argv(row, scale, seed, out / pt, data, workers), row.id, seed)
+                )
+            for ev in row.evals:
+                key = f"row{row.id}_s{seed}_{ev}"
+                from_weights = ev != "finetune" or row.method is not None
+                jobs.append(_eval_job(key, ev, fam, scale, seed, out, data, workers, weights if from_weights else None,
+                                      row.id))  # fmt: skip
+            if row.id in BUDGET_ROWS and seed == 0:
+                for n in scale.budget_epochs:
+                    ckpt = str(out / pt / f"checkpoint-{n - 1}.pth")
+                    for ev in ("knn", "finetune"):
+                        key = f"row{row.id}_s{seed}_pt{n}_{ev}"
+                        budget.append(_eval_job(key, ev, fam, scale, seed, out, data, workers, ckpt, row.id))
+    return main + later + budget
+
+
+def _eval_job(key, ev, fam, scale, seed, out, data, workers, weights, row_id) -> Job:
+    argv = [ev, "--model", fam["classifier"], "--data", data]
+    if ev == "finetune":
+        argv = ["finetune", "--config", fam["finetune"], "--model", fam["classifier"], "--data", data,
+                *scale.finetune, "--seed", str(seed), "--output", str(out / key)]  # fmt: skip
+    elif ev == "linprobe":
+        argv += [*scale.linprobe, "--seed", str(seed), "--output", str(out / key)]
+    else:
+        argv += scale.knn
+    if weights:
+        argv += ["--pretrained", weights]
+    if ev != "knn" or workers:
+        argv += workers
+    return Job(key, ev, argv, row_id, seed, weights)
+
+
+# --- running and reading the runs ---------------------------------------------------------------
+def _epoch_records(folder: Path) -> list[dict]:
+    """The last record of each epoch in ``metrics.jsonl`` (a resumed run may repeat one)."""
+    by_epoch: dict[int, dict] = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train_loss" in rec:
+            by_epoch[rec["epoch"]] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _pretrain_result(folder: Path, argv: list[str]) -> dict:
+    recs = _epoch_records(folder)
+    batch = int(argv[argv.index("--batch-size") + 1]) if "--batch-size" in argv else None
+    wall = sum(r["epoch_time_s"] for r in recs)
+    cfg = (folder / "config.yaml").read_text()
+    batch = batch or int(next(line.split(":")[1] for line in cfg.splitlines() if line.startswith("batch_size:")))
+    images = recs[-1]["step"] * batch  # one process: steps x per-process batch (accum 1 at mini scale)
+    return {
+        "epochs": len(recs),
+        "wall_s": wall,
+        "cumulative_s": [sum(r["epoch_time_s"] for r in recs[: i + 1]) for i in range(len(recs))],
+        "images_per_s": images / wall,
+        "peak_mem_mib": max(r.get("peak_mem_mib", 0.0) for r in recs),
+        "final_loss": recs[-1]["train_loss"],
+    }
+
+
+def _classify_result(folder: Path) -> dict:
+    recs = [r for r in _epoch_records(folder) if "acc1" in r]
+    return {"acc1": recs[-1]["acc1"], "best_acc1": max(r["acc1"] for r in recs),
+            "curve": [[r["epoch"] + 1, r["acc1"]] for r in recs],
+            "wall_s": sum(r["epoch_time_s"] for r in _epoch_records(folder))}  # fmt: skip
+
+
+def _save_untrained(model: str, seed: int, path: Path, model_args: dict) -> None:
+    """Row 1's encoder for the linear probe and kNN: the pre-training model, initialised with
+    the seed and never trained (the floor the pre-trained encoders are read against)."""
+    code = (
+        "import sys, json, torch\n"
+        "from ummae.models import create_model\n"
+        "from ummae.weights.io import save_atomic\n"
+        "torch.manual_seed(int(sys.argv[2]))\n"
+        "m = create_model(sys.argv[1], **json.loads(sys.argv[4]))\n"
+        "save_atomic({'model': m.state_dict(), 'model_name': m.model_name, 'model_args': m.model_args}, sys.argv[3])\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", code, model, str(seed), str(path), json.dumps(model_args)], check=True)
+
+
+def run_job(job: Job, scale: Scale, out: Path) -> dict:
+    folder = out / job.key
+    if job.kind == "init":
+        _save_untrained(job.argv[0], job.seed, folder / "checkpoint-last.pth", scale.init_args)
+        return {}
+    argv = [sys.executable, "-m", "ummae", *job.argv]
+    if job.kind != "knn":
+        argv += ["--resume", "auto"]
+    print(f"\n=== {job.key}: {shlex.join(['ummae', *argv[3:]])}", flush=True)
+    t0 = time.time()
+    if job.kind == "knn":
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+        sys.stdout.write(proc.stdout)
+        if proc.returncode:
+            raise SystemExit(f"minitable: {job.key} failed (exit {proc.returncode}); rerun to continue")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"acc1": result["knn_acc1"], "wall_s": time.time() - t0}
+    rc = subprocess.run(argv).returncode
+    if rc:
+        raise SystemExit(f"minitable: {job.key} failed (exit {rc}); rerun to continue from its last checkpoint")
+    return _pretrain_result(folder, job.argv) if job.kind == "pretrain" else _classify_result(folder)
+
+
+def load_results(path: Path, scale_name: str) -> dict:
+    if not path.exists():
+        return {"scale": scale_name, "jobs": {}}
+    results = json.loads(path.read_text())
+    if results.get("scale") != scale_name:
+        raise SystemExit(f"minitable: {path} holds the {results.get('scale')!r} table, not {scale_name!r}")
+    return results
+
+
+def save_results(results: dict, path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)  # atomic: a kill mid-write keeps the previous results
+
+
+# --- the table ----------------------------------------------------------------------------------
+def _cell(results: dict, row: Row, ev: str) -> str:
+    vals = [results[k]["acc1"] for k in (f"row{row.id}_s{s}_{ev}" for s in row.seeds) if k in results]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{sum(vals) / len(vals):.1f} ({' / '.join(f'{v:.1f}' for v in vals)})"
+
+
+def markdown_table(results: dict) -> str:
+    jobs = results["jobs"]
+    lines = [
+        "| row | encoder, pre-training | pre-training time | images/s | peak MiB | fine-tune top-1 | linear probe | kNN |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in ROWS:
+        pts = [jobs[k] for k in (f"row{row.id}_s{s}_pretrain" for s in row.seeds) if k in jobs]
+        if row.method is None:
+            time_s, rate, mem = "0", "-", "-"
+        elif pts:
+            time_s = " / ".join(f"{p['wall_s'] / 60:.1f} min" for p in pts)
+            rate = " / ".join(f"{p['images_per_s']:.0f}" for p in pts)
+            mem = f"{max(p['peak_mem_mib'] for p in pts):.0f}"
+        else:
+            time_s = rate = mem = "-"
+        cells = [_cell(jobs, row, ev) if ev in row.evals else "" for ev in ("finetune", "linprobe", "knn")]
+        lines.append(f"| {row.id} | {row.label} | {time_s} | {rate} | {mem} | {' | '.join(cells)} |")
+    budget = [k for k in jobs if "_pt" in k and k.endswith("_finetune")]
+    if budget:
+        lines += ["", "Budget curve (seed 0): fine-tune top-1 / kNN after N pre-training epochs", "",
+                  "| row | epochs | pre-training time | fine-tune top-1 | kNN |", "|---|---|---|---|---|"]  # fmt: skip
+        for row_id in BUDGET_ROWS:
+            pt = jobs.get(f"row{row_id}_s0_pretrain")
+            for key in sorted(k for k in budget if k.startswith(f"row{row_id}_")):
+                n = int(key.split("_pt")[1].split("_")[0])
+                knn = jobs.get(key.replace("_finetune", "_knn"), {}).get("acc1")
+                t = f"{pt['cumulative_s'][n - 1] / 60:.1f} min" if pt else "-"
+                lines.append(
+                    f"| {row_id} | {n} | {t} | {jobs[key]['acc1']:.1f} | {knn if knn is None else f'{knn:.1f}'} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, img: Path, scale_name: str) -> list[Path]:
+    """Accuracy vs pre-training time for rows 1-3 (budget points and final), and the SM-ratio
+    curve (rows 3, 4, 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs, written = results["jobs"], []
+    img.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    scratch = [jobs[k]["acc1"] for k in ("row1_s0_finetune", "row1_s1_finetune") if k in jobs]
+    if scratch:
+        ax.axhline(sum(scratch) / len(scratch), color="grey", ls="--", label="row 1: no pre-training")
+    for row_id, name in (("2", "SimMIM"), ("3", "UM-MAE")):
+        pt = jobs.get(f"row{row_id}_s0_pretrain")
+        if not pt:
+            continue
+        xs, ys = [], []
+        for n in sorted(int(k.split("_pt")[1].split("_")[0]) for k in jobs if k.startswith(f"row{row_id}_s0_pt")):
+            if f"row{row_id}_s0_pt{n}_finetune" in jobs:
+                xs.append(pt["cumulative_s"][n - 1] / 3600)
+                ys.append(jobs[f"row{row_id}_s0_pt{n}_finetune"]["acc1"])
+        finals = [(jobs[f"row{row_id}_s{s}_pretrain"]["wall_s"] / 3600, jobs[f"row{row_id}_s{s}_finetune"]["acc1"])
+                  for s in (0, 1) if f"row{row_id}_s{s}_finetune" in jobs and f"row{row_id}_s{s}_pretrain" in jobs]  # fmt: skip
+        line = ax.plot(
+            xs + [f[0] for f in finals[:1]], ys + [f[1] for f in finals[:1]], "o-", label=f"row {row_id}: {name}"
+        )
+        if len(finals) > 1:
+            ax.plot([finals[1][0]], [finals[1][1]], "x", color=line[0].get_color(), label=f"row {row_id}: seed 1")
+    ax.set_xlabel("pre-training wall-clock (hours, this machine)")
+    ax.set_ylabel("fine-tune top-1 (%)")
+    ax.set_title(f"Fine-tune top-1 vs pre-training time ({scale_name} table)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path = img / f"minitable_{scale_name}_budget.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for ev, marker in (("finetune", "o-"), ("linprobe", "s--"), ("knn", "^:")):
+        pts = [(sm, jobs[f"row{r}_s0_{ev}"]["acc1"]) for r, sm in (("4", 0.0), ("3", 0.25), ("5", 0.5))
+               if f"row{r}_s0_{ev}" in jobs]  # fmt: skip
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=ev)
+    ax.set_xlabel("secondary masking ratio")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_xticks([0.0, 0.25, 0.5])
+    ax.set_title(f"UM-MAE Swin: SM ratio ({scale_name} table, seed 0)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path = img / f"minitable_{scale_name}_sm_ratio.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="mini")
+    p.add_argument("--data", help="root with train/ and val/ ImageFolders (mini: ../shared/data/imagenette_mini)")
+    p.add_argument("--out", default=None, help="runs and results.json (default runs/minitable_SCALE)")
+    p.add_argument("--img", default=str(HERE.parent / "docs" / "img"), help="folder of the plots")
+    p.add_argument("--num-workers", type=int, default=None, help="data-loading processes of every run")
+    p.add_argument("--only", default="", help="comma-separated job keys or row ids (e.g. 1,2,3): run only those")
+    p.add_argument("--max-jobs", type=int, default=0, help="stop after running this many (0: all)")
+    p.add_argument("--no-budget", action="store_true", help="leave out the budget curve's runs")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    args = p.parse_args(argv)
+    scale = SCALES[args.scale]
+    data = args.data or scale.data
+    if not data or not (Path(data) / "train").is_dir() or not (Path(data) / "val").is_dir():
+        p.error(f"--data {data or '(none)'}: needs a folder with train/ and val/ image folders")
+    out = Path(args.out or f"runs/minitable_{args.scale}").resolve()
+    workers = ["--num-workers", str(args.num_workers)] if args.num_workers is not None else []
+    jobs = plan(scale, out, str(Path(data).resolve()), workers)
+    if args.no_budget:
+        jobs = [j for j in jobs if "_pt" not in j.key or j.key.endswith("_pretrain")]
+    if args.only:
+        wanted = set(args.only.split(","))
+        jobs = [j for j in jobs if j.key in wanted or j.row in wanted]
+    if args.dry_run:
+        for job in jobs:
+            print(
+                f"{job.key}: "
+                + ("(untrained " + job.argv[0] + ")" if job.kind == "init" else shlex.join(["ummae", *job.argv]))
+            )
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = load_results(path, args.scale)
+    todo = [j for j in jobs if j.key not in results["jobs"]]
+    print(f"minitable ({args.scale}): {len(jobs) - len(todo)} of {len(jobs)} runs done, {len(todo)} to go; {out}")
+    for i, job in enumerate(todo):
+        if args.max_jobs and i == args.max_jobs:
+            break
+        t0 = time.time()
+        result = run_job(job, scale, out)
+        results["jobs"][job.key] = {**result, "kind": job.kind, "row": job.row, "seed": job.seed,
+                                    "command": ["ummae", *job.argv] if job.kind != "init" else job.argv,
+                                    "job_s": time.time() - t0}  # fmt: skip
+        save_results(results, path)
+        (out / "table.md").write_text(markdown_table(results))
+        print(f"minitable: {job.key} done in {time.time() - t0:.0f} s ({i + 1}/{len(todo)})", flush=True)
+    (out / "table.md").write_text(markdown_table(results))
+    for img in plots(results, Path(args.img), args.scale):
+        print(f"minitable: wrote {img}")
+    print(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
