@@ -210,6 +210,9 @@ def plan(scale: Scale, out: Path, data: str, workers: list[str]) -> list[Job]:
                     for ev in ("knn", "finetune"):
                         key = f"row{row.id}_s{seed}_pt{n}_{ev}"
                         budget.append(_eval_job(key, ev, fam, scale, seed, out, data, workers, ckpt, row.id))
+    # The budget curve by pre-training epochs first, then row: a table cut short has both
+    # methods at its first point.
+    budget.sort(key=lambda job: (int(job.key.split("_pt")[1].split("_")[0]), job.row, job.kind != "knn"))
     return main + later + budget
 
 
