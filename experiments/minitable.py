@@ -364,6 +364,27 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget_panel(ax, jobs: dict, ev: str) -> None:
+    """``ev``'s top-1 against pre-training hours: row 1 as a line at 0 h, rows 2 and 3 through
+    their budget points (seed 0) to the end of pre-training, seed 1's end as a cross."""
+    floor = [jobs[k]["acc1"] for k in (f"row1_s0_{ev}", f"row1_s1_{ev}") if k in jobs]
+    if floor:
+        ax.axhline(sum(floor) / len(floor), color="grey", ls="--", label="row 1: no pre-training")
+    for row_id, name in (("2", "SimMIM"), ("3", "UM-MAE")):
+        pt = jobs.get(f"row{row_id}_s0_pretrain")
+        if not pt:
+            continue
+        points = [(pt["cumulative_s"][n - 1] / 3600, jobs[f"row{row_id}_s0_pt{n}_{ev}"]["acc1"])
+                  for n in sorted({int(k.split("_pt")[1].split("_")[0]) for k in jobs if k.startswith(f"row{row_id}_s0_pt")})
+                  if f"row{row_id}_s0_pt{n}_{ev}" in jobs]  # fmt: skip
+        ends = [(jobs[f"row{row_id}_s{s}_pretrain"]["wall_s"] / 3600, jobs[f"row{row_id}_s{s}_{ev}"]["acc1"])
+                for s in (0, 1) if f"row{row_id}_s{s}_{ev}" in jobs and f"row{row_id}_s{s}_pretrain" in jobs]  # fmt: skip
+        line = ax.plot(*zip(*(points + ends[:1]), strict=True), "o-", label=f"row {row_id}: {name}") if (
+            points or ends) else None  # fmt: skip
+        if line and len(ends) > 1:
+            ax.plot([ends[1][0]], [ends[1][1]], "x", color=line[0].get_color(), label=f"row {row_id}: seed 1")
+
+
 def plots(results: dict, img: Path, scale_name: str) -> list[Path]:
     """Accuracy vs pre-training time for rows 1-3 (budget points and final), and the SM-ratio
     curve (rows 3, 4, 5)."""
@@ -374,31 +395,14 @@ def plots(results: dict, img: Path, scale_name: str) -> list[Path]:
 
     jobs, written = results["jobs"], []
     img.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    scratch = [jobs[k]["acc1"] for k in ("row1_s0_finetune", "row1_s1_finetune") if k in jobs]
-    if scratch:
-        ax.axhline(sum(scratch) / len(scratch), color="grey", ls="--", label="row 1: no pre-training")
-    for row_id, name in (("2", "SimMIM"), ("3", "UM-MAE")):
-        pt = jobs.get(f"row{row_id}_s0_pretrain")
-        if not pt:
-            continue
-        xs, ys = [], []
-        for n in sorted(int(k.split("_pt")[1].split("_")[0]) for k in jobs if k.startswith(f"row{row_id}_s0_pt")):
-            if f"row{row_id}_s0_pt{n}_finetune" in jobs:
-                xs.append(pt["cumulative_s"][n - 1] / 3600)
-                ys.append(jobs[f"row{row_id}_s0_pt{n}_finetune"]["acc1"])
-        finals = [(jobs[f"row{row_id}_s{s}_pretrain"]["wall_s"] / 3600, jobs[f"row{row_id}_s{s}_finetune"]["acc1"])
-                  for s in (0, 1) if f"row{row_id}_s{s}_finetune" in jobs and f"row{row_id}_s{s}_pretrain" in jobs]  # fmt: skip
-        line = ax.plot(
-            xs + [f[0] for f in finals[:1]], ys + [f[1] for f in finals[:1]], "o-", label=f"row {row_id}: {name}"
-        )
-        if len(finals) > 1:
-            ax.plot([finals[1][0]], [finals[1][1]], "x", color=line[0].get_color(), label=f"row {row_id}: seed 1")
-    ax.set_xlabel("pre-training wall-clock (hours, this machine)")
-    ax.set_ylabel("fine-tune top-1 (%)")
-    ax.set_title(f"Fine-tune top-1 vs pre-training time ({scale_name} table)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, ev, what in ((axes[0], "finetune", "fine-tune top-1 (%)"), (axes[1], "knn", "kNN top-1 (%)")):
+        _budget_panel(ax, jobs, ev)
+        ax.set_xlabel("pre-training wall-clock (hours, this machine)")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Accuracy vs pre-training time, rows 1-3 ({scale_name} table)")
     path = img / f"minitable_{scale_name}_budget.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
