@@ -4,6 +4,7 @@
     python experiments/minitable.py                       # the CPU table on imagenette_mini
     python experiments/minitable.py --scale paper --data /data/imagenet --out runs/table_in1k
     python experiments/minitable.py --dry-run             # the ummae commands, one per line
+    python experiments/minitable.py --scale paper --data /data/imagenet --launch "torchrun --nproc_per_node 8"
 
 Every cell is an ``ummae`` run (pretrain, finetune, linprobe, knn) with ``--resume auto`` in its
 own folder under ``--out``; a finished run's figures go into ``--out/results.json`` at once, so
@@ -37,6 +38,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 
@@ -243,13 +246,11 @@ def _epoch_records(folder: Path) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def _pretrain_result(folder: Path, argv: list[str]) -> dict:
+def _pretrain_result(folder: Path, world_size: int) -> dict:
     recs = _epoch_records(folder)
-    batch = int(argv[argv.index("--batch-size") + 1]) if "--batch-size" in argv else None
     wall = sum(r["epoch_time_s"] for r in recs)
-    cfg = (folder / "config.yaml").read_text()
-    batch = batch or int(next(line.split(":")[1] for line in cfg.splitlines() if line.startswith("batch_size:")))
-    images = recs[-1]["step"] * batch  # one process: steps x per-process batch (accum 1 at mini scale)
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())  # the batch the run used (a recipe splits its own)
+    images = recs[-1]["step"] * cfg["batch_size"] * cfg["accum_iter"] * world_size  # updates x images per update
     return {
         "epochs": len(recs),
         "wall_s": wall,
@@ -282,15 +283,15 @@ def _save_untrained(model: str, seed: int, path: Path, model_args: dict) -> None
     subprocess.run([sys.executable, "-c", code, model, str(seed), str(path), json.dumps(model_args)], check=True)
 
 
-def run_job(job: Job, scale: Scale, out: Path) -> dict:
+def run_job(job: Job, scale: Scale, out: Path, launch: list[str]) -> dict:
     folder = out / job.key
     if job.kind == "init":
         _save_untrained(job.argv[0], job.seed, folder / "checkpoint-last.pth", scale.init_args)
         return {}
-    argv = [sys.executable, "-m", "ummae", *job.argv]
+    argv = [*launch, "-m", "ummae", *job.argv]
     if job.kind != "knn":
         argv += ["--resume", "auto"]
-    print(f"\n=== {job.key}: {shlex.join(['ummae', *argv[3:]])}", flush=True)
+    print(f"\n=== {job.key}: {shlex.join(argv)}", flush=True)
     t0 = time.time()
     if job.kind == "knn":
         proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
@@ -302,7 +303,19 @@ def run_job(job: Job, scale: Scale, out: Path) -> dict:
     rc = subprocess.run(argv).returncode
     if rc:
         raise SystemExit(f"minitable: {job.key} failed (exit {rc}); rerun to continue from its last checkpoint")
-    return _pretrain_result(folder, job.argv) if job.kind == "pretrain" else _classify_result(folder)
+    return _pretrain_result(folder, world_size(launch)) if job.kind == "pretrain" else _classify_result(folder)
+
+
+def world_size(launch: list[str]) -> int:
+    """The processes a launcher starts (torchrun's --nproc_per_node x --nnodes; 1 otherwise)."""
+    n = 1
+    for i, a in enumerate(launch):
+        for flag in ("--nproc_per_node", "--nproc-per-node", "--nnodes"):
+            if a == flag and i + 1 < len(launch):
+                n *= int(launch[i + 1].split(":")[-1])
+            elif a.startswith(flag + "="):
+                n *= int(a.split("=", 1)[1].split(":")[-1])
+    return n
 
 
 def load_results(path: Path, scale_name: str) -> dict:
@@ -440,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-jobs", type=int, default=0, help="stop after running this many (0: all)")
     p.add_argument("--no-budget", action="store_true", help="leave out the budget curve's runs")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    p.add_argument(
+        "--launch",
+        default=sys.executable,
+        help="what runs `-m ummae ...` (default: this Python); several GPUs: 'torchrun --nproc_per_node 8'",
+    )
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
     data = args.data or scale.data
@@ -454,10 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.only.split(","))
         jobs = [j for j in jobs if j.key in wanted or j.row in wanted]
     if args.dry_run:
+        prefix = ["ummae"] if args.launch == sys.executable else [*shlex.split(args.launch), "-m", "ummae"]
         for job in jobs:
             print(
                 f"{job.key}: "
-                + ("(untrained " + job.argv[0] + ")" if job.kind == "init" else shlex.join(["ummae", *job.argv]))
+                + (f"(untrained {job.argv[0]})" if job.kind == "init" else shlex.join([*prefix, *job.argv]))
             )
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -469,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_jobs and i == args.max_jobs:
             break
         t0 = time.time()
-        result = run_job(job, scale, out)
+        result = run_job(job, scale, out, shlex.split(args.launch))
         results["jobs"][job.key] = {**result, "kind": job.kind, "row": job.row, "seed": job.seed,
                                     "command": ["ummae", *job.argv] if job.kind != "init" else job.argv,
                                     "job_s": time.time() - t0}  # fmt: skip

@@ -175,3 +175,23 @@ def test_table_run__a_missing_data_folder_is_one_line(tmp_path):
     proc = _table(data=tmp_path / "nowhere", out=tmp_path / "t", img=tmp_path / "img")
     assert proc.returncode == 2 and "needs a folder with train/ and val/" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("launch", "n"),
+    [(sys.executable, 1), ("torchrun --nproc_per_node 8", 8), ("torchrun --nnodes=2 --nproc-per-node=4", 8),
+     ("torchrun --nnodes 1:2 --nproc_per_node 4", 8)],
+)  # fmt: skip
+def test_world_size__the_processes_a_launcher_starts(launch, n):
+    assert mt.world_size(launch.split()) == n
+
+
+def test_pretrain_result__images_per_second_from_the_batch_the_run_used(tmp_path):
+    """updates x per-process batch x accumulation x processes, over the summed epoch times."""
+    (tmp_path / "config.yaml").write_text("batch_size: 16\naccum_iter: 2\n")
+    recs = [{"epoch": e, "train_loss": 1.0, "epoch_time_s": 4.0, "step": 10 * (e + 1), "peak_mem_mib": 100.0 + e}
+            for e in range(3)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = mt._pretrain_result(tmp_path, world_size=4)
+    assert res["images_per_s"] == pytest.approx(30 * 16 * 2 * 4 / 12.0)
+    assert res["cumulative_s"] == [4.0, 8.0, 12.0] and res["peak_mem_mib"] == 102.0 and res["epochs"] == 3
