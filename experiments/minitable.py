@@ -78,7 +78,7 @@ SCALES = {
                   "--blr", "1.5e-3", "--keep-every", "10", "--vis-every", "0"],
         finetune=[*MINI_SIZES, "--epochs", "12", "--warmup-epochs", "2", "--batch-size", "128", "--accum-iter", "1",
                   "--mixup", "0", "--cutmix", "0", "--eval-every", "4", "--keep-every", "0"],
-        linprobe=[*MINI_SIZES, "--epochs", "20", "--warmup-epochs", "2", "--batch-size", "256", "--eval-every", "5",
+        linprobe=[*MINI_SIZES, "--epochs", "20", "--warmup-epochs", "2", "--batch-size", "256", "--lr", "6.4", "--eval-every", "5",
                   "--keep-every", "0"],
         knn=[*MINI_SIZES],
         pt_epochs=30,
