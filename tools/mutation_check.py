@@ -915,16 +915,59 @@ MUTATIONS = [
         "class DataError(ValueError):",
         ("tests/test_cli.py::test_cli_pretrain__missing_data_path",),
     ),
+    # HTC's semantic branch (issue 28)
+    Mutation(
+        "htc_semantic_not_added",
+        "the RoI-pooled semantic feature is not added to the RoI features",
+        "src/ummae/models/cascade.py",
+        "        return x + extra",
+        "        return x",
+        ("tests/test_htc_semantic.py::test_roi_features__plus_exactly_the_roi_pooled_semantic_feature",),
+    ),
+    Mutation(
+        "htc_semantic_loss_non_ignored_mean",
+        "semantic loss weight 0.2 over the non-ignored pixels (PyTorch's mean), not every pixel",
+        "src/ummae/models/cascade.py",
+        "return SEMANTIC_LOSS_WEIGHT * loss / labels.numel()",
+        "return SEMANTIC_LOSS_WEIGHT * loss / (labels != STUFF_IGNORE).sum()",
+        ("tests/test_htc_semantic.py::test_semantic_loss__0_2_x_ce_at_1_8_over_every_pixel",),
+    ),
+    Mutation(
+        "htc_fusion_align_corners_false",
+        "semantic fusion resizes with align_corners=False",
+        "src/ummae/models/cascade.py",
+        'mode="bilinear", align_corners=True',
+        'mode="bilinear", align_corners=False',
+        ("tests/test_htc_semantic.py::test_fused_semantic_head__sum_of_resized_laterals",),
+    ),
+    Mutation(
+        "stuff_map_not_flipped",
+        "the stuff map is not flipped with the image",
+        "src/ummae/data/coco.py",
+        'target["semantic"] = target["semantic"].flip(-1)',
+        'target["semantic"] = target["semantic"]',
+        ("tests/test_htc_semantic.py::test_stuff_maps__transformed_with_the_image",),
+    ),
+    Mutation(
+        "range_resize_long_uncapped",
+        "range resize: the longer side is not capped at img_size (the crop cuts the image)",
+        "src/ummae/data/coco.py",
+        "scale = min(self.img_size / max(h, w), short / min(h, w))",
+        "scale = short / min(h, w)",
+        ("tests/test_htc_semantic.py::test_range_resize__short_side_in_range_long_side_capped_aspect_kept",),
+    ),
 ]
 
 
 def _copy(dst: Path) -> Path:
     main = dst / "main"
-    for part in ("src", "tests", "pyproject.toml"):
+    # experiments/coco_subset.py: the detection tests' coco_mini subsets (tests/_helpers.py)
+    for part in ("src", "tests", "pyproject.toml", "experiments/coco_subset.py"):
         src = ROOT / part
         if src.is_dir():
             shutil.copytree(src, main / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
+            (main / part).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, main / part)
     shared = ROOT.parent / "shared"
     if shared.is_dir():

@@ -9,4 +9,5 @@ DETECTORS = ("gfl", "maskrcnn", "retinanet", "fcos", "cascade_maskrcnn", "htc")
 MASK_DETECTORS = ("maskrcnn", "cascade_maskrcnn", "htc")  # box and mask AP
 BOX_HEADS = ("2fc", "4conv1fc")  # cascade / HTC box heads: Shared2FCBBoxHead, Shared4Conv1FCBBoxHead
 BOX_NORMS = ("none", "bn", "gn")  # the 4conv1fc head's norm (bn: SyncBN under DDP on CUDA)
+TRAIN_RESIZES = ("lsj", "range")  # detection training: large-scale jitter, MMDetection's "range" multi-scale
 SEG_TEST_MODES = ("slide", "whole")

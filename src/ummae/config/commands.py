@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ummae.choices import BOX_HEADS, BOX_NORMS, DETECTORS, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES
+from ummae.choices import BOX_HEADS, BOX_NORMS, DETECTORS, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES, TRAIN_RESIZES
 from ummae.config.fields import DEVICE, RAND_AUGMENT, check_fields, option, ordered_range
 from ummae.errors import UsageError
 
@@ -351,6 +351,11 @@ class DetectConfig(RunConfig):
         "none", "norm of the 4conv1fc box heads' convs: bn (SyncBN under DDP on CUDA, Swin's) or gn", choices=BOX_NORMS
     )
     soft_nms: bool = option(False, "cascade_maskrcnn / htc: Gaussian soft-NMS at test (HTC++), not NMS at 0.5")
+    stuff_maps: str | None = option(
+        None,
+        "htc: folder of COCO-stuff maps of the training images (stuffthingmaps, <image stem>.png, 255 ignored); "
+        "builds HTC's semantic branch. Omitted: no semantic branch",
+    )
     pretrained: str | None = option(
         None,
         "backbone weights: a fine-tuning (the paper's choice) or pre-training checkpoint, ours or the reference's, "
@@ -367,6 +372,16 @@ class DetectConfig(RunConfig):
     )
     scale_range: tuple[float, float] = option(
         (0.1, 2.0), "large-scale jitter: resize to this range of img_size", check=ordered_range(0, 10)
+    )
+    train_resize: str = option(
+        "lsj",
+        "training resize: lsj (large-scale jitter, --scale-range, cropped to --img-size) or range (MMDetection's "
+        "multiscale_mode='range': shorter side drawn in --short-range, longer side at most --img-size; HTC++: "
+        "--img-size 1600 --short-range 400 1400)",
+        choices=TRAIN_RESIZES,
+    )
+    short_range: tuple[int, int] = option(
+        (400, 1400), "--train-resize range: the shorter side's range in pixels", check=ordered_range(0, 8192)
     )
     flip_prob: float = option(0.5, "horizontal flip probability", ge=0, le=1)
     drop_path: float | None = option(0.1, "stochastic depth rate of the backbone", ge=0, lt=1)
@@ -393,6 +408,8 @@ class DetectConfig(RunConfig):
         super().validate()
         if not self.data:
             raise UsageError("detection needs --data: a COCO root with train2017/, val2017/ and annotations/")
+        if self.stuff_maps and self.detector != "htc":
+            raise UsageError(f"--stuff-maps feeds HTC's semantic branch: it needs --detector htc, not {self.detector}")
 
 
 @dataclass

@@ -54,6 +54,9 @@ IOU_TYPES = ("bbox", "segm")
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0..5]
 # Per-instance fields of a target: whatever drops an instance drops its row in each of these.
 INSTANCE_KEYS = ("boxes", "labels", "masks", "iscrowd", "area")
+# COCO-stuff maps (the stuffthingmaps PNGs): classes 0..182, 255 unlabelled (ignored, and the padding)
+STUFF_CLASSES = 183
+STUFF_IGNORE = 255
 
 
 # ---------------------------------------------------------------- annotation file
@@ -223,8 +226,11 @@ class CocoDetection(ImageDataset):
     (their names: label ``l`` is ``class_names[l - 1]``), ``num_classes`` (``len(cat_ids)``;
     a torchvision detector takes ``num_classes + 1`` with the background).
 
-    Raises a one-line :class:`~ummae.errors.DataError` naming the file for a missing or malformed annotation file
-    and for images it lists that are missing on disk.
+    ``stuff_dir`` (HTC's semantic branch): the COCO-stuff maps, ``stuff_dir/<image file stem>.png``;
+    each target gets them as ``semantic`` (:meth:`stuff_map`), transformed with the image.
+
+    Raises a one-line :class:`~ummae.errors.DataError` naming the file for a missing or malformed annotation file,
+    for images it lists that are missing on disk, and for a missing or misshapen stuff map.
     """
 
     def __init__(
@@ -235,9 +241,11 @@ class CocoDetection(ImageDataset):
         train: bool,
         with_masks: bool = False,
         transform: Callable | None = None,
+        stuff_dir: str | os.PathLike | None = None,
     ):
         root = os.path.expanduser(str(root))
         self.root = root
+        self.stuff_dir = os.path.expanduser(str(stuff_dir)) if stuff_dir else None
         self.split = split
         self.train = bool(train)
         self.with_masks = bool(with_masks)
@@ -249,6 +257,8 @@ class CocoDetection(ImageDataset):
         self.cat_ids = sorted(self.coco.cats)
         self._label_of = {cid: k + 1 for k, cid in enumerate(self.cat_ids)}
         self.ids, note = self._select_images(data)
+        if self.stuff_dir:
+            self._check_stuff_maps()
         if transform is None:
             transform = LargeScaleJitter() if self.train else to_uint8_tensor
         self.pair_transform = transform
@@ -279,6 +289,49 @@ class CocoDetection(ImageDataset):
                 f"{len(missing)} of the {len(images)} images listed in "
                 f"{self.ann_file} are missing on disk, e.g. {missing[0]}"
             )
+
+    def stuff_path(self, image_id: int) -> str:
+        """The COCO-stuff map of ``image_id``: ``stuff_dir/<image file stem>.png``."""
+        return os.path.join(self.stuff_dir, Path(self.coco.imgs[image_id]["file_name"]).stem + ".png")
+
+    def _check_stuff_maps(self) -> None:
+        """Every image used has a single-channel stuff map of its size (headers only): one line
+        naming the first that is missing or wrong."""
+        if not os.path.isdir(self.stuff_dir):
+            raise DataError(f"stuff map folder {self.stuff_dir} not found")
+        missing = [self.stuff_path(i) for i in self.ids if not os.path.isfile(self.stuff_path(i))]
+        if missing:
+            raise DataError(
+                f"{len(missing)} of the {len(self.ids)} images of {self.ann_file} have no stuff map "
+                f"(<file stem>.png) in {self.stuff_dir}, e.g. {missing[0]}"
+            )
+        for image_id in self.ids:
+            path = self.stuff_path(image_id)
+            h, w = self._size(image_id)
+            try:
+                with Image.open(path) as im:
+                    size, mode = im.size, im.mode
+            except OSError as e:
+                raise DataError(f"stuff map {path} cannot be read: {e}") from None
+            if size != (w, h) or mode not in ("L", "P"):
+                raise DataError(
+                    f"stuff map {path} is {size[0]}x{size[1]} {mode}: it must be a single-channel (L or P) "
+                    f"map of the image's {w}x{h}"
+                )
+
+    def stuff_map(self, image_id: int) -> Tensor:
+        """The uint8 ``[H, W]`` COCO-stuff labels of ``image_id``: classes 0..182, 255 ignored
+        (any other value is a :class:`~ummae.errors.DataError`)."""
+        path = self.stuff_path(image_id)
+        with Image.open(path) as im:
+            labels = torch.from_numpy(np.array(im, dtype=np.uint8))
+        bad = (labels >= STUFF_CLASSES) & (labels != STUFF_IGNORE)
+        if bad.any():
+            raise DataError(
+                f"stuff map {path} has label {int(labels[bad][0])}: COCO-stuff labels are 0..{STUFF_CLASSES - 1} "
+                f"and {STUFF_IGNORE} (ignored)"
+            )
+        return labels
 
     def _select_images(self, data: dict) -> tuple[list[int], str]:
         """The image ids to use and a note of what was left out. Training keeps the images with
@@ -315,8 +368,9 @@ class CocoDetection(ImageDataset):
     def target(self, index: int) -> dict:
         """The target of sample ``index`` at the image's original size: ``boxes`` float32
         ``[n, 4]`` xyxy pixels, ``labels`` int64 ``[n]`` (1..num_classes), ``iscrowd`` int64
-        ``[n]``, ``area`` float32 ``[n]``, ``image_id`` int, ``orig_size`` ``(h, w)``, and with
-        ``with_masks`` ``masks`` uint8 ``[n, h, w]``."""
+        ``[n]``, ``area`` float32 ``[n]``, ``image_id`` int, ``orig_size`` ``(h, w)``, with
+        ``with_masks`` ``masks`` uint8 ``[n, h, w]`` and with ``stuff_dir`` ``semantic`` uint8
+        ``[h, w]`` (:meth:`stuff_map`)."""
         image_id = self.ids[index]
         h, w = self._size(image_id)
         anns = self._anns[image_id]
@@ -334,6 +388,8 @@ class CocoDetection(ImageDataset):
         }
         if self.with_masks:
             target["masks"] = torch.from_numpy(decode_segmentations([a["segmentation"] for a in anns], h, w))
+        if self.stuff_dir:
+            target["semantic"] = self.stuff_map(image_id)
         return target
 
     def _read(self, index: int) -> Image.Image | None:
@@ -413,6 +469,8 @@ class LargeScaleJitter:
     4. flip horizontally with probability ``flip_prob`` (RandomFlip);
     5. pad bottom and right to ``img_size x img_size`` with ``pad_value`` (Pad).
 
+    A ``semantic`` stuff map ``[H, W]`` in the target (HTC's semantic branch) goes through the
+    same resize (nearest), crop and flip as the masks, and is padded with 255 (ignored).
     The target gets ``img_shape`` ``(h, w)`` of the unpadded region, its ``area`` becomes the
     mask area (or box area without masks), other keys are kept. The random draws come from
     torch's default CPU generator only, always the same four in the same order, so under
@@ -452,12 +510,10 @@ class LargeScaleJitter:
         target = dict(target)
         h, w = image.shape[-2:]
         has_masks = "masks" in target
+        has_semantic = "semantic" in target
 
         # 1. RandomResize(ratio_range, keep_ratio): rounded as mmcv's rescale_size
-        lo, hi = self.scale_range
-        r = lo + (hi - lo) * float(torch.rand(()))
-        scale = r * size / max(h, w)
-        nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+        nh, nw = self.draw_size(h, w)
         image = TF.resize(image, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
         sx, sy = nw / w, nh / h
         boxes = target["boxes"].to(torch.float32) * torch.tensor([sx, sy, sx, sy])
@@ -470,12 +526,15 @@ class LargeScaleJitter:
         boxes = boxes - torch.tensor([ox, oy, ox, oy], dtype=torch.float32)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, cw)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ch)
-        if has_masks:
+        if has_masks or has_semantic:
             # Nearest resize and crop in one gather of the crop's source pixels: the same
             # masks as resizing whole (up to 2x img_size per side, per instance) then cropping,
             # without the large intermediate.
             rows = _nearest_indices(oy, ch, h, nh)
             cols = _nearest_indices(ox, cw, w, nw)
+        if has_semantic:
+            target["semantic"] = target["semantic"][rows][:, cols]
+        if has_masks:
             target["masks"] = target["masks"][:, rows][:, :, cols]
             boxes = masks_to_boxes(target["masks"])
         target["boxes"] = boxes
@@ -491,6 +550,8 @@ class LargeScaleJitter:
             target["boxes"] = torch.stack([cw - b[:, 2], b[:, 1], cw - b[:, 0], b[:, 3]], dim=1)
             if has_masks:
                 target["masks"] = target["masks"].flip(-1)
+            if has_semantic:
+                target["semantic"] = target["semantic"].flip(-1)
 
         # 5. Pad to size x size (bottom and right)
         canvas = torch.tensor(self.pad_value, dtype=torch.uint8).view(3, 1, 1).repeat(1, size, size)
@@ -500,6 +561,10 @@ class LargeScaleJitter:
             padded = m.new_zeros((m.shape[0], size, size))
             padded[:, :ch, :cw] = m
             target["masks"] = padded
+        if has_semantic:
+            stuff = torch.full((size, size), STUFF_IGNORE, dtype=torch.uint8)
+            stuff[:ch, :cw] = target["semantic"]
+            target["semantic"] = stuff
         if "area" in target:
             b = target["boxes"]
             target["area"] = (
@@ -509,6 +574,53 @@ class LargeScaleJitter:
             )
         target["img_shape"] = (ch, cw)
         return canvas, target
+
+    def draw_size(self, h: int, w: int) -> tuple[int, int]:
+        """The resized ``(height, width)`` of an ``h x w`` image: long side ``r * img_size``,
+        ``r ~ U(scale_range)`` (one draw), rounded as mmcv's ``rescale_size``."""
+        lo, hi = self.scale_range
+        r = lo + (hi - lo) * float(torch.rand(()))
+        scale = r * self.img_size / max(h, w)
+        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+class RangeResize(LargeScaleJitter):
+    """MMDetection's ``Resize(img_scale=[(long, short_lo), (long, short_hi)],
+    multiscale_mode='range', keep_ratio=True)`` (HTC++ as Swin trains it: shorter side
+    400-1400, longer side at most 1600), then flip and pad as :class:`LargeScaleJitter`:
+    ``(PIL image, target) -> (uint8 [3, img_size, img_size], target)``.
+
+    The shorter-side bound is drawn uniformly from the integers ``short_range[0] ..
+    short_range[1]`` (``np.random.randint(lo, hi + 1)``), the longer-side bound is ``img_size``
+    (MMDetection draws it from ``[long, long]``), and the image is scaled by
+    ``min(img_size / long side, short / short side)`` (mmcv's ``rescale_size``), so it always
+    fits the ``img_size`` canvas: the crop of step 2 takes all of it.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1600,
+        short_range: Sequence[int] = (400, 1400),
+        flip_prob: float = 0.5,
+        pad_value: Sequence[int] = IMAGENET_MEAN_RGB,
+    ):
+        super().__init__(img_size, (1.0, 1.0), flip_prob, pad_value)
+        lo, hi = (int(v) for v in short_range)
+        if not 0 < lo <= hi:
+            raise DataError(f"short_range must be (low, high) with 0 < low <= high, got {tuple(short_range)}")
+        self.short_range = (lo, hi)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(img_size={self.img_size}, short_range={self.short_range}, "
+            f"flip_prob={self.flip_prob}, pad_value={self.pad_value})"
+        )
+
+    def draw_size(self, h: int, w: int) -> tuple[int, int]:
+        lo, hi = self.short_range
+        short = int(torch.randint(lo, hi + 1, ()))
+        scale = min(self.img_size / max(h, w), short / min(h, w))
+        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 # ---------------------------------------------------------------- collate and loader

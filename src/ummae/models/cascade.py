@@ -22,7 +22,14 @@ RPN, transform and post-processing stay torchvision's. It follows MMDetection 2.
   interleaved execution (the mask branch of stage t trains on RoIs re-assigned and re-sampled
   after stage t's box refinement) and mask information flow (``HTCMaskHead``: stage t's mask
   head adds, through a 1x1 conv + ReLU, the conv features of stage t - 1's mask head,
-  itself fed by t - 2's, on the same RoIs). The semantic branch is not built.
+  itself fed by t - 2's, on the same RoIs).
+* ``htc_r50_fpn_1x_coco.py``'s semantic branch (``semantic=True``): ``FusedSemanticHead`` on the
+  five FPN levels (each resized bilinearly to the stride-8 level, 1x1 conv + ReLU, summed; four
+  3x3 convs; 1x1 ``conv_logits`` to the 183 COCO-stuff classes and 1x1 ``conv_embedding``),
+  trained by cross-entropy against the stuff map at 1/8 (nearest; 255 ignored, the mean over
+  every pixel as MMDetection 2.x's ``avg_non_ignore=False``) weighted 0.2; the embedding,
+  RoI-pooled at 14x14 and average-pooled to 7x7 for the box heads, is added to every stage's box
+  and mask RoI features (``bbox_semantic_feat`` / ``mask_semantic_feat``), in training and test.
 * The Swin-paper heads (``Shared4Conv1FCBBoxHead``: four 3x3 convs with a norm, one fc) and
   Gaussian soft-NMS at test (as mmcv's ``soft_nms``), the HTC++ settings, as options.
 """
@@ -49,6 +56,61 @@ STAGES = ((0.5, (0.1, 0.1, 0.2, 0.2)), (0.6, (0.05, 0.05, 0.1, 0.1)), (0.7, (0.0
 STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
 BOX_HEADS = ("2fc", "4conv1fc")
 NORMS = {"none": None, "bn": nn.BatchNorm2d, "gn": lambda c: nn.GroupNorm(32, c)}
+# htc_r50_fpn_1x_coco's semantic_head: COCO-stuff classes, ignored label, loss weight, fused level
+STUFF_CLASSES = 183
+STUFF_IGNORE = 255
+SEMANTIC_LOSS_WEIGHT = 0.2
+FUSION_LEVEL = 1  # of P2-P6: stride 8
+
+
+def _relu_conv(in_channels: int, out_channels: int, kernel: int) -> Conv2dNormActivation:
+    """mmcv's ``ConvModule`` without norm: conv (with bias, Kaiming-normal fan-out as its
+    ``init_weights``) + ReLU."""
+    block = Conv2dNormActivation(in_channels, out_channels, kernel, norm_layer=None, inplace=False)
+    nn.init.kaiming_normal_(block[0].weight, mode="fan_out", nonlinearity="relu")
+    nn.init.zeros_(block[0].bias)
+    return block
+
+
+class FusedSemanticHead(nn.Module):
+    """MMDetection's ``FusedSemanticHead`` (``num_ins=5, fusion_level=1, num_convs=4``): every
+    level resized (bilinear, ``align_corners=True``) to the fusion level's size, through its own
+    1x1 conv + ReLU, summed; four 3x3 conv + ReLU; then the stuff logits (1x1 conv) and the
+    semantic feature (1x1 conv + ReLU). Returns (logits, feature) at the fusion level's stride."""
+
+    def __init__(
+        self, channels: int, num_classes: int = STUFF_CLASSES, num_ins: int = 5, fusion_level: int = FUSION_LEVEL
+    ):
+        super().__init__()
+        self.fusion_level = fusion_level
+        self.laterals = nn.ModuleList(_relu_conv(channels, channels, 1) for _ in range(num_ins))
+        self.convs = nn.Sequential(*(_relu_conv(channels, channels, 3) for _ in range(4)))
+        self.embedding = _relu_conv(channels, channels, 1)
+        self.logits = nn.Conv2d(channels, num_classes, 1)
+        nn.init.kaiming_normal_(self.logits.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.logits.bias)
+
+    def fuse(self, feats: list[Tensor]) -> Tensor:
+        x = self.laterals[self.fusion_level](feats[self.fusion_level])
+        size = x.shape[-2:]
+        for i, feat in enumerate(feats):
+            if i != self.fusion_level:
+                x = x + self.laterals[i](F.interpolate(feat, size=size, mode="bilinear", align_corners=True))
+        return x
+
+    def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor]:
+        x = self.convs(self.fuse(feats))
+        return self.logits(x), self.embedding(x)
+
+
+def semantic_loss(logits: Tensor, stuff: Tensor) -> Tensor:
+    """``SEMANTIC_LOSS_WEIGHT`` x cross-entropy of the stuff ``logits`` ``[B, C, h, w]`` against
+    the stuff maps ``[B, H, W]`` downscaled to ``h x w`` (nearest: ``SegRescale(1/8)``), pixels
+    labelled 255 contributing 0 but counted in the mean (MMDetection 2.x's ``CrossEntropyLoss``,
+    ``avg_non_ignore=False``)."""
+    labels = F.interpolate(stuff[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=STUFF_IGNORE, reduction="sum")
+    return SEMANTIC_LOSS_WEIGHT * loss / labels.numel()
 
 
 class BoxHead(nn.Module):
@@ -145,6 +207,7 @@ class CascadeRoIHeads(nn.Module):
         box_head: str = "2fc",
         norm: str = "none",
         soft_nms: bool = False,
+        semantic: bool = False,
         rois_per_image: int = 512,
         positive_fraction: float = 0.25,
         score_thresh: float = 0.05,
@@ -157,6 +220,9 @@ class CascadeRoIHeads(nn.Module):
         names = ["0", "1", "2", "3"]
         self.box_roi_pool = MultiScaleRoIAlign(names, 7, 2)
         self.mask_roi_pool = MultiScaleRoIAlign(names, 14, 2)
+        # htc_r50_fpn's semantic_roi_extractor: 14x14 on the semantic feature (stride 8)
+        self.semantic_head = FusedSemanticHead(channels) if semantic else None
+        self.semantic_roi_pool = MultiScaleRoIAlign(["semantic"], 14, 2) if semantic else None
         norm_layer = NORMS[norm]
         convs, fcs = (4, 1) if box_head == "4conv1fc" else (0, 2)
         self.box_heads = nn.ModuleList(
@@ -198,6 +264,17 @@ class CascadeRoIHeads(nn.Module):
             out.append((rois[keep], labels[keep], torch.where(labels[keep] > 0, matched, -1), is_gt[keep]))
         return out
 
+    def roi_features(self, pool: MultiScaleRoIAlign, features, rois, image_shapes, semantic: Tensor | None):
+        """``pool``'s RoI features, plus (HTC's semantic fusion) the RoI-pooled semantic
+        feature, average-pooled to their size where it differs (7x7 box features)."""
+        x = pool(features, rois, image_shapes)
+        if semantic is None:
+            return x
+        extra = self.semantic_roi_pool({"semantic": semantic}, rois, image_shapes)
+        if extra.shape[-2:] != x.shape[-2:]:
+            extra = F.adaptive_avg_pool2d(extra, x.shape[-2:])
+        return x + extra
+
     def box_loss(self, stage: int, logits: Tensor, deltas: Tensor, samples, targets) -> tuple[Tensor, Tensor]:
         """Cross-entropy over the sampled RoIs, smooth-L1 (beta 1) on the positives' deltas
         encoded with the stage's stds, summed and divided by the number of sampled RoIs
@@ -214,22 +291,22 @@ class CascadeRoIHeads(nn.Module):
         loss_box = F.smooth_l1_loss(deltas[pos], regression[pos], beta=1.0, reduction="sum") / max(labels.numel(), 1)
         return loss_cls, loss_box
 
-    def mask_forward(self, stage: int, features, rois: list[Tensor], image_shapes) -> Tensor:
+    def mask_forward(self, stage: int, features, rois: list[Tensor], image_shapes, semantic=None) -> Tensor:
         """Stage ``stage``'s mask logits on ``rois``; under HTC through the information flow of
         the mask heads before it (on the same RoI features)."""
-        x = self.mask_roi_pool(features, rois, image_shapes)
+        x = self.roi_features(self.mask_roi_pool, features, rois, image_shapes, semantic)
         previous = None
         if self.htc:
             for head in self.mask_heads[:stage]:
                 _, previous = head(x, previous)
         return self.mask_heads[stage](x, previous)[0]
 
-    def mask_loss(self, stage: int, features, samples, targets, image_shapes) -> Tensor:
+    def mask_loss(self, stage: int, features, samples, targets, image_shapes, semantic=None) -> Tensor:
         pos = [torch.where(s[1] > 0)[0] for s in samples]
         rois = [s[0][p] for s, p in zip(samples, pos, strict=True)]
         if sum(len(r) for r in rois) == 0:  # no positive: a zero that still reaches every mask parameter
             return sum(p.sum() * 0 for p in self.mask_heads[stage].parameters())
-        logits = self.mask_forward(stage, features, rois, image_shapes)
+        logits = self.mask_forward(stage, features, rois, image_shapes, semantic)
         return maskrcnn_loss(
             logits,
             rois,
@@ -247,13 +324,13 @@ class CascadeRoIHeads(nn.Module):
             clip_boxes_to_image(b, s) for b, s in zip(boxes.split([len(r) for r in rois]), image_shapes, strict=True)
         ]
 
-    def forward_train(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
+    def forward_train(self, features, proposals, image_shapes, targets, semantic=None) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         with_masks = all("masks" in t for t in targets)
         for stage, weight in enumerate(self.stage_loss_weights):
             samples = self.sample(stage, proposals, targets)
             rois = [s[0] for s in samples]
-            x = self.box_roi_pool(features, rois, image_shapes)
+            x = self.roi_features(self.box_roi_pool, features, rois, image_shapes, semantic)
             logits, deltas = self.box_heads[stage](x)
             loss_cls, loss_box = self.box_loss(stage, logits, deltas, samples, targets)
             losses[f"s{stage}_loss_classifier"] = loss_cls * weight
@@ -268,18 +345,19 @@ class CascadeRoIHeads(nn.Module):
                 if self.htc:  # interleaved: the mask branch sees the RoIs this stage refined
                     mask_samples = self.sample(stage, refined, targets)
                 losses[f"s{stage}_loss_mask"] = (
-                    self.mask_loss(stage, features, mask_samples, targets, image_shapes) * weight
+                    self.mask_loss(stage, features, mask_samples, targets, image_shapes, semantic) * weight
                 )
             proposals = refined
         return losses
 
     # -- inference ---------------------------------------------------------------------
     @torch.no_grad()
-    def forward_test(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
+    def forward_test(self, features, proposals, image_shapes, semantic=None) -> list[dict[str, Tensor]]:
         rois = proposals
         stage_logits = []
         for stage in range(len(STAGES)):
-            logits, deltas = self.box_heads[stage](self.box_roi_pool(features, rois, image_shapes))
+            x = self.roi_features(self.box_roi_pool, features, rois, image_shapes, semantic)
+            logits, deltas = self.box_heads[stage](x)
             stage_logits.append(logits)
             if stage < len(STAGES) - 1:
                 rois = self.refine(stage, deltas, rois, image_shapes)
@@ -292,7 +370,7 @@ class CascadeRoIHeads(nn.Module):
             for r in results:
                 r["masks"] = r["boxes"].new_zeros((0, 1, 28, 28))
             return results
-        x = self.mask_roi_pool(features, det_boxes, image_shapes)
+        x = self.roi_features(self.mask_roi_pool, features, det_boxes, image_shapes, semantic)
         probs, previous = 0, None
         for head in self.mask_heads:
             logits, feat = head(x, previous if self.htc else None)
@@ -328,10 +406,17 @@ class CascadeRoIHeads(nn.Module):
         return {"boxes": boxes[keep], "scores": scores, "labels": labels[keep]}
 
     def forward(self, features: OrderedDict[str, Tensor], proposals, image_shapes, targets=None):
+        semantic, losses = None, {}
+        if self.semantic_head is not None:  # on all five levels (P2-P6), as num_ins=5
+            stuff_logits, semantic = self.semantic_head(list(features.values()))
+            if self.training:
+                if not all("semantic" in t for t in targets):
+                    raise ValueError("HTC with its semantic branch trains on targets with a 'semantic' stuff map")
+                losses["loss_semantic_seg"] = semantic_loss(stuff_logits, torch.stack([t["semantic"] for t in targets]))
         features = OrderedDict((k, v) for k, v in features.items() if k in self.box_roi_pool.featmap_names)
         if self.training:
-            return [], self.forward_train(features, proposals, image_shapes, targets)
-        return self.forward_test(features, proposals, image_shapes), {}
+            return [], {**losses, **self.forward_train(features, proposals, image_shapes, targets, semantic)}
+        return self.forward_test(features, proposals, image_shapes, semantic), {}
 
 
 class CascadeMaskRCNN(FasterRCNN):
@@ -346,6 +431,11 @@ class CascadeMaskRCNN(FasterRCNN):
         box_head: str = "2fc",
         box_norm: str = "none",
         soft_nms: bool = False,
+        semantic: bool = False,
     ):
         super().__init__(backbone, num_classes)
-        self.roi_heads = CascadeRoIHeads(backbone.out_channels, num_classes, htc, box_head, box_norm, soft_nms)
+        if semantic and not htc:
+            raise UsageError("the semantic branch (COCO-stuff maps) is HTC's: use --detector htc")
+        self.roi_heads = CascadeRoIHeads(
+            backbone.out_channels, num_classes, htc, box_head, box_norm, soft_nms, semantic=semantic
+        )

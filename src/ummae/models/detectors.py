@@ -8,9 +8,10 @@ Linear to 768 channels), registered as heads of kind ``detect``: ``create_model(
 * ``maskrcnn``: torchvision's Mask R-CNN on an FPN over all four stages (P2-P6), the transfer
   benchmark of MAE / SimMIM;
 * ``retinanet`` / ``fcos``: torchvision's, on the P3-P7 pyramid of GFL;
-* ``cascade_maskrcnn`` / ``htc``: MMDetection 2.x's Cascade Mask R-CNN and HTC (without the
-  semantic branch) on the P2-P6 pyramid of Mask R-CNN (:mod:`.cascade`); ``box_head``
-  (``2fc`` / ``4conv1fc``), ``box_norm`` and ``soft_nms`` set the Swin paper's variants.
+* ``cascade_maskrcnn`` / ``htc``: MMDetection 2.x's Cascade Mask R-CNN and HTC on the P2-P6
+  pyramid of Mask R-CNN (:mod:`.cascade`); ``box_head`` (``2fc`` / ``4conv1fc``), ``box_norm``
+  and ``soft_nms`` set the Swin paper's variants, ``semantic`` (htc only) builds HTC's
+  semantic-segmentation branch (trained on COCO-stuff maps).
 
 ``num_classes`` counts torchvision's background (K + 1). Images are normalised on the device
 by torchvision's transform (timm's ImageNet mean and std, as every data pipeline uses).
@@ -96,16 +97,22 @@ def build_detector(
     box_head: str = "2fc",
     box_norm: str = "none",
     soft_nms: bool = False,
+    semantic: bool = False,
     **names: Any,
 ) -> nn.Module:
     """``detector`` on the stage maps of ``backbone``, from scratch; ``names`` (category ids
     and names) are recorded with the options. ``box_head``, ``box_norm`` and ``soft_nms``: the
-    cascade detectors' (recorded for them only). Called through the registry (``create_model``)."""
+    cascade detectors' (recorded for them only); ``semantic``: HTC's semantic branch (recorded
+    for htc). Called through the registry (``create_model``)."""
     if detector not in DETECTORS:
         raise UsageError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
     if box_head not in BOX_HEADS or box_norm not in BOX_NORMS:
         raise UsageError(f"box head {box_head!r} / norm {box_norm!r}: choose {BOX_HEADS} / {BOX_NORMS}")
     cascade = dict(box_head=box_head, box_norm=box_norm, soft_nms=bool(soft_nms)) if detector in CASCADES else {}
+    if detector == "htc":
+        cascade["semantic"] = bool(semantic)
+    elif semantic:
+        raise UsageError(f"the semantic branch (COCO-stuff maps) is HTC's, not {detector}'s: use --detector htc")
     # Mask R-CNN: P2-P6, as torchvision's and MAE's / ViTDet's; the others P3-P7: from stage 2
     # on, two extra levels on the output
     two_stage = detector == "maskrcnn" or detector in CASCADES

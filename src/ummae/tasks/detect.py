@@ -12,7 +12,11 @@ maps, each LayerNorm + Linear to 768 channels) and trains it with the one engine
   benchmark of MAE / SimMIM; box and mask AP;
 * ``retinanet`` / ``fcos``: torchvision's, on the P3-P7 pyramid of GFL;
 * ``cascade_maskrcnn`` / ``htc``: MMDetection 2.x's Cascade Mask R-CNN and HTC on the pyramid
-  of Mask R-CNN (:mod:`ummae.models.cascade`); box and mask AP.
+  of Mask R-CNN (:mod:`ummae.models.cascade`); box and mask AP; ``--stuff-maps`` (htc) trains
+  HTC's semantic branch on COCO-stuff maps.
+
+``--train-resize range`` replaces the large-scale jitter by MMDetection's "range" multi-scale
+resize (HTC++: ``--img-size 1600 --short-range 400 1400``) for any detector.
 
 Images reach the model as uint8 (4x fewer bytes to the device) and are normalised there by
 torchvision's transform. Training images are already the ``img_size`` canvas (the jitter pads
@@ -42,6 +46,7 @@ from ummae.data import build_eval_loader
 from ummae.data.coco import (
     CocoDetection,
     LargeScaleJitter,
+    RangeResize,
     coco_evaluate,
     coco_results,
     collate_detection,
@@ -171,7 +176,16 @@ def _model_kwargs(cfg) -> dict[str, Any]:
         box_head=cfg.box_head,
         box_norm=cfg.box_norm,
         soft_nms=cfg.soft_nms,
+        **({"semantic": True} if cfg.stuff_maps else {}),
     )
+
+
+def train_transform(cfg):
+    """The training resize of ``cfg``: large-scale jitter, or MMDetection's "range" multi-scale
+    (HTC++), each with the flip and the pad to the ``img_size`` canvas."""
+    if cfg.train_resize == "range":
+        return RangeResize(cfg.img_size, cfg.short_range, cfg.flip_prob)
+    return LargeScaleJitter(cfg.img_size, cfg.scale_range, cfg.flip_prob)
 
 
 class DetectTask(Task):
@@ -189,7 +203,8 @@ class DetectTask(Task):
             cfg.train_split,
             train=True,
             with_masks=cfg.detector in MASK_DETECTORS,
-            transform=LargeScaleJitter(cfg.img_size, cfg.scale_range, cfg.flip_prob),
+            transform=train_transform(cfg),
+            stuff_dir=cfg.stuff_maps,
         )
         val_ds = CocoDetection(cfg.data, cfg.val_split, train=False)
         if val_ds.cat_ids != train_ds.cat_ids:
