@@ -10,7 +10,11 @@ Every cell is an ``ummae`` run (pretrain, finetune, linprobe, knn) with ``--resu
 own folder under ``--out``; a finished run's figures go into ``--out/results.json`` at once, so
 a table run that stops (killed, machine gone) continues with the run it was in, from that run's
 last checkpoint, and never redoes a finished one. At the end (and after every run) the markdown
-table is written to ``--out/table.md`` and the plots to ``--img``.
+table is written to ``--out/table.md`` and the plots to ``--img``. Several table processes may
+share ``--out`` (one per GPU: ``CUDA_VISIBLE_DEVICES=1 python experiments/minitable.py ...``, or
+two on a CPU whose cores one run does not fill): each takes the next run that no other one holds
+(a lock file per run) and whose pre-trained weights are there, and adds its figures to
+``results.json`` under a lock.
 
 The rows (the issue's table): 1 no pre-training, 2 SimMIM, 3 UM-MAE (US + SM 0.25), 4 UM-MAE SM
 0 (US only), 5 UM-MAE SM 0.5 on Swin; 6 SimMIM and 7 UM-MAE on PVT; 8 MAE random sampling and
@@ -30,6 +34,7 @@ fine-tuning epochs, MAE's 90-epoch linear probe, on the ImageNet-1k folder given
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -171,6 +176,7 @@ class Job:
     row: str
     seed: int
     weights: str | None = None  # the pre-training checkpoint it starts from
+    needs: str | None = None  # the run that writes those weights
 
 
 def _pretrain_argv(row: Row, scale: Scale, seed: int, out: Path, data: str, workers: list[str]) -> list[str]:
@@ -232,7 +238,7 @@ def _eval_job(key, ev, fam, scale, seed, out, data, workers, weights, row_id) ->
         argv += ["--pretrained", weights]
     if ev != "knn" or workers:
         argv += workers
-    return Job(key, ev, argv, row_id, seed, weights)
+    return Job(key, ev, argv, row_id, seed, weights, needs=Path(weights).parent.name if weights else None)
 
 
 # --- running and reading the runs ---------------------------------------------------------------
@@ -325,6 +331,36 @@ def load_results(path: Path, scale_name: str) -> dict:
     if results.get("scale") != scale_name:
         raise SystemExit(f"minitable: {path} holds the {results.get('scale')!r} table, not {scale_name!r}")
     return results
+
+
+def record_result(path: Path, scale_name: str, key: str, value: dict) -> dict:
+    """Add one finished run to ``results.json``, under a lock: several table processes (one
+    per GPU or machine, sharing ``--out``) each add theirs without losing the others'."""
+    with open(path.with_name(".results.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(path, scale_name)
+        results["jobs"][key] = value
+        save_results(results, path)
+    return results
+
+
+def _next_job(left: list[Job], results: dict, out: Path):
+    """The first run not done whose weights are there and that no other table process runs
+    (it holds the run's lock file while it runs it), with its lock; (None, None) if none is."""
+    for job in left:
+        if job.needs and job.needs not in results["jobs"]:
+            continue
+        lock = open(out / f".{job.key}.lock", "a")  # noqa: SIM115 (held while the run runs)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        if job.key in load_results(out / "results.json", results["scale"])["jobs"]:  # finished meanwhile
+            lock.close()
+            continue
+        return job, lock
+    return None, None
 
 
 def save_results(results: dict, path: Path) -> None:
@@ -490,19 +526,30 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = load_results(path, args.scale)
-    todo = [j for j in jobs if j.key not in results["jobs"]]
-    print(f"minitable ({args.scale}): {len(jobs) - len(todo)} of {len(jobs)} runs done, {len(todo)} to go; {out}")
-    for i, job in enumerate(todo):
-        if args.max_jobs and i == args.max_jobs:
-            break
-        t0 = time.time()
-        result = run_job(job, scale, out, shlex.split(args.launch))
-        results["jobs"][job.key] = {**result, "kind": job.kind, "row": job.row, "seed": job.seed,
-                                    "command": ["ummae", *job.argv] if job.kind != "init" else job.argv,
-                                    "job_s": time.time() - t0}  # fmt: skip
-        save_results(results, path)
-        (out / "table.md").write_text(markdown_table(results))
-        print(f"minitable: {job.key} done in {time.time() - t0:.0f} s ({i + 1}/{len(todo)})", flush=True)
+    left = [j for j in jobs if j.key not in results["jobs"]]
+    print(f"minitable ({args.scale}): {len(jobs) - len(left)} of {len(jobs)} runs done, {len(left)} to go; {out}")
+    missing = {j.needs for j in left if j.needs} - {j.key for j in jobs} - set(results["jobs"])
+    if missing:
+        p.error(f"runs that are not done and not selected are needed first: {', '.join(sorted(missing))}")
+    ran = 0
+    while left and not (args.max_jobs and ran == args.max_jobs):
+        job, lock = _next_job(left, results, out)
+        if job is None:  # the rest is being run, or waits for a run, in another table process
+            time.sleep(10)
+        else:
+            try:
+                t0 = time.time()
+                result = run_job(job, scale, out, shlex.split(args.launch))
+                value = {**result, "kind": job.kind, "row": job.row, "seed": job.seed,
+                         "command": ["ummae", *job.argv] if job.kind != "init" else job.argv, "job_s": time.time() - t0}  # fmt: skip
+                results = record_result(path, args.scale, job.key, value)
+            finally:
+                lock.close()  # releases the run's lock
+            ran += 1
+            (out / "table.md").write_text(markdown_table(results))
+            print(f"minitable: {job.key} done in {time.time() - t0:.0f} s", flush=True)
+        results = load_results(path, args.scale)
+        left = [j for j in jobs if j.key not in results["jobs"]]
     (out / "table.md").write_text(markdown_table(results))
     for img in plots(results, Path(args.img), args.scale):
         print(f"minitable: wrote {img}")

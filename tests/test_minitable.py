@@ -163,6 +163,21 @@ def test_table_run__stops_and_continues_without_redoing_a_finished_run(tiny_fold
     assert third.returncode == 0 and "8 of 8 runs done, 0 to go" in third.stdout and "===" not in third.stdout
 
 
+def test_table_run__two_processes_share_the_table_and_run_each_run_once(tiny_folder, tmp_path):
+    out, img = tmp_path / "table", tmp_path / "img"
+    cmd = [sys.executable, str(ROOT / "experiments" / "minitable.py"), "--scale", "test", "--data", str(tiny_folder),
+           "--out", str(out), "--img", str(img), "--num-workers", "0", "--only", "3", "--no-budget"]  # fmt: skip
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    started = [line.split(":")[0][4:] for text, _ in outputs for line in text.splitlines() if line.startswith("=== ")]
+    expected = {f"row3_s{s}_{k}" for s in (0, 1) for k in ("pretrain", "finetune", "linprobe", "knn")}
+    assert sorted(started) == sorted(expected), "a run was started twice, or not at all"
+    assert all(started.count(k) == 1 for k in expected)
+    assert all("=== " in text for text, _ in outputs), "one process did nothing: the runs were not shared"
+    assert set(json.loads((out / "results.json").read_text())["jobs"]) == expected  # none lost to the other's write
+
+
 def test_table_run__refuses_another_scales_results(tiny_folder, tmp_path):
     out = tmp_path / "table"
     out.mkdir()
