@@ -408,13 +408,13 @@ def markdown_table(results: dict) -> str:
     budget = [k for k in jobs if "_pt" in k and k.endswith("_finetune")]
     if budget:
         lines += ["", "Budget curve (seed 0): fine-tune top-1 / kNN after N pre-training epochs", "",
-                  "| row | epochs | pre-training time | fine-tune top-1 | kNN |", "|---|---|---|---|---|"]  # fmt: skip
+                  "| row | epochs | pre-training time (epochs x median epoch) | fine-tune top-1 | kNN |", "|---|---|---|---|---|"]  # fmt: skip
         for row_id in BUDGET_ROWS:
             pt = jobs.get(f"row{row_id}_s0_pretrain")
             for key in sorted(k for k in budget if k.startswith(f"row{row_id}_")):
                 n = int(key.split("_pt")[1].split("_")[0])
                 knn = jobs.get(key.replace("_finetune", "_knn"), {}).get("acc1")
-                t = f"{pt['cumulative_s'][n - 1] / 60:.1f} min" if pt else "-"
+                t = f"{n * _median_epoch(pt) / 60:.1f} min" if pt else "-"
                 lines.append(
                     f"| {row_id} | {n} | {t} | {jobs[key]['acc1']:.1f} | {knn if knn is None else f'{knn:.1f}'} |"
                 )
@@ -431,10 +431,11 @@ def _budget_panel(ax, jobs: dict, ev: str) -> None:
         pt = jobs.get(f"row{row_id}_s0_pretrain")
         if not pt:
             continue
-        points = [(pt["cumulative_s"][n - 1] / 3600, jobs[f"row{row_id}_s0_pt{n}_{ev}"]["acc1"])
+        points = [(n * _median_epoch(pt) / 3600, jobs[f"row{row_id}_s0_pt{n}_{ev}"]["acc1"])
                   for n in sorted({int(k.split("_pt")[1].split("_")[0]) for k in jobs if k.startswith(f"row{row_id}_s0_pt")})
                   if f"row{row_id}_s0_pt{n}_{ev}" in jobs]  # fmt: skip
-        ends = [(jobs[f"row{row_id}_s{s}_pretrain"]["wall_s"] / 3600, jobs[f"row{row_id}_s{s}_{ev}"]["acc1"])
+        # every seed at seed 0's pace: the same method and epochs (seed 1 may have shared the machine)
+        ends = [(jobs[f"row{row_id}_s{s}_pretrain"]["epochs"] * _median_epoch(pt) / 3600, jobs[f"row{row_id}_s{s}_{ev}"]["acc1"])
                 for s in (0, 1) if f"row{row_id}_s{s}_{ev}" in jobs and f"row{row_id}_s{s}_pretrain" in jobs]  # fmt: skip
         line = ax.plot(*zip(*(points + ends[:1]), strict=True), "o-", label=f"row {row_id}: {name}") if (
             points or ends) else None  # fmt: skip
@@ -455,7 +456,7 @@ def plots(results: dict, img: Path, scale_name: str) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, ev, what in ((axes[0], "finetune", "fine-tune top-1 (%)"), (axes[1], "knn", "kNN top-1 (%)")):
         _budget_panel(ax, jobs, ev)
-        ax.set_xlabel("pre-training wall-clock (hours, this machine)")
+        ax.set_xlabel("pre-training hours on this machine (epochs x median epoch time)")
         ax.set_ylabel(what)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
