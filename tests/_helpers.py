@@ -12,6 +12,29 @@ import numpy as np
 import torch
 from PIL import Image
 
+
+def tiny_pretrain_config(out: Path, data: Path, **overrides):
+    """The tests' small pre-training run: ``mae_swin_test``, one epoch at batch 4 with one
+    warm-up epoch, blr 0.05, no loader workers, a metrics line per step, no numbered
+    checkpoints, seed 0; ``overrides`` change any of it."""
+    from ummae.config import PretrainConfig
+
+    values = dict(model="mae_swin_test", data=str(data), output=str(out), epochs=1, warmup_epochs=1, batch_size=4,
+                  blr=0.05, num_workers=0, log_every=1, keep_every=0, seed=0)  # fmt: skip
+    return PretrainConfig(**{**values, **overrides})
+
+
+def tiny_finetune_config(out: Path, data: Path, **overrides):
+    """The tests' small fine-tuning run: ``swin_test`` from scratch, one epoch at batch 6 without
+    warm-up, lr 1e-3 on the CPU, no loader workers, a metrics line per step, no numbered
+    checkpoints, seed 0; ``overrides`` change any of it."""
+    from ummae.config import FinetuneConfig
+
+    values = dict(model="swin_test", data=str(data), output=str(out), epochs=1, warmup_epochs=0, batch_size=6,
+                  lr=1e-3, num_workers=0, device="cpu", log_every=1, keep_every=0, seed=0)  # fmt: skip
+    return FinetuneConfig(**{**values, **overrides})
+
+
 # Class name -> mean RGB: far apart, so that any encoder (even a random one) separates them.
 COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 

@@ -67,24 +67,9 @@ def pretrain_ckpt(tmp_path_factory):
 def finetuned(tmp_path_factory, colour_data, pretrain_ckpt):
     """Output folder of a short swin_test fine-tune (from mae_swin_test weights) on
     ``colour_data``, evaluated on its val split after each of its 2 epochs."""
-    from ummae.config import FinetuneConfig
+    from _helpers import tiny_finetune_config
     from ummae.tasks.classify import finetune
 
     out = tmp_path_factory.mktemp("finetuned")
-    finetune(
-        FinetuneConfig(
-            model="swin_test",
-            pretrained=str(pretrain_ckpt("mae_swin_test")),
-            data=str(colour_data),
-            output=str(out),
-            epochs=2,
-            warmup_epochs=0,
-            batch_size=6,
-            lr=1e-3,
-            num_workers=0,
-            device="cpu",
-            log_every=1,
-            keep_every=0,
-        )
-    )
+    finetune(tiny_finetune_config(out, colour_data, pretrained=str(pretrain_ckpt("mae_swin_test")), epochs=2))
     return out

@@ -18,7 +18,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _helpers import assert_tensors_equal, run_torchrun, stable, write_colour_images, write_image, write_pattern_images
+from _helpers import (
+    assert_tensors_equal,
+    run_torchrun,
+    stable,
+    tiny_finetune_config,
+    write_colour_images,
+    write_image,
+    write_pattern_images,
+)
 from ummae.cli import main
 from ummae.config import EvalConfig, FinetuneConfig, KnnConfig, LinprobeConfig
 from ummae.engine.optim import param_groups
@@ -41,23 +49,7 @@ def _epoch_records(out: Path) -> list:
     return [r for r in _records(out) if "train_loss" in r]
 
 
-def _ft_cfg(out: Path, data: Path, **kw) -> FinetuneConfig:
-    values = dict(
-        model="swin_test",
-        data=str(data),
-        output=str(out),
-        epochs=1,
-        warmup_epochs=0,
-        batch_size=6,
-        lr=1e-3,
-        num_workers=0,
-        device="cpu",
-        log_every=1,
-        keep_every=0,
-        seed=0,
-    )
-    values.update(kw)
-    return FinetuneConfig(**values)
+_ft_cfg = tiny_finetune_config
 
 
 # ---------------------------------------------------------------- the model surface

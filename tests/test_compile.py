@@ -9,14 +9,14 @@ backward, as inductor gets them, without inductor's code generation (seconds, no
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 import torch._dynamo as dynamo
 from torch._dynamo.utils import counters
 
-from _helpers import smooth_images, write_colour_dataset
-from ummae.config import FinetuneConfig, PretrainConfig
+from _helpers import smooth_images, tiny_finetune_config, tiny_pretrain_config, write_colour_dataset
 from ummae.engine.trainer import compiled
 from ummae.models.dense import build_stage_maps
 from ummae.models.registry import create_model
@@ -97,25 +97,13 @@ def test_compile__one_graph_no_break_and_equal_to_eager(family):
         torch.testing.assert_close(twin_grads[n], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"gradient of {n}: {m}")
 
 
-def _pretrain_cfg(out, data, **kw) -> PretrainConfig:
-    values = dict(
-        model="mae_swin_test",
-        data=str(data),
-        output=str(out),
-        epochs=2,
-        warmup_epochs=1,
-        batch_size=4,
-        blr=0.05,
-        num_workers=0,
-        log_every=1,
-        keep_every=0,
-        seed=0,
-        vis_every=1,  # an evaluation pass (the reconstruction pictures) after every epoch
-        vis_images=2,
-        save_every_steps=2,  # checkpoints inside the epoch too
-    )
-    values.update(kw)
-    return PretrainConfig(**values)
+_pretrain_cfg = functools.partial(
+    tiny_pretrain_config,
+    epochs=2,
+    vis_every=1,  # an evaluation pass (the reconstruction pictures) after every epoch
+    vis_images=2,
+    save_every_steps=2,  # checkpoints inside the epoch too
+)
 
 
 def _compiles_once(run) -> None:
@@ -150,28 +138,19 @@ def test_compile__pretrain_compiles_once_across_epochs_evaluation_checkpoints_an
 def test_compile__finetune_with_ema_compiles_once_across_evaluation_checkpoints_and_resume(tmp_path):
     data = write_colour_dataset(tmp_path / "data")  # 18 training images: 3 batches of 6
     values = dict(
-        model="swin_test",
-        data=str(data),
         epochs=2,
-        warmup_epochs=0,
-        batch_size=6,
-        lr=1e-3,
-        num_workers=0,
-        device="cpu",
-        log_every=1,
-        keep_every=0,
-        seed=0,
         ema=True,  # an EMA update after every optimiser step, and an evaluation of it
         eval_every=1,
         save_every_steps=1,
         compile=True,
         compile_backend=BACKEND,
-        output=str(tmp_path / "out"),
     )
     dynamo.reset()
     counters.clear()
-    _compiles_once(lambda: finetune(FinetuneConfig(**values)))
-    _compiles_once(lambda: finetune(FinetuneConfig(**{**values, "epochs": 3, "resume": "auto"})))
+    _compiles_once(lambda: finetune(tiny_finetune_config(tmp_path / "out", data, **values)))
+    _compiles_once(
+        lambda: finetune(tiny_finetune_config(tmp_path / "out", data, **{**values, "epochs": 3, "resume": "auto"}))
+    )
 
 
 def test_compile__a_detector_compiles_its_region_in_place_and_keeps_its_keys():

@@ -33,8 +33,8 @@ from _helpers import (
     smooth_images,
     stable,
     step_records,
+    tiny_pretrain_config,
 )
-from ummae.config import PretrainConfig
 from ummae.data.transforms import normalize_uint8
 from ummae.engine.optim import no_weight_decay, param_groups, pretrain_no_weight_decay
 from ummae.engine.schedule import Schedule, warmup_cosine, warmup_poly
@@ -66,22 +66,7 @@ def data24(tmp_path_factory) -> Path:
     return smooth_images(tmp_path_factory.mktemp("data24"), 24)
 
 
-def _cfg(out: Path, data: Path, **kw) -> PretrainConfig:
-    values = dict(
-        model="mae_swin_test",
-        data=str(data),
-        output=str(out),
-        epochs=1,
-        warmup_epochs=1,
-        batch_size=4,
-        blr=0.05,
-        num_workers=0,
-        log_every=1,
-        keep_every=0,
-        seed=0,
-    )
-    values.update(kw)
-    return PretrainConfig(**values)
+_cfg = tiny_pretrain_config
 
 
 def _assert_same_training(out_a: Path, out_b: Path) -> None:

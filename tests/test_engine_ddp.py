@@ -11,6 +11,7 @@ thread everywhere, so that every run is bit-for-bit reproducible.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -33,9 +34,9 @@ from _helpers import (
     smooth_images,
     stable,
     step_records,
+    tiny_pretrain_config,
     write_colour_dataset,
 )
-from ummae.config import PretrainConfig
 from ummae.engine.seeds import mix_seed
 from ummae.tasks.pretrain import pretrain
 from ummae.weights import io as ckpt
@@ -54,23 +55,7 @@ def colour48(tmp_path_factory) -> Path:
     return write_colour_dataset(tmp_path_factory.mktemp("colour48"), train_per_class=16, val_per_class=2)
 
 
-def _cfg(out: Path, data: Path, **kw) -> PretrainConfig:
-    values = dict(
-        model="mae_swin_test",
-        data=str(data),
-        output=str(out),
-        epochs=1,
-        warmup_epochs=1,
-        batch_size=4,
-        blr=0.05,
-        num_workers=0,
-        log_every=1,
-        keep_every=0,
-        seed=0,
-        vis_every=0,
-    )
-    values.update(kw)
-    return PretrainConfig(**values)
+_cfg = functools.partial(tiny_pretrain_config, vis_every=0)
 
 
 def _assert_same_training(ref: Path, run: Path) -> None:

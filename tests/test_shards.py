@@ -10,6 +10,7 @@ interpolation rounding on real JPEGs (`../shared/data/jpeg_fullres`; these must 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -23,8 +24,7 @@ import torch
 from PIL import Image
 
 import ummae.tasks.pretrain as train
-from _helpers import _free_port, assert_tensors_equal, write_image
-from ummae.config import PretrainConfig
+from _helpers import _free_port, assert_tensors_equal, tiny_pretrain_config, write_image
 from ummae.data import build_pretrain_dataset, build_train_loader
 from ummae.data.decode import read_image
 from ummae.data.shard_writer import write_shards
@@ -176,25 +176,9 @@ def test_shards__bad_specs_are_one_clear_line(tmp_path, shards24):
         build_pretrain_dataset(str(tmp_path), 16, samples_per_epoch=10)
 
 
-def _pretrain_cfg(out: Path, data: Path, **kw) -> PretrainConfig:
-    values = dict(
-        model="mae_swin_test",
-        data=str(data),
-        output=str(out),
-        epochs=2,
-        warmup_epochs=1,
-        batch_size=4,
-        blr=0.05,
-        num_workers=2,
-        log_every=1,
-        keep_every=0,
-        seed=0,
-        img_size=64,
-        vis_every=0,
-        save_every_steps=2,
-    )
-    values.update(kw)
-    return PretrainConfig(**values)
+_pretrain_cfg = functools.partial(
+    tiny_pretrain_config, epochs=2, num_workers=2, img_size=64, vis_every=0, save_every_steps=2
+)
 
 
 def test_pretrain_from_shards__a_killed_run_resumes_to_the_same_weights(shards24, tmp_path, monkeypatch):
