@@ -41,7 +41,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -54,86 +54,79 @@ class Scale:
     """The sizes of one version of the table; everything else comes from the recipes."""
 
     data: str
-    families: dict[str, dict[str, str]]  # family -> recipes and the models that replace theirs
+    families: dict[str, dict[str, str]]  # family -> the models that replace the recipes' (mae, simmim, classifier)
     pretrain: list[str]  # flags added to every pre-training run
     finetune: list[str]  # ... to every fine-tuning run
     linprobe: list[str]
     knn: list[str]
-    pt_epochs: int
     budget_epochs: tuple[int, ...]  # fewer pre-training epochs for the budget curve
-    init_args: dict = field(default_factory=dict)  # model options of the untrained encoder (row 1)
+    img_size: int | None = None  # input size of every run (None: the recipe's / the model's)
     unit_size: int | None = None  # mask unit of the pyramid rows (None: the recipe's)
 
+    def size_flags(self) -> list[str]:
+        return ["--img-size", str(self.img_size)] if self.img_size else []
 
-MINI_SIZES = ["--img-size", "64"]
+    def model_args(self) -> dict:
+        """Options of the untrained pre-training model (row 1's encoder): the runs' sizes."""
+        return {k: v for k, v in (("img_size", self.img_size), ("unit_size", self.unit_size)) if v}
+
+
+# The recipes (`ummae recipes`) each family's rows start from, at every scale.
+FAMILY_RECIPES = {
+    "swin": dict(
+        ummae="swin_tiny_ummae_in1k", simmim="swin_tiny_simmim_in1k", finetune="swin_tiny_ummae_in1k_finetune"
+    ),
+    "pvt": dict(ummae="pvt_small_ummae_in1k", simmim="pvt_small_simmim_in1k", finetune="pvt_small_ummae_in1k_finetune"),
+    "vit": dict(ummae="vit_base_ummae_in1k", mae="vit_base_mae_in1k", finetune="vit_base_ummae_in1k_finetune"),
+}
 SCALES = {
     "mini": Scale(
         data=str(HERE.parent.parent / "shared" / "data" / "imagenette_mini"),
         families={
-            "swin": dict(mae="mae_swin_nano_128", simmim="simmim_swin_nano_128", classifier="swin_nano_128",
-                         ummae="swin_tiny_ummae_in1k", simmim_recipe="swin_tiny_simmim_in1k",
-                         finetune="swin_tiny_ummae_in1k_finetune"),
-            "pvt": dict(mae="mae_pvt_nano_128", simmim="simmim_pvt_nano_128", classifier="pvt_nano_128",
-                        ummae="pvt_small_ummae_in1k", simmim_recipe="pvt_small_simmim_in1k",
-                        finetune="pvt_small_ummae_in1k_finetune"),
-            "vit": dict(mae="mae_vit_nano_patch8_64", classifier="vit_nano_patch8_64", ummae="vit_base_ummae_in1k",
-                        mae_recipe="vit_base_mae_in1k", finetune="vit_base_ummae_in1k_finetune"),
+            "swin": dict(mae="mae_swin_nano_128", simmim="simmim_swin_nano_128", classifier="swin_nano_128"),
+            "pvt": dict(mae="mae_pvt_nano_128", simmim="simmim_pvt_nano_128", classifier="pvt_nano_128"),
+            "vit": dict(mae="mae_vit_nano_patch8_64", classifier="vit_nano_patch8_64"),
         },
-        pretrain=[*MINI_SIZES, "--epochs", "30", "--warmup-epochs", "3", "--batch-size", "128", "--accum-iter", "1",
+        pretrain=["--epochs", "30", "--warmup-epochs", "3", "--batch-size", "128", "--accum-iter", "1",
                   "--blr", "1.5e-3", "--keep-every", "10", "--vis-every", "0"],
-        finetune=[*MINI_SIZES, "--epochs", "12", "--warmup-epochs", "2", "--batch-size", "128", "--accum-iter", "1",
+        finetune=["--epochs", "12", "--warmup-epochs", "2", "--batch-size", "128", "--accum-iter", "1",
                   "--mixup", "0", "--cutmix", "0", "--eval-every", "4", "--keep-every", "0"],
-        linprobe=[*MINI_SIZES, "--epochs", "20", "--warmup-epochs", "2", "--batch-size", "256", "--lr", "6.4", "--eval-every", "5",
+        linprobe=["--epochs", "20", "--warmup-epochs", "2", "--batch-size", "256", "--lr", "6.4", "--eval-every", "5",
                   "--keep-every", "0"],
-        knn=[*MINI_SIZES],
-        pt_epochs=30,
+        knn=[],
         budget_epochs=(10, 20),
-        init_args=dict(img_size=64, unit_size=8),
+        img_size=64,
         unit_size=8,
     ),
     "paper": Scale(
         data="",  # --data: an ImageNet-1k root with train/ and val/
         families={
-            "swin": dict(mae="mae_swin_tiny_256", simmim="simmim_swin_tiny_256", classifier="swin_tiny_256",
-                         ummae="swin_tiny_ummae_in1k", simmim_recipe="swin_tiny_simmim_in1k",
-                         finetune="swin_tiny_ummae_in1k_finetune"),
-            "pvt": dict(mae="mae_pvt_small_256", simmim="simmim_pvt_small_256", classifier="pvt_small_256",
-                        ummae="pvt_small_ummae_in1k", simmim_recipe="pvt_small_simmim_in1k",
-                        finetune="pvt_small_ummae_in1k_finetune"),
-            "vit": dict(mae="mae_vit_base_patch16_dec512d2b", classifier="vit_base_patch16",
-                        ummae="vit_base_ummae_in1k", mae_recipe="vit_base_mae_in1k",
-                        finetune="vit_base_ummae_in1k_finetune"),
+            "swin": dict(mae="mae_swin_tiny_256", simmim="simmim_swin_tiny_256", classifier="swin_tiny_256"),
+            "pvt": dict(mae="mae_pvt_small_256", simmim="simmim_pvt_small_256", classifier="pvt_small_256"),
+            "vit": dict(mae="mae_vit_base_patch16_dec512d2b", classifier="vit_base_patch16"),
         },
         pretrain=["--keep-every", "50"],
         finetune=[],
         linprobe=[],
         knn=[],
-        pt_epochs=200,
         budget_epochs=(50, 100),
     ),
     # A few seconds a run: the test of this script (tests/test_minitable.py), on tiny images.
     "test": Scale(
         data="",
         families={
-            "swin": dict(mae="mae_swin_test", simmim="simmim_swin_test", classifier="swin_test",
-                         ummae="swin_tiny_ummae_in1k", simmim_recipe="swin_tiny_simmim_in1k",
-                         finetune="swin_tiny_ummae_in1k_finetune"),
-            "pvt": dict(mae="mae_pvt_test", simmim="simmim_pvt_test", classifier="pvt_test",
-                        ummae="pvt_small_ummae_in1k", simmim_recipe="pvt_small_simmim_in1k",
-                        finetune="pvt_small_ummae_in1k_finetune"),
-            "vit": dict(mae="mae_vit_test", classifier="vit_test", ummae="vit_base_ummae_in1k",
-                        mae_recipe="vit_base_mae_in1k", finetune="vit_base_ummae_in1k_finetune"),
+            "swin": dict(mae="mae_swin_test", simmim="simmim_swin_test", classifier="swin_test"),
+            "pvt": dict(mae="mae_pvt_test", simmim="simmim_pvt_test", classifier="pvt_test"),
+            "vit": dict(mae="mae_vit_test", classifier="vit_test"),
         },
-        pretrain=["--img-size", "64", "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "4", "--accum-iter",
-                  "1", "--keep-every", "1", "--vis-every", "0"],
-        finetune=["--img-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--accum-iter",
-                  "1", "--mixup", "0", "--cutmix", "0", "--keep-every", "0"],
-        linprobe=["--img-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--keep-every",
-                  "0"],
-        knn=["--img-size", "64", "--k", "2"],
-        pt_epochs=2,
+        pretrain=["--epochs", "2", "--warmup-epochs", "0", "--batch-size", "4", "--accum-iter", "1", "--keep-every",
+                  "1", "--vis-every", "0"],
+        finetune=["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--accum-iter", "1", "--mixup", "0",
+                  "--cutmix", "0", "--keep-every", "0"],
+        linprobe=["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--keep-every", "0"],
+        knn=["--k", "2"],
         budget_epochs=(1,),
-        init_args=dict(img_size=64, unit_size=8),
+        img_size=64,
         unit_size=8,
     ),
 }  # fmt: skip
@@ -181,9 +174,10 @@ class Job:
 
 def _pretrain_argv(row: Row, scale: Scale, seed: int, out: Path, data: str, workers: list[str]) -> list[str]:
     fam = scale.families[row.family]
-    recipe = {"ummae": fam["ummae"], "simmim": fam.get("simmim_recipe"), "mae": fam.get("mae_recipe")}[row.method]
+    recipe = FAMILY_RECIPES[row.family][row.method]
     model = fam["simmim"] if row.method == "simmim" else fam["mae"]
-    argv = ["pretrain", "--config", recipe, "--model", model, "--data", f"{data}/train", *scale.pretrain]
+    argv = ["pretrain", "--config", recipe, "--model", model, "--data", f"{data}/train", *scale.size_flags(),
+            *scale.pretrain]  # fmt: skip
     if scale.unit_size and row.family != "vit":  # ViT masks its own patches
         argv += ["--unit-size", str(scale.unit_size)]
     return [*argv, *row.options, "--seed", str(seed), *workers, "--output", str(out)]
@@ -195,14 +189,15 @@ def plan(scale: Scale, out: Path, data: str, workers: list[str]) -> list[Job]:
     the budget curve."""
     main, later, budget = [], [], []
     for row in ROWS:
-        fam = scale.families[row.family]
         for seed in row.seeds:
             jobs = main if seed == 0 and row.id in ("1", "2", "3") else later
             pt = f"row{row.id}_s{seed}_pretrain"
             if row.method is None:
                 weights = str(out / f"row{row.id}_s{seed}_init" / "checkpoint-last.pth")
                 if set(row.evals) & {"linprobe", "knn"}:
-                    jobs.append(Job(f"row{row.id}_s{seed}_init", "init", [fam["mae"]], row.id, seed))
+                    jobs.append(
+                        Job(f"row{row.id}_s{seed}_init", "init", [scale.families[row.family]["mae"]], row.id, seed)
+                    )
             else:
                 weights = str(out / pt / "checkpoint-last.pth")
                 jobs.append(
@@ -211,33 +206,28 @@ def plan(scale: Scale, out: Path, data: str, workers: list[str]) -> list[Job]:
             for ev in row.evals:
                 key = f"row{row.id}_s{seed}_{ev}"
                 from_weights = ev != "finetune" or row.method is not None
-                jobs.append(_eval_job(key, ev, fam, scale, seed, out, data, workers, weights if from_weights else None,
-                                      row.id))  # fmt: skip
-            if row.id in BUDGET_ROWS and seed == 0:
-                for n in scale.budget_epochs:
-                    ckpt = str(out / pt / f"checkpoint-{n - 1}.pth")
-                    for ev in ("knn", "finetune"):
-                        key = f"row{row.id}_s{seed}_pt{n}_{ev}"
-                        budget.append(_eval_job(key, ev, fam, scale, seed, out, data, workers, ckpt, row.id))
-    # The budget curve by pre-training epochs first, then row: a table cut short has both
-    # methods at its first point.
-    budget.sort(key=lambda job: (int(job.key.split("_pt")[1].split("_")[0]), job.row, job.kind != "knn"))
+                jobs.append(_eval_job(key, ev, row.family, scale, seed, out, data, workers,
+                                      weights if from_weights else None, row.id))  # fmt: skip
+    # The budget curve by pre-training epochs first, then row, kNN first: a table cut short has
+    # both methods at its first point.
+    for n in scale.budget_epochs:
+        for row in (r for r in ROWS if r.id in BUDGET_ROWS):
+            ckpt = str(out / f"row{row.id}_s0_pretrain" / f"checkpoint-{n - 1}.pth")
+            for ev in ("knn", "finetune"):
+                key = f"row{row.id}_s0_pt{n}_{ev}"
+                budget.append(_eval_job(key, ev, row.family, scale, 0, out, data, workers, ckpt, row.id))
     return main + later + budget
 
 
-def _eval_job(key, ev, fam, scale, seed, out, data, workers, weights, row_id) -> Job:
-    argv = [ev, "--model", fam["classifier"], "--data", data]
-    if ev == "finetune":
-        argv = ["finetune", "--config", fam["finetune"], "--model", fam["classifier"], "--data", data,
-                *scale.finetune, "--seed", str(seed), "--output", str(out / key)]  # fmt: skip
-    elif ev == "linprobe":
-        argv += [*scale.linprobe, "--seed", str(seed), "--output", str(out / key)]
-    else:
-        argv += scale.knn
+def _eval_job(key, ev, family, scale, seed, out, data, workers, weights, row_id) -> Job:
+    classifier = scale.families[family]["classifier"]
+    config = ["--config", FAMILY_RECIPES[family]["finetune"]] if ev == "finetune" else []
+    argv = [ev, *config, "--model", classifier, "--data", data, *scale.size_flags(), *getattr(scale, ev)]
+    if ev != "knn":
+        argv += ["--seed", str(seed), "--output", str(out / key)]
     if weights:
         argv += ["--pretrained", weights]
-    if ev != "knn" or workers:
-        argv += workers
+    argv += workers
     return Job(key, ev, argv, row_id, seed, weights, needs=Path(weights).parent.name if weights else None)
 
 
@@ -292,7 +282,7 @@ def _save_untrained(model: str, seed: int, path: Path, model_args: dict) -> None
 def run_job(job: Job, scale: Scale, out: Path, launch: list[str]) -> dict:
     folder = out / job.key
     if job.kind == "init":
-        _save_untrained(job.argv[0], job.seed, folder / "checkpoint-last.pth", scale.init_args)
+        _save_untrained(job.argv[0], job.seed, folder / "checkpoint-last.pth", scale.model_args())
         return {}
     argv = [*launch, "-m", "ummae", *job.argv]
     if job.kind != "knn":
