@@ -23,6 +23,7 @@ written out here:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import OrderedDict
@@ -31,13 +32,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import coco_subset, epoch_records, run_torchrun, stable, step_records
+from _helpers import TINY_DETECTOR, coco_subset, epoch_records, run_torchrun, stable, step_records, tiny_detect_config
 from ummae.cli import main
-from ummae.config import DetectConfig
 from ummae.models.cascade import CascadeRoIHeads, soft_nms
 from ummae.tasks.detect import DetectStep, build_detector, train
 
-TINY = dict(img_size=128, neck_channels=32, fpn_channels=32)
 STDS = [(0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067)]
 IOU = [0.5, 0.6, 0.7]
 WEIGHTS = [1.0, 0.5, 0.25]
@@ -279,7 +278,7 @@ def _real_batch(coco: Path):
 def test_cascade_detectors__every_parameter_learns_and_the_loss_falls_on_real_coco_images(coco, detector, options):
     torch.manual_seed(0)
     images, targets, _ = _real_batch(coco)
-    model, _ = build_detector(detector, "swin_test", 81, drop_path=0.0, **options, **TINY)
+    model, _ = build_detector(detector, "swin_test", 81, drop_path=0.0, **options, **TINY_DETECTOR)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     losses = []
@@ -297,23 +296,7 @@ def test_cascade_detectors__every_parameter_learns_and_the_loss_falls_on_real_co
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def _cfg(out: Path, data: Path, **kw) -> DetectConfig:
-    base = dict(
-        output=str(out),
-        data=str(data),
-        backbone="pvt_test",
-        epochs=2,
-        batch_size=2,
-        num_workers=0,
-        warmup_steps=1,
-        log_every=1,
-        blr=1.6e-2,
-        drop_path=0.0,
-        max_steps_per_epoch=1,
-        **TINY,
-    )
-    base.update(kw)
-    return DetectConfig(**base)
+_cfg = functools.partial(tiny_detect_config, backbone="pvt_test", warmup_steps=1, max_steps_per_epoch=1)
 
 
 def test_htc__a_killed_run_resumes_to_the_same_numbers(coco, tmp_path):

@@ -8,19 +8,17 @@ Tiny configurations: test backbones, 128 px, 32-channel neck and FPN, a handful 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from _helpers import coco_subset, epoch_records, run_torchrun, stable, step_records
+from _helpers import TINY_DETECTOR, coco_subset, epoch_records, run_torchrun, stable, step_records, tiny_detect_config
 from ummae.cli import main
-from ummae.config import DetectConfig
 from ummae.models.dense import build_stage_maps
 from ummae.tasks.detect import build_detector, train
-
-TINY = dict(img_size=128, neck_channels=32, fpn_channels=32)
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +26,7 @@ def coco(tmp_path_factory):
     return coco_subset(tmp_path_factory.mktemp("coco"), n_train=6, n_val=4)
 
 
-def _cfg(out: Path, data: Path, **kw) -> DetectConfig:
-    base = dict(
-        output=str(out),
-        data=str(data),
-        backbone="swin_test",
-        detector="gfl",
-        epochs=2,
-        batch_size=2,
-        num_workers=0,
-        warmup_steps=2,
-        log_every=1,
-        blr=1.6e-2,
-        drop_path=0.0,
-        **TINY,
-    )
-    base.update(kw)
-    return DetectConfig(**base)
+_cfg = functools.partial(tiny_detect_config, backbone="swin_test", detector="gfl", warmup_steps=2)
 
 
 @pytest.mark.parametrize("backbone", ["swin_test", "pvt_test"])
@@ -69,7 +51,7 @@ def test_build_detector__backbone_weights_come_from_a_pretraining_checkpoint(pre
     from ummae.weights import io as ckpt
 
     backbone = source.split("_", 1)[1]
-    model, report = build_detector("gfl", backbone, 81, pretrained=pretrain_ckpt(source), **TINY)
+    model, report = build_detector("gfl", backbone, 81, pretrained=pretrain_ckpt(source), **TINY_DETECTOR)
     saved = ckpt.load(pretrain_ckpt(source))["model"]
     own = model.backbone.body.state_dict()
     loaded = [k for k in own if k.startswith("encoder.") and k in saved and own[k].shape == saved[k].shape]
@@ -98,7 +80,7 @@ def test_every_detector__losses_are_finite_and_fall_on_real_coco_images(coco, de
 
     torch.manual_seed(0)
     images, targets, _ = _real_batch(coco, masks=detector == "maskrcnn")
-    model, _ = build_detector(detector, "swin_test", 81, drop_path=0.0, **TINY)
+    model, _ = build_detector(detector, "swin_test", 81, drop_path=0.0, **TINY_DETECTOR)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     step = DetectStep()
@@ -218,7 +200,7 @@ def test_detect_eval__two_ranks_give_the_one_rank_numbers(coco, tmp_path, capsys
     """Each image is evaluated once: the COCO results and AP of two gloo ranks are those of
     one process."""
     model, _ = build_detector(
-        "gfl", "swin_test", 81, drop_path=0.0, cat_ids=list(range(1, 81)), class_names=[""] * 80, **TINY
+        "gfl", "swin_test", 81, drop_path=0.0, cat_ids=list(range(1, 81)), class_names=[""] * 80, **TINY_DETECTOR
     )
     # a checkpoint as `detect train` writes one, with the real categories
     from ummae.data.coco import CocoDetection

@@ -27,6 +27,7 @@ a band of 255).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch
 from PIL import Image
 from torchvision.ops import roi_align
 
-from _helpers import coco_subset, stable, step_records
+from _helpers import TINY_DETECTOR, coco_subset, stable, step_records, tiny_detect_config
 from ummae.cli import main
 from ummae.config import DetectConfig
 from ummae.data.coco import CocoDetection, LargeScaleJitter, RangeResize, collate_detection
@@ -45,7 +46,6 @@ from ummae.errors import DataError, UsageError
 from ummae.models.cascade import CascadeRoIHeads, FusedSemanticHead, semantic_loss
 from ummae.tasks.detect import DetectStep, build_detector, load_detector, train, train_transform
 
-TINY = dict(img_size=128, neck_channels=32, fpn_channels=32)
 BACKGROUND_STUFF = 150  # a COCO-stuff class id for the pixels of no instance
 
 
@@ -295,7 +295,7 @@ def test_stuff_maps__htc_only(coco, stuff, tmp_path, capsys):
     with pytest.raises(UsageError, match="needs --detector htc"):
         DetectConfig(data=str(coco), detector="cascade_maskrcnn", stuff_maps=str(stuff)).validate()
     with pytest.raises(UsageError, match="HTC's"):
-        build_detector("maskrcnn", "swin_test", 5, semantic=True, **TINY)
+        build_detector("maskrcnn", "swin_test", 5, semantic=True, **TINY_DETECTOR)
     args = ["detect", "train", "--data", str(coco), "--detector", "gfl", "--stuff-maps", str(stuff)]
     assert main([*args, "--output", str(tmp_path / "x")]) == 2
     assert "--detector htc" in capsys.readouterr().err
@@ -362,7 +362,7 @@ def test_htc_semantic__a_gradient_reaches_every_parameter_of_the_branch(coco, st
     )
     images, targets, _ = collate_detection([ds.load_or_substitute((i, i)) for i in range(2)])
     torch.manual_seed(0)
-    model, _ = build_detector("htc", "swin_test", ds.num_classes + 1, drop_path=0.0, semantic=True, **TINY)
+    model, _ = build_detector("htc", "swin_test", ds.num_classes + 1, drop_path=0.0, semantic=True, **TINY_DETECTOR)
     model.train()
     out = DetectStep()(model, [images, targets, 0], None)
     out["loss"].backward()
@@ -373,24 +373,7 @@ def test_htc_semantic__a_gradient_reaches_every_parameter_of_the_branch(coco, st
     assert all(p.grad.abs().sum() > 0 for p in branch.values()), [n for n, p in branch.items() if not p.grad.any()]
 
 
-def _cfg(out: Path, data: Path, **kw) -> DetectConfig:
-    base = dict(
-        output=str(out),
-        data=str(data),
-        backbone="pvt_test",
-        detector="htc",
-        epochs=2,
-        batch_size=2,
-        num_workers=0,
-        warmup_steps=1,
-        log_every=1,
-        blr=1.6e-2,
-        drop_path=0.0,
-        max_steps_per_epoch=1,
-        **TINY,
-    )
-    base.update(kw)
-    return DetectConfig(**base)
+_cfg = functools.partial(tiny_detect_config, backbone="pvt_test", detector="htc", warmup_steps=1, max_steps_per_epoch=1)
 
 
 def test_htc_semantic__resumes_exactly_and_its_checkpoint_rebuilds_the_branch(coco, stuff, tmp_path):
