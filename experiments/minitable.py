@@ -258,10 +258,11 @@ def _pretrain_result(folder: Path, world_size: int) -> dict:
 
 
 def _classify_result(folder: Path) -> dict:
-    recs = [r for r in _epoch_records(folder) if "acc1" in r]
+    epochs = _epoch_records(folder)
+    recs = [r for r in epochs if "acc1" in r]
     return {"acc1": recs[-1]["acc1"], "best_acc1": max(r["acc1"] for r in recs),
             "curve": [[r["epoch"] + 1, r["acc1"]] for r in recs],
-            "wall_s": sum(r["epoch_time_s"] for r in _epoch_records(folder))}  # fmt: skip
+            "wall_s": sum(r["epoch_time_s"] for r in epochs)}  # fmt: skip
 
 
 def _save_untrained(model: str, seed: int, path: Path, model_args: dict) -> None:
