@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
 
-from ummae.cli import COMMANDS, main
+from ummae.cli import COMMANDS, _command_in, _parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "tools" / "gen_docs.py")
@@ -110,3 +111,24 @@ def test_readme__is_a_front_door_whose_links_and_commands_hold():
     assert local and [t for t in local if not (ROOT / t).exists()] == []
     linked = {t for t in local if t.startswith("docs/") and t.endswith(".md")}
     assert linked == {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}  # every page has its link
+
+
+def _readme_command_lines() -> list[list[str]]:
+    """The arguments of every `ummae ...` (or `... -m ummae ...`) line of the README's bash
+    blocks: continuations joined, comments, `...` and the brackets of optional parts dropped."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = [w.strip("[]") for w in shlex.split(line.split(" #")[0]) if w != "..."]
+            if "ummae" in words:
+                lines.append(words[words.index("ummae") + 1 :])
+    return lines
+
+
+def test_readme__every_example_command_parses():
+    """Each example names a command and only flags it has (a renamed flag breaks this test)."""
+    commands = _readme_command_lines()
+    assert len(commands) >= 15
+    for argv in commands:
+        _, unknown = _parser(_command_in(argv)).parse_known_args(argv)
+        assert unknown == [], (argv, unknown)
