@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import re
 import sys
 import types
@@ -27,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ummae.cli import COMMANDS, command_parser
-from ummae.config.recipes import markdown_table as recipes_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,10 +122,11 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
 
 
-# block name -> the function that writes it; the models block becomes
-# ummae.models.registry.markdown_table once the registry has one
-BLOCKS: dict[str, Callable[[], str]] = {
-    "recipes": recipes_table,
+# block name -> the function that writes it, a function here or "module:function" (imported when
+# its block is written: the models' needs torch); the models block becomes
+# "ummae.models.registry:markdown_table" once the registry has one
+BLOCKS: dict[str, str | Callable[[], str]] = {
+    "recipes": "ummae.config.recipes:markdown_table",
     "models": models_table,
     "cli": cli_reference,
 }
@@ -135,12 +136,19 @@ _BLOCK = re.compile(
 )
 
 
+def _generator(entry: str | Callable[[], str]) -> Callable[[], str]:
+    if callable(entry):
+        return entry
+    module, function = entry.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def pages(root: Path) -> list[Path]:
     """The pages that may hold generated blocks: the README and the docs site's pages."""
     return [root / "README.md", *sorted((root / "docs").glob("**/*.md"))]
 
 
-def render(root: Path, blocks: dict[str, Callable[[], str]]) -> tuple[dict[Path, str], list[str]]:
+def render(root: Path, blocks: dict[str, str | Callable[[], str]]) -> tuple[dict[Path, str], list[str]]:
     """Every page with its blocks written afresh, and the problems that no rewrite mends: a
     marker of an unknown name, a block name that no page holds. Each block is generated once."""
     made: dict[str, str] = {}
@@ -153,7 +161,7 @@ def render(root: Path, blocks: dict[str, Callable[[], str]]) -> tuple[dict[Path,
             return m[0]
         seen.add(name)
         if name not in made:
-            made[name] = blocks[name]().rstrip("\n") + "\n"
+            made[name] = _generator(blocks[name])().rstrip("\n") + "\n"
         return m["begin"] + made[name] + m["end"]
 
     for page in pages(root):
@@ -163,7 +171,7 @@ def render(root: Path, blocks: dict[str, Callable[[], str]]) -> tuple[dict[Path,
     return out, problems
 
 
-def stale_blocks(root: Path = ROOT, blocks: dict[str, Callable[[], str]] = BLOCKS) -> list[str]:
+def stale_blocks(root: Path = ROOT, blocks: dict[str, str | Callable[[], str]] = BLOCKS) -> list[str]:
     """What ``--check`` reports: each block whose text differs from what its generator writes
     now, and the problems of :func:`render`. Empty when the docs are current."""
     fresh, problems = render(root, blocks)
@@ -175,7 +183,9 @@ def stale_blocks(root: Path = ROOT, blocks: dict[str, Callable[[], str]] = BLOCK
     return stale + problems
 
 
-def write_blocks(root: Path = ROOT, blocks: dict[str, Callable[[], str]] = BLOCKS) -> tuple[list[Path], list[str]]:
+def write_blocks(
+    root: Path = ROOT, blocks: dict[str, str | Callable[[], str]] = BLOCKS
+) -> tuple[list[Path], list[str]]:
     """Rewrite the pages whose blocks changed; the pages written and the problems left."""
     fresh, problems = render(root, blocks)
     written = [page for page, text in fresh.items() if text != page.read_text()]
