@@ -5,7 +5,7 @@
   8, 16, 32: MMDetection's ``start_level=1``), Mask R-CNN all four (P2-P5, then P6 by max pool);
 * the FPN extras of the P3-P7 detectors: MMDetection's ``add_extra_convs='on_output'``:
   P6 = conv3x3/2(P5 *output*), P7 = conv3x3/2(P6), each with the FPN's norm and no activation
-  (README "Differences": MMDetection has a norm there too in the GFL config; torchvision's
+  (docs/differences.md, "Detection": MMDetection has a norm there too in the GFL config; torchvision's
   ``LastLevelP6P7`` reads C5 with a ReLU before P7);
 * GFL's anchors: one square anchor per location of side ``octave_base_scale`` (8) x stride;
 * the input transform: ImageNet mean / std, images fitted into and padded to the canvas.

@@ -19,8 +19,8 @@ MMDetection's formulation, written out by the loop below:
 * ATSS: per gt, the ``topk`` anchors of each level nearest its centre; IoU >= mean + unbiased
   std of theirs, centre inside the gt by more than 0.01; the gt of highest IoU wins.
 
-The only deliberate difference from MMDetection at this level is the K + 1 outputs of the
-README ("Classes"), which does not change ``compute_loss`` given labels.
+The only deliberate difference from MMDetection at this level is the K + 1 outputs of
+docs/differences.md ("Classes"), which does not change ``compute_loss`` given labels.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ against plain formulations of MMSegmentation 0.x written out here:
   ``y1 = i * stride``, ``y2 = min(y1 + crop, h)``, ``y1 = max(y2 - crop, 0)`` (and the same in x),
   the logits of every window summed and divided by the per-pixel count of windows, for many
   (height, width, crop, stride): where ``(size - crop) % stride`` is and is not 0, sizes below
-  the crop, non-square images. A window smaller than the crop is padded to the crop (README,
-  "Differences": MMSegmentation runs it as it is); the windows and the averaging are the same.
+  the crop, non-square images. A window smaller than the crop is padded to the crop
+  (docs/differences.md, "Segmentation": MMSegmentation runs it as it is); the windows and the averaging are the same.
 * which stage map each head reads (the reference config's ``in_index``): UperNet's decode head
   all four (``[0, 1, 2, 3]``: pyramid pooling on stage 4, laterals on stages 1-3); the
   auxiliary FCN head ``in_index=2``, stage 3 (stride 16);

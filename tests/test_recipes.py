@@ -282,10 +282,10 @@ def test_resolve_recipe_batch__flags_override_and_the_log_says_which():
     assert resolve_recipe_batch(plain, 8) == [] and (plain.batch_size, plain.accum_iter) == (8, 1)
 
 
-def test_readme__recipe_section_is_the_table():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    m = re.search(r"<!-- recipes: begin.*?-->\n(.*?)\n<!-- recipes: end -->", readme, re.S)
-    assert m, "README.md has no recipe section"
+def test_recipes_page__recipe_section_is_the_table():
+    page = (Path(__file__).parent.parent / "docs" / "recipes.md").read_text()
+    m = re.search(r"<!-- recipes: begin.*?-->\n(.*?)\n<!-- recipes: end -->", page, re.S)
+    assert m, "docs/recipes.md has no recipe section"
     assert m.group(1).strip() == markdown_table()
 
 

@@ -456,6 +456,20 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
 
 
+def _command_subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``command`` inside the whole command line ``parser``: for "detect train",
+    the action's parser inside the task's."""
+    for word in command.split():
+        parser = _subparser(parser, word)
+    return parser
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one command of :data:`COMMANDS` with all its flags, heavy ones included:
+    what ``ummae COMMAND --help`` shows (the docs' command-line reference is written from it)."""
+    return _command_subparser(_parser(command.split()[0]), command)
+
+
 def _unknown_text(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
     """One line for what the sub-command does not know, naming the option meant when there is
     one: MAE's/timm's ``--batch_size`` -> ``--batch-size``, ``--data_path`` -> ``--data``..."""
@@ -464,9 +478,7 @@ def _unknown_text(parser: argparse.ArgumentParser, command: str, unknown: list[s
     if not options:
         return f"unrecognized arguments: {' '.join(unknown)}; {see}"
     typed = options[0].split("=", 1)[0]
-    sub = parser
-    for word in command.split():  # "detect train": the action's parser inside the task's
-        sub = _subparser(sub, word)
+    sub = _command_subparser(parser, command)
     known = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
     dashed = "--" + typed[2:].replace("_", "-")
     meant = next((c for c in (*ALIASES.get(dashed, ()), dashed) if c in known and c != typed), None)

@@ -7,8 +7,8 @@ A recipe states the *total* batch of the reference run (per-GPU batch x accumula
 GPUs); the command derives the per-process batch and accumulation from the number of
 processes (:func:`split_batch`), so 1, 8 or 64 processes train with the same total batch and
 the same lr. ``--config NAME`` takes a recipe's values; flags override them (precedence:
-dataclass default < recipe < flag). ``ummae recipes`` prints :data:`RECIPES`, and the README's
-recipe section is :func:`markdown_table` (checked by a test).
+dataclass default < recipe < flag). ``ummae recipes`` prints :data:`RECIPES`, and docs/recipes.md's
+recipe section is :func:`markdown_table` (written by tools/gen_docs.py, checked by tests/test_docs.py).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def _cell(value: Any) -> str:
 
 
 def markdown_table() -> str:
-    """The README's recipe table, one row per recipe (what ``ummae recipes`` prints, as Markdown)."""
+    """The recipe table of docs/recipes.md, one row per recipe (what ``ummae recipes`` prints, as Markdown)."""
     lines = [
         "| `--config NAME` | command | total batch (reference: per GPU x accumulation x GPUs) | values | reference "
         "| published |",
