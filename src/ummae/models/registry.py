@@ -87,6 +87,12 @@ def list_models(pattern: str = "*", kind: str | None = None) -> list[str]:
     )
 
 
+def registered_kinds() -> set[str]:
+    """The kinds of the registered models and heads (``ummae models --kind`` offers
+    :data:`MODEL_KINDS` + :data:`HEAD_KINDS`, torch-free: a test checks they are these)."""
+    return set(_KINDS.values())
+
+
 def model_info(name: str) -> ModelInfo:
     """The registration's statement about a whole model; unknown names are refused."""
     entry, _ = _resolve(name)
