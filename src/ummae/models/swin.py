@@ -255,6 +255,7 @@ def signature(arch: dict) -> dict:
 # bias carries over unchanged. Fine-tuning: the reference's Swin-T recipe (drop path 0.1, layer
 # decay 0.85); Swin-L the reference's (Makefile, finetune_mae_swin_large_256_mask_vmr025_200e_100e).
 # Swin-L: the paper's run, 8-block decoder and pos-MLP width 64 (``..._dec512d8b64pmd``).
+# Swin-S (Swin's paper; not a reference run): the paper's decoder and the family's fine-tuning.
 SWIN = Family(
     "swin",
     "Swin",
