@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ummae
 from _helpers import (
     assert_tensors_equal,
     run_torchrun,
@@ -82,6 +83,7 @@ def test_classifier__forward_backward_features_and_head_init(name):
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_timm_create_model__gives_the_same_classifier(name):
+    assert f"ummae_{name}" in ummae.register_timm()  # the one explicit step
     assert f"ummae_{name}" in timm.list_models("ummae_*")
     torch.manual_seed(0)
     ours = create_model(name, num_classes=7)

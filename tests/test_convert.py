@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _reference_layout import SWIN_T, reference_checkpoint
+from _reference_layout import SWIN_T, frozen_keys, reference_checkpoint, reference_shapes
 from ummae.cli import main
 from ummae.config import PretrainConfig
 from ummae.models.registry import create_model
@@ -94,20 +94,22 @@ def test_cli_convert__safetensors_export_loads_as_pretrained(capsys, ref_mae, tm
     assert all(torch.equal(enc[k], enc2[k]) for k in enc)
 
 
+def test_cli_convert__the_tensors_name_the_model_not_the_args(capsys, ref_mae, tmp_path):
+    """Its args name the paper's Swin-T (the reference function a resized run kept), its
+    tensors are mae_swin_test's: the tensors decide, the args are reported as the source."""
+    out = tmp_path / "x.pth"
+    code, stdout, err = _run(capsys, ["convert", str(ref_mae), "--output", str(out)])
+    assert code == 0, err
+    saved = ckpt.load(out)
+    assert saved["model_name"] == "mae_swin_test" and "mae_swin_test" in stdout
+    assert read_weights(ref_mae, tensors=False)[1]["source_model"] == "mae_swin_tiny_256 (reference checkpoint)"
+
+
 def test_cli_convert__clear_errors(capsys, ref_mae, tmp_path, save_checkpoint):
-    # its args name the paper's Swin-T, whose tensors are larger: refused, pointing at --model
-    code, _, err = _run(capsys, ["convert", str(ref_mae), "--output", str(tmp_path / "x.pth")])
-    assert code == 2 and "do not fit mae_swin_tiny_256" in err and "--model" in err and "Traceback" not in err
     code, _, err = _run(
         capsys, ["convert", str(ref_mae), "--output", str(tmp_path / "x.pth"), "--model", "mae_pvt_test"]
     )
     assert code == 2 and "do not fit mae_pvt_test" in err and "does not match the model" in err
-    odd = tmp_path / "odd.pth"
-    ck = ckpt.load(ref_mae)
-    ck["args"].model = "mae_swin_custom"
-    torch.save(ck, odd)
-    code, _, err = _run(capsys, ["convert", str(odd), "--output", str(tmp_path / "x.pth")])
-    assert code == 2 and "cannot tell which ummae model" in err and "--model" in err
     assert not (tmp_path / "x.pth").exists()  # nothing written when the weights do not fit
     ours = save_checkpoint(create_model("mae_swin_test"), tmp_path / "ours.pth")
     code, _, err = _run(capsys, ["convert", str(ours), "--output", str(tmp_path / "y.pth")])
@@ -150,6 +152,54 @@ def test_cli_convert__paper_size_checkpoint_names_its_model(capsys, tmp_path):
     )
     assert code == 0, err  # visualize reads the reference file directly
     assert Image.open(tmp_path / "r.png").size[0] > 256
+
+
+# Swin-S (Swin's paper; timm's swin_small): Swin-T's widths and heads, 18 blocks in stage 3
+SWIN_S = dict(
+    family="swin", dims=[96, 192, 384, 768], depths=[2, 2, 18, 2], heads=[3, 6, 12, 24], posmlp=32, img_size=256
+)
+
+
+def _shapes_only(spec: dict) -> dict:
+    """A reference checkpoint of ``spec`` with "meta" tensors (shapes, no memory), without
+    its sin-cos tables (whose values the conversion checks)."""
+    shapes = reference_shapes(spec)
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items() if k not in frozen_keys(spec)}
+    return {"model": state, "args": {}}
+
+
+def test_convert__swin_small_is_identified_by_its_shapes_without_args_model():
+    """Swin-S shares Swin-T's widths and heads: its 18 stage-3 blocks tell them apart, for every
+    kind of reference checkpoint; its UM-MAE weights load strictly."""
+    ref = reference_checkpoint(dict(SWIN_S, kind="mae", decoder=(512, 2), sm=True), dict(MAE_ARGS, input_size=256))
+    del ref["args"].model
+    state, meta = convert_checkpoint(ref, "swin_s.pth")
+    assert meta["model_name"] == "mae_swin_small_256" and meta["source_model"] == "swin (reference checkpoint)"
+    load_state_strict(create_model("mae_swin_small_256"), state, "swin_s.pth")
+    for kind, ours in [
+        ("simmim", "simmim_swin_small_256"),
+        ("classifier", "swin_small_256"),
+        ("encoder", "swin_small_256"),
+    ]:
+        _, meta = convert_checkpoint(_shapes_only(dict(SWIN_S, kind=kind)), f"swin_s_{kind}.pth")
+        assert meta["model_name"] == ours, kind
+    # and Swin-T is still Swin-T
+    _, meta = convert_checkpoint(_shapes_only(dict(SWIN_T, kind="mae", decoder=(512, 2), sm=True)), "swin_t.pth")
+    assert meta["model_name"] == "mae_swin_tiny_256"
+
+
+def test_cli_convert__a_size_we_do_not_register_is_refused_in_one_line(capsys, tmp_path):
+    """Swin-test widths with 2-1-2-1 blocks: no registered model has them; the one error line
+    names what the tensors show and points at --model."""
+    src = tmp_path / "odd.pth"
+    torch.save(
+        reference_checkpoint(dict(SWIN_TEST, depths=[2, 1, 2, 1], kind="mae", decoder=(32, 1), sm=True), MAE_ARGS), src
+    )
+    code, _, err = _run(capsys, ["convert", str(src), "--output", str(tmp_path / "x.pth")])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "cannot tell which ummae model" in err and "--model" in err
+    assert "16x2x1x64, 32x1x2x128, 64x2x2x256, 128x1x4x512; pos-MLP width 8; decoder 32-d, 1 blocks" in err
+    assert not (tmp_path / "x.pth").exists()
 
 
 def _one_image(tmp_path):
@@ -239,7 +289,8 @@ def test_mae_codebase_vit_checkpoints(tmp_path):
     full = tmp_path / "mae_full.pth"
     torch.save(reference_checkpoint(dict(VIT_TEST, kind="mae", decoder=(32, 1), sm=False), MAE_CODEBASE_ARGS), full)
     state, meta = read_weights(full)
-    assert meta["model_name"] == "mae_vit_base_patch16" and meta["assumed"] == {}
+    # its args name ViT-B, its tensors are mae_vit_test's: the tensors decide
+    assert meta["model_name"] == "mae_vit_test" and meta["assumed"] == {}
     assert meta["model_args"] == {
         "img_size": 64,
         "sampling": "random",

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import _reference_forward as ref
+import ummae
 from ummae.cli import main
 from ummae.config import FinetuneConfig
 from ummae.engine.optim import build_optimizer
@@ -386,6 +387,7 @@ def test_export__pretrained_safetensors_fine_tunes_like_the_pth(pretrain_ckpt, c
 def test_export__encoder_loads_into_timm_with_only_head_missing(pretrain_ckpt, tmp_path):
     out = tmp_path / "enc.safetensors"
     export(pretrain_ckpt("mae_swin_test"), out)
+    ummae.register_timm()  # the documented step before timm.create_model("ummae_...")
     model = timm.create_model("ummae_swin_test", pretrained=False, num_classes=3)
     result = model.load_state_dict(load_file(str(out)), strict=False)
     assert sorted(result.missing_keys) == sorted(HEAD_KEYS)
@@ -400,6 +402,7 @@ def test_export__fine_tuned_classifier_loads_strictly_into_timm(finetuned, tmp_p
     weights = load_file(str(out))
     assert set(weights) >= HEAD_KEYS and not any(k.startswith(("decoder", "sm_token")) for k in weights)
 
+    ummae.register_timm()
     timm_model = timm.create_model("ummae_swin_test", pretrained=False, num_classes=3)
     timm_model.load_state_dict(weights, strict=True)
     ours = create_model("swin_test", num_classes=3)
@@ -424,6 +427,7 @@ def test_export__refuses_a_checkpoint_without_an_ummae_model(tmp_path):
 
 
 def test_timm_create_model__pretrained_true_refused():
+    ummae.register_timm()
     with pytest.raises(ValueError, match="ummae downloads no weights.*load_state_dict"):
         timm.create_model("ummae_swin_test", pretrained=True)
     assert isinstance(timm.create_model("ummae_swin_test", pretrained=False), Classifier)

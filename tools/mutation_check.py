@@ -956,6 +956,32 @@ MUTATIONS = [
         "scale = short / min(h, w)",
         ("tests/test_htc_semantic.py::test_range_resize__short_side_in_range_long_side_capped_aspect_kept",),
     ),
+    # model families (models/family.py) and the importer's shape matching (weights/convert.py)
+    Mutation(
+        "family_pairing_first_size",
+        "every UM-MAE model paired with its family's first classifier, not its own size's",
+        "src/ummae/models/family.py",
+        'info = _info(family, key, "UM-MAE", size.arch, _decoder_text(decoder), size.img_size, classifier)',
+        'info = _info(family, key, "UM-MAE", size.arch, _decoder_text(decoder), size.img_size, '
+        'f"{family.name}_{next(iter(family.sizes))}")',
+        ("tests/test_families.py::test_classifier_for__the_classifier_carries_the_pretraining_encoder",),
+    ),
+    Mutation(
+        "shape_match_width_only",
+        "the importer matches a checkpoint on its first stage's width only (Swin-S taken for Swin-T)",
+        "src/ummae/models/family.py",
+        "if fam.signature(size.arch) != found:",
+        'if fam.signature(size.arch)["stages"][0][0] != found["stages"][0][0]:',
+        ("tests/test_convert.py::test_convert__swin_small_is_identified_by_its_shapes_without_args_model",),
+    ),
+    Mutation(
+        "models_kind_two_kinds",
+        "`ummae models --kind` offers only pretrain and classify",
+        "src/ummae/cli.py",
+        "choices=MODEL_KINDS + HEAD_KINDS,",
+        "choices=MODEL_KINDS,",
+        ("tests/test_families.py::test_models_kinds__the_cli_offers_every_kind_the_registry_has",),
+    ),
 ]
 
 

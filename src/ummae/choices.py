@@ -11,3 +11,7 @@ BOX_HEADS = ("2fc", "4conv1fc")  # cascade / HTC box heads: Shared2FCBBoxHead, S
 BOX_NORMS = ("none", "bn", "gn")  # the 4conv1fc head's norm (bn: SyncBN under DDP on CUDA)
 TRAIN_RESIZES = ("lsj", "range")  # detection training: large-scale jitter, MMDetection's "range" multi-scale
 SEG_TEST_MODES = ("slide", "whole")
+# Kinds of registered models (ummae.models.registry): whole models, and dense-task heads named
+# <head>_<backbone>. Here, torch-free, so that `ummae models --kind` offers them at --help time.
+MODEL_KINDS = ("pretrain", "classify")
+HEAD_KINDS = ("detect", "segment")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from ummae.choices import HEAD_KINDS, MODEL_KINDS
 from ummae.config import (
     DetectConfig,
     DetectEvalConfig,
@@ -78,7 +79,12 @@ class Command:
 
 def _models_flags(m: argparse.ArgumentParser) -> None:
     m.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'mae_swin*'")
-    m.add_argument("--kind", choices=("pretrain", "classify"), help="only pre-training models or only classifiers")
+    m.add_argument(
+        "--kind",
+        choices=MODEL_KINDS + HEAD_KINDS,
+        help="only the models of this kind (pre-training models, classifiers, or the detection / segmentation heads, "
+        "whose models are named <head>_<classifier>)",
+    )
 
 
 def _recipes_flags(r: argparse.ArgumentParser) -> None:
@@ -212,7 +218,7 @@ def _export(args) -> int:
     print(
         f"wrote {args.output}: {meta['contents']} of {meta['source_model']}; load it with "
         f"`ummae finetune --model {meta['model_name']} --pretrained {args.output}` or "
-        f"timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)"
+        f"ummae.register_timm(); timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)"
     )
     return 0
 

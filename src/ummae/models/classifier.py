@@ -3,14 +3,14 @@
 ``Classifier(encoder, num_classes)``: global average pooling of the last stage + LayerNorm +
 linear head (METHOD.md; MAE's ``global_pool`` convention: the encoder's final norm is replaced
 by the norm after pooling). Registered under the reference names (``swin_tiny_256``,
-``pvt_small_256``, ``vit_base_patch16``...) in our registry and, as ``ummae_<name>``, in timm's.
+``pvt_small_256``, ``vit_base_patch16``...) in our registry (models/family.py) and, once
+``ummae.register_timm()`` has run, as ``ummae_<name>`` in timm's (:func:`register_with_timm`).
 Fine-tuning settings that differ from pre-training are the models' defaults: Swin window 16,
 PVT spatial reduction 8-4-2-1 and a learnable position embedding.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -22,7 +22,17 @@ from torch import Tensor, nn
 from ummae.errors import UsageError
 from ummae.models.base import PyramidBackbone
 from ummae.models.layers import LayerNorm, init_weights
-from ummae.models.registry import create_model, list_models, model_kind
+from ummae.models.registry import classifier_for, create_model, list_models, model_kind
+
+# classifier_for is the registry's (each family registers its pairings), offered here as before
+__all__ = [
+    "POS_EMBED_MODES",
+    "Classifier",
+    "build_classifier",
+    "check_classifier",
+    "classifier_for",
+    "register_with_timm",
+]
 
 
 class Classifier(nn.Module):
@@ -131,7 +141,7 @@ class Classifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# --- building the registered classifiers (the family files: swin.py, pvt.py, vit.py) ----------
+# --- building the registered classifiers (models/family.py registers them) -------------------
 # A learnable position table (PVT, ViT) for an input of another size than the model's own:
 # "resize" builds it at the input's size (a pre-trained table is resized once, at load);
 # "interpolate" keeps it at the model's own size (the pre-trained 64x64 at 256 px) and the
@@ -197,19 +207,7 @@ def check_classifier(name: str) -> None:
         raise UsageError(f"{name!r} is a pre-training model; classifiers are listed by `ummae models --kind classify`")
 
 
-def classifier_for(pretrain_name: str) -> str:
-    """The classifier that carries a pre-training model's encoder: ``mae_swin_tiny_256`` ->
-    ``swin_tiny_256``, ``mae_vit_base_patch16_dec512d2b`` -> ``vit_base_patch16`` (MAE, UM-MAE
-    and SimMIM share the encoder; the decoder does not matter)."""
-    for prefix in ("mae_", "simmim_"):
-        if pretrain_name.startswith(prefix):
-            name = re.sub(r"_dec\d+d\d+b$", "", pretrain_name[len(prefix) :])
-            if name in list_models(kind="classify"):
-                return name
-    raise UsageError(f"no classifier is registered for the encoder of {pretrain_name!r}")
-
-
-# --- timm registration: `import ummae; timm.create_model("ummae_swin_tiny_256", num_classes=10)`
+# --- timm registration: `ummae.register_timm(); timm.create_model("ummae_swin_tiny_256", num_classes=10)`
 def _timm_entry(name: str):
     def create(pretrained: bool = False, **kwargs):
         if pretrained:
@@ -229,7 +227,12 @@ def _timm_entry(name: str):
     return create
 
 
-def register_with_timm() -> None:
+def register_with_timm() -> list[str]:
+    """Register every classifier with timm as ``ummae_<name>`` (those not registered yet: it
+    may be called any number of times); returns timm's names of them all."""
+    names = []
     for name in list_models(kind="classify"):
         if not is_model(f"ummae_{name}"):
             timm_register(_timm_entry(name))
+        names.append(f"ummae_{name}")
+    return names

@@ -248,7 +248,7 @@ def _size_problem(encoder, pyramid, img_size, unit, sampling) -> str | None:
     return None
 
 
-# --- building the registered models (the family files: swin.py, pvt.py, vit.py) -------------
+# --- building the registered models (models/family.py registers them) ------------------------
 # Decoders by the reference's names: dec512d2b is the paper's (METHOD.md), dec512d8b MAE's
 # (and the paper's Swin-L run).
 DECODER_512D2B = dict(decoder_dim=512, decoder_depth=2, decoder_heads=16)

@@ -19,11 +19,9 @@ from torch import Tensor, nn
 
 from ummae.errors import UsageError
 from ummae.models.base import PyramidBackbone
-from ummae.models.classifier import build_classifier
+from ummae.models.family import Family, Size, register_family
 from ummae.models.layers import LayerNorm, resize_pos_table, sincos_grid
-from ummae.models.mae import DECODER_512D2B, DECODER_NANO, DECODER_TEST, build_mae
-from ummae.models.registry import register_model
-from ummae.models.simmim import build_simmim
+from ummae.models.mae import DECODER_512D2B, DECODER_NANO, DECODER_TEST
 
 
 def _sincos_table(side: int, dim: int, device=None) -> Tensor:
@@ -112,7 +110,7 @@ class PyramidVisionTransformer(PyramidBackbone):
             # [H, W, C] of the stage-1 grid, initialised to exactly the fixed embedding it replaces
             side = img_size // self.patch_size
             self.pos_embed = nn.Parameter(_sincos_table(side, embed_dims[0]))
-        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()  # cpu: builds on "meta" too
         self.downsamples = nn.ModuleList(Downsample(embed_dims[s], embed_dims[s + 1]) for s in range(len(depths) - 1))
         self.stages = nn.ModuleList()
         i = 0
@@ -171,93 +169,33 @@ class PyramidVisionTransformer(PyramidBackbone):
         return outs
 
 
-# --- architectures and registered models ------------------------------------------------------
+# --- the family: its sizes and what it registers (models/family.py) -----------------------------
+
+
+def signature(arch: dict) -> dict:
+    """What a PVT checkpoint's tensors show of ``arch`` (family.Signature): stage widths,
+    blocks and MLP widths (the heads are not visible: q, k, v are full-width)."""
+    hidden = [int(d * r) for d, r in zip(arch["embed_dims"], arch["mlp_ratios"], strict=True)]
+    stages = tuple((d, n, None, h) for d, n, h in zip(arch["embed_dims"], arch["depths"], hidden, strict=True))
+    return dict(patch=PyramidVisionTransformer.patch_size, stages=stages, pos_hidden=None)
+
+
 # sr_ratios: the pre-training spatial reduction, on the compact map (METHOD.md); on the full map
-# (SimMIM, fine-tuning, dense tasks) it is DENSE_SR: pooling has no weights, nothing to convert.
-PVT_SMALL = dict(
-    embed_dims=(64, 128, 320, 512),
-    depths=(3, 4, 6, 3),
-    num_heads=(1, 2, 5, 8),
-    mlp_ratios=(8, 8, 4, 4),
-    sr_ratios=(4, 2, 1, 1),
-)
-PVT_NANO = dict(
-    embed_dims=(32, 64, 128, 256),
-    depths=(1, 1, 2, 1),
-    num_heads=(1, 2, 4, 8),
-    mlp_ratios=(4, 4, 4, 4),
-    sr_ratios=(4, 2, 1, 1),
-)
-PVT_TEST = dict(
-    embed_dims=(16, 32, 64, 128),
-    depths=(1, 1, 1, 1),
-    num_heads=(1, 2, 2, 4),
-    mlp_ratios=(2, 2, 2, 2),
-    sr_ratios=(4, 2, 1, 1),
-)
-DENSE_SR = (8, 4, 2, 1)
-
-
-def _dense(arch: dict) -> dict:
-    return {**arch, "sr_ratios": DENSE_SR}
-
-
-def _classifier(name, arch, img_size, kw):
-    return build_classifier(
-        name,
-        PyramidVisionTransformer,
-        _dense(arch),
-        img_size,
-        drop_path=0.1,
-        layer_decay=0.85,
-        kw=kw,
-        tunable=("sr_ratios",),
-        learnable_pos=True,
-    )
-
-
-@register_model("pretrain")
-def mae_pvt_small_256(**kw):
-    return build_mae(
-        "mae_pvt_small_256", PyramidVisionTransformer, PVT_SMALL, img_size=256, decoder=DECODER_512D2B, kw=kw
-    )
-
-
-@register_model("pretrain")
-def mae_pvt_nano_128(**kw):
-    return build_mae("mae_pvt_nano_128", PyramidVisionTransformer, PVT_NANO, img_size=128, decoder=DECODER_NANO, kw=kw)
-
-
-@register_model("pretrain")
-def mae_pvt_test(**kw):
-    return build_mae("mae_pvt_test", PyramidVisionTransformer, PVT_TEST, img_size=64, decoder=DECODER_TEST, kw=kw)
-
-
-@register_model("pretrain")
-def simmim_pvt_small_256(**kw):
-    return build_simmim("simmim_pvt_small_256", PyramidVisionTransformer, _dense(PVT_SMALL), img_size=256, kw=kw)
-
-
-@register_model("pretrain")
-def simmim_pvt_nano_128(**kw):
-    return build_simmim("simmim_pvt_nano_128", PyramidVisionTransformer, _dense(PVT_NANO), img_size=128, kw=kw)
-
-
-@register_model("pretrain")
-def simmim_pvt_test(**kw):
-    return build_simmim("simmim_pvt_test", PyramidVisionTransformer, _dense(PVT_TEST), img_size=64, kw=kw)
-
-
-@register_model("classify")
-def pvt_small_256(**kw):
-    return _classifier("pvt_small_256", PVT_SMALL, img_size=256, kw=kw)
-
-
-@register_model("classify")
-def pvt_nano_128(**kw):
-    return _classifier("pvt_nano_128", PVT_NANO, img_size=128, kw=kw)
-
-
-@register_model("classify")
-def pvt_test(**kw):
-    return _classifier("pvt_test", PVT_TEST, img_size=64, kw=kw)
+# (SimMIM, fine-tuning, dense tasks) it is 8-4-2-1: pooling has no weights, nothing to convert.
+# Fine-tuning: the reference's PVT-S recipe (drop path 0.1, layer decay 0.85).
+PVT = Family(
+    "pvt",
+    "PVT",
+    PyramidVisionTransformer,
+    sizes={
+        "small_256": Size(dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), sr_ratios=(4, 2, 1, 1)), 256, DECODER_512D2B),
+        "nano_128": Size(dict(embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), mlp_ratios=(4, 4, 4, 4), sr_ratios=(4, 2, 1, 1)), 128, DECODER_NANO),
+        "test": Size(dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2), sr_ratios=(4, 2, 1, 1)), 64, DECODER_TEST),
+    },
+    finetune=dict(drop_path=0.1, layer_decay=0.85),
+    signature=signature,
+    dense=dict(sr_ratios=(8, 4, 2, 1)),
+    tunable=("sr_ratios",),
+    learnable_pos=True,
+)  # fmt: skip
+register_family(PVT)

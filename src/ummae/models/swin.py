@@ -18,11 +18,9 @@ from torch import Tensor, nn
 
 from ummae.errors import UsageError
 from ummae.models.base import PyramidBackbone
-from ummae.models.classifier import build_classifier
+from ummae.models.family import Family, Size, register_family
 from ummae.models.layers import LayerNorm
-from ummae.models.mae import DECODER_512D2B, DECODER_512D8B, DECODER_NANO, DECODER_TEST, build_mae
-from ummae.models.registry import register_model
-from ummae.models.simmim import build_simmim
+from ummae.models.mae import DECODER_512D2B, DECODER_512D8B, DECODER_NANO, DECODER_TEST
 
 
 def log_spaced(d: Tensor) -> Tensor:
@@ -183,7 +181,7 @@ class SwinTransformer(PyramidBackbone):
         self.window_size = window_size
         self.drop_path_rate = drop_path
         self.depths = list(depths)
-        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()  # cpu: builds on "meta" too
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         i = 0
@@ -240,84 +238,38 @@ class SwinTransformer(PyramidBackbone):
         return outs
 
 
-# --- architectures and registered models ------------------------------------------------------
+# --- the family: its sizes and what it registers (models/family.py) -----------------------------
+
+
+def signature(arch: dict) -> dict:
+    """What a Swin checkpoint's tensors show of ``arch`` (family.Signature): stage widths
+    (doubling from ``embed_dim``), blocks, heads (the pos-MLP's outputs), MLP widths."""
+    dims = [arch["embed_dim"] * 2**i for i in range(len(arch["depths"]))]
+    hidden = [int(d * arch.get("mlp_ratio", 4.0)) for d in dims]
+    stages = tuple(zip(dims, arch["depths"], arch["num_heads"], hidden, strict=True))
+    return dict(patch=SwinTransformer.patch_size, stages=stages, pos_hidden=arch["pos_hidden"])
+
+
 # window_size: the pre-training window, on the compact map (METHOD.md); on the full map (SimMIM,
-# fine-tuning, dense tasks) the window is DENSE_WINDOW: the pos-MLP bias carries over unchanged.
-SWIN_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=8, pos_hidden=32)
-SWIN_LARGE = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=8, pos_hidden=64)
-SWIN_NANO = dict(embed_dim=32, depths=(1, 1, 3, 1), num_heads=(1, 2, 4, 8), window_size=8, pos_hidden=16)
-SWIN_TEST = dict(embed_dim=16, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4, pos_hidden=8)
-DENSE_WINDOW = 16
-TEST_DENSE_WINDOW = 8  # the 64 px test model's full map
-
-
-def _dense(arch: dict, window_size: int = DENSE_WINDOW) -> dict:
-    return {**arch, "window_size": window_size}
-
-
-def _classifier(name, arch, img_size, drop_path, layer_decay, kw):
-    return build_classifier(name, SwinTransformer, arch, img_size, drop_path, layer_decay, kw, tunable=("window_size",))
-
-
-@register_model("pretrain")
-def mae_swin_tiny_256(**kw):
-    return build_mae("mae_swin_tiny_256", SwinTransformer, SWIN_TINY, img_size=256, decoder=DECODER_512D2B, kw=kw)
-
-
-@register_model("pretrain")
-def mae_swin_large_256(**kw):
-    """The paper's Swin-L run: 8-block decoder, pos-MLP width 64 (``..._dec512d8b64pmd``)."""
-    return build_mae("mae_swin_large_256", SwinTransformer, SWIN_LARGE, img_size=256, decoder=DECODER_512D8B, kw=kw)
-
-
-@register_model("pretrain")
-def mae_swin_nano_128(**kw):
-    return build_mae("mae_swin_nano_128", SwinTransformer, SWIN_NANO, img_size=128, decoder=DECODER_NANO, kw=kw)
-
-
-@register_model("pretrain")
-def mae_swin_test(**kw):
-    return build_mae("mae_swin_test", SwinTransformer, SWIN_TEST, img_size=64, decoder=DECODER_TEST, kw=kw)
-
-
-@register_model("pretrain")
-def simmim_swin_tiny_256(**kw):
-    return build_simmim("simmim_swin_tiny_256", SwinTransformer, _dense(SWIN_TINY), img_size=256, kw=kw)
-
-
-@register_model("pretrain")
-def simmim_swin_large_256(**kw):
-    return build_simmim("simmim_swin_large_256", SwinTransformer, _dense(SWIN_LARGE), img_size=256, kw=kw)
-
-
-@register_model("pretrain")
-def simmim_swin_nano_128(**kw):
-    return build_simmim("simmim_swin_nano_128", SwinTransformer, _dense(SWIN_NANO), img_size=128, kw=kw)
-
-
-@register_model("pretrain")
-def simmim_swin_test(**kw):
-    return build_simmim("simmim_swin_test", SwinTransformer, _dense(SWIN_TEST, TEST_DENSE_WINDOW), img_size=64, kw=kw)
-
-
-@register_model("classify")
-def swin_tiny_256(**kw):
-    return _classifier("swin_tiny_256", _dense(SWIN_TINY), img_size=256, drop_path=0.1, layer_decay=0.85, kw=kw)
-
-
-@register_model("classify")
-def swin_large_256(**kw):
-    # layer decay 0.7, drop path 0.2: the reference's (Makefile, finetune_mae_swin_large_256_mask_vmr025_200e_100e)
-    return _classifier("swin_large_256", _dense(SWIN_LARGE), img_size=256, drop_path=0.2, layer_decay=0.7, kw=kw)
-
-
-@register_model("classify")
-def swin_nano_128(**kw):
-    return _classifier("swin_nano_128", _dense(SWIN_NANO), img_size=128, drop_path=0.1, layer_decay=0.85, kw=kw)
-
-
-@register_model("classify")
-def swin_test(**kw):
-    return _classifier(
-        "swin_test", _dense(SWIN_TEST, TEST_DENSE_WINDOW), img_size=64, drop_path=0.1, layer_decay=0.85, kw=kw
-    )
+# fine-tuning, dense tasks) the window is 16 (the 64 px test model's full map: 8): the pos-MLP
+# bias carries over unchanged. Fine-tuning: the reference's Swin-T recipe (drop path 0.1, layer
+# decay 0.85); Swin-L the reference's (Makefile, finetune_mae_swin_large_256_mask_vmr025_200e_100e).
+# Swin-L: the paper's run, 8-block decoder and pos-MLP width 64 (``..._dec512d8b64pmd``).
+# Swin-S (Swin's paper; not a reference run): the paper's decoder and the family's fine-tuning.
+SWIN = Family(
+    "swin",
+    "Swin",
+    SwinTransformer,
+    sizes={
+        "tiny_256": Size(dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=8, pos_hidden=32), 256, DECODER_512D2B),
+        "small_256": Size(dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=8, pos_hidden=32), 256, DECODER_512D2B),
+        "large_256": Size(dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=8, pos_hidden=64), 256, DECODER_512D8B, finetune=dict(drop_path=0.2, layer_decay=0.7)),
+        "nano_128": Size(dict(embed_dim=32, depths=(1, 1, 3, 1), num_heads=(1, 2, 4, 8), window_size=8, pos_hidden=16), 128, DECODER_NANO),
+        "test": Size(dict(embed_dim=16, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4, pos_hidden=8), 64, DECODER_TEST, dense=dict(window_size=8)),
+    },
+    finetune=dict(drop_path=0.1, layer_decay=0.85),
+    signature=signature,
+    dense=dict(window_size=16),
+    tunable=("window_size",),
+)  # fmt: skip
+register_family(SWIN)

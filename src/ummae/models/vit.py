@@ -15,10 +15,9 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ummae.errors import UsageError
-from ummae.models.classifier import build_classifier
+from ummae.models.family import Family, Size, register_family
 from ummae.models.layers import LayerNorm, PatchEmbed, resize_pos_table, sincos_grid
-from ummae.models.mae import DECODER_512D2B, DECODER_512D8B, DECODER_NANO, DECODER_TEST, build_mae
-from ummae.models.registry import register_model
+from ummae.models.mae import DECODER_512D2B, DECODER_512D8B, DECODER_NANO, DECODER_TEST
 
 
 def _sincos_table(h: int, w: int, dim: int, device=None) -> Tensor:
@@ -57,7 +56,7 @@ class VisionTransformer(nn.Module):
         self.drop_path_rate = drop_path
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        dpr = torch.linspace(0, drop_path, depth).tolist()
+        dpr = torch.linspace(0, drop_path, depth, device="cpu").tolist()  # cpu: builds on "meta" too
         # timm's Block uses F.scaled_dot_product_attention (fused attention).
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=LayerNorm)
@@ -131,64 +130,35 @@ class VisionTransformer(nn.Module):
         return self._run(x + pos)
 
 
-# --- architectures and registered models ------------------------------------------------------
-VIT_BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-VIT_LARGE = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
-VIT_TEST = dict(patch_size=16, embed_dim=32, depth=2, num_heads=2)
-# ViT-Tiny's width at half its depth, 8 px patches: the ViT rows of the small-scale table
-# (experiments/minitable.py, 64 px inputs: an 8x8 patch grid, the unit grid of its pyramid rows).
-VIT_NANO = dict(patch_size=8, embed_dim=192, depth=6, num_heads=3)
+# --- the family: its sizes and what it registers (models/family.py) -----------------------------
 
 
-def _classifier(name, arch, img_size, drop_path, layer_decay, kw):
-    return build_classifier(name, VisionTransformer, arch, img_size, drop_path, layer_decay, kw, learnable_pos=True)
+def signature(arch: dict) -> dict:
+    """What a ViT checkpoint's tensors show of ``arch`` (family.Signature): patch, width,
+    blocks and MLP width (the heads are not visible: qkv is full-width)."""
+    hidden = int(arch["embed_dim"] * arch.get("mlp_ratio", 4.0))
+    return dict(patch=arch["patch_size"], stages=((arch["embed_dim"], arch["depth"], None, hidden),), pos_hidden=None)
 
 
-@register_model("pretrain")
-def mae_vit_base_patch16(**kw):
-    """MAE's 8-block decoder (``dec512d8b``)."""
-    return build_mae("mae_vit_base_patch16", VisionTransformer, VIT_BASE, img_size=224, decoder=DECODER_512D8B, kw=kw)
-
-
-@register_model("pretrain")
-def mae_vit_base_patch16_dec512d2b(**kw):
-    """The 2-block decoder of the paper's ViT-B rows."""
-    return build_mae(
-        "mae_vit_base_patch16_dec512d2b", VisionTransformer, VIT_BASE, img_size=224, decoder=DECODER_512D2B, kw=kw
-    )
-
-
-@register_model("pretrain")
-def mae_vit_large_patch16(**kw):
-    return build_mae("mae_vit_large_patch16", VisionTransformer, VIT_LARGE, img_size=224, decoder=DECODER_512D8B, kw=kw)
-
-
-@register_model("pretrain")
-def mae_vit_nano_patch8_64(**kw):
-    return build_mae("mae_vit_nano_patch8_64", VisionTransformer, VIT_NANO, img_size=64, decoder=DECODER_NANO, kw=kw)
-
-
-@register_model("pretrain")
-def mae_vit_test(**kw):
-    return build_mae("mae_vit_test", VisionTransformer, VIT_TEST, img_size=64, decoder=DECODER_TEST, kw=kw)
-
-
-@register_model("classify")
-def vit_base_patch16(**kw):
-    # layer decay 0.8: the reference's 200-epoch rows (Makefile, finetune_mae_vit_base_patch16_dec512d2b_*)
-    return _classifier("vit_base_patch16", VIT_BASE, img_size=224, drop_path=0.1, layer_decay=0.8, kw=kw)
-
-
-@register_model("classify")
-def vit_large_patch16(**kw):
-    return _classifier("vit_large_patch16", VIT_LARGE, img_size=224, drop_path=0.2, layer_decay=0.75, kw=kw)
-
-
-@register_model("classify")
-def vit_nano_patch8_64(**kw):
-    return _classifier("vit_nano_patch8_64", VIT_NANO, img_size=64, drop_path=0.1, layer_decay=0.75, kw=kw)
-
-
-@register_model("classify")
-def vit_test(**kw):
-    return _classifier("vit_test", VIT_TEST, img_size=64, drop_path=0.1, layer_decay=0.65, kw=kw)
+# Pre-training: MAE's 8-block decoder (dec512d8b) under MAE's names; ``_dec512d2b`` the 2-block
+# decoder of the paper's ViT-B rows. Fine-tuning: MAE's recipe (drop path 0.1, layer decay 0.75),
+# ViT-B at the reference's 0.8 (Makefile, finetune_mae_vit_base_patch16_dec512d2b_*), ViT-L at
+# MAE's drop path 0.2. nano_patch8_64: ViT-Tiny's width at half its depth, 8 px patches, the ViT
+# rows of the small-scale table (experiments/minitable.py, 64 px: an 8x8 patch grid, the unit
+# grid of its pyramid rows).
+VIT = Family(
+    "vit",
+    "ViT",
+    VisionTransformer,
+    sizes={
+        "base_patch16": Size(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), 224, DECODER_512D8B, decoders={"dec512d2b": DECODER_512D2B}, finetune=dict(layer_decay=0.8)),
+        "large_patch16": Size(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), 224, DECODER_512D8B, finetune=dict(drop_path=0.2)),
+        "nano_patch8_64": Size(dict(patch_size=8, embed_dim=192, depth=6, num_heads=3), 64, DECODER_NANO),
+        "test": Size(dict(patch_size=16, embed_dim=32, depth=2, num_heads=2), 64, DECODER_TEST, finetune=dict(layer_decay=0.65)),
+    },
+    finetune=dict(drop_path=0.1, layer_decay=0.75),
+    signature=signature,
+    simmim=False,
+    learnable_pos=True,
+)  # fmt: skip
+register_family(VIT)

@@ -130,7 +130,7 @@ def _weights_model(path: str) -> tuple:
 
 def model_from_weights(cfg, path: str | None, flag: str, what: str) -> None:
     """``--model`` left out: the classifier the weights name (a classifier checkpoint's own
-    model; a pre-training checkpoint's classifier, ``mae_X`` / ``simmim_X`` -> ``X``), said in
+    model; a pre-training checkpoint's registered classifier, ``registry.classifier_for``), said in
     the log; one clear error when nothing names one."""
     if cfg.model:
         return

@@ -28,6 +28,12 @@ Layout transforms (METHOD.md "reference conventions"; everything else maps by na
 * learnable tables of fine-tuned models: PVT ``pos_embed [1, L, C]`` -> ``[H, W, C]``; ViT
   ``pos_embed [1, 1 + L, D]`` -> the cls slot ``pos_embed_cls`` + the ``[H, W, D]`` table.
 
+The model is identified by the tensor shapes, matched against the registered families'
+architecture tables (``ummae.models.family.matching_models``: stage widths, blocks, heads where
+the tensors show them, MLP widths, Swin's pos-MLP width, the decoder's width and depth), not by
+the ``args.model`` the checkpoint records (reported as its source): a Swin-S checkpoint is
+Swin-S, whatever its width shares with Swin-T.
+
 Nothing is guessed silently: every key is mapped, dropped with its reason, or the conversion
 fails naming the keys it cannot place.
 """
@@ -44,31 +50,8 @@ import torch
 from torch import Tensor
 
 from ummae.errors import CheckpointError
-from ummae.models.classifier import classifier_for
+from ummae.models.family import matching_models
 from ummae.models.layers import sincos_grid
-
-# Reference model functions -> our registered models (the same architecture at paper size).
-REFERENCE_MODELS = {
-    "mae_swin_tiny_256": "mae_swin_tiny_256",
-    "mae_swin_tiny_256_dec512d2b": "mae_swin_tiny_256",
-    "mae_swin_large_256": "mae_swin_large_256",
-    "mae_swin_large_256_dec512d8b64pmd": "mae_swin_large_256",
-    "mae_pvt_small_256": "mae_pvt_small_256",
-    "mae_pvt_small_256_dec512d2b": "mae_pvt_small_256",
-    "mae_vit_base_patch16": "mae_vit_base_patch16",
-    "mae_vit_base_patch16_dec512d8b": "mae_vit_base_patch16",
-    "mae_vit_base_patch16_dec512d2b": "mae_vit_base_patch16_dec512d2b",
-    "mae_vit_large_patch16": "mae_vit_large_patch16",
-    "mae_vit_large_patch16_dec512d8b": "mae_vit_large_patch16",
-    "simmim_swin_tiny_256": "simmim_swin_tiny_256",
-    "simmim_swin_large_256": "simmim_swin_large_256",
-    "simmim_pvt_small_256": "simmim_pvt_small_256",
-    "swin_tiny_256": "swin_tiny_256",
-    "swin_large_256": "swin_large_256",
-    "pvt_small_256": "pvt_small_256",
-    "vit_base_patch16": "vit_base_patch16",
-    "vit_large_patch16": "vit_large_patch16",
-}
 
 _FIXED_TABLE_TOL = 1e-5
 
@@ -95,10 +78,11 @@ def _args_of(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 def convert_checkpoint(ckpt: dict[str, Any], source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A foreign checkpoint (as read by ``torch.load``) -> ``(state, meta)`` in our format:
-    ``meta`` has ``model_name`` (our registered model of the same architecture at paper
-    size, or None when the checkpoint is of another size), ``model_args`` (what the checkpoint
-    records: image size, masking, loss), ``source_model``, ``conversion`` (dropped source key
-    -> why) and ``assumed`` (option the checkpoint does not record -> what is used)."""
+    ``meta`` has ``model_name`` (our registered model of the same architecture, identified by
+    the tensor shapes; None when no registered size has them), ``found`` (that architecture, in
+    words), ``model_args`` (what the checkpoint records: image size, masking, loss),
+    ``source_model``, ``conversion`` (dropped source key -> why) and ``assumed`` (option the
+    checkpoint does not record -> what is used)."""
     state = _state_of(ckpt)
     args = _args_of(ckpt)
     if not state:
@@ -129,8 +113,10 @@ def convert_checkpoint(ckpt: dict[str, Any], source: str) -> tuple[dict[str, Ten
         )
     _pos_tables(state, family, kind, out, dropped, source)
     notes: dict[str, str] = {}
+    name, found = _our_model(family, kind, state, stage_of, source)
     meta = {
-        "model_name": _our_model(args, family, kind, state),
+        "model_name": name,
+        "found": found,
         "model_args": _model_args(args, family, kind, state, notes),
         "source_model": f"{args.get('model', family)} (reference checkpoint)",
         "conversion": dropped,
@@ -284,46 +270,70 @@ def _pos_tables(state, family, kind, out, dropped, source) -> None:
 # --- which of our models, built how -----------------------------------------------------------
 
 
-def _our_model(args, family, kind, state) -> str | None:
-    """Our registered model of the checkpoint's architecture at paper size: the one its
-    ``args.model`` names, else the one its width suggests; None if neither (a run of another
-    size: the caller names the model, e.g. ``ummae convert --model``)."""
-    name = args.get("model")
-    ours = REFERENCE_MODELS.get(name) if name else None
-    if ours is None:
-        ours = _infer_model(family, kind, state)
-        if ours is None:
-            return None
-    if kind == "encoder" and not ours.startswith(("mae_", "simmim_")):
-        return ours
-    if kind == "encoder":
-        return classifier_for(ours)
-    if kind == "classifier" and ours.startswith(("mae_", "simmim_")):
-        return classifier_for(ours)
-    return ours
+_METHOD = {"mae": "UM-MAE", "simmim": "SimMIM", "classifier": "classifier", "encoder": "classifier"}
 
 
-def _width(state) -> int:
-    return state["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in state else -1
+def _our_model(family, kind, state, stage_of, source) -> tuple[str | None, str]:
+    """Our registered model of the checkpoint's architecture, found by matching its tensor
+    shapes against the registered families' tables (the checkpoint's ``args.model`` names the
+    reference's function, which a run may have resized: the tensors are what holds), or None
+    when no registered size has them; and what the shapes show, in words. An encoder-only or
+    classifier checkpoint names the classifier."""
+    found = _signature(family, state, stage_of)
+    decoder = _decoder_shape(state) if kind == "mae" else None
+    names = matching_models(family, _METHOD[kind], found, decoder)
+    text = _found_text(family, kind, found, decoder)
+    if len(names) > 1:
+        raise CheckpointError(f"{source}: {text} fits several registered models ({', '.join(names)}); name one")
+    return (names[0] if names else None), text
 
 
-def _infer_model(family, kind, state) -> str | None:
-    arch = {
-        ("swin", 96): "swin_tiny_256",
-        ("swin", 192): "swin_large_256",
-        ("pvt", 64): "pvt_small_256",
-        ("vit", 768): "vit_base_patch16",
-        ("vit", 1024): "vit_large_patch16",
-    }.get((family, _width(state)))
-    if arch is None:
-        return None
-    if kind == "classifier" or kind == "encoder":
-        return arch
-    if kind == "simmim":
-        return f"simmim_{arch}"
+def _shape(state, key: str) -> tuple[int, ...] | None:
+    return tuple(state[key].shape) if key in state else None
+
+
+def _signature(family, state, stage_of) -> dict[str, Any]:
+    """The shape-visible facts of the checkpoint's encoder, in the form of
+    ``ummae.models.family.Signature``: the stages' widths, blocks, heads (Swin's pos-MLP
+    outputs; None where the tensors do not show them) and MLP widths."""
+    if family == "vit":
+        stage_of = {int(m.group(1)): (0, 0) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    blocks: dict[int, list[int]] = defaultdict(list)
+    for i, (s, _) in sorted(stage_of.items()):
+        blocks[s].append(i)
+    stages = []
+    for s in sorted(blocks):
+        first = f"blocks.{blocks[s][0]}"
+        heads = _shape(state, f"{first}.attn.posmlp.2.weight")
+        stages.append(
+            (
+                (_shape(state, f"{first}.norm1.weight") or (None,))[0],
+                len(blocks[s]),
+                heads[0] if heads else None,
+                (_shape(state, f"{first}.mlp.fc1.weight") or (None,))[0],
+            )
+        )
+    pos = _shape(state, "blocks.0.attn.posmlp.0.weight")
+    patch = _shape(state, "patch_embed.proj.weight")
+    return dict(patch=patch[-1] if patch else None, stages=tuple(stages), pos_hidden=pos[0] if pos else None)
+
+
+def _decoder_shape(state) -> tuple[int, int] | None:
+    """(width, blocks) of a pre-training checkpoint's decoder."""
+    norm = _shape(state, "decoder_norm.weight")
     depth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
-    name = f"mae_{arch}"
-    return f"{name}_dec512d2b" if family == "vit" and depth == 2 else name
+    return (norm[0], depth) if norm else None
+
+
+def _found_text(family, kind, found, decoder) -> str:
+    """``a swin mae checkpoint (patch 4; stages width x blocks x heads x MLP: 96x2x3x384, ...)``"""
+    stages = ", ".join("x".join("?" if v is None else str(v) for v in st) for st in found["stages"])
+    text = f"a {family} {kind} checkpoint (patch {found['patch']}; stages width x blocks x heads x MLP: {stages}"
+    if found["pos_hidden"] is not None:
+        text += f"; pos-MLP width {found['pos_hidden']}"
+    if decoder is not None:
+        text += f"; decoder {decoder[0]}-d, {decoder[1]} blocks"
+    return text + ")"
 
 
 def _model_args(args, family, kind, state, notes: dict[str, str]) -> dict[str, Any]:

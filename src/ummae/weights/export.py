@@ -115,8 +115,8 @@ def convert_file(src: str, output: str, model: str | None = None, overwrite: boo
     name = meta["model_name"] = model or meta["model_name"]
     if name is None:
         raise CheckpointError(
-            f"{src}: cannot tell which ummae model holds these weights (its args name {meta['source_model']!r}, "
-            f"and no registered model has its width); name one with --model (`ummae models`)"
+            f"{src}: cannot tell which ummae model holds these weights: {meta['found']}, which no registered model "
+            f"has (its args name {meta['source_model']!r}); name one with --model (`ummae models`)"
         )
     kind = model_kind(name)
     hint = "" if model else "; for a run of another size, name the registered model that has it with --model"
