@@ -167,7 +167,14 @@ def test_finetune_fixture_is_made_again(work):
     ummae(work, argv)
     out = work / argv[argv.index("--output") + 1]
     state = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
-    assert maker.tensors_sha256(state["model"]) == entry["contents"]["model_sha256"], "fine-tuning gives other weights"
+    fixture = torch.load(LEGACY / "finetune-swin_test.pth", map_location="cpu", weights_only=True)["model"]
+    assert maker.tensors_sha256(fixture) == entry["contents"]["model_sha256"], "the fixture is the one recorded"
+    # The same weights up to float rounding, not bit for bit: two optimizer steps on the pinned torch
+    # but another timm / Pillow / numpy give differences of ~2e-6 (measured); a wrong computation
+    # (another lr, a dropped group, other data) moves them by far more than the tolerance.
+    assert state["model"].keys() == fixture.keys()
+    for key, want in fixture.items():
+        torch.testing.assert_close(state["model"][key], want, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("name", ["export-mae_swin_test.safetensors", "export-finetune-swin_test.safetensors"])
