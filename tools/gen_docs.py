@@ -32,24 +32,6 @@ from ummae.cli import COMMANDS, command_parser
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def models_table() -> str:
-    """Every registered model: its name, its kind and the options ``create_model`` records on it
-    (``model_args``: what a checkpoint keeps to rebuild it); a dense-task head is named
-    ``<head>_<backbone>`` after the classifier it runs on."""
-    # torch: only when this block is written (the other blocks do not need it)
-    from ummae.models.registry import HEAD_KINDS, MODEL_KINDS, create_model, list_models
-
-    lines = ["| name | kind | options recorded by `create_model` |", "|---|---|---|"]
-    for kind in MODEL_KINDS:
-        for name in list_models(kind=kind):
-            args = create_model(name).model_args
-            lines.append(f"| `{name}` | {kind} | {', '.join(f'{k}={_text(v)}' for k, v in args.items())} |")
-    for kind in HEAD_KINDS:
-        for name in list_models(kind=kind):
-            lines.append(f"| `{name}` | {kind} | a head: `{name}_<classifier>`, built on that classifier's encoder |")
-    return "\n".join(lines)
-
-
 def cli_reference() -> str:
     """Every command of :data:`ummae.cli.COMMANDS` with its help line and a table of its
     arguments, read from the parser that ``ummae COMMAND --help`` prints: the names, the
@@ -123,11 +105,10 @@ def _cell(text: str) -> str:
 
 
 # block name -> the function that writes it, a function here or "module:function" (imported when
-# its block is written: the models' needs torch); the models block becomes
-# "ummae.models.registry:markdown_table" once the registry has one
+# its block is written: the models' needs torch)
 BLOCKS: dict[str, str | Callable[[], str]] = {
     "recipes": "ummae.config.recipes:markdown_table",
-    "models": models_table,
+    "models": "ummae.models.registry:markdown_table",
     "cli": cli_reference,
 }
 
