@@ -79,7 +79,7 @@ MUTATIONS = [
     Mutation(
         "us_randint3",
         "Uniform Sampling draws from 3 of the 4 units",
-        "src/ummae/models/masking.py",
+        "src/ummae/sampling/uniform.py",
         "torch.randint(0, 4, (n, bh, bw)",
         "torch.randint(0, 3, (n, bh, bw)",
         ("tests/test_masking.py",),
@@ -87,7 +87,7 @@ MUTATIONS = [
     Mutation(
         "us_block_order",
         "in-block order of the 2x2 block transposed",
-        "src/ummae/models/masking.py",
+        "src/ummae/sampling/uniform.py",
         "keep.view(n, bh, bw, 2, 2).permute(0, 1, 3, 2, 4)",
         "keep.view(n, bh, bw, 2, 2).permute(0, 1, 4, 2, 3)",
         ("tests/test_masking.py",),
@@ -168,7 +168,7 @@ MUTATIONS = [
     Mutation(
         "random_mask_count",
         "random masks keep int(L(1-r)) (MAE's count, not the reference's)",
-        "src/ummae/models/masking.py",
+        "src/ummae/sampling/base.py",
         "return length - int(ratio * length)",
         "return int(length * (1 - ratio))",
         ("tests/test_masking.py",),
