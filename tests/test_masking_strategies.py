@@ -14,16 +14,17 @@ import pytest
 import torch
 
 import ummae.tasks.pretrain as train
-from _helpers import assert_tensors_equal, metrics_records, smooth_images, stable, tiny_pretrain_config
+from _helpers import assert_tensors_equal, crashing_at, metrics_records, smooth_images, stable, tiny_pretrain_config
 from ummae.errors import UsageError
 from ummae.models.registry import create_model
 from ummae.sampling import get_strategy, markdown_table, names, strategies
-from ummae.sampling.block import ATTEMPTS, block_masking, min_block_units, place_blocks
+from ummae.sampling.block import ATTEMPTS, min_block_units, place_blocks
 from ummae.tasks.pretrain import pretrain
 from ummae.visualize import reconstruction_panels
 from ummae.weights import io as ckpt
 
 STRATEGIES = strategies()
+BLOCK = get_strategy("block")
 IDS = [s.name for s in STRATEGIES]
 GRIDS = [(4, 4), (8, 8), (14, 14), (6, 10)]  # even sides: every strategy can mask them
 
@@ -209,7 +210,7 @@ def test_block__beits_blocks_then_an_exact_top_up(gh, gw, ratio):
     ours = [place_blocks(iter(u[i].tolist()), gh, gw, target, _beit_min_block(gh * gw))[0] for i in range(n)]
     assert torch.equal(torch.tensor(ours).view(n, -1), blocks)
     # the strategy's masks: BEiT's blocks, topped up to exactly the target with random free units
-    got = block_masking(n, gh, gw, ratio, generator=_gen(11))
+    got = BLOCK.sample(n, gh, gw, ratio, generator=_gen(11))
     assert torch.equal(got, exact)
     assert torch.all(got.sum(1) == target) and torch.all(got >= blocks)
 
@@ -222,7 +223,7 @@ def test_block__top_up_is_often_needed_and_small_at_0_75_on_beits_grid():
     short = (147 - blocks.sum(1)).double()
     assert 0.2 < (short > 0).double().mean() < 0.6, short
     assert short.mean() < 0.02 * 147, short.mean()
-    assert torch.equal(block_masking(400, 14, 14, 0.75, generator=_gen(4)), exact)
+    assert torch.equal(BLOCK.sample(400, 14, 14, 0.75, generator=_gen(4)), exact)
 
 
 @pytest.mark.parametrize("gh,gw,ratio", BLOCK_CASES)
@@ -283,15 +284,7 @@ def test_pretrain__vit_resumed_run_repeats_the_masks_of_a_straight_one(strategy,
     data = smooth_images(tmp_path / "data", 16)
     kw = dict(model="mae_vit_test", sampling=strategy.name, epochs=2, save_every_steps=3)  # 4 steps per epoch
     pretrain(tiny_pretrain_config(tmp_path / "a", data, **kw))
-    real, calls = train.pretrain_step, {"n": 0}
-
-    def crash_at_8(model, batch, generator):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise _Crash
-        return real(model, batch, generator)
-
-    monkeypatch.setattr(train, "pretrain_step", crash_at_8)
+    monkeypatch.setattr(train, "pretrain_step", crashing_at(8, train.pretrain_step, _Crash))
     with pytest.raises(_Crash):
         pretrain(tiny_pretrain_config(tmp_path / "b", data, **kw))
     assert ckpt.load(tmp_path / "b" / "checkpoint-last.pth")["update"] == 6

@@ -45,8 +45,8 @@ class MaskingStrategy:
     # True: every 2x2 block of units keeps exactly one, so the visible units compact into a dense
     # half-size map (UM-MAE's path, which pyramid encoders need). False: the masks leave holes;
     # only a ViT, which gathers its visible tokens, accepts them.
-    compacts: ClassVar[bool]
-    visible: ClassVar[str]  # the visible-unit count in words, for the docs table
+    compacts: ClassVar[bool] = False
+    visible: ClassVar[str] = "L - int(r*L)"  # :meth:`num_visible` in words, for the docs table
     fixed_ratio: ClassVar[float | None] = None  # a mask ratio the strategy always has; None: the model's
 
     @property

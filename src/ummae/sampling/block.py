@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING
 from ummae.sampling.base import MaskingStrategy, draw_device, num_kept, register
 
 if TYPE_CHECKING:
-    import torch
     from torch import Tensor
 
 ATTEMPTS = 10  # tries to place one block (BEiT's)
@@ -51,40 +50,33 @@ BEIT_MIN_BLOCK, BEIT_UNITS = 16, 14 * 14  # BEiT's smallest block on its grid (2
 
 @register
 class BlockMasking(MaskingStrategy):
+    """BEiT's block-wise masking with an exact count (see the module doc)."""
+
     name = "block"
     label = "block"
     help = "BEiT's block-wise masking, rectangles of random size and aspect topped up to int(r*L) units"
-    compacts = False
-    visible = "L - int(r*L)"
 
     def sample(self, n, grid_h, grid_w, mask_ratio, *, generator, device=None) -> Tensor:
-        return block_masking(n, grid_h, grid_w, mask_ratio, device=device, generator=generator)
+        """``n`` block-wise masks, exactly ``int(mask_ratio * L)`` units masked per image."""
+        import torch  # not at the top: the registry is read without torch (`--help`)
+
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
+        length = grid_h * grid_w
+        target = length - num_kept(length, mask_ratio)
+        if target == 0:
+            raise ValueError(f"mask ratio {mask_ratio} masks no unit out of {length}")
+        dev = draw_device(generator, device)
+        attempts = torch.rand(n, ATTEMPTS * target, 4, device=dev, generator=generator).cpu()
+        noise = torch.rand(n, length, device=dev, generator=generator)
+        smallest = min_block_units(length)
+        blocks = [place_blocks(_rows(attempts[i]), grid_h, grid_w, target, smallest)[0] for i in range(n)]
+        return top_up(torch.tensor(blocks, dtype=torch.bool).view(n, length).to(dev), noise, target)
 
 
 def min_block_units(length: int) -> int:
     """The smallest block on a grid of ``length`` units: BEiT's share of its grid, at least 1."""
     return max(1, round(BEIT_MIN_BLOCK * length / BEIT_UNITS))
-
-
-def block_masking(
-    n: int, grid_h: int, grid_w: int, ratio: float, *, device=None, generator: torch.Generator | None = None
-) -> Tensor:
-    """``n`` block-wise masks ``[n, grid_h * grid_w]`` (True = masked), exactly
-    ``int(ratio * L)`` units masked per image (see the module doc)."""
-    import torch  # not at the top: the registry is read without torch (`--help`)
-
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
-    length = grid_h * grid_w
-    target = length - num_kept(length, ratio)
-    if target == 0:
-        raise ValueError(f"mask ratio {ratio} masks no unit out of {length}")
-    dev = draw_device(generator, device)
-    attempts = torch.rand(n, ATTEMPTS * target, 4, device=dev, generator=generator).cpu()
-    noise = torch.rand(n, length, device=dev, generator=generator)
-    smallest = min_block_units(length)
-    blocks = [place_blocks(_rows(attempts[i]), grid_h, grid_w, target, smallest)[0] for i in range(n)]
-    return top_up(torch.tensor(blocks, dtype=torch.bool).view(n, length).to(dev), noise, target)
 
 
 def _rows(u: Tensor, chunk: int = 64) -> Iterator[list[float]]:

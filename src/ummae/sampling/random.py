@@ -16,8 +16,6 @@ class RandomSampling(MaskingStrategy):
     name = "random"
     label = "random"
     help = "MAE's random sampling, int(r*L) units masked uniformly at random"
-    compacts = False
-    visible = "L - int(r*L)"
 
     def sample(self, n, grid_h, grid_w, mask_ratio, *, generator, device=None) -> Tensor:
         return random_masking(n, grid_h * grid_w, mask_ratio, device=device, generator=generator)
