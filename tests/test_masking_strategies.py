@@ -15,6 +15,7 @@ import torch
 
 import ummae.tasks.pretrain as train
 from _helpers import assert_tensors_equal, crashing_at, metrics_records, smooth_images, stable, tiny_pretrain_config
+from ummae.cli import main
 from ummae.errors import UsageError
 from ummae.models.registry import create_model
 from ummae.sampling import get_strategy, markdown_table, names, strategies
@@ -91,6 +92,16 @@ def test_strategy__pyramid_encoders_take_only_the_strategies_that_compact(strate
     assert all(repr(name) in message for name in compacting), message
 
 
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if not s.compacts], ids=lambda s: s.name)
+def test_cli_pretrain__pyramid_with_a_holed_strategy_is_one_error_line(strategy, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["pretrain", "--model", "mae_swin_test", "--sampling", strategy.name, "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"ummae pretrain: error: {strategy.name} sampling leaves holes that a pyramid encoder")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
 def test_strategy__vit_model_draws_with_it_and_records_its_name(strategy):
     """A ViT takes every strategy: its masks are the strategy's from the same generator, the
@@ -117,7 +128,7 @@ def test_registry__markdown_table_has_one_row_of_facts_per_strategy():
     assert len(lines) == 2 + len(STRATEGIES)
     for line, s in zip(lines[2:], STRATEGIES, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells == [f"`{s.name}`", s.label, s.encoders, s.visible, s.help]
+        assert cells == [f"`{s.name}`", s.label, s.encoders, f"`{s.visible}`", s.help]
     assert [s.label for s in STRATEGIES] == ["US", "random", "block"]
     assert [s.encoders for s in STRATEGIES] == ["any encoder", "ViT only", "ViT only"]
 

@@ -131,11 +131,11 @@ def help_text() -> str:
 
 
 def markdown_table() -> str:
-    """The docs' table of the strategies, one row each."""
+    """The docs' table of the strategies, one row each (``L`` units, mask ratio ``r``)."""
     lines = [
         "| `--sampling` | label in pictures | encoders | visible units per image | what it is |",
         "|---|---|---|---|---|",
     ]
     for s in strategies():
-        lines.append(f"| `{s.name}` | {s.label} | {s.encoders} | {s.visible} | {s.help} |")
+        lines.append(f"| `{s.name}` | {s.label} | {s.encoders} | `{s.visible}` | {s.help} |")
     return "\n".join(lines)
