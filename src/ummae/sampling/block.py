@@ -11,13 +11,15 @@ masks nothing in its 10 attempts ends the loop.
 
 Our choices:
 
-* **Exact count.** BEiT can stop short of its target (a last block that finds no room); MAE's
-  loss, Secondary Masking and the ViT's gather of visible tokens need every image of the batch
-  to keep the same number of visible units, ``num_kept(L, r)`` as random masking counts. So the
-  shortfall is topped up with units chosen uniformly at random among the unmasked ones. Placing
-  more blocks instead would have no bound on its attempts (a shortfall of one unit needs a 1x1
-  rectangle, rare when blocks are at least ``min_block``) and its units would not be blocks
-  either; the top-up is bounded, exact, and small: a few units of ``target`` on average.
+* **Exact count.** BEiT can stop short of its target (a block that finds no room in its 10
+  attempts); MAE's loss, Secondary Masking and the ViT's gather of visible tokens need every
+  image of the batch to keep the same number of visible units, ``num_kept(L, r)`` as random
+  masking counts. So the shortfall is topped up with units chosen uniformly at random among
+  the unmasked ones. Placing more blocks instead would have no bound on its attempts (a
+  shortfall of one unit needs a 1x1 rectangle, rare when blocks are at least ``min_block``),
+  and its last units would not be blocks either; the top-up is bounded, exact, and small: at
+  0.75 on 14x14 about a third of the images fall short, by 0.7 units on average (0.5% of the
+  147 masked), and 12% of the images by 0.16 units on 8x8.
 * **Target**: ``int(r * L)`` units for the model's ``mask_ratio`` r (0.75 by default, as MAE;
   BEiT masks 40%), so ``--sampling block`` compares with ``random`` at the same ratio.
 * **Smallest block** (:func:`min_block_units`): BEiT's 16 units of its 14x14 grid, scaled to keep
