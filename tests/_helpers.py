@@ -50,6 +50,20 @@ def tiny_detect_config(out: Path, data: Path, **overrides):
     return DetectConfig(**{**values, **overrides})
 
 
+def crashing_at(call: int, step, error: type[BaseException]):
+    """A training step function that runs ``step``, except that its ``call``-th call raises
+    ``error`` (a simulated crash, for the resume tests)."""
+    calls = {"n": 0}
+
+    def crashing(model, batch, generator):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise error(f"crash at step {call}")
+        return step(model, batch, generator)
+
+    return crashing
+
+
 # Class name -> mean RGB: far apart, so that any encoder (even a random one) separates them.
 COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 

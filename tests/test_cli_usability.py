@@ -19,6 +19,7 @@ import yaml
 
 from _helpers import smooth_images
 from ummae.cli import _parser, main
+from ummae.sampling import names
 
 # ---------------------------------------------------------------- helpers
 
@@ -256,7 +257,8 @@ def test_cli__every_subcommand_has_help_and_description():
 
 def test_cli__fixed_value_options_show_their_values(capsys):
     text = " ".join(_help(capsys, ["pretrain", "--help"]).split())
-    for shown in ("--precision {auto,bf16,fp16,fp32}", "--sampling {uniform,random}", "--decoder-pos {true,reference}"):
+    sampling = f"--sampling {{{','.join(names())}}}"  # the registry's strategies, in its order
+    for shown in ("--precision {auto,bf16,fp16,fp32}", sampling, "--decoder-pos {true,reference}"):
         assert shown in text, shown
     assert "--device {" not in text  # free text: cuda:N
     assert "--precision {auto,bf16,fp16,fp32}" in " ".join(_help(capsys, ["eval", "--help"]).split())

@@ -20,6 +20,7 @@ from ummae.config import PretrainConfig
 from ummae.models.mae import norm_pix_target, patchify, unnormalize_pix
 from ummae.models.registry import create_model
 from ummae.plot import plot_runs, read_metrics
+from ummae.sampling import strategies
 from ummae.tasks.pretrain import _spread, _vis_image_paths, pretrain
 from ummae.visualize import (
     GAP,
@@ -331,16 +332,18 @@ def test_cli_visualize__classifier_checkpoint_gets_a_clear_error(capsys, save_ch
     assert "Traceback" not in cap.err and not (tmp_path / "r.png").exists()
 
 
-def test_cli_masks__six_panels(capsys, tmp_path, data):
+def test_cli_masks__a_panel_per_strategy(capsys, tmp_path, data):
+    # original | each strategy (one that compacts: also + SM and the compact map) | SimMIM
+    panels = 2 + sum(3 if s.compacts else 1 for s in strategies())
     out = tmp_path / "masks.png"
     code, cap = _cli(capsys, ["masks", "--img-size", "64", "--unit-size", "16", "--output", str(out)])
     assert code == 0, cap.err
-    assert Image.open(out).size == grid_size(1, 6, 64)
+    assert Image.open(out).size == grid_size(1, panels, 64)
     code, cap = _cli(
         capsys, ["masks", "--img-size", "128", "--image", str(data / "red" / "red_1.png"), "--output", str(out)]
     )
     assert code == 0, cap.err
-    assert Image.open(out).size == grid_size(1, 6, 128)
+    assert Image.open(out).size == grid_size(1, panels, 128)
 
 
 def test_cli_masks__odd_unit_grid_refused(capsys, tmp_path):

@@ -371,7 +371,8 @@ COMMANDS: dict[str, Command] = {
         "reconstruction pictures of a pre-training checkpoint (one row per image)", _visualize, flags=_visualize_flags
     ),
     "masks": Command(
-        "the masking strategies side by side on one image (MAE, US, UM, compact map, SimMIM)",
+        "the masking strategies (--sampling) side by side on one image, with Secondary Masking, the compact map "
+        "and SimMIM's mask",
         _masks,
         flags=_masks_flags,
     ),

@@ -4,8 +4,8 @@ by a pre-training checkpoint, and the masking strategies side by side.
 A reconstruction picture has one row per image and these panels (columns):
 
 * ``original``;
-* ``masked input (US)`` (``(random)`` for MAE random sampling): the units the encoder never
-  sees are grey;
+* ``masked input (US)`` (the label of the model's masking strategy: ``US``, ``random``,
+  ``block``): the units the encoder never sees are grey;
 * ``after SM`` (only when the model uses Secondary Masking): the visible units whose embedding
   is replaced by the shared SM token are magenta;
 * ``reconstruction``: the decoder's prediction of every unit;
@@ -37,16 +37,10 @@ from torchvision import transforms as T
 from ummae.data.sources import no_images_error, scan_images
 from ummae.errors import UsageError
 from ummae.models.mae import MaskedAutoencoder, patchify, unnormalize_pix, unpatchify
-from ummae.models.masking import (
-    block_choice,
-    check_uniform_grid,
-    compact_image,
-    random_masking,
-    secondary_masking,
-    uniform_sampling,
-    unit_mask_to_tokens,
-)
+from ummae.models.masking import block_choice, compact_image, random_masking, secondary_masking, unit_mask_to_tokens
 from ummae.models.simmim import SimMIM
+from ummae.sampling import DEFAULT_MASK_RATIO, MaskingStrategy, strategies
+from ummae.sampling.random import RandomSampling
 from ummae.weights.build import WrongKindError, build_from_checkpoint
 from ummae.weights.io import CheckpointError
 
@@ -187,10 +181,10 @@ def panels_from_output(model: nn.Module, imgs: Tensor, out: dict[str, Tensor]) -
     recon = to_display(unpatchify(pred, unit, grid))
     if isinstance(model, SimMIM):
         masked = paint_units(original, mask, grid, unit, TOKEN_RGB)
-        return ["original", "masked input (random)", "reconstruction"], torch.stack([original, masked, recon], 1)
-    sampling = "US" if model.sampling == "uniform" else "random"
+        titles = ["original", f"masked input ({RandomSampling.label})", "reconstruction"]
+        return titles, torch.stack([original, masked, recon], 1)
     masked = paint_units(original, mask, grid, unit, REMOVED_RGB)
-    titles, panels = ["original", f"masked input ({sampling})"], [original, masked]
+    titles, panels = ["original", f"masked input ({model.strategy.label})"], [original, masked]
     if sm_mask is not None:
         titles.append("after SM")
         panels.append(paint_units(masked, sm_mask, grid, unit, TOKEN_RGB))
@@ -283,37 +277,50 @@ def demo_photo(name: str = DEMO_PHOTO) -> str:
 def mask_figure(
     image: str | Path | None = None, img_size: int = 256, unit_size: int = 16, seed: int = 0
 ) -> Image.Image:
-    """One row: original | MAE random 75% | Uniform Sampling | Uniform Masking (US + SM 0.25) |
-    the compact map a pyramid encoder sees (at its true half size: a quarter of the area,
-    centred) | SimMIM random 75% (mask tokens, so 100% of the units reach the encoder).
+    """One row: original | each masking strategy (``--sampling``, in its registry's order) at
+    its mask ratio (0.75 where the ratio is free), and after a strategy whose masks compact
+    (Uniform Sampling) its mask with Secondary Masking 0.25 and the compact map a pyramid
+    encoder sees (at its true half size: a quarter of the area, centred) | SimMIM random 75%
+    (mask tokens, so 100% of the units reach the encoder).
 
-    ``image``: a file (default: scikit-image's ``chelsea.png``); masks are drawn from ``seed``."""
+    ``image``: a file (default: scikit-image's ``chelsea.png``); masks are drawn from ``seed``,
+    one generator for the panels in their order."""
     if img_size <= 0 or unit_size <= 0 or img_size % unit_size:
         raise UsageError(f"image size {img_size} must be a positive multiple of the mask unit size {unit_size}")
     g = img_size // unit_size
-    try:
-        check_uniform_grid(g, g)
-    except ValueError as e:
-        raise UsageError(f"image size {img_size} with {unit_size}px units gives a {g}x{g} unit grid: {e}") from None
+    for strategy in strategies():
+        problem = strategy.grid_problem(g, g)
+        if problem:
+            raise UsageError(f"image size {img_size} with {unit_size}px units gives a {g}x{g} unit grid: {problem}")
     path = str(image) if image is not None else demo_photo()
     original = to_display(load_image(path, img_size)[None])
     gen = torch.Generator().manual_seed(seed)
-    grid, length = (g, g), g * g
-    mae = paint_units(original, random_masking(1, length, 0.75, generator=gen), grid, unit_size, REMOVED_RGB)
-    us_mask = uniform_sampling(1, g, g, generator=gen)
-    us = paint_units(original, us_mask, grid, unit_size, REMOVED_RGB)
-    um = paint_units(us, secondary_masking(us_mask, 0.25, generator=gen), grid, unit_size, TOKEN_RGB)
-    compact = compact_image(um, block_choice(us_mask, g, g), unit_size)  # [1, 3, S/2, S/2]
+    titles, panels = ["original"], [original]
+    for strategy in strategies():
+        strategy_titles, strategy_panels = _strategy_panels(strategy, original, unit_size, gen)
+        titles += strategy_titles
+        panels += strategy_panels
+    simmim_mask = random_masking(1, g * g, DEFAULT_MASK_RATIO, generator=gen)
+    titles.append(f"SimMIM {RandomSampling.label} {DEFAULT_MASK_RATIO:.0%}")
+    panels.append(paint_units(original, simmim_mask, (g, g), unit_size, TOKEN_RGB))
+    return compose_grid(torch.stack(panels, 1), titles)
+
+
+def _strategy_panels(
+    strategy: MaskingStrategy, original: Tensor, unit_size: int, gen: torch.Generator
+) -> tuple[list[str], list[Tensor]]:
+    """The :func:`mask_figure` panels of one strategy: its mask; for one that compacts, also
+    Secondary Masking 0.25 on it and the compact map."""
+    g = original.shape[-1] // unit_size
+    ratio = strategy.mask_ratio(DEFAULT_MASK_RATIO)
+    mask = strategy.sample(1, g, g, ratio, generator=gen)
+    masked = paint_units(original, mask, (g, g), unit_size, REMOVED_RGB)
+    if not strategy.compacts:
+        return [f"{strategy.label} {ratio:.0%}"], [masked]
+    um = paint_units(masked, secondary_masking(mask, 0.25, generator=gen), (g, g), unit_size, TOKEN_RGB)
+    compact = compact_image(um, block_choice(mask, g, g), unit_size)  # [1, 3, S/2, S/2]
     compact_panel = torch.full_like(original, 0.92)  # light grey: the full image area, for scale
-    lo = img_size // 4
-    compact_panel[..., lo : lo + img_size // 2, lo : lo + img_size // 2] = compact
-    simmim = paint_units(original, random_masking(1, length, 0.75, generator=gen), grid, unit_size, TOKEN_RGB)
-    titles = [
-        "original",
-        "MAE random 75%",
-        "Uniform Sampling",
-        "US + SM 25%",
-        "compact (encoder input)",
-        "SimMIM random 75%",
-    ]
-    return compose_grid(torch.stack([original, mae, us, um, compact_panel, simmim], 1), titles)
+    lo, half = original.shape[-1] // 4, original.shape[-1] // 2
+    compact_panel[..., lo : lo + half, lo : lo + half] = compact
+    titles = [f"{strategy.label} {ratio:.0%}", f"{strategy.label} + SM 25%", "compact (encoder input)"]
+    return titles, [masked, um, compact_panel]

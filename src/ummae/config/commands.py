@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from ummae.choices import BOX_HEADS, BOX_NORMS, DETECTORS, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES, TRAIN_RESIZES
 from ummae.config.fields import DEVICE, RAND_AUGMENT, check_fields, option, ordered_range
 from ummae.errors import UsageError
+from ummae.sampling import DEFAULT_MASK_RATIO, help_text, names, strategies
 
 
 def _workers(default: int):
@@ -132,8 +133,13 @@ class PretrainConfig(RunConfig):
         None, "input size (default: the model's, 256 for pyramid models, 224 for ViT)", ge=16, le=4096
     )
     unit_size: int | None = option(None, "mask unit size in pixels (default 16)", ge=1)
-    sampling: str | None = option(None, "uniform (UM-MAE) or random (MAE RS; ViT only)", choices=("uniform", "random"))
-    mask_ratio: float | None = option(None, "masked fraction (uniform sampling is always 0.75)")
+    sampling: str | None = option(None, f"masking strategy: {help_text()}", choices=names())
+    mask_ratio: float | None = option(
+        None,
+        f"masked fraction (default {DEFAULT_MASK_RATIO}; "
+        + "; ".join(f"{s.name} sampling is always {s.fixed_ratio}" for s in strategies() if s.fixed_ratio is not None)
+        + ")",
+    )
     sm_ratio: float | None = option(None, "secondary masking ratio of the visible units (default 0.25; 0 = US only)")
     norm_pix_loss: bool | None = option(None, "per-unit normalised pixel targets (default on for MAE models)")
     decoder_pos: str | None = option(

@@ -1,6 +1,7 @@
 """UM-MAE and MAE: masked autoencoders over Swin / PVT (Uniform Masking + compaction) and ViT
-(Uniform Masking or MAE random sampling). METHOD.md is the specification; the whole method is
-in this file: patchify, masking, encoder, decoder, loss."""
+(any masking strategy of :mod:`ummae.sampling`: Uniform Sampling, MAE's random sampling, BEiT's
+blocks). METHOD.md is the specification; the whole method is in this file: patchify, masking,
+encoder, decoder, loss."""
 
 from __future__ import annotations
 
@@ -13,16 +14,8 @@ from ummae.errors import UsageError
 from ummae.models.base import PyramidBackbone, sizes_that_fit
 from ummae.models.decoder import MAEDecoder
 from ummae.models.layers import init_weights
-from ummae.models.masking import (
-    block_choice,
-    check_uniform_grid,
-    kept_unit_index,
-    num_kept,
-    random_masking,
-    reference_unit_index,
-    secondary_masking,
-    uniform_sampling,
-)
+from ummae.models.masking import block_choice, kept_unit_index, reference_unit_index, secondary_masking
+from ummae.sampling import DEFAULT_MASK_RATIO, MaskingStrategy, get_strategy, strategies
 
 
 def patchify(imgs: Tensor, unit: int) -> Tensor:
@@ -74,7 +67,7 @@ class MaskedAutoencoder(nn.Module):
         img_size: int,
         unit_size: int = 16,
         sampling: str = "uniform",
-        mask_ratio: float = 0.75,
+        mask_ratio: float = DEFAULT_MASK_RATIO,
         sm_ratio: float = 0.25,
         norm_pix_loss: bool = True,
         decoder_pos: str = "true",
@@ -84,15 +77,15 @@ class MaskedAutoencoder(nn.Module):
     ):
         super().__init__()
         self.pyramid = isinstance(encoder, PyramidBackbone)
-        _validate(encoder, self.pyramid, img_size, unit_size, sampling, mask_ratio, sm_ratio, decoder_pos)
+        self.strategy = get_strategy(sampling)  # how the first mask is drawn (ummae.sampling)
+        _validate(encoder, self.pyramid, img_size, unit_size, self.strategy, mask_ratio, sm_ratio, decoder_pos)
         self.encoder = encoder
         self.img_size = self.default_img_size = img_size
         self.unit_size = unit_size
         self.grid = (img_size // unit_size, img_size // unit_size)
         self.sampling = sampling
-        self.mask_ratio = 0.75 if sampling == "uniform" else mask_ratio
-        length = self.grid[0] * self.grid[1]
-        self.num_visible = length // 4 if sampling == "uniform" else num_kept(length, mask_ratio)
+        self.mask_ratio = self.strategy.mask_ratio(mask_ratio)
+        self.num_visible = self.strategy.num_visible(*self.grid, self.mask_ratio)
         self.sm_ratio = sm_ratio
         self.norm_pix_loss = norm_pix_loss
         self.decoder_pos = decoder_pos
@@ -131,11 +124,7 @@ class MaskedAutoencoder(nn.Module):
         )
 
     def sample_masks(self, n: int, device, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        gh, gw = self.grid
-        if self.sampling == "uniform":
-            mask = uniform_sampling(n, gh, gw, device=device, generator=generator)
-        else:
-            mask = random_masking(n, gh * gw, self.mask_ratio, device=device, generator=generator)
+        mask = self.strategy.sample(n, *self.grid, self.mask_ratio, generator=generator, device=device)
         sm_mask = None
         if self.sm_ratio > 0:
             sm_mask = secondary_masking(mask, self.sm_ratio, generator=generator, num_visible=self.num_visible)
@@ -195,25 +184,20 @@ class MaskedAutoencoder(nn.Module):
         return {"loss": loss, "pred": pred, "mask": mask, "sm_mask": sm_mask}
 
 
-def _validate(encoder, pyramid, img_size, unit, sampling, mask_ratio, sm_ratio, decoder_pos) -> None:
-    if sampling not in ("uniform", "random"):
-        raise UsageError(f"bad sampling {sampling!r}: must be 'uniform' (UM-MAE) or 'random' (MAE)")
+def _validate(encoder, pyramid, img_size, unit, strategy: MaskingStrategy, mask_ratio, sm_ratio, decoder_pos) -> None:
     if decoder_pos not in ("true", "reference"):
         raise UsageError(f"bad decoder_pos {decoder_pos!r}: must be 'true' or 'reference'")
     if not 0.0 <= sm_ratio < 1.0:
         raise UsageError(f"bad sm_ratio {sm_ratio}: must be in [0, 1)")
-    if sampling == "uniform":
-        if abs(mask_ratio - 0.75) > 1e-9:
-            raise UsageError(
-                f"uniform sampling keeps one unit per 2x2 block, so the mask ratio is 0.75; got mask_ratio={mask_ratio}"
-            )
-    elif not 0.0 < mask_ratio < 1.0:
-        raise UsageError(f"bad mask_ratio {mask_ratio}: must be in (0, 1)")
+    problem = strategy.ratio_problem(mask_ratio)
+    if problem:
+        raise UsageError(problem)
     if pyramid:
-        if sampling != "uniform":
+        if not strategy.compacts:
+            compacting = " or ".join(repr(s.name) for s in strategies() if s.compacts)
             raise UsageError(
-                "random sampling leaves holes that a pyramid encoder (Swin, PVT) cannot compact into a "
-                "dense map; use sampling='uniform', or a ViT model for MAE random sampling"
+                f"{strategy.name} sampling leaves holes that a pyramid encoder (Swin, PVT) cannot compact into a "
+                f"dense map; use sampling={compacting}, or a ViT model for {strategy.name} sampling"
             )
         if unit <= 0 or unit % encoder.patch_size or 32 % unit:
             raise UsageError(
@@ -223,23 +207,22 @@ def _validate(encoder, pyramid, img_size, unit, sampling, mask_ratio, sm_ratio, 
         raise UsageError(
             f"ViT masks whole patches: the mask unit size must equal the patch size {encoder.patch_size}, got {unit}"
         )
-    problem = _size_problem(encoder, pyramid, img_size, unit, sampling)
+    problem = _size_problem(encoder, pyramid, img_size, unit, strategy)
     if problem:
-        fits = sizes_that_fit(lambda s: not _size_problem(encoder, pyramid, s, unit, sampling), img_size)
+        fits = sizes_that_fit(lambda s: not _size_problem(encoder, pyramid, s, unit, strategy), img_size)
         raise UsageError(f"{problem}; sizes that fit this model: {fits}")
 
 
-def _size_problem(encoder, pyramid, img_size, unit, sampling) -> str | None:
-    """Why ``img_size`` does not fit (None if it does): whole units, an even unit grid for
-    uniform sampling, a compact map the pyramid's stages (and Swin's windows) can run on."""
+def _size_problem(encoder, pyramid, img_size, unit, strategy: MaskingStrategy) -> str | None:
+    """Why ``img_size`` does not fit (None if it does): whole units, a unit grid the strategy
+    can mask (uniform sampling: even), a compact map the pyramid's stages (and Swin's windows)
+    can run on."""
     if img_size <= 0 or img_size % unit:
         return f"image size {img_size} is not a multiple of the mask unit size {unit}"
     grid = img_size // unit
-    if sampling == "uniform":
-        try:
-            check_uniform_grid(grid, grid)
-        except ValueError as e:
-            return f"image size {img_size} with {unit}px mask units gives a {grid}x{grid} unit grid: {e}"
+    problem = strategy.grid_problem(grid, grid)
+    if problem:
+        return f"image size {img_size} with {unit}px mask units gives a {grid}x{grid} unit grid: {problem}"
     if pyramid:
         try:
             encoder.check_map_size(img_size // 8, f"image size {img_size} (compact map of side {img_size // 8})")

@@ -1,9 +1,15 @@
-"""Masks as plain functions (METHOD.md: Uniform Sampling, Secondary Masking, random masks).
+"""Masks as plain functions (METHOD.md: Secondary Masking, compaction), after the first mask.
 
 Convention everywhere: a mask is a bool tensor ``[N, L]`` over the ``L = gh * gw`` mask units
 of an image in row-major order, and **True = masked** (removed from the encoder, predicted by
 the decoder). Masks are drawn on the tensor's device for the whole batch at once; pass a
 ``torch.Generator`` to make them reproducible from a seed.
+
+The first mask is drawn by a masking strategy (``--sampling``), one file each in
+:mod:`ummae.sampling`, below the models so that the command line reads their choices without
+torch: Uniform Sampling (:func:`~ummae.sampling.uniform.uniform_sampling`), MAE's random
+sampling (:func:`~ummae.sampling.random.random_masking`) and BEiT's block-wise masking. Their
+functions are importable from here too.
 """
 
 from __future__ import annotations
@@ -11,41 +17,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ummae.sampling.base import num_kept
+from ummae.sampling.random import random_masking
+from ummae.sampling.uniform import check_uniform_grid, mask_from_choice, uniform_sampling
 
-def _device(generator: torch.Generator | None, device) -> torch.device:
-    if generator is not None:
-        return generator.device
-    return torch.device(device) if device is not None else torch.device("cpu")
-
-
-def check_uniform_grid(grid_h: int, grid_w: int) -> None:
-    if grid_h % 2 or grid_w % 2 or grid_h <= 0 or grid_w <= 0:
-        raise ValueError(
-            f"uniform sampling keeps one unit per 2x2 block, so the unit grid must have an even "
-            f"number of rows and columns; got a {grid_h}x{grid_w} grid "
-            f"(image size / mask unit size must be even)"
-        )
-
-
-def uniform_sampling(
-    n: int, grid_h: int, grid_w: int, *, device=None, generator: torch.Generator | None = None
-) -> Tensor:
-    """Uniform Sampling: in every 2x2 block of units keep exactly one, chosen uniformly and
-    independently per block and per image (the paper's rule, not the reference's pooled
-    sampler). Returns the bool mask ``[n, grid_h * grid_w]``, True = masked (75%)."""
-    check_uniform_grid(grid_h, grid_w)
-    dev = _device(generator, device)
-    bh, bw = grid_h // 2, grid_w // 2
-    choice = torch.randint(0, 4, (n, bh, bw), device=dev, generator=generator)
-    return mask_from_choice(choice)
-
-
-def mask_from_choice(choice: Tensor) -> Tensor:
-    """``choice [N, bh, bw]`` in 0..3 (row-major inside the 2x2 block) -> mask ``[N, L]``."""
-    n, bh, bw = choice.shape
-    keep = torch.nn.functional.one_hot(choice, 4).bool()  # [N, bh, bw, 4]
-    keep = keep.view(n, bh, bw, 2, 2).permute(0, 1, 3, 2, 4).reshape(n, 2 * bh * 2 * bw)
-    return ~keep
+__all__ = [
+    "block_choice",
+    "check_uniform_grid",
+    "compact_image",
+    "compact_positions",
+    "dense_positions",
+    "kept_unit_index",
+    "mask_from_choice",
+    "num_kept",
+    "random_masking",
+    "reference_unit_index",
+    "secondary_masking",
+    "uniform_sampling",
+    "unit_mask_to_tokens",
+]
 
 
 def block_choice(mask: Tensor, grid_h: int, grid_w: int, validate: bool = True) -> Tensor:
@@ -94,28 +84,6 @@ def secondary_masking(
     sm = torch.zeros_like(mask)
     sm.scatter_(1, chosen, True)
     return sm
-
-
-def num_kept(length: int, ratio: float) -> int:
-    """Visible units of a fixed-ratio random mask, as the reference's mask generator counts
-    them: ``int(r * L)`` units masked, the rest visible (49 of 196 at 0.75)."""
-    return length - int(ratio * length)
-
-
-def random_masking(
-    n: int, length: int, ratio: float, *, device=None, generator: torch.Generator | None = None
-) -> Tensor:
-    """MAE random sampling / SimMIM random mask: exactly ``int(ratio * length)`` units masked
-    per image (the reference's count), uniformly at random."""
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
-    dev = _device(generator, device)
-    num_keep = num_kept(length, ratio)
-    if num_keep == length:  # int(ratio * length) == 0: nothing to predict, a loss over no unit
-        raise ValueError(f"mask ratio {ratio} masks no unit out of {length}")
-    noise = torch.rand(n, length, device=dev, generator=generator)
-    ranks = noise.argsort(dim=1).argsort(dim=1)
-    return ranks >= num_keep
 
 
 def unit_mask_to_tokens(mask: Tensor, grid_h: int, grid_w: int, k: int) -> Tensor:
