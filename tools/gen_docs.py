@@ -109,6 +109,7 @@ def _cell(text: str) -> str:
 BLOCKS: dict[str, str | Callable[[], str]] = {
     "recipes": "ummae.config.recipes:markdown_table",
     "models": "ummae.models.registry:markdown_table",
+    "masking": "ummae.sampling:markdown_table",
     "cli": cli_reference,
 }
 
