@@ -761,7 +761,9 @@ MUTATIONS = [
         "src/ummae/detector_specs/_spec.py",
         'return ("bbox", "segm") if self.masks else ("bbox",)',
         'return ("bbox", "segm")',
-        ("tests/test_fasterrcnn.py",),
+        (
+            "tests/test_detect.py::test_every_detector__trains_is_evaluated_by_its_spec_s_ap_and_its_checkpoint_reloads_exactly[gfl]",
+        ),
     ),
     Mutation(
         "det_spec_options_not_refused",
