@@ -68,7 +68,7 @@ class DetectorOption:
 
     def from_field(self, value: Any) -> Any:
         """The option's value for the field's ``value``."""
-        return (value is not None) if self.set_by else value
+        return bool(value) if self.set_by else value
 
 
 @dataclass(frozen=True)
