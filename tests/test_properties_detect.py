@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ummae.config import DetectConfig
-from ummae.detector_specs import OPTIONS, SPECS
+from ummae.detector_specs import OPTIONS, SPECS, markdown_table
 from ummae.errors import UsageError
 from ummae.models.detectors import build_detector
 
@@ -155,3 +155,16 @@ def test_transform__imagenet_normalisation_and_the_canvas(gfl):
         ((img - mean) / std)[None], size=(h, w), mode="bilinear", align_corners=False
     )[0]
     torch.testing.assert_close(batch.tensors[0, :, :h, :w], want, atol=1e-4, rtol=1e-4)
+
+
+def test_markdown_table__one_row_per_spec_with_its_facts():
+    """The docs table: a row per spec in --detector order, with its pyramid, its evaluation
+    and the flags of its options."""
+    rows = markdown_table().splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == [f"| `{name}`" for name in SPECS]
+    for row, spec in zip(rows, SPECS.values(), strict=True):
+        levels = spec.pyramid.levels
+        assert f"P{levels[0]}-P{levels[-1]} from stage {spec.pyramid.stages[0] + 1}" in row
+        assert ("box + mask AP" in row) == spec.masks
+        assert all(o.flag in row for o in spec.options)
+        assert [o.flag for o in OPTIONS.values() if o.flag in row] == [o.flag for o in spec.options]
