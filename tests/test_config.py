@@ -15,6 +15,8 @@ import pytest
 
 from ummae.config import DetectConfig, FinetuneConfig, Machinery, PretrainConfig, SegmentConfig, SegmentEvalConfig
 from ummae.config.fields import bounds_wording
+from ummae.detector_specs import OPTIONS
+from ummae.detector_specs import takers as takers_of
 from ummae.errors import UsageError
 
 
@@ -42,8 +44,12 @@ def test_commands__every_command_config_is_found():
 
 
 def _valid(cls, **changes):
-    """A config of ``cls`` that passes, its required options given, with ``changes``."""
+    """A config of ``cls`` that passes, its required options given, with ``changes``; a
+    detector's own option set goes with the first detector that takes it."""
     required = {f.name: "x" for f in dataclasses.fields(cls) if f.metadata.get("required")}
+    takers = [takers_of(o.name) for o in OPTIONS.values() if o.field_name in changes]
+    if takers and "detector" in {f.name for f in dataclasses.fields(cls)}:
+        required["detector"] = takers[0][0]
     return cls(**{**required, **changes})
 
 

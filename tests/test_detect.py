@@ -17,8 +17,10 @@ import torch
 
 from _helpers import TINY_DETECTOR, coco_subset, epoch_records, run_torchrun, stable, step_records, tiny_detect_config
 from ummae.cli import main
+from ummae.detector_specs import SPECS
 from ummae.models.dense import build_stage_maps
-from ummae.tasks.detect import build_detector, train
+from ummae.models.detectors import build_detector
+from ummae.tasks.detect import train
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +51,11 @@ def test_build_detector__backbone_weights_come_from_a_pretraining_checkpoint(pre
     """The seam classification uses: every encoder tensor of the checkpoint lands in the
     detector's backbone unchanged (PVT's position table resized to the new canvas)."""
     from ummae.weights import io as ckpt
+    from ummae.weights.load import load_pretrained
 
     backbone = source.split("_", 1)[1]
-    model, report = build_detector("gfl", backbone, 81, pretrained=pretrain_ckpt(source), **TINY_DETECTOR)
+    model = build_detector("gfl", backbone, 81, **TINY_DETECTOR)
+    report = load_pretrained(model, pretrain_ckpt(source))
     saved = ckpt.load(pretrain_ckpt(source))["model"]
     own = model.backbone.body.state_dict()
     loaded = [k for k in own if k.startswith("encoder.") and k in saved and own[k].shape == saved[k].shape]
@@ -70,7 +74,7 @@ def _real_batch(coco: Path, masks: bool):
     return collate_detection([ds.load_or_substitute((i, i)) for i in range(2)])
 
 
-@pytest.mark.parametrize("detector", ["gfl", "maskrcnn", "retinanet", "fcos"])
+@pytest.mark.parametrize("detector", list(SPECS))
 def test_every_detector__losses_are_finite_and_fall_on_real_coco_images(coco, detector):
     """Thirty AdamW steps on one batch of two coco_mini images: every loss term is finite,
     the total ends below its start and below 60 % of its peak (GFL's box terms are weighted by
@@ -79,8 +83,8 @@ def test_every_detector__losses_are_finite_and_fall_on_real_coco_images(coco, de
     from ummae.tasks.detect import DetectStep
 
     torch.manual_seed(0)
-    images, targets, _ = _real_batch(coco, masks=detector == "maskrcnn")
-    model, _ = build_detector(detector, "swin_test", 81, drop_path=0.0, **TINY_DETECTOR)
+    images, targets, _ = _real_batch(coco, masks=SPECS[detector].masks)
+    model = build_detector(detector, "swin_test", 81, drop_path=0.0, **TINY_DETECTOR)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     step = DetectStep()
@@ -113,9 +117,78 @@ def test_gfl_and_maskrcnn__a_killed_run_resumes_to_the_same_numbers(coco, tmp_pa
             assert torch.equal(a[k], b[k]), f"{detector}: {k} differs after resume"
         assert stable(step_records(Path(full.output))) == stable(step_records(Path(resumed.output)))
         ev = epoch_records(Path(full.output))[-1]
-        keys = ["bbox_AP", "bbox_AP50"] + (["segm_AP"] if detector == "maskrcnn" else [])
+        keys = ["bbox_AP", "bbox_AP50"] + (["segm_AP"] if SPECS[detector].masks else [])
         assert all(k in ev for k in keys), ev
         assert (Path(full.output) / "checkpoint-best.pth").exists()
+
+
+def _flag_value(option):
+    """A value of a detector option's flag other than its default."""
+    return next(c for c in option.choices if c != option.default) if option.choices else not option.default
+
+
+def _keep_the_top_detections(model, n: int = 5):
+    """The ``n`` best detections per image, whatever their score (random weights score below
+    the 0.05 default), from ``n`` candidates (per level of a one-stage detector, proposals of a
+    two-stage one): few, so that masks are pasted and soft-NMS runs quickly."""
+    for m in model.modules():
+        if hasattr(m, "score_thresh"):
+            m.score_thresh, m.detections_per_img = 0.0, n
+        if hasattr(m, "topk_candidates"):
+            m.topk_candidates = n
+        if hasattr(m, "_post_nms_top_n"):  # torchvision's RPN
+            m._post_nms_top_n = {**m._post_nms_top_n, "testing": n}
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def coco_one_val(tmp_path_factory):
+    """Two training images, one validation image: a mask detector's evaluation of random
+    weights pastes and scores 100 masks per image."""
+    return coco_subset(tmp_path_factory.mktemp("coco1"), n_train=2, n_val=1)
+
+
+@pytest.mark.parametrize("detector", list(SPECS))
+def test_every_detector__trains_is_evaluated_by_its_spec_s_ap_and_its_checkpoint_reloads_exactly(
+    coco_one_val, tmp_path, capsys, detector
+):
+    """`detect train` for one step on coco_mini with the spec's options off their defaults
+    (a folder option aside: it needs its data): finite losses; box AP, and mask AP exactly for a
+    spec with masks, both at the run's evaluation and from `detect eval` of its checkpoint, with
+    the same numbers; and the checkpoint, rebuilt from what it records, predicts what a model
+    built from the run's options with the same weights predicts, every detection kept.
+    64 FPN channels: FCOS's GroupNorm(32) on the 1 x 1 P7."""
+    spec = SPECS[detector]
+    options = {o.field_name: _flag_value(o) for o in spec.options if not o.set_by}
+    coco = coco_one_val
+    cfg = _cfg(tmp_path / "run", coco, detector=detector, epochs=1, fpn_channels=64, **options)
+    train(cfg)
+    out = Path(cfg.output)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in step_records(out))
+    measured = {k.split("_")[0] for k in epoch_records(out)[-1] if k.startswith(("bbox_", "segm_"))}
+    assert measured == set(spec.iou_types) == ({"bbox", "segm"} if spec.masks else {"bbox"})
+    ckpt = out / "checkpoint-last.pth"
+    capsys.readouterr()
+    argv = ["detect", "eval", "--checkpoint", str(ckpt), "--data", str(coco), "--output", str(tmp_path / "ev")]
+    assert main([*argv, "--num-workers", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k.split("_")[0] for k in printed} == measured
+    assert printed == pytest.approx({k: epoch_records(out)[-1][k] for k in printed}, abs=1e-6)
+
+    from ummae.tasks.detect import load_detector
+
+    saved = torch.load(ckpt, weights_only=True)
+    asked = build_detector(detector, cfg.backbone, saved["model_args"]["num_classes"], **cfg.model_kwargs())
+    asked.load_state_dict(saved["model"])
+    images = [im.float() / 255 for im in _real_batch(coco, masks=False)[0]]
+    with torch.no_grad():
+        want = _keep_the_top_detections(asked)(images)
+        got = _keep_the_top_detections(load_detector(str(ckpt)))(images)
+    assert len(want[0]["boxes"]) > 0
+    for w, g in zip(want, got, strict=True):
+        assert w.keys() == g.keys() and ("masks" in w) == spec.masks
+        for k in w:
+            assert torch.equal(w[k], g[k]), f"{detector}: {k} differ after reloading"
 
 
 def test_detect_cli__train_eval_predict(coco, tmp_path, capsys):
@@ -199,7 +272,7 @@ def test_detect_cli__train_eval_predict(coco, tmp_path, capsys):
 def test_detect_eval__two_ranks_give_the_one_rank_numbers(coco, tmp_path, capsys):
     """Each image is evaluated once: the COCO results and AP of two gloo ranks are those of
     one process."""
-    model, _ = build_detector(
+    model = build_detector(
         "gfl", "swin_test", 81, drop_path=0.0, cat_ids=list(range(1, 81)), class_names=[""] * 80, **TINY_DETECTOR
     )
     # a checkpoint as `detect train` writes one, with the real categories

@@ -25,6 +25,7 @@ import _reference_forward as ref
 import ummae
 from ummae.cli import main
 from ummae.config import FinetuneConfig
+from ummae.detector_specs import DETECTORS
 from ummae.engine.optim import build_optimizer
 from ummae.models.classifier import Classifier, classifier_for
 from ummae.models.registry import create_model, list_models
@@ -496,7 +497,7 @@ def test_create_model__dense_models_record_what_rebuilds_them():
     assert model.model_name == "gfl_swin_test"
     assert model.model_args["detector"] == "gfl" and model.model_args["backbone"] == "swin_test"
     assert model.model_args["window_size"] == 8 and model.model_args["drop_path"] == 0.1  # swin_test's own
-    assert list_models(kind="detect") == ["cascade_maskrcnn", "fcos", "gfl", "htc", "maskrcnn", "retinanet"]
+    assert list_models(kind="detect") == sorted(DETECTORS)  # every spec of ummae.detector_specs
     # a head name with an underscore resolves (<head>_<backbone>) and records the cascade options
     cascade = create_model("cascade_maskrcnn_swin_test", num_classes=4, img_size=128, neck_channels=16, fpn_channels=32)
     assert cascade.model_args["detector"] == "cascade_maskrcnn" and cascade.model_args["backbone"] == "swin_test"

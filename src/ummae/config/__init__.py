@@ -11,7 +11,7 @@ Precedence: dataclass default < ``--config file.yaml`` < explicit command-line f
 the config loads no torch (``ummae --help`` stays fast).
 """
 
-from ummae.choices import DETECTORS, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES
+from ummae.choices import INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES
 from ummae.config.commands import (
     ClassifyData,
     DetectConfig,
@@ -31,6 +31,7 @@ from ummae.config.commands import (
 from ummae.config.fields import check_fields, option
 from ummae.config.flags import BUILTIN_CONFIGS, add_dataclass_flags, builtin_configs, config_from_args, load_yaml
 from ummae.config.resume import MAY_CHANGE_ON_RESUME, given_fields, settings_from_checkpoint
+from ummae.detector_specs import DETECTORS
 
 __all__ = [
     "BUILTIN_CONFIGS",

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ummae.choices import BOX_HEADS, BOX_NORMS, DETECTORS, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES, TRAIN_RESIZES
+from ummae import detector_specs
+from ummae.choices import INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES, TRAIN_RESIZES
 from ummae.config.fields import DEVICE, RAND_AUGMENT, check_fields, option, ordered_range
 from ummae.errors import UsageError
 from ummae.sampling import DEFAULT_MASK_RATIO, help_text, names, strategies
@@ -333,6 +334,14 @@ class KnnConfig(InferenceConfig):
             raise UsageError("kNN evaluation needs --pretrained (the encoder to evaluate)")
 
 
+def _detector_flag(option_name: str):
+    """The flag of a detector's own option: its default, choices and help, after the detectors
+    that take it (:mod:`ummae.detector_specs`)."""
+    o = detector_specs.OPTIONS[option_name]
+    accepts = {"choices": o.choices} if o.choices else {}
+    return option(o.field_default, detector_specs.option_help(option_name), **accepts)
+
+
 @dataclass
 class DetectConfig(RunConfig):
     """Detection / instance segmentation training on COCO. Defaults are the paper's GFL
@@ -342,26 +351,12 @@ class DetectConfig(RunConfig):
     backbone: str = option(
         "swin_tiny_256", "registered classifier whose encoder is the backbone (`ummae models --kind classify`)"
     )
-    detector: str = option(
-        "gfl",
-        "gfl (the paper's), maskrcnn (box + mask AP), retinanet or fcos (torchvision's), cascade_maskrcnn or htc "
-        "(MMDetection's, box + mask AP)",
-        choices=DETECTORS,
-    )
-    box_head: str = option(
-        "2fc",
-        "cascade_maskrcnn / htc box heads: 2fc (MMDetection's Shared2FCBBoxHead) or 4conv1fc (Swin's, with --box-norm)",
-        choices=BOX_HEADS,
-    )
-    box_norm: str = option(
-        "none", "norm of the 4conv1fc box heads' convs: bn (SyncBN under DDP on CUDA, Swin's) or gn", choices=BOX_NORMS
-    )
-    soft_nms: bool = option(False, "cascade_maskrcnn / htc: Gaussian soft-NMS at test (HTC++), not NMS at 0.5")
-    stuff_maps: str | None = option(
-        None,
-        "htc: folder of COCO-stuff maps of the training images (stuffthingmaps, <image stem>.png, 255 ignored); "
-        "builds HTC's semantic branch. Omitted: no semantic branch",
-    )
+    detector: str = option("gfl", detector_specs.detector_help(), choices=detector_specs.DETECTORS)
+    # the detectors' own options (ummae.detector_specs): refused for a detector that does not take them
+    box_head: str = _detector_flag("box_head")
+    box_norm: str = _detector_flag("box_norm")
+    soft_nms: bool = _detector_flag("soft_nms")
+    stuff_maps: str | None = _detector_flag("semantic")
     pretrained: str | None = option(
         None,
         "backbone weights: a fine-tuning (the paper's choice) or pre-training checkpoint, ours or the reference's, "
@@ -414,8 +409,15 @@ class DetectConfig(RunConfig):
         super().validate()
         if not self.data:
             raise UsageError("detection needs --data: a COCO root with train2017/, val2017/ and annotations/")
-        if self.stuff_maps and self.detector != "htc":
-            raise UsageError(f"--stuff-maps feeds HTC's semantic branch: it needs --detector htc, not {self.detector}")
+        detector_specs.check_flags(detector_specs.SPECS[self.detector], vars(self))
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """What the detector is built with (:class:`ummae.models.detectors.Detector`): the
+        pyramid's sizes and the backbone's options, and the options the detector takes."""
+        spec = detector_specs.SPECS[self.detector]
+        own = {o.name: o.from_field(getattr(self, o.field_name)) for o in spec.options}
+        return dict(img_size=self.img_size, neck_channels=self.neck_channels, fpn_channels=self.fpn_channels,
+                    drop_path=self.drop_path, window_size=self.window_size, **own)  # fmt: skip
 
 
 @dataclass

@@ -16,8 +16,8 @@ MAE / SimMIM code bases), each meaning exactly the reference's architecture:
   ``mae_vit_base_patch16_dec512d2b`` is the 2-block decoder of the paper's ViT-B rows;
 * ``simmim_*``: the encoder with its dense-map settings (Swin window 16, PVT sr 8-4-2-1);
 * ``swin_tiny_256``, ``pvt_small_256``, ``vit_base_patch16``...: the classifiers;
-* ``gfl`` / ``maskrcnn`` / ``retinanet`` / ``fcos`` and ``upernet``: dense-task heads, whose
-  models are named ``<head>_<classifier>`` (``gfl_swin_tiny_256``).
+* the detectors of :mod:`ummae.detector_specs` (``gfl``, ``maskrcnn``, ...) and ``upernet``:
+  dense-task heads, whose models are named ``<head>_<classifier>`` (``gfl_swin_tiny_256``).
 
 ``*_nano_128`` for the demo and small experiments; ``*_test`` for CI."""
 

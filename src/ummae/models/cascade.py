@@ -54,7 +54,6 @@ from ummae.errors import UsageError
 # (IoU threshold, box coder stds) of the three stages: cascade_mask_rcnn_r50_fpn / htc_r50_fpn
 STAGES = ((0.5, (0.1, 0.1, 0.2, 0.2)), (0.6, (0.05, 0.05, 0.1, 0.1)), (0.7, (0.033, 0.033, 0.067, 0.067)))
 STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
-BOX_HEADS = ("2fc", "4conv1fc")
 NORMS = {"none": None, "bn": nn.BatchNorm2d, "gn": lambda c: nn.GroupNorm(32, c)}
 # htc_r50_fpn_1x_coco's semantic_head: COCO-stuff classes, ignored label, loss weight, fused level
 STUFF_CLASSES = 183

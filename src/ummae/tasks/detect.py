@@ -1,19 +1,14 @@
 """Object detection and instance segmentation on COCO, on torchvision's detection package.
 
-``ummae detect train`` builds a detector (:mod:`ummae.models.detectors`) on the dense backbone (the four stage
-maps, each LayerNorm + Linear to 768 channels) and trains it with the one engine:
-
-* ``gfl`` (default): the paper's protocol (the reference's
-  ``gfl_mae_swin_tiny_256_..._fpn_25ep_1024x1024_coco``): FPN from stage 2 on (strides
-  8-32) with two extra levels on its output (P3-P7), BatchNorm (SyncBN under DDP on CUDA),
-  the GFL head (:mod:`.gfl`), large-scale jitter at 1024, AdamW lr 1e-4 (batch 16), weight
-  decay 0.05, 2000 warm-up steps, cosine to 0.01x, 25 epochs;
-* ``maskrcnn``: torchvision's Mask R-CNN on an FPN over all four stages (P2-P6), the transfer
-  benchmark of MAE / SimMIM; box and mask AP;
-* ``retinanet`` / ``fcos``: torchvision's, on the P3-P7 pyramid of GFL;
-* ``cascade_maskrcnn`` / ``htc``: MMDetection 2.x's Cascade Mask R-CNN and HTC on the pyramid
-  of Mask R-CNN (:mod:`ummae.models.cascade`); box and mask AP; ``--stuff-maps`` (htc) trains
-  HTC's semantic branch on COCO-stuff maps.
+``ummae detect train`` builds a detector (:mod:`ummae.detector_specs`, one spec per detector;
+built by :mod:`ummae.models.detectors`) on the dense backbone (the four stage maps, each
+LayerNorm + Linear to 768 channels) and trains it with the one engine. The defaults are the
+paper's protocol, ``gfl`` (the reference's
+``gfl_mae_swin_tiny_256_..._fpn_25ep_1024x1024_coco``): FPN from stage 2 on (strides 8-32) with
+two extra levels on its output (P3-P7), BatchNorm (SyncBN under DDP on CUDA), the GFL head
+(:mod:`ummae.models.gfl`), large-scale jitter at 1024, AdamW lr 1e-4 (batch 16), weight decay
+0.05, 2000 warm-up steps, cosine to 0.01x, 25 epochs. A spec with masks (``masks=True``) trains
+on the instance masks too and is evaluated by box and mask AP; the others by box AP.
 
 ``--train-resize range`` replaces the large-scale jitter by MMDetection's "range" multi-scale
 resize (HTC++: ``--img-size 1600 --short-range 400 1400``) for any detector.
@@ -41,7 +36,6 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ummae.choices import MASK_DETECTORS
 from ummae.data import build_eval_loader
 from ummae.data.coco import (
     CocoDetection,
@@ -53,13 +47,14 @@ from ummae.data.coco import (
     collate_detection_eval,
     write_results_json,
 )
+from ummae.detector_specs import SPECS
 from ummae.engine import dist as udist
 from ummae.engine.optim import build_optimizer
 from ummae.engine.precision import autocast, resolve_device, resolve_precision
 from ummae.engine.progress import progress
 from ummae.errors import UsageError
 from ummae.models.dense import check_dense_backbone
-from ummae.models.registry import create_model
+from ummae.models.detectors import build_detector
 from ummae.tasks.base import Parts, RunContext, Task, check_weights_file, run
 from ummae.tasks.dense import validation
 from ummae.visualize import image_paths, read_rgb
@@ -67,35 +62,6 @@ from ummae.weights.build import build_from_checkpoint
 from ummae.weights.load import load_pretrained, log_load_report
 
 log = logging.getLogger("ummae")
-
-
-def build_detector(
-    detector: str,
-    backbone: str,
-    num_classes: int,
-    img_size: int = 1024,
-    neck_channels: int = 768,
-    fpn_channels: int = 256,
-    drop_path: float | None = 0.1,
-    window_size: int | None = None,
-    pretrained: str | None = None,
-    **names: Any,
-):
-    """The detector (registered as ``<detector>_<backbone>``: :mod:`ummae.models.detectors`), and
-    the report of loading ``pretrained`` into its backbone (None when it starts from scratch).
-    ``num_classes`` counts torchvision's background (K + 1)."""
-    model = create_model(
-        f"{detector}_{backbone}",
-        num_classes=num_classes,
-        img_size=img_size,
-        neck_channels=neck_channels,
-        fpn_channels=fpn_channels,
-        drop_path=drop_path,
-        window_size=window_size,
-        **names,
-    )
-    report = load_pretrained(model, pretrained) if pretrained else None
-    return model, report
 
 
 class DetectStep:
@@ -164,22 +130,6 @@ def category_names(model: nn.Module) -> list[str]:
     return ["background", *model.model_args["class_names"]]
 
 
-def _model_kwargs(cfg) -> dict[str, Any]:
-    return dict(
-        detector=cfg.detector,
-        backbone=cfg.backbone,
-        img_size=cfg.img_size,
-        neck_channels=cfg.neck_channels,
-        fpn_channels=cfg.fpn_channels,
-        drop_path=cfg.drop_path,
-        window_size=cfg.window_size,
-        box_head=cfg.box_head,
-        box_norm=cfg.box_norm,
-        soft_nms=cfg.soft_nms,
-        **({"semantic": True} if cfg.stuff_maps else {}),
-    )
-
-
 def train_transform(cfg):
     """The training resize of ``cfg``: large-scale jitter, or MMDetection's "range" multi-scale
     (HTC++), each with the flip and the pad to the ``img_size`` canvas."""
@@ -202,20 +152,22 @@ class DetectTask(Task):
             cfg.data,
             cfg.train_split,
             train=True,
-            with_masks=cfg.detector in MASK_DETECTORS,
+            with_masks=SPECS[cfg.detector].masks,
             transform=train_transform(cfg),
             stuff_dir=cfg.stuff_maps,
         )
         val_ds = CocoDetection(cfg.data, cfg.val_split, train=False)
         if val_ds.cat_ids != train_ds.cat_ids:
             raise UsageError(f"the {cfg.val_split} annotations have other categories than the {cfg.train_split} ones")
-        model, report = build_detector(
-            num_classes=train_ds.num_classes + 1,
-            pretrained=cfg.pretrained,
+        model = build_detector(
+            cfg.detector,
+            cfg.backbone,
+            train_ds.num_classes + 1,
             cat_ids=list(train_ds.cat_ids),
             class_names=list(train_ds.class_names),
-            **_model_kwargs(cfg),
+            **cfg.model_kwargs(),
         )
+        report = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
         if (
             ctx.info.enabled and ctx.device.type == "cuda"
         ):  # the paper's SyncBN in the FPN (BatchNorm per rank otherwise)
@@ -248,7 +200,7 @@ class DetectTask(Task):
     def evaluator(self, cfg, ctx: RunContext, parts: Parts):
         val_ds = parts.val
         val_loader = eval_loader(val_ds, cfg.batch_size, ctx.workers, ctx.info, ctx.pin)
-        iou_types = ("bbox", "segm") if cfg.detector in MASK_DETECTORS else ("bbox",)
+        iou_types = SPECS[cfg.detector].iou_types
         measure = validation(
             lambda m: evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types),
             val_ds.img_dir,
@@ -284,7 +236,7 @@ def run_eval(cfg) -> dict[str, Any]:
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
         loader = eval_loader(ds, cfg.batch_size, udist.loader_workers(cfg.num_workers), info, device.type == "cuda")
-        iou_types = ("bbox", "segm") if model.model_args["detector"] in MASK_DETECTORS else ("bbox",)
+        iou_types = model.spec.iou_types
         results_path = str(out / f"detections_{cfg.split}.json")
         metrics = evaluate_coco(model, ds, loader, device, precision, iou_types, results_path)
         if info.is_main:

@@ -1,0 +1,96 @@
+"""What a detector spec is made of (:mod:`ummae.detector_specs`): its pyramid, its options, the
+spec itself. Plain data: no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Pyramid:
+    """The FPN a detector reads: over the backbone's stage maps ``stages`` (0..3: strides 4..32),
+    and ``extra_levels`` more levels above the last one, made by ``extra``: ``max_pool``
+    (torchvision's ``LastLevelMaxPool``) or ``conv_on_output`` (MMDetection's
+    ``add_extra_convs='on_output'``: 3x3 stride-2 convs on the last FPN output)."""
+
+    stages: tuple[int, ...]
+    extra: str
+    extra_levels: int
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The pyramid levels: P<l> has stride 2**l; stage ``s`` (stride 2**(s + 2)) gives P<s + 2>."""
+        first = self.stages[0] + 2
+        return tuple(range(first, first + len(self.stages) + self.extra_levels))
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return tuple(2**level for level in self.levels)
+
+    def __str__(self) -> str:
+        return f"P{self.levels[0]}-P{self.levels[-1]} from stage {self.stages[0] + 1}"
+
+
+# torchvision's Mask R-CNN FPN (MAE's / ViTDet's benchmark): all four stages, P6 by max pool
+P2_P6 = Pyramid(stages=(0, 1, 2, 3), extra="max_pool", extra_levels=1)
+# the reference's GFL config: MMDetection's start_level=1 and two extra convs on the output
+P3_P7 = Pyramid(stages=(1, 2, 3), extra="conv_on_output", extra_levels=2)
+
+
+@dataclass(frozen=True)
+class DetectorOption:
+    """An option only some detectors take: ``name`` is the builder's keyword and what a
+    checkpoint records, ``help`` its flag's help (after the detectors that take it). Its flag is
+    the ``DetectConfig`` field of its name; or, with ``set_by``, that field: a folder the run
+    reads, whose presence switches the (bool) option on (``--stuff-maps DIR`` -> ``semantic``)."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    set_by: str = ""
+
+    @property
+    def field_name(self) -> str:
+        """The ``DetectConfig`` field (and flag) that sets the option."""
+        return self.set_by or self.name
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field_name.replace("_", "-")
+
+    @property
+    def field_default(self) -> Any:
+        """The field's value when the flag is not given: the option's default, or no folder."""
+        return None if self.set_by else self.default
+
+    def from_field(self, value: Any) -> Any:
+        """The option's value for the field's ``value``."""
+        return bool(value) if self.set_by else value
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """One detector. ``builder``: ``"module:Class"``, called as ``Class(pyramid, num_classes,
+    **builder_args, **options)``; ``masks``: instance masks too (box and mask AP, the training
+    targets carry masks); ``order``: its place in ``--detector``'s choices."""
+
+    name: str
+    summary: str  # one line: what it is
+    builder: str
+    pyramid: Pyramid
+    masks: bool
+    follows: str  # the configuration it follows
+    order: int
+    options: tuple[DetectorOption, ...] = ()
+    builder_args: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def iou_types(self) -> tuple[str, ...]:
+        """What COCO evaluation measures: box AP, and mask AP for a mask detector."""
+        return ("bbox", "segm") if self.masks else ("bbox",)
+
+    def takes(self, option: str) -> bool:
+        return any(o.name == option for o in self.options)

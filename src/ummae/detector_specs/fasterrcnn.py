@@ -1,0 +1,11 @@
+from ummae.detector_specs._spec import P2_P6, DetectorSpec
+
+SPEC = DetectorSpec(
+    name="fasterrcnn",
+    summary="torchvision's Faster R-CNN, Mask R-CNN without its mask head",
+    builder="torchvision.models.detection:FasterRCNN",
+    pyramid=P2_P6,
+    masks=False,
+    follows="torchvision's `fasterrcnn_resnet50_fpn`",
+    order=6,
+)

@@ -1,0 +1,11 @@
+from ummae.detector_specs._spec import P2_P6, DetectorSpec
+
+SPEC = DetectorSpec(
+    name="maskrcnn",
+    summary="torchvision's Mask R-CNN, MAE / SimMIM's benchmark",
+    builder="torchvision.models.detection:MaskRCNN",
+    pyramid=P2_P6,
+    masks=True,
+    follows="torchvision's `maskrcnn_resnet50_fpn`",
+    order=1,
+)

@@ -1,0 +1,11 @@
+from ummae.detector_specs._spec import P3_P7, DetectorSpec
+
+SPEC = DetectorSpec(
+    name="retinanet",
+    summary="torchvision's RetinaNet",
+    builder="torchvision.models.detection:RetinaNet",
+    pyramid=P3_P7,
+    masks=False,
+    follows="torchvision's `retinanet_resnet50_fpn`",
+    order=2,
+)
