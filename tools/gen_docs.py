@@ -110,6 +110,7 @@ BLOCKS: dict[str, str | Callable[[], str]] = {
     "recipes": "ummae.config.recipes:markdown_table",
     "models": "ummae.models.registry:markdown_table",
     "masking": "ummae.sampling:markdown_table",
+    "detectors": "ummae.detector_specs:markdown_table",
     "cli": cli_reference,
 }
 

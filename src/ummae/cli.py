@@ -49,6 +49,7 @@ from ummae.config import (
     builtin_configs,
     config_from_args,
 )
+from ummae.detector_specs import DETECTORS
 from ummae.errors import NonFiniteLossError, UmmaeError, UsageError
 
 # Every handler below imports what it runs inside itself: `ummae --help` then imports no torch.
@@ -309,7 +310,7 @@ def _save_picture(picture, output: str) -> None:
 # --- the table: command -> what runs it, in the order `ummae --help` lists them -------------
 
 GROUPS = {  # commands of two words: `ummae detect train ...`
-    "detect": "object detection and instance segmentation on COCO (GFL, Mask R-CNN, RetinaNet, FCOS)",
+    "detect": f"object detection and instance segmentation on COCO (--detector {', '.join(DETECTORS)})",
     "segment": "semantic segmentation with UperNet (ADE20K layout)",
 }
 COMMANDS: dict[str, Command] = {
