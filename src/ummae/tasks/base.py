@@ -27,6 +27,7 @@ from torch import nn
 from ummae.config import resolve
 from ummae.data import build_train_loader
 from ummae.engine.dist import DistInfo, loader_workers
+from ummae.engine.hooks import Evaluate
 from ummae.engine.run import training_run
 from ummae.engine.trainer import Trainer
 from ummae.errors import CheckpointError, UsageError
@@ -36,7 +37,6 @@ from ummae.weights.load import LoadReport, OneReadPerFile, read_weights
 log = logging.getLogger("ummae")
 
 StepFn = Callable[[nn.Module, Any, torch.Generator], dict[str, torch.Tensor]]
-Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
 @dataclass
