@@ -23,7 +23,8 @@ def resolve(cfg, world_size: int = 1, weights: FromWeights | None = None, logger
     1. the defaults (the dataclass fields'; source ``default``);
     2. ``--config``: a recipe's values (``recipe NAME``) or a YAML file's (``config FILE``),
        and a recipe's total batch split over ``world_size`` processes (the batch size and
-       accumulation the flags leave out: ``recipe NAME over N processes``);
+       accumulation the flags leave out: ``recipe NAME over N processes``; derived, not given:
+       a run resumed on another number of processes keeps the split it was started with);
     3. the flags (``flag``);
     4. the resumed run's settings (``--resume``; ``resumed run``): every option the user left
        out (levels 1 and the split) takes the checkpoint's value; one the user set (2, 3) that
