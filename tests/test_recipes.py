@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from ummae.cli import _parser, main
-from ummae.config import DetectConfig, FinetuneConfig, PretrainConfig, SegmentConfig, config_from_args
-from ummae.config.recipes import RECIPES, markdown_table, resolve_recipe_batch, split_batch
+from ummae.config import DetectConfig, FinetuneConfig, PretrainConfig, SegmentConfig, config_from_args, resolve
+from ummae.config.recipes import RECIPES, markdown_table, split_batch
 from ummae.errors import UsageError
 
 MK = "Makefile"
@@ -246,9 +246,8 @@ def _cfg(argv):
 
 
 @pytest.mark.parametrize("world, batch, accum", [(1, 128, 32), (8, 128, 4), (64, 64, 1)])
-def test_resolve_recipe_batch__sets_the_split_and_says_so(world, batch, accum):
-    cfg = _cfg(["pretrain", "--config", "swin_tiny_ummae_in1k"])
-    lines = resolve_recipe_batch(cfg, world)
+def test_resolve__sets_the_recipe_split_and_says_so(world, batch, accum):
+    cfg, lines = resolve(_cfg(["pretrain", "--config", "swin_tiny_ummae_in1k"]), world)
     assert (cfg.batch_size, cfg.accum_iter) == (batch, accum)
     assert cfg.effective_lr(world) == pytest.approx(1.5e-4 * 4096 / 256)  # the same lr on any number
     assert lines == [
@@ -257,19 +256,20 @@ def test_resolve_recipe_batch__sets_the_split_and_says_so(world, batch, accum):
     ]
 
 
-def test_resolve_recipe_batch__flags_override_and_the_log_says_which():
+def test_resolve__flags_override_the_recipe_and_the_log_says_which():
     cfg = _cfg(["finetune", "--config", "swin_tiny_ummae_in1k_finetune", "--data", "/d", "--epochs", "3",
-                "--batch-size", "32"])  # fmt: skip
+                "--batch-size", "32", "--model", "swin_tiny_256"])  # fmt: skip
     assert cfg.epochs == 3 and cfg.layer_decay == 0.85  # the flag wins; the rest is the recipe's
-    lines = resolve_recipe_batch(cfg, 8)
+    cfg, lines = resolve(cfg, 8)
     assert (cfg.batch_size, cfg.accum_iter) == (32, 4)  # the batch given, the total kept: 32 x 4 x 8 = 1024
     assert (
         lines[0]
         == "recipe swin_tiny_ummae_in1k_finetune: flags override epochs=3 (recipe: 100), batch_size=32 (recipe: 64)"
     )
     assert lines[1].endswith("total batch 1024 = 32 per process x 4 accumulation x 8 processes")
-    both = _cfg(["pretrain", "--config", "swin_tiny_ummae_in1k", "--batch-size", "8", "--accum-iter", "1"])
-    lines = resolve_recipe_batch(both, 2)
+    both, lines = resolve(
+        _cfg(["pretrain", "--config", "swin_tiny_ummae_in1k", "--batch-size", "8", "--accum-iter", "1"]), 2
+    )
     assert (
         lines[0] == "recipe swin_tiny_ummae_in1k: flags override batch_size=8 (recipe: 128), accum_iter=1 (recipe: 4)"
     )
@@ -277,9 +277,9 @@ def test_resolve_recipe_batch__flags_override_and_the_log_says_which():
     assert (both.batch_size, both.accum_iter) == (8, 1)
     odd = _cfg(["pretrain", "--config", "swin_tiny_ummae_in1k", "--batch-size", "96"])
     with pytest.raises(UsageError, match="--batch-size 96 does not divide the 512 images per process"):
-        resolve_recipe_batch(odd, 8)
-    plain = _cfg(["pretrain", "--batch-size", "8"])  # no recipe: nothing changes
-    assert resolve_recipe_batch(plain, 8) == [] and (plain.batch_size, plain.accum_iter) == (8, 1)
+        resolve(odd, 8)
+    plain, lines = resolve(_cfg(["pretrain", "--batch-size", "8"]), 8)  # no recipe: nothing changes
+    assert lines == [] and (plain.batch_size, plain.accum_iter) == (8, 1)
 
 
 def test_recipes_page__recipe_section_is_the_table():

@@ -5,10 +5,12 @@ generated from the dataclass fields (one flag per field, so nothing is declared 
   declares the values it accepts, and ``check_fields``, the one validator;
 - :mod:`~ummae.config.commands`: the configs (``PretrainConfig``, ``FinetuneConfig``, ...);
 - :mod:`~ummae.config.flags`: YAML files, flags, and ``config_from_args`` joining them;
-- :mod:`~ummae.config.resume`: the settings a resumed run takes from its checkpoint.
+- :mod:`~ummae.config.resume`: the settings a resumed run takes from its checkpoint;
+- :mod:`~ummae.config.resolve`: ``resolve``, the one resolution of a command's config, frozen.
 
-Precedence: dataclass default < ``--config file.yaml`` < explicit command-line flag. Importing
-the config loads no torch (``ummae --help`` stays fast).
+Precedence: dataclass default < ``--config`` (a YAML file or a recipe) < explicit command-line
+flag < a resumed run's settings < what the weights name (:func:`~ummae.config.resolve.resolve`
+states the order). Importing the config loads no torch (``ummae --help`` stays fast).
 """
 
 from ummae.choices import INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES
@@ -28,9 +30,10 @@ from ummae.config.commands import (
     SegmentConfig,
     SegmentEvalConfig,
 )
-from ummae.config.fields import check_fields, option
+from ummae.config.fields import Options, Provenance, check_fields, option
 from ummae.config.flags import BUILTIN_CONFIGS, add_dataclass_flags, builtin_configs, config_from_args, load_yaml
-from ummae.config.resume import MAY_CHANGE_ON_RESUME, given_fields, settings_from_checkpoint
+from ummae.config.resolve import resolve
+from ummae.config.resume import MAY_CHANGE_ON_RESUME, settings_from_checkpoint
 from ummae.detector_specs import DETECTORS
 
 __all__ = [
@@ -50,7 +53,9 @@ __all__ = [
     "KnnConfig",
     "LinprobeConfig",
     "Machinery",
+    "Options",
     "PretrainConfig",
+    "Provenance",
     "RunConfig",
     "SegmentConfig",
     "SegmentEvalConfig",
@@ -58,8 +63,8 @@ __all__ = [
     "builtin_configs",
     "check_fields",
     "config_from_args",
-    "given_fields",
     "load_yaml",
     "option",
+    "resolve",
     "settings_from_checkpoint",
 ]

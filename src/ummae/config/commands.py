@@ -3,6 +3,8 @@
 Every field declares its default, its flag's help and the values it accepts
 (:func:`ummae.config.fields.option`); ``validate`` checks them all at once
 (:func:`~ummae.config.fields.check_fields`) and then the rules between fields, written out.
+A config is frozen (:class:`~ummae.config.fields.Options`): the one resolution of a command's
+options (:func:`ummae.config.resolve.resolve`) builds it, nothing assigns to it afterwards.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, ClassVar
 
 from ummae import detector_specs
 from ummae.choices import INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES, TRAIN_RESIZES
-from ummae.config.fields import DEVICE, RAND_AUGMENT, check_fields, option, ordered_range
+from ummae.config.fields import DEVICE, RAND_AUGMENT, Options, check_fields, option, ordered_range
 from ummae.errors import UsageError
 from ummae.sampling import DEFAULT_MASK_RATIO, help_text, names, strategies
 
@@ -23,8 +25,8 @@ def _workers(default: int):
     return option(default, "data-loading processes per process", ge=0)
 
 
-@dataclass
-class Machinery:
+@dataclass(frozen=True)
+class Machinery(Options):
     """Where and how a command runs, shared by every training run and every inference command.
     The root of every command's config: ``validate`` checks all of its fields."""
 
@@ -45,18 +47,18 @@ class Machinery:
 # machinery, run control.
 
 
-@dataclass
+@dataclass(frozen=True)
 class _RunOutput:
     output: str = option("runs/run", "output folder: checkpoints, metrics.jsonl, TensorBoard")
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Epochs:
     epochs: int = option(200, "training epochs", ge=1)
     warmup_epochs: float = option(10, "linear warm-up epochs", ge=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Optimisation:
     batch_size: int = option(128, "images per process per step", ge=1)
     accum_iter: int = option(1, "gradient accumulation steps", ge=1)
@@ -71,7 +73,7 @@ class _Optimisation:
         return self.lr if self.lr is not None else self.blr * self.batch_size * self.accum_iter * world_size / 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class _RunControl:
     seed: int = option(0, "seed of data order, augmentation, masks and init")
     save_every: int = option(1, "write checkpoint-last.pth every N epochs (and at the end)", ge=1)
@@ -95,13 +97,13 @@ class _RunControl:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig(_RunControl, Machinery, _Optimisation, _Epochs, _RunOutput):
     """What every training run counted in epochs shares: output, schedule, optimiser basics and
     the machinery of the one engine (checkpoints, resume, logging, precision, devices)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class IterationRunConfig(_RunControl, Machinery, _Optimisation, _RunOutput):
     """A training run counted in iterations (``iters``, given by the subclass): no epochs to set.
     Its passes over the data are the engine's business."""
@@ -112,7 +114,7 @@ class IterationRunConfig(_RunControl, Machinery, _Optimisation, _RunOutput):
     retired_options: ClassVar[frozenset[str]] = frozenset({"epochs", "warmup_epochs"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainConfig(RunConfig):
     """Pre-training run. Defaults are the paper's recipe (METHOD.md)."""
 
@@ -182,7 +184,7 @@ class PretrainConfig(RunConfig):
         )  # fmt: skip
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassifyData:
     """Labelled data and the classifier options shared by fine-tuning, probing and eval."""
 
@@ -216,7 +218,7 @@ class ClassifyData:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig(RunConfig, ClassifyData):
     """End-to-end fine-tuning. Defaults are the paper's recipe (METHOD.md)."""
 
@@ -261,7 +263,7 @@ class FinetuneConfig(RunConfig, ClassifyData):
                     window_size=self.window_size)  # fmt: skip
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinprobeConfig(RunConfig, ClassifyData):
     """Linear probing (MAE's recipe): frozen encoder, BatchNorm without affine + linear head,
     LARS, no weight decay, crop + flip only."""
@@ -286,7 +288,7 @@ class LinprobeConfig(RunConfig, ClassifyData):
             raise UsageError("linear probing needs --pretrained (the encoder to probe)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class InferenceConfig(Machinery, ClassifyData):
     """Shared by the commands that only run the model forward (eval, kNN)."""
 
@@ -298,7 +300,7 @@ class InferenceConfig(Machinery, ClassifyData):
         self.require_data(self.what)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig(InferenceConfig):
     """Top-1 / top-5 of a classifier checkpoint on a validation split."""
 
@@ -317,7 +319,7 @@ class EvalConfig(InferenceConfig):
             raise UsageError("evaluation needs --checkpoint")
 
 
-@dataclass
+@dataclass(frozen=True)
 class KnnConfig(InferenceConfig):
     """Weighted kNN on frozen features (cosine similarity, weights exp(sim / T))."""
 
@@ -342,7 +344,7 @@ def _detector_flag(option_name: str):
     return option(o.field_default, detector_specs.option_help(option_name), **accepts)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DetectConfig(RunConfig):
     """Detection / instance segmentation training on COCO. Defaults are the paper's GFL
     protocol (the reference's gfl_..._fpn_25ep_1024x1024_coco): large-scale jitter at 1024,
@@ -420,7 +422,7 @@ class DetectConfig(RunConfig):
                     drop_path=self.drop_path, window_size=self.window_size, **own)  # fmt: skip
 
 
-@dataclass
+@dataclass(frozen=True)
 class DetectEvalConfig(Machinery):
     """COCO box (and mask) AP of a detection checkpoint, and its result JSON."""
 
@@ -441,7 +443,7 @@ class DetectEvalConfig(Machinery):
         super().validate()
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegmentConfig(IterationRunConfig):
     """Semantic segmentation training (ADE20K layout). Defaults are the paper's UperNet
     protocol (the reference's upernet_mae_swin_tiny_256_..._512_slide_160k_ade20k_lr1e4_lrd1_pt):
@@ -538,7 +540,7 @@ class SegmentConfig(IterationRunConfig):
         return self.test_stride or self.crop_size * 2 // 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegmentEvalConfig(Machinery):
     """mIoU, mean and overall accuracy and per-class IoU of a segmentation checkpoint."""
 

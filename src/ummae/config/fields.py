@@ -9,13 +9,17 @@ field metadata that one validator, :func:`check_fields`, checks and words its re
 
 Rules between fields (a stride no larger than the crop, a required data set) stay in the
 configs' ``validate`` methods, written out.
+
+Every command's config derives from :class:`Options`: frozen (a config is resolved once,
+:func:`ummae.config.resolve.resolve`, and never assigned to afterwards), with its
+:class:`Provenance`, where each option's value came from, as a declared field.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from ummae.errors import UsageError
@@ -57,9 +61,61 @@ def option(default, help_: str, *, required: bool = False, **accepts):
     return field(default=default, metadata={"help": help_, "required": required, **accepts})
 
 
+# Where an option's value came from (Provenance.sources): the levels of
+# :func:`ummae.config.resolve.resolve`, lowest first. A ``--config`` value's source names the
+# recipe (``recipe NAME``) or the YAML file (``config FILE``).
+DEFAULT = "default"
+FLAG = "flag"
+RESUMED = "resumed run"
+WEIGHTS = "weights"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where each option of a config came from: ``sources`` maps an option to its level
+    (:data:`DEFAULT` when it is not named), ``config`` is the ``--config`` given (a recipe's
+    name or a YAML file), ``recipe`` the recipe among them, whose total batch the run splits
+    over its processes."""
+
+    sources: Mapping[str, str] = field(default_factory=dict)
+    config: str | None = None
+    recipe: str | None = None
+
+    def source(self, name: str) -> str:
+        return self.sources.get(name, DEFAULT)
+
+    def config_source(self) -> str:
+        """The source of the ``--config`` values: ``recipe NAME`` or ``config FILE``."""
+        return f"recipe {self.recipe}" if self.recipe else f"config {self.config}"
+
+    def given(self) -> set[str]:
+        """The options the user set (``--config`` and flags): what a resumed run refuses to
+        see contradicted. A value derived from them (a recipe's batch split) is not one."""
+        return {name for name, source in self.sources.items() if source in (FLAG, self.config_source())}
+
+    def flagged(self) -> set[str]:
+        return {name for name, source in self.sources.items() if source == FLAG}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The root of every command's config: frozen, and the provenance of its values. Its
+    options are its fields but ``provenance`` (:meth:`options`)."""
+
+    provenance: Provenance = field(default=Provenance(), compare=False, repr=False, kw_only=True)
+
+    @classmethod
+    def options(cls) -> list[Field]:
+        """The option fields (each a flag, a YAML key and a ``config.yaml`` entry)."""
+        return [f for f in fields(cls) if f.name != "provenance"]
+
+    def option_values(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in self.options()}
+
+
 def check_fields(cfg) -> None:
-    """The one validator: every field of ``cfg`` against what its metadata accepts."""
-    for f in fields(cfg):
+    """The one validator: every option of ``cfg`` against what its metadata accepts."""
+    for f in cfg.options():
         value = getattr(cfg, f.name)
         why = refusal(f.metadata, value)
         if why is not None:

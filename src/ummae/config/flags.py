@@ -1,7 +1,9 @@
 """Options from a YAML file and from command-line flags generated from the config's fields (one
 flag per field, so nothing is declared twice), coerced to the fields' types.
 
-Precedence: dataclass default < ``--config file.yaml`` < explicit command-line flag.
+Precedence: dataclass default < ``--config file.yaml`` (or a recipe) < explicit command-line flag;
+the levels above those (a resumed run's settings, what the weights name) are
+:func:`ummae.config.resolve.resolve`'s.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ummae.config.fields import FLAG, Provenance
 from ummae.config.recipes import RECIPES
 from ummae.errors import UsageError
 
@@ -95,7 +97,7 @@ def builtin_configs(cls=None):
     names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
     if cls is None:
         return names + list(RECIPES)
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in cls.options()}
     names = [n for n in names if set(yaml.safe_load((BUILTIN_CONFIGS / f"{n}.yaml").read_text()) or {}) <= known]
     return names + [n for n, r in RECIPES.items() if set(r.options()) <= known]
 
@@ -103,7 +105,7 @@ def builtin_configs(cls=None):
 def load_yaml(cls, path: str | Path) -> dict[str, Any]:
     """Load a YAML file of options, or a built-in config by name (``demo``, a recipe, ...). A
     recipe gives its batch split for the reference's 8 processes; the run derives the split
-    for its own number (:func:`ummae.config.recipes.resolve_recipe_batch`)."""
+    for its own number (:func:`ummae.config.recipes.split_recipe_batch`)."""
     if str(path) in RECIPES and not Path(path).is_file():
         recipe = RECIPES[str(path)]
         if str(path) not in builtin_configs(cls):
@@ -117,7 +119,7 @@ def load_yaml(cls, path: str | Path) -> dict[str, Any]:
             f"config file not found: {path} (built-in configs: {', '.join(builtin_configs(cls)) or 'none'})"
         )
     data = _read_options_file(path)
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in cls.options()}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -154,7 +156,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     argparse does not demand it: a ``--config`` file may give it (the config checks it)."""
     hints = typing.get_type_hints(cls)
     shown_required = False
-    for f in fields(cls):
+    for f in cls.options():
         action = _add_flag(parser, f, hints[f.name])
         if f.metadata.get("required"):
             action.shown_required = True
@@ -195,21 +197,16 @@ class _UsageShowsRequired(argparse.HelpFormatter):
 
 
 def config_from_args(cls, args: argparse.Namespace):
-    """Build and validate ``cls`` from parsed args (with optional ``args.config`` YAML)."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(load_yaml(cls, args.config))
-    flags = {}
-    for f in fields(cls):
-        if hasattr(args, f.name):
-            flags[f.name] = _coerce(cls, f.name, getattr(args, f.name))
+    """The user's config of ``cls`` from parsed args: defaults < ``--config`` (a YAML file or
+    a recipe) < explicit flags, validated, with the source of every value the user set in its
+    provenance. What a run derives beyond that (a recipe's batch split, a resumed run's
+    settings, the model the weights name) is :func:`ummae.config.resolve.resolve`'s."""
     name = getattr(args, "config", None)
-    recipe = RECIPES[name] if name in RECIPES and not Path(name).is_file() else None  # load_yaml checked its command
-    overridden = {k: v for k, v in flags.items() if recipe is not None and k in values and values[k] != v}
-    values.update(flags)
-    cfg = cls(**values)
-    cfg._given = set(values)  # what the user set (YAML or flags): a resumed run refuses contradictions
-    if recipe is not None:  # the run splits its total batch over its processes (tasks.base.run)
-        cfg._recipe, cfg._flags, cfg._overridden = recipe.name, set(flags), overridden
+    values = load_yaml(cls, name) if name else {}
+    flags = {f.name: _coerce(cls, f.name, getattr(args, f.name)) for f in cls.options() if hasattr(args, f.name)}
+    recipe = name if name in RECIPES and not Path(name).is_file() else None  # load_yaml checked its command
+    from_config = Provenance(config=name, recipe=recipe).config_source()
+    sources = {**dict.fromkeys(values, from_config), **dict.fromkeys(flags, FLAG)}
+    cfg = cls(**{**values, **flags}, provenance=Provenance(sources, name, recipe))
     cfg.validate()
     return cfg

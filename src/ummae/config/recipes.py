@@ -181,18 +181,18 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-def resolve_recipe_batch(cfg, world_size: int) -> list[str]:
-    """A run of a recipe (``--config NAME``): its per-process batch and accumulation for
-    ``world_size`` processes, set on ``cfg``, keeping the recipe's total batch. A flag given
+def split_recipe_batch(cfg, world_size: int) -> tuple[dict[str, int], list[str]]:
+    """A run of a recipe (``--config NAME``, in ``cfg.provenance``): the per-process batch and
+    accumulation for ``world_size`` processes that keep the recipe's total batch. A flag given
     for one of the two fixes it and the other is derived; both given override the total.
-    Returns the log lines: the split, and the recipe values the flags overrode. A config not
-    from a recipe is left as it is (no lines)."""
-    name = getattr(cfg, "_recipe", None)
+    Returns ``(the derived values, the log lines)``: the split, and the recipe values the flags
+    overrode. A config not from a recipe derives nothing (no lines)."""
+    name = cfg.provenance.recipe
     if name is None:
-        return []
-    recipe, flags = RECIPES[name], getattr(cfg, "_flags", set())
-    overridden = getattr(cfg, "_overridden", {})
+        return {}, []
+    recipe, flags = RECIPES[name], cfg.provenance.flagged()
     lines = []
+    overridden = _overridden(cfg, recipe)
     if overridden:
         lines.append(
             f"recipe {name}: flags override "
@@ -205,7 +205,7 @@ def resolve_recipe_batch(cfg, world_size: int) -> list[str]:
             f"recipe {name}: total batch {total} = {cfg.batch_size} per process x {cfg.accum_iter} accumulation x "
             f"{world_size} processes, given by flags (the recipe's: {recipe.total_batch})"
         )
-        return lines
+        return {}, lines
     if world_size < 1 or recipe.total_batch % world_size:
         split_batch(recipe.total_batch, recipe.ref_batch, world_size, name)  # refuses, in one line
     share = recipe.total_batch // world_size
@@ -215,7 +215,7 @@ def resolve_recipe_batch(cfg, world_size: int) -> list[str]:
                 f"recipe {name}: --batch-size {cfg.batch_size} does not divide the {share} images per process of its "
                 f"total batch {recipe.total_batch} on {world_size} processes (give --accum-iter too to change the total)"
             )
-        batch, accum = cfg.batch_size, share // cfg.batch_size
+        derived = {"accum_iter": share // cfg.batch_size}
     elif "accum_iter" in flags and "batch_size" not in flags:
         if share % cfg.accum_iter:
             raise UsageError(
@@ -223,15 +223,25 @@ def resolve_recipe_batch(cfg, world_size: int) -> list[str]:
                 f"total batch {recipe.total_batch} on {world_size} processes (give --batch-size too to change the "
                 f"total)"
             )
-        batch, accum = share // cfg.accum_iter, cfg.accum_iter
+        derived = {"batch_size": share // cfg.accum_iter}
     else:
         batch, accum = split_batch(recipe.total_batch, recipe.ref_batch, world_size, name)
-    cfg.batch_size, cfg.accum_iter = batch, accum
-    # a resumed run may have another number of processes: the split derived here is no setting
-    # of the run, the checkpoint's is taken (and the change of total batch logged)
-    cfg._given = set(getattr(cfg, "_given", set())) - ({"batch_size", "accum_iter"} - flags)
-    lines.append(describe_split(recipe, batch, accum, world_size))
-    return lines
+        derived = {"batch_size": batch, "accum_iter": accum}
+    split = {"batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter, **derived}
+    lines.append(describe_split(recipe, split["batch_size"], split["accum_iter"], world_size))
+    return derived, lines
+
+
+def _overridden(cfg, recipe: Recipe) -> dict[str, Any]:
+    """The flags of ``cfg`` that replaced a value of ``recipe`` (as written for its 8
+    processes), in the order of the options."""
+    theirs = recipe.options()
+    flags = cfg.provenance.flagged()
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in cfg.options()
+        if f.name in flags and f.name in theirs and theirs[f.name] != getattr(cfg, f.name)
+    }
 
 
 def recipes_text(name: str | None = None) -> str:

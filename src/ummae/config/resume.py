@@ -3,9 +3,8 @@ checkpoint (whose ``config`` is :func:`ummae.engine.run.config_record`)."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from ummae.errors import UsageError
 
@@ -18,30 +17,22 @@ MAY_CHANGE_ON_RESUME = frozenset({
 })  # fmt: skip
 
 
-def given_fields(cfg) -> set:
-    """Options the user set: flags and YAML keys (:func:`ummae.config.config_from_args` records
-    them); for a config built in code, the fields that differ from their defaults."""
-    given = getattr(cfg, "_given", None)
-    if given is not None:
-        return set(given)
-    return {f.name for f in fields(cfg) if f.default is not dataclasses.MISSING and getattr(cfg, f.name) != f.default}
-
-
-def settings_from_checkpoint(cfg, logger=None):
+def settings_from_checkpoint(cfg, values: dict[str, Any], given: set[str], logger=None) -> dict[str, Any]:
     """``--resume``: the run continues with the settings it was started with, read from its
-    checkpoint. An option left out takes the checkpoint's value; one given that contradicts it
-    is refused, unless it is one a resumed run may change (MAY_CHANGE_ON_RESUME); every
+    checkpoint. Returns the checkpoint's value of every option of ``values`` (the options of
+    ``cfg`` so far) the user left out (not in ``given``); one given that contradicts it is
+    refused, unless it is one a resumed run may change (MAY_CHANGE_ON_RESUME); every
     difference is logged."""
-    if not cfg.resume:
-        return cfg
-    path = Path(cfg.output) / "checkpoint-last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-    if cfg.resume == "auto" and not path.exists():
-        return cfg
+    if not values.get("resume"):  # not resumed, or a command that does not train
+        return {}
+    path = Path(values["output"]) / "checkpoint-last.pth" if values["resume"] == "auto" else Path(values["resume"])
+    if values["resume"] == "auto" and not path.exists():
+        return {}
     # imported here: the checkpoint reader loads torch, which `ummae --help` must not
     from ummae.weights import io as ckpt
 
     saved = ckpt.load(path, mmap=True).get("config") or {}
-    taken, changed, conflicts = _compare_with_saved(cfg, saved)
+    taken, changed, conflicts = _compare_with_saved(cfg, values, given, saved)
     if conflicts:
         raise UsageError(
             f"--resume {path}: {'; '.join(conflicts)}: a resumed run keeps the settings it was started with; only "
@@ -50,33 +41,35 @@ def settings_from_checkpoint(cfg, logger=None):
         )
     if logger is not None:
         if taken:
-            logger.info("resume: the run's settings from %s: %s", path, ", ".join(taken))
+            logger.info(
+                "resume: the run's settings from %s: %s", path, ", ".join(_flag(k, v) for k, v in taken.items())
+            )
         if changed:
             logger.info("resume: changed for the rest of the run: %s", ", ".join(changed))
-    return cfg
+    return taken
 
 
-def _compare_with_saved(cfg, saved: dict) -> tuple[list[str], list[str], list[str]]:
-    """Takes the checkpoint's value of every option the user left out; returns the options
-    taken, those changed (allowed) and those that contradict the run, each as flag text."""
-    given = given_fields(cfg)
+def _flag(name: str, value: Any) -> str:
+    return f"--{name.replace('_', '-')} {value!r}"
+
+
+def _compare_with_saved(cfg, values: dict[str, Any], given: set[str], saved: dict) -> tuple[dict, list, list]:
+    """The checkpoint's value of every option the user left out; the options changed
+    (allowed) and those that contradict the run, each as flag text."""
     # model options whose None means "the model's default": an explicit default is the same
     # model, which the resume itself checks on the resolved options (ckpt.check_compatible)
     model_options = set(cfg.model_kwargs()) if hasattr(cfg, "model_kwargs") else set()
-    taken, changed, conflicts = [], [], []
-    for f in fields(cfg):
-        if f.name not in saved:
+    taken, changed, conflicts = {}, [], []
+    for name, ours in values.items():
+        if name not in saved:
             continue
-        theirs = tuple(saved[f.name]) if isinstance(saved[f.name], list) else saved[f.name]
-        ours = getattr(cfg, f.name)
-        if ours == theirs or (f.name in model_options and f.name in given and None in (ours, theirs)):
+        theirs = tuple(saved[name]) if isinstance(saved[name], list) else saved[name]
+        if ours == theirs or (name in model_options and name in given and None in (ours, theirs)):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in MAY_CHANGE_ON_RESUME:
-            changed.append(f"{flag} {theirs!r} -> {ours!r}")
-        elif f.name in given:
-            conflicts.append(f"{flag} {ours!r} (the run has {theirs!r})")
+        if name in MAY_CHANGE_ON_RESUME:
+            changed.append(f"{_flag(name, theirs)} -> {ours!r}")
+        elif name in given:
+            conflicts.append(f"{_flag(name, ours)} (the run has {theirs!r})")
         else:
-            setattr(cfg, f.name, theirs)
-            taken.append(f"{flag} {theirs!r}")
+            taken[name] = theirs
     return taken, changed, conflicts

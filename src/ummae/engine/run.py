@@ -11,7 +11,6 @@ writes nothing) are held by an :class:`EarlyLines` handler on the ``ummae`` logg
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import shutil
@@ -31,8 +30,9 @@ RUN_FILE_NAMES = ("metrics.jsonl", "tensorboard", "pretrained_load.txt", "log.tx
 
 def config_record(cfg) -> dict[str, Any]:
     """A config dataclass as plain values (tuples as lists): what ``config.yaml`` and a
-    checkpoint's ``config`` hold, and what ``--config`` and ``--resume`` read back."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    checkpoint's ``config`` hold, and what ``--config`` and ``--resume`` read back: its options,
+    not their provenance."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.option_values().items()}
 
 
 def run_files(out: Path) -> list[Path]:

@@ -2,9 +2,10 @@
 
 A :class:`Task` says what is particular to a command: its checks, its data and model, the
 optimiser, the loss step, the validation and the log lines. :func:`run` does everything else,
-once, in this order: validate the options, take a resumed run's settings from its checkpoint,
-let the task check the rest and the weights files named (cheap: no data scanned, no model
-built), claim the output folder and join the process group (:func:`~ummae.engine.run.training_run`), build data and model, the
+once, in this order: resolve the config (:func:`ummae.config.resolve.resolve`: a recipe's
+batch split, a resumed run's settings, what the weights name), let the task check the rest and
+the weights files named (cheap: no data scanned, no model built; the build reads each file no
+more: :class:`~ummae.weights.load.OneReadPerFile`), claim the output folder and join the process group (:func:`~ummae.engine.run.training_run`), build data and model, the
 loaders and the optimiser, and train with the one :class:`~ummae.engine.trainer.Trainer`.
 
 ``ummae pretrain``, ``finetune``, ``linprobe``, ``detect train`` and ``segment train`` are each
@@ -23,20 +24,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ummae.config import settings_from_checkpoint
-from ummae.config.recipes import resolve_recipe_batch
+from ummae.config import resolve
 from ummae.data import build_train_loader
 from ummae.engine.dist import DistInfo, loader_workers
+from ummae.engine.hooks import Evaluate
 from ummae.engine.run import training_run
 from ummae.engine.trainer import Trainer
 from ummae.errors import CheckpointError, UsageError
 from ummae.models.registry import model_kind
-from ummae.weights.load import LoadReport, read_weights
+from ummae.weights.load import LoadReport, OneReadPerFile, read_weights
 
 log = logging.getLogger("ummae")
 
 StepFn = Callable[[nn.Module, Any, torch.Generator], dict[str, torch.Tensor]]
-Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
 @dataclass
@@ -74,9 +74,15 @@ class Task:
 
     best_metric = "acc1"  # the validation figure (higher = better) that picks checkpoint-best.pth
 
+    def from_weights(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The options derived from the weights files that ``values`` (the options resolved so
+        far) name: the last level of :func:`ummae.config.resolve.resolve`. A file is checked
+        here, before anything is derived from it."""
+        return {}
+
     def check(self, cfg) -> None:
-        """Refuse bad options and weights files before anything expensive (after ``cfg``'s
-        own validation and a resumed run's settings)."""
+        """Refuse bad options and weights files before anything expensive (on the resolved
+        config)."""
 
     def build(self, cfg, ctx: RunContext) -> Parts:
         raise NotImplementedError
@@ -136,52 +142,58 @@ def recorded_kind(meta: dict[str, Any]) -> str | None:
 
 def run(task: Task, cfg) -> dict[str, Any]:
     """Train ``task`` as ``cfg`` says; returns the Trainer's summary."""
-    cfg.validate()
-    # a recipe's total batch over this run's processes (torchrun's WORLD_SIZE, known before they join)
-    recipe_lines = resolve_recipe_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    settings_from_checkpoint(cfg, log)  # a resumed run continues with its own settings
-    task.check(cfg)
-    with training_run(cfg) as (info, device, precision):
-        for line in recipe_lines if info.is_main else ():
-            log.info(line)
-        ctx = RunContext(info, device, precision, loader_workers(cfg.num_workers))
-        parts = task.build(cfg, ctx)
-        model = parts.model.to(device)
-        collate = {"collate_fn": parts.collate} if parts.collate is not None else {}
-        loader, sampler = build_train_loader(
-            parts.train,
-            cfg.batch_size,
-            ctx.workers,
-            info.world_size,
-            info.rank,
-            cfg.seed,
-            pin_memory=ctx.pin,
-            **collate,
-        )
-        lr = cfg.effective_lr(info.world_size)
-        optimizer = task.optimizer(cfg, model, lr, device)
-        if info.is_main:
-            Path(cfg.output).mkdir(parents=True, exist_ok=True)
-            task.describe(cfg, ctx, parts, lr)
-        evaluate, eval_every = task.evaluator(cfg, ctx, parts)
-        trainer = Trainer(
-            cfg,
-            model,
-            optimizer,
-            loader,
-            sampler,
-            device,
-            precision,
-            lr,
-            info,
-            task.step(cfg, parts),
-            evaluate=evaluate,
-            eval_every=eval_every,
-            ema=task.ema(cfg, model),
-            best_metric=task.best_metric,
-        )
-        task.started(trainer)
-        summary = trainer.fit()
-        if info.is_main:
-            task.finished(cfg, summary)
-        return summary
+    with OneReadPerFile() as reads:  # the check of a weights file and the build share one read
+        # a recipe's total batch over this run's processes (torchrun's WORLD_SIZE, known before they join)
+        cfg, recipe_lines = resolve(cfg, int(os.environ.get("WORLD_SIZE", "1")), task.from_weights, log)
+        task.check(cfg)
+        with training_run(cfg) as (info, device, precision):
+            for line in recipe_lines if info.is_main else ():
+                log.info(line)
+            trainer = _trainer(task, cfg, RunContext(info, device, precision, loader_workers(cfg.num_workers)))
+            reads.close()  # every weights file is read: the run does not hold them while it trains
+            summary = trainer.fit()
+            if info.is_main:
+                task.finished(cfg, summary)
+            return summary
+
+
+def _trainer(task: Task, cfg, ctx: RunContext) -> Trainer:
+    """The task's data, model, loader and optimiser, and the Trainer that trains them."""
+    info, device = ctx.info, ctx.device
+    parts = task.build(cfg, ctx)
+    model = parts.model.to(device)
+    collate = {"collate_fn": parts.collate} if parts.collate is not None else {}
+    loader, sampler = build_train_loader(
+        parts.train,
+        cfg.batch_size,
+        ctx.workers,
+        info.world_size,
+        info.rank,
+        cfg.seed,
+        pin_memory=ctx.pin,
+        **collate,
+    )
+    lr = cfg.effective_lr(info.world_size)
+    optimizer = task.optimizer(cfg, model, lr, device)
+    if info.is_main:
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        task.describe(cfg, ctx, parts, lr)
+    evaluate, eval_every = task.evaluator(cfg, ctx, parts)
+    trainer = Trainer(
+        cfg,
+        model,
+        optimizer,
+        loader,
+        sampler,
+        device,
+        ctx.precision,
+        lr,
+        info,
+        task.step(cfg, parts),
+        evaluate=evaluate,
+        eval_every=eval_every,
+        ema=task.ema(cfg, model),
+        best_metric=task.best_metric,
+    )
+    task.started(trainer)
+    return trainer

@@ -24,7 +24,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars
 from timm.utils import ModelEmaV3
 
-from ummae.config import EvalConfig, FinetuneConfig, LinprobeConfig
+from ummae.config import EvalConfig, FinetuneConfig, LinprobeConfig, resolve
 from ummae.data import build_classify_dataset, build_classify_transform, build_eval_loader
 from ummae.engine import dist as udist
 from ummae.engine.optim import build_optimizer
@@ -35,7 +35,7 @@ from ummae.models.classifier import check_classifier, classifier_for
 from ummae.models.registry import create_model, list_models, model_kind
 from ummae.tasks.base import Parts, RunContext, Task, check_weights_file, run
 from ummae.weights.build import build_from_checkpoint
-from ummae.weights.load import load_pretrained, log_load_report, read_weights
+from ummae.weights.load import OneReadPerFile, load_pretrained, log_load_report, read_weights
 
 log = logging.getLogger("ummae")
 
@@ -128,12 +128,12 @@ def _weights_model(path: str) -> tuple:
     return meta.get("model_name"), meta.get("source_model")
 
 
-def model_from_weights(cfg, path: str | None, flag: str, what: str) -> None:
-    """``--model`` left out: the classifier the weights name (a classifier checkpoint's own
-    model; a pre-training checkpoint's registered classifier, ``registry.classifier_for``), said in
-    the log; one clear error when nothing names one."""
-    if cfg.model:
-        return
+def model_from_weights(model: str | None, path: str | None, flag: str, what: str) -> str:
+    """The classifier to build: ``model`` (``--model``), or when it is left out the one the
+    weights name (a classifier checkpoint's own model; a pre-training checkpoint's registered classifier,
+    ``registry.classifier_for``), said in the log; one clear error when nothing names one."""
+    if model:
+        return model
     if not path:
         raise UsageError(
             f"{what} from scratch (no --pretrained) needs --model: a registered classifier "
@@ -151,16 +151,26 @@ def model_from_weights(cfg, path: str | None, flag: str, what: str) -> None:
             f"(`ummae models --kind classify`)"
         )
     if model_kind(name) == "pretrain":
-        cfg.model = classifier_for(name)
+        model = classifier_for(name)
         how = f"the classifier of the pre-training model {name} ({flag} {path})"
     elif source and source != name and source in list_models() and model_kind(source) == "pretrain":
-        cfg.model = name
+        model = name
         how = f"the classifier of the pre-training model {source} ({flag} {path}, an export of its encoder)"
     else:
-        cfg.model = name
+        model = name
         how = f"the classifier {flag} {path} holds"
     if int(os.environ.get("RANK", "0")) == 0:
-        log.info("--model %s: %s", cfg.model, how)
+        log.info("--model %s: %s", model, how)
+    return model
+
+
+def classifier_from_weights(values: dict[str, Any], option: str, what: str) -> dict[str, Any]:
+    """The weights level of a classifier command's config (:func:`ummae.config.resolve.resolve`):
+    the weights file of ``option`` checked (an encoder to start from, or a classifier), then
+    ``model`` from it when ``--model`` is left out."""
+    flag = "--" + option.replace("_", "-")
+    check_weights_file(values[option], flag, encoder=True)
+    return {"model": model_from_weights(values["model"], values[option], flag, what)}
 
 
 def classify_step(cfg: FinetuneConfig, num_classes: int) -> ClassifyStep:
@@ -202,9 +212,10 @@ class ClassifyTask(Task):
     what = "classification"
     probe = False  # linear probing: BatchNorm + linear head on the frozen encoder
 
+    def from_weights(self, values: dict[str, Any]) -> dict[str, Any]:
+        return classifier_from_weights(values, "pretrained", self.what)
+
     def check(self, cfg) -> None:
-        check_weights_file(cfg.pretrained, encoder=True)
-        model_from_weights(cfg, cfg.pretrained, "--pretrained", self.what)
         check_classifier(cfg.model)
 
     def model_options(self, cfg) -> dict[str, Any]:
@@ -336,14 +347,20 @@ def load_classifier(cfg, path: str, ema: bool = False) -> nn.Module:
     return model
 
 
+def _model_of_checkpoint(values: dict[str, Any]) -> dict[str, Any]:
+    """The weights level of ``ummae eval``'s config: ``--model`` from ``--checkpoint`` when left out."""
+    return {"model": model_from_weights(values["model"], values["checkpoint"], "--checkpoint", "evaluation")}
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """``ummae eval``: top-1 / top-5 of a classifier checkpoint on a split."""
-    cfg.validate()
-    model_from_weights(cfg, cfg.checkpoint, "--checkpoint", "evaluation")
-    check_classifier(cfg.model)
+    with OneReadPerFile():  # the model named by the checkpoint and the model built from it: one read
+        cfg, _ = resolve(cfg, weights=_model_of_checkpoint)
+        check_classifier(cfg.model)
+        model = load_classifier(cfg, cfg.checkpoint, ema=cfg.ema)  # refused before the data is scanned
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
-        model = load_classifier(cfg, cfg.checkpoint, ema=cfg.ema).to(device)  # refused before the data is scanned
+        model = model.to(device)
         ds = build_classify_dataset(cfg.data, cfg.split, None, cfg.data_root)
         if ds.num_classes > model.num_classes:
             raise UsageError(f"the data has {ds.num_classes} classes but the classifier only {model.num_classes}")

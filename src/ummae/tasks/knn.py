@@ -12,16 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ummae.config import KnnConfig
+from ummae.config import KnnConfig, resolve
 from ummae.data import build_classify_dataset, build_classify_transform, build_eval_loader
 from ummae.engine import dist as udist
 from ummae.engine.precision import autocast, resolve_precision
 from ummae.engine.progress import progress
 from ummae.models.classifier import check_classifier
 from ummae.models.registry import create_model
-from ummae.tasks.base import check_weights_file
-from ummae.tasks.classify import VAL_IS_TRAIN, model_from_weights, same_images
-from ummae.weights.load import load_pretrained
+from ummae.tasks.classify import VAL_IS_TRAIN, classifier_from_weights, same_images
+from ummae.weights.load import OneReadPerFile, load_pretrained
 
 log = logging.getLogger("ummae")
 
@@ -68,10 +67,13 @@ def extract_features(
 
 def run_knn(cfg: KnnConfig) -> dict[str, Any]:
     """``ummae knn``: weighted kNN top-1 of the frozen encoder of ``--pretrained``."""
-    cfg.validate()
-    check_weights_file(cfg.pretrained, encoder=True)  # a wrong file is refused before the data is scanned
-    model_from_weights(cfg, cfg.pretrained, "--pretrained", "kNN evaluation")
-    check_classifier(cfg.model)
+    with OneReadPerFile():  # the check of --pretrained (before the data is scanned) and the load: one read
+        cfg, _ = resolve(cfg, weights=lambda values: classifier_from_weights(values, "pretrained", "kNN evaluation"))
+        check_classifier(cfg.model)
+        return _knn(cfg)
+
+
+def _knn(cfg: KnnConfig) -> dict[str, Any]:
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
         train_ds = build_classify_dataset(cfg.data, "train", None, cfg.data_root)

@@ -92,7 +92,7 @@ class ReconstructionPictures:
         out = reconstruct(model, imgs, torch.Generator(device=self.device).manual_seed(self.seed))
         titles, panels = panels_from_output(model, imgs, out)
         picture = compose_grid(panels, titles)
-        path = self.out / f"recon-epoch{self.trainer.epoch + 1:04d}.png"
+        path = self.out / f"recon-epoch{self.trainer.epoch:04d}.png"  # run after a pass: epochs done
         picture.save(path)
         if self.trainer.metrics.tb is not None:
             self.trainer.metrics.tb.add_image("recon", np.asarray(picture), self.trainer.update, dataformats="HWC")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,40 @@ def _group(items: dict[str, str]) -> dict[str, str]:
     return out
 
 
+class OneReadPerFile:
+    """While open (``with OneReadPerFile() as reads:``), :func:`read_weights` reads each file
+    once, a reference checkpoint converted once: a command's check of a weights file and its
+    build share one read. :meth:`close` lets the reads go (before training: the run does not
+    hold them)."""
+
+    def __init__(self):
+        self.files: dict[tuple[str, int, int], tuple] | None = {}
+        self._token = None
+
+    def __enter__(self) -> OneReadPerFile:
+        self._token = _READS.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        _READS.reset(self._token)
+
+    def close(self) -> None:
+        self.files = None  # the reads go; any later one reads the file
+
+    def read(self, path: Path, read: Callable[[], tuple]) -> tuple:
+        if self.files is None:
+            return read()
+        st = path.stat()  # keyed by the file itself: a checkpoint replaced meanwhile is read anew
+        key = (str(path.resolve()), st.st_ino, st.st_mtime_ns)
+        if key not in self.files:
+            self.files[key] = read()
+        return self.files[key]
+
+
+_READS: ContextVar[OneReadPerFile | None] = ContextVar("ummae_weight_reads", default=None)
+
+
 def read_weights(
     path: str | Path, ema: bool = False, tensors: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -95,49 +131,71 @@ def read_weights(
     ``meta`` has ``model_name`` and ``model_args`` when the file records them. ``ema``: the
     EMA weights a fine-tuning run with ``--ema`` keeps beside the raw ones. ``tensors=False``:
     ``meta`` without reading the weights (a safetensors file's header; a ``.pth`` mapped, not
-    loaded), for commands that only need to know what the file holds."""
+    loaded), for commands that only need to know what the file holds. Inside
+    :class:`OneReadPerFile` a file is read once, whole (a ``.pth`` mapped), for every call."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        if ema:
-            raise CheckpointError(
-                f"{path} is an exported file with one set of weights; --ema applies to fine-tuning checkpoints (.pth)"
-            )
+    if ema and path.suffix == ".safetensors":
+        raise CheckpointError(
+            f"{path} is an exported file with one set of weights; --ema applies to fine-tuning checkpoints (.pth)"
+        )
+    reads = _READS.get()
+    if reads is None:
+        kind, content = _read_file(path, tensors)
+    else:
+        kind, content = reads.read(path, lambda: _read_file(path, tensors=True, mmap=True))
+    if kind == "reference" and ema:
+        raise CheckpointError(
+            f"{path} is a reference checkpoint with one set of weights; --ema applies to ummae fine-tuning checkpoints"
+        )
+    if kind != "ours":
+        state, meta = content
+        return dict(state), dict(meta)
+    ck = content
+    if ema and "ema" not in ck:
+        raise CheckpointError(f"{path} holds no EMA weights (its run was not started with --ema)")
+    return dict(ck["ema" if ema else "model"]), {
+        "model_name": ck.get("model_name"),
+        "model_args": ck.get("model_args", {}),
+        "source_model": ck.get("model_name"),
+    }
 
+
+def _read_file(path: Path, tensors: bool, mmap: bool = False) -> tuple[str, Any]:
+    """``(kind, content)`` of a weights file: ``("export", (state, meta))`` of a safetensors
+    file, ``("reference", (state, meta))`` of a reference checkpoint, converted, or
+    ``("ours", checkpoint)``. ``tensors=False``: a safetensors file's header only, a ``.pth``
+    mapped; ``mmap``: a ``.pth`` mapped (its tensors read when touched)."""
+    if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (a safe_open handle, not a dict)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
-        info: dict[str, Any] = {
-            "model_name": meta.get("model_name"),
-            "source_model": meta.get("source_model"),
-            "contents": meta.get("contents"),
-        }
-        if "model_args" in meta:
-            try:
-                info["model_args"] = json.loads(meta["model_args"])
-            except ValueError:
-                info["model_args"] = None
-            if not isinstance(info["model_args"], dict):
-                raise CheckpointError(f"{path}: its metadata model_args is not a JSON mapping of options")
-        return state, info
-    ck = ckpt.load(path, mmap=not tensors)
+        return "export", (state, _export_info(meta, path))
+    ck = ckpt.load(path, mmap=mmap or not tensors)
     if is_foreign(ck):  # the reference's / MAE's published weights: converted on the fly
-        if ema:
-            raise CheckpointError(
-                f"{path} is a reference checkpoint with one set of weights; --ema applies to ummae fine-tuning checkpoints"
-            )
-        return convert_checkpoint(ck, str(path))
-    if ema and "ema" not in ck:
-        raise CheckpointError(f"{path} holds no EMA weights (its run was not started with --ema)")
-    return ck["ema" if ema else "model"], {
-        "model_name": ck.get("model_name"),
-        "model_args": ck.get("model_args", {}),
-        "source_model": ck.get("model_name"),
+        return "reference", convert_checkpoint(ck, str(path))
+    return "ours", ck
+
+
+def _export_info(meta: dict[str, str], path: Path) -> dict[str, Any]:
+    """The ummae metadata of a safetensors export, ``model_args`` parsed."""
+    info: dict[str, Any] = {
+        "model_name": meta.get("model_name"),
+        "source_model": meta.get("source_model"),
+        "contents": meta.get("contents"),
     }
+    if "model_args" in meta:
+        try:
+            info["model_args"] = json.loads(meta["model_args"])
+        except ValueError:
+            info["model_args"] = None
+        if not isinstance(info["model_args"], dict):
+            raise CheckpointError(f"{path}: its metadata model_args is not a JSON mapping of options")
+    return info
 
 
 def log_load_report(report: LoadReport | None, out: Path, what: str = "the model") -> None:
