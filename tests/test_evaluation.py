@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 import _eval_ranks as ranks
-from _helpers import _free_port
+from _helpers import torchrun_command
 from ummae.engine.dist import DistInfo
 from ummae.evaluation import inference_on_dataset
 from ummae.evaluation.classification import FeatureBank, KnnEvaluator, TopKAccuracy, model_outputs
@@ -266,18 +265,7 @@ def test_evaluators__two_gloo_ranks_give_every_rank_the_one_process_figures(coco
     and COCO AP do not (the fp32 per-batch cross-entropy sum only up to rounding)."""
     one = ranks.all_figures(coco_root, DistInfo())
     out = tmp_path / "ranks.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        str(Path(ranks.__file__)),
-        str(coco_root),
-        str(out),
-    ]
+    cmd = torchrun_command([str(Path(ranks.__file__)), str(coco_root), str(out)])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     every_rank = json.loads(out.read_text())

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _eval_ranks import Thresholds
 from ummae.config import SegmentConfig
 from ummae.evaluation.segmentation import confusion_matrix, segmentation_metrics
 from ummae.models.upernet import SegmenterInference
@@ -323,21 +324,6 @@ def test_metrics__equal_a_plain_numpy_confusion_matrix(k, n, seed, p_ignore):
         assert got[key] == pytest.approx(ref[key], rel=1e-12), key
 
 
-class _Thresholds(SegmenterInference, torch.nn.Module):
-    """A stand-in segmenter: 3 classes by the first channel's value (< 80, < 160, else), at
-    full resolution, as logits; images are not normalised."""
-
-    num_classes, ignore_index = 3, 255
-
-    def normalize(self, images):
-        return images.float()
-
-    def logits(self, x):
-        v = x[:, :1]
-        cls = (v >= 80).long() + (v >= 160).long()
-        return F.one_hot(cls[:, 0], 3).permute(0, 3, 1, 2).float() * 5
-
-
 def test_evaluate_segmentation__the_confusion_of_argmax_predictions_against_the_labels():
     """Whole pipeline on images at the test scale (no resize): predicted class per pixel from the
     stand-in's thresholds; the metrics are those of the plain confusion matrix over all images."""
@@ -356,9 +342,8 @@ def test_evaluate_segmentation__the_confusion_of_argmax_predictions_against_the_
         sampler = range(3)
 
     scale = (80, 48)  # long, short: each image already fits it exactly
-    got = evaluate_segmentation(
-        _Thresholds(), Loader(batches), torch.device("cpu"), "fp32", mode="slide", crop=32, stride=21, scale=scale
-    )
+    test = dict(mode="slide", crop=32, stride=21, scale=scale)
+    got = evaluate_segmentation(Thresholds(), Loader(batches), torch.device("cpu"), "fp32", test)
     ref = ref_metrics(np.concatenate(preds), np.concatenate(labs), 3, 255)
     for key in ("mIoU", "mAcc", "aAcc"):
         assert got[key] == pytest.approx(ref[key], rel=1e-9), key

@@ -212,7 +212,7 @@ class DetectTask(Task):
 
     def evaluator(self, cfg, ctx: RunContext, parts: Parts):
         val_ds = parts.val
-        val_loader = eval_loader(val_ds, cfg.batch_size, ctx.workers, ctx.info, ctx.device)
+        val_loader = shard_loader(val_ds, cfg.batch_size, ctx.workers, ctx.info, ctx.device, collate_detection_eval)
         iou_types = coco_iou_types(parts.model)
         measure = validation(
             lambda m: evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types),
@@ -229,11 +229,6 @@ def train(cfg) -> dict[str, Any]:
     return run(DetectTask(), cfg)
 
 
-def eval_loader(dataset, batch_size: int, workers: int, info, device: torch.device):
-    """This rank's shard of ``dataset`` (images rank, rank + R, ...: each image once)."""
-    return shard_loader(dataset, batch_size, workers, info, device, collate_fn=collate_detection_eval)
-
-
 def run_eval(cfg) -> dict[str, Any]:
     """``ummae detect eval``: COCO result JSON and AP of a detection checkpoint."""
     cfg.validate()
@@ -246,7 +241,8 @@ def run_eval(cfg) -> dict[str, Any]:
         out = Path(cfg.output)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
-        loader = eval_loader(ds, cfg.batch_size, udist.loader_workers(cfg.num_workers), info, device)
+        workers = udist.loader_workers(cfg.num_workers)
+        loader = shard_loader(ds, cfg.batch_size, workers, info, device, collate_detection_eval)
         iou_types = coco_iou_types(model)
         results_path = str(out / f"detections_{cfg.split}.json")
         metrics = evaluate_coco(model, ds, loader, device, precision, iou_types, results_path)

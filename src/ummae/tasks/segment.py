@@ -118,22 +118,11 @@ def per_class_table(metrics: dict[str, Any], class_names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_segmentation(
-    model: Segmenter,
-    loader,
-    device: torch.device,
-    precision: str,
-    *,
-    mode: str,
-    crop: int,
-    stride: int,
-    scale: Sequence[int],
-    ratios: Sequence[float] = (1.0,),
-    flip: bool = False,
-) -> dict[str, Any]:
+def evaluate_segmentation(model: Segmenter, loader, device: torch.device, precision: str, test: dict[str, Any]):
     """mIoU, mAcc, aAcc and per-class IoU / Acc of ``model`` over this rank's shard of the
-    images, the confusion matrices of all ranks summed: every rank returns the same figures."""
-    test = dict(mode=mode, crop=crop, stride=stride, scale=scale, ratios=ratios, flip=flip)
+    images with the test settings ``test`` (the arguments of
+    :meth:`~ummae.models.upernet.SegmenterInference.predict_probs` after the image), the
+    confusion matrices of all ranks summed: every rank returns the same figures."""
     return inference_on_dataset(
         model,
         images_of(loader),
@@ -234,7 +223,7 @@ class SegmentTask(Task):
         val_loader = shard_loader(parts.val, 1, ctx.workers, ctx.info, ctx.device, collate_segmentation_eval)
         test = dict(mode=cfg.test_mode, crop=cfg.crop_size, stride=cfg.stride(), scale=tuple(cfg.scale))
         measure = validation(
-            lambda m: scalar_metrics(evaluate_segmentation(m, val_loader, ctx.device, ctx.precision, **test)),
+            lambda m: scalar_metrics(evaluate_segmentation(m, val_loader, ctx.device, ctx.precision, test)),
             parts.val.img_dir,
             parts.train.img_dir,
             cfg.val_split,
@@ -275,7 +264,7 @@ def run_eval(cfg) -> dict[str, Any]:
         )
         workers = udist.loader_workers(cfg.num_workers)
         loader = shard_loader(ds, cfg.batch_size, workers, info, device, collate_segmentation_eval)
-        metrics = evaluate_segmentation(model, loader, device, precision, **test)
+        metrics = evaluate_segmentation(model, loader, device, precision, test)
         if info.is_main:
             _write_eval_report(cfg, args.get("class_names") or ds.class_names, len(ds), metrics, test)
         return scalar_metrics(metrics)
