@@ -150,10 +150,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(args: list[str], timeout: float, nproc: int = 2) -> subprocess.CompletedProcess:
-    """Run ``ummae <args>`` under torchrun on one node (gloo on CPU) and assert it exited 0,
-    showing the tail of both streams when it did not."""
-    cmd = [
+def torchrun_command(target: list[str], nproc: int = 2) -> list[str]:
+    """The command line that runs ``target`` (a script and its arguments, or ``-m`` and a
+    module) under torchrun with ``nproc`` processes on one node."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -161,10 +161,14 @@ def run_torchrun(args: list[str], timeout: float, nproc: int = 2) -> subprocess.
         "--nnodes=1",
         "--master-addr=127.0.0.1",
         f"--master-port={_free_port()}",
-        "-m",
-        "ummae",
-        *args,
+        *target,
     ]
+
+
+def run_torchrun(args: list[str], timeout: float, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run ``ummae <args>`` under torchrun on one node (gloo on CPU) and assert it exited 0,
+    showing the tail of both streams when it did not."""
+    cmd = torchrun_command(["-m", "ummae", *args], nproc)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc

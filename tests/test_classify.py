@@ -31,11 +31,12 @@ from _helpers import (
 from ummae.cli import main
 from ummae.config import EvalConfig, FinetuneConfig, KnnConfig, LinprobeConfig
 from ummae.engine.optim import param_groups
+from ummae.evaluation.classification import knn_scores
 from ummae.models.classifier import Classifier
 from ummae.models.registry import create_model, list_models
 from ummae.tasks import classify as finetune_module
 from ummae.tasks.classify import finetune, linprobe, load_classifier, run_eval
-from ummae.tasks.knn import knn_scores, run_knn
+from ummae.tasks.knn import run_knn
 from ummae.weights import io as ckpt
 from ummae.weights.export import export
 
@@ -273,24 +274,44 @@ def test_run_knn__separates_colour_classes(colour_data, pretrain_ckpt, tmp_path)
 
 
 def test_run_knn__uses_the_temperature_it_is_given(colour_data, pretrain_ckpt, monkeypatch):
-    """Features placed by hand (the extractor is replaced): every val image's 3 nearest
-    training images are two of class 0 at cosine 0.9 and one of class 1 at 0.99. Weighted by
-    exp(sim / T): at T = 1, 2 e^0.9 = 4.9 > e^0.99 = 2.7, class 0 wins (top-1 100 %); at
-    T = 0.05, 2 e^18 = 1.3e8 < e^19.8 = 4.0e8, class 1 wins (0 %)."""
+    """Features placed by hand (the encoder's outputs are replaced; the images and their
+    labels are the data's: 6 training and 3 val images per class, training ones first). A val
+    image of class c sits at e_c; its 3 nearest training images are two of class c at cosine 0.9
+    and one of class c + 1 at 0.99, every other training image is orthogonal to it. Weighted by
+    exp(sim / T): at T = 1, 2 e^0.9 = 4.9 > e^0.99 = 2.7, class c wins (top-1 100 %); at
+    T = 0.05, 2 e^18 = 1.3e8 < e^19.8 = 4.0e8, class c + 1 wins (0 %)."""
+    import collections
+
     import ummae.tasks.knn as knn_module
 
-    q = torch.tensor([1.0, 0.0])
-    train = torch.tensor([[0.9, math.sqrt(1 - 0.81)]] * 2 + [[0.99, math.sqrt(1 - 0.99**2)]] + [[-1.0, 0.0]] * 15)
-    train_labels = torch.tensor([0, 0, 1] + [2] * 15)
-    fake = iter([])
+    def unit(**at: float) -> torch.Tensor:  # e.g. unit(d0=0.9, d3=0.43): a 10-d vector
+        v = torch.zeros(10)
+        for name, x in at.items():
+            v[int(name[1:])] = x
+        return v
 
-    def extract(model, loader, device, precision, desc="features"):
-        return next(fake)
+    def placed_features(seen: collections.Counter):
+        def features(model, batch, device):
+            rows = []
+            for y in batch[1].tolist():
+                if seen.total() < 18:  # a training image: the i-th of its class
+                    i, c = seen[y], (y - 1) % 3
+                    seen[y] += 1
+                    if i < 2:
+                        rows.append(unit(**{f"d{y}": 0.9, f"d{3 + y}": math.sqrt(1 - 0.81)}))
+                    elif i == 2:  # the intruder among the neighbours of class c's val images
+                        rows.append(unit(**{f"d{c}": 0.99, f"d{6 + c}": math.sqrt(1 - 0.99**2)}))
+                    else:
+                        rows.append(unit(d9=1.0))
+                else:
+                    rows.append(unit(**{f"d{y}": 1.0}))
+            return torch.stack(rows)
 
-    monkeypatch.setattr(knn_module, "extract_features", extract)
+        return features
+
     results = {}
     for temperature in (1.0, 0.05):
-        fake = iter([(train, train_labels), (q.expand(9, 2).clone(), torch.zeros(9, dtype=torch.long))])
+        monkeypatch.setattr(knn_module, "model_outputs", placed_features(collections.Counter()))
         results[temperature] = run_knn(
             KnnConfig(
                 model="swin_test",
@@ -313,12 +334,10 @@ def test_evaluation_and_knn_features__log_progress_lines_without_a_terminal(
     with the total and the elapsed time."""
     import functools
 
-    import ummae.tasks.knn as knn_module
+    import ummae.evaluation.base as loop_module
     from ummae.engine.progress import progress
 
-    every_batch = functools.partial(progress, log_every=1)
-    monkeypatch.setattr(finetune_module, "progress", every_batch)
-    monkeypatch.setattr(knn_module, "progress", every_batch)
+    monkeypatch.setattr(loop_module, "progress", functools.partial(progress, log_every=1))
     model = create_model("swin_test", num_classes=3, drop_path=0.0)
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
     with caplog.at_level("INFO", logger="ummae"):

@@ -27,7 +27,8 @@ from ummae.config import FinetuneConfig
 from ummae.data import build_classify_transform, build_eval_loader
 from ummae.data.coco import CocoDetection, coco_evaluate, coco_results, collate_detection_eval
 from ummae.errors import DataError
-from ummae.tasks.detect import drop_background, evaluate_coco
+from ummae.evaluation.coco import drop_background
+from ummae.tasks.detect import evaluate_coco
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -1,4 +1,5 @@
-"""Properties of semantic segmentation (:mod:`ummae.tasks.segment`, :mod:`ummae.models.upernet`)
+"""Properties of semantic segmentation (:mod:`ummae.tasks.segment`, :mod:`ummae.models.upernet`,
+:mod:`ummae.evaluation.segmentation`)
 against plain formulations of MMSegmentation 0.x written out here:
 
 * ``slide_inference``: the window grid ``h_grids = max(h - crop + stride - 1, 0) // stride + 1``,
@@ -24,15 +25,11 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _eval_ranks import Thresholds
 from ummae.config import SegmentConfig
-from ummae.tasks.segment import (
-    build_segmenter,
-    confusion_matrix,
-    evaluate_segmentation,
-    predict_probs,
-    segmentation_metrics,
-    slide_logits,
-)
+from ummae.evaluation.segmentation import confusion_matrix, segmentation_metrics
+from ummae.models.upernet import SegmenterInference
+from ummae.tasks.segment import build_segmenter, evaluate_segmentation
 
 TINY = dict(crop_size=64, neck_channels=32, head_channels=16, aux_channels=8)
 
@@ -54,8 +51,8 @@ def ref_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, 
     return out
 
 
-class _WindowRecorder:
-    """A stand-in for the model in ``slide_logits``: records each window it is run on (the
+class _WindowRecorder(SegmenterInference):
+    """A stand-in segmenter for ``slide_logits``: records each window it is run on (the
     input holds row + 1 and column + 1 in its first two channels, so the zero padding to the
     crop is told apart), and returns, at full resolution, a constant per window (channel 0),
     the input's row + 1 (channel 1) and ones (channel 2)."""
@@ -86,7 +83,7 @@ def _coords(h: int, w: int) -> torch.Tensor:
 
 def _check_slide(h: int, w: int, crop: int, stride: int) -> None:
     model = _WindowRecorder()
-    out = slide_logits(model, _coords(h, w), crop, stride)
+    out = model.slide_logits(_coords(h, w), crop, stride)
     want = ref_windows(h, w, crop, stride)
     assert model.windows == want, (h, w, crop, stride)
     # every pixel covered; the logits are the sum over the covering windows / their count
@@ -140,7 +137,7 @@ def test_slide__default_test_settings_are_the_reference_configs():
     assert (cfg.test_mode, cfg.crop_size, cfg.stride(), tuple(cfg.scale)) == ("slide", 512, 341, (2048, 512))
 
 
-class _Pointwise:
+class _Pointwise(SegmenterInference):
     """A stand-in segmenter whose logits are a fixed 1x1 map of its input (so the windows'
     average is the map of the whole image, whatever the windows): what ``predict_probs`` does
     around the model is then checked alone."""
@@ -186,7 +183,7 @@ def test_predict_probs__views_resized_flipped_back_and_their_probabilities_avera
     g = torch.Generator().manual_seed(9)
     image = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=g)
     model = _Pointwise()
-    got = predict_probs(model, image, "slide", 32, 21, (128, 64), ratios=ratios, flip=flip)
+    got = model.predict_probs(image, "slide", 32, 21, (128, 64), ratios=ratios, flip=flip)
     want = ref_aug_test(model, image, (128, 64), ratios, flip)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
@@ -327,24 +324,6 @@ def test_metrics__equal_a_plain_numpy_confusion_matrix(k, n, seed, p_ignore):
         assert got[key] == pytest.approx(ref[key], rel=1e-12), key
 
 
-class _Thresholds:
-    """A stand-in segmenter: 3 classes by the first channel's value (< 80, < 160, else), at
-    full resolution, as logits; images are not normalised."""
-
-    num_classes, ignore_index = 3, 255
-
-    def eval(self):
-        return self
-
-    def normalize(self, images):
-        return images.float()
-
-    def logits(self, x):
-        v = x[:, :1]
-        cls = (v >= 80).long() + (v >= 160).long()
-        return F.one_hot(cls[:, 0], 3).permute(0, 3, 1, 2).float() * 5
-
-
 def test_evaluate_segmentation__the_confusion_of_argmax_predictions_against_the_labels():
     """Whole pipeline on images at the test scale (no resize): predicted class per pixel from the
     stand-in's thresholds; the metrics are those of the plain confusion matrix over all images."""
@@ -363,9 +342,8 @@ def test_evaluate_segmentation__the_confusion_of_argmax_predictions_against_the_
         sampler = range(3)
 
     scale = (80, 48)  # long, short: each image already fits it exactly
-    got = evaluate_segmentation(
-        _Thresholds(), Loader(batches), torch.device("cpu"), "fp32", mode="slide", crop=32, stride=21, scale=scale
-    )
+    test = dict(mode="slide", crop=32, stride=21, scale=scale)
+    got = evaluate_segmentation(Thresholds(), Loader(batches), torch.device("cpu"), "fp32", test)
     ref = ref_metrics(np.concatenate(preds), np.concatenate(labs), 3, 255)
     for key in ("mIoU", "mAcc", "aAcc"):
         assert got[key] == pytest.approx(ref[key], rel=1e-9), key

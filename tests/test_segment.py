@@ -19,17 +19,10 @@ from _helpers import metrics_records, run_torchrun, semseg_subset, stable, step_
 from ummae.cli import main
 from ummae.config import SegmentConfig
 from ummae.engine.schedule import warmup_poly
+from ummae.evaluation.segmentation import confusion_matrix, segmentation_metrics
+from ummae.models.upernet import keep_ratio_size
 from ummae.tasks import segment
-from ummae.tasks.segment import (
-    build_segmenter,
-    confusion_matrix,
-    keep_ratio_size,
-    predict_probs,
-    segmentation_metrics,
-    slide_logits,
-    train,
-    whole_logits,
-)
+from ummae.tasks.segment import build_segmenter, train
 
 TINY = dict(crop_size=64, neck_channels=32, head_channels=16, aux_channels=8)
 K = 81  # coco_semseg_mini: background + 80 things, after reduce-zero-label
@@ -121,8 +114,8 @@ def test_slide__equals_whole_image_inference_where_one_window_covers_the_image(b
     model = _model(backbone)
     for h, w in [(64, 64), (50, 64), (64, 40)]:
         image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
-        slide = predict_probs(model, image, "slide", 64, 43, (h, w) if h >= w else (w, h))
-        whole = predict_probs(model, image, "whole", 64, 43, (h, w) if h >= w else (w, h))
+        slide = model.predict_probs(image, "slide", 64, 43, (h, w) if h >= w else (w, h))
+        whole = model.predict_probs(image, "whole", 64, 43, (h, w) if h >= w else (w, h))
         assert slide.shape == (5, h, w)
         assert torch.allclose(slide, whole, atol=1e-6), (h, w)
 
@@ -130,25 +123,25 @@ def test_slide__equals_whole_image_inference_where_one_window_covers_the_image(b
 def test_slide__windows_that_tile_the_image_are_each_the_model_on_that_window():
     model = _model()
     x = model.normalize(torch.randint(0, 256, (1, 3, 64, 128), dtype=torch.uint8))
-    out = slide_logits(model, x, 64, 64)
+    out = model.slide_logits(x, 64, 64)
     for x1 in (0, 64):
         alone = torch.nn.functional.interpolate(model.logits(x[..., x1 : x1 + 64]), size=(64, 64), mode="bilinear")
         assert torch.allclose(out[..., x1 : x1 + 64], alone, atol=1e-5)
     # overlapping windows (stride 43 < 64): every pixel covered, the overlap averaged
-    over = slide_logits(model, x, 64, 43)
+    over = model.slide_logits(x, 64, 43)
     assert torch.allclose(over[..., :21], out[..., :21], atol=1e-5)  # only the first window covers these
 
 
 def test_predict_probs__multi_scale_and_flip_average_probabilities():
     model = _model()
     image = torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8)
-    probs = predict_probs(model, image, "slide", 64, 43, (128, 64), ratios=(0.5, 1.0), flip=True)
+    probs = model.predict_probs(image, "slide", 64, 43, (128, 64), ratios=(0.5, 1.0), flip=True)
     assert probs.shape == (5, 48, 80)
     assert torch.allclose(probs.sum(0), torch.ones(48, 80), atol=1e-5)
-    single = predict_probs(model, image, "slide", 64, 43, (128, 64))
+    single = model.predict_probs(image, "slide", 64, 43, (128, 64))
     assert not torch.allclose(single, probs)
     x = model.normalize(torch.nn.functional.interpolate(image[None].float(), size=(38, 64), mode="bilinear"))
-    assert whole_logits(model, x).shape == (1, 5, 38, 64)
+    assert model.whole_logits(x).shape == (1, 5, 38, 64)
 
 
 # ---------------------------------------------------------------- metrics

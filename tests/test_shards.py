@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 
 import ummae.tasks.pretrain as train
-from _helpers import _free_port, assert_tensors_equal, tiny_pretrain_config, write_image
+from _helpers import assert_tensors_equal, tiny_pretrain_config, torchrun_command, write_image
 from ummae.data import build_pretrain_dataset, build_train_loader
 from ummae.data.decode import read_image
 from ummae.data.shard_writer import write_shards
@@ -78,20 +77,7 @@ def test_shards__two_gloo_ranks_see_every_sample_once_per_epoch(shards24, tmp_pa
     """4 shards of 6, 2 ranks x 2 workers, batch 3: each worker reads its own shard."""
     out = tmp_path / "seen.json"
     script = Path(__file__).resolve().parent / "_shard_ranks.py"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        str(script),
-        str(shards24),
-        str(out),
-        "2",
-        "3",
-    ]
+    cmd = torchrun_command([str(script), str(shards24), str(out), "2", "3"])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = json.loads(out.read_text())

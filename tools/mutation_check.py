@@ -63,7 +63,7 @@ MUTATIONS = [
         "kNN ignores --temperature (uses the default)",
         "src/ummae/tasks/knn.py",
         "train_ds.num_classes, cfg.k, cfg.temperature)",
-        "train_ds.num_classes, cfg.k)",
+        "train_ds.num_classes, cfg.k, 0.07)",
         ("tests/test_classify.py::test_run_knn__uses_the_temperature_it_is_given",),
     ),
     Mutation(
@@ -103,7 +103,7 @@ MUTATIONS = [
     Mutation(
         "knn_exp_times_t",
         "kNN votes exp(sim * T) instead of exp(sim / T)",
-        "src/ummae/tasks/knn.py",
+        "src/ummae/evaluation/classification.py",
         "(sim / temperature).exp()",
         "(sim * temperature).exp()",
         ("tests/test_classify.py",),
@@ -542,7 +542,7 @@ MUTATIONS = [
     Mutation(
         "slide_rows_floor",
         "sliding grid rows (h - crop) // stride + 1: last window missed",
-        "src/ummae/tasks/segment.py",
+        "src/ummae/models/upernet.py",
         "rows = max(h - crop + stride - 1, 0) // stride + 1",
         "rows = max(h - crop, 0) // stride + 1",
         ("tests/test_properties_segment.py",),
@@ -550,7 +550,7 @@ MUTATIONS = [
     Mutation(
         "slide_no_shift_back",
         "last window not shifted back flush with the edge",
-        "src/ummae/tasks/segment.py",
+        "src/ummae/models/upernet.py",
         "y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)",
         "y1, x1 = r * stride, c * stride",
         ("tests/test_properties_segment.py",),
@@ -558,7 +558,7 @@ MUTATIONS = [
     Mutation(
         "slide_cols_from_h",
         "sliding grid columns from the height",
-        "src/ummae/tasks/segment.py",
+        "src/ummae/models/upernet.py",
         "cols = max(w - crop + stride - 1, 0) // stride + 1",
         "cols = max(h - crop + stride - 1, 0) // stride + 1",
         ("tests/test_properties_segment.py",),
@@ -566,7 +566,7 @@ MUTATIONS = [
     Mutation(
         "slide_count_once",
         "overlap not averaged (count not accumulated)",
-        "src/ummae/tasks/segment.py",
+        "src/ummae/models/upernet.py",
         "count[..., y1:y2, x1:x2] += 1",
         "count[..., y1:y2, x1:x2] = 1",
         ("tests/test_properties_segment.py",),
@@ -582,7 +582,7 @@ MUTATIONS = [
     Mutation(
         "miou_nan_as_zero",
         "classes without IoU counted as 0 in mIoU",
-        "src/ummae/tasks/segment.py",
+        "src/ummae/evaluation/segmentation.py",
         "float(iou.nanmean()) if",
         "float(iou.nan_to_num().mean()) if",
         ("tests/test_properties_segment.py",),
@@ -590,7 +590,7 @@ MUTATIONS = [
     Mutation(
         "macc_over_pred",
         "accuracy per class over the predicted pixels",
-        "src/ummae/tasks/segment.py",
+        "src/ummae/evaluation/segmentation.py",
         "acc = tp / label",
         "acc = tp / pred",
         ("tests/test_properties_segment.py",),
@@ -598,9 +598,9 @@ MUTATIONS = [
     Mutation(
         "seg_eval_label_pred_swapped",
         "confusion updated with (label, prediction) swapped",
-        "src/ummae/tasks/segment.py",
-        "confusion.update(probs.argmax(0).flatten(), label.to(device).flatten())",
-        "confusion.update(label.to(device).flatten(), probs.argmax(0).flatten())",
+        "src/ummae/evaluation/segmentation.py",
+        "self.confusion.update(outputs.argmax(0).flatten(), label.to(self.device).flatten())",
+        "self.confusion.update(label.to(self.device).flatten(), outputs.argmax(0).flatten())",
         ("tests/test_properties_segment.py",),
     ),
     Mutation(
@@ -678,7 +678,7 @@ MUTATIONS = [
     Mutation(
         "drop_background_keeps_0",
         "background output 0 reported",
-        "src/ummae/tasks/detect.py",
+        "src/ummae/evaluation/coco.py",
         'keep = detections["labels"] > 0',
         'keep = detections["labels"] >= 0',
         ("tests/test_properties_eval.py",),
@@ -686,7 +686,7 @@ MUTATIONS = [
     Mutation(
         "drop_background_drops_1",
         "class 1 dropped with the background",
-        "src/ummae/tasks/detect.py",
+        "src/ummae/evaluation/coco.py",
         'keep = detections["labels"] > 0',
         'keep = detections["labels"] > 1',
         ("tests/test_properties_eval.py",),
@@ -913,7 +913,7 @@ MUTATIONS = [
     Mutation(
         "seg_aug_no_softmax",
         "views' logits averaged, not their probabilities",
-        "src/ummae/tasks/segment.py",
+        "src/ummae/models/upernet.py",
         "probs += resize(out, (h0, w0))[0].softmax(0)",
         "probs += resize(out, (h0, w0))[0]",
         ("tests/test_properties_segment.py",),
@@ -921,7 +921,7 @@ MUTATIONS = [
     Mutation(
         "seg_flip_not_back",
         "flipped view's logits not flipped back",
-        "src/ummae/tasks/segment.py",
+        "src/ummae/models/upernet.py",
         "out = out.float().flip(-1) if flipped else out.float()",
         "out = out.float()",
         ("tests/test_properties_segment.py",),
@@ -929,7 +929,7 @@ MUTATIONS = [
     Mutation(
         "seg_ratios_ignored",
         "multi-scale ratios ignored",
-        "src/ummae/tasks/segment.py",
+        "src/ummae/models/upernet.py",
         "size = keep_ratio_size(h0, w0, [round(s * ratio) for s in scale])",
         "size = keep_ratio_size(h0, w0, list(scale))",
         ("tests/test_properties_segment.py",),
@@ -1130,6 +1130,87 @@ MUTATIONS = [
         "        if self.files is None:\n            return read()",
         "        if True:\n            return read()",
         ("tests/test_resolve.py",),
+    ),
+    # issue 32: the evaluation layer (one evaluator interface, one inference loop)
+    Mutation(
+        "eval_gather_drops_a_rank",
+        "COCO results gathered from rank 0 only (a rank's shard dropped)",
+        "src/ummae/evaluation/coco.py",
+        "for part in udist.all_gather_object(self.results) for r in part",
+        "for part in udist.all_gather_object(self.results)[:1] for r in part",
+        ("tests/test_evaluation.py::test_evaluators__two_gloo_ranks_give_every_rank_the_one_process_figures",),
+    ),
+    Mutation(
+        "eval_rows_not_gathered",
+        "kNN features kept per rank (no gather)",
+        "src/ummae/evaluation/classification.py",
+        "self.features, self.labels = udist.all_gather_rows(f), udist.all_gather_rows(y)",
+        "self.features, self.labels = f, y",
+        ("tests/test_evaluation.py::test_evaluators__two_gloo_ranks_give_every_rank_the_one_process_figures",),
+    ),
+    Mutation(
+        "eval_counts_not_summed",
+        "top-k counts of rank 0 only (no all-reduce)",
+        "src/ummae/evaluation/classification.py",
+        "udist.all_reduce_sum(self.sums.clone())",
+        "self.sums.clone()",
+        ("tests/test_evaluation.py::test_evaluators__two_gloo_ranks_give_every_rank_the_one_process_figures",),
+    ),
+    Mutation(
+        "eval_confusion_not_synced",
+        "each rank's confusion matrix alone (torchmetrics' sync off)",
+        "src/ummae/evaluation/segmentation.py",
+        "ignore_index=ignore_index, validate_args=False)",
+        "ignore_index=ignore_index, validate_args=False, sync_on_compute=False)",
+        ("tests/test_evaluation.py::test_evaluators__two_gloo_ranks_give_every_rank_the_one_process_figures",),
+    ),
+    Mutation(
+        "eval_figures_not_shared",
+        "rank 0's figures not given to the other ranks",
+        "src/ummae/evaluation/base.py",
+        "return udist.broadcast_object(figures)",
+        "return figures",
+        ("tests/test_evaluation.py::test_evaluators__two_gloo_ranks_give_every_rank_the_one_process_figures",),
+    ),
+    Mutation(
+        "eval_every_rank_shard_0",
+        "every rank evaluates rank 0's shard",
+        "src/ummae/evaluation/base.py",
+        "        info.rank,\n",
+        "        0,\n",
+        ("tests/test_evaluation.py::test_evaluators__two_gloo_ranks_give_every_rank_the_one_process_figures",),
+    ),
+    Mutation(
+        "eval_train_mode",
+        "the model evaluated in training mode",
+        "src/ummae/evaluation/base.py",
+        "    model.eval()\n",
+        "    model.train()\n",
+        ("tests/test_evaluation.py::test_inference_loop__eval_mode_no_grad_precision_and_the_mode_restored",),
+    ),
+    Mutation(
+        "eval_mode_not_restored",
+        "the model left in eval mode after evaluation",
+        "src/ummae/evaluation/base.py",
+        "model.train(was_training)",
+        "model.train(False)",
+        ("tests/test_evaluation.py::test_inference_loop__eval_mode_no_grad_precision_and_the_mode_restored",),
+    ),
+    Mutation(
+        "eval_precision_ignored",
+        "evaluation always in fp32 (the run's precision ignored)",
+        "src/ummae/evaluation/base.py",
+        "with autocast(device, precision):",
+        'with autocast(device, "fp32"):',
+        ("tests/test_evaluation.py::test_inference_loop__eval_mode_no_grad_precision_and_the_mode_restored",),
+    ),
+    Mutation(
+        "topk_top5_is_top1",
+        "top-5 counted as top-1",
+        "src/ummae/evaluation/classification.py",
+        "hits.any(dim=1).sum().double(),",
+        "hits[:, 0].sum().double(),",
+        ("tests/test_evaluation.py::test_top_k__equals_a_brute_force_count",),
     ),
 ]
 

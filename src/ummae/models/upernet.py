@@ -26,6 +26,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ummae.errors import UsageError
 from ummae.models.dense import StageMaps, build_stage_maps, encoder_options
 from ummae.models.registry import register_model
 
@@ -101,7 +102,86 @@ class FCNHead(nn.Module):
         return self.classifier(self.dropout(self.conv(x)))
 
 
-class Segmenter(nn.Module):
+def keep_ratio_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
+    """MMSegmentation's keep-ratio ``Resize``: the largest size with the image's aspect whose
+    long side is at most ``max(scale)`` and short side at most ``min(scale)``."""
+    f = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * f + 0.5), int(width * f + 0.5)
+
+
+def _pad_to(x: Tensor, height: int, width: int) -> Tensor:
+    # zeros after normalisation: the mean colour, as the training crops are padded
+    return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
+
+
+class SegmenterInference:
+    """A segmenter's test-time inference (MMSegmentation's ``slide`` / ``whole`` modes and
+    ``aug_test``), on what the class provides: ``num_classes``, ``normalize(uint8 images)``,
+    ``logits(normalised images)`` and, for whole-image inference, ``fitting_side(side)``.
+    The caller sets eval mode, no_grad and the precision (the evaluation loop does)."""
+
+    num_classes: int
+
+    def _logits_at(self, x: Tensor, height: int, width: int) -> Tensor:
+        """Logits of normalised ``x`` padded to ``height`` x ``width``, at the input's own size."""
+        h, w = x.shape[-2:]
+        out = self.logits(_pad_to(x, height, width))
+        return resize(out.float(), (height, width))[..., :h, :w]
+
+    def slide_logits(self, x: Tensor, crop: int, stride: int) -> Tensor:
+        """MMSegmentation's ``slide_inference``: windows of ``crop`` every ``stride`` px (the last
+        one flush with the edge), the logits of overlapping windows averaged. A window smaller
+        than ``crop`` (an image side below it) is padded to ``crop``, the size the model trains at."""
+        n, _, h, w = x.shape
+        rows = max(h - crop + stride - 1, 0) // stride + 1
+        cols = max(w - crop + stride - 1, 0) // stride + 1
+        total = torch.zeros(n, self.num_classes, h, w, device=x.device)
+        count = torch.zeros(1, 1, h, w, device=x.device)
+        for r in range(rows):
+            for c in range(cols):
+                y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
+                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                total[..., y1:y2, x1:x2] += self._logits_at(x[..., y1:y2, x1:x2], crop, crop)
+                count[..., y1:y2, x1:x2] += 1
+        return total / count
+
+    def whole_logits(self, x: Tensor) -> Tensor:
+        """One pass over the image padded to the nearest size the encoder runs on."""
+        h, w = x.shape[-2:]
+        return self._logits_at(x, self.fitting_side(h), self.fitting_side(w))
+
+    @torch.no_grad()
+    def predict_probs(
+        self,
+        image: Tensor,
+        mode: str,
+        crop: int,
+        stride: int,
+        scale: Sequence[int],
+        ratios: Sequence[float] = (1.0,),
+        flip: bool = False,
+    ) -> Tensor:
+        """Class probabilities ``[K, H, W]`` of one uint8 image ``[3, H, W]`` at its own size: the
+        image resized to fit ``scale`` x each ratio (and flipped, with ``flip``), the logits of each
+        view (``mode`` ``slide`` or ``whole``) resized back to the image and soft-maxed, the views
+        averaged (MMSegmentation's ``aug_test``; one view: the plain softmax)."""
+        h0, w0 = image.shape[-2:]
+        x0 = self.normalize(image.unsqueeze(0))
+        probs = torch.zeros(self.num_classes, h0, w0, device=image.device)
+        views = 0
+        for ratio in ratios:
+            size = keep_ratio_size(h0, w0, [round(s * ratio) for s in scale])
+            x = resize(x0, size)
+            for flipped in [False, True] if flip else [False]:
+                xi = x.flip(-1) if flipped else x
+                out = self.slide_logits(xi, crop, stride) if mode == "slide" else self.whole_logits(xi)
+                out = out.float().flip(-1) if flipped else out.float()
+                probs += resize(out, (h0, w0))[0].softmax(0)
+                views += 1
+        return probs / views
+
+
+class Segmenter(SegmenterInference, nn.Module):
     """UperNet on :class:`StageMaps`. Takes uint8 (or [0, 255] float) images ``[N, 3, H, W]``
     and normalises them itself (4x fewer bytes to the device).
 
@@ -134,6 +214,17 @@ class Segmenter(nn.Module):
 
     def normalize(self, images: Tensor) -> Tensor:
         return (images.float() - self.mean) / self.std
+
+    def fitting_side(self, side: int) -> int:
+        """The smallest side >= ``side`` the encoder runs on (Swin windows must tile each map)."""
+        enc = self.backbone.encoder
+        for s in range(side, side + 4096):
+            try:
+                enc.check_image_size(s, "size")
+                return s
+            except ValueError:
+                continue
+        raise UsageError(f"no input size from {side} px fits {type(enc).__name__}")
 
     def logits(self, x: Tensor) -> Tensor:
         """Decode-head logits ``[N, K, H/4, W/4]`` of normalised images."""

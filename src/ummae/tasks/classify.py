@@ -3,7 +3,7 @@
 ``finetune``: the paper's recipe (METHOD.md; MAE's ``main_finetune``): layer-wise lr decay,
 RandAugment, mixup/cutmix, label smoothing, random erasing, drop path, optional EMA.
 ``linprobe``: MAE's probing recipe: frozen encoder, BatchNorm (no affine) + linear head, LARS.
-``evaluate``: top-1 / top-5, sharded over ranks and summed exactly.
+``evaluate``: top-1 / top-5 (:mod:`ummae.evaluation`), sharded over ranks and summed exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -25,12 +24,13 @@ from timm.optim import Lars
 from timm.utils import ModelEmaV3
 
 from ummae.config import EvalConfig, FinetuneConfig, LinprobeConfig, resolve
-from ummae.data import build_classify_dataset, build_classify_transform, build_eval_loader
+from ummae.data import build_classify_dataset, build_classify_transform
 from ummae.engine import dist as udist
 from ummae.engine.optim import build_optimizer
-from ummae.engine.precision import autocast, resolve_precision
-from ummae.engine.progress import progress
+from ummae.engine.precision import resolve_precision
 from ummae.errors import UsageError
+from ummae.evaluation import inference_on_dataset, on_training_images, same_folder, shard_loader
+from ummae.evaluation.classification import TopKAccuracy, model_outputs
 from ummae.models.classifier import check_classifier, classifier_for
 from ummae.models.registry import create_model, list_models, model_kind
 from ummae.tasks.base import Parts, RunContext, Task, check_weights_file, run
@@ -73,47 +73,26 @@ class ClassifyStep:
         return {"loss": self.criterion(model(images), targets)}
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over every rank's shard."""
-    model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # images, top-1, top-5, loss
-    for images, labels, _ in progress(loader, desc="evaluation", unit="batch", is_main=udist.is_main_process()):
-        if images.shape[0] == 0:
-            continue
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(images)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices.eq(labels.unsqueeze(1))
-        sums += torch.stack(
-            [
-                torch.tensor(float(labels.numel()), device=device, dtype=torch.float64),
-                hits[:, 0].sum().double(),
-                hits.any(dim=1).sum().double(),
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-            ]
-        )
-    n, top1, top5, loss = udist.all_reduce_sum(sums).tolist()
-    if n == 0:
-        raise UsageError("the validation data yielded no readable image")
-    return {"acc1": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "val_loss": loss / n, "val_images": int(n)}
+    return inference_on_dataset(
+        model, loader, TopKAccuracy(device), model_outputs, device, precision, desc="evaluation"
+    )
 
 
 def _build_classifier(cfg, num_classes: int, **overrides) -> nn.Module:
     return create_model(cfg.model, **{**_model_kwargs(cfg), "num_classes": num_classes, **overrides})
 
 
-VAL_IS_TRAIN = (
-    "the 'val' figures are measured on the TRAINING images: %s has no val/ split; give --val-data for a real validation"
-)
+def no_val_split(data: str) -> str:
+    """Why the 'val' images are the training images, when :func:`same_images` says so."""
+    return f"{data} has no val/ split; give --val-data for a real validation"
 
 
 def same_images(train_ds, val_ds, val_data) -> bool:
     """Whether the val split fell back to the training images (data without a ``val/``
     folder, or a list file, and no ``--val-data``)."""
-    return val_data is None and os.path.realpath(val_ds.source) == os.path.realpath(train_ds.source)
+    return val_data is None and same_folder(val_ds.source, train_ds.source)
 
 
 def _model_kwargs(cfg) -> dict[str, Any]:
@@ -264,18 +243,12 @@ class ClassifyTask(Task):
         log_load_report(parts.report, Path(cfg.output))
 
     def evaluator(self, cfg, ctx: RunContext, parts: Parts):
-        val_loader = build_eval_loader(
-            parts.val, cfg.batch_size, ctx.workers, ctx.info.world_size, ctx.info.rank, pin_memory=ctx.pin
-        )
-        val_is_train = same_images(parts.train, parts.val, cfg.val_data)
+        val_loader = shard_loader(parts.val, cfg.batch_size, ctx.workers, ctx.info, ctx.device)
+        why = no_val_split(cfg.data) if same_images(parts.train, parts.val, cfg.val_data) else None
 
         def run_eval(m: nn.Module) -> dict[str, float]:
-            out = evaluate(m, val_loader, ctx.device, ctx.precision)
-            if val_is_train:  # said at every report, and recorded with the numbers
-                out["val_is_train"] = 1.0
-                if ctx.is_main:
-                    log.warning(VAL_IS_TRAIN, cfg.data)
-            return out
+            # said at every report, and recorded with the numbers
+            return on_training_images(evaluate(m, val_loader, ctx.device, ctx.precision), why, ctx.is_main)
 
         return run_eval, cfg.eval_every
 
@@ -365,14 +338,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         if ds.num_classes > model.num_classes:
             raise UsageError(f"the data has {ds.num_classes} classes but the classifier only {model.num_classes}")
         ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
-        loader = build_eval_loader(
-            ds,
-            cfg.batch_size,
-            udist.loader_workers(cfg.num_workers),
-            info.world_size,
-            info.rank,
-            pin_memory=device.type == "cuda",
-        )
+        loader = shard_loader(ds, cfg.batch_size, udist.loader_workers(cfg.num_workers), info, device)
         result = evaluate(model, loader, device, precision)
         if info.is_main:
             log.info(

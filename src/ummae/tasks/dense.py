@@ -6,10 +6,11 @@ stage-map backbone, the detectors, UperNet) are in :mod:`ummae.models.dense`,
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 from torch import nn
+
+from ummae.evaluation import on_training_images, same_folder
 
 log = logging.getLogger("ummae")
 
@@ -20,17 +21,10 @@ def validation(
     """The Trainer's ``evaluate`` of a dense task: ``measure(model)``, logged on rank 0, and
     flagged ``val_is_train`` (with a warning each time) when the val split is the training
     folder, so that no figure measured on the training images passes for a validation one."""
-    val_is_train = os.path.realpath(val_dir) == os.path.realpath(train_dir)
+    why = f"--val-split {val_split} is the training split" if same_folder(val_dir, train_dir) else None
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        metrics = measure(model)
-        if val_is_train:
-            metrics["val_is_train"] = 1.0
-            if is_main:
-                log.warning(
-                    "the 'val' figures are measured on the TRAINING images (--val-split %s is the training split)",
-                    val_split,
-                )
+        metrics = on_training_images(measure(model), why, is_main)
         if is_main:
             log.info("val: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics

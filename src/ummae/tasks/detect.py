@@ -36,23 +36,14 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ummae.data import build_eval_loader
-from ummae.data.coco import (
-    CocoDetection,
-    LargeScaleJitter,
-    RangeResize,
-    coco_evaluate,
-    coco_results,
-    collate_detection,
-    collate_detection_eval,
-    write_results_json,
-)
+from ummae.data.coco import CocoDetection, LargeScaleJitter, RangeResize, collate_detection, collate_detection_eval
 from ummae.detector_specs import SPECS
 from ummae.engine import dist as udist
 from ummae.engine.optim import build_optimizer
-from ummae.engine.precision import autocast, resolve_device, resolve_precision
-from ummae.engine.progress import progress
+from ummae.engine.precision import resolve_device, resolve_precision
 from ummae.errors import UsageError
+from ummae.evaluation import inference_on_dataset, shard_loader
+from ummae.evaluation.coco import CocoEvaluator, detections, drop_background
 from ummae.models.dense import check_dense_backbone
 from ummae.models.detectors import build_detector
 from ummae.tasks.base import Parts, RunContext, Task, check_weights_file, run
@@ -78,15 +69,6 @@ class DetectStep:
         return {"loss": sum(losses.values()), **losses}
 
 
-def drop_background(detections: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Detections of the real classes only. The sigmoid detectors (GFL, RetinaNet, FCOS) are
-    built with torchvision's K + 1 outputs, as its COCO models are; output 0 is never a
-    positive in training, so its scores fall towards 0, but it is no class to report."""
-    keep = detections["labels"] > 0
-    return {k: v[keep] for k, v in detections.items()}
-
-
-@torch.no_grad()
 def evaluate_coco(
     model: nn.Module,
     dataset,
@@ -99,25 +81,8 @@ def evaluate_coco(
     """COCO AP of ``model`` over ``dataset``: every rank detects on its shard of the images,
     the results of all ranks are gathered (each image once), rank 0 runs pycocotools and
     every rank returns its numbers (they decide which checkpoint is the best, a collective)."""
-    model.eval()
-    results: list[dict] = []
-    for images, targets, _ in progress(loader, desc="detection eval", unit="batch", is_main=udist.is_main_process()):
-        inputs = [im.to(device, non_blocking=True).float().div_(255) for im in images]
-        if not inputs:
-            continue
-        with autocast(device, precision):
-            outputs = model(inputs)
-        outputs = [
-            drop_background({k: v.float() if v.is_floating_point() else v for k, v in o.items()}) for o in outputs
-        ]
-        results += coco_results(targets, outputs, dataset)
-    everything = [r for part in udist.all_gather_object(results) for r in part]
-    metrics: dict[str, float] = {}
-    if udist.is_main_process():
-        if results_path:
-            write_results_json(everything, results_path)
-        metrics = coco_evaluate(dataset.coco, everything, iou_types, dataset.ids)
-    return udist.broadcast_object(metrics)
+    evaluator = CocoEvaluator(dataset, iou_types, results_path)
+    return inference_on_dataset(model, loader, evaluator, detections, device, precision, desc="detection eval")
 
 
 def load_detector(path: str) -> nn.Module:
@@ -199,8 +164,8 @@ class DetectTask(Task):
 
     def evaluator(self, cfg, ctx: RunContext, parts: Parts):
         val_ds = parts.val
-        val_loader = eval_loader(val_ds, cfg.batch_size, ctx.workers, ctx.info, ctx.pin)
-        iou_types = SPECS[cfg.detector].iou_types
+        val_loader = shard_loader(val_ds, cfg.batch_size, ctx.workers, ctx.info, ctx.device, collate_detection_eval)
+        iou_types = SPECS[cfg.detector].iou_types  # box AP, and mask AP for a detector with masks
         measure = validation(
             lambda m: evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types),
             val_ds.img_dir,
@@ -216,13 +181,6 @@ def train(cfg) -> dict[str, Any]:
     return run(DetectTask(), cfg)
 
 
-def eval_loader(dataset, batch_size: int, workers: int, info, pin: bool):
-    """This rank's shard of ``dataset`` (images rank, rank + R, ...: each image once)."""
-    return build_eval_loader(
-        dataset, batch_size, workers, info.world_size, info.rank, pin_memory=pin, collate_fn=collate_detection_eval
-    )
-
-
 def run_eval(cfg) -> dict[str, Any]:
     """``ummae detect eval``: COCO result JSON and AP of a detection checkpoint."""
     cfg.validate()
@@ -235,7 +193,8 @@ def run_eval(cfg) -> dict[str, Any]:
         out = Path(cfg.output)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
-        loader = eval_loader(ds, cfg.batch_size, udist.loader_workers(cfg.num_workers), info, device.type == "cuda")
+        workers = udist.loader_workers(cfg.num_workers)
+        loader = shard_loader(ds, cfg.batch_size, workers, info, device, collate_detection_eval)
         iou_types = model.spec.iou_types
         results_path = str(out / f"detections_{cfg.split}.json")
         metrics = evaluate_coco(model, ds, loader, device, precision, iou_types, results_path)

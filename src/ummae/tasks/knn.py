@@ -1,68 +1,24 @@
-"""Weighted k-nearest-neighbour classification on frozen features (the quick probe of
-pre-training quality used by DINO and many MIM papers): cosine similarity, the ``k`` nearest
-training images vote for their class with weight ``exp(sim / T)``."""
+"""``ummae knn``: weighted k-nearest-neighbour classification on the frozen features of a
+pre-trained encoder (:class:`~ummae.evaluation.classification.KnnEvaluator`): the training
+images' features are the bank, the val images vote with theirs."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch import Tensor
-
 from ummae.config import KnnConfig, resolve
-from ummae.data import build_classify_dataset, build_classify_transform, build_eval_loader
+from ummae.data import build_classify_dataset, build_classify_transform
 from ummae.engine import dist as udist
-from ummae.engine.precision import autocast, resolve_precision
-from ummae.engine.progress import progress
+from ummae.engine.precision import resolve_precision
+from ummae.evaluation import inference_on_dataset, on_training_images, shard_loader
+from ummae.evaluation.classification import FeatureBank, KnnEvaluator, model_outputs
 from ummae.models.classifier import check_classifier
 from ummae.models.registry import create_model
-from ummae.tasks.classify import VAL_IS_TRAIN, classifier_from_weights, same_images
+from ummae.tasks.classify import classifier_from_weights, no_val_split, same_images
 from ummae.weights.load import OneReadPerFile, load_pretrained
 
 log = logging.getLogger("ummae")
-
-
-def knn_scores(
-    train_feats: Tensor,
-    train_labels: Tensor,
-    feats: Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> Tensor:
-    """Class scores ``[M, num_classes]`` of ``feats [M, D]`` from ``train_feats [N, D]``."""
-    train = F.normalize(train_feats.float(), dim=1)
-    k = min(k, train.shape[0])
-    out = []
-    for q in F.normalize(feats.float(), dim=1).split(chunk):
-        sim, idx = (q @ train.T).topk(k, dim=1)
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        out.append(votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp()))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def extract_features(
-    model: nn.Module, loader, device: torch.device, precision: str, desc: str = "features"
-) -> tuple[Tensor, Tensor]:
-    """Features and labels of every rank's shard, gathered on every rank."""
-    model.eval()
-    feats, labels = [], []
-    for images, y, _ in progress(loader, desc=desc, unit="batch", is_main=udist.is_main_process()):
-        if images.shape[0] == 0:
-            continue
-        with autocast(device, precision):
-            f = model(images.to(device, non_blocking=True))
-        feats.append(f.float())
-        labels.append(y.to(device))
-    dim = model.num_features
-    f = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
-    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    return udist.all_gather_rows(f), udist.all_gather_rows(y)
 
 
 def run_knn(cfg: KnnConfig) -> dict[str, Any]:
@@ -86,29 +42,33 @@ def _knn(cfg: KnnConfig) -> dict[str, Any]:
             log.info("pre-trained weights:\n%s", report.format())
         model.to(device)
         workers = udist.loader_workers(cfg.num_workers)
-        feats = {}
+        loaders = {}
         for name, ds in (("train", train_ds), ("val", val_ds)):
             ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
-            loader = build_eval_loader(
-                ds, cfg.batch_size, workers, info.world_size, info.rank, pin_memory=device.type == "cuda"
-            )
-            feats[name] = extract_features(model, loader, device, precision, f"kNN features ({name})")
-        scores = knn_scores(*feats["train"], feats["val"][0], train_ds.num_classes, cfg.k, cfg.temperature)
-        val_labels = feats["val"][1]
-        top1 = 100.0 * float((scores.argmax(1) == val_labels).float().mean())
+            loaders[name] = shard_loader(ds, cfg.batch_size, workers, info, device)
+        bank = FeatureBank(model.num_features, device)
+        train = inference_on_dataset(
+            model, loaders["train"], bank, model_outputs, device, precision, desc="kNN features (train)"
+        )
+        knn = KnnEvaluator(bank, train_ds.num_classes, cfg.k, cfg.temperature)
+        val = inference_on_dataset(
+            model, loaders["val"], knn, model_outputs, device, precision, desc="kNN features (val)"
+        )
         result = {
-            "knn_acc1": top1,
+            "knn_acc1": val["knn_acc1"],
             "k": cfg.k,
             "temperature": cfg.temperature,
-            "train_images": int(feats["train"][1].numel()),
-            "val_images": int(val_labels.numel()),
+            "train_images": train["images"],
+            "val_images": val["val_images"],
         }
-        if same_images(train_ds, val_ds, cfg.val_data):
-            result["val_is_train"] = True
-            if info.is_main:
-                log.warning(VAL_IS_TRAIN, cfg.data)
+        why = no_val_split(cfg.data) if same_images(train_ds, val_ds, cfg.val_data) else None
+        on_training_images(result, why, info.is_main, flag=True)
         if info.is_main:
             log.info(
-                "kNN (k=%d, T=%g) top-1 %.2f%% on %d val images", cfg.k, cfg.temperature, top1, result["val_images"]
+                "kNN (k=%d, T=%g) top-1 %.2f%% on %d val images",
+                cfg.k,
+                cfg.temperature,
+                result["knn_acc1"],
+                result["val_images"],
             )
         return result

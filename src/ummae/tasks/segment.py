@@ -19,8 +19,9 @@ No library holds an UperNet that takes our backbone: segmentation_models_pytorch
 UPerNet only on its own encoders, and its decoder is not MMSegmentation's (its pooling
 branches have ``in_channels / 4`` channels, not the head's); MMSegmentation no longer installs
 with current PyTorch. So the head is written in :mod:`ummae.models.upernet`, on torchvision's
-``Conv2dNormActivation``, layer for layer as ``UPerHead`` / ``FCNHead`` build it. The metrics (confusion matrix, summed
-over the ranks) are torchmetrics'.
+``Conv2dNormActivation``, layer for layer as ``UPerHead`` / ``FCNHead`` build it. The sliding-window
+and whole-image inference is the segmenter's own (:class:`~ummae.models.upernet.SegmenterInference`);
+the metrics (confusion matrix, summed over the ranks) are torchmetrics', in :mod:`ummae.evaluation.segmentation`.
 """
 
 from __future__ import annotations
@@ -34,22 +35,25 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.transforms.functional import pil_to_tensor
 
-from ummae.data import build_eval_loader
 from ummae.data.ade import SegmentationFolder, SegTrainTransform, collate_segmentation, collate_segmentation_eval
 from ummae.engine import dist as udist
 from ummae.engine.optim import build_optimizer
-from ummae.engine.precision import autocast, resolve_device, resolve_precision
-from ummae.engine.progress import progress
+from ummae.engine.precision import resolve_device, resolve_precision
 from ummae.errors import UsageError
+from ummae.evaluation import inference_on_dataset, shard_loader
+from ummae.evaluation.segmentation import (
+    SemSegEvaluator,
+    class_probabilities,
+    images_of,
+    scalar_metrics,
+)
 from ummae.models.dense import check_dense_backbone
 from ummae.models.registry import create_model
-from ummae.models.upernet import Segmenter, resize
+from ummae.models.upernet import Segmenter
 from ummae.tasks.base import Parts, RunContext, Task, check_weights_file, run
 from ummae.tasks.dense import validation
 from ummae.visualize import image_paths, read_rgb
@@ -100,120 +104,7 @@ def load_segmenter(path: str) -> Segmenter:
     return build_from_checkpoint(path, "segment", drop_path=0.0)[0]  # drop path off: inference
 
 
-# ------------------------------------------------------------------------- inference
-
-
-def keep_ratio_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
-    """MMSegmentation's keep-ratio ``Resize``: the largest size with the image's aspect whose
-    long side is at most ``max(scale)`` and short side at most ``min(scale)``."""
-    f = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * f + 0.5), int(width * f + 0.5)
-
-
-def _fitting_side(model: Segmenter, side: int) -> int:
-    """The smallest side >= ``side`` the encoder runs on (Swin windows must tile each map)."""
-    enc = model.backbone.encoder
-    for s in range(side, side + 4096):
-        try:
-            enc.check_image_size(s, "size")
-            return s
-        except ValueError:
-            continue
-    raise UsageError(f"no input size from {side} px fits {type(enc).__name__}")
-
-
-def _pad_to(x: Tensor, height: int, width: int) -> Tensor:
-    # zeros after normalisation: the mean colour, as the training crops are padded
-    return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
-
-
-def _logits_at(model: Segmenter, x: Tensor, height: int, width: int) -> Tensor:
-    """Logits of normalised ``x`` padded to ``height`` x ``width``, at the input's own size."""
-    h, w = x.shape[-2:]
-    out = model.logits(_pad_to(x, height, width))
-    return resize(out.float(), (height, width))[..., :h, :w]
-
-
-def slide_logits(model: Segmenter, x: Tensor, crop: int, stride: int) -> Tensor:
-    """MMSegmentation's ``slide_inference``: windows of ``crop`` every ``stride`` px (the last
-    one flush with the edge), the logits of overlapping windows averaged. A window smaller
-    than ``crop`` (an image side below it) is padded to ``crop``, the size the model trains at."""
-    n, _, h, w = x.shape
-    rows = max(h - crop + stride - 1, 0) // stride + 1
-    cols = max(w - crop + stride - 1, 0) // stride + 1
-    total = torch.zeros(n, model.num_classes, h, w, device=x.device)
-    count = torch.zeros(1, 1, h, w, device=x.device)
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
-            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-            total[..., y1:y2, x1:x2] += _logits_at(model, x[..., y1:y2, x1:x2], crop, crop)
-            count[..., y1:y2, x1:x2] += 1
-    return total / count
-
-
-def whole_logits(model: Segmenter, x: Tensor) -> Tensor:
-    """One pass over the image padded to the nearest size the encoder runs on."""
-    h, w = x.shape[-2:]
-    return _logits_at(model, x, _fitting_side(model, h), _fitting_side(model, w))
-
-
-@torch.no_grad()
-def predict_probs(
-    model: Segmenter,
-    image: Tensor,
-    mode: str,
-    crop: int,
-    stride: int,
-    scale: Sequence[int],
-    ratios: Sequence[float] = (1.0,),
-    flip: bool = False,
-    precision: str = "fp32",
-) -> Tensor:
-    """Class probabilities ``[K, H, W]`` of one uint8 image ``[3, H, W]`` at its own size: the
-    image resized to fit ``scale`` x each ratio (and flipped, with ``flip``), the logits of each
-    view resized back to the image and soft-maxed, the views averaged (MMSegmentation's
-    ``aug_test``; one view: the plain softmax)."""
-    h0, w0 = image.shape[-2:]
-    x0 = model.normalize(image.unsqueeze(0))
-    device = image.device
-    probs = torch.zeros(model.num_classes, h0, w0, device=device)
-    views = 0
-    for ratio in ratios:
-        size = keep_ratio_size(h0, w0, [round(s * ratio) for s in scale])
-        x = resize(x0, size)
-        for flipped in [False, True] if flip else [False]:
-            xi = x.flip(-1) if flipped else x
-            with autocast(device, precision):
-                out = slide_logits(model, xi, crop, stride) if mode == "slide" else whole_logits(model, xi)
-            out = out.float().flip(-1) if flipped else out.float()
-            probs += resize(out, (h0, w0))[0].softmax(0)
-            views += 1
-    return probs / views
-
-
-# ------------------------------------------------------------------------- metrics
-
-
-def segmentation_metrics(confusion: Tensor) -> dict[str, Any]:
-    """MMSegmentation's metrics from a confusion matrix ``[K, K]`` (rows: label, columns:
-    prediction; ignored pixels left out): per-class IoU = TP / (label + predicted - TP) and
-    accuracy = TP / label; ``mIoU`` / ``mAcc`` their means over the classes where they are
-    defined (a class absent from the labels and never predicted has no IoU; absent from the
-    labels, no accuracy); ``aAcc`` all correct pixels / all labelled pixels. Fractions in [0, 1]."""
-    confusion = confusion.double()
-    tp = confusion.diag()
-    label, pred = confusion.sum(1), confusion.sum(0)
-    iou = tp / (label + pred - tp)  # 0/0 = nan: undefined
-    acc = tp / label
-    total = label.sum()
-    return {
-        "mIoU": float(iou.nanmean()) if iou.isfinite().any() else float("nan"),
-        "mAcc": float(acc.nanmean()) if acc.isfinite().any() else float("nan"),
-        "aAcc": float(tp.sum() / total) if total > 0 else float("nan"),
-        "IoU": iou.tolist(),
-        "Acc": acc.tolist(),
-    }
+# ------------------------------------------------------------------------- evaluation
 
 
 def per_class_table(metrics: dict[str, Any], class_names: Sequence[str]) -> str:
@@ -227,50 +118,22 @@ def per_class_table(metrics: dict[str, Any], class_names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def confusion_matrix(num_classes: int, ignore_index: int, device: torch.device | str = "cpu"):
-    """torchmetrics' confusion-matrix metric (rows: label, columns: prediction; pixels labelled
-    ``ignore_index`` left out), summed over the ranks by its ``compute()``. The labels were
-    checked against the classes when read (:mod:`ummae.data.ade`), so its own checks are off."""
-    return MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False).to(device)
-
-
-def _images_of(loader):
-    """``(image, label)`` pairs of a segmentation eval loader's batches."""
-    for images, labels, _paths, _ in loader:
-        yield from zip(images, labels, strict=True)
-
-
-@torch.no_grad()
-def evaluate_segmentation(
-    model: Segmenter,
-    loader,
-    device: torch.device,
-    precision: str,
-    *,
-    mode: str,
-    crop: int,
-    stride: int,
-    scale: Sequence[int],
-    ratios: Sequence[float] = (1.0,),
-    flip: bool = False,
-) -> dict[str, Any]:
+def evaluate_segmentation(model: Segmenter, loader, device: torch.device, precision: str, test: dict[str, Any]):
     """mIoU, mAcc, aAcc and per-class IoU / Acc of ``model`` over this rank's shard of the
-    images, the confusion matrices of all ranks summed (torchmetrics syncs them): every rank
-    returns the same figures."""
-    model.eval()
-    confusion = confusion_matrix(model.num_classes, model.ignore_index, device)
-    # reported per image: sliding windows over a large one take long
-    images = progress(_images_of(loader), len(loader.sampler), "segmentation eval", "img", udist.is_main_process())
-    for image, label in images:
-        probs = predict_probs(
-            model, image.to(device, non_blocking=True), mode, crop, stride, scale, ratios, flip, precision
-        )
-        confusion.update(probs.argmax(0).flatten(), label.to(device).flatten())
-    return segmentation_metrics(confusion.compute().cpu())
-
-
-def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+    images with the test settings ``test`` (the arguments of
+    :meth:`~ummae.models.upernet.SegmenterInference.predict_probs` after the image), the
+    confusion matrices of all ranks summed: every rank returns the same figures."""
+    return inference_on_dataset(
+        model,
+        images_of(loader),
+        SemSegEvaluator(model.num_classes, model.ignore_index, device),
+        class_probabilities(test),
+        device,
+        precision,
+        desc="segmentation eval",
+        unit="img",
+        total=len(loader.sampler),
+    )
 
 
 # ------------------------------------------------------------------------- commands
@@ -356,19 +219,11 @@ class SegmentTask(Task):
         log_load_report(parts.report, Path(cfg.output), "the backbone")
 
     def evaluator(self, cfg, ctx: RunContext, parts: Parts):
-        # this rank's shard of the images (rank, rank + R, ...: each image once), one at a time
-        val_loader = build_eval_loader(
-            parts.val,
-            1,
-            ctx.workers,
-            ctx.info.world_size,
-            ctx.info.rank,
-            pin_memory=ctx.pin,
-            collate_fn=collate_segmentation_eval,
-        )
+        # this rank's shard of the images, one at a time
+        val_loader = shard_loader(parts.val, 1, ctx.workers, ctx.info, ctx.device, collate_segmentation_eval)
         test = dict(mode=cfg.test_mode, crop=cfg.crop_size, stride=cfg.stride(), scale=tuple(cfg.scale))
         measure = validation(
-            lambda m: scalar_metrics(evaluate_segmentation(m, val_loader, ctx.device, ctx.precision, **test)),
+            lambda m: scalar_metrics(evaluate_segmentation(m, val_loader, ctx.device, ctx.precision, test)),
             parts.val.img_dir,
             parts.train.img_dir,
             cfg.val_split,
@@ -407,16 +262,9 @@ def run_eval(cfg) -> dict[str, Any]:
             reduce_zero_label=args["reduce_zero_label"],
             ignore_index=args["ignore_index"],
         )
-        loader = build_eval_loader(
-            ds,
-            cfg.batch_size,
-            udist.loader_workers(cfg.num_workers),
-            info.world_size,
-            info.rank,
-            pin_memory=device.type == "cuda",
-            collate_fn=collate_segmentation_eval,
-        )
-        metrics = evaluate_segmentation(model, loader, device, precision, **test)
+        workers = udist.loader_workers(cfg.num_workers)
+        loader = shard_loader(ds, cfg.batch_size, workers, info, device, collate_segmentation_eval)
+        metrics = evaluate_segmentation(model, loader, device, precision, test)
         if info.is_main:
             _write_eval_report(cfg, args.get("class_names") or ds.class_names, len(ds), metrics, test)
         return scalar_metrics(metrics)
@@ -498,8 +346,8 @@ def predict(args) -> int:
     colours = palette(model.num_classes)
     for path in paths:
         image = pil_to_tensor(read_rgb(path))
-        probs = predict_probs(
-            model, image.to(device), margs["test_mode"], margs["crop_size"], margs["test_stride"], margs["scale"]
+        probs = model.predict_probs(
+            image.to(device), margs["test_mode"], margs["crop_size"], margs["test_stride"], margs["scale"]
         )
         labels = probs.argmax(0).cpu()
         blended = (1 - args.alpha) * image.float() + args.alpha * colours[labels].permute(2, 0, 1).float()
