@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ummae.cli import COMMANDS, command_parser
+from ummae.config.fields import defaults_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +49,13 @@ def cli_reference() -> str:
                 continue
             rows.append(_argument_row(action, fields.get(action.dest), hints.get(action.dest)))
         parts.append("\n".join(rows) + "\n")
+    return "\n".join(parts).rstrip("\n")
+
+
+def defaults() -> str:
+    """Every option of every command of :data:`ummae.cli.COMMANDS` that has a config, with its
+    default and where that default comes from (each field's ``source``)."""
+    parts = [f"#### `ummae {name}`\n\n{defaults_table(spec.config)}\n" for name, spec in COMMANDS.items() if spec.config]
     return "\n".join(parts).rstrip("\n")
 
 
@@ -112,6 +120,7 @@ BLOCKS: dict[str, str | Callable[[], str]] = {
     "masking": "ummae.sampling:markdown_table",
     "detectors": "ummae.detector_specs:markdown_table",
     "cli": cli_reference,
+    "defaults": defaults,
 }
 
 _BLOCK = re.compile(

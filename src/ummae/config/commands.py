@@ -19,10 +19,10 @@ from ummae.errors import UsageError
 from ummae.sampling import DEFAULT_MASK_RATIO, help_text, names, strategies
 
 
-def _workers(default: int):
+def _workers(default: int, source: str):
     """The data-loading workers option; its default differs per command (4 for detection and
     segmentation, whose samples are large)."""
-    return option(default, "data-loading processes per process", ge=0)
+    return option(default, "data-loading processes per process", ge=0, source=source)
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,12 @@ class Machinery(Options):
         "auto",
         "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (training: with a grad scaler) or fp32",
         choices=PRECISIONS,
+        source="ours: bf16 where the device has it (the reference: fp16 autocast)",
     )
-    device: str = option("auto", "auto, cpu, cuda or cuda:N", check=DEVICE)
-    num_workers: int = _workers(8)
+    device: str = option(
+        "auto", "auto, cpu, cuda or cuda:N", check=DEVICE, source="ours: the CUDA device when there is one"
+    )
+    num_workers: int = _workers(8, source="ours (MAE's main_pretrain.py --num_workers 10, for 8 GPUs)")
 
     def validate(self) -> None:
         check_fields(self)
@@ -49,24 +52,44 @@ class Machinery(Options):
 
 @dataclass(frozen=True)
 class _RunOutput:
-    output: str = option("runs/run", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    output: str = option(
+        "runs/run",
+        "output folder: checkpoints, metrics.jsonl, TensorBoard",
+        source="ours: machinery, no effect on the results",
+    )
 
 
 @dataclass(frozen=True)
 class _Epochs:
-    epochs: int = option(200, "training epochs", ge=1)
-    warmup_epochs: float = option(10, "linear warm-up epochs", ge=0)
+    epochs: int = option(200, "training epochs", ge=1, source="UM-MAE Swin-T pre-training: 200 epochs (METHOD.md)")
+    warmup_epochs: float = option(
+        10, "linear warm-up epochs", ge=0, source="UM-MAE pre-training: 10 warm-up epochs at 200 (METHOD.md)"
+    )
 
 
 @dataclass(frozen=True)
 class _Optimisation:
-    batch_size: int = option(128, "images per process per step", ge=1)
-    accum_iter: int = option(1, "gradient accumulation steps", ge=1)
-    blr: float = option(1.5e-4, "base lr: lr = blr * effective batch / 256", gt=0, below=1e9)
-    lr: float | None = option(None, "absolute lr (overrides blr)", gt=0, below=1e9)
-    min_lr: float = option(0.0, "lr at the end of the cosine", ge=0, below=1e9)
-    weight_decay: float = option(0.05, "weight decay", ge=0)
-    clip_grad: float | None = option(None, "max gradient norm (default: no clipping)", gt=0)
+    batch_size: int = option(
+        128, "images per process per step", ge=1, source="UM-MAE pre-training: 128 per GPU (x 8 GPUs x accum 4)"
+    )
+    accum_iter: int = option(1, "gradient accumulation steps", ge=1, source="MAE main_pretrain.py --accum_iter 1")
+    blr: float = option(
+        1.5e-4,
+        "base lr: lr = blr * effective batch / 256",
+        gt=0,
+        below=1e9,
+        source="UM-MAE pre-training: base lr 1.5e-4 (METHOD.md)",
+    )
+    lr: float | None = option(
+        None, "absolute lr (overrides blr)", gt=0, below=1e9, source="MAE main_*.py --lr None (from --blr)"
+    )
+    min_lr: float = option(
+        0.0, "lr at the end of the cosine", ge=0, below=1e9, source="MAE main_pretrain.py --min_lr 0"
+    )
+    weight_decay: float = option(0.05, "weight decay", ge=0, source="MAE main_pretrain.py --weight_decay 0.05")
+    clip_grad: float | None = option(
+        None, "max gradient norm (default: no clipping)", gt=0, source="MAE main_pretrain.py: no clipping"
+    )
 
     def effective_lr(self, world_size: int) -> float:
         """``lr``, or MAE's scaling rule ``blr * effective batch / 256``."""
@@ -75,25 +98,45 @@ class _Optimisation:
 
 @dataclass(frozen=True)
 class _RunControl:
-    seed: int = option(0, "seed of data order, augmentation, masks and init")
-    save_every: int = option(1, "write checkpoint-last.pth every N epochs (and at the end)", ge=1)
+    seed: int = option(0, "seed of data order, augmentation, masks and init", source="MAE main_*.py --seed 0")
+    save_every: int = option(
+        1,
+        "write checkpoint-last.pth every N epochs (and at the end)",
+        ge=1,
+        source="ours: machinery, no effect on the results",
+    )
     keep_every: int = option(
-        20, "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)", ge=0
+        20,
+        "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)",
+        ge=0,
+        source="MAE main_pretrain.py: a numbered checkpoint every 20 epochs",
     )
     save_every_steps: int = option(
-        0, "also checkpoint-last.pth every N optimiser steps inside an epoch (0 = off)", ge=0
+        0,
+        "also checkpoint-last.pth every N optimiser steps inside an epoch (0 = off)",
+        ge=0,
+        source="ours: machinery, no effect on the results",
     )
-    resume: str | None = option(None, "'auto' (checkpoint-last.pth of the output folder, if any) or a checkpoint path")
+    resume: str | None = option(
+        None,
+        "'auto' (checkpoint-last.pth of the output folder, if any) or a checkpoint path",
+        source="ours: machinery, no effect on the results",
+    )
     overwrite: bool = option(
-        False, "start over in an output folder that holds a run (its checkpoints and logs are deleted)"
+        False,
+        "start over in an output folder that holds a run (its checkpoints and logs are deleted)",
+        source="ours: an output folder holding a run is never deleted unasked",
     )
-    log_every: int = option(20, "metrics every N steps", ge=1)
-    max_steps_per_epoch: int | None = option(None, "cap on steps per epoch (quick runs)", ge=1)
-    compile: bool = option(False, "torch.compile the model")
+    log_every: int = option(20, "metrics every N steps", ge=1, source="MAE engine_*.py: print_freq 20")
+    max_steps_per_epoch: int | None = option(
+        None, "cap on steps per epoch (quick runs)", ge=1, source="ours: off (whole epochs)"
+    )
+    compile: bool = option(False, "torch.compile the model", source="ours: off (the reference has no torch.compile)")
     compile_backend: str = option(
         "inductor",
         "torch.compile backend of --compile: inductor (fast code), or aot_eager / eager (no code generation: to debug)",
         choices=("inductor", "aot_eager", "eager"),
+        source="torch.compile's default backend",
     )
 
 
@@ -118,47 +161,89 @@ class IterationRunConfig(_RunControl, Machinery, _Optimisation, _RunOutput):
 class PretrainConfig(RunConfig):
     """Pre-training run. Defaults are the paper's recipe (METHOD.md)."""
 
-    model: str = option("mae_swin_tiny_256", "registered pre-training model (`ummae models`)")
+    model: str = option(
+        "mae_swin_tiny_256",
+        "registered pre-training model (`ummae models`)",
+        source="UM-MAE: Swin-T at 256 px, the paper's main model",
+    )
     data: str | None = option(
         None,
         "ImageFolder tree, flat image folder, or list file of 'relative/path label' lines; omitted: the embedded "
         "demo photos",
+        source="ours: the embedded demo photos when omitted",
     )
-    data_root: str | None = option(None, "root of the paths in a list file (default: the list file's folder)")
-    output: str = option("runs/pretrain", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    data_root: str | None = option(
+        None,
+        "root of the paths in a list file (default: the list file's folder)",
+        source="ours: the list file's folder",
+    )
+    output: str = option(
+        "runs/pretrain",
+        "output folder: checkpoints, metrics.jsonl, TensorBoard",
+        source="ours: machinery, no effect on the results",
+    )
     init: str | None = option(
         None,
         "start from the weights of this pre-training checkpoint (ummae, or the reference's: converted), with a "
         "fresh optimiser and schedule; a resumed run keeps its own weights",
+        source="ours: from scratch",
     )
     # method (None = the model's default)
     img_size: int | None = option(
-        None, "input size (default: the model's, 256 for pyramid models, 224 for ViT)", ge=16, le=4096
+        None,
+        "input size (default: the model's, 256 for pyramid models, 224 for ViT)",
+        ge=16,
+        le=4096,
+        source="the model's (UM-MAE: 256 pyramid, 224 ViT)",
     )
-    unit_size: int | None = option(None, "mask unit size in pixels (default 16)", ge=1)
-    sampling: str | None = option(None, f"masking strategy: {help_text()}", choices=names())
+    unit_size: int | None = option(
+        None, "mask unit size in pixels (default 16)", ge=1, source="the model's (UM-MAE: 16 px units)"
+    )
+    sampling: str | None = option(
+        None, f"masking strategy: {help_text()}", choices=names(), source="the model's (UM-MAE: uniform)"
+    )
     mask_ratio: float | None = option(
         None,
         f"masked fraction (default {DEFAULT_MASK_RATIO}; "
         + "; ".join(f"{s.name} sampling is always {s.fixed_ratio}" for s in strategies() if s.fixed_ratio is not None)
         + ")",
+        source="the model's (MAE --mask_ratio 0.75)",
     )
-    sm_ratio: float | None = option(None, "secondary masking ratio of the visible units (default 0.25; 0 = US only)")
-    norm_pix_loss: bool | None = option(None, "per-unit normalised pixel targets (default on for MAE models)")
+    sm_ratio: float | None = option(
+        None,
+        "secondary masking ratio of the visible units (default 0.25; 0 = US only)",
+        source="the model's (UM-MAE main_pretrain.py --vis_mask_ratio 0.25)",
+    )
+    norm_pix_loss: bool | None = option(
+        None,
+        "per-unit normalised pixel targets (default on for MAE models)",
+        source="the model's (UM-MAE scripts: --norm_pix_loss)",
+    )
     decoder_pos: str | None = option(
         None,
         "'true' (each visible token at its own unit) or 'reference' (the reference code's ordering, for "
         "reproduction only)",
         choices=("true", "reference"),
+        source="the model's ('true'; ours, see differences)",
     )
-    drop_path: float | None = option(None, "stochastic depth rate of the encoder", ge=0, lt=1)
-    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas", ge=0, lt=1)
-    crop_scale: tuple[float, float] = option((0.2, 1.0), "RandomResizedCrop scale range", check=ordered_range(0, 1))
+    drop_path: float | None = option(
+        None, "stochastic depth rate of the encoder", ge=0, lt=1, source="the model's (UM-MAE pre-training: 0)"
+    )
+    betas: tuple[float, float] = option(
+        (0.9, 0.95), "AdamW betas", ge=0, lt=1, source="MAE main_pretrain.py: AdamW betas (0.9, 0.95)"
+    )
+    crop_scale: tuple[float, float] = option(
+        (0.2, 1.0),
+        "RandomResizedCrop scale range",
+        check=ordered_range(0, 1),
+        source="MAE main_pretrain.py: RandomResizedCrop scale (0.2, 1.0)",
+    )
     samples_per_epoch: int | None = option(
         None,
         'tar shards (--data "dir/shard-{000000..000099}.tar", pipe:..., or a folder of `ummae shards`): samples '
         "per epoch (default: their shards.json's count)",
         ge=1,
+        source="ours: the shards' shards.json count",
     )
     input_pipeline: str = option(
         "tensor",
@@ -166,14 +251,18 @@ class PretrainConfig(RunConfig):
         "transform (the same crops; pixels within 2 grey levels); device: JPEGs decoded (nvJPEG on CUDA), cropped "
         "and flipped by the training step, batched",
         choices=INPUT_PIPELINES,
+        source="ours: tensor (the same crops as MAE's PIL transform, faster)",
     )
-    demo_repeats: int = option(8, "embedded demo data: random crops per photo per epoch", ge=1)
+    demo_repeats: int = option(
+        8, "embedded demo data: random crops per photo per epoch", ge=1, source="ours: demo data only"
+    )
     vis_every: int = option(
         20,
         "write a reconstruction picture of fixed validation images every N epochs (and at the end); 0 = off",
         ge=0,
+        source="ours: a picture as often as a numbered checkpoint",
     )
-    vis_images: int = option(8, "images in that picture", ge=1)
+    vis_images: int = option(8, "images in that picture", ge=1, source="ours: one row per image")
 
     def model_kwargs(self) -> dict[str, Any]:
         """The options the model builder takes (None = the model's default)."""
@@ -192,22 +281,33 @@ class ClassifyData:
         None,
         "registered classifier (`ummae models --kind classify`); default: the one the weights (--pretrained / "
         "--checkpoint) name, for a pre-training model its classifier (mae_X / simmim_X -> X)",
+        source="ours: the weights' model",
     )
     data: str | None = option(
         None,
         "dataset root holding train/ and val/ ImageFolders, an ImageFolder, or a list file of 'relative/path "
         "label' lines",
         required=True,
+        source="required",
     )
-    val_data: str | None = option(None, "validation data (default: the val/ split of --data)")
-    data_root: str | None = option(None, "root of the paths in list files (default: each list file's folder)")
-    img_size: int | None = option(None, "input size (default: the model's)", gt=0)
+    val_data: str | None = option(
+        None, "validation data (default: the val/ split of --data)", source="ours: the val/ split of --data"
+    )
+    data_root: str | None = option(
+        None,
+        "root of the paths in list files (default: each list file's folder)",
+        source="ours: each list file's folder",
+    )
+    img_size: int | None = option(
+        None, "input size (default: the model's)", gt=0, source="the model's (UM-MAE fine-tuning: 256 pyramid, 224 ViT)"
+    )
     crop_pct: float | None = option(
         None,
         "evaluation: resize to img_size / crop_pct, then center crop (default: MAE's rule, 224/256 up to 224 px, "
         "1.0 above)",
         gt=0,
         le=1,
+        source="MAE util/datasets.py: 224/256 up to 224 px, 1.0 above",
     )
 
     def require_data(self, what: str) -> None:
@@ -225,34 +325,85 @@ class FinetuneConfig(RunConfig, ClassifyData):
     pretrained: str | None = option(
         None,
         "pre-trained weights: an ummae checkpoint (.pth) or exported .safetensors; omitted: from scratch",
+        source="ours: from scratch",
     )
-    output: str = option("runs/finetune", "output folder: checkpoints, metrics.jsonl, TensorBoard")
-    num_classes: int | None = option(None, "classes (default: those of the training data)", ge=1)
+    output: str = option(
+        "runs/finetune",
+        "output folder: checkpoints, metrics.jsonl, TensorBoard",
+        source="ours: machinery, no effect on the results",
+    )
+    num_classes: int | None = option(
+        None, "classes (default: those of the training data)", ge=1, source="ours: the training data's classes"
+    )
     samples_per_epoch: int | None = option(
         None,
         "--data as labelled tar shards (`ummae shards`; then --val-data is needed): samples per epoch (default: "
         "all of them)",
+        source="ours: all of the shards' samples",
     )
-    drop_path: float | None = option(None, "stochastic depth rate (default: the model's, 0.1 for Swin-T)", ge=0, lt=1)
-    window_size: int | None = option(None, "Swin window (default: the model's, 16)", ge=1)
+    drop_path: float | None = option(
+        None,
+        "stochastic depth rate (default: the model's, 0.1 for Swin-T)",
+        ge=0,
+        lt=1,
+        source="the model's (UM-MAE fine-tuning: 0.1 for Swin-T)",
+    )
+    window_size: int | None = option(
+        None, "Swin window (default: the model's, 16)", ge=1, source="the model's (UM-MAE fine-tuning: window 16)"
+    )
     layer_decay: float | None = option(
-        None, "layer-wise lr decay (default: the model's, 0.85 for Swin-T; 1 = off)", gt=0, le=1
+        None,
+        "layer-wise lr decay (default: the model's, 0.85 for Swin-T; 1 = off)",
+        gt=0,
+        le=1,
+        source="the model's (UM-MAE fine-tuning: 0.85 for Swin-T)",
     )
-    epochs: int = option(100, "training epochs", ge=1)
-    warmup_epochs: float = option(5, "linear warm-up epochs", ge=0)
-    blr: float = option(5e-4, "base lr: lr = blr * effective batch / 256", gt=0, below=1e9)
-    min_lr: float = option(1e-6, "lr at the end of the cosine", ge=0, below=1e9)
-    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", ge=0, lt=1)
-    smoothing: float = option(0.1, "label smoothing", ge=0, lt=1)
-    mixup: float = option(0.8, "mixup alpha (0 = off)", ge=0)
-    cutmix: float = option(1.0, "cutmix alpha (0 = off)", ge=0)
-    mixup_prob: float = option(1.0, "probability of mixup or cutmix per batch", ge=0, le=1)
-    mixup_switch_prob: float = option(0.5, "probability of cutmix rather than mixup when both are on", ge=0, le=1)
-    auto_augment: str = option("rand-m9-mstd0.5-inc1", "timm RandAugment policy ('none' = off)", check=RAND_AUGMENT)
-    reprob: float = option(0.25, "random erasing probability", ge=0, le=1)
-    ema: bool = option(False, "keep an exponential moving average of the weights (evaluated too)")
-    ema_decay: float = option(0.9999, "EMA decay per optimiser update", gt=0, lt=1)
-    eval_every: int = option(1, "evaluate on the val split every N epochs (and at the end)", ge=0)
+    epochs: int = option(100, "training epochs", ge=1, source="UM-MAE fine-tuning: 100 epochs (METHOD.md)")
+    warmup_epochs: float = option(5, "linear warm-up epochs", ge=0, source="MAE main_finetune.py --warmup_epochs 5")
+    blr: float = option(
+        5e-4, "base lr: lr = blr * effective batch / 256", gt=0, below=1e9, source="MAE main_finetune.py --blr 5e-4"
+    )
+    min_lr: float = option(
+        1e-6, "lr at the end of the cosine", ge=0, below=1e9, source="MAE main_finetune.py --min_lr 1e-6"
+    )
+    betas: tuple[float, float] = option(
+        (0.9, 0.999), "AdamW betas", ge=0, lt=1, source="MAE main_finetune.py: AdamW's default betas (0.9, 0.999)"
+    )
+    smoothing: float = option(0.1, "label smoothing", ge=0, lt=1, source="MAE main_finetune.py --smoothing 0.1")
+    mixup: float = option(
+        0.8, "mixup alpha (0 = off)", ge=0, source="MAE main_finetune.py --mixup 0.8 (the paper's recipe)"
+    )
+    cutmix: float = option(
+        1.0, "cutmix alpha (0 = off)", ge=0, source="MAE main_finetune.py --cutmix 1.0 (the paper's recipe)"
+    )
+    mixup_prob: float = option(
+        1.0, "probability of mixup or cutmix per batch", ge=0, le=1, source="MAE main_finetune.py --mixup_prob 1.0"
+    )
+    mixup_switch_prob: float = option(
+        0.5,
+        "probability of cutmix rather than mixup when both are on",
+        ge=0,
+        le=1,
+        source="MAE main_finetune.py --mixup_switch_prob 0.5",
+    )
+    auto_augment: str = option(
+        "rand-m9-mstd0.5-inc1",
+        "timm RandAugment policy ('none' = off)",
+        check=RAND_AUGMENT,
+        source="MAE main_finetune.py --aa rand-m9-mstd0.5-inc1",
+    )
+    reprob: float = option(0.25, "random erasing probability", ge=0, le=1, source="MAE main_finetune.py --reprob 0.25")
+    ema: bool = option(
+        False,
+        "keep an exponential moving average of the weights (evaluated too)",
+        source="ours: off (MAE's fine-tuning has no EMA)",
+    )
+    ema_decay: float = option(
+        0.9999, "EMA decay per optimiser update", gt=0, lt=1, source="timm ModelEmaV3's decay 0.9999"
+    )
+    eval_every: int = option(
+        1, "evaluate on the val split every N epochs (and at the end)", ge=0, source="MAE main_finetune.py: every epoch"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -272,14 +423,28 @@ class LinprobeConfig(RunConfig, ClassifyData):
         None,
         "pre-trained weights to probe (required): an ummae checkpoint or exported .safetensors",
         required=True,
+        source="required",
     )
-    output: str = option("runs/linprobe", "output folder: checkpoints, metrics.jsonl, TensorBoard")
-    epochs: int = option(90, "training epochs", ge=1)
-    warmup_epochs: float = option(10, "linear warm-up epochs", ge=0)
-    batch_size: int = option(256, "images per process per step", ge=1)
-    blr: float = option(0.1, "base lr: lr = blr * effective batch / 256", gt=0, below=1e9)
-    weight_decay: float = option(0.0, "weight decay", ge=0)
-    eval_every: int = option(1, "evaluate on the val split every N epochs (and at the end)", ge=0)
+    output: str = option(
+        "runs/linprobe",
+        "output folder: checkpoints, metrics.jsonl, TensorBoard",
+        source="ours: machinery, no effect on the results",
+    )
+    epochs: int = option(90, "training epochs", ge=1, source="MAE main_linprobe.py --epochs 90")
+    warmup_epochs: float = option(10, "linear warm-up epochs", ge=0, source="MAE main_linprobe.py --warmup_epochs 10")
+    batch_size: int = option(
+        256,
+        "images per process per step",
+        ge=1,
+        source="MAE main_linprobe.py --batch_size 512 / 2 (ours: fits one 24 GB GPU)",
+    )
+    blr: float = option(
+        0.1, "base lr: lr = blr * effective batch / 256", gt=0, below=1e9, source="MAE main_linprobe.py --blr 0.1"
+    )
+    weight_decay: float = option(0.0, "weight decay", ge=0, source="MAE main_linprobe.py --weight_decay 0")
+    eval_every: int = option(
+        1, "evaluate on the val split every N epochs (and at the end)", ge=0, source="MAE main_linprobe.py: every epoch"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -293,7 +458,9 @@ class InferenceConfig(Machinery, ClassifyData):
     """Shared by the commands that only run the model forward (eval, kNN)."""
 
     what: ClassVar[str]  # the command, for its refusals
-    batch_size: int = option(128, "images per process per step", ge=1)
+    batch_size: int = option(
+        128, "images per process per step", ge=1, source="ours: inference only, no effect on the figures"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -309,9 +476,14 @@ class EvalConfig(InferenceConfig):
         None,
         "classifier weights (required): a fine-tuning checkpoint or exported .safetensors",
         required=True,
+        source="required",
     )
-    split: str = option("val", "split folder of --data to evaluate")
-    ema: bool = option(False, "evaluate the EMA weights of a fine-tuning checkpoint (a run with --ema)")
+    split: str = option("val", "split folder of --data to evaluate", source="ImageNet layout: val/")
+    ema: bool = option(
+        False,
+        "evaluate the EMA weights of a fine-tuning checkpoint (a run with --ema)",
+        source="ours: the trained weights",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -325,10 +497,15 @@ class KnnConfig(InferenceConfig):
 
     what: ClassVar[str] = "kNN evaluation"
     pretrained: str | None = option(
-        None, "encoder weights (required): an ummae checkpoint or exported .safetensors", required=True
+        None,
+        "encoder weights (required): an ummae checkpoint or exported .safetensors",
+        required=True,
+        source="required",
     )
-    k: int = option(20, "neighbours", ge=1)
-    temperature: float = option(0.07, "temperature of the neighbour weights exp(sim / T)", gt=0)
+    k: int = option(20, "neighbours", ge=1, source="DINO eval_knn.py --nb_knn 20")
+    temperature: float = option(
+        0.07, "temperature of the neighbour weights exp(sim / T)", gt=0, source="DINO eval_knn.py --temperature 0.07"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -341,7 +518,12 @@ def _detector_flag(option_name: str):
     that take it (:mod:`ummae.detector_specs`)."""
     o = detector_specs.OPTIONS[option_name]
     accepts = {"choices": o.choices} if o.choices else {}
-    return option(o.field_default, detector_specs.option_help(option_name), **accepts)
+    return option(
+        o.field_default,
+        detector_specs.option_help(option_name),
+        source="MMDetection's default (the detectors' options, ummae.detector_specs)",
+        **accepts,
+    )
 
 
 @dataclass(frozen=True)
@@ -351,9 +533,16 @@ class DetectConfig(RunConfig):
     AdamW lr 1e-4 at batch 16, 2000 warm-up steps, cosine to 0.01x, 25 epochs."""
 
     backbone: str = option(
-        "swin_tiny_256", "registered classifier whose encoder is the backbone (`ummae models --kind classify`)"
+        "swin_tiny_256",
+        "registered classifier whose encoder is the backbone (`ummae models --kind classify`)",
+        source="UM-MAE detection: Swin-T at 256 px",
     )
-    detector: str = option("gfl", detector_specs.detector_help(), choices=detector_specs.DETECTORS)
+    detector: str = option(
+        "gfl",
+        detector_specs.detector_help(),
+        choices=detector_specs.DETECTORS,
+        source="UM-MAE detection: GFL (gfl_..._fpn_25ep_1024x1024_coco)",
+    )
     # the detectors' own options (ummae.detector_specs): refused for a detector that does not take them
     box_head: str = _detector_flag("box_head")
     box_norm: str = _detector_flag("box_norm")
@@ -363,18 +552,37 @@ class DetectConfig(RunConfig):
         None,
         "backbone weights: a fine-tuning (the paper's choice) or pre-training checkpoint, ours or the reference's, "
         "or an export; omitted: from scratch",
+        source="ours: from scratch (the paper: the fine-tuned checkpoint)",
     )
     data: str | None = option(
-        None, "COCO root: {train,val}2017/ and annotations/instances_{train,val}2017.json", required=True
+        None,
+        "COCO root: {train,val}2017/ and annotations/instances_{train,val}2017.json",
+        required=True,
+        source="required",
     )
-    train_split: str = option("train2017", "training split (images folder and annotations/instances_SPLIT.json)")
-    val_split: str = option("val2017", "validation split")
-    output: str = option("runs/detect", "output folder: checkpoints, metrics.jsonl, TensorBoard")
+    train_split: str = option(
+        "train2017",
+        "training split (images folder and annotations/instances_SPLIT.json)",
+        source="COCO layout: train2017",
+    )
+    val_split: str = option("val2017", "validation split", source="COCO layout: val2017")
+    output: str = option(
+        "runs/detect",
+        "output folder: checkpoints, metrics.jsonl, TensorBoard",
+        source="ours: machinery, no effect on the results",
+    )
     img_size: int = option(
-        1024, "training canvas (large-scale jitter crop) and test size (long side, padded square)", ge=32, le=4096
+        1024,
+        "training canvas (large-scale jitter crop) and test size (long side, padded square)",
+        ge=32,
+        le=4096,
+        source="UM-MAE gfl config: image_size (1024, 1024)",
     )
     scale_range: tuple[float, float] = option(
-        (0.1, 2.0), "large-scale jitter: resize to this range of img_size", check=ordered_range(0, 10)
+        (0.1, 2.0),
+        "large-scale jitter: resize to this range of img_size",
+        check=ordered_range(0, 10),
+        source="UM-MAE gfl config: Resize ratio_range (0.1, 2.0)",
     )
     train_resize: str = option(
         "lsj",
@@ -382,30 +590,74 @@ class DetectConfig(RunConfig):
         "multiscale_mode='range': shorter side drawn in --short-range, longer side at most --img-size; HTC++: "
         "--img-size 1600 --short-range 400 1400)",
         choices=TRAIN_RESIZES,
+        source="UM-MAE gfl config: large-scale jitter",
     )
     short_range: tuple[int, int] = option(
-        (400, 1400), "--train-resize range: the shorter side's range in pixels", check=ordered_range(0, 8192)
+        (400, 1400),
+        "--train-resize range: the shorter side's range in pixels",
+        check=ordered_range(0, 8192),
+        source="Swin's HTC++ config: img_scale (1600, 400)-(1600, 1400)",
     )
-    flip_prob: float = option(0.5, "horizontal flip probability", ge=0, le=1)
-    drop_path: float | None = option(0.1, "stochastic depth rate of the backbone", ge=0, lt=1)
-    window_size: int | None = option(None, "Swin window (default: the backbone's, 16)", ge=1)
+    flip_prob: float = option(
+        0.5, "horizontal flip probability", ge=0, le=1, source="MMDetection RandomFlip flip_ratio 0.5"
+    )
+    drop_path: float | None = option(
+        0.1, "stochastic depth rate of the backbone", ge=0, lt=1, source="UM-MAE transfer: drop path 0.1 (METHOD.md)"
+    )
+    window_size: int | None = option(
+        None, "Swin window (default: the backbone's, 16)", ge=1, source="the backbone's (UM-MAE fine-tuning: window 16)"
+    )
     neck_channels: int = option(
-        768, "channels each stage map is projected to (LayerNorm + Linear) before the FPN", ge=1
+        768,
+        "channels each stage map is projected to (LayerNorm + Linear) before the FPN",
+        ge=1,
+        source="UM-MAE transfer: LayerNorm + Linear to 768 (METHOD.md)",
     )
-    fpn_channels: int = option(256, "FPN channels", ge=1)
-    epochs: int = option(25, "training epochs", ge=1)
-    warmup_epochs: float = option(0, "linear warm-up epochs (--warmup-steps, when given, takes precedence)", ge=0)
-    warmup_steps: int | None = option(2000, "linear warm-up in optimiser steps", ge=0)
-    batch_size: int = option(2, "images per process per step", ge=1)
+    fpn_channels: int = option(256, "FPN channels", ge=1, source="MMDetection FPN out_channels 256")
+    epochs: int = option(25, "training epochs", ge=1, source="UM-MAE gfl config: 25 epochs")
+    warmup_epochs: float = option(
+        0,
+        "linear warm-up epochs (--warmup-steps, when given, takes precedence)",
+        ge=0,
+        source="ours: warm-up in steps (--warmup-steps)",
+    )
+    warmup_steps: int | None = option(
+        2000, "linear warm-up in optimiser steps", ge=0, source="UM-MAE gfl config: warmup_iters 2000"
+    )
+    batch_size: int = option(2, "images per process per step", ge=1, source="UM-MAE gfl config: samples_per_gpu 2")
     blr: float = option(
-        1.6e-3, "base lr: lr = blr * effective batch / 256 (1e-4 at batch 16, the paper's)", gt=0, below=1e9
+        1.6e-3,
+        "base lr: lr = blr * effective batch / 256 (1e-4 at batch 16, the paper's)",
+        gt=0,
+        below=1e9,
+        source="UM-MAE gfl config: lr 1e-4 at batch 16",
     )
-    min_lr: float = option(1e-6, "lr at the end of the cosine (0.01x of 1e-4)", ge=0, below=1e9)
-    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", ge=0, lt=1)
-    keep_every: int = option(5, "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)", ge=0)
-    eval_every: int = option(1, "COCO evaluation on the val split every N epochs (and at the end)", ge=0)
-    num_workers: int = _workers(4)
-    log_every: int = option(50, "metrics every N steps", ge=1)
+    min_lr: float = option(
+        1e-6,
+        "lr at the end of the cosine (0.01x of 1e-4)",
+        ge=0,
+        below=1e9,
+        source="UM-MAE gfl config: CosineAnnealing min_lr_ratio 0.01",
+    )
+    betas: tuple[float, float] = option(
+        (0.9, 0.999), "AdamW betas", ge=0, lt=1, source="UM-MAE gfl config: AdamW betas (0.9, 0.999)"
+    )
+    keep_every: int = option(
+        5,
+        "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)",
+        ge=0,
+        source="ours: 5 numbered checkpoints in 25 epochs",
+    )
+    eval_every: int = option(
+        1,
+        "COCO evaluation on the val split every N epochs (and at the end)",
+        ge=0,
+        source="MMDetection evaluation interval 1",
+    )
+    num_workers: int = _workers(
+        4, source="MMDetection workers_per_gpu 4 (our --num-workers' default 4 for detection and segmentation)"
+    )
+    log_every: int = option(50, "metrics every N steps", ge=1, source="MMDetection log_config interval 50")
 
     def validate(self) -> None:
         super().validate()
@@ -427,13 +679,24 @@ class DetectEvalConfig(Machinery):
     """COCO box (and mask) AP of a detection checkpoint, and its result JSON."""
 
     checkpoint: str | None = option(
-        None, "a checkpoint of `ummae detect train` (checkpoint-best.pth, -last.pth, ...)", required=True
+        None,
+        "a checkpoint of `ummae detect train` (checkpoint-best.pth, -last.pth, ...)",
+        required=True,
+        source="required",
     )
-    data: str | None = option(None, "COCO root: SPLIT/ and annotations/instances_SPLIT.json", required=True)
-    split: str = option("val2017", "split to evaluate")
-    output: str = option("runs/detect_eval", "folder for detections_SPLIT.json (COCO results) and metrics_SPLIT.json")
-    batch_size: int = option(2, "images per process per step", ge=1)
-    num_workers: int = _workers(4)
+    data: str | None = option(
+        None, "COCO root: SPLIT/ and annotations/instances_SPLIT.json", required=True, source="required"
+    )
+    split: str = option("val2017", "split to evaluate", source="COCO layout: val2017")
+    output: str = option(
+        "runs/detect_eval",
+        "folder for detections_SPLIT.json (COCO results) and metrics_SPLIT.json",
+        source="ours: machinery, no effect on the results",
+    )
+    batch_size: int = option(
+        2, "images per process per step", ge=1, source="ours: inference only, no effect on the figures"
+    )
+    num_workers: int = _workers(4, source="MMDetection workers_per_gpu 4")
 
     def validate(self) -> None:
         if not self.checkpoint:
@@ -451,79 +714,169 @@ class SegmentConfig(IterationRunConfig):
     layer decay 1.0, 1500 warm-up iterations, poly schedule, 160k iterations, sliding-window test."""
 
     backbone: str = option(
-        "swin_tiny_256", "registered classifier whose encoder is the backbone (`ummae models --kind classify`)"
+        "swin_tiny_256",
+        "registered classifier whose encoder is the backbone (`ummae models --kind classify`)",
+        source="UM-MAE segmentation: Swin-T at 256 px",
     )
     pretrained: str | None = option(
         None,
         "backbone weights: a fine-tuning (the paper's choice) or pre-training checkpoint, ours or the reference's, "
         "or an export; omitted: from scratch",
+        source="ours: from scratch (the paper: the fine-tuned checkpoint)",
     )
     data: str | None = option(
         None,
         "ADE20K-layout root: images/{training,validation}/*.jpg and annotations/{training,validation}/*.png",
         required=True,
+        source="required",
     )
-    train_split: str = option("training", "training split (images/SPLIT and annotations/SPLIT)")
-    val_split: str = option("validation", "validation split")
-    output: str = option("runs/segment", "output folder: checkpoints, metrics.jsonl, TensorBoard")
-    num_classes: int = option(150, "classes the label maps hold (after --reduce-zero-label)", ge=1)
+    train_split: str = option(
+        "training", "training split (images/SPLIT and annotations/SPLIT)", source="ADE20K layout: training"
+    )
+    val_split: str = option("validation", "validation split", source="ADE20K layout: validation")
+    output: str = option(
+        "runs/segment",
+        "output folder: checkpoints, metrics.jsonl, TensorBoard",
+        source="ours: machinery, no effect on the results",
+    )
+    num_classes: int = option(
+        150, "classes the label maps hold (after --reduce-zero-label)", ge=1, source="ADE20K: 150 classes"
+    )
     reduce_zero_label: bool = option(
         True,
         "label 0 is 'ignore' and 1..K are classes 0..K-1 (ADE20K); --no-reduce-zero-label: labels are the classes",
+        source="MMSegmentation ADE20K config: reduce_zero_label=True",
     )
-    ignore_index: int = option(255, "label value that is ignored by the loss and the metrics")
-    crop_size: int = option(512, "training crop, and the sliding window at test time", ge=32, le=4096)
+    ignore_index: int = option(
+        255, "label value that is ignored by the loss and the metrics", source="MMSegmentation: ignore_index 255"
+    )
+    crop_size: int = option(
+        512,
+        "training crop, and the sliding window at test time",
+        ge=32,
+        le=4096,
+        source="UM-MAE upernet config: crop_size (512, 512)",
+    )
     scale: tuple[int, int] = option(
         (2048, 512),
         "image scale (long, short): training resizes to it times --ratio-range (keep ratio), testing to it",
-        ge=16, le=16384, what="two sizes",
+        ge=16, le=16384, what="two sizes", source='MMSegmentation ADE20K config: img_scale (2048, 512)',
     )  # fmt: skip
-    ratio_range: tuple[float, float] = option((0.5, 2.0), "training resize ratio range", check=ordered_range(0, 10))
+    ratio_range: tuple[float, float] = option(
+        (0.5, 2.0),
+        "training resize ratio range",
+        check=ordered_range(0, 10),
+        source="MMSegmentation ADE20K config: ratio_range (0.5, 2.0)",
+    )
     cat_max_ratio: float = option(
         0.75,
         "a training crop is drawn again (up to 10 times) while one class covers this share of it or more",
-        gt=0, le=1,
+        gt=0, le=1, source='MMSegmentation ADE20K config: RandomCrop cat_max_ratio 0.75',
     )  # fmt: skip
-    flip_prob: float = option(0.5, "horizontal flip probability", ge=0, le=1)
-    photometric: bool = option(True, "photometric distortion (brightness, contrast, saturation, hue) in training")
-    drop_path: float | None = option(0.1, "stochastic depth rate of the backbone", ge=0, lt=1)
-    window_size: int | None = option(None, "Swin window (default: the backbone's, 16)", ge=1)
+    flip_prob: float = option(
+        0.5, "horizontal flip probability", ge=0, le=1, source="MMSegmentation RandomFlip prob 0.5"
+    )
+    photometric: bool = option(
+        True,
+        "photometric distortion (brightness, contrast, saturation, hue) in training",
+        source="MMSegmentation ADE20K config: PhotoMetricDistortion",
+    )
+    drop_path: float | None = option(
+        0.1, "stochastic depth rate of the backbone", ge=0, lt=1, source="UM-MAE transfer: drop path 0.1 (METHOD.md)"
+    )
+    window_size: int | None = option(
+        None, "Swin window (default: the backbone's, 16)", ge=1, source="the backbone's (UM-MAE fine-tuning: window 16)"
+    )
     neck_channels: int = option(
         768,
         "channels each stage map is projected to (a 1x1 convolution, the reference's SEG fpn1..4) before the head",
         ge=1,
+        source="UM-MAE upernet config: fpn1..4 to 768 channels",
     )
-    head_channels: int = option(768, "UperNet channels (the reference's decode_head channels=768)", ge=1)
-    aux_channels: int = option(256, "channels of the auxiliary FCN head on stage 3", ge=1)
-    aux_weight: float = option(0.4, "loss weight of the auxiliary FCN head (0 = no auxiliary head)", ge=0)
-    layer_decay: float = option(1.0, "layer-wise lr decay of the backbone (the reference's 1.0: none)", gt=0, le=1)
-    iters: int = option(160000, "training iterations (optimiser updates)", ge=1)
+    head_channels: int = option(
+        768,
+        "UperNet channels (the reference's decode_head channels=768)",
+        ge=1,
+        source="UM-MAE upernet config: decode_head channels 768",
+    )
+    aux_channels: int = option(
+        256,
+        "channels of the auxiliary FCN head on stage 3",
+        ge=1,
+        source="MMSegmentation upernet config: auxiliary_head channels 256",
+    )
+    aux_weight: float = option(
+        0.4,
+        "loss weight of the auxiliary FCN head (0 = no auxiliary head)",
+        ge=0,
+        source="MMSegmentation upernet config: auxiliary loss_weight 0.4",
+    )
+    layer_decay: float = option(
+        1.0,
+        "layer-wise lr decay of the backbone (the reference's 1.0: none)",
+        gt=0,
+        le=1,
+        source="UM-MAE upernet config (..._lrd1_pt): layer decay 1.0",
+    )
+    iters: int = option(
+        160000, "training iterations (optimiser updates)", ge=1, source="UM-MAE upernet config: 160k iterations"
+    )
     eval_every_iters: int = option(
         16000,
         "evaluate on the val split and write checkpoint-last.pth every N iterations (and at the end)",
         ge=0,
+        source="MMSegmentation schedule_160k: evaluation interval 16000",
     )
     schedule: str = option(
-        "poly", "lr schedule over --iters: poly (power 1, MMSegmentation's) or cosine", choices=("poly", "cosine")
+        "poly",
+        "lr schedule over --iters: poly (power 1, MMSegmentation's) or cosine",
+        choices=("poly", "cosine"),
+        source="MMSegmentation schedule_160k: poly, power 1",
     )
-    warmup_steps: int | None = option(1500, "linear warm-up in iterations (poly: from 1e-6 of the lr, as mmcv's)", ge=0)
-    batch_size: int = option(2, "images per process per step (the paper: 8 GPUs x 2)", ge=1)
+    warmup_steps: int | None = option(
+        1500,
+        "linear warm-up in iterations (poly: from 1e-6 of the lr, as mmcv's)",
+        ge=0,
+        source="UM-MAE upernet config: warmup_iters 1500",
+    )
+    batch_size: int = option(
+        2,
+        "images per process per step (the paper: 8 GPUs x 2)",
+        ge=1,
+        source="UM-MAE upernet config: samples_per_gpu 2",
+    )
     blr: float = option(
-        1.6e-3, "base lr: lr = blr * effective batch / 256 (1e-4 at batch 16, the paper's)", gt=0, below=1e9
+        1.6e-3,
+        "base lr: lr = blr * effective batch / 256 (1e-4 at batch 16, the paper's)",
+        gt=0,
+        below=1e9,
+        source="UM-MAE upernet config: lr 1e-4 at batch 16",
     )
-    min_lr: float = option(0.0, "lr at the end of the schedule", ge=0, below=1e9)
-    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", ge=0, lt=1)
+    min_lr: float = option(
+        0.0, "lr at the end of the schedule", ge=0, below=1e9, source="MMSegmentation schedule_160k: poly min_lr 0"
+    )
+    betas: tuple[float, float] = option(
+        (0.9, 0.999), "AdamW betas", ge=0, lt=1, source="UM-MAE upernet config: AdamW betas (0.9, 0.999)"
+    )
     test_mode: str = option(
         "slide",
         "validation inference: slide (windows of --crop-size) or whole (one pass over the padded image)",
         choices=SEG_TEST_MODES,
+        source="UM-MAE upernet config (..._512_slide_...): slide",
     )
     test_stride: int | None = option(
-        None, "sliding-window stride (default: 2/3 of --crop-size, the reference's 341 at 512)"
+        None,
+        "sliding-window stride (default: 2/3 of --crop-size, the reference's 341 at 512)",
+        source="UM-MAE upernet config: stride 341 at crop 512",
     )  # bounded by --crop-size: checked in validate
-    keep_every: int = option(0, "also keep a numbered checkpoint every N passes over the data (0 = only the end)", ge=0)
-    num_workers: int = _workers(4)
-    log_every: int = option(50, "metrics every N steps", ge=1)
+    keep_every: int = option(
+        0,
+        "also keep a numbered checkpoint every N passes over the data (0 = only the end)",
+        ge=0,
+        source="ours: only the end",
+    )
+    num_workers: int = _workers(4, source="MMSegmentation workers_per_gpu 4")
+    log_every: int = option(50, "metrics every N steps", ge=1, source="MMSegmentation log_config interval 50")
 
     def validate(self) -> None:
         super().validate()
@@ -545,24 +898,46 @@ class SegmentEvalConfig(Machinery):
     """mIoU, mean and overall accuracy and per-class IoU of a segmentation checkpoint."""
 
     checkpoint: str | None = option(
-        None, "a checkpoint of `ummae segment train` (checkpoint-best.pth, -last.pth, ...)", required=True
+        None,
+        "a checkpoint of `ummae segment train` (checkpoint-best.pth, -last.pth, ...)",
+        required=True,
+        source="required",
     )
-    data: str | None = option(None, "ADE20K-layout root: images/SPLIT and annotations/SPLIT", required=True)
-    split: str = option("validation", "split to evaluate")
+    data: str | None = option(
+        None, "ADE20K-layout root: images/SPLIT and annotations/SPLIT", required=True, source="required"
+    )
+    split: str = option("validation", "split to evaluate", source="ADE20K layout: validation")
     output: str = option(
-        "runs/segment_eval", "folder for metrics_SPLIT.json and the per-class table per_class_SPLIT.txt"
+        "runs/segment_eval",
+        "folder for metrics_SPLIT.json and the per-class table per_class_SPLIT.txt",
+        source="ours: machinery, no effect on the results",
     )
-    test_mode: str | None = option(None, "slide or whole (default: the checkpoint's)", choices=SEG_TEST_MODES)
-    test_stride: int | None = option(None, "sliding-window stride (default: the checkpoint's)", ge=1)
+    test_mode: str | None = option(
+        None, "slide or whole (default: the checkpoint's)", choices=SEG_TEST_MODES, source="the checkpoint's"
+    )
+    test_stride: int | None = option(
+        None, "sliding-window stride (default: the checkpoint's)", ge=1, source="the checkpoint's"
+    )
     scale: tuple[int, int] | None = option(
-        None, "test scale (long, short) (default: the checkpoint's)", ge=16, le=16384, what="two sizes"
+        None,
+        "test scale (long, short) (default: the checkpoint's)",
+        ge=16,
+        le=16384,
+        what="two sizes",
+        source="the checkpoint's",
     )
     ratios: tuple[float, ...] = option(
-        (1.0,), "test-time scales, as ratios of --scale (multi-scale: 0.5 0.75 1.0 1.25 1.5 1.75)", gt=0, le=8
+        (1.0,),
+        "test-time scales, as ratios of --scale (multi-scale: 0.5 0.75 1.0 1.25 1.5 1.75)",
+        gt=0,
+        le=8,
+        source="MMSegmentation: single scale (aug_test off)",
     )
-    flip: bool = option(False, "also predict on the flipped image (averaged with the others)")
-    batch_size: int = option(1, "images per process per step", ge=1)
-    num_workers: int = _workers(4)
+    flip: bool = option(
+        False, "also predict on the flipped image (averaged with the others)", source="MMSegmentation: flip off"
+    )
+    batch_size: int = option(1, "images per process per step", ge=1, source="MMSegmentation test samples_per_gpu 1")
+    num_workers: int = _workers(4, source="MMSegmentation workers_per_gpu 4")
 
     def validate(self) -> None:
         if not self.checkpoint:

@@ -43,8 +43,12 @@ class Rule:
     why: str
 
 
-def option(default, help_: str, *, required: bool = False, **accepts):
-    """A config field and its flag's help. ``accepts`` declares the values it takes:
+def option(default, help_: str, *, source: str, required: bool = False, **accepts):
+    """A config field, its flag's help and the ``source`` of its default: the reference's file
+    and key, MAE's or MMDetection's default, "the model's" (None: the builder's own default)
+    or "ours: why" (shown in the docs' defaults tables, :func:`defaults_table`; the values
+    themselves are pinned by ``tests/test_defaults.py``). ``accepts`` declares the values it
+    takes:
 
     - ``ge`` / ``gt`` / ``le`` / ``lt``: bounds of the number, or of each number of a tuple;
       both ends given read as an interval (``ge=0, lt=1``: "in [0, 1)");
@@ -58,7 +62,7 @@ def option(default, help_: str, *, required: bool = False, **accepts):
     a ``--config`` file may give it)."""
     unknown = set(accepts) - {*BOUNDS, "what", "choices", "check"}
     assert not unknown, f"unknown field metadata {unknown}"
-    return field(default=default, metadata={"help": help_, "required": required, **accepts})
+    return field(default=default, metadata={"help": help_, "required": required, "source": source, **accepts})
 
 
 # Where an option's value came from (Provenance.sources): the levels of
@@ -111,6 +115,22 @@ class Options:
 
     def option_values(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in self.options()}
+
+
+def defaults_table(cls: type[Options]) -> str:
+    """The options of the config class ``cls`` with their defaults and sources, a Markdown table
+    (the docs' defaults page; ``tests/test_defaults.py`` pins the values)."""
+    rows = ["| option | default | source |", "|---|---|---|"]
+    for f in cls.options():
+        default = "required" if f.metadata.get("required") else f"`{_words(f.default)}`"
+        rows.append(f"| `{f.name}` | {default} | {f.metadata['source'].replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def _words(value) -> str:
+    """A default as the flag takes it: a tuple space-separated, None as "None" (the default of
+    a later level: the model's, the checkpoint's, the data's)."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def check_fields(cfg) -> None:
