@@ -55,7 +55,9 @@ def cli_reference() -> str:
 def defaults() -> str:
     """Every option of every command of :data:`ummae.cli.COMMANDS` that has a config, with its
     default and where that default comes from (each field's ``source``)."""
-    parts = [f"#### `ummae {name}`\n\n{defaults_table(spec.config)}\n" for name, spec in COMMANDS.items() if spec.config]
+    parts = [
+        f"#### `ummae {name}`\n\n{defaults_table(spec.config)}\n" for name, spec in COMMANDS.items() if spec.config
+    ]
     return "\n".join(parts).rstrip("\n")
 
 
