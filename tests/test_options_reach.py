@@ -374,3 +374,96 @@ def test_detect_train__every_option_reaches_what_it_sets(tmp_path, coco):
         2, lambda b: b.schedule.warmup_updates, 2 * UPDATES_PER_EPOCH, also=dict(warmup_steps=None)
     )
     _walk(DetectTask, base, table)
+
+
+# --- inference commands ------------------------------------------------------------------------
+# One function each runs them whole (no build to look into): where each option's effect is
+# shown, a test named "FILE::TEST" (checked to exist below), or why it has none to show.
+_INFERENCE_MACHINERY = {
+    "precision": "tests/test_evaluation.py::test_inference_loop__eval_mode_no_grad_precision_and_the_mode_restored",
+    "device": "the CPU here; the inference loop's device: tests/test_evaluation.py::test_inference_loop__eval_mode_no_grad_precision_and_the_mode_restored",
+    "num_workers": "loader processes: the figures do not depend on them (tests/test_data_classify.py::test_build_eval_loader__shards_disjoint_and_cover)",
+    "batch_size": "tests/test_evaluation.py::test_evaluators__figures_do_not_depend_on_the_batching_and_reset_starts_afresh (no effect on the figures)",
+}
+_CLASSIFY_INFERENCE = {
+    **_INFERENCE_MACHINERY,
+    "model": "tests/test_cli_usability.py::test_knn__model_taken_from_a_pretraining_checkpoint",
+    "data": "tests/test_classify.py::test_run_knn__separates_colour_classes",
+    "val_data": "tests/test_classify.py::test_finetune_and_knn__val_figures_from_training_images_are_flagged",
+    "data_root": "tests/test_data_classify.py::test_build_classify_dataset__list_file_data_root",
+    "img_size": "tests/test_classify.py::test_run_eval__model_built_with_the_fine_tuned_window",
+    "crop_pct": "tests/test_properties_eval.py::test_eval_transform__equals_the_plain_formulation_at_256_for_any_crop_pct",
+}
+INFERENCE: dict[str, dict[str, str]] = {
+    "eval": {
+        **_CLASSIFY_INFERENCE,
+        "checkpoint": "tests/test_classify.py::test_run_eval__reproduces_the_fine_tune_validation",
+        "split": "tests/test_data_classify.py::test_build_classify_dataset__split_folders",
+        "ema": "tests/test_classify.py::test_run_eval__ema_weights_on_request",
+    },
+    "knn": {
+        **_CLASSIFY_INFERENCE,
+        "pretrained": "tests/test_classify.py::test_run_knn__separates_colour_classes",
+        "k": "tests/test_options_reach.py::test_knn__k_reaches_the_vote",
+        "temperature": "tests/test_classify.py::test_run_knn__uses_the_temperature_it_is_given",
+    },
+    "detect eval": {
+        **_INFERENCE_MACHINERY,
+        "checkpoint": "tests/test_detect.py::test_detect_cli__train_eval_predict",
+        "data": "tests/test_detect.py::test_detect_cli__train_eval_predict",
+        "split": "tests/test_detect.py::test_detect_cli__train_eval_predict",
+        "output": "tests/test_detect.py::test_detect_cli__train_eval_predict (detections_SPLIT.json written there)",
+    },
+    "segment eval": {
+        **_INFERENCE_MACHINERY,
+        "checkpoint": "tests/test_segment.py::test_segment_cli__train_eval_predict",
+        "data": "tests/test_segment.py::test_segment_cli__train_eval_predict",
+        "split": "tests/test_segment.py::test_segment_cli__train_eval_predict",
+        "output": "tests/test_segment.py::test_segment_cli__train_eval_predict (metrics_SPLIT.json written there)",
+        "test_mode": "tests/test_properties_segment.py::test_slide__windows_and_averaging_equal_mmsegmentation_slide_inference",
+        "test_stride": "tests/test_properties_segment.py::test_slide__windows_and_averaging_equal_mmsegmentation_slide_inference",
+        "scale": "tests/test_properties_segment.py::test_predict_probs__views_resized_flipped_back_and_their_probabilities_averaged",
+        "ratios": "tests/test_properties_segment.py::test_predict_probs__views_resized_flipped_back_and_their_probabilities_averaged",
+        "flip": "tests/test_properties_segment.py::test_predict_probs__views_resized_flipped_back_and_their_probabilities_averaged",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(INFERENCE))
+def test_inference_commands__every_option_names_where_its_effect_is_shown(command):
+    """Every option of the inference commands has an entry, and each test an entry names exists
+    (a renamed or deleted test fails here)."""
+    import re
+    from pathlib import Path
+
+    from ummae.cli import COMMANDS
+
+    assert sorted(c for c, spec in COMMANDS.items() if spec.config) == sorted(
+        {"pretrain", "finetune", "linprobe", "segment train", "detect train", *INFERENCE}
+    ), "a new command with a config: walk its options here"
+    names = {f.name for f in COMMANDS[command].config.options()}
+    assert sorted(names ^ set(INFERENCE[command])) == []
+    root = Path(__file__).resolve().parent.parent
+    for name, text in INFERENCE[command].items():
+        for file, test in re.findall(r"(tests/\w+\.py)::(\w+)", text):
+            assert re.search(rf"^def {test}\(", (root / file).read_text(), re.M), f"{name}: {file}::{test} is gone"
+
+
+def test_knn__k_reaches_the_vote(tmp_path, pretrain_ckpt):
+    """Training images 6 blue, 2 green, 2 red; near-uniform weights (T = 100): k = 1 takes the
+    nearest image's class (the colours separate: every val image right), k = 10 the majority of
+    all ten (blue: one val image in three right)."""
+    from _helpers import write_colour_images
+    from ummae.config import KnnConfig
+    from ummae.tasks.knn import run_knn
+
+    root = tmp_path / "data"
+    write_colour_images(root / "train", 2)
+    write_colour_images(tmp_path / "more", 4, seed=7)
+    for i, path in enumerate(sorted((tmp_path / "more" / "blue").iterdir())):
+        path.rename(root / "train" / "blue" / f"more_{i}.png")
+    write_colour_images(root / "val", 2, seed=1000)
+    cfg = KnnConfig(pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(root), device="cpu", num_workers=0,
+                    batch_size=4, temperature=100.0)  # fmt: skip
+    accuracy = {k: run_knn(dataclasses.replace(cfg, k=k))["knn_acc1"] for k in (1, 10)}
+    assert accuracy == pytest.approx({1: 100.0, 10: 100 / 3})

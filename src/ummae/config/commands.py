@@ -288,7 +288,6 @@ class ClassifyData:
         "dataset root holding train/ and val/ ImageFolders, an ImageFolder, or a list file of 'relative/path "
         "label' lines",
         required=True,
-        source="required",
     )
     val_data: str | None = option(
         None, "validation data (default: the val/ split of --data)", source="ours: the val/ split of --data"
@@ -423,7 +422,6 @@ class LinprobeConfig(RunConfig, ClassifyData):
         None,
         "pre-trained weights to probe (required): an ummae checkpoint or exported .safetensors",
         required=True,
-        source="required",
     )
     output: str = option(
         "runs/linprobe",
@@ -476,7 +474,6 @@ class EvalConfig(InferenceConfig):
         None,
         "classifier weights (required): a fine-tuning checkpoint or exported .safetensors",
         required=True,
-        source="required",
     )
     split: str = option("val", "split folder of --data to evaluate", source="ImageNet layout: val/")
     ema: bool = option(
@@ -500,7 +497,6 @@ class KnnConfig(InferenceConfig):
         None,
         "encoder weights (required): an ummae checkpoint or exported .safetensors",
         required=True,
-        source="required",
     )
     k: int = option(20, "neighbours", ge=1, source="DINO eval_knn.py --nb_knn 20")
     temperature: float = option(
@@ -558,7 +554,6 @@ class DetectConfig(RunConfig):
         None,
         "COCO root: {train,val}2017/ and annotations/instances_{train,val}2017.json",
         required=True,
-        source="required",
     )
     train_split: str = option(
         "train2017",
@@ -682,11 +677,8 @@ class DetectEvalConfig(Machinery):
         None,
         "a checkpoint of `ummae detect train` (checkpoint-best.pth, -last.pth, ...)",
         required=True,
-        source="required",
     )
-    data: str | None = option(
-        None, "COCO root: SPLIT/ and annotations/instances_SPLIT.json", required=True, source="required"
-    )
+    data: str | None = option(None, "COCO root: SPLIT/ and annotations/instances_SPLIT.json", required=True)
     split: str = option("val2017", "split to evaluate", source="COCO layout: val2017")
     output: str = option(
         "runs/detect_eval",
@@ -728,7 +720,6 @@ class SegmentConfig(IterationRunConfig):
         None,
         "ADE20K-layout root: images/{training,validation}/*.jpg and annotations/{training,validation}/*.png",
         required=True,
-        source="required",
     )
     train_split: str = option(
         "training", "training split (images/SPLIT and annotations/SPLIT)", source="ADE20K layout: training"
@@ -901,11 +892,8 @@ class SegmentEvalConfig(Machinery):
         None,
         "a checkpoint of `ummae segment train` (checkpoint-best.pth, -last.pth, ...)",
         required=True,
-        source="required",
     )
-    data: str | None = option(
-        None, "ADE20K-layout root: images/SPLIT and annotations/SPLIT", required=True, source="required"
-    )
+    data: str | None = option(None, "ADE20K-layout root: images/SPLIT and annotations/SPLIT", required=True)
     split: str = option("validation", "split to evaluate", source="ADE20K layout: validation")
     output: str = option(
         "runs/segment_eval",

@@ -43,12 +43,12 @@ class Rule:
     why: str
 
 
-def option(default, help_: str, *, source: str, required: bool = False, **accepts):
+def option(default, help_: str, *, source: str | None = None, required: bool = False, **accepts):
     """A config field, its flag's help and the ``source`` of its default: the reference's file
     and key, MAE's or MMDetection's default, "the model's" (None: the builder's own default)
     or "ours: why" (shown in the docs' defaults tables, :func:`defaults_table`; the values
-    themselves are pinned by ``tests/test_defaults.py``). ``accepts`` declares the values it
-    takes:
+    themselves are pinned by ``tests/test_defaults.py``); a required option has none to give.
+    ``accepts`` declares the values it takes:
 
     - ``ge`` / ``gt`` / ``le`` / ``lt``: bounds of the number, or of each number of a tuple;
       both ends given read as an interval (``ge=0, lt=1``: "in [0, 1)");
@@ -62,6 +62,8 @@ def option(default, help_: str, *, source: str, required: bool = False, **accept
     a ``--config`` file may give it)."""
     unknown = set(accepts) - {*BOUNDS, "what", "choices", "check"}
     assert not unknown, f"unknown field metadata {unknown}"
+    assert source or required, "an option's default needs its source"
+    source = source or "required"
     return field(default=default, metadata={"help": help_, "required": required, "source": source, **accepts})
 
 
