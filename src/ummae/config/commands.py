@@ -70,9 +70,12 @@ class _Epochs:
 @dataclass(frozen=True)
 class _Optimisation:
     batch_size: int = option(
-        128, "images per process per step", ge=1, source="UM-MAE pre-training: 128 per GPU (x 8 GPUs x accum 4)"
+        128,
+        "images per process per step",
+        ge=1,
+        source="UM-MAE: 128 per GPU (pre-training x 8 GPUs x accum 4, fine-tuning x 8 GPUs)",
     )
-    accum_iter: int = option(1, "gradient accumulation steps", ge=1, source="MAE main_pretrain.py --accum_iter 1")
+    accum_iter: int = option(1, "gradient accumulation steps", ge=1, source="MAE main_*.py --accum_iter 1")
     blr: float = option(
         1.5e-4,
         "base lr: lr = blr * effective batch / 256",
@@ -84,11 +87,19 @@ class _Optimisation:
         None, "absolute lr (overrides blr)", gt=0, below=1e9, source="MAE main_*.py --lr None (from --blr)"
     )
     min_lr: float = option(
-        0.0, "lr at the end of the cosine", ge=0, below=1e9, source="MAE main_pretrain.py --min_lr 0"
+        0.0, "lr at the end of the cosine", ge=0, below=1e9, source="MAE main_pretrain.py / main_linprobe.py --min_lr 0"
     )
-    weight_decay: float = option(0.05, "weight decay", ge=0, source="MAE main_pretrain.py --weight_decay 0.05")
+    weight_decay: float = option(
+        0.05,
+        "weight decay",
+        ge=0,
+        source="MAE main_pretrain.py / main_finetune.py --weight_decay 0.05 (and the UM-MAE detection config's)",
+    )
     clip_grad: float | None = option(
-        None, "max gradient norm (default: no clipping)", gt=0, source="MAE main_pretrain.py: no clipping"
+        None,
+        "max gradient norm (default: no clipping)",
+        gt=0,
+        source="MAE main_pretrain.py / main_finetune.py: no clipping",
     )
 
     def effective_lr(self, world_size: int) -> float:
@@ -109,7 +120,7 @@ class _RunControl:
         20,
         "also keep checkpoint-EPOCH.pth every N epochs and at the end (0 = only the end)",
         ge=0,
-        source="MAE main_pretrain.py: a numbered checkpoint every 20 epochs",
+        source="MAE main_*.py: a numbered checkpoint every 20 epochs",
     )
     save_every_steps: int = option(
         0,
@@ -434,7 +445,7 @@ class LinprobeConfig(RunConfig, ClassifyData):
         256,
         "images per process per step",
         ge=1,
-        source="MAE main_linprobe.py --batch_size 512 / 2 (ours: fits one 24 GB GPU)",
+        source="ours (MAE main_linprobe.py: 512 per GPU; the lr follows the batch, blr x batch / 256)",
     )
     blr: float = option(
         0.1, "base lr: lr = blr * effective batch / 256", gt=0, below=1e9, source="MAE main_linprobe.py --blr 0.1"
@@ -498,7 +509,7 @@ class KnnConfig(InferenceConfig):
         "encoder weights (required): an ummae checkpoint or exported .safetensors",
         required=True,
     )
-    k: int = option(20, "neighbours", ge=1, source="DINO eval_knn.py --nb_knn 20")
+    k: int = option(20, "neighbours", ge=1, source="DINO eval_knn.py: k 20 (of its --nb_knn 10 20 100 200)")
     temperature: float = option(
         0.07, "temperature of the neighbour weights exp(sim / T)", gt=0, source="DINO eval_knn.py --temperature 0.07"
     )
