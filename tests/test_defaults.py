@@ -8,13 +8,9 @@ together. A command, or a field, missing from the tables fails too.
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 
 from ummae.cli import COMMANDS
-
-MODEL = "the model's default (None: the builder's, pinned in BUILDERS below)"
 
 # Shared by every command that runs: where and how (ours unless said).
 _MACHINERY = dict(precision="auto", device="auto", num_workers=8)
@@ -92,86 +88,29 @@ DEFAULTS: dict[str, dict[str, object]] = {
 }  # fmt: skip
 
 
-def _builders():
-    # imported here: the models load torch, which the config tables above do not need
-    from ummae.models.classifier import Classifier
-    from ummae.models.dense import build_stage_maps
-    from ummae.models.detectors import Detector
-    from ummae.models.mae import MaskedAutoencoder
-    from ummae.models.upernet import FCNHead, Segmenter, UperHead, upernet
-
-    return {
-        "MaskedAutoencoder": MaskedAutoencoder.__init__,
-        "UperHead": UperHead.__init__,
-        "FCNHead": FCNHead.__init__,
-        "Segmenter": Segmenter.__init__,
-        "upernet": upernet,
-        "Detector": Detector.__init__,
-        "build_stage_maps": build_stage_maps,
-        "Classifier": Classifier.__init__,
-    }
-
-
-# builder -> keyword -> (default, source)
-BUILDERS: dict[str, dict[str, tuple[object, str]]] = {
-    "MaskedAutoencoder": {
-        "unit_size": (16, "UM-MAE: 16 px mask units"),
-        "sampling": ("uniform", "UM-MAE: Uniform Sampling"),
-        "mask_ratio": (0.75, "MAE main_pretrain.py --mask_ratio 0.75"),
-        "sm_ratio": (0.25, "UM-MAE main_pretrain.py --vis_mask_ratio 0.25"),
-        "norm_pix_loss": (True, "UM-MAE pre-training scripts: --norm_pix_loss"),
-        "decoder_pos": ("true", "ours: each visible token at its own unit (docs: differences)"),
-        "decoder_dim": (512, "UM-MAE: decoder 512d2b"),
-        "decoder_depth": (2, "UM-MAE: decoder 512d2b"),
-        "decoder_heads": (16, "MAE: decoder_num_heads 16"),
+# builder (ummae.models.defaults.SOURCES: "module:attribute") -> keyword -> its default
+BUILDERS: dict[str, dict[str, object]] = {
+    "ummae.models.mae:MaskedAutoencoder": {
+        "unit_size": 16, "sampling": "uniform", "mask_ratio": 0.75, "sm_ratio": 0.25, "norm_pix_loss": True,
+        "decoder_pos": "true", "decoder_dim": 512, "decoder_depth": 2, "decoder_heads": 16,
     },
-    "UperHead": {
-        "pool_scales": ((1, 2, 3, 6), "MMSegmentation UPerHead pool_scales (1, 2, 3, 6)"),
-        "dropout": (0.1, "MMSegmentation decode_head dropout_ratio 0.1"),
+    "ummae.models.classifier:Classifier": {"num_classes": 1000, "img_size": 256, "drop_rate": 0.0, "layer_decay": 0.75},
+    "ummae.models.dense:build_stage_maps": {
+        "out_channels": 768, "drop_path": None, "window_size": None, "stages": (0, 1, 2, 3), "neck": "ln_linear",
+        "pos_embed_mode": "resize",
     },
-    "FCNHead": {"dropout": (0.1, "MMSegmentation auxiliary_head dropout_ratio 0.1")},
-    "Segmenter": {
-        "head_channels": (768, "UM-MAE upernet config: decode_head channels 768"),
-        "aux_channels": (256, "MMSegmentation auxiliary_head channels 256"),
-        "aux_weight": (0.4, "MMSegmentation auxiliary_head loss_weight 0.4"),
-        "ignore_index": (255, "MMSegmentation ignore_index 255"),
+    "ummae.models.upernet:upernet": {
+        "crop_size": 512, "neck_channels": 768, "head_channels": 768, "aux_channels": 256, "aux_weight": 0.4,
+        "ignore_index": 255, "drop_path": None, "window_size": None, "neck": "conv", "pos_embed_mode": "resize",
     },
-    "upernet": {
-        "crop_size": (512, "UM-MAE upernet config: crop_size 512"),
-        "neck_channels": (768, "UM-MAE SEG backbones: fpn1..4 at 768"),
-        "head_channels": (768, "UM-MAE upernet config: decode_head channels 768"),
-        "aux_channels": (256, "MMSegmentation auxiliary_head channels 256"),
-        "aux_weight": (0.4, "MMSegmentation auxiliary_head loss_weight 0.4"),
-        "ignore_index": (255, "MMSegmentation ignore_index 255"),
-        "drop_path": (None, "the backbone's"),
-        "window_size": (None, "the backbone's"),
-        "neck": ("conv", "UM-MAE SEG backbones: a 1x1 convolution per stage"),
-        "pos_embed_mode": ("resize", "UM-MAE SEG/pvt.py: the table resized once"),
+    "ummae.models.upernet:Segmenter": {"head_channels": 768, "aux_channels": 256, "aux_weight": 0.4, "ignore_index": 255},
+    "ummae.models.upernet:UperHead": {"pool_scales": (1, 2, 3, 6), "dropout": 0.1},
+    "ummae.models.upernet:FCNHead": {"dropout": 0.1},
+    "ummae.models.detectors:Detector": {
+        "img_size": 1024, "neck_channels": 768, "fpn_channels": 256, "drop_path": None, "window_size": None,
+        "neck": "ln_linear", "pos_embed_mode": "interpolate",
     },
-    "Detector": {
-        "img_size": (1024, "UM-MAE gfl config: 1024x1024"),
-        "neck_channels": (768, "UM-MAE DET backbones: LayerNorm + Linear to 768"),
-        "fpn_channels": (256, "MMDetection FPN out_channels 256"),
-        "drop_path": (None, "the backbone's"),
-        "window_size": (None, "the backbone's"),
-        "neck": ("ln_linear", "UM-MAE DET backbones: LayerNorm + Linear"),
-        "pos_embed_mode": ("interpolate", "UM-MAE DET/pvt.py: interpolated on every forward"),
-    },
-    "build_stage_maps": {
-        "out_channels": (768, "UM-MAE transfer: 768-channel stage maps"),
-        "drop_path": (None, "the backbone's"),
-        "window_size": (None, "the backbone's"),
-        "stages": ((0, 1, 2, 3), "all four stages"),
-        "neck": ("ln_linear", "UM-MAE DET backbones"),
-        "pos_embed_mode": ("resize", "UM-MAE SEG/pvt.py"),
-    },
-    "Classifier": {
-        "num_classes": (1000, "ImageNet-1K"),
-        "img_size": (256, "UM-MAE fine-tuning: 256 px"),
-        "drop_rate": (0.0, "timm's head dropout 0"),
-        "layer_decay": (0.75, "MAE main_finetune.py --layer_decay 0.75"),
-    },
-}
+}  # fmt: skip
 
 # family -> the classifier's fine-tuning defaults (drop_path, layer_decay), the reference's recipes
 FAMILY_FINETUNE = {
@@ -214,12 +153,19 @@ def test_defaults__every_option_states_its_source(command):
 
 @pytest.mark.parametrize("builder", sorted(BUILDERS))
 def test_defaults__the_builders_keyword_defaults(builder):
-    params = inspect.signature(_builders()[builder]).parameters
-    actual = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-    table = {n: v for n, (v, _source) in BUILDERS[builder].items()}
-    assert set(actual) == set(table), "keywords with a default the table does not pin, or the reverse"
-    actual = {n: tuple(v) if isinstance(v, list) else v for n, v in actual.items()}
-    assert actual == table
+    """The values against the table; every keyword default has its source (the docs print it)."""
+    from ummae.models.defaults import SOURCES, keyword_defaults  # torch: the builders' modules load it
+
+    actual = {n: tuple(v) if isinstance(v, list) else v for n, v in keyword_defaults(builder).items()}
+    assert sorted(set(actual) ^ set(BUILDERS[builder])) == [], "keyword defaults the table does not pin, or the reverse"
+    assert actual == BUILDERS[builder]
+    assert sorted(set(actual) ^ set(SOURCES[builder])) == [], "keyword defaults without a source, or the reverse"
+
+
+def test_defaults__the_table_names_every_builder_that_states_its_sources():
+    from ummae.models.defaults import SOURCES
+
+    assert set(BUILDERS) == set(SOURCES)
 
 
 def test_defaults__the_families_fine_tuning_defaults():

@@ -123,6 +123,7 @@ BLOCKS: dict[str, str | Callable[[], str]] = {
     "detectors": "ummae.detector_specs:markdown_table",
     "cli": cli_reference,
     "defaults": defaults,
+    "builder_defaults": "ummae.models.defaults:markdown_table",
 }
 
 _BLOCK = re.compile(

@@ -45,7 +45,7 @@ class Rule:
 
 def option(default, help_: str, *, source: str | None = None, required: bool = False, **accepts):
     """A config field, its flag's help and the ``source`` of its default: the reference's file
-    and key, MAE's or MMDetection's default, "the model's" (None: the builder's own default)
+    and key, MAE's or MMDetection's default, "the model's" (None: the model builder's own default, :mod:`ummae.models.defaults`)
     or "ours: why" (shown in the docs' defaults tables, :func:`defaults_table`; the values
     themselves are pinned by ``tests/test_defaults.py``); a required option has none to give.
     ``accepts`` declares the values it takes:
