@@ -4,7 +4,9 @@ builds (the model's attributes or modules, the optimiser's groups, the data pipe
 schedule, the loss step, the EMA, the evaluation), not in the config. A field with no entry
 fails the walk, so a new option needs one; a field with no effect to see at this size (where
 the run writes, how it checkpoints) says why, naming the test that shows its effect where one
-does.
+does. The inference commands (eval, knn, detect eval, segment eval) each run whole in one
+function: each of their options names the test that shows its effect (checked to exist), and
+kNN's ``k`` is shown here.
 
 The bug this guards against: an option dropped between the config and what it configures (the
 built model keeps its own default, and an ablation's row is silently the baseline)."""
@@ -91,12 +93,8 @@ def _drop_path(b) -> float:
 
 
 def _group(key: str):
-    return lambda b: sorted({g[key] if not isinstance(g[key], tuple) else g[key] for g in b.optimizer.param_groups})
-
-
-def _lr_scales(b) -> float:
-    """The smallest layer-wise lr scale of the groups (1: no layer decay)."""
-    return round(min(g.get("lr_scale", 1.0) for g in b.optimizer.param_groups), 6)
+    """The values of ``key`` over the optimiser's param groups."""
+    return lambda b: sorted({g[key] for g in b.optimizer.param_groups})
 
 
 def _transform_attr(attr: str, transform=lambda b: b.train.transform):
