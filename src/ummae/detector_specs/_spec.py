@@ -75,7 +75,7 @@ class DetectorOption:
 class DetectorSpec:
     """One detector. ``builder``: ``"module:Class"``, called as ``Class(pyramid, num_classes,
     **builder_args, **options)``; ``masks``: instance masks too (box and mask AP, the training
-    targets carry masks); ``order``: its place in ``--detector``'s choices."""
+    targets carry masks)."""
 
     name: str
     summary: str  # one line: what it is
@@ -83,7 +83,6 @@ class DetectorSpec:
     pyramid: Pyramid
     masks: bool
     follows: str  # the configuration it follows
-    order: int
     options: tuple[DetectorOption, ...] = ()
     builder_args: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
