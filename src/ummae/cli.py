@@ -5,6 +5,7 @@ ummae pretrain [--config run.yaml] [--flag value ...]
 ummae finetune --model swin_tiny_256 --pretrained ckpt.pth --data /imagenet [...]
 ummae linprobe | knn --model ... --pretrained ... --data ...
 ummae eval --model ... --checkpoint ... --data ...
+ummae predict --checkpoint runs/ft/checkpoint-best.pth --images photos/ [--topk 5 --output top5.csv]
 ummae export --checkpoint ckpt.pth --output model.safetensors
 ummae bench --models a,b [...]
 ummae visualize --checkpoint runs/pt/checkpoint-last.pth --images a.jpg b.jpg [--output recon.png]
@@ -108,6 +109,28 @@ def _segment_predict_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--output", default="segmentations", help="folder for the pictures (default: segmentations)")
     sp.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours (default: 0.5)")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+def _predict_flags(pr: argparse.ArgumentParser) -> None:
+    pr.add_argument(
+        "--checkpoint", required=True, help="a classifier: a checkpoint of `ummae finetune` / `linprobe` or its export"
+    )
+    pr.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        help="image files, folders (their images, sorted) and/or list files ('relative/path [label]' lines)",
+    )
+    pr.add_argument(
+        "--output",
+        default="predictions.csv",
+        help="file to write; its suffix picks the format: .csv or .jsonl (default: predictions.csv)",
+    )
+    pr.add_argument("--topk", type=int, default=5, help="classes per image, most probable first (default: 5)")
+    pr.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    pr.add_argument("--crop-pct", type=float, help="evaluation crop (default: the one the checkpoint records)")
+    pr.add_argument("--ema", action="store_true", help="the EMA weights of a fine-tuning checkpoint (a run with --ema)")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
 def _export_flags(e: argparse.ArgumentParser) -> None:
@@ -332,6 +355,14 @@ COMMANDS: dict[str, Command] = {
         "tasks.classify:run_eval",
         EvalConfig,
         result=True,
+    ),
+    "predict": Command(
+        "top-k classes of a classifier on images, as CSV or JSON lines",
+        "tasks.predict:predict",
+        flags=_predict_flags,
+        description="Write the top-k class names and probabilities of each image (a classifier checkpoint or "
+        "export, with the evaluation transform and class names it records) as CSV or JSON lines. Unreadable "
+        "images are skipped, warned about and listed.",
     ),
     "knn": Command("weighted kNN top-1 of a frozen pre-trained encoder", "tasks.knn:run_knn", KnnConfig, result=True),
     "detect train": Command("train a detector on COCO from a pre-trained backbone", "tasks.detect:train", DetectConfig),
