@@ -8,4 +8,5 @@ SPEC = DetectorSpec(
     masks=False,
     follows="torchvision's `fasterrcnn_resnet50_fpn`",
     order=6,
+    onnx="torchvision",
 )

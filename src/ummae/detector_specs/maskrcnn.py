@@ -8,4 +8,5 @@ SPEC = DetectorSpec(
     masks=True,
     follows="torchvision's `maskrcnn_resnet50_fpn`",
     order=1,
+    onnx="torchvision",
 )

@@ -52,13 +52,18 @@ class Classifier:
     crop_pct: float
 
 
-def load_for_prediction(checkpoint: str, ema: bool = False, crop_pct: float | None = None) -> Classifier:
-    """The classifier in ``checkpoint`` with what it records for prediction; a file written
-    before classes were recorded names them by index, said in one line."""
+def load_for_prediction(
+    checkpoint: str, ema: bool = False, crop_pct: float | None = None, img_size: int | None = None
+) -> Classifier:
+    """The classifier in ``checkpoint`` with what it records for prediction (``img_size``: built
+    at another input size); a file written before classes were recorded names them by index,
+    said in one line."""
     named = SimpleNamespace(model=None)  # model_from_weights names the classifier the file holds
     model_from_weights(named, checkpoint, "--checkpoint", "prediction")
     check_classifier(named.model)
-    model, meta = build_from_checkpoint(checkpoint, "classify", ema=ema, name=named.model, drop_path=0.0)
+    model, meta = build_from_checkpoint(
+        checkpoint, "classify", ema=ema, name=named.model, img_size=img_size, drop_path=0.0
+    )
     recorded = meta.get("model_args") or {}
     names = recorded.get("class_names")
     if not isinstance(names, list) or len(names) != model.num_classes:
