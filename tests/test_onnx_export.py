@@ -23,7 +23,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from _helpers import COCO_MINI, SEMSEG_MINI, TINY_DETECTOR
 from ummae.cli import main
 from ummae.detector_specs import SPECS
-from ummae.models.registry import create_model
+from ummae.models.registry import create_model, list_models
 from ummae.tasks.onnx_export import (
     DEFAULT_OPSET,
     TOLERANCE,
@@ -68,9 +68,10 @@ def _export(checkpoint: Path, out: Path, *extra: str) -> None:
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [DEFAULT_OPSET]
 
 
-def test_onnx__classifier_logits_equal_pytorch_on_imagenette_with_any_batch(tmp_path):
+@pytest.mark.parametrize("name", list_models("*_test", kind="classify"))
+def test_onnx__classifier_logits_equal_pytorch_on_imagenette_with_any_batch(name, tmp_path):
     torch.manual_seed(0)
-    model = create_model("swin_test", num_classes=10, img_size=64).eval()
+    model = create_model(name, num_classes=10, img_size=64).eval()
     path = _save(model, tmp_path / "clf.pth", class_names=[str(i) for i in range(10)], crop_pct=0.875)
     _export(path, tmp_path / "clf.onnx")
     tf = transforms.Compose(

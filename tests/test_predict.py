@@ -135,6 +135,20 @@ def test_predict__list_file_and_old_checkpoint_without_class_names(tmp_path, ima
     assert [r["classes"] for r in rows] == [e["classes"] for e in expected]
 
 
+def test_predict__the_legacy_fine_tuning_checkpoint_names_classes_by_index(tmp_path, images, caplog):
+    """The fine-tuning checkpoint main wrote before classes were recorded (tests/fixtures/legacy)."""
+    legacy = Path(__file__).parent / "fixtures" / "legacy" / "finetune-swin_test.pth"
+    out = tmp_path / "legacy.jsonl"
+    with caplog.at_level(logging.WARNING, logger="ummae"):
+        assert main(["predict", "--checkpoint", str(legacy), "--images", str(images), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    num_classes = ckpt.load(legacy)["model"]["head.weight"].shape[0]
+    assert len(rows) == len(_good(images))
+    indices = {str(i) for i in range(num_classes)}
+    assert all(set(r["classes"]) <= indices and len(r["classes"]) == min(5, num_classes) for r in rows)
+    assert any("records no class names" in m for m in caplog.messages)
+
+
 def test_finetune__records_class_names_and_crop_and_the_export_predicts_the_same(finetuned, colour_data, tmp_path):
     state = ckpt.load(finetuned / "checkpoint-last.pth")
     assert state["model_args"]["class_names"] == ["blue", "green", "red"]  # colour_data's folders, sorted
