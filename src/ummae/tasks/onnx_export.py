@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.transforms.functional import pil_to_tensor
@@ -74,8 +75,6 @@ class OnnxForm:
 
 
 def _classifier_inputs(clf, images: list[Tensor]) -> list[tuple[Tensor, ...]]:
-    from PIL import Image  # the eval transform takes PIL images, as predict reads them
-
     batch = [clf.transform(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in images]
     return [(torch.stack(batch),)]
 
