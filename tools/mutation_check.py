@@ -1011,7 +1011,7 @@ MUTATIONS = [
         "cli_export_suffix_unchecked",
         "export writes safetensors to an --output of another suffix",
         "src/ummae/cli.py",
-        'if not args.output.endswith(".safetensors"):',
+        "if EXPORT_FORMATS.get(suffix) != args.format:",
         "if False:",
         ("tests/test_bad_inputs.py::test_cli_bad_input__one_line_no_traceback",),
     ),
