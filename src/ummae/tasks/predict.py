@@ -18,7 +18,6 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from ummae.models.classifier import check_classifier
 from ummae.tasks.classify import model_from_weights
 from ummae.weights.build import build_from_checkpoint
 from ummae.weights.io import write_atomic
+from ummae.weights.load import OneReadPerFile
 
 log = logging.getLogger("ummae")
 
@@ -58,12 +58,12 @@ def load_for_prediction(
     """The classifier in ``checkpoint`` with what it records for prediction (``img_size``: built
     at another input size); a file written before classes were recorded names them by index,
     said in one line."""
-    named = SimpleNamespace(model=None)  # model_from_weights names the classifier the file holds
-    model_from_weights(named, checkpoint, "--checkpoint", "prediction")
-    check_classifier(named.model)
-    model, meta = build_from_checkpoint(
-        checkpoint, "classify", ema=ema, name=named.model, img_size=img_size, drop_path=0.0
-    )
+    with OneReadPerFile():  # naming the classifier the file holds and building it: one read
+        name = model_from_weights(None, checkpoint, "--checkpoint", "prediction")
+        check_classifier(name)
+        model, meta = build_from_checkpoint(
+            checkpoint, "classify", ema=ema, name=name, img_size=img_size, drop_path=0.0
+        )
     recorded = meta.get("model_args") or {}
     names = recorded.get("class_names")
     if not isinstance(names, list) or len(names) != model.num_classes:
