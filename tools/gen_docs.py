@@ -121,6 +121,7 @@ BLOCKS: dict[str, str | Callable[[], str]] = {
     "models": "ummae.models.registry:markdown_table",
     "masking": "ummae.sampling:markdown_table",
     "detectors": "ummae.detector_specs:markdown_table",
+    "onnx": "ummae.tasks.onnx_export:markdown_table",
     "cli": cli_reference,
     "defaults": defaults,
     "builder_defaults": "ummae.models.defaults:markdown_table",

@@ -5,7 +5,9 @@ ummae pretrain [--config run.yaml] [--flag value ...]
 ummae finetune --model swin_tiny_256 --pretrained ckpt.pth --data /imagenet [...]
 ummae linprobe | knn --model ... --pretrained ... --data ...
 ummae eval --model ... --checkpoint ... --data ...
+ummae predict --checkpoint runs/ft/checkpoint-best.pth --images photos/ [--topk 5 --output top5.csv]
 ummae export --checkpoint ckpt.pth --output model.safetensors
+ummae export --checkpoint runs/ft/checkpoint-best.pth --format onnx --output model.onnx [--validate]
 ummae bench --models a,b [...]
 ummae visualize --checkpoint runs/pt/checkpoint-last.pth --images a.jpg b.jpg [--output recon.png]
 ummae masks [--img-size 256 --unit-size 16 --image photo.jpg --output masks.png]
@@ -110,11 +112,62 @@ def _segment_predict_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
+def _predict_flags(pr: argparse.ArgumentParser) -> None:
+    pr.add_argument(
+        "--checkpoint", required=True, help="a classifier: a checkpoint of `ummae finetune` / `linprobe` or its export"
+    )
+    pr.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        help="image files, folders (their images, sorted) and/or list files ('relative/path [label]' lines)",
+    )
+    pr.add_argument(
+        "--output",
+        default="predictions.csv",
+        help="file to write; its suffix picks the format: .csv or .jsonl (default: predictions.csv)",
+    )
+    pr.add_argument("--topk", type=int, default=5, help="classes per image, most probable first (default: 5)")
+    pr.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    pr.add_argument("--crop-pct", type=float, help="evaluation crop (default: the one the checkpoint records)")
+    pr.add_argument("--ema", action="store_true", help="the EMA weights of a fine-tuning checkpoint (a run with --ema)")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+EXPORT_FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}  # --output's suffix for each --format
+
+
 def _export_flags(e: argparse.ArgumentParser) -> None:
-    e.add_argument("--checkpoint", required=True, help="an ummae checkpoint (pre-training or fine-tuning)")
-    e.add_argument("--output", required=True, help="the .safetensors file to write")
-    e.add_argument("--encoder-only", action="store_true", help="drop a fine-tuned classifier's head too")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="an ummae checkpoint (safetensors: pre-training or fine-tuning; onnx: a classifier, segmenter or "
+        "detector)",
+    )
+    e.add_argument("--output", required=True, help="the file to write (.safetensors or .onnx, as --format)")
+    e.add_argument(
+        "--format",
+        choices=tuple(EXPORT_FORMATS.values()),
+        default="safetensors",
+        help="safetensors: the inference weights; onnx: the model as an ONNX graph (default: safetensors)",
+    )
+    e.add_argument("--encoder-only", action="store_true", help="drop a fine-tuned classifier's head too (safetensors)")
     e.add_argument("--ema", action="store_true", help="the EMA weights of a fine-tuning checkpoint (a run with --ema)")
+    e.add_argument("--opset", type=int, help="onnx: the ONNX opset (default: 17)")
+    e.add_argument(
+        "--img-size",
+        type=int,
+        help="onnx: the input size of a classifier or segmenter (default: the one it was trained at)",
+    )
+    e.add_argument(
+        "--validate",
+        action="store_true",
+        help="onnx: run the graph with onnxruntime beside PyTorch on a few images, print the max difference, "
+        "fail beyond the tolerance",
+    )
+    e.add_argument(
+        "--images", nargs="+", help="onnx --validate: images, folders or list files (default: the demo photos)"
+    )
 
 
 def _convert_flags(cv: argparse.ArgumentParser) -> None:
@@ -211,16 +264,40 @@ def _bench(args) -> int:
 
 
 def _export(args) -> int:
+    suffix = Path(args.output).suffix
+    if EXPORT_FORMATS.get(suffix) != args.format:
+        want = next(k for k, v in EXPORT_FORMATS.items() if v == args.format)
+        raise UsageError(f"--output must name a {want} file with --format {args.format}, got {args.output}")
+    onnx_only = [f for f in ("opset", "img_size", "validate", "images") if getattr(args, f) not in (None, False)]
+    if args.format == "safetensors" and onnx_only:
+        raise UsageError(f"--{onnx_only[0].replace('_', '-')} applies to --format onnx")
+    if args.format == "onnx":
+        return _export_onnx(args)
     from ummae.weights.export import export  # torch: only when run
 
-    if not args.output.endswith(".safetensors"):
-        raise UsageError(f"--output must name a .safetensors file, got {args.output}")
     meta = export(args.checkpoint, args.output, args.encoder_only, args.ema)
     print(
         f"wrote {args.output}: {meta['contents']} of {meta['source_model']}; load it with "
         f"`ummae finetune --model {meta['model_name']} --pretrained {args.output}` or "
         f"ummae.register_timm(); timm.create_model('{meta['timm_model_name']}') + load_state_dict(..., strict=False)"
     )
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from ummae.tasks.onnx_export import DEFAULT_OPSET, export_onnx  # torch: only when run
+
+    if args.encoder_only:
+        raise UsageError("--encoder-only applies to --format safetensors (an ONNX graph is a whole model)")
+    if args.images and not args.validate:
+        raise UsageError("--images are the images --validate runs: give --validate too")
+    opset = args.opset or DEFAULT_OPSET
+    done = export_onnx(args.checkpoint, args.output, opset, args.img_size, args.ema, args.validate, args.images)
+    print(f"wrote {args.output}: ONNX opset {opset}, {done['form']} form: {done['summary']}")
+    if args.validate:
+        print(
+            f"validated with onnxruntime: max |onnxruntime - PyTorch| {done['max_diff']:.3g} <= {done['allowed']:.3g}"
+        )
     return 0
 
 
@@ -333,6 +410,14 @@ COMMANDS: dict[str, Command] = {
         EvalConfig,
         result=True,
     ),
+    "predict": Command(
+        "top-k classes of a classifier on images, as CSV or JSON lines",
+        "tasks.predict:predict",
+        flags=_predict_flags,
+        description="Write the top-k class names and probabilities of each image (a classifier checkpoint or "
+        "export, with the evaluation transform and class names it records) as CSV or JSON lines. Unreadable "
+        "images are skipped, warned about and listed.",
+    ),
     "knn": Command("weighted kNN top-1 of a frozen pre-trained encoder", "tasks.knn:run_knn", KnnConfig, result=True),
     "detect train": Command("train a detector on COCO from a pre-trained backbone", "tasks.detect:train", DetectConfig),
     "detect eval": Command(
@@ -361,7 +446,9 @@ COMMANDS: dict[str, Command] = {
         "and the label map (STEM_labels.png).",
     ),
     "export": Command(
-        "write a checkpoint's inference weights as safetensors (decoder dropped)", _export, flags=_export_flags
+        "write a checkpoint's inference weights as safetensors (decoder dropped), or its model as ONNX",
+        _export,
+        flags=_export_flags,
     ),
     "convert": Command(
         "turn a reference checkpoint (UM-MAE, MAE code base) into an ummae checkpoint or export",

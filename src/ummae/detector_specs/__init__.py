@@ -5,7 +5,7 @@ the options it takes and the configuration it follows. The rest is derived from 
 ``--detector``'s choices and help, the detector options' flags and their refusals, the
 registry's ``detect`` heads (:mod:`ummae.models.detectors`, ``ummae models --kind detect``),
 box or box + mask AP, and the docs table (:func:`markdown_table`). Adding a detector is adding a
-spec file; no code compares detector names.
+spec file and its name in the registration line below; no code compares detector names.
 
 The package imports no torch: the command line reads it to build its flags (``ummae --help``
 stays fast). A spec names its class as ``"module:Class"``; :mod:`ummae.models.detectors` imports
@@ -15,30 +15,24 @@ it when a model is built.
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
-from ummae.detector_specs._spec import P2_P6, P3_P7, DetectorOption, DetectorSpec, Pyramid
+from ummae.detector_specs._spec import ONNX_FORMS, P2_P6, P3_P7, DetectorOption, DetectorSpec, Pyramid
 from ummae.errors import UsageError
 
 __all__ = [
-    "DETECTORS", "OPTIONS", "P2_P6", "P3_P7", "SPECS", "DetectorOption", "DetectorSpec", "Pyramid", "check_flags",
+    "DETECTORS", "ONNX_FORMS", "OPTIONS", "P2_P6", "P3_P7", "SPECS", "DetectorOption", "DetectorSpec", "Pyramid", "check_flags",
     "check_options", "detector_help", "detector_spec", "markdown_table", "option_help", "takers",
 ]  # fmt: skip
 
 
-def _load_specs() -> dict[str, DetectorSpec]:
-    """Every spec file of this package (its ``SPEC``), in ``--detector`` order. Read by name
-    from the package folder, so that a new detector is one new file."""
-    found = []
-    for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_"):
-            found.append(importlib.import_module(f"{__name__}.{module.name}").SPEC)
-    return {s.name: s for s in sorted(found, key=lambda s: s.order)}
-
-
-SPECS: dict[str, DetectorSpec] = _load_specs()
+# The registered detectors: the spec files of this package, in --detector order (the default
+# first). A new detector is one spec file and its name here.
+_SPEC_FILES = ("gfl", "maskrcnn", "retinanet", "fcos", "cascade_maskrcnn", "htc", "fasterrcnn")
+SPECS: dict[str, DetectorSpec] = {
+    spec.name: spec for spec in (importlib.import_module(f"{__name__}.{f}").SPEC for f in _SPEC_FILES)
+}
 DETECTORS: tuple[str, ...] = tuple(SPECS)
 # every detector-specific option, each once, in the order the specs list them
 OPTIONS: dict[str, DetectorOption] = {o.name: o for s in SPECS.values() for o in s.options}

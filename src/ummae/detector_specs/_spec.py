@@ -71,11 +71,21 @@ class DetectorOption:
         return bool(value) if self.set_by else value
 
 
+# How a detector leaves PyTorch (DetectorSpec.onnx): what its ONNX graph takes and gives
+ONNX_FORMS = {
+    "torchvision": "the whole model as torchvision exports it: one image [3, H, W] in [0, 1] in; boxes, labels, "
+    "scores (and masks) out, post-processing included",
+    "raw": "backbone + head to raw outputs: the normalised, padded img_size canvas [N, 3, S, S] in; "
+    "cls_logits, bbox_regression and anchors out; decoding and NMS are left to the caller (docs)",
+}
+
+
 @dataclass(frozen=True)
 class DetectorSpec:
     """One detector. ``builder``: ``"module:Class"``, called as ``Class(pyramid, num_classes,
     **builder_args, **options)``; ``masks``: instance masks too (box and mask AP, the training
-    targets carry masks); ``order``: its place in ``--detector``'s choices."""
+    targets carry masks); ``onnx``: how ``ummae export --format onnx`` exports it
+    (:data:`ONNX_FORMS`), "" where it cannot."""
 
     name: str
     summary: str  # one line: what it is
@@ -83,8 +93,8 @@ class DetectorSpec:
     pyramid: Pyramid
     masks: bool
     follows: str  # the configuration it follows
-    order: int
     options: tuple[DetectorOption, ...] = ()
+    onnx: str = ""
     builder_args: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property

@@ -8,6 +8,5 @@ SPEC = DetectorSpec(
     pyramid=P2_P6,
     masks=True,
     follows="MMDetection 2.x `configs/_base_/models/cascade_mask_rcnn_r50_fpn.py` (`CascadeRoIHead`)",
-    order=4,
     options=CASCADE,
 )

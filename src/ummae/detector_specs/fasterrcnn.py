@@ -7,5 +7,5 @@ SPEC = DetectorSpec(
     pyramid=P2_P6,
     masks=False,
     follows="torchvision's `fasterrcnn_resnet50_fpn`",
-    order=6,
+    onnx="torchvision",
 )

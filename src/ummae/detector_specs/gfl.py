@@ -7,5 +7,5 @@ SPEC = DetectorSpec(
     pyramid=P3_P7,
     masks=False,
     follows="the reference's `DET/configs/gfl/gfl_mae_swin_tiny_256_..._fpn_25ep_1024x1024_coco.py`",
-    order=0,
+    onnx="raw",
 )

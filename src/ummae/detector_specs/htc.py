@@ -10,6 +10,5 @@ SPEC = DetectorSpec(
     masks=True,
     follows="MMDetection 2.x `configs/htc/htc_r50_fpn_1x_coco.py` (`HybridTaskCascadeRoIHead`, `HTCMaskHead`, "
     "`FusedSemanticHead`); without --stuff-maps `htc_without_semantic_r50_fpn_1x_coco.py`",
-    order=5,
     options=(*CASCADE, SEMANTIC),
 )

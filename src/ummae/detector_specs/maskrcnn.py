@@ -7,5 +7,5 @@ SPEC = DetectorSpec(
     pyramid=P2_P6,
     masks=True,
     follows="torchvision's `maskrcnn_resnet50_fpn`",
-    order=1,
+    onnx="torchvision",
 )

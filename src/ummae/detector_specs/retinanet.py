@@ -7,5 +7,4 @@ SPEC = DetectorSpec(
     pyramid=P3_P7,
     masks=False,
     follows="torchvision's `retinanet_resnet50_fpn`",
-    order=2,
 )

@@ -25,6 +25,7 @@ from timm.utils import ModelEmaV3
 
 from ummae.config import EvalConfig, FinetuneConfig, LinprobeConfig, resolve
 from ummae.data import build_classify_dataset, build_classify_transform
+from ummae.data.classify import default_crop_pct
 from ummae.engine import dist as udist
 from ummae.engine.optim import build_optimizer
 from ummae.engine.precision import resolve_precision
@@ -34,6 +35,7 @@ from ummae.evaluation.classification import TopKAccuracy, model_outputs
 from ummae.models.classifier import check_classifier, classifier_for
 from ummae.models.registry import create_model, list_models, model_kind
 from ummae.tasks.base import Parts, RunContext, Task, check_weights_file, run
+from ummae.weights import io as ckpt
 from ummae.weights.build import build_from_checkpoint
 from ummae.weights.load import OneReadPerFile, load_pretrained, log_load_report, read_weights
 
@@ -78,6 +80,35 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str) -> 
     return inference_on_dataset(
         model, loader, TopKAccuracy(device), model_outputs, device, precision, desc="evaluation"
     )
+
+
+# What `ummae predict` reads from a classifier's model_args (the checkpoint and its exports carry
+# them): the training data's class names, and the crop of the evaluation transform
+PREDICTION_ARGS = ("class_names", "crop_pct")
+
+
+def record_for_prediction(model: nn.Module, class_names: list[str], cfg) -> None:
+    """Record in ``model.model_args`` what applying the classifier needs besides its weights:
+    ``class_names`` (label i is ``class_names[i]``) and ``crop_pct`` of its evaluation transform
+    (``--crop-pct``, or MAE's rule for its size). A run resumed from a checkpoint written before
+    they were recorded goes on without them: its checkpoint's model_args must stay the same."""
+    resumed = resumed_model_args(cfg)
+    if resumed is not None and not all(k in resumed for k in PREDICTION_ARGS):
+        log.info("resume: the checkpoint records no class names; `ummae predict` will name its classes by index")
+        return
+    names = list(class_names) + [str(i) for i in range(len(class_names), model.num_classes)]  # --num-classes above
+    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else default_crop_pct(model.img_size)
+    model.model_args.update(class_names=names, crop_pct=crop_pct)
+
+
+def resumed_model_args(cfg) -> dict[str, Any] | None:
+    """The model_args of the checkpoint ``--resume`` continues (None: a new run)."""
+    if not cfg.resume:
+        return None
+    path = Path(cfg.output) / "checkpoint-last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+    if not path.exists():  # resume auto without a checkpoint: a new run
+        return None
+    return ckpt.load(path, mmap=True).get("model_args") or {}
 
 
 def _build_classifier(cfg, num_classes: int, **overrides) -> nn.Module:
@@ -219,6 +250,7 @@ class ClassifyTask(Task):
             model.use_probe_head()
         train_ds.transform = self.train_transform(cfg, model.img_size)
         val_ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
+        record_for_prediction(model, train_ds.class_names, cfg)
         return Parts(model, train_ds, val_ds, report)
 
     def describe(self, cfg, ctx: RunContext, parts: Parts, lr: float) -> None:
