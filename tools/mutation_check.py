@@ -519,8 +519,8 @@ MUTATIONS = [
         "seg_aux_weight1",
         "aux loss weight 1.0 by default in the config",
         "src/ummae/config/commands.py",
-        "aux_weight: float = option(0.4,",
-        "aux_weight: float = option(1.0,",
+        "    aux_weight: float = option(\n        0.4,",
+        "    aux_weight: float = option(\n        1.0,",
         ("tests/test_properties_segment.py",),
     ),
     Mutation(
