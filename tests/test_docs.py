@@ -103,9 +103,9 @@ def test_readme__is_a_front_door_whose_links_and_commands_hold():
     assert len(readme.splitlines()) <= 250
     # the two commands of the quick start; .ci/run runs the second
     assert "pip install -c constraints.txt -e . && ummae pretrain --config demo" in readme
-    assert 'pip install -c constraints.txt -e ".[test]" && python -m pytest -q' in readme
+    assert 'pip install -c constraints.txt -e ".[test]" && python -m pytest -q -n 2' in readme
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install -q -c constraints.txt -e ".[test]"' in ci and "step python -m pytest -q\n" in ci
+    assert 'pip install -q -c constraints.txt -e ".[test]"' in ci and "step python -m pytest -q -n 2\n" in ci
     targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
     local = [t for t in targets if not t.startswith(("http://", "https://", "../"))]  # ../shared: beside the repo
     assert local and [t for t in local if not (ROOT / t).exists()] == []
