@@ -64,7 +64,10 @@ MUTATIONS = [
         "src/ummae/tasks/knn.py",
         "train_ds.num_classes, cfg.k, cfg.temperature)",
         "train_ds.num_classes, cfg.k, 0.07)",
-        ("tests/test_classify.py::test_run_knn__uses_the_temperature_it_is_given",),
+        (
+            "tests/test_classify.py::test_run_knn__uses_the_temperature_it_is_given",
+            "tests/test_options_reach.py::test_knn__every_option_reaches_what_it_sets",
+        ),
     ),
     Mutation(
         "mixup_global_numpy",
@@ -1317,6 +1320,39 @@ MUTATIONS = [
         "LargeScaleJitter(cfg.img_size, cfg.scale_range, cfg.flip_prob)",
         "LargeScaleJitter(cfg.img_size, cfg.scale_range)",
         ("tests/test_options_reach.py::test_detect_train__every_option_reaches_what_it_sets",),
+    ),
+    # issue 33 item 2: the inference commands' options dropped between the config and their use
+    Mutation(
+        "reach_eval_crop_pct",
+        "`ummae eval` ignores --crop-pct (MAE's default crop)",
+        "src/ummae/tasks/classify.py",
+        "        ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)",
+        "        ds.transform = build_classify_transform(model.img_size, is_training=False)",
+        ("tests/test_options_reach.py::test_eval__every_option_reaches_what_it_sets",),
+    ),
+    Mutation(
+        "reach_knn_k",
+        "`ummae knn` votes with 20 neighbours whatever --k says",
+        "src/ummae/tasks/knn.py",
+        "train_ds.num_classes, cfg.k, cfg.temperature)",
+        "train_ds.num_classes, 20, cfg.temperature)",
+        ("tests/test_options_reach.py::test_knn__every_option_reaches_what_it_sets",),
+    ),
+    Mutation(
+        "reach_seg_eval_stride",
+        "`segment eval` ignores --test-stride (the checkpoint's stride)",
+        "src/ummae/tasks/segment.py",
+        'stride=cfg.test_stride or args["test_stride"],',
+        'stride=args["test_stride"],',
+        ("tests/test_options_reach.py::test_segment_eval__every_option_reaches_what_it_sets",),
+    ),
+    Mutation(
+        "reach_seg_eval_flip",
+        "`segment eval` ignores --flip",
+        "src/ummae/tasks/segment.py",
+        "        flip=cfg.flip,",
+        "        flip=False,",
+        ("tests/test_options_reach.py::test_segment_eval__every_option_reaches_what_it_sets",),
     ),
     # issue 33: the training step's semantics
     Mutation(
