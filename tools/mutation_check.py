@@ -1339,6 +1339,14 @@ MUTATIONS = [
         ("tests/test_options_reach.py::test_knn__every_option_reaches_what_it_sets",),
     ),
     Mutation(
+        "reach_detect_eval_split",
+        "`detect eval` evaluates val2017 whatever --split says",
+        "src/ummae/tasks/detect.py",
+        "CocoDetection(cfg.data, cfg.split, train=False)",
+        'CocoDetection(cfg.data, "val2017", train=False)',
+        ("tests/test_options_reach.py::test_detect_eval__every_option_reaches_what_it_sets",),
+    ),
+    Mutation(
         "reach_seg_eval_stride",
         "`segment eval` ignores --test-stride (the checkpoint's stride)",
         "src/ummae/tasks/segment.py",
