@@ -509,8 +509,7 @@ def test_eval__every_option_reaches_what_it_sets(tmp_path, monkeypatch, small_co
                               device="cpu", num_workers=0, batch_size=4)  # fmt: skip
     _walk(_command_run(classify.run_eval, calls), base, {
         **_classify_inference(other_colours),
-        "val_data": "NOT READ: `ummae eval` evaluates --data's --split and ignores --val-data "
-                    "(tests/test_options_reach.py::test_eval__val_data_is_ignored, a strict xfail until it is fixed)",
+        "val_data": Reach(str(other_colours / "val"), lambda b: b.result["val_images"], 6),
         "checkpoint": Reach(_classifier_checkpoint(tmp_path / "b.pth", 1), _weights_of("load_classifier"), _saved_weights),
         "split": Reach("train", lambda b: b.result["val_images"], 6),
         "ema": Reach(True, lambda b: model(b).head.bias.tolist(), [0.25] * 3),
@@ -533,15 +532,6 @@ def test_knn__every_option_reaches_what_it_sets(
         "k": Reach(3, lambda b: evaluator(b).k),
         "temperature": Reach(0.5, lambda b: evaluator(b).temperature),
     })  # fmt: skip
-
-
-@pytest.mark.xfail(strict=True, reason="issue 33: `ummae eval` accepts --val-data and ignores it")
-def test_eval__val_data_is_ignored(tmp_path, small_colours, other_colours):
-    """--val-data names 6 images, --data's val split 3: the evaluation should count 6. (When
-    this passes, move val_data into the walk above: a Reach on ``val_images``.)"""
-    cfg = configs.EvalConfig(checkpoint=_classifier_checkpoint(tmp_path / "a.pth", 0), data=str(small_colours),
-                             val_data=str(other_colours / "val"), device="cpu", num_workers=0)  # fmt: skip
-    assert classify.run_eval(cfg)["val_images"] == 6
 
 
 @pytest.fixture(scope="module")

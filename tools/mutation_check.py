@@ -1469,6 +1469,14 @@ MUTATIONS = [
             "tests/test_onnx_export.py::test_onnx__classifier_logits_equal_pytorch_on_imagenette_with_any_batch[swin_test]",
         ),
     ),
+    Mutation(
+        "reach_eval_val_data",
+        "`ummae eval` evaluates --data's split and ignores --val-data (as it did before this was found)",
+        "src/ummae/tasks/classify.py",
+        "ds = build_classify_dataset(cfg.val_data or cfg.data, cfg.split, None, cfg.data_root)",
+        "ds = build_classify_dataset(cfg.data, cfg.split, None, cfg.data_root)",
+        ("tests/test_options_reach.py::test_eval__every_option_reaches_what_it_sets",),
+    ),
 ]
 
 

@@ -291,7 +291,7 @@ class ClassifyData:
     model: str | None = option(
         None,
         "registered classifier (`ummae models --kind classify`); default: the one the weights (--pretrained / "
-        "--checkpoint) name, for a pre-training model its classifier (mae_X / simmim_X -> X)",
+        "--checkpoint) name, for a pre-training model the classifier its family pairs it with",
         source="ours: the weights' model",
     )
     data: str | None = option(

@@ -366,7 +366,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     with udist.distributed(cfg.device) as (info, device):
         precision = resolve_precision(cfg.precision, device)
         model = model.to(device)
-        ds = build_classify_dataset(cfg.data, cfg.split, None, cfg.data_root)
+        ds = build_classify_dataset(cfg.val_data or cfg.data, cfg.split, None, cfg.data_root)  # as training reads val
         if ds.num_classes > model.num_classes:
             raise UsageError(f"the data has {ds.num_classes} classes but the classifier only {model.num_classes}")
         ds.transform = build_classify_transform(model.img_size, is_training=False, crop_pct=cfg.crop_pct)
