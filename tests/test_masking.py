@@ -15,17 +15,15 @@ from _helpers import brute_unit_orders
 from ummae.models.layers import PatchEmbed
 from ummae.models.masking import (
     block_choice,
-    check_uniform_grid,
     compact_image,
     compact_positions,
     kept_unit_index,
-    mask_from_choice,
-    random_masking,
     reference_unit_index,
     secondary_masking,
-    uniform_sampling,
 )
 from ummae.models.registry import create_model
+from ummae.sampling.random import random_masking
+from ummae.sampling.uniform import check_uniform_grid, mask_from_choice, uniform_sampling
 
 
 def _gen(seed: int) -> torch.Generator:

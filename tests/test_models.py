@@ -23,14 +23,14 @@ from ummae.models.masking import (
     compact_positions,
     dense_positions,
     kept_unit_index,
-    random_masking,
     secondary_masking,
-    uniform_sampling,
 )
 from ummae.models.pvt import PyramidVisionTransformer, SRAttention
 from ummae.models.registry import create_model, list_models
 from ummae.models.simmim import SimMIM
 from ummae.models.swin import PosMLPBias, SwinBlock, SwinTransformer
+from ummae.sampling.random import random_masking
+from ummae.sampling.uniform import uniform_sampling
 
 TEST_MODELS = list_models("*_test", kind="pretrain")
 MAE_TEST_MODELS = [n for n in TEST_MODELS if n.startswith("mae_")]

@@ -37,10 +37,10 @@ from torchvision import transforms as T
 from ummae.data.sources import no_images_error, scan_images
 from ummae.errors import UsageError
 from ummae.models.mae import MaskedAutoencoder, patchify, unnormalize_pix, unpatchify
-from ummae.models.masking import block_choice, compact_image, random_masking, secondary_masking, unit_mask_to_tokens
+from ummae.models.masking import block_choice, compact_image, secondary_masking, unit_mask_to_tokens
 from ummae.models.simmim import SimMIM
 from ummae.sampling import DEFAULT_MASK_RATIO, MaskingStrategy, strategies
-from ummae.sampling.random import RandomSampling
+from ummae.sampling.random import RandomSampling, random_masking
 from ummae.weights.build import WrongKindError, build_from_checkpoint
 from ummae.weights.io import CheckpointError
 

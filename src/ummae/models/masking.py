@@ -8,8 +8,7 @@ the decoder). Masks are drawn on the tensor's device for the whole batch at once
 The first mask is drawn by a masking strategy (``--sampling``), one file each in
 :mod:`ummae.sampling`, below the models so that the command line reads their choices without
 torch: Uniform Sampling (:func:`~ummae.sampling.uniform.uniform_sampling`), MAE's random
-sampling (:func:`~ummae.sampling.random.random_masking`) and BEiT's block-wise masking. Their
-functions are importable from here too.
+sampling (:func:`~ummae.sampling.random.random_masking`) and BEiT's block-wise masking.
 """
 
 from __future__ import annotations
@@ -17,25 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ummae.sampling.base import num_kept
-from ummae.sampling.random import random_masking
-from ummae.sampling.uniform import check_uniform_grid, mask_from_choice, uniform_sampling
-
-__all__ = [
-    "block_choice",
-    "check_uniform_grid",
-    "compact_image",
-    "compact_positions",
-    "dense_positions",
-    "kept_unit_index",
-    "mask_from_choice",
-    "num_kept",
-    "random_masking",
-    "reference_unit_index",
-    "secondary_masking",
-    "uniform_sampling",
-    "unit_mask_to_tokens",
-]
+from ummae.sampling.uniform import check_uniform_grid
 
 
 def block_choice(mask: Tensor, grid_h: int, grid_w: int, validate: bool = True) -> Tensor:

@@ -15,7 +15,8 @@ from ummae.errors import UsageError
 from ummae.models.base import PyramidBackbone
 from ummae.models.layers import init_weights
 from ummae.models.mae import masked_mean, patchify, pop_drop_path
-from ummae.models.masking import random_masking, unit_mask_to_tokens
+from ummae.models.masking import unit_mask_to_tokens
+from ummae.sampling.random import random_masking
 
 
 class SimMIM(nn.Module):
