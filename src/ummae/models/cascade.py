@@ -350,8 +350,15 @@ class CascadeRoIHeads(nn.Module):
         return losses
 
     # -- inference ---------------------------------------------------------------------
+    # Three seams, so that test-time augmentation (which merges candidates and masks across
+    # sizes and flips before NMS) runs the same code as a plain test: box_candidates ->
+    # postprocess -> mask_probs.
     @torch.no_grad()
-    def forward_test(self, features, proposals, image_shapes, semantic=None) -> list[dict[str, Tensor]]:
+    def box_candidates(self, features, proposals, image_shapes, semantic=None) -> list[tuple[Tensor, Tensor]]:
+        """Per image, before any threshold or NMS: (boxes ``[N, C, 4]``, one box per class
+        (class-agnostic deltas: the same box for every class), scores ``[N, C]``: the softmax of
+        the three stages' mean logits, background at 0). The proposals are refined by stages 1
+        and 2; the last stage's deltas give the boxes."""
         rois = proposals
         stage_logits = []
         for stage in range(len(STAGES)):
@@ -362,33 +369,46 @@ class CascadeRoIHeads(nn.Module):
                 rois = self.refine(stage, deltas, rois, image_shapes)
         scores = torch.stack(stage_logits).float().mean(0).softmax(-1)  # MMDetection averages the logits
         boxes = self.refine(len(STAGES) - 1, deltas, rois, image_shapes)
+        num_classes = scores.shape[1]
         counts = [len(r) for r in rois]
-        results = [self.postprocess(b, s) for b, s in zip(boxes, scores.split(counts), strict=True)]
-        det_boxes = [r["boxes"] for r in results]
-        if not sum(len(b) for b in det_boxes):
-            for r in results:
-                r["masks"] = r["boxes"].new_zeros((0, 1, 28, 28))
-            return results
-        x = self.roi_features(self.mask_roi_pool, features, det_boxes, image_shapes, semantic)
+        return [(b[:, None].expand(-1, num_classes, 4), s) for b, s in zip(boxes, scores.split(counts), strict=True)]
+
+    @torch.no_grad()
+    def mask_probs(self, features, boxes: list[Tensor], labels: list[Tensor], image_shapes, semantic=None):
+        """Per image, the ``[n, 1, 28, 28]`` mask probabilities of its detections (``boxes``,
+        ``labels``): every stage's mask head on the boxes, sigmoid, averaged (MMDetection's
+        ``merge_aug_masks`` over the stages), the channel of each box's class."""
+        if not sum(len(b) for b in boxes):
+            return [b.new_zeros((0, 1, 28, 28)) for b in boxes]
+        x = self.roi_features(self.mask_roi_pool, features, boxes, image_shapes, semantic)
         probs, previous = 0, None
         for head in self.mask_heads:
             logits, feat = head(x, previous if self.htc else None)
             previous = feat
-            probs = probs + logits.float().sigmoid() / len(self.mask_heads)  # MMDetection's merge_aug_masks
-        labels = torch.cat([r["labels"] for r in results])
-        probs = probs[torch.arange(len(labels), device=labels.device), labels][:, None]
-        for r, p in zip(results, probs.split([len(b) for b in det_boxes]), strict=True):
-            r["masks"] = p
+            probs = probs + logits.float().sigmoid() / len(self.mask_heads)
+        flat_labels = torch.cat(labels)
+        probs = probs[torch.arange(len(flat_labels), device=flat_labels.device), flat_labels][:, None]
+        return list(probs.split([len(b) for b in boxes]))
+
+    @torch.no_grad()
+    def forward_test(self, features, proposals, image_shapes, semantic=None) -> list[dict[str, Tensor]]:
+        candidates = self.box_candidates(features, proposals, image_shapes, semantic)
+        results = [self.postprocess(b, s) for b, s in candidates]
+        masks = self.mask_probs(
+            features, [r["boxes"] for r in results], [r["labels"] for r in results], image_shapes, semantic
+        )
+        for r, m in zip(results, masks, strict=True):
+            r["masks"] = m
         return results
 
     def postprocess(self, boxes: Tensor, scores: Tensor) -> dict[str, Tensor]:
-        """torchvision's ``postprocess_detections`` for one image of class-agnostic boxes:
-        every (box, class > 0) pair scoring above ``score_thresh``, small boxes dropped, NMS
-        per class (or Gaussian soft-NMS, whose decayed scores are reported), the best
-        ``detections_per_img``."""
+        """torchvision's ``postprocess_detections`` for one image's candidates (boxes
+        ``[N, C, 4]``, scores ``[N, C]``, background at 0): every (box, class > 0) pair scoring
+        above ``score_thresh``, small boxes dropped, NMS per class (or Gaussian soft-NMS, whose
+        decayed scores are reported), the best ``detections_per_img``."""
         num_classes = scores.shape[1]
         labels = torch.arange(num_classes, device=scores.device).expand_as(scores)[:, 1:].reshape(-1)
-        boxes = boxes[:, None].expand(-1, num_classes - 1, 4).reshape(-1, 4)
+        boxes = boxes[:, 1:].reshape(-1, 4)
         scores = scores[:, 1:].reshape(-1)
         keep = torch.where(scores > self.score_thresh)[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
@@ -404,15 +424,25 @@ class CascadeRoIHeads(nn.Module):
         keep, scores = keep[: self.detections_per_img], scores[: self.detections_per_img]
         return {"boxes": boxes[keep], "scores": scores, "labels": labels[keep]}
 
+    def semantic_feature(self, features: OrderedDict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """HTC's semantic branch on all five levels (P2-P6, as ``num_ins=5``): (stuff logits,
+        semantic feature), or (None, None) without the branch."""
+        if self.semantic_head is None:
+            return None, None
+        return self.semantic_head(list(features.values()))
+
+    def roi_levels(self, features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
+        """The levels the RoI extractors pool from (P2-P5)."""
+        return OrderedDict((k, v) for k, v in features.items() if k in self.box_roi_pool.featmap_names)
+
     def forward(self, features: OrderedDict[str, Tensor], proposals, image_shapes, targets=None):
-        semantic, losses = None, {}
-        if self.semantic_head is not None:  # on all five levels (P2-P6), as num_ins=5
-            stuff_logits, semantic = self.semantic_head(list(features.values()))
-            if self.training:
-                if not all("semantic" in t for t in targets):
-                    raise ValueError("HTC with its semantic branch trains on targets with a 'semantic' stuff map")
-                losses["loss_semantic_seg"] = semantic_loss(stuff_logits, torch.stack([t["semantic"] for t in targets]))
-        features = OrderedDict((k, v) for k, v in features.items() if k in self.box_roi_pool.featmap_names)
+        losses = {}
+        stuff_logits, semantic = self.semantic_feature(features)
+        if self.training and stuff_logits is not None:
+            if not all("semantic" in t for t in targets):
+                raise ValueError("HTC with its semantic branch trains on targets with a 'semantic' stuff map")
+            losses["loss_semantic_seg"] = semantic_loss(stuff_logits, torch.stack([t["semantic"] for t in targets]))
+        features = self.roi_levels(features)
         if self.training:
             return [], {**losses, **self.forward_train(features, proposals, image_shapes, targets, semantic)}
         return self.forward_test(features, proposals, image_shapes, semantic), {}
