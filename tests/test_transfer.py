@@ -501,7 +501,7 @@ def test_create_model__dense_models_record_what_rebuilds_them():
     # a head name with an underscore resolves (<head>_<backbone>) and records the cascade options
     cascade = create_model("cascade_maskrcnn_swin_test", num_classes=4, img_size=128, neck_channels=16, fpn_channels=32)
     assert cascade.model_args["detector"] == "cascade_maskrcnn" and cascade.model_args["backbone"] == "swin_test"
-    assert cascade.model_args["box_head"] == "2fc" and cascade.model_args["soft_nms"] is False
+    assert cascade.model_args["box_head"] == "2fc" and cascade.model_args["test_nms"] == "nms"
     assert "box_head" not in model.model_args
     assert list_models(kind="segment") == ["upernet"] and "gfl" not in list_models()
     with pytest.raises(ValueError, match="built on backbone 'swin_test', not 'pvt_test'"):
