@@ -67,7 +67,7 @@ def _rpn(kind: str) -> RegionProposalNetwork:
 # A tiny case that tells the rules apart: gt 0 has a >= 0.7 anchor inside; gt 1's best inside
 # anchor is at IoU 0.5 (a low-quality positive for both rules); gt 2's best is at 0.2 (a
 # positive only for torchvision's); anchor 6 crosses the right edge (ignored by MMDetection's);
-# anchors 7 and 8 are tied best anchors of gts 3 and 4 (the later gt takes both).
+# anchors 7 and 8 are the best anchors of gts 3 and 4, both at IoU 36/64 (the later gt takes both).
 ANCHORS = [
     [2.0, 2.0, 12.0, 12.0],  # 0: gt 0 at IoU 0.81
     [20.0, 2.0, 30.0, 12.0],  # 1: gt 1 at IoU 0.5
@@ -80,7 +80,7 @@ ANCHORS = [
     [31.0, 18.0, 37.0, 24.0],  # 8: the same box
 ]
 GTS = [[2.0, 2.0, 13.0, 13.0], [20.0, 2.0, 35.0, 12.0], [2.0, 18.0, 27.0, 28.0], [30.0, 17.0, 38.0, 25.0],
-       [30.0, 17.0, 38.0, 25.0]]  # fmt: skip
+       [31.0, 18.0, 39.0, 26.0]]  # fmt: skip
 
 
 def test_mmdet_rule__border_ignore_and_min_pos_iou_as_mmdetection():

@@ -136,7 +136,8 @@ def options_table() -> str:
     for o in OPTIONS.values():
         default = per_detector_defaults(o.name) if o.per_detector else o.field_default
         choices = f" ({' / '.join(o.choices)})" if o.choices else ""
-        lines.append(f"| `{o.flag}`{choices} | {', '.join(takers(o.name))} | {default} | {o.help} |")
+        what = o.help.replace("|", "\\|").replace("<", "&lt;")  # a table cell's text, not HTML
+        lines.append(f"| `{o.flag}`{choices} | {', '.join(takers(o.name))} | {default} | {what} |")
     return "\n".join(lines)
 
 

@@ -65,7 +65,11 @@ CLASS_RULE_HTC = (
     "background RoIs by those of the class the stage predicts (`CascadeRoIHead`'s rule, used for HTC's "
     "interleaved mask RoIs too)."
 )
+BOX_CONV_INIT = (
+    "**`--box-head 4conv1fc` convs** start at PyTorch's default init; mmcv's `ConvModule` initialises them "
+    "Kaiming-normal (fan-out)."
+)
 CASCADES = (BACKBONE, TEST_SIZE, RECIPE, TRAIN_CLIP, FPN_INIT, ANCHORS, RPN_MIN_SIZE, ROI_ALIGN, MASK_TARGETS,
-            MASK_PASTE, SMALL_BOXES)  # fmt: skip
+            MASK_PASTE, SMALL_BOXES, BOX_CONV_INIT)  # fmt: skip
 TORCHVISION_TWO_STAGE = (BACKBONE, TEST_SIZE, RECIPE, TRAIN_CLIP)
 TORCHVISION_ONE_STAGE = (BACKBONE, TEST_SIZE, RECIPE, EXTRA_LEVELS)
