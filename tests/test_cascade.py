@@ -18,7 +18,12 @@ written out here:
 * ``mmdet/models/roi_heads/htc_roi_head.py`` / ``mask_heads/htc_mask_head.py``: with
   ``mask_info_flow``, stage t's mask head gets ``mask_feats + conv_res(last_feat)`` (1x1
   ConvModule, ReLU) where ``last_feat`` is the conv output of stages 0..t-1 run in turn.
-* mmcv ``soft_nms(method='gaussian', sigma=0.5, min_score=1e-3)``.
+* mmcv ``soft_nms(method='gaussian' | 'linear', iou_threshold, sigma=0.5, min_score=1e-3)``
+  (``soft_nms_cpu``: linear weight ``1 - iou`` where ``iou > iou_threshold``).
+* ``BBoxHead.loss`` with ``reg_class_agnostic=False`` (the ground-truth class's deltas) and
+  ``reg_decoded_bbox=True`` + ``GIoULoss`` (``1 - GIoU`` of the decoded box and the ground truth,
+  ``avg_factor`` = sampled RoIs); ``CascadeRoIHead`` refinement by class (``refine_bboxes`` in
+  training, background RoIs by ``cls_score[:, :-1].argmax``; ``regress_by_class`` at test).
 """
 
 from __future__ import annotations
@@ -196,15 +201,21 @@ def test_forward_train__stage_losses_and_refinement_match_a_plain_loop():
         assert float(got[k].detach()) == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
 
 
-def test_forward_test__score_is_the_softmax_of_the_three_stages_mean_logits_and_boxes_the_last_refinement():
-    heads = _heads(score_thresh=0.0)
+def _test_case(**kw):
+    """Heads in eval mode with larger deltas and logits than their init (the refinement moves the
+    boxes, the classes differ), the features and three proposals."""
+    heads = _heads(**kw)
     heads.eval()
-    features = _features()
     with torch.no_grad():
         for h in heads.box_heads:
             h.reg.weight.normal_(std=0.05)
             h.cls.weight.normal_(std=0.5)
     props = torch.tensor([[9.0, 7.0, 38.0, 31.0], [28.0, 33.0, 61.0, 60.0], [2.0, 2.0, 20.0, 20.0]])
+    return heads, _features(), props
+
+
+def test_forward_test__score_is_the_softmax_of_the_three_stages_mean_logits_and_boxes_the_last_refinement():
+    heads, features, props = _test_case(score_thresh=0.0)
     (out,) = heads.forward_test(features, [props], [(64, 64)])
     rois, all_logits = props.tolist(), []
     with torch.no_grad():
@@ -240,25 +251,34 @@ def test_mask_heads__htc_information_flow_shapes_and_reach(htc):
     assert all(earlier) if htc else not any(earlier)
 
 
-def test_soft_nms__gaussian_as_mmcv_against_a_plain_loop():
-    torch.manual_seed(0)
-    xy = torch.rand(40, 2) * 50
-    boxes = torch.cat([xy, xy + 10 + torch.rand(40, 2) * 30], 1)
-    scores = torch.rand(40)
-
-    # mmcv soft_nms_cpu, method 2 (gaussian), offset 0
-    b, s, idx = boxes.tolist(), scores.tolist(), list(range(40))
-    order, kept = [], []
+def _mmcv_soft_nms(b, s, method, iou_threshold=0.3, sigma=0.5, min_score=1e-3):
+    """mmcv's soft_nms_cpu written out (offset 0): method 1 linear, 2 gaussian."""
+    s, idx, order, kept = list(s), list(range(len(s))), [], []
     while idx:
         m = max(idx, key=lambda k: s[k])
         order.append(m)
         kept.append(s[m])
         idx.remove(m)
         for k in list(idx):
-            s[k] *= math.exp(-(iou(b[m], b[k]) ** 2) / 0.5)
-            if s[k] < 1e-3:
+            ov = iou(b[m], b[k])
+            if method == "linear":
+                weight = 1 - ov if ov > iou_threshold else 1.0
+            else:
+                weight = math.exp(-(ov * ov) / sigma)
+            s[k] *= weight
+            if s[k] < min_score:
                 idx.remove(k)
-    keep, new = soft_nms(boxes, scores)
+    return order, kept
+
+
+@pytest.mark.parametrize("method, iou_threshold", [("linear", 0.5), ("linear", 0.3), ("gaussian", 0.3)])
+def test_soft_nms__linear_and_gaussian_as_mmcv_against_a_plain_loop(method, iou_threshold):
+    torch.manual_seed(1)
+    xy = torch.rand(60, 2) * 40
+    boxes = torch.cat([xy, xy + 10 + torch.rand(60, 2) * 30], 1)
+    scores = torch.rand(60)
+    order, kept = _mmcv_soft_nms(boxes.tolist(), scores.tolist(), method, iou_threshold)
+    keep, new = soft_nms(boxes, scores, method=method, iou_threshold=iou_threshold)
     assert keep.tolist() == order
     torch.testing.assert_close(new, torch.tensor(kept), rtol=1e-5, atol=1e-6)
 
@@ -349,38 +369,6 @@ def test_cascade_train__two_ranks_keep_one_model(coco, tmp_path):
 
 
 # --- the options of issue 34: soft-NMS kinds, GIoU on decoded boxes, class-specific deltas ----------
-def _mmcv_soft_nms(b, s, method, iou_threshold=0.3, sigma=0.5, min_score=1e-3):
-    """mmcv's soft_nms_cpu written out (offset 0): method 1 linear, 2 gaussian."""
-    s, idx, order, kept = list(s), list(range(len(s))), [], []
-    while idx:
-        m = max(idx, key=lambda k: s[k])
-        order.append(m)
-        kept.append(s[m])
-        idx.remove(m)
-        for k in list(idx):
-            ov = iou(b[m], b[k])
-            if method == "linear":
-                weight = 1 - ov if ov > iou_threshold else 1.0
-            else:
-                weight = math.exp(-(ov * ov) / sigma)
-            s[k] *= weight
-            if s[k] < min_score:
-                idx.remove(k)
-    return order, kept
-
-
-@pytest.mark.parametrize("method, iou_threshold", [("linear", 0.5), ("linear", 0.3), ("gaussian", 0.3)])
-def test_soft_nms__linear_and_gaussian_as_mmcv_against_a_plain_loop(method, iou_threshold):
-    torch.manual_seed(1)
-    xy = torch.rand(60, 2) * 40
-    boxes = torch.cat([xy, xy + 10 + torch.rand(60, 2) * 30], 1)
-    scores = torch.rand(60)
-    order, kept = _mmcv_soft_nms(boxes.tolist(), scores.tolist(), method, iou_threshold)
-    keep, new = soft_nms(boxes, scores, method=method, iou_threshold=iou_threshold)
-    assert keep.tolist() == order
-    torch.testing.assert_close(new, torch.tensor(kept), rtol=1e-5, atol=1e-6)
-
-
 def test_postprocess__test_nms_kinds_per_class_with_the_iou_threshold():
     """postprocess's soft-NMS is mmcv's per class (batched: classes never suppress each other),
     linear at --test-nms-iou; its reported scores are the decayed ones, best first."""
@@ -474,14 +462,7 @@ def test_refine__between_stages_by_the_ground_truth_class_background_by_the_pred
 def test_box_candidates__class_specific_regress_by_class_then_a_box_per_class():
     """At test, stage t < 2 refines each RoI by the class it scores highest (regress_by_class on
     cls_score[:, :-1].argmax); the last stage's deltas of every class give a box per class."""
-    heads = _heads(box_reg="class")
-    heads.eval()
-    features = _features()
-    with torch.no_grad():
-        for h in heads.box_heads:
-            h.reg.weight.normal_(std=0.05)
-            h.cls.weight.normal_(std=0.5)
-    props = torch.tensor([[9.0, 7.0, 38.0, 31.0], [28.0, 33.0, 61.0, 60.0], [2.0, 2.0, 20.0, 20.0]])
+    heads, features, props = _test_case(box_reg="class")
     ((boxes, scores),) = heads.box_candidates(features, [props], [(64, 64)])
     rois, all_logits = props.tolist(), []
     with torch.no_grad():

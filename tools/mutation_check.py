@@ -1527,7 +1527,9 @@ MUTATIONS = [
         "src/ummae/models/cascade.py",
         "torch.where(labels > 0, labels, logits[:, 1:].argmax(1) + 1)",
         "torch.where(labels > 0, labels, logits[:, 1:].argmin(1) + 1)",
-        ("tests/test_cascade.py::test_refine__between_stages_by_the_ground_truth_class_background_by_the_predicted_one",),
+        (
+            "tests/test_cascade.py::test_refine__between_stages_by_the_ground_truth_class_background_by_the_predicted_one",
+        ),
     ),
     Mutation(
         "regress_by_class_at_test_wrong_class",
