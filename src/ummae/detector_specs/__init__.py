@@ -7,6 +7,14 @@ registry's ``detect`` heads (:mod:`ummae.models.detectors`, ``ummae models --kin
 box or box + mask AP, and the docs table (:func:`markdown_table`). Adding a detector is adding a
 spec file and its name in the registration line below; no code compares detector names.
 
+A spec also gives its own default of the options whose default is the detector's
+(``DetectorSpec.defaults``: GFL's FPN BatchNorm, HTC's test score threshold 0.001 ...), the
+builder's keyword of an option it names otherwise (``keywords``), and every way it differs from
+the configuration it follows (``differences``: the differences page, :func:`differences_markdown`).
+A checkpoint written before an option existed records none of it: :func:`recorded_options`
+gives the value it was trained with (``DetectorOption.unrecorded``, ``DetectorSpec.unrecorded``,
+an older key an option ``replaces``).
+
 The package imports no torch: the command line reads it to build its flags (``ummae --help``
 stays fast). A spec names its class as ``"module:Class"``; :mod:`ummae.models.detectors` imports
 it when a model is built.
