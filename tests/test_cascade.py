@@ -18,7 +18,12 @@ written out here:
 * ``mmdet/models/roi_heads/htc_roi_head.py`` / ``mask_heads/htc_mask_head.py``: with
   ``mask_info_flow``, stage t's mask head gets ``mask_feats + conv_res(last_feat)`` (1x1
   ConvModule, ReLU) where ``last_feat`` is the conv output of stages 0..t-1 run in turn.
-* mmcv ``soft_nms(method='gaussian', sigma=0.5, min_score=1e-3)``.
+* mmcv ``soft_nms(method='gaussian' | 'linear', iou_threshold, sigma=0.5, min_score=1e-3)``
+  (``soft_nms_cpu``: linear weight ``1 - iou`` where ``iou > iou_threshold``).
+* ``BBoxHead.loss`` with ``reg_class_agnostic=False`` (the ground-truth class's deltas) and
+  ``reg_decoded_bbox=True`` + ``GIoULoss`` (``1 - GIoU`` of the decoded box and the ground truth,
+  ``avg_factor`` = sampled RoIs); ``CascadeRoIHead`` refinement by class (``refine_bboxes`` in
+  training, background RoIs by ``cls_score[:, :-1].argmax``; ``regress_by_class`` at test).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 
 from _helpers import TINY_DETECTOR, coco_subset, epoch_records, run_torchrun, stable, step_records, tiny_detect_config
 from ummae.cli import main
-from ummae.models.cascade import CascadeRoIHeads, soft_nms
+from ummae.models.cascade import CascadeRoIHeads, refine_labels, soft_nms
 from ummae.models.detectors import build_detector
 from ummae.tasks.detect import DetectStep, train
 
@@ -196,15 +201,21 @@ def test_forward_train__stage_losses_and_refinement_match_a_plain_loop():
         assert float(got[k].detach()) == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
 
 
-def test_forward_test__score_is_the_softmax_of_the_three_stages_mean_logits_and_boxes_the_last_refinement():
-    heads = _heads(score_thresh=0.0)
+def _test_case(**kw):
+    """Heads in eval mode with larger deltas and logits than their init (the refinement moves the
+    boxes, the classes differ), the features and three proposals."""
+    heads = _heads(**kw)
     heads.eval()
-    features = _features()
     with torch.no_grad():
         for h in heads.box_heads:
             h.reg.weight.normal_(std=0.05)
             h.cls.weight.normal_(std=0.5)
     props = torch.tensor([[9.0, 7.0, 38.0, 31.0], [28.0, 33.0, 61.0, 60.0], [2.0, 2.0, 20.0, 20.0]])
+    return heads, _features(), props
+
+
+def test_forward_test__score_is_the_softmax_of_the_three_stages_mean_logits_and_boxes_the_last_refinement():
+    heads, features, props = _test_case(score_thresh=0.0)
     (out,) = heads.forward_test(features, [props], [(64, 64)])
     rois, all_logits = props.tolist(), []
     with torch.no_grad():
@@ -240,25 +251,34 @@ def test_mask_heads__htc_information_flow_shapes_and_reach(htc):
     assert all(earlier) if htc else not any(earlier)
 
 
-def test_soft_nms__gaussian_as_mmcv_against_a_plain_loop():
-    torch.manual_seed(0)
-    xy = torch.rand(40, 2) * 50
-    boxes = torch.cat([xy, xy + 10 + torch.rand(40, 2) * 30], 1)
-    scores = torch.rand(40)
-
-    # mmcv soft_nms_cpu, method 2 (gaussian), offset 0
-    b, s, idx = boxes.tolist(), scores.tolist(), list(range(40))
-    order, kept = [], []
+def _mmcv_soft_nms(b, s, method, iou_threshold=0.3, sigma=0.5, min_score=1e-3):
+    """mmcv's soft_nms_cpu written out (offset 0): method 1 linear, 2 gaussian."""
+    s, idx, order, kept = list(s), list(range(len(s))), [], []
     while idx:
         m = max(idx, key=lambda k: s[k])
         order.append(m)
         kept.append(s[m])
         idx.remove(m)
         for k in list(idx):
-            s[k] *= math.exp(-(iou(b[m], b[k]) ** 2) / 0.5)
-            if s[k] < 1e-3:
+            ov = iou(b[m], b[k])
+            if method == "linear":
+                weight = 1 - ov if ov > iou_threshold else 1.0
+            else:
+                weight = math.exp(-(ov * ov) / sigma)
+            s[k] *= weight
+            if s[k] < min_score:
                 idx.remove(k)
-    keep, new = soft_nms(boxes, scores)
+    return order, kept
+
+
+@pytest.mark.parametrize("method, iou_threshold", [("linear", 0.5), ("linear", 0.3), ("gaussian", 0.3)])
+def test_soft_nms__linear_and_gaussian_as_mmcv_against_a_plain_loop(method, iou_threshold):
+    torch.manual_seed(1)
+    xy = torch.rand(60, 2) * 40
+    boxes = torch.cat([xy, xy + 10 + torch.rand(60, 2) * 30], 1)
+    scores = torch.rand(60)
+    order, kept = _mmcv_soft_nms(boxes.tolist(), scores.tolist(), method, iou_threshold)
+    keep, new = soft_nms(boxes, scores, method=method, iou_threshold=iou_threshold)
     assert keep.tolist() == order
     torch.testing.assert_close(new, torch.tensor(kept), rtol=1e-5, atol=1e-6)
 
@@ -274,7 +294,10 @@ def _real_batch(coco: Path):
 
 @pytest.mark.parametrize(
     "detector, options",
-    [("cascade_maskrcnn", {}), ("htc", dict(box_head="4conv1fc", box_norm="gn", soft_nms=True))],
+    [
+        ("cascade_maskrcnn", {}),
+        ("htc", dict(box_head="4conv1fc", box_norm="gn", test_nms="soft_gaussian", box_reg="class", box_loss="giou")),
+    ],
 )
 def test_cascade_detectors__every_parameter_learns_and_the_loss_falls_on_real_coco_images(coco, detector, options):
     torch.manual_seed(0)
@@ -343,3 +366,117 @@ def test_cascade_train__two_ranks_keep_one_model(coco, tmp_path):
     args += ["--neck-channels", "32", "--fpn-channels", "32", "--max-steps-per-epoch", "1", "--warmup-steps", "1"]
     run_torchrun([*args, "--eval-every", "0"], timeout=300)
     assert epoch_records(out)[-1]["replica_max_diff"] == 0.0
+
+
+# --- the options of issue 34: soft-NMS kinds, GIoU on decoded boxes, class-specific deltas ----------
+def test_postprocess__test_nms_kinds_per_class_with_the_iou_threshold():
+    """postprocess's soft-NMS is mmcv's per class (batched: classes never suppress each other),
+    linear at --test-nms-iou; its reported scores are the decayed ones, best first."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
+    # candidates [N, C, 4] with C = 3: box 0 and 1 in class 1 (IoU 9/11), box 2 in class 2
+    cand = boxes[:, None].expand(-1, 3, 4)
+    scores = torch.tensor([[0.0, 0.9, 0.0], [0.0, 0.8, 0.0], [0.0, 0.0, 0.7]])
+    ov = iou([0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0])
+    for kind, iou_thr, second in [("soft_linear", 0.5, 0.8 * (1 - ov)), ("soft_linear", 0.85, 0.8),
+                                  ("soft_gaussian", 0.5, 0.8 * math.exp(-ov * ov / 0.5)), ("nms", 0.5, None)]:  # fmt: skip
+        out = _heads(test_nms=kind, nms_thresh=iou_thr, score_thresh=0.01).postprocess(cand, scores)
+        got = sorted(zip(out["labels"].tolist(), out["scores"].tolist(), strict=True), key=lambda t: -t[1])
+        want = sorted([(1, 0.9), (2, 0.7)] + ([(1, second)] if second is not None else []), key=lambda t: -t[1])
+        assert [g[0] for g in got] == [w[0] for w in want], kind
+        assert [g[1] for g in got] == pytest.approx([w[1] for w in want], rel=1e-5), (kind, iou_thr)
+        assert out["scores"].tolist() == sorted(out["scores"].tolist(), reverse=True)
+
+
+def _decode(p, d, std):
+    """delta2bbox without clipping (reg_decoded_bbox decodes with no max_shape)."""
+    pw, ph = p[2] - p[0], p[3] - p[1]
+    px, py = (p[0] + p[2]) / 2, (p[1] + p[3]) / 2
+    cx, cy = px + d[0] * std[0] * pw, py + d[1] * std[1] * ph
+    w, h = pw * math.exp(d[2] * std[2]), ph * math.exp(d[3] * std[3])
+    return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+
+
+def giou(a, b):
+    """Generalised IoU by hand: IoU - (enclosing area - union) / enclosing area."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    enclose = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union - (enclose - union) / enclose
+
+
+def smooth_l1(x):
+    return sum(0.5 * v * v if abs(v) < 1 else abs(v) - 0.5 for v in x)
+
+
+def _box_loss_case():
+    rois = torch.tensor(
+        [[4.0, 4.0, 30.0, 28.0], [10.0, 12.0, 44.0, 40.0], [0.0, 0.0, 20.0, 50.0], [5.0, 5.0, 9.0, 9.0]]
+    )
+    labels = torch.tensor([2, 3, 0, 1])
+    matched = torch.tensor([0, 1, -1, 0])
+    target = {"boxes": torch.tensor([[6.0, 3.0, 33.0, 30.0], [12.0, 9.0, 41.0, 44.0]]), "labels": torch.tensor([2, 3])}
+    torch.manual_seed(3)
+    logits, deltas = torch.randn(4, 4), torch.randn(4, 12) * 0.5
+    return [(rois, labels, matched, torch.zeros(4, dtype=torch.bool))], [target], logits, deltas
+
+
+@pytest.mark.parametrize("kind", ["giou", "smooth_l1"])
+def test_box_loss__class_specific_deltas_of_the_ground_truth_class(kind):
+    """--box-reg class: each positive's deltas are those of its ground-truth class; GIoU (weight
+    10, Swin's) compares them decoded onto the RoI with the ground-truth box, smooth-L1 encoded;
+    summed over the positives and divided by every sampled RoI."""
+    stage = 1
+    samples, targets, logits, deltas = _box_loss_case()
+    heads = _heads(box_reg="class", box_loss=kind, box_loss_weight=10.0)
+    loss_cls, loss_box = heads.box_loss(stage, logits, deltas, samples, targets)
+    rois, labels, matched, _ = samples[0]
+    total = 0.0
+    for i in range(4):
+        if labels[i] > 0:
+            d = deltas[i, 4 * (labels[i] - 1) : 4 * labels[i]].tolist()
+            gt = targets[0]["boxes"][matched[i]].tolist()
+            if kind == "giou":
+                total += 1 - giou(_decode(rois[i].tolist(), d, STDS[stage]), gt)
+            else:
+                total += smooth_l1(
+                    [a - b for a, b in zip(d, bbox2delta(rois[i].tolist(), gt, STDS[stage]), strict=True)]
+                )
+    assert float(loss_box) == pytest.approx(10.0 * total / 4, rel=1e-5)
+    assert float(loss_cls) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-6)
+    assert heads.box_heads[0].reg.out_features == 4 * 3  # 4 x the foreground classes
+
+
+def test_refine__between_stages_by_the_ground_truth_class_background_by_the_predicted_one():
+    """CascadeRoIHead.refine_bboxes with class-specific deltas: a RoI's ground-truth class's
+    deltas; a background RoI's: the foreground class the stage scores highest."""
+    samples, _, logits, deltas = _box_loss_case()
+    rois, labels, _, _ = samples[0]
+    heads = _heads(box_reg="class")
+    got = heads.refine(0, deltas, [rois], [(64, 64)], refine_labels(labels, logits))[0]
+    for i in range(4):
+        c = int(labels[i]) or int(logits[i, 1:].argmax()) + 1
+        want = delta2bbox(rois[i].tolist(), deltas[i, 4 * (c - 1) : 4 * c].tolist(), STDS[0], (64, 64))
+        assert got[i].tolist() == pytest.approx(want, abs=1e-4)
+
+
+def test_box_candidates__class_specific_regress_by_class_then_a_box_per_class():
+    """At test, stage t < 2 refines each RoI by the class it scores highest (regress_by_class on
+    cls_score[:, :-1].argmax); the last stage's deltas of every class give a box per class."""
+    heads, features, props = _test_case(box_reg="class")
+    ((boxes, scores),) = heads.box_candidates(features, [props], [(64, 64)])
+    rois, all_logits = props.tolist(), []
+    with torch.no_grad():
+        for t in range(3):
+            logits, deltas = heads.box_heads[t](heads.box_roi_pool(features, [torch.tensor(rois)], [(64, 64)]))
+            all_logits.append(logits)
+            if t < 2:
+                cls = (logits[:, 1:].argmax(1) + 1).tolist()
+                rois = [delta2bbox(r, d[4 * (c - 1) : 4 * c], STDS[t], (64, 64))
+                        for r, d, c in zip(rois, deltas.tolist(), cls, strict=True)]  # fmt: skip
+    assert boxes.shape == (3, 4, 4)
+    for i in range(3):
+        for c in range(1, 4):
+            want = delta2bbox(rois[i], deltas[i, 4 * (c - 1) : 4 * c].tolist(), STDS[2], (64, 64))
+            assert boxes[i, c].tolist() == pytest.approx(want, abs=1e-3)
+    assert not torch.equal(boxes[:, 1], boxes[:, 2])  # a distinct box per class
+    torch.testing.assert_close(scores, (sum(all_logits) / 3).softmax(-1), rtol=1e-5, atol=1e-6)

@@ -58,7 +58,9 @@ DEFAULTS: dict[str, dict[str, object]] = {
         **_MACHINERY, **_RUN_CONTROL, **_OPTIMISATION,
         "num_workers": 4, "log_every": 50, "keep_every": 5,
         "output": "runs/detect", "backbone": "swin_tiny_256", "detector": "gfl",
-        "box_head": "2fc", "box_norm": "none", "soft_nms": False, "stuff_maps": None,
+        "fpn_norm": None, "test_score_thr": None, "rpn_assign": None,  # None: the detector's (its spec)
+        "box_head": "2fc", "box_norm": "none", "box_reg": "agnostic", "box_loss": "smooth_l1", "box_loss_weight": 1.0,
+        "test_nms": "nms", "test_nms_iou": 0.5, "stuff_maps": None,
         "pretrained": None, "data": None, "train_split": "train2017", "val_split": "val2017",
         "img_size": 1024, "scale_range": (0.1, 2.0), "train_resize": "lsj", "short_range": (400, 1400),
         "flip_prob": 0.5, "drop_path": 0.1, "window_size": None, "neck_channels": 768, "fpn_channels": 256,

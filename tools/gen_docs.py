@@ -121,6 +121,8 @@ BLOCKS: dict[str, str | Callable[[], str]] = {
     "models": "ummae.models.registry:markdown_table",
     "masking": "ummae.sampling:markdown_table",
     "detectors": "ummae.detector_specs:markdown_table",
+    "detector_options": "ummae.detector_specs:options_table",
+    "detector_differences": "ummae.detector_specs:differences_markdown",
     "onnx": "ummae.tasks.onnx_export:markdown_table",
     "cli": cli_reference,
     "defaults": defaults,

@@ -524,11 +524,11 @@ def _detector_flag(option_name: str):
     """The flag of a detector's own option: its default, choices and help, after the detectors
     that take it (:mod:`ummae.detector_specs`)."""
     o = detector_specs.OPTIONS[option_name]
-    accepts = {"choices": o.choices} if o.choices else {}
+    accepts = {"choices": o.choices, **o.accepts} if o.choices else dict(o.accepts)
     return option(
         o.field_default,
         detector_specs.option_help(option_name),
-        source="MMDetection's default (the detectors' options, ummae.detector_specs)",
+        source="the configuration each detector follows (the detectors' options, ummae.detector_specs)",
         **accepts,
     )
 
@@ -551,9 +551,16 @@ class DetectConfig(RunConfig):
         source="UM-MAE detection: GFL (gfl_..._fpn_25ep_1024x1024_coco)",
     )
     # the detectors' own options (ummae.detector_specs): refused for a detector that does not take them
+    fpn_norm: str | None = _detector_flag("fpn_norm")
+    test_score_thr: float | None = _detector_flag("test_score_thr")
+    rpn_assign: str | None = _detector_flag("rpn_assign")
     box_head: str = _detector_flag("box_head")
     box_norm: str = _detector_flag("box_norm")
-    soft_nms: bool = _detector_flag("soft_nms")
+    box_reg: str = _detector_flag("box_reg")
+    box_loss: str = _detector_flag("box_loss")
+    box_loss_weight: float = _detector_flag("box_loss_weight")
+    test_nms: str = _detector_flag("test_nms")
+    test_nms_iou: float = _detector_flag("test_nms_iou")
     stuff_maps: str | None = _detector_flag("semantic")
     pretrained: str | None = option(
         None,

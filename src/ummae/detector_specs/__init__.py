@@ -7,6 +7,14 @@ registry's ``detect`` heads (:mod:`ummae.models.detectors`, ``ummae models --kin
 box or box + mask AP, and the docs table (:func:`markdown_table`). Adding a detector is adding a
 spec file and its name in the registration line below; no code compares detector names.
 
+A spec also gives its own default of the options whose default is the detector's
+(``DetectorSpec.defaults``: GFL's FPN BatchNorm, HTC's test score threshold 0.001 ...), the
+builder's keyword of an option it names otherwise (``keywords``), and every way it differs from
+the configuration it follows (``differences``: the differences page, :func:`differences_markdown`).
+A checkpoint written before an option existed records none of it: :func:`recorded_options`
+gives the value it was trained with (``DetectorOption.unrecorded``, ``DetectorSpec.unrecorded``,
+an older key an option ``replaces``).
+
 The package imports no torch: the command line reads it to build its flags (``ummae --help``
 stays fast). A spec names its class as ``"module:Class"``; :mod:`ummae.models.detectors` imports
 it when a model is built.
@@ -23,7 +31,8 @@ from ummae.errors import UsageError
 
 __all__ = [
     "DETECTORS", "ONNX_FORMS", "OPTIONS", "P2_P6", "P3_P7", "SPECS", "DetectorOption", "DetectorSpec", "Pyramid", "check_flags",
-    "check_options", "detector_help", "detector_spec", "markdown_table", "option_help", "takers",
+    "check_options", "detector_help", "detector_spec", "differences_markdown", "markdown_table", "option_help",
+    "options_table", "per_detector_defaults", "recorded_options", "takers",
 ]  # fmt: skip
 
 
@@ -36,6 +45,10 @@ SPECS: dict[str, DetectorSpec] = {
 DETECTORS: tuple[str, ...] = tuple(SPECS)
 # every detector-specific option, each once, in the order the specs list them
 OPTIONS: dict[str, DetectorOption] = {o.name: o for s in SPECS.values() for o in s.options}
+for _s in SPECS.values():  # a detector's own default is that of a per-detector option it takes
+    for _name in (*_s.defaults, *_s.unrecorded):
+        if not (_s.takes(_name) and OPTIONS[_name].per_detector):
+            raise TypeError(f"spec {_s.name}: {_name} is not a per-detector option it takes")
 
 
 def detector_spec(name: str) -> DetectorSpec:
@@ -76,8 +89,41 @@ def detector_help() -> str:
 
 
 def option_help(option: str) -> str:
-    """A detector option flag's help: the detectors that take it, then the option's help."""
-    return f"{' / '.join(takers(option))}: {OPTIONS[option].help}"
+    """A detector option flag's help: the detectors that take it, then the option's help (and,
+    for a per-detector option, each detector's default)."""
+    help = f"{' / '.join(takers(option))}: {OPTIONS[option].help}"
+    if OPTIONS[option].per_detector:
+        help += f". Default: the detector's ({per_detector_defaults(option)})"
+    return help
+
+
+def per_detector_defaults(option: str) -> str:
+    """``option``'s default of each detector that takes it, grouped: ``gfl bn; others none``."""
+    by_value: dict[Any, list[str]] = {}
+    for name in takers(option):
+        by_value.setdefault(SPECS[name].default(option), []).append(name)
+    common = OPTIONS[option].default
+    parts = [f"{' / '.join(names)} {value}" for value, names in by_value.items() if value != common]
+    if common in by_value:
+        parts.append(f"{'others' if parts else 'all'} {common}")
+    return "; ".join(parts)
+
+
+def recorded_options(args: Mapping[str, Any]) -> dict[str, Any]:
+    """A detection checkpoint's ``model_args`` with every option of its detector: one it does
+    not record (written before the option) at the value it was trained with, an older key an
+    option replaces mapped to that option."""
+    spec = SPECS.get(args.get("detector"))  # type: ignore[arg-type]
+    if spec is None:
+        return dict(args)
+    out = dict(args)
+    for o in spec.options:
+        older = o.replaces[0] if o.replaces else None
+        if older in out:
+            value = out.pop(older)
+            out.setdefault(o.name, o.replaces[1][value])
+        out.setdefault(o.name, spec.value_unrecorded(o.name))
+    return out
 
 
 def markdown_table() -> str:
@@ -90,3 +136,24 @@ def markdown_table() -> str:
         options = ", ".join(f"`{OPTIONS[o.name].flag}`" for o in s.options) or "-"
         lines.append(f"| `{s.name}` | {s.summary} | {s.pyramid} | {_ap(s)} | {options} | {s.follows} |")
     return "\n".join(lines)
+
+
+def options_table() -> str:
+    """The docs table of the detector options: flag, choices, each detector's default, what it does."""
+    lines = ["| flag | detectors | default | what it sets |", "|---|---|---|---|"]
+    for o in OPTIONS.values():
+        default = per_detector_defaults(o.name) if o.per_detector else o.field_default
+        choices = f" ({' / '.join(o.choices)})" if o.choices else ""
+        what = o.help.replace("|", "\\|").replace("<", "&lt;")  # a table cell's text, not HTML
+        lines.append(f"| `{o.flag}`{choices} | {', '.join(takers(o.name))} | {default} | {what} |")
+    return "\n".join(lines)
+
+
+def differences_markdown() -> str:
+    """The differences page's detector part: per detector, the configuration it follows and every
+    way it differs from it (``DetectorSpec.differences``)."""
+    parts = []
+    for s in SPECS.values():
+        items = "\n".join(f"- {d}" for d in s.differences) or "- none"
+        parts.append(f"### `{s.name}`\n\nFollows {s.follows}; where it differs:\n\n{items}")
+    return "\n\n".join(parts)

@@ -44,13 +44,23 @@ class DetectorOption:
     """An option only some detectors take: ``name`` is the builder's keyword and what a
     checkpoint records, ``help`` its flag's help (after the detectors that take it). Its flag is
     the ``DetectConfig`` field of its name; or, with ``set_by``, that field: a folder the run
-    reads, whose presence switches the (bool) option on (``--stuff-maps DIR`` -> ``semantic``)."""
+    reads, whose presence switches the (bool) option on (``--stuff-maps DIR`` -> ``semantic``).
+
+    ``per_detector``: its default is each detector's (``DetectorSpec.defaults`` overrides
+    ``default`` for some), and its flag's default None means "the detector's". ``unrecorded``:
+    the value a checkpoint written before the option existed was trained with (None: the
+    detector's default); ``replaces``: an older key that option stood for and how its values map
+    (``("soft_nms", {True: "soft_gaussian", False: "nms"})``)."""
 
     name: str
     default: Any
     help: str
     choices: tuple[str, ...] = ()
     set_by: str = ""
+    per_detector: bool = False
+    unrecorded: Any = None
+    replaces: tuple[str, Mapping[Any, Any]] | None = field(default=None, hash=False)
+    accepts: Mapping[str, Any] = field(default_factory=dict, hash=False)  # the flag's bounds (ge, le)
 
     @property
     def field_name(self) -> str:
@@ -63,11 +73,12 @@ class DetectorOption:
 
     @property
     def field_default(self) -> Any:
-        """The field's value when the flag is not given: the option's default, or no folder."""
-        return None if self.set_by else self.default
+        """The field's value when the flag is not given: the option's default, or None (no
+        folder; the detector's default)."""
+        return None if self.set_by or self.per_detector else self.default
 
     def from_field(self, value: Any) -> Any:
-        """The option's value for the field's ``value``."""
+        """The option's value for the field's ``value`` (None: the detector's default)."""
         return bool(value) if self.set_by else value
 
 
@@ -96,6 +107,14 @@ class DetectorSpec:
     options: tuple[DetectorOption, ...] = ()
     onnx: str = ""
     builder_args: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # this detector's default of an option, where it is not the option's (per_detector options)
+    defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # what a checkpoint written before an option was trained with, where not the option's unrecorded
+    unrecorded: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # the builder's keyword for an option it names otherwise (torchvision's box_score_thresh ...)
+    keywords: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # every way it differs from ``follows`` (markdown, one item each): the differences page
+    differences: tuple[str, ...] = ()
 
     @property
     def iou_types(self) -> tuple[str, ...]:
@@ -104,3 +123,17 @@ class DetectorSpec:
 
     def takes(self, option: str) -> bool:
         return any(o.name == option for o in self.options)
+
+    def option(self, name: str) -> DetectorOption:
+        return next(o for o in self.options if o.name == name)
+
+    def default(self, option: str) -> Any:
+        """This detector's default of ``option``."""
+        return self.defaults.get(option, self.option(option).default)
+
+    def value_unrecorded(self, option: str) -> Any:
+        """The value of ``option`` a checkpoint that does not record it was trained with."""
+        if option in self.unrecorded:
+            return self.unrecorded[option]
+        before = self.option(option).unrecorded
+        return self.default(option) if before is None else before

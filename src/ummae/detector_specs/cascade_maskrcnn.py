@@ -1,4 +1,5 @@
-from ummae.detector_specs._options import CASCADE
+from ummae.detector_specs._differences import CASCADES
+from ummae.detector_specs._options import CASCADE, EVERY, RPN_ASSIGN
 from ummae.detector_specs._spec import P2_P6, DetectorSpec
 
 SPEC = DetectorSpec(
@@ -8,5 +9,7 @@ SPEC = DetectorSpec(
     pyramid=P2_P6,
     masks=True,
     follows="MMDetection 2.x `configs/_base_/models/cascade_mask_rcnn_r50_fpn.py` (`CascadeRoIHead`)",
-    options=CASCADE,
+    options=(*EVERY, RPN_ASSIGN, *CASCADE),
+    defaults={"rpn_assign": "mmdet"},
+    differences=CASCADES,
 )

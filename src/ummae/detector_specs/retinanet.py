@@ -1,3 +1,5 @@
+from ummae.detector_specs._differences import TORCHVISION_ONE_STAGE
+from ummae.detector_specs._options import EVERY
 from ummae.detector_specs._spec import P3_P7, DetectorSpec
 
 SPEC = DetectorSpec(
@@ -7,4 +9,7 @@ SPEC = DetectorSpec(
     pyramid=P3_P7,
     masks=False,
     follows="torchvision's `retinanet_resnet50_fpn`",
+    options=EVERY,
+    keywords={"test_score_thr": "score_thresh"},
+    differences=TORCHVISION_ONE_STAGE,
 )

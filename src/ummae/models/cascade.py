@@ -30,8 +30,12 @@ RPN, transform and post-processing stay torchvision's. It follows MMDetection 2.
   every pixel as MMDetection 2.x's ``avg_non_ignore=False``) weighted 0.2; the embedding,
   RoI-pooled at 14x14 and average-pooled to 7x7 for the box heads, is added to every stage's box
   and mask RoI features (``bbox_semantic_feat`` / ``mask_semantic_feat``), in training and test.
-* The Swin-paper heads (``Shared4Conv1FCBBoxHead``: four 3x3 convs with a norm, one fc) and
-  Gaussian soft-NMS at test (as mmcv's ``soft_nms``), the HTC++ settings, as options.
+* The Swin-paper settings, as options: ``Shared4Conv1FCBBoxHead`` (four 3x3 convs with a norm,
+  one fc), class-specific deltas (``reg_class_agnostic=False``: ``BBoxHead.loss`` takes the
+  ground-truth class's deltas, ``CascadeRoIHead.refine_bboxes`` / ``regress_by_class`` the
+  ground-truth class's between stages in training (background RoIs: the class the stage
+  predicts) and the predicted class's at test), ``GIoULoss`` on the deltas decoded onto the RoIs
+  (``reg_decoded_bbox=True``), and soft-NMS at test, linear or Gaussian (mmcv's ``soft_nms``).
 """
 
 from __future__ import annotations
@@ -46,7 +50,14 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import maskrcnn_loss
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import (
+    MultiScaleRoIAlign,
+    batched_nms,
+    box_iou,
+    clip_boxes_to_image,
+    generalized_box_iou_loss,
+    remove_small_boxes,
+)
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ummae.errors import UsageError
@@ -60,6 +71,9 @@ STUFF_CLASSES = 183
 STUFF_IGNORE = 255
 SEMANTIC_LOSS_WEIGHT = 0.2
 FUSION_LEVEL = 1  # of P2-P6: stride 8
+# mmcv's soft_nms defaults (sigma of the Gaussian decay, the score under which a box is dropped)
+SOFT_NMS_SIGMA, SOFT_NMS_MIN_SCORE = 0.5, 1e-3
+GIOU_EPS = 1e-6  # MMDetection's GIoULoss(eps=1e-6)
 
 
 def _relu_conv(in_channels: int, out_channels: int, kernel: int) -> Conv2dNormActivation:
@@ -115,10 +129,19 @@ def semantic_loss(logits: Tensor, stuff: Tensor) -> Tensor:
 class BoxHead(nn.Module):
     """MMDetection's ``ConvFCBBoxHead`` as ``Shared2FCBBoxHead`` (``convs=0, fcs=2``) or
     ``Shared4Conv1FCBBoxHead`` (``convs=4, fcs=1``, each conv with ``norm``): RoI features ->
-    (class logits incl. background at 0, class-agnostic deltas ``[N, 4]``)."""
+    (class logits incl. background at 0, deltas: ``[N, 4]`` class-agnostic, or with
+    ``class_deltas`` ``[N, 4 (num_classes - 1)]``, one set per class but the background's, as
+    MMDetection's ``4 * num_classes``)."""
 
     def __init__(
-        self, in_channels: int, num_classes: int, resolution: int = 7, convs: int = 0, fcs: int = 2, norm=None
+        self,
+        in_channels: int,
+        num_classes: int,
+        resolution: int = 7,
+        convs: int = 0,
+        fcs: int = 2,
+        norm=None,
+        class_deltas: bool = False,
     ):
         super().__init__()
         self.convs = nn.Sequential(
@@ -127,7 +150,7 @@ class BoxHead(nn.Module):
         dims = [in_channels * resolution**2] + [1024] * fcs
         self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
         self.cls = nn.Linear(dims[-1], num_classes)
-        self.reg = nn.Linear(dims[-1], 4)
+        self.reg = nn.Linear(dims[-1], 4 * (num_classes - 1) if class_deltas else 4)
         # MMDetection's init: xavier-uniform fcs, N(0, 0.01) classifier, N(0, 0.001) regressor
         for fc in self.fcs:
             nn.init.xavier_uniform_(fc.weight)
@@ -163,10 +186,18 @@ class MaskHead(nn.Module):
         return self.predictor(feat), feat
 
 
-def soft_nms(boxes: Tensor, scores: Tensor, sigma: float = 0.5, min_score: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """Gaussian soft-NMS as mmcv's ``soft_nms(method='gaussian')``: repeatedly take the highest
-    remaining score, decay every other remaining score by ``exp(-iou^2 / sigma)`` and drop
-    those below ``min_score``. Returns (indices in selection order, their decayed scores)."""
+def soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    method: str = "gaussian",
+    iou_threshold: float = 0.3,
+    sigma: float = SOFT_NMS_SIGMA,
+    min_score: float = SOFT_NMS_MIN_SCORE,
+) -> tuple[Tensor, Tensor]:
+    """Soft-NMS as mmcv's ``soft_nms``: repeatedly take the highest remaining score, decay every
+    other remaining score by its IoU with it, ``exp(-iou^2 / sigma)`` (``method='gaussian'``) or
+    ``1 - iou`` where ``iou > iou_threshold`` (``'linear'``), and drop those below
+    ``min_score``. Returns (indices in selection order, their decayed scores)."""
     scores = scores.clone()
     remaining = torch.arange(len(scores), device=scores.device)
     keep, kept_scores = [], []
@@ -179,20 +210,45 @@ def soft_nms(boxes: Tensor, scores: Tensor, sigma: float = 0.5, min_score: float
         if not remaining.numel():
             break
         iou = box_iou(boxes[i][None], boxes[remaining])[0]
-        scores[remaining] = scores[remaining] * torch.exp(-(iou * iou) / sigma)
+        scores[remaining] = scores[remaining] * _soft_nms_decay(iou, method, iou_threshold, sigma)
         remaining = remaining[scores[remaining] >= min_score]
     if not keep:
         return torch.zeros(0, dtype=torch.long, device=scores.device), scores[:0]
     return torch.stack(keep), torch.stack(kept_scores)
 
 
-def batched_soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, sigma: float = 0.5) -> tuple[Tensor, Tensor]:
-    """:func:`soft_nms` per class (mmcv's ``batched_nms``: boxes of different classes offset so
-    that they never overlap)."""
+def _soft_nms_decay(iou: Tensor, method: str, iou_threshold: float, sigma: float) -> Tensor:
+    """mmcv's soft-NMS weight of the scores overlapping the kept box by ``iou``."""
+    if method == "linear":
+        return torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
+    return torch.exp(-(iou * iou) / sigma)
+
+
+def batched_soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, **kw) -> tuple[Tensor, Tensor]:
+    """:func:`soft_nms` (``kw``: its method and parameters) per class (mmcv's ``batched_nms``:
+    boxes of different classes offset so that they never overlap)."""
     if not len(boxes):
         return torch.zeros(0, dtype=torch.long, device=boxes.device), scores[:0]
     offsets = labels.to(boxes) * (boxes.max() + 1)
-    return soft_nms(boxes + offsets[:, None], scores, sigma)
+    return soft_nms(boxes + offsets[:, None], scores, **kw)
+
+
+def class_deltas(deltas: Tensor, labels: Tensor) -> Tensor:
+    """The ``[N, 4]`` deltas of each RoI's class ``labels`` (1..K) from class-specific deltas
+    ``[N, 4K]`` (MMDetection's ``regress_by_class`` gather); class-agnostic ``[N, 4]`` as they are."""
+    if deltas.shape[1] == 4:
+        return deltas
+    return deltas.view(len(deltas), -1, 4)[torch.arange(len(deltas), device=deltas.device), labels - 1]
+
+
+# --test-nms: the soft-NMS kinds, as mmcv's soft_nms method ("nms" is torchvision's batched_nms)
+SOFT_NMS_METHODS = {"soft_linear": "linear", "soft_gaussian": "gaussian"}
+
+
+def refine_labels(labels: Tensor, logits: Tensor) -> Tensor:
+    """The class whose deltas refine each sampled RoI between stages (``CascadeRoIHead``): its
+    ground-truth label, or for a background RoI (0) the foreground class the stage scores highest."""
+    return torch.where(labels > 0, labels, logits[:, 1:].argmax(1) + 1)
 
 
 class CascadeRoIHeads(nn.Module):
@@ -205,8 +261,11 @@ class CascadeRoIHeads(nn.Module):
         htc: bool = False,
         box_head: str = "2fc",
         norm: str = "none",
-        soft_nms: bool = False,
+        test_nms: str = "nms",
         semantic: bool = False,
+        box_loss: str = "smooth_l1",
+        box_loss_weight: float = 1.0,
+        box_reg: str = "agnostic",
         rois_per_image: int = 512,
         positive_fraction: float = 0.25,
         score_thresh: float = 0.05,
@@ -225,7 +284,7 @@ class CascadeRoIHeads(nn.Module):
         norm_layer = NORMS[norm]
         convs, fcs = (4, 1) if box_head == "4conv1fc" else (0, 2)
         self.box_heads = nn.ModuleList(
-            BoxHead(channels, num_classes, 7, convs, fcs, norm_layer) for _ in range(len(STAGES))
+            BoxHead(channels, num_classes, 7, convs, fcs, norm_layer, box_reg == "class") for _ in range(len(STAGES))
         )
         self.mask_heads = nn.ModuleList(MaskHead(channels, num_classes, flow=htc and t > 0) for t in range(len(STAGES)))
         self.coders = [det_utils.BoxCoder(tuple(1.0 / s for s in stds), math.log(1000.0 / 16)) for _, stds in STAGES]
@@ -233,7 +292,9 @@ class CascadeRoIHeads(nn.Module):
         self.sampler = det_utils.BalancedPositiveNegativeSampler(rois_per_image, positive_fraction)
         self.stage_loss_weights = STAGE_LOSS_WEIGHTS
         self.htc = htc
-        self.soft_nms = soft_nms
+        self.test_nms = test_nms
+        self.box_loss_kind = box_loss
+        self.box_loss_weight = box_loss_weight
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
@@ -275,20 +336,24 @@ class CascadeRoIHeads(nn.Module):
         return x + extra
 
     def box_loss(self, stage: int, logits: Tensor, deltas: Tensor, samples, targets) -> tuple[Tensor, Tensor]:
-        """Cross-entropy over the sampled RoIs, smooth-L1 (beta 1) on the positives' deltas
-        encoded with the stage's stds, summed and divided by the number of sampled RoIs
+        """Cross-entropy over the sampled RoIs; on the positives (their ground-truth class's
+        deltas where they are class-specific) smooth-L1 (beta 1) against the ground truth encoded
+        with the stage's stds, or GIoU loss between the deltas decoded onto the RoIs and the
+        ground truth; summed, times ``box_loss_weight``, divided by the number of sampled RoIs
         (MMDetection's ``avg_factor``)."""
         labels = torch.cat([s[1] for s in samples])
-        regression = torch.cat(
-            [
-                self.coders[stage].encode_single(t["boxes"].to(s[0])[s[2].clamp(min=0)], s[0])
-                for s, t in zip(samples, targets, strict=True)
-            ]
-        )
+        rois = torch.cat([s[0] for s in samples])
+        gt = torch.cat([t["boxes"].to(s[0])[s[2].clamp(min=0)] for s, t in zip(samples, targets, strict=True)])
         loss_cls = F.cross_entropy(logits, labels)
         pos = labels > 0
-        loss_box = F.smooth_l1_loss(deltas[pos], regression[pos], beta=1.0, reduction="sum") / max(labels.numel(), 1)
-        return loss_cls, loss_box
+        pos_deltas = class_deltas(deltas[pos], labels[pos])
+        if self.box_loss_kind == "giou":  # reg_decoded_bbox: the decoded boxes, not clipped
+            decoded = self.coders[stage].decode_single(pos_deltas.float(), rois[pos].float())
+            loss = generalized_box_iou_loss(decoded, gt[pos].float(), reduction="sum", eps=GIOU_EPS)
+        else:
+            regression = self.coders[stage].encode_single(gt[pos], rois[pos])
+            loss = F.smooth_l1_loss(pos_deltas, regression, beta=1.0, reduction="sum")
+        return loss_cls, self.box_loss_weight * loss / max(labels.numel(), 1)
 
     def mask_forward(self, stage: int, features, rois: list[Tensor], image_shapes, semantic=None) -> Tensor:
         """Stage ``stage``'s mask logits on ``rois``; under HTC through the information flow of
@@ -314,14 +379,23 @@ class CascadeRoIHeads(nn.Module):
             [s[2][p] for s, p in zip(samples, pos, strict=True)],
         )
 
-    def refine(self, stage: int, deltas: Tensor, rois: list[Tensor], image_shapes) -> list[Tensor]:
-        """Stage ``stage``'s class-agnostic deltas applied to ``rois``, clipped to the image."""
+    def refine(self, stage: int, deltas: Tensor, rois: list[Tensor], image_shapes, labels=None) -> list[Tensor]:
+        """Stage ``stage``'s deltas applied to ``rois`` (class-specific ones: those of each
+        RoI's class ``labels``, 1..K), clipped to the image."""
+        deltas = class_deltas(deltas, labels)
         # in float32 whatever the autocast: torchvision's decode casts the boxes to the deltas'
         # dtype, and bf16 coordinates of a 1024 px image are 4 px apart
         boxes = self.coders[stage].decode_single(deltas.float(), torch.cat(rois).float())
         return [
             clip_boxes_to_image(b, s) for b, s in zip(boxes.split([len(r) for r in rois]), image_shapes, strict=True)
         ]
+
+    def class_boxes(self, stage: int, deltas: Tensor, rois: Tensor, image_shape) -> Tensor:
+        """``[N, C, 4]``: each RoI refined by each class's deltas ``[N, 4 (C - 1)]``, clipped to
+        the image; column 0 (the background's) is the RoI itself."""
+        n, k = len(rois), deltas.shape[1] // 4
+        boxes = self.coders[stage].decode_single(deltas.reshape(n * k, 4).float(), rois.float().repeat_interleave(k, 0))
+        return torch.cat([rois.float()[:, None], clip_boxes_to_image(boxes.view(n, k, 4), image_shape)], 1)
 
     def forward_train(self, features, proposals, image_shapes, targets, semantic=None) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
@@ -337,7 +411,8 @@ class CascadeRoIHeads(nn.Module):
             refined = None
             if stage < len(STAGES) - 1 or self.htc:
                 with torch.no_grad():  # the ground truth appended to the proposals leaves again
-                    refined = self.refine(stage, deltas.detach(), rois, image_shapes)
+                    labels = refine_labels(torch.cat([s[1] for s in samples]), logits)
+                    refined = self.refine(stage, deltas.detach(), rois, image_shapes, labels)
                     refined = [r[~s[3]] for r, s in zip(refined, samples, strict=True)]
             if with_masks:
                 mask_samples = samples
@@ -356,9 +431,10 @@ class CascadeRoIHeads(nn.Module):
     @torch.no_grad()
     def box_candidates(self, features, proposals, image_shapes, semantic=None) -> list[tuple[Tensor, Tensor]]:
         """Per image, before any threshold or NMS: (boxes ``[N, C, 4]``, one box per class
-        (class-agnostic deltas: the same box for every class), scores ``[N, C]``: the softmax of
-        the three stages' mean logits, background at 0). The proposals are refined by stages 1
-        and 2; the last stage's deltas give the boxes."""
+        (class-agnostic deltas: the same box for every class; the background's column is the
+        RoI), scores ``[N, C]``: the softmax of the three stages' mean logits, background at 0).
+        The proposals are refined by stages 1 and 2 (class-specific deltas: those of the class
+        the stage scores highest, ``regress_by_class``); the last stage's deltas give the boxes."""
         rois = proposals
         stage_logits = []
         for stage in range(len(STAGES)):
@@ -366,12 +442,20 @@ class CascadeRoIHeads(nn.Module):
             logits, deltas = self.box_heads[stage](x)
             stage_logits.append(logits)
             if stage < len(STAGES) - 1:
-                rois = self.refine(stage, deltas, rois, image_shapes)
+                rois = self.refine(stage, deltas, rois, image_shapes, logits[:, 1:].argmax(1) + 1)
         scores = torch.stack(stage_logits).float().mean(0).softmax(-1)  # MMDetection averages the logits
-        boxes = self.refine(len(STAGES) - 1, deltas, rois, image_shapes)
         num_classes = scores.shape[1]
         counts = [len(r) for r in rois]
-        return [(b[:, None].expand(-1, num_classes, 4), s) for b, s in zip(boxes, scores.split(counts), strict=True)]
+        if deltas.shape[1] == 4:
+            boxes = self.refine(len(STAGES) - 1, deltas, rois, image_shapes)
+            per_class = [b[:, None].expand(-1, num_classes, 4) for b in boxes]
+        else:  # a box per class: each class's deltas decoded onto the RoIs (MMDetection's get_bboxes)
+            last = len(STAGES) - 1
+            per_class = [
+                self.class_boxes(last, d, r, size)
+                for r, d, size in zip(rois, deltas.split(counts), image_shapes, strict=True)
+            ]
+        return list(zip(per_class, scores.split(counts), strict=True))
 
     @torch.no_grad()
     def mask_probs(self, features, boxes: list[Tensor], labels: list[Tensor], image_shapes, semantic=None):
@@ -404,8 +488,9 @@ class CascadeRoIHeads(nn.Module):
     def postprocess(self, boxes: Tensor, scores: Tensor) -> dict[str, Tensor]:
         """torchvision's ``postprocess_detections`` for one image's candidates (boxes
         ``[N, C, 4]``, scores ``[N, C]``, background at 0): every (box, class > 0) pair scoring
-        above ``score_thresh``, small boxes dropped, NMS per class (or Gaussian soft-NMS, whose
-        decayed scores are reported), the best ``detections_per_img``."""
+        above ``score_thresh``, small boxes dropped, NMS per class at ``nms_thresh`` (or soft-NMS,
+        linear at ``nms_thresh`` or Gaussian, whose decayed scores are reported), the best
+        ``detections_per_img``."""
         num_classes = scores.shape[1]
         labels = torch.arange(num_classes, device=scores.device).expand_as(scores)[:, 1:].reshape(-1)
         boxes = boxes[:, 1:].reshape(-1, 4)
@@ -414,8 +499,9 @@ class CascadeRoIHeads(nn.Module):
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = remove_small_boxes(boxes, 1e-2)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        if self.soft_nms:
-            keep, scores = batched_soft_nms(boxes, scores, labels)
+        if self.test_nms in SOFT_NMS_METHODS:
+            method = SOFT_NMS_METHODS[self.test_nms]
+            keep, scores = batched_soft_nms(boxes, scores, labels, method=method, iou_threshold=self.nms_thresh)
             order = scores.argsort(descending=True)
             keep, scores = keep[order], scores[order]
         else:
@@ -459,12 +545,18 @@ class CascadeMaskRCNN(FasterRCNN):
         htc: bool = False,
         box_head: str = "2fc",
         box_norm: str = "none",
-        soft_nms: bool = False,
+        test_nms: str = "nms",
         semantic: bool = False,
+        box_loss: str = "smooth_l1",
+        box_loss_weight: float = 1.0,
+        box_reg: str = "agnostic",
+        test_score_thr: float = 0.05,
+        test_nms_iou: float = 0.5,
     ):
         super().__init__(backbone, num_classes)
         if semantic and not htc:
             raise UsageError("the semantic branch (COCO-stuff maps) is HTC's: use --detector htc")
         self.roi_heads = CascadeRoIHeads(
-            backbone.out_channels, num_classes, htc, box_head, box_norm, soft_nms, semantic=semantic
-        )
+            backbone.out_channels, num_classes, htc, box_head, box_norm, test_nms, semantic, box_loss,
+            box_loss_weight, box_reg, score_thresh=test_score_thr, nms_thresh=test_nms_iou,
+        )  # fmt: skip

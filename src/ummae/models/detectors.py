@@ -33,6 +33,7 @@ from ummae.detector_specs import SPECS, DetectorSpec, check_options, detector_sp
 from ummae.errors import UsageError
 from ummae.models.dense import StageMaps, build_stage_maps, encoder_options
 from ummae.models.registry import create_model, register_model
+from ummae.models.rpn import MMDetRPN
 
 
 class ExtraLevelsOnOutput(ExtraFPNBlock):
@@ -68,11 +69,16 @@ class FeaturePyramid(nn.Module):
         return self.fpn(self.body(x))
 
 
-# How a pyramid's levels above the last stage are made (ummae.detector_specs.Pyramid.extra)
-_EXTRA_LEVELS: dict[str, Callable[[int, int], ExtraFPNBlock]] = {
-    "max_pool": lambda channels, levels: LastLevelMaxPool(),
-    "conv_on_output": lambda channels, levels: ExtraLevelsOnOutput(channels, nn.BatchNorm2d, levels),
+# How a pyramid's levels above the last stage are made (ummae.detector_specs.Pyramid.extra), with
+# the FPN's norm layer
+_EXTRA_LEVELS: dict[str, Callable[[int, int, Any], ExtraFPNBlock]] = {
+    "max_pool": lambda channels, levels, norm: LastLevelMaxPool(),
+    "conv_on_output": lambda channels, levels, norm: ExtraLevelsOnOutput(channels, norm, levels),
 }
+# --fpn-norm: the norm after each FPN conv (BatchNorm becomes SyncBN under DDP on CUDA)
+FPN_NORMS: dict[str, Any] = {"none": None, "bn": nn.BatchNorm2d}
+# --rpn-assign: how a two-stage detector's RPN is made from torchvision's
+RPN_RULES: dict[str, Callable[[nn.Module], nn.Module]] = {"torchvision": lambda rpn: rpn, "mmdet": MMDetRPN.like}
 
 
 class Detector:
@@ -86,6 +92,8 @@ class Detector:
     # What --compile compiles (engine.trainer.compiled): the backbone and FPN always see the
     # img_size canvas; target matching and box decoding are data-dependent Python
     compile_region = "backbone"
+    # the options this class applies to any builder (the rest go to the builder)
+    applied_here = ("fpn_norm", "rpn_assign")
 
     def __init__(
         self,
@@ -102,15 +110,22 @@ class Detector:
         **options_and_names: Any,
     ):
         check_options(spec, options_and_names)
-        options = {o.name: options_and_names.pop(o.name, o.default) for o in spec.options}
+        options = {o.name: _or(options_and_names.pop(o.name, None), spec.default(o.name)) for o in spec.options}
         pyramid = spec.pyramid
         # the reference's DET backbones: LayerNorm + Linear projections; PVT keeps its pre-trained
         # position table and interpolates it to the input on every forward (DET/pvt.py)
         body = build_stage_maps(
             backbone, img_size, neck_channels, drop_path, window_size, pyramid.stages, neck, pos_embed_mode
         )
-        extra = _EXTRA_LEVELS[pyramid.extra](fpn_channels, pyramid.extra_levels)
-        super().__init__(FeaturePyramid(body, fpn_channels, extra), num_classes, **spec.builder_args, **options)
+        norm = FPN_NORMS[options["fpn_norm"]]
+        extra = _EXTRA_LEVELS[pyramid.extra](fpn_channels, pyramid.extra_levels, norm)
+        # the options the class takes, under its own keywords; the FPN norm and the RPN rule are applied here
+        builder_options = {spec.keywords.get(k, k): v for k, v in options.items() if k not in self.applied_here}
+        super().__init__(
+            FeaturePyramid(body, fpn_channels, extra, norm), num_classes, **spec.builder_args, **builder_options
+        )
+        if "rpn_assign" in options:
+            self.rpn = RPN_RULES[options["rpn_assign"]](self.rpn)
         # Training images come as the img_size canvas of the jitter (no resize); evaluation
         # images are fitted into it (min_size = max_size: scale = img_size / long side) and padded
         # to it (size_divisible = img_size), so the backbone always sees the size it trains at.
@@ -133,6 +148,11 @@ class Detector:
     def options(self) -> dict[str, Any]:
         """What rebuilds this model (``create_model`` records it as ``model_args``)."""
         return dict(self._options)
+
+
+def _or(value: Any, default: Any) -> Any:
+    """``value``, or ``default`` where it is None (a flag left at "the detector's")."""
+    return default if value is None else value
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ummae.detector_specs import recorded_options
 from ummae.models.registry import create_model, model_kind
 from ummae.weights.io import CheckpointError, load_state_strict
 from ummae.weights.load import LoadReport, load_weights, model_args_within_bounds, read_weights
@@ -93,7 +94,8 @@ def _rebuild_options(kind: str, args: dict[str, Any], state: State) -> dict[str,
         old_forms: dict[str, Any] = {"neck": "ln_linear"}
         if any(k.endswith("encoder.pos_embed") for k in state):
             old_forms["pos_embed_mode"] = "resize"
-        return {**old_forms, **args}
+        # a detector's options written before they were (issue 34): as it was trained
+        return {**old_forms, **(recorded_options(args) if kind == "detect" else args)}
     if kind != "classify":
         return dict(args)
     options = {k: args[k] for k in ("img_size", "window_size", "sr_ratios", "num_classes") if k in args}
