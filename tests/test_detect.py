@@ -122,6 +122,34 @@ def test_gfl_and_maskrcnn__a_killed_run_resumes_to_the_same_numbers(coco, tmp_pa
         assert (Path(full.output) / "checkpoint-best.pth").exists()
 
 
+def test_step_schedule__a_killed_run_resumes_to_the_same_numbers_and_lrs(coco, tmp_path):
+    """HTC++'s step schedule (here x0.1 at epoch 1 of 2, a 3-update warm-up from 0.001 of the
+    lr that crosses the epoch's end): a run stopped after its first epoch and resumed ends with
+    the weights and metrics of the straight run, and every update's lr is mmcv's, written out:
+    ``lr * 0.1 ** (epoch >= 1)``, times ``1 - (1 - u / 3) * (1 - 0.001)`` in the warm-up."""
+    step = dict(schedule="step", lr_steps=(1,), warmup_steps=3, max_steps_per_epoch=2)
+    full = _cfg(tmp_path / "full", coco, **step)
+    train(full)
+    train(_cfg(tmp_path / "part", coco, epochs=1, **step))
+    resumed = _cfg(tmp_path / "part", coco, resume="auto", **step)
+    train(resumed)
+    a = torch.load(Path(full.output) / "checkpoint-last.pth", weights_only=True)["model"]
+    b = torch.load(Path(resumed.output) / "checkpoint-last.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = step_records(Path(full.output))
+    assert stable(records) == stable(step_records(Path(resumed.output)))
+    lr = 1.6e-2 * 2 / 256
+    want = [lr * 0.1 ** (u >= 2) * (1 - (1 - u / 3) * (1 - 0.001) if u < 3 else 1.0) for u in range(4)]
+    assert [r["lr"] for r in records] == pytest.approx(want, rel=1e-9)
+
+
+def test_step_schedule__refused_without_its_steps_or_with_them_out_of_order(coco, tmp_path):
+    with pytest.raises(ValueError, match="--schedule step needs --lr-steps"):
+        _cfg(tmp_path, coco, schedule="step").validate()
+    with pytest.raises(ValueError, match="--lr-steps 69 63: give the epochs in increasing order"):
+        _cfg(tmp_path, coco, schedule="step", lr_steps=(69, 63)).validate()
+
+
 def _flag_value(option):
     """A value of a detector option's flag other than its default."""
     return next(c for c in option.choices if c != option.default) if option.choices else not option.default
