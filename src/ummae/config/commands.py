@@ -554,6 +554,7 @@ class DetectConfig(RunConfig):
     box_head: str = _detector_flag("box_head")
     box_norm: str = _detector_flag("box_norm")
     soft_nms: bool = _detector_flag("soft_nms")
+    global_attn: bool = _detector_flag("global_attn")
     stuff_maps: str | None = _detector_flag("semantic")
     pretrained: str | None = option(
         None,

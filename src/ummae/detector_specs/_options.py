@@ -16,6 +16,13 @@ BOX_NORM = DetectorOption(
     choices=("none", "bn", "gn"),
 )
 SOFT_NMS = DetectorOption("soft_nms", False, "Gaussian soft-NMS at test (HTC++), not NMS at 0.5")
+GLOBAL_ATTN = DetectorOption(
+    "global_attn",
+    False,
+    "HTC++'s extra global self-attention block on the backbone's last stage map, before its projection (Swin "
+    "paper A2.2)",
+    part="backbone",
+)
 SEMANTIC = DetectorOption(
     "semantic",
     False,
@@ -23,4 +30,4 @@ SEMANTIC = DetectorOption(
     "HTC's semantic branch. Omitted: no semantic branch",
     set_by="stuff_maps",
 )
-CASCADE = (BOX_HEAD, BOX_NORM, SOFT_NMS)
+CASCADE = (BOX_HEAD, BOX_NORM, SOFT_NMS, GLOBAL_ATTN)

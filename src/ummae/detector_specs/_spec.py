@@ -39,18 +39,29 @@ P2_P6 = Pyramid(stages=(0, 1, 2, 3), extra="max_pool", extra_levels=1)
 P3_P7 = Pyramid(stages=(1, 2, 3), extra="conv_on_output", extra_levels=2)
 
 
+# What a detector option is a keyword of (DetectorOption.part): the class a spec's builder
+# names, or the stage maps under its FPN
+OPTION_PARTS = ("head", "backbone")
+
+
 @dataclass(frozen=True)
 class DetectorOption:
     """An option only some detectors take: ``name`` is the builder's keyword and what a
     checkpoint records, ``help`` its flag's help (after the detectors that take it). Its flag is
     the ``DetectConfig`` field of its name; or, with ``set_by``, that field: a folder the run
-    reads, whose presence switches the (bool) option on (``--stuff-maps DIR`` -> ``semantic``)."""
+    reads, whose presence switches the (bool) option on (``--stuff-maps DIR`` -> ``semantic``).
+    ``part``: what it is a keyword of, :data:`OPTION_PARTS`: the spec's class (``"head"``) or
+    the stage maps its backbone builds (``"backbone"``, :func:`ummae.models.dense.build_stage_maps`)."""
 
     name: str
     default: Any
     help: str
     choices: tuple[str, ...] = ()
     set_by: str = ""
+    part: str = "head"
+
+    def __post_init__(self):
+        assert self.part in OPTION_PARTS, f"option {self.name}: part {self.part!r} is not one of {OPTION_PARTS}"
 
     @property
     def field_name(self) -> str:

@@ -29,7 +29,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ummae.detector_specs import SPECS, DetectorSpec, check_options, detector_spec
+from ummae.detector_specs import OPTION_PARTS, SPECS, DetectorSpec, check_options, detector_spec
 from ummae.errors import UsageError
 from ummae.models.dense import StageMaps, build_stage_maps, encoder_options
 from ummae.models.registry import create_model, register_model
@@ -103,14 +103,16 @@ class Detector:
     ):
         check_options(spec, options_and_names)
         options = {o.name: options_and_names.pop(o.name, o.default) for o in spec.options}
+        part = {part: {o.name: options[o.name] for o in spec.options if o.part == part} for part in OPTION_PARTS}
         pyramid = spec.pyramid
         # the reference's DET backbones: LayerNorm + Linear projections; PVT keeps its pre-trained
         # position table and interpolates it to the input on every forward (DET/pvt.py)
         body = build_stage_maps(
-            backbone, img_size, neck_channels, drop_path, window_size, pyramid.stages, neck, pos_embed_mode
-        )
+            backbone, img_size, neck_channels, drop_path, window_size, pyramid.stages, neck, pos_embed_mode,
+            **part["backbone"],
+        )  # fmt: skip
         extra = _EXTRA_LEVELS[pyramid.extra](fpn_channels, pyramid.extra_levels)
-        super().__init__(FeaturePyramid(body, fpn_channels, extra), num_classes, **spec.builder_args, **options)
+        super().__init__(FeaturePyramid(body, fpn_channels, extra), num_classes, **spec.builder_args, **part["head"])
         # Training images come as the img_size canvas of the jitter (no resize); evaluation
         # images are fitted into it (min_size = max_size: scale = img_size / long side) and padded
         # to it (size_divisible = img_size), so the backbone always sees the size it trains at.
