@@ -752,6 +752,9 @@ def test_step_schedule__mmcv_step_with_linear_warmup():
     # a step inside the warm-up: the warm-up scales the stepped lr (mmcv scales the regular lr)
     early = Schedule("step", 24, 6, 1.0, steps=(4,), warmup_ratio=0.5)
     assert early.lr(5) == pytest.approx(0.1 * (1 - (1 - 5 / 6) * 0.5))
+    # no steps (mmcv's step=[]): flat after the warm-up
+    flat = Schedule.from_config(SimpleNamespace(**{**vars(cfg), "lr_steps": None}), 4, 1.0)
+    assert [flat.lr(u) for u in (6, 12, 23)] == [1.0, 1.0, 1.0]
     assert s.peak_reached() == 1.0
 
 

@@ -640,7 +640,8 @@ class DetectConfig(RunConfig):
     )
     lr_steps: tuple[int, ...] | None = option(
         None,
-        "--schedule step: the epochs at whose start the lr is multiplied by 0.1 (MMDetection's lr_config step)",
+        "--schedule step: the epochs at whose start the lr is multiplied by 0.1 (MMDetection's lr_config step; "
+        "none: the lr stays flat after the warm-up)",
         ge=1,
         source="ours: none (the cosine schedule has no steps)",
     )
@@ -691,8 +692,6 @@ class DetectConfig(RunConfig):
         if not self.data:
             raise UsageError("detection needs --data: a COCO root with train2017/, val2017/ and annotations/")
         detector_specs.check_flags(detector_specs.SPECS[self.detector], vars(self))
-        if self.schedule == "step" and not self.lr_steps:
-            raise UsageError("--schedule step needs --lr-steps: the epochs at which the lr drops (HTC++: 63 69)")
         if self.lr_steps and list(self.lr_steps) != sorted(set(self.lr_steps)):
             raise UsageError(f"--lr-steps {' '.join(map(str, self.lr_steps))}: give the epochs in increasing order")
 
