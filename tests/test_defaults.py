@@ -60,12 +60,12 @@ DEFAULTS: dict[str, dict[str, object]] = {
         "output": "runs/detect", "backbone": "swin_tiny_256", "detector": "gfl",
         "fpn_norm": None, "test_score_thr": None, "rpn_assign": None,  # None: the detector's (its spec)
         "box_head": "2fc", "box_norm": "none", "box_reg": "agnostic", "box_loss": "smooth_l1", "box_loss_weight": 1.0,
-        "test_nms": "nms", "test_nms_iou": 0.5, "stuff_maps": None,
+        "test_nms": "nms", "test_nms_iou": 0.5, "global_attn": False, "stuff_maps": None,
         "pretrained": None, "data": None, "train_split": "train2017", "val_split": "val2017",
         "img_size": 1024, "scale_range": (0.1, 2.0), "train_resize": "lsj", "short_range": (400, 1400),
         "flip_prob": 0.5, "drop_path": 0.1, "window_size": None, "neck_channels": 768, "fpn_channels": 256,
-        "epochs": 25, "warmup_epochs": 0, "warmup_steps": 2000, "batch_size": 2, "blr": 1.6e-3,
-        "min_lr": 1e-6, "betas": (0.9, 0.999), "eval_every": 1,
+        "epochs": 25, "warmup_epochs": 0, "warmup_steps": 2000, "schedule": "cosine", "lr_steps": None,
+        "warmup_ratio": 0.001, "batch_size": 2, "blr": 1.6e-3, "min_lr": 1e-6, "betas": (0.9, 0.999), "eval_every": 1,
     },
     "detect eval": {
         **_MACHINERY, "num_workers": 4, "checkpoint": None, "data": None, "split": "val2017",
@@ -99,7 +99,7 @@ BUILDERS: dict[str, dict[str, object]] = {
     "ummae.models.classifier:Classifier": {"num_classes": 1000, "img_size": 256, "drop_rate": 0.0, "layer_decay": 0.75},
     "ummae.models.dense:build_stage_maps": {
         "out_channels": 768, "drop_path": None, "window_size": None, "stages": (0, 1, 2, 3), "neck": "ln_linear",
-        "pos_embed_mode": "resize",
+        "pos_embed_mode": "resize", "global_attn": False,
     },
     "ummae.models.upernet:upernet": {
         "crop_size": 512, "neck_channels": 768, "head_channels": 768, "aux_channels": 256, "aux_weight": 0.4,

@@ -39,6 +39,77 @@ def test_stage_maps__four_maps_of_the_projected_width_at_strides_4_to_32(backbon
     assert [tuple(v.shape) for v in out.values()] == [(2, 24, 128 // s, 128 // s) for s in (4, 8, 16, 32)]
 
 
+def _plain_global_attention(block, x):
+    """HTC++'s global block written out as a plain pre-norm transformer block: every token of
+    ``x [N, C, H, W]`` attends to every token, ``softmax(q k^T / sqrt(d)) v`` per head (heads
+    split off the channels in order), then the output projection and the residual; then
+    LayerNorm, Linear, exact GELU, Linear and the residual."""
+    n, c, h, w = x.shape
+    heads, d = block.num_heads, c // block.num_heads
+    t = x.reshape(n, c, h * w).permute(0, 2, 1)  # tokens in row-major order: [N, HW, C]
+    ln1 = torch.nn.functional.layer_norm(t, (c,), block.norm1.weight, block.norm1.bias, 1e-5)
+    qkv = ln1 @ block.qkv.weight.T + block.qkv.bias
+    q, k, v = qkv[..., :c], qkv[..., c : 2 * c], qkv[..., 2 * c :]
+    out = torch.zeros_like(t)
+    for i in range(heads):
+        qi, ki, vi = (z[..., i * d : (i + 1) * d] for z in (q, k, v))
+        weights = torch.softmax(torch.einsum("bqd,bkd->bqk", qi, ki) / d**0.5, dim=-1)
+        out[..., i * d : (i + 1) * d] = torch.einsum("bqk,bkd->bqd", weights, vi)
+    t = t + out @ block.proj.weight.T + block.proj.bias
+    ln2 = torch.nn.functional.layer_norm(t, (c,), block.norm2.weight, block.norm2.bias, 1e-5)
+    hidden = torch.nn.functional.gelu(ln2 @ block.mlp.fc1.weight.T + block.mlp.fc1.bias)
+    t = t + hidden @ block.mlp.fc2.weight.T + block.mlp.fc2.bias
+    return t.permute(0, 2, 1).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("backbone", ["swin_test", "pvt_test"])
+def test_global_attn__only_the_last_stage_map_changes_by_a_plain_self_attention_block(backbone):
+    """``global_attn``: the same backbone and projections with HTC++'s block give the same
+    first three maps; the last is its projection of the plain block (written out above, with
+    the last stage's heads) applied to the last stage's raw map; shapes are kept; gradients
+    reach the block from the last map only."""
+    torch.manual_seed(0)
+    plain = build_stage_maps(backbone, 128, out_channels=24).eval()  # eval: no stochastic depth
+    htcpp = build_stage_maps(backbone, 128, out_channels=24, global_attn=True).eval()
+    missing, unexpected = htcpp.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("global_attn.") for k in missing)
+    block = htcpp.global_attn
+    assert block.num_heads == htcpp.encoder.stages[-1][0].attn.num_heads > 1
+    with torch.no_grad():  # a block away from its initial near-identity, so that a bug shows
+        for p in block.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(2, 3, 128, 128)
+    a, b = plain(x), htcpp(x)
+    assert [v.shape for v in a.values()] == [v.shape for v in b.values()]
+    for k in ("0", "1", "2"):
+        assert torch.equal(a[k], b[k]), k
+    raw = htcpp.encoder.forward_dense(x)[-1]
+    assert block(raw).shape == raw.shape == (2, htcpp.encoder.embed_dims[-1], 4, 4)
+    want = _plain_global_attention(block, raw)
+    torch.testing.assert_close(block(raw), want, rtol=1e-5, atol=1e-5)
+    proj = htcpp.proj["3"]
+    torch.testing.assert_close(b["3"], proj(want.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a["3"], b["3"], atol=1e-3)
+    # gradients: the first three maps do not reach the block, the last one reaches all of it
+    sum(v.sum() for k, v in htcpp(x).items() if k != "3").backward()
+    assert all(p.grad is None for p in block.parameters())
+    htcpp(x)["3"].square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
+
+
+def test_global_attn__a_detector_option_recorded_and_off_by_default():
+    """Off: no block, no keys (checkpoints of before load unchanged); on: the block, recorded."""
+    for detector in ("cascade_maskrcnn", "htc"):
+        off = build_detector(detector, "swin_test", 81, **TINY_DETECTOR)
+        assert off.backbone.body.global_attn is None and off.options()["global_attn"] is False
+        assert not [k for k in off.state_dict() if "global_attn" in k]
+        on = build_detector(detector, "swin_test", 81, global_attn=True, **TINY_DETECTOR)
+        assert on.options()["global_attn"] is True
+        assert {k.split(".global_attn.")[0] for k in on.state_dict() if ".global_attn." in k} == {"backbone.body"}
+    with pytest.raises(ValueError, match="--global-attn is an option of --detector cascade_maskrcnn / htc, not of gfl"):
+        build_detector("gfl", "swin_test", 81, global_attn=True, **TINY_DETECTOR)
+
+
 def test_stage_maps__refuse_a_plain_vit_and_a_pretraining_name():
     with pytest.raises(ValueError, match="plain ViT"):
         build_stage_maps("vit_test", 64)
@@ -120,6 +191,32 @@ def test_gfl_and_maskrcnn__a_killed_run_resumes_to_the_same_numbers(coco, tmp_pa
         keys = ["bbox_AP", "bbox_AP50"] + (["segm_AP"] if SPECS[detector].masks else [])
         assert all(k in ev for k in keys), ev
         assert (Path(full.output) / "checkpoint-best.pth").exists()
+
+
+def test_step_schedule__a_killed_run_resumes_to_the_same_numbers_and_lrs(coco, tmp_path):
+    """HTC++'s step schedule (here x0.1 at epoch 1 of 2, a 3-update warm-up from 0.001 of the
+    lr that crosses the epoch's end): a run stopped after its first epoch and resumed ends with
+    the weights and metrics of the straight run, and every update's lr is mmcv's, written out:
+    ``lr * 0.1 ** (epoch >= 1)``, times ``1 - (1 - u / 3) * (1 - 0.001)`` in the warm-up."""
+    step = dict(schedule="step", lr_steps=(1,), warmup_steps=3, max_steps_per_epoch=2)
+    full = _cfg(tmp_path / "full", coco, **step)
+    train(full)
+    train(_cfg(tmp_path / "part", coco, epochs=1, **step))
+    resumed = _cfg(tmp_path / "part", coco, resume="auto", **step)
+    train(resumed)
+    a = torch.load(Path(full.output) / "checkpoint-last.pth", weights_only=True)["model"]
+    b = torch.load(Path(resumed.output) / "checkpoint-last.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = step_records(Path(full.output))
+    assert stable(records) == stable(step_records(Path(resumed.output)))
+    lr = 1.6e-2 * 2 / 256
+    want = [lr * 0.1 ** (u >= 2) * (1 - (1 - u / 3) * (1 - 0.001) if u < 3 else 1.0) for u in range(4)]
+    assert [r["lr"] for r in records] == pytest.approx(want, rel=1e-9)
+
+
+def test_step_schedule__steps_out_of_order_refused(coco, tmp_path):
+    with pytest.raises(ValueError, match="--lr-steps 69 63: give the epochs in increasing order"):
+        _cfg(tmp_path, coco, schedule="step", lr_steps=(69, 63)).validate()
 
 
 def _flag_value(option):

@@ -713,8 +713,49 @@ def test_schedule__from_config_reads_epochs_iterations_and_warm_up_steps():
 
     long_warmup = Schedule("cosine", total_updates=4, warmup_updates=8, base_lr=1.0)
     assert long_warmup.peak_reached() == pytest.approx(3 / 8)
-    with pytest.raises(UsageError, match="unknown lr schedule 'step'"):
-        Schedule("step", 10, 0, 1.0)
+    with pytest.raises(UsageError, match="unknown lr schedule 'exp'"):
+        Schedule("exp", 10, 0, 1.0)
+
+
+def _mmcv_step_lr(it: int, iters_per_epoch: int, base: float, steps, warmup_iters: int, warmup_ratio: float) -> float:
+    """mmcv's StepLrUpdaterHook with linear warm-up, by_epoch=True, written out: the regular lr
+    of the epoch (``runner.epoch`` 0-based) is ``base * 0.1 ** (the number of steps <= epoch)``
+    (``get_lr``: the first ``i`` with ``progress < step[i]``); before iteration ``warmup_iters``
+    it is scaled by ``1 - k``, ``k = (1 - it / warmup_iters) * (1 - warmup_ratio)``
+    (``get_warmup_lr``, 'linear')."""
+    epoch = it // iters_per_epoch
+    exp = len(steps)
+    for i, s in enumerate(steps):
+        if epoch < s:
+            exp = i
+            break
+    regular = base * 0.1**exp
+    if it < warmup_iters:
+        k = (1 - it / warmup_iters) * (1 - warmup_ratio)
+        return regular * (1 - k)
+    return regular
+
+
+def test_step_schedule__mmcv_step_with_linear_warmup():
+    """The HTC++ 6x schedule at a small scale: steps at epochs 3 and 5 of 6, 4 updates an
+    epoch, a 6-update warm-up from 0.001 of the lr (it crosses the first epoch's end)."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(epochs=6, warmup_steps=6, warmup_epochs=0.0, min_lr=1e-6, schedule="step",
+                          lr_steps=(3, 5), warmup_ratio=0.001)  # fmt: skip
+    s = Schedule.from_config(cfg, updates_per_epoch=4, base_lr=2e-4)
+    assert (s.kind, s.total_updates, s.warmup_updates, s.steps) == ("step", 24, 6, (12, 20))
+    want = [_mmcv_step_lr(u, 4, 2e-4, (3, 5), 6, 0.001) for u in range(24)]
+    assert [s.lr(u) for u in range(24)] == pytest.approx(want, rel=1e-12, abs=0)
+    assert s.lr(0) == pytest.approx(2e-7) and s.lr(6) == s.lr(11) == 2e-4  # from 0.001 of the lr; then flat
+    assert s.lr(12) == pytest.approx(2e-5) and s.lr(20) == pytest.approx(2e-6)  # x0.1 at epochs 3 and 5
+    # a step inside the warm-up: the warm-up scales the stepped lr (mmcv scales the regular lr)
+    early = Schedule("step", 24, 6, 1.0, steps=(4,), warmup_ratio=0.5)
+    assert early.lr(5) == pytest.approx(0.1 * (1 - (1 - 5 / 6) * 0.5))
+    # no steps (mmcv's step=[]): flat after the warm-up
+    flat = Schedule.from_config(SimpleNamespace(**{**vars(cfg), "lr_steps": None}), 4, 1.0)
+    assert [flat.lr(u) for u in (6, 12, 23)] == [1.0, 1.0, 1.0]
+    assert s.peak_reached() == 1.0
 
 
 @pytest.mark.parametrize("name", ["mae_swin_test", "mae_vit_test", "simmim_swin_test"])

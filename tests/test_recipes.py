@@ -17,7 +17,7 @@ import pytest
 
 from ummae.cli import _parser, main
 from ummae.config import DetectConfig, FinetuneConfig, PretrainConfig, SegmentConfig, config_from_args, resolve
-from ummae.config.recipes import RECIPES, markdown_table, split_batch
+from ummae.config.recipes import RECIPES, markdown_table, sources_markdown, split_batch
 from ummae.errors import UsageError
 
 MK = "Makefile"
@@ -117,6 +117,54 @@ def _upernet(backbone, config):
     return rows, 2 * 8, 2
 
 
+def _htcpp():
+    """HTC++ (Swin paper, appendix A2.2), the detector of the paper's Swin-L COCO figure: no
+    reference config exists (UM-MAE's is private, implus/UM-MAE issue 4), so each value is
+    written out with the pieces its source must name: the paper's section and words, or a
+    public config file and its key (Swin's Cascade Mask R-CNN configs, CBNetV2's Swin HTC
+    configs, MMDetection's schedule_1x that they inherit)."""
+    paper = "Swin paper A2.2"
+    cascade = "cascade_mask_rcnn_swin_base_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco.py"
+    htc = "htc_cbv2_swin_base_patch4_window7_mstrain_400-1400_adamw_20e_coco.py"
+    htc_giou = "htc_cbv2_swin_base_patch4_window7_mstrain_400-1400_giou_4conv1f_adamw_20e_coco.py"
+    step = "_base_/schedules/schedule_1x.py"
+    rows = {
+        "backbone": ("swin_large_256", ("METHOD.md", "Swin-L")),
+        "detector": ("htc", (paper, "improved HTC", htc, "HybridTaskCascade")),
+        "box_head": ("4conv1fc", (cascade, htc_giou, "num_shared_convs=4", "num_shared_fcs=1")),
+        "box_norm": ("bn", (cascade, htc_giou, "SyncBN")),
+        "box_reg": ("class", (cascade, "reg_class_agnostic=False")),
+        "box_loss": ("giou", (cascade, htc_giou, "GIoULoss", "reg_decoded_bbox=True")),
+        "box_loss_weight": (10.0, (cascade, htc_giou, "loss_weight=10.0")),
+        "fpn_norm": ("none", (htc, "without norm_cfg")),
+        "test_score_thr": (0.001, (htc, "score_thr=0.001")),
+        "test_nms": ("soft_linear", (paper, "soft-NMS", htc, "type='soft_nms'", "linear")),
+        "test_nms_iou": (0.5, (htc, "iou_threshold=0.5")),
+        "global_attn": (True, (paper, "global self-attention layer appended at the output of last stage")),
+        "train_resize": ("range", (paper, "400-1400", htc, "multiscale_mode='range'")),
+        "img_size": (1600, (paper, "at most 1600", htc, "(1600, 400), (1600, 1400)")),
+        "short_range": ((400, 1400), (paper, "between 400 and 1400", htc)),
+        "flip_prob": (0.5, (htc, "flip_ratio=0.5")),
+        "drop_path": (0.2, (paper, "stochastic depth with ratio of 0.2")),
+        "epochs": (72, (paper, "72 epochs")),
+        "schedule": ("step", (paper, "factor of 0.1", step, "policy='step'")),
+        "lr_steps": ((63, 69), (paper, "epochs 63 and 69")),
+        "warmup_steps": (500, (step, "warmup='linear'", "warmup_iters=500")),
+        "warmup_ratio": (0.001, (step, "warmup_ratio=0.001")),
+        # lr 1e-4 at 2 per GPU x 8 GPUs: blr = lr * 256 / 16
+        "blr": (0.0001 * 256 / 16, (cascade, "lr=0.0001", "total batch 16")),
+        "weight_decay": (0.05, (cascade, "weight_decay=0.05")),
+        "betas": ((0.9, 0.999), (cascade, "betas=(0.9, 0.999)")),
+    }
+    return rows, 2 * 8, 2
+
+
+# recipe -> (option -> the pieces its source names); only the recipes that carry a source per value
+SOURCED = {"swin_large_ummae_htcpp_coco": {k: where for k, (_, where) in _htcpp()[0].items()}}
+# recipe -> what its notes must name: what the paper's run did that it does not
+NOTES = {"swin_large_ummae_htcpp_coco": ("InstaBoost", "ImageNet-22K", "--stuff-maps", "private")}
+
+
 GFL = "gfl_mae_{}_256_mask_vmr025_200e_100e_fpn_25ep_1024x1024_coco.py"
 UPERNET = "upernet_mae_{}_256_mask_vmr025_200e_100e_512_slide_160k_ade20k_lr1e4_lrd1_pt.py"
 
@@ -168,6 +216,7 @@ REFERENCE = {
     ),
     "swin_tiny_ummae_gfl_coco": _gfl("swin_tiny_256", GFL.format("swin_tiny")),
     "pvt_small_ummae_gfl_coco": _gfl("pvt_small_256", GFL.format("pvt_small")),
+    "swin_large_ummae_htcpp_coco": _htcpp(),
     "swin_tiny_ummae_upernet_ade20k": _upernet("swin_tiny_256", UPERNET.format("swin_tiny")),
     "pvt_small_ummae_upernet_ade20k": _upernet("pvt_small_256", UPERNET.format("pvt_small")),
 }  # fmt: skip
@@ -202,6 +251,39 @@ def test_recipe__every_value_is_the_references(name):
     # every option parses into the command's config and passes its checks
     cfg = CONFIGS[recipe.command](**{**recipe.options(), "data": "/data"})
     cfg.validate()
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_recipe__a_source_for_every_value_where_it_has_them_and_its_notes(name):
+    """A recipe gathered from several sources names each value's (every piece written out
+    above, in its text) and has notes of what it cannot reproduce; the others have neither."""
+    recipe = RECIPES[name]
+    if name not in SOURCED:
+        assert recipe.sources == {} and recipe.notes == ()
+        return
+    assert set(recipe.sources) == set(SOURCED[name])
+    for option, pieces in SOURCED[name].items():
+        missing = [p for p in pieces if p not in recipe.sources[option]]
+        assert missing == [], f"{name}: the source of {option} does not name {missing}"
+    assert all(any(word in note for note in recipe.notes) for word in NOTES[name])
+
+
+def test_recipe_htcpp__the_published_figure_and_what_ummae_recipes_prints(capsys):
+    recipe = RECIPES["swin_large_ummae_htcpp_coco"]
+    assert "57.4 box AP / 49.8 mask AP" in recipe.published
+    assert main(["recipes", "swin_large_ummae_htcpp_coco"]) == 0
+    out = capsys.readouterr().out
+    assert "  lr_steps: 63 69  (Swin paper A2.2 (HTC++): decayed at epochs 63 and 69)" in out.splitlines()
+    assert all(f"  note: {note}" in out for note in recipe.notes)
+
+
+def test_recipes_page__sources_section_is_the_sources_table():
+    page = (Path(__file__).parent.parent / "docs" / "recipes.md").read_text()
+    m = re.search(r"<!-- recipe_sources: begin.*?-->\n(.*?)\n<!-- recipe_sources: end -->", page, re.S)
+    assert m, "docs/recipes.md has no recipe sources section"
+    assert m.group(1).strip() == sources_markdown()
+    for name in SOURCED:
+        assert f"`{name}`" in m.group(1) and all(note in m.group(1) for note in RECIPES[name].notes)
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_TOP1))

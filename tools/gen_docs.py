@@ -118,6 +118,7 @@ def _cell(text: str) -> str:
 # its block is written: the models' needs torch)
 BLOCKS: dict[str, str | Callable[[], str]] = {
     "recipes": "ummae.config.recipes:markdown_table",
+    "recipe_sources": "ummae.config.recipes:sources_markdown",
     "models": "ummae.models.registry:markdown_table",
     "masking": "ummae.sampling:markdown_table",
     "detectors": "ummae.detector_specs:markdown_table",

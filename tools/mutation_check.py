@@ -803,8 +803,8 @@ MUTATIONS = [
         "det_spec_extra_levels_ignored",
         "P2-P6 pyramids get MMDetection's two extra convs, not the spec's max pool",
         "src/ummae/models/detectors.py",
-        '"max_pool": lambda channels, levels: LastLevelMaxPool(),',
-        '"max_pool": lambda channels, levels: ExtraLevelsOnOutput(channels, nn.BatchNorm2d),',
+        '"max_pool": lambda channels, levels, norm: LastLevelMaxPool(),',
+        '"max_pool": lambda channels, levels, norm: ExtraLevelsOnOutput(channels, norm),',
         ("tests/test_properties_detect.py",),
     ),
     Mutation(
@@ -1600,6 +1600,72 @@ MUTATIONS = [
         '"test_score_thr": 0.001}',
         '"test_score_thr": 0.05}',
         ("tests/test_detector_settings.py::test_settings__the_built_detector_against_its_configuration",),
+    ),
+    # issue 34: HTC++'s step schedule and global self-attention block
+    Mutation(
+        "step_lr_warmup_from_zero",
+        "the step schedule's linear warm-up starts from 0, not from warmup_ratio of the lr",
+        "src/ummae/engine/schedule.py",
+        "        lr *= 1.0 - (1.0 - step / warmup) * (1.0 - warmup_ratio)\n    return lr\n\n\nKINDS",
+        "        lr *= step / warmup\n    return lr\n\n\nKINDS",
+        (
+            "tests/test_engine.py::test_step_schedule__mmcv_step_with_linear_warmup",
+            "tests/test_detect.py::test_step_schedule__a_killed_run_resumes_to_the_same_numbers_and_lrs",
+        ),
+    ),
+    Mutation(
+        "step_lr_drops_one_update_late",
+        "the lr drops after the first update of a step epoch, not at it",
+        "src/ummae/engine/schedule.py",
+        "gamma ** sum(step >= s for s in steps)",
+        "gamma ** sum(step > s for s in steps)",
+        (
+            "tests/test_engine.py::test_step_schedule__mmcv_step_with_linear_warmup",
+            "tests/test_detect.py::test_step_schedule__a_killed_run_resumes_to_the_same_numbers_and_lrs",
+        ),
+    ),
+    Mutation(
+        "step_lr_steps_not_in_updates",
+        "--lr-steps read as updates, not epochs",
+        "src/ummae/engine/schedule.py",
+        "steps=tuple(e * updates_per_epoch for e in epochs)",
+        "steps=tuple(epochs)",
+        (
+            "tests/test_engine.py::test_step_schedule__mmcv_step_with_linear_warmup",
+            "tests/test_detect.py::test_step_schedule__a_killed_run_resumes_to_the_same_numbers_and_lrs",
+        ),
+    ),
+    Mutation(
+        "global_attn_no_scale",
+        "the global block's attention without the 1 / sqrt(d) scale",
+        "src/ummae/models/dense.py",
+        "F.scaled_dot_product_attention(q, k, v)",
+        "F.scaled_dot_product_attention(q, k, v, scale=1.0)",
+        ("tests/test_detect.py::test_global_attn__only_the_last_stage_map_changes_by_a_plain_self_attention_block",),
+    ),
+    Mutation(
+        "global_attn_heads_interleaved",
+        "the global block splits q, k, v and the heads off the channels in the wrong order",
+        "src/ummae/models/dense.py",
+        ".view(n, h * w, 3, self.num_heads, c // self.num_heads)\n        q, k, v = qkv.permute(2, 0, 3, 1, 4)",
+        ".view(n, h * w, self.num_heads, 3, c // self.num_heads)\n        q, k, v = qkv.permute(3, 0, 2, 1, 4)",
+        ("tests/test_detect.py::test_global_attn__only_the_last_stage_map_changes_by_a_plain_self_attention_block",),
+    ),
+    Mutation(
+        "global_attn_no_mlp",
+        "the global block without its MLP half",
+        "src/ummae/models/dense.py",
+        "        tokens = tokens + self.mlp(self.norm2(tokens))\n",
+        "",
+        ("tests/test_detect.py::test_global_attn__only_the_last_stage_map_changes_by_a_plain_self_attention_block",),
+    ),
+    Mutation(
+        "global_attn_no_residual",
+        "the global block's attention replaces the tokens instead of adding to them",
+        "src/ummae/models/dense.py",
+        "tokens = tokens + self.proj(attended)",
+        "tokens = self.proj(attended)",
+        ("tests/test_detect.py::test_global_attn__only_the_last_stage_map_changes_by_a_plain_self_attention_block",),
     ),
 ]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ummae import detector_specs
-from ummae.choices import INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES, TRAIN_RESIZES
+from ummae.choices import DETECT_SCHEDULES, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES, TRAIN_RESIZES
 from ummae.config.fields import DEVICE, RAND_AUGMENT, Options, check_fields, option, ordered_range
 from ummae.errors import UsageError
 from ummae.sampling import DEFAULT_MASK_RATIO, help_text, names, strategies
@@ -561,6 +561,7 @@ class DetectConfig(RunConfig):
     box_loss_weight: float = _detector_flag("box_loss_weight")
     test_nms: str = _detector_flag("test_nms")
     test_nms_iou: float = _detector_flag("test_nms_iou")
+    global_attn: bool = _detector_flag("global_attn")
     stuff_maps: str | None = _detector_flag("semantic")
     pretrained: str | None = option(
         None,
@@ -637,6 +638,27 @@ class DetectConfig(RunConfig):
     warmup_steps: int | None = option(
         2000, "linear warm-up in optimiser steps", ge=0, source="UM-MAE gfl config: warmup_iters 2000"
     )
+    schedule: str = option(
+        "cosine",
+        "lr schedule after the warm-up: cosine (to --min-lr, the paper's GFL) or step (MMDetection's: x0.1 at each "
+        "epoch of --lr-steps; HTC++: --lr-steps 63 69 over 72 epochs)",
+        choices=DETECT_SCHEDULES,
+        source="UM-MAE gfl config: lr_config policy='CosineAnnealing'",
+    )
+    lr_steps: tuple[int, ...] | None = option(
+        None,
+        "--schedule step: the epochs at whose start the lr is multiplied by 0.1 (MMDetection's lr_config step; "
+        "none: the lr stays flat after the warm-up)",
+        ge=1,
+        source="ours: none (the cosine schedule has no steps)",
+    )
+    warmup_ratio: float = option(
+        0.001,
+        "--schedule step: the linear warm-up starts at this fraction of the lr (the cosine's starts at 0)",
+        gt=0,
+        le=1,
+        source="MMDetection _base_/schedules/schedule_1x.py: lr_config warmup_ratio=0.001",
+    )
     batch_size: int = option(2, "images per process per step", ge=1, source="UM-MAE gfl config: samples_per_gpu 2")
     blr: float = option(
         1.6e-3,
@@ -677,6 +699,8 @@ class DetectConfig(RunConfig):
         if not self.data:
             raise UsageError("detection needs --data: a COCO root with train2017/, val2017/ and annotations/")
         detector_specs.check_flags(detector_specs.SPECS[self.detector], vars(self))
+        if self.lr_steps and list(self.lr_steps) != sorted(set(self.lr_steps)):
+            raise UsageError(f"--lr-steps {' '.join(map(str, self.lr_steps))}: give the epochs in increasing order")
 
     def model_kwargs(self) -> dict[str, Any]:
         """What the detector is built with (:class:`ummae.models.detectors.Detector`): the

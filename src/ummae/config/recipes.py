@@ -9,6 +9,11 @@ processes (:func:`split_batch`), so 1, 8 or 64 processes train with the same tot
 the same lr. ``--config NAME`` takes a recipe's values; flags override them (precedence:
 dataclass default < recipe < flag). ``ummae recipes`` prints :data:`RECIPES`, and docs/recipes.md's
 recipe section is :func:`markdown_table` (written by tools/gen_docs.py, checked by tests/test_docs.py).
+
+A recipe gathered from several sources (HTC++: the Swin paper and the public configs that
+follow it) names the source of each value (``Recipe.sources``) and what it cannot reproduce
+(``Recipe.notes``): ``ummae recipes NAME`` prints them, and :func:`sources_markdown` is
+docs/recipes.md's table of them.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class Recipe:
     values: dict[str, Any] = field(hash=False)
     source: str  # the Makefile target or config file
     published: str  # the paper's figure for this row (METHOD.md / the reference README)
+    # option -> where its value comes from (config file and key, or paper section); empty: ``source``, for all
+    sources: dict[str, str] = field(default_factory=dict, hash=False)
+    notes: tuple[str, ...] = ()  # what the run of the paper did that this recipe does not (and why)
 
     def options(self, world_size: int = REFERENCE_GPUS) -> dict[str, Any]:
         """The config options: ``values`` plus the per-process batch and accumulation that give
@@ -79,6 +87,74 @@ def _dense(name, command, backbone, defaults, source, published):
     values = dict(backbone=backbone, **defaults, output=f"runs/{name}")
     return Recipe(name, command, 16, 2, values, source, published)
 
+
+def _sourced(name, command, total_batch, ref_batch, rows, source, published, notes=()):
+    """A recipe whose ``rows`` give each option as ``(value, where it comes from)``."""
+    values = {k: v for k, (v, _) in rows.items()}
+    sources = {k: where for k, (_, where) in rows.items()}
+    values["output"] = f"runs/{name}"
+    return Recipe(name, command, total_batch, ref_batch, values, source, published, sources, tuple(notes))
+
+
+# HTC++ (Swin paper, appendix A2.2), the detector of the paper's Swin-L COCO figure. UM-MAE's own
+# HTC++ config is private (implus/UM-MAE issue 4) and Swin's authors released none, so each value
+# comes from the Swin paper or a public config that follows it: Swin's Cascade Mask R-CNN configs
+# (the 4conv1fc GIoU box heads, AdamW) and CBNetV2's Swin HTC configs (the HTC++ data pipeline).
+_SWIN = "Swin paper A2.2 (HTC++)"
+_SWIN_CASCADE = (
+    "Swin-Transformer-Object-Detection configs/swin/cascade_mask_rcnn_swin_base_patch4_window7_mstrain_480-800_giou_"
+    "4conv1f_adamw_3x_coco.py"
+)
+_CBNET_HTC = "CBNetV2 configs/cbnet/htc_cbv2_swin_base_patch4_window7_mstrain_400-1400_adamw_20e_coco.py"
+_CBNET_HTC_GIOU = (
+    "CBNetV2 configs/cbnet/htc_cbv2_swin_base_patch4_window7_mstrain_400-1400_giou_4conv1f_adamw_20e_coco.py"
+)
+_MMDET_1X = "MMDetection configs/_base_/schedules/schedule_1x.py (Swin's configs inherit it)"
+_HTCPP = dict(
+    backbone=("swin_large_256", "METHOD.md: Swin-L UM-MAE with HTC++ on COCO"),
+    detector=("htc", f"{_SWIN}: an improved HTC; {_CBNET_HTC}: model type HybridTaskCascade"),
+    box_head=("4conv1fc", f"{_SWIN_CASCADE} and {_CBNET_HTC_GIOU}: bbox_head ConvFCBBoxHead num_shared_convs=4, "
+                          "num_shared_fcs=1"),
+    box_norm=("bn", f"{_SWIN_CASCADE} and {_CBNET_HTC_GIOU}: bbox_head norm_cfg=dict(type='SyncBN')"),
+    box_reg=("class", f"{_SWIN_CASCADE}: bbox_head reg_class_agnostic=False (CBNetV2's HTC GIoU config: True)"),
+    box_loss=("giou", f"{_SWIN_CASCADE} and {_CBNET_HTC_GIOU}: loss_bbox=dict(type='GIoULoss', loss_weight=10.0), "
+                      "reg_decoded_bbox=True"),
+    box_loss_weight=(10.0, f"{_SWIN_CASCADE} and {_CBNET_HTC_GIOU}: GIoULoss loss_weight=10.0"),
+    fpn_norm=("none", f"{_CBNET_HTC} (_base_/models/htc_without_semantic_swin_fpn.py): neck=dict(type='FPN') "
+                      "without norm_cfg"),
+    test_score_thr=(0.001, f"{_CBNET_HTC}: test_cfg rcnn score_thr=0.001"),
+    test_nms=("soft_linear", f"{_SWIN}: soft-NMS; {_CBNET_HTC}: test_cfg rcnn nms=dict(type='soft_nms') (mmcv's "
+                             "soft_nms, method 'linear' by default)"),
+    test_nms_iou=(0.5, f"{_CBNET_HTC}: test_cfg rcnn nms iou_threshold=0.5 (_base_/models/htc_without_semantic_swin_fpn.py)"),
+    global_attn=(True, f"{_SWIN}: an extra global self-attention layer appended at the output of last stage"),
+    train_resize=("range", f"{_SWIN}: shorter side in 400-1400; {_CBNET_HTC}: Resize multiscale_mode='range'"),
+    img_size=(1600, f"{_SWIN}: longer side at most 1600; {_CBNET_HTC}: Resize img_scale=[(1600, 400), (1600, 1400)]"),
+    short_range=((400, 1400), f"{_SWIN}: shorter side between 400 and 1400; {_CBNET_HTC}: Resize img_scale"),
+    flip_prob=(0.5, f"{_CBNET_HTC}: RandomFlip flip_ratio=0.5"),
+    drop_path=(0.2, f"{_SWIN}: stochastic depth with ratio of 0.2 for all Swin Transformer models"),
+    epochs=(72, f"{_SWIN}: 6x schedule (72 epochs)"),
+    schedule=("step", f"{_SWIN}: the learning rate decayed by a factor of 0.1; {_MMDET_1X}: lr_config policy='step'"),
+    lr_steps=((63, 69), f"{_SWIN}: decayed at epochs 63 and 69"),
+    warmup_steps=(500, f"{_MMDET_1X}: lr_config warmup='linear', warmup_iters=500"),
+    warmup_ratio=(0.001, f"{_MMDET_1X}: lr_config warmup_ratio=0.001"),
+    blr=(0.0001 * 256 / 16, f"{_SWIN_CASCADE}: optimizer AdamW lr=0.0001 at total batch 16 (2 per GPU x 8)"),
+    weight_decay=(0.05, f"{_SWIN_CASCADE}: optimizer weight_decay=0.05"),
+    betas=((0.9, 0.999), f"{_SWIN_CASCADE}: optimizer betas=(0.9, 0.999)"),
+)  # fmt: skip
+_HTCPP_NOTES = (
+    "InstaBoost (Swin paper A2.2) is not implemented here: the training data are not augmented by it.",
+    "ImageNet-22K initialisation (Swin paper A2.2) is Swin's; the published UM-MAE figure is ImageNet-1K only "
+    "(METHOD.md): give --pretrained the checkpoint of swin_large_ummae_in1k_finetune.",
+    "HTC's semantic branch reads COCO-stuff maps: give --stuff-maps COCO/stuffthingmaps/train2017 (CBNetV2's HTC "
+    "configs: seg_prefix stuffthingmaps/train2017); without it the run is htc_without_semantic.",
+    "The global self-attention block is built from the Swin paper's words (no public HTC++ code has it): a pre-norm "
+    "transformer block over the whole last-stage map with the last stage's heads (ummae.models.dense).",
+    "UM-MAE's HTC++ config is private (implus/UM-MAE issue 4): the values are the Swin paper's and those of the "
+    "public configs that follow it; the backbone keeps UM-MAE's transfer form (window 16, LayerNorm + Linear to "
+    "768 channels per stage).",
+    "The published figure stands beside Swin-L HTC++'s single-scale mini-val row (57.1 / 49.5, Swin paper Table "
+    "2(c)); Swin's multi-scale test gave 58.0 / 50.4.",
+)
 
 _DET = "DET/configs/gfl/gfl_mae_{}_256_mask_vmr025_200e_100e_fpn_25ep_1024x1024_coco.py"
 _SEG = "SEG/configs/upernet/upernet_mae_{}_256_mask_vmr025_200e_100e_512_slide_160k_ade20k_lr1e4_lrd1_pt.py"
@@ -122,6 +198,10 @@ RECIPES: dict[str, Recipe] = {
                _NOT_PUBLISHED),
         _dense("pvt_small_ummae_gfl_coco", "detect train", "pvt_small_256", _GFL, _DET.format("pvt_small"),
                _NOT_PUBLISHED),
+        _sourced("swin_large_ummae_htcpp_coco", "detect train", 16, 2, _HTCPP,
+                 f"{_SWIN}; {_SWIN_CASCADE}; {_CBNET_HTC_GIOU}",
+                 "57.4 box AP / 49.8 mask AP on COCO (METHOD.md: Swin-L UM-MAE, ImageNet-1K only, HTC++)",
+                 _HTCPP_NOTES),
         _dense("swin_tiny_ummae_upernet_ade20k", "segment train", "swin_tiny_256", _UPERNET, _SEG.format("swin_tiny"),
                _NOT_PUBLISHED),
         _dense("pvt_small_ummae_upernet_ade20k", "segment train", "pvt_small_256", _UPERNET, _SEG.format("pvt_small"),
@@ -179,6 +259,20 @@ def markdown_table() -> str:
             f"| `{r.name}` | `ummae {r.command}` | {r.total_batch} ({split}) | {values} | `{r.source}` | {r.published} |"
         )
     return "\n".join(lines)
+
+
+def sources_markdown() -> str:
+    """docs/recipes.md's section of the recipes that name a source per value: for each, its
+    options with their values and sources, then its notes."""
+    parts = []
+    for r in RECIPES.values():
+        if not r.sources:
+            continue
+        lines = [f"#### `{r.name}`: {r.published}", "", "| option | value | source |", "|---|---|---|"]
+        lines += [f"| `{k}` | `{_cell(r.values[k])}` | {where} |" for k, where in r.sources.items()]
+        lines += ["", *(f"- {note}" for note in r.notes)]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def split_recipe_batch(cfg, world_size: int) -> tuple[dict[str, int], list[str]]:
@@ -264,5 +358,6 @@ def recipes_text(name: str | None = None) -> str:
         f"  total batch: {r.total_batch} (the reference: {batch} per GPU x {accum} accumulation x {REFERENCE_GPUS} "
         f"GPUs; each run splits it over its own processes)",
     ]
-    lines += [f"  {k}: {_cell(v)}" for k, v in r.values.items()]
+    lines += [f"  {k}: {_cell(v)}" + (f"  ({r.sources[k]})" if k in r.sources else "") for k, v in r.values.items()]
+    lines += [f"  note: {note}" for note in r.notes]
     return "\n".join(lines)

@@ -26,12 +26,12 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from ummae.detector_specs._spec import ONNX_FORMS, P2_P6, P3_P7, DetectorOption, DetectorSpec, Pyramid
+from ummae.detector_specs._spec import ONNX_FORMS, OPTION_PARTS, P2_P6, P3_P7, DetectorOption, DetectorSpec, Pyramid
 from ummae.errors import UsageError
 
 __all__ = [
-    "DETECTORS", "ONNX_FORMS", "OPTIONS", "P2_P6", "P3_P7", "SPECS", "DetectorOption", "DetectorSpec", "Pyramid", "check_flags",
-    "check_options", "detector_help", "detector_spec", "differences_markdown", "markdown_table", "option_help",
+    "DETECTORS", "ONNX_FORMS", "OPTION_PARTS", "OPTIONS", "P2_P6", "P3_P7", "SPECS", "DetectorOption", "DetectorSpec", "Pyramid",
+    "check_flags", "check_options", "detector_help", "detector_spec", "differences_markdown", "markdown_table", "option_help",
     "options_table", "per_detector_defaults", "recorded_options", "takers",
 ]  # fmt: skip
 

@@ -14,6 +14,7 @@ FPN_NORM = DetectorOption(
     choices=("none", "bn"),
     per_detector=True,
     unrecorded="bn",  # every FPN had BatchNorm before the option
+    part="detector",
 )
 TEST_SCORE_THR = DetectorOption(
     "test_score_thr",
@@ -34,6 +35,7 @@ RPN_ASSIGN = DetectorOption(
     choices=("torchvision", "mmdet"),
     per_detector=True,
     unrecorded="torchvision",
+    part="detector",
 )
 
 # -- the cascades (cascade_maskrcnn, htc) --------------------------------------------------
@@ -76,6 +78,13 @@ TEST_NMS = DetectorOption(
     replaces=("soft_nms", {True: "soft_gaussian", False: "nms"}),  # the bool flag --soft-nms was Gaussian
 )
 TEST_NMS_IOU = DetectorOption("test_nms_iou", 0.5, "IoU threshold of --test-nms nms and soft_linear", accepts=UNIT)
+GLOBAL_ATTN = DetectorOption(
+    "global_attn",
+    False,
+    "HTC++'s extra global self-attention block on the backbone's last stage map, before its projection (Swin "
+    "paper A2.2)",
+    part="backbone",
+)
 SEMANTIC = DetectorOption(
     "semantic",
     False,
@@ -83,4 +92,4 @@ SEMANTIC = DetectorOption(
     "HTC's semantic branch. Omitted: no semantic branch",
     set_by="stuff_maps",
 )
-CASCADE = (BOX_HEAD, BOX_NORM, BOX_REG, BOX_LOSS, BOX_LOSS_WEIGHT, TEST_NMS, TEST_NMS_IOU)
+CASCADE = (BOX_HEAD, BOX_NORM, BOX_REG, BOX_LOSS, BOX_LOSS_WEIGHT, TEST_NMS, TEST_NMS_IOU, GLOBAL_ATTN)

@@ -39,6 +39,11 @@ P2_P6 = Pyramid(stages=(0, 1, 2, 3), extra="max_pool", extra_levels=1)
 P3_P7 = Pyramid(stages=(1, 2, 3), extra="conv_on_output", extra_levels=2)
 
 
+# What a detector option is a keyword of (DetectorOption.part): the class a spec's builder
+# names, or the stage maps under its FPN
+OPTION_PARTS = ("head", "backbone", "detector")
+
+
 @dataclass(frozen=True)
 class DetectorOption:
     """An option only some detectors take: ``name`` is the builder's keyword and what a
@@ -50,7 +55,12 @@ class DetectorOption:
     ``default`` for some), and its flag's default None means "the detector's". ``unrecorded``:
     the value a checkpoint written before the option existed was trained with (None: the
     detector's default); ``replaces``: an older key that option stood for and how its values map
-    (``("soft_nms", {True: "soft_gaussian", False: "nms"})``)."""
+    (``("soft_nms", {True: "soft_gaussian", False: "nms"})``).
+
+    ``part``: what takes it, :data:`OPTION_PARTS`: a keyword of the spec's class (``"head"``),
+    of the stage maps its backbone builds (``"backbone"``, :func:`ummae.models.dense.build_stage_maps`),
+    or applied by :class:`ummae.models.detectors.Detector` to any class (``"detector"``: the FPN
+    norm, the RPN rule)."""
 
     name: str
     default: Any
@@ -61,6 +71,10 @@ class DetectorOption:
     unrecorded: Any = None
     replaces: tuple[str, Mapping[Any, Any]] | None = field(default=None, hash=False)
     accepts: Mapping[str, Any] = field(default_factory=dict, hash=False)  # the flag's bounds (ge, le)
+    part: str = "head"
+
+    def __post_init__(self):
+        assert self.part in OPTION_PARTS, f"option {self.name}: part {self.part!r} is not one of {OPTION_PARTS}"
 
     @property
     def field_name(self) -> str:

@@ -38,6 +38,7 @@ SOURCES: dict[str, dict[str, str]] = {
         "stages": "all four stages",
         "neck": "UM-MAE DET backbones: LayerNorm + Linear per stage",
         "pos_embed_mode": "UM-MAE SEG/pvt.py: the position table resized once",
+        "global_attn": "the UM-MAE DET and SEG backbones: no block after the last stage (HTC++'s is an option)",
     },
     "ummae.models.upernet:upernet": {
         "crop_size": "UM-MAE upernet config: crop_size 512",

@@ -92,8 +92,6 @@ class Detector:
     # What --compile compiles (engine.trainer.compiled): the backbone and FPN always see the
     # img_size canvas; target matching and box decoding are data-dependent Python
     compile_region = "backbone"
-    # the options this class applies to any builder (the rest go to the builder)
-    applied_here = ("fpn_norm", "rpn_assign")
 
     def __init__(
         self,
@@ -111,16 +109,20 @@ class Detector:
     ):
         check_options(spec, options_and_names)
         options = {o.name: _or(options_and_names.pop(o.name, None), spec.default(o.name)) for o in spec.options}
+        part = {o.name: o.part for o in spec.options}
+        backbone_options = {k: v for k, v in options.items() if part[k] == "backbone"}
         pyramid = spec.pyramid
         # the reference's DET backbones: LayerNorm + Linear projections; PVT keeps its pre-trained
         # position table and interpolates it to the input on every forward (DET/pvt.py)
         body = build_stage_maps(
-            backbone, img_size, neck_channels, drop_path, window_size, pyramid.stages, neck, pos_embed_mode
-        )
+            backbone, img_size, neck_channels, drop_path, window_size, pyramid.stages, neck, pos_embed_mode,
+            **backbone_options,
+        )  # fmt: skip
         norm = FPN_NORMS[options["fpn_norm"]]
         extra = _EXTRA_LEVELS[pyramid.extra](fpn_channels, pyramid.extra_levels, norm)
-        # the options the class takes, under its own keywords; the FPN norm and the RPN rule are applied here
-        builder_options = {spec.keywords.get(k, k): v for k, v in options.items() if k not in self.applied_here}
+        # the head options, under the class's own keywords (the backbone's went to the stage
+        # maps; the FPN norm and the RPN rule, part "detector", are applied here)
+        builder_options = {spec.keywords.get(k, k): v for k, v in options.items() if part[k] == "head"}
         super().__init__(
             FeaturePyramid(body, fpn_channels, extra, norm), num_classes, **spec.builder_args, **builder_options
         )
