@@ -256,10 +256,11 @@ def test_differences__every_detector_states_its_own():
 # --- checkpoints written before the options ----------------------------------------------------
 # What every detector computed before issue 34 made these settings options: an FPN with
 # BatchNorm, torchvision's RPN rule, the score thresholds it tested at, NMS (or Gaussian soft-NMS
-# where `soft_nms: true` is recorded), smooth-L1 on class-agnostic deltas.
+# where `soft_nms: true` is recorded), smooth-L1 on class-agnostic deltas, no global attention block.
 BEFORE = {
     "fpn_norm": "bn", "rpn_assign": "torchvision", "box_head": "2fc", "box_norm": "none", "box_reg": "agnostic",
     "box_loss": "smooth_l1", "box_loss_weight": 1.0, "test_nms": "nms", "test_nms_iou": 0.5, "semantic": False,
+    "global_attn": False,
 }  # fmt: skip
 BEFORE_SCORE = {"gfl": 0.05, "maskrcnn": 0.05, "retinanet": 0.05, "fcos": 0.2, "cascade_maskrcnn": 0.05, "htc": 0.05,
                 "fasterrcnn": 0.05}  # fmt: skip
