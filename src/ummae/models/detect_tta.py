@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import maskrcnn_inference, paste_masks_in_image
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import batched_nms, clip_boxes_to_image, nms, remove_small_boxes
@@ -181,7 +182,8 @@ class TorchvisionRoIHeads:
         up to its threshold."""
         h = self.heads
         logits, deltas = h.box_predictor(h.box_head(h.box_roi_pool(features, proposals, image_shapes)))
-        boxes = h.box_coder.decode(deltas.float(), proposals)
+        # [N, C, 4] (decode leaves [0, 4 C] when there is no proposal)
+        boxes = h.box_coder.decode(deltas.float(), proposals).reshape(len(logits), logits.shape[-1], 4)
         scores = logits.float().softmax(-1)
         counts = [len(p) for p in proposals]
         return [
@@ -234,7 +236,7 @@ class _Scale:
     """One scale's forward: the image (and its mirror image) resized and padded, the
     features, each one's flip and size."""
 
-    images: object  # torchvision's ImageList
+    images: ImageList
     features: dict[str, Tensor]
     flips: tuple[bool, ...]
 
@@ -250,19 +252,14 @@ def _mirrored(image: Tensor, flips: Sequence[bool]) -> list[Tensor]:
 def _two_stage(model: nn.Module, image: Tensor, test: MultiScaleFlip, divisor: int) -> dict[str, Tensor]:
     """MMDetection's ``TwoStageDetector.aug_test`` (module text) on one image ``[3, H, W]``."""
     size = tuple(image.shape[-2:])
-    flips = test.flips()
     scales = []
     for scale in test.scales_of(model):
         with at_scale(model, scale, divisor):
-            images, _ = model.transform(_mirrored(image, flips))
-        scales.append(_Scale(images, model.backbone(images.tensors), flips))
-    found, objectness = [], []
-    for s in scales:
-        boxes, scores = rpn_proposals(model.rpn, s.images, s.features)
-        found += [map_back(b.float(), a, size, f) for b, a, f in zip(boxes, s.sizes, s.flips, strict=True)]
-        objectness += [p.float() for p in scores]
-    proposals = merge_proposals(found, objectness, model.rpn.nms_thresh, model.rpn.post_nms_top_n())
+            images, _ = model.transform(_mirrored(image, test.flips()))
+        scales.append(_Scale(images, model.backbone(images.tensors), test.flips()))
+    proposals = _merged_proposals(model.rpn, scales, size)
     heads = roi_heads_of(model)
+    # per scale: HTC's semantic feature (None without the branch) and the levels RoIs pool from
     semantic = [heads.semantic_feature(s.features)[1] for s in scales]
     levels = [heads.roi_levels(s.features) for s in scales]
     boxes, scores = [], []
@@ -276,11 +273,21 @@ def _two_stage(model: nn.Module, image: Tensor, test: MultiScaleFlip, divisor: i
         probs, mirrored = [], []
         for s, lv, sem in zip(scales, levels, semantic, strict=True):
             rois = [map_to_aug(result["boxes"], size, a, f) for a, f in zip(s.sizes, s.flips, strict=True)]
-            probs += heads.mask_probs(lv, rois, [result["labels"]] * len(rois), s.sizes, sem)
+            probs += [p.float() for p in heads.mask_probs(lv, rois, [result["labels"]] * len(rois), s.sizes, sem)]
             mirrored += s.flips
-        merged = merge_masks([p.float() for p in probs], mirrored)
-        result["masks"] = paste_masks_in_image(merged, result["boxes"], size)
+        result["masks"] = paste_masks_in_image(merge_masks(probs, mirrored), result["boxes"], size)
     return result
+
+
+def _merged_proposals(rpn: nn.Module, scales: list[_Scale], size: Size) -> Tensor:
+    """The RPN's proposals of every augmentation, mapped back to the image (``size``) and
+    merged at the RPN's own NMS IoU and test top n."""
+    found, objectness = [], []
+    for s in scales:
+        boxes, scores = rpn_proposals(rpn, s.images, s.features)
+        found += [map_back(b.float(), a, size, f) for b, a, f in zip(boxes, s.sizes, s.flips, strict=True)]
+        objectness += [p.float() for p in scores]
+    return merge_proposals(found, objectness, rpn.nms_thresh, rpn.post_nms_top_n())
 
 
 def _dense(model: nn.Module, image: Tensor, test: MultiScaleFlip, divisor: int) -> dict[str, Tensor]:
