@@ -303,7 +303,8 @@ def _dense(model: nn.Module, image: Tensor, test: MultiScaleFlip, divisor: int) 
                 found = model(_mirrored(image, flips))
             for det, f in zip(found, flips, strict=True):
                 boxes = det["boxes"].float()
-                candidates.append({**det, "boxes": flip_boxes(boxes, width) if f else boxes})
+                boxes = flip_boxes(boxes, width) if f else boxes
+                candidates.append({**det, "boxes": boxes, "scores": det["scores"].float()})
     return merge_dense(candidates, model.nms_thresh, model.detections_per_img)
 
 
