@@ -16,12 +16,12 @@ declare -A every=([gfl]=25 [maskrcnn]=25 [cascade_maskrcnn]=10 [htc]=10 [htc_sem
 # HTC++ (the recipe swin_large_ummae_htcpp_coco) at the over-fit's 256 px, its sizes x 256 / 1600 = 0.16:
 # range resize, shorter side 400-1400 -> 64-224, longer side at most 1600 -> the 256 canvas; test scales
 # (CBNetV2's Swin HTC test-time augmentation, (long, short) (1600, 1000) (1600, 1400) (1800, 1200)
-# (1800, 1600)) -> short sides 160 224 192 256; its 6x step schedule (x0.1 at epochs 63 and 69 of 72)
+# (1800, 1600)) -> 256x160 256x224 288x192 288x256; its 6x step schedule (x0.1 at epochs 63 and 69 of 72)
 # -> epochs 35 and 38 of 40. The over-fit keeps its own lr, warm-up, drop path 0 and no flip.
 htcpp=(--global-attn --box-head 4conv1fc --box-norm bn
        --box-loss giou --box-loss-weight 10 --box-reg class --test-nms soft_linear --test-nms-iou 0.5
        --train-resize range --short-range 64 224 --schedule step --lr-steps 35 38)
-htcpp_test_scales=(160 224 192 256)
+htcpp_test_scales=(256x160 256x224 288x192 288x256)
 mkdir -p "$out"
 [ -d "$out/coco8" ] || python experiments/coco_subset.py ../shared/data/coco_mini "$out/coco8" --train 8 --val 8 --val-from train2017
 common=(--data "$out/coco8" --backbone swin_test --img-size 256 --scale-range 1 1 --flip-prob 0

@@ -20,6 +20,7 @@ _RUN_CONTROL = dict(
     max_steps_per_epoch=None, compile=False, compile_backend="inductor",
 )  # fmt: skip
 _OPTIMISATION = dict(accum_iter=1, lr=None, min_lr=0.0, weight_decay=0.05, clip_grad=None)
+_DETECT_TEST = dict(test_scales=None, test_flip=False)  # one test at the img_size canvas (the plain test)
 _CLASSIFY_DATA = dict(model=None, data=None, val_data=None, data_root=None, img_size=None, crop_pct=None)
 
 # command -> option -> its default
@@ -66,10 +67,11 @@ DEFAULTS: dict[str, dict[str, object]] = {
         "flip_prob": 0.5, "drop_path": 0.1, "window_size": None, "neck_channels": 768, "fpn_channels": 256,
         "epochs": 25, "warmup_epochs": 0, "warmup_steps": 2000, "schedule": "cosine", "lr_steps": None,
         "warmup_ratio": 0.001, "batch_size": 2, "blr": 1.6e-3, "min_lr": 1e-6, "betas": (0.9, 0.999), "eval_every": 1,
+        **_DETECT_TEST,
     },
     "detect eval": {
         **_MACHINERY, "num_workers": 4, "checkpoint": None, "data": None, "split": "val2017",
-        "output": "runs/detect_eval", "batch_size": 2,
+        "output": "runs/detect_eval", "batch_size": 2, **_DETECT_TEST,
     },
     "segment train": {
         **_MACHINERY, **_RUN_CONTROL, **_OPTIMISATION,

@@ -366,9 +366,11 @@ def test_detect_cli__train_eval_predict(coco, tmp_path, capsys):
     assert sorted(p.name for p in pics.iterdir()) == sorted(p.stem + ".png" for p in images)
 
 
-def test_detect_eval__two_ranks_give_the_one_rank_numbers(coco, tmp_path, capsys):
+@pytest.mark.parametrize("test_flags", [[], ["--test-scales", "128", "96x64", "--test-flip"]], ids=["plain", "tta"])
+def test_detect_eval__two_ranks_give_the_one_rank_numbers(coco, tmp_path, capsys, test_flags):
     """Each image is evaluated once: the COCO results and AP of two gloo ranks are those of
-    one process."""
+    one process, in the plain test and in the multi-scale + flip one (each image tested at
+    every scale and flipped by the rank that holds it)."""
     model = build_detector(
         "gfl", "swin_test", 81, drop_path=0.0, cat_ids=list(range(1, 81)), class_names=[""] * 80, **TINY_DETECTOR
     )
@@ -392,6 +394,7 @@ def test_detect_eval__two_ranks_give_the_one_rank_numbers(coco, tmp_path, capsys
         "0",
         "--batch-size",
         "1",
+        *test_flags,
     ]
     assert main([*common, "--output", str(tmp_path / "one")]) == 0
     run_torchrun([*common, "--output", str(tmp_path / "two")], timeout=300)

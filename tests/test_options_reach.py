@@ -284,6 +284,8 @@ def test_linprobe__every_option_reaches_what_it_sets(tmp_path, colour_data, smal
         "pretrained": "weights loaded into the frozen encoder: tests/test_classify.py (linear probing)",
         "weight_decay": Reach(0.11, _group("weight_decay"), [0.11]),  # LARS on the head
         "eval_every": Reach(3, lambda b: b.eval_every),
+        "test_scales": "the evaluation's scales: tests/test_detect_tta.py::test_detect_train__evaluates_at_its_test_scales_and_flip",
+        "test_flip": "the evaluation's flip: tests/test_detect_tta.py::test_detect_train__evaluates_at_its_test_scales_and_flip",
     }  # fmt: skip
     del table["betas"]  # LARS has none
     _walk(_training(LinprobeTask), base, table)
@@ -399,6 +401,8 @@ def test_detect_train__every_option_reaches_what_it_sets(tmp_path, coco):
         "fpn_channels": Reach(16, lambda b: b.model.backbone.out_channels),
         "warmup_steps": Reach(5, lambda b: b.schedule.warmup_updates),
         "eval_every": Reach(3, lambda b: b.eval_every),
+        "test_scales": "the evaluation's scales: tests/test_detect_tta.py::test_detect_train__evaluates_at_its_test_scales_and_flip",
+        "test_flip": "the evaluation's flip: tests/test_detect_tta.py::test_detect_train__evaluates_at_its_test_scales_and_flip",
     }  # fmt: skip
     # --warmup-steps takes precedence over --warmup-epochs: seen with it off
     table["warmup_epochs"] = Reach(
@@ -560,8 +564,9 @@ def _trained_like(task_cls, cfg, path, seed: int, save) -> str:
 
 def test_detect_eval__every_option_reaches_what_it_sets(tmp_path, monkeypatch, coco, coco_other, save_checkpoint):
     calls = Calls(monkeypatch)
-    for name in ("load_detector", "CocoDetection", "shard_loader"):
+    for name in ("load_detector", "CocoDetection", "shard_loader", "evaluate_coco"):
         calls.wrap(detect, name)
+    test = lambda b: b.calls.last("evaluate_coco").kwargs["test"]  # noqa: E731 (the multi-scale + flip test)
     train = DetectConfig(backbone="swin_test", data=str(coco), output=str(tmp_path), img_size=64, neck_channels=16,
                          fpn_channels=16)  # fmt: skip
     ckpts = [_trained_like(DetectTask, train, tmp_path / f"{i}.pth", i, save_checkpoint) for i in (0, 1)]
@@ -574,6 +579,8 @@ def test_detect_eval__every_option_reaches_what_it_sets(tmp_path, monkeypatch, c
         "data": Reach(str(coco_other), lambda b: len(b.calls.last("CocoDetection").result), 1),
         "split": Reach("train2017", lambda b: len(b.calls.last("CocoDetection").result), 3),
         "output": Reach(str(tmp_path / "elsewhere"), lambda b: _files(tmp_path / "elsewhere"), ["detections_val2017.json", "metrics_val2017.json"]),
+        "test_scales": Reach(("96x64",), lambda b: test(b).scales, ((96, 64),)),
+        "test_flip": Reach(True, lambda b: test(b).flip),
     })  # fmt: skip
 
 

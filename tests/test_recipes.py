@@ -128,6 +128,7 @@ def _htcpp():
     htc = "htc_cbv2_swin_base_patch4_window7_mstrain_400-1400_adamw_20e_coco.py"
     htc_giou = "htc_cbv2_swin_base_patch4_window7_mstrain_400-1400_giou_4conv1f_adamw_20e_coco.py"
     step = "_base_/schedules/schedule_1x.py"
+    tta = "htc_cbv2_swin_large_patch4_window7_mstrain_400-1400_giou_4conv1f_adamw_1x_coco_tta.py"
     rows = {
         "backbone": ("swin_large_256", ("METHOD.md", "Swin-L")),
         "detector": ("htc", (paper, "improved HTC", htc, "HybridTaskCascade")),
@@ -140,6 +141,11 @@ def _htcpp():
         "test_score_thr": (0.001, (htc, "score_thr=0.001")),
         "test_nms": ("soft_linear", (paper, "soft-NMS", htc, "type='soft_nms'", "linear")),
         "test_nms_iou": (0.5, (htc, "iou_threshold=0.5")),
+        "test_scales": (
+            ("1600x1000", "1600x1400", "1800x1200", "1800x1600"),
+            (tta, "(1600, 1000), (1600, 1400), (1800, 1200), (1800, 1600)"),
+        ),
+        "test_flip": (True, (tta, "flip=True")),
         "global_attn": (True, (paper, "global self-attention layer appended at the output of last stage")),
         "train_resize": ("range", (paper, "400-1400", htc, "multiscale_mode='range'")),
         "img_size": (1600, (paper, "at most 1600", htc, "(1600, 400), (1600, 1400)")),

@@ -1667,6 +1667,95 @@ MUTATIONS = [
         "tokens = self.proj(attended)",
         ("tests/test_detect.py::test_global_attn__only_the_last_stage_map_changes_by_a_plain_self_attention_block",),
     ),
+    # the multi-scale + flip test (models/detect_tta.py, issue 34)
+    Mutation(
+        "tta_boxes_concatenated",
+        "a two-stage test concatenates the augmentations' class boxes (the dense rule) instead of averaging them",
+        "src/ummae/models/detect_tta.py",
+        "return torch.stack(list(boxes)).mean(0), torch.stack(list(scores)).mean(0)",
+        "return torch.cat(list(boxes)), torch.cat(list(scores))",
+        (
+            "tests/test_detect_tta.py::test_merge_boxes__is_merge_aug_bboxes_the_mean_of_the_mapped_back_class_boxes_and_scores",
+        ),
+    ),
+    Mutation(
+        "tta_dense_first_augmentation_only",
+        "a dense test keeps the first augmentation's candidates instead of concatenating every augmentation's",
+        "src/ummae/models/detect_tta.py",
+        'boxes, scores, labels = (torch.cat([d[k] for d in detections]) for k in ("boxes", "scores", "labels"))',
+        'boxes, scores, labels = (detections[0][k] for k in ("boxes", "scores", "labels"))',
+        (
+            "tests/test_detect_tta.py::test_merge_dense__concatenates_the_augmentations_candidates_then_nms_per_class_and_top_k",
+        ),
+    ),
+    Mutation(
+        "tta_masks_not_flipped_back",
+        "the mask probabilities of a mirrored augmentation are averaged without flipping them back",
+        "src/ummae/models/detect_tta.py",
+        "torch.stack([p.flip(-1) if f else p for p, f in zip(probs, flips, strict=True)]).mean(0)",
+        "torch.stack([p for p, f in zip(probs, flips, strict=True)]).mean(0)",
+        (
+            "tests/test_detect_tta.py::test_merge_masks__is_merge_aug_masks_with_the_mirrored_ones_flipped_back",
+            "tests/test_detect_tta.py::test_flip_test__of_the_mirror_image_is_the_mirror_of_the_image_s",
+        ),
+    ),
+    Mutation(
+        "tta_map_back_scale_inverted",
+        "boxes are mapped back by the augmentation's scale instead of its inverse",
+        "src/ummae/models/detect_tta.py",
+        "return boxes * _ratios(boxes, image, aug)",
+        "return boxes * _ratios(boxes, aug, image)",
+        (
+            "tests/test_detect_tta.py::test_map_back_and_map_to_aug__are_mmdetection_s_bbox_mapping_back_and_bbox_mapping",
+            "tests/test_detect_tta.py::test_flip_test__of_the_mirror_image_is_the_mirror_of_the_image_s",
+        ),
+    ),
+    Mutation(
+        "tta_unflipped_in_the_image_frame",
+        "a mirrored augmentation's boxes are unflipped in the original image's width, not its own",
+        "src/ummae/models/detect_tta.py",
+        "    if flip:\n        boxes = flip_boxes(boxes, aug[1])",
+        "    if flip:\n        boxes = flip_boxes(boxes, image[1])",
+        (
+            "tests/test_detect_tta.py::test_map_back_and_map_to_aug__are_mmdetection_s_bbox_mapping_back_and_bbox_mapping",
+            "tests/test_detect_tta.py::test_flip_test__of_the_mirror_image_is_the_mirror_of_the_image_s",
+        ),
+    ),
+    Mutation(
+        "tta_proposals_not_suppressed",
+        "the augmentations' proposals are merged by score alone, without merge_aug_proposals' NMS",
+        "src/ummae/models/detect_tta.py",
+        "return boxes[nms(boxes, scores, iou)[:top_n]]",
+        "return boxes[scores.argsort(descending=True)[:top_n]]",
+        ("tests/test_detect_tta.py::test_merge_proposals__is_merge_aug_proposals",),
+    ),
+    Mutation(
+        "tta_swin_divisor_without_window",
+        "Swin's test images are padded to a multiple of 32, which its windows do not tile",
+        "src/ummae/models/swin.py",
+        "return super().size_divisor * self.window_size",
+        "return super().size_divisor",
+        (
+            "tests/test_detect_tta.py::test_size_divisor__test_images_are_padded_to_a_size_every_stage_runs",
+            "tests/test_detect_tta.py::test_swin__a_multiple_of_32_alone_does_not_run_through_its_windows",
+        ),
+    ),
+    Mutation(
+        "tta_divisor_without_the_pyramid",
+        "test images padded for the backbone only: torchvision's anchors of P6 / P7 land off their strides",
+        "src/ummae/models/detect_tta.py",
+        "math.lcm(stage_maps_of(model).encoder.size_divisor, max(model.spec.pyramid.strides))",
+        "stage_maps_of(model).encoder.size_divisor",
+        ("tests/test_detect_tta.py::test_size_divisor__test_images_are_padded_to_a_size_every_stage_runs",),
+    ),
+    Mutation(
+        "tta_train_eval_plain",
+        "the evaluation of `detect train` ignores --test-scales / --test-flip",
+        "src/ummae/tasks/detect.py",
+        "evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types, test=test)",
+        "evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types)",
+        ("tests/test_detect_tta.py::test_detect_train__evaluates_at_its_test_scales_and_flip",),
+    ),
 ]
 
 

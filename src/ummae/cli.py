@@ -40,6 +40,7 @@ from ummae.choices import HEAD_KINDS, MODEL_KINDS
 from ummae.config import (
     DetectConfig,
     DetectEvalConfig,
+    DetectTestConfig,
     EvalConfig,
     FinetuneConfig,
     KnnConfig,
@@ -102,6 +103,7 @@ def _detect_predict_flags(dp: argparse.ArgumentParser) -> None:
         "--score-thresh", type=float, default=0.3, help="draw detections scoring at least this (default: 0.3)"
     )
     dp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add_dataclass_flags(dp, DetectTestConfig)  # --test-scales, --test-flip: those of detect eval
 
 
 def _segment_predict_flags(sp: argparse.ArgumentParser) -> None:

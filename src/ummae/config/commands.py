@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from ummae import detector_specs
 from ummae.choices import DETECT_SCHEDULES, INPUT_PIPELINES, PRECISIONS, SEG_TEST_MODES, TRAIN_RESIZES
-from ummae.config.fields import DEVICE, RAND_AUGMENT, Options, check_fields, option, ordered_range
+from ummae.config.fields import DEVICE, RAND_AUGMENT, Options, Rule, check_fields, option, ordered_range
 from ummae.errors import UsageError
 from ummae.sampling import DEFAULT_MASK_RATIO, help_text, names, strategies
 
@@ -533,8 +533,61 @@ def _detector_flag(option_name: str):
     )
 
 
+def parse_test_scale(text: str) -> tuple[int, int]:
+    """A test scale ``LONGxSHORT`` or ``S`` (``SxS``) -> ``(long, short)``, the larger number the
+    long side's bound whatever the order (MMDetection's ``img_scale`` with ``keep_ratio``);
+    ValueError when it is neither, or a side is outside [32, 8192]."""
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(text)
+    sides = [int(p) for p in parts] * (3 - len(parts))
+    if not all(32 <= s <= 8192 for s in sides):
+        raise ValueError(text)
+    return max(sides[:2]), min(sides[:2])
+
+
+def _is_test_scales(values: tuple[str, ...]) -> bool:
+    try:
+        return all(parse_test_scale(v) for v in values)
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
-class DetectConfig(RunConfig):
+class _DetectTest:
+    """How a detector is tested: once at the ``img_size`` canvas, or at several scales and
+    flipped, merged as MMDetection's ``aug_test`` (:mod:`ummae.models.detect_tta`). Shared by the
+    evaluation of ``detect train``, ``detect eval`` and the flags of ``detect predict``."""
+
+    test_scales: tuple[str, ...] | None = option(
+        None,
+        "multi-scale test: sizes LONGxSHORT (each image resized as large as possible with its long side <= LONG and "
+        "its short side <= SHORT, as MMDetection's img_scale with keep_ratio) or S (SxS); boxes and masks merged as "
+        "MMDetection's aug_test (default: one test at the img_size canvas)",
+        check=Rule(_is_test_scales, "must be sizes LONGxSHORT or S, each side in [32, 8192] (e.g. 1333x800)"),
+        source="MMDetection's single-scale test at the training size",
+    )
+    test_flip: bool = option(
+        False,
+        "also test each scale's horizontal flip, merged with the others (MMDetection's MultiScaleFlipAug flip=True)",
+        source="MMDetection's test: no flip",
+    )
+
+    def test_scale_pairs(self) -> tuple[tuple[int, int], ...]:
+        """The ``(long, short)`` of each test scale (none: the ``img_size`` canvas)."""
+        return tuple(parse_test_scale(s) for s in self.test_scales or ())
+
+
+@dataclass(frozen=True)
+class DetectTestConfig(_DetectTest, Options):
+    """The test-time augmentation flags of ``detect predict``, checked as a config's."""
+
+    def validate(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class DetectConfig(_DetectTest, RunConfig):
     """Detection / instance segmentation training on COCO. Defaults are the paper's GFL
     protocol (the reference's gfl_..._fpn_25ep_1024x1024_coco): large-scale jitter at 1024,
     AdamW lr 1e-4 at batch 16, 2000 warm-up steps, cosine to 0.01x, 25 epochs."""
@@ -712,7 +765,7 @@ class DetectConfig(RunConfig):
 
 
 @dataclass(frozen=True)
-class DetectEvalConfig(Machinery):
+class DetectEvalConfig(_DetectTest, Machinery):
     """COCO box (and mask) AP of a detection checkpoint, and its result JSON."""
 
     checkpoint: str | None = option(

@@ -126,6 +126,11 @@ _HTCPP = dict(
     test_nms=("soft_linear", f"{_SWIN}: soft-NMS; {_CBNET_HTC}: test_cfg rcnn nms=dict(type='soft_nms') (mmcv's "
                              "soft_nms, method 'linear' by default)"),
     test_nms_iou=(0.5, f"{_CBNET_HTC}: test_cfg rcnn nms iou_threshold=0.5 (_base_/models/htc_without_semantic_swin_fpn.py)"),
+    test_scales=(("1600x1000", "1600x1400", "1800x1200", "1800x1600"),
+                 "CBNetV2 configs/cbnet/htc_cbv2_swin_large_patch4_window7_mstrain_400-1400_giou_4conv1f_adamw_1x_coco_tta"
+                 ".py: MultiScaleFlipAug img_scale=[(1600, 1000), (1600, 1400), (1800, 1200), (1800, 1600)]"),
+    test_flip=(True, "CBNetV2 configs/cbnet/htc_cbv2_swin_large_patch4_window7_mstrain_400-1400_giou_4conv1f_adamw_1x_"
+                     "coco_tta.py: MultiScaleFlipAug flip=True"),
     global_attn=(True, f"{_SWIN}: an extra global self-attention layer appended at the output of last stage"),
     train_resize=("range", f"{_SWIN}: shorter side in 400-1400; {_CBNET_HTC}: Resize multiscale_mode='range'"),
     img_size=(1600, f"{_SWIN}: longer side at most 1600; {_CBNET_HTC}: Resize img_scale=[(1600, 400), (1600, 1400)]"),

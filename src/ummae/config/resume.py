@@ -14,6 +14,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "epochs", "num_workers", "device", "precision", "compile", "compile_backend", "output", "resume", "overwrite",
     "log_every", "save_every", "keep_every", "save_every_steps", "max_steps_per_epoch", "vis_every", "vis_images",
     "eval_every", "data", "data_root", "val_data", "init", "pretrained", "iters", "eval_every_iters",
+    "test_scales", "test_flip",
 })  # fmt: skip
 
 

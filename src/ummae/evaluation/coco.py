@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ummae.data.coco import CocoDetection, coco_evaluate, coco_results, write_results_json
 from ummae.engine import dist as udist
 from ummae.evaluation.base import DatasetEvaluator
+from ummae.models.detect_tta import MultiScaleFlip, detect
 
 
 def drop_background(detections: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -20,10 +21,13 @@ def drop_background(detections: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v[keep] for k, v in detections.items()}
 
 
-def detections(model: nn.Module, batch, device: torch.device) -> list[dict[str, Tensor]]:
+def detections(
+    model: nn.Module, batch, device: torch.device, test: MultiScaleFlip | None = None
+) -> list[dict[str, Tensor]]:
     """The detections (fp32, background dropped) of a batch ``(uint8 images, targets,
-    n_skipped)``, at each image's original size."""
-    outputs = model([im.to(device, non_blocking=True).float().div_(255) for im in batch[0]])
+    n_skipped)``, at each image's original size; under ``test``, merged over its scales and
+    flips (:func:`ummae.models.detect_tta.detect`)."""
+    outputs = detect(model, [im.to(device, non_blocking=True).float().div_(255) for im in batch[0]], test)
     return [drop_background({k: v.float() if v.is_floating_point() else v for k, v in o.items()}) for o in outputs]
 
 

@@ -62,6 +62,12 @@ class PyramidBackbone(nn.Module):
         one after the final norm)."""
         raise NotImplementedError
 
+    @property
+    def size_divisor(self) -> int:
+        """What every side of an image of any size must be a multiple of to run densely through
+        the stages: the patch and the three 2x down-samplings (32)."""
+        return self.patch_size * 2 ** (len(self.embed_dims) - 1)
+
     def check_map_size(self, side: int, what: str) -> None:
         """Raise ValueError if a token map of this side cannot run through the stages."""
         if side % 8:

@@ -213,6 +213,12 @@ class SwinTransformer(PyramidBackbone):
             for blk in stage:
                 blk.window_size = window_size
 
+    @property
+    def size_divisor(self) -> int:
+        """32 x the window: the blocks do not pad, so every stage map of an image of any size
+        must be a multiple of the window (a map smaller than it is only tiled when square)."""
+        return super().size_divisor * self.window_size
+
     def check_map_size(self, side: int, what: str) -> None:
         super().check_map_size(side, what)
         for s in range(len(self.stages)):

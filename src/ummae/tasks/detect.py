@@ -24,6 +24,7 @@ and predict map them back to COCO category ids without the training data.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from ummae.config import DetectTestConfig, config_from_args
 from ummae.data.coco import CocoDetection, LargeScaleJitter, RangeResize, collate_detection, collate_detection_eval
 from ummae.detector_specs import SPECS
 from ummae.engine import dist as udist
@@ -45,6 +47,7 @@ from ummae.errors import UsageError
 from ummae.evaluation import inference_on_dataset, shard_loader
 from ummae.evaluation.coco import CocoEvaluator, detections, drop_background
 from ummae.models.dense import check_dense_backbone
+from ummae.models.detect_tta import MultiScaleFlip, detect
 from ummae.models.detectors import build_detector
 from ummae.tasks.base import Parts, RunContext, Task, check_weights_file, run
 from ummae.tasks.dense import validation
@@ -77,12 +80,20 @@ def evaluate_coco(
     precision: str,
     iou_types: tuple[str, ...],
     results_path: str | None = None,
+    test: MultiScaleFlip | None = None,
 ) -> dict[str, float]:
-    """COCO AP of ``model`` over ``dataset``: every rank detects on its shard of the images,
-    the results of all ranks are gathered (each image once), rank 0 runs pycocotools and
-    every rank returns its numbers (they decide which checkpoint is the best, a collective)."""
+    """COCO AP of ``model`` over ``dataset``: every rank detects on its shard of the images
+    (under ``test``: at its scales and flips, merged), the results of all ranks are gathered
+    (each image once), rank 0 runs pycocotools and every rank returns its numbers (they decide
+    which checkpoint is the best, a collective)."""
     evaluator = CocoEvaluator(dataset, iou_types, results_path)
-    return inference_on_dataset(model, loader, evaluator, detections, device, precision, desc="detection eval")
+    predict = functools.partial(detections, test=test)
+    return inference_on_dataset(model, loader, evaluator, predict, device, precision, desc="detection eval")
+
+
+def test_augment(cfg) -> MultiScaleFlip:
+    """The multi-scale + flip test of ``cfg``'s ``test_scales`` and ``test_flip``."""
+    return MultiScaleFlip(cfg.test_scale_pairs(), cfg.test_flip)
 
 
 def load_detector(path: str) -> nn.Module:
@@ -166,8 +177,9 @@ class DetectTask(Task):
         val_ds = parts.val
         val_loader = shard_loader(val_ds, cfg.batch_size, ctx.workers, ctx.info, ctx.device, collate_detection_eval)
         iou_types = SPECS[cfg.detector].iou_types  # box AP, and mask AP for a detector with masks
+        test = test_augment(cfg)
         measure = validation(
-            lambda m: evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types),
+            lambda m: evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types, test=test),
             val_ds.img_dir,
             parts.train.img_dir,
             cfg.val_split,
@@ -197,7 +209,7 @@ def run_eval(cfg) -> dict[str, Any]:
         loader = shard_loader(ds, cfg.batch_size, workers, info, device, collate_detection_eval)
         iou_types = model.spec.iou_types
         results_path = str(out / f"detections_{cfg.split}.json")
-        metrics = evaluate_coco(model, ds, loader, device, precision, iou_types, results_path)
+        metrics = evaluate_coco(model, ds, loader, device, precision, iou_types, results_path, test=test_augment(cfg))
         if info.is_main:
             (out / f"metrics_{cfg.split}.json").write_text(json.dumps(metrics, indent=1) + "\n")
             log.info(
@@ -218,6 +230,7 @@ def predict(args) -> int:
     ``--score-thresh`` drawn: boxes, ``label score`` captions and, for the mask detectors, masks."""
     if not 0 <= args.score_thresh <= 1:
         raise UsageError(f"--score-thresh {args.score_thresh}: must be in [0, 1]")
+    test = test_augment(config_from_args(DetectTestConfig, args))  # --test-scales, --test-flip
     device = resolve_device(args.device)
     model = load_detector(args.checkpoint).to(device).eval()
     names = category_names(model)
@@ -228,7 +241,7 @@ def predict(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for path in paths:  # a log line per picture: its own progress report
         image = pil_to_tensor(read_rgb(path))
-        det = drop_background(model([image.to(device).float().div_(255)])[0])
+        det = drop_background(detect(model, [image.to(device).float().div_(255)], test)[0])
         keep = det["scores"] >= args.score_thresh
         det = {k: v[keep].cpu() for k, v in det.items()}
         drawn = image
