@@ -284,8 +284,6 @@ def test_linprobe__every_option_reaches_what_it_sets(tmp_path, colour_data, smal
         "pretrained": "weights loaded into the frozen encoder: tests/test_classify.py (linear probing)",
         "weight_decay": Reach(0.11, _group("weight_decay"), [0.11]),  # LARS on the head
         "eval_every": Reach(3, lambda b: b.eval_every),
-        "test_scales": "the evaluation's scales: tests/test_detect_tta.py::test_detect_train__evaluates_at_its_test_scales_and_flip",
-        "test_flip": "the evaluation's flip: tests/test_detect_tta.py::test_detect_train__evaluates_at_its_test_scales_and_flip",
     }  # fmt: skip
     del table["betas"]  # LARS has none
     _walk(_training(LinprobeTask), base, table)
