@@ -565,15 +565,20 @@ def _median_epoch(pt: dict) -> float:
     return times[len(times) // 2]
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """The seeds' mean and sample standard deviation (n - 1; 0 for a single value)."""
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, sd
+
+
 def mean_std(values: list[float], planned: int = 0) -> str:
-    """``mean ± sd`` (the sample standard deviation, n - 1) of the seeds' top-1, one decimal;
-    a single value as it is; ``(n of N)`` while fewer than the ``planned`` seeds are done."""
+    """``mean ± sd`` of the seeds' top-1, one decimal; a single value as it is; ``(n of N)``
+    while fewer than the ``planned`` seeds are done."""
     if not values:
         return "-"
-    mean = sum(values) / len(values)
-    text = f"{mean:.1f}"
-    if len(values) > 1:
-        text += f" ± {(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5:.1f}"
+    mean, sd = _mean_sd(values)
+    text = f"{mean:.1f}" + (f" ± {sd:.1f}" if len(values) > 1 else "")
     return text + (f" ({len(values)} of {planned})" if len(values) < planned else "")
 
 
@@ -787,10 +792,8 @@ def _few_label_plot(plt, results: dict, scale: Scale, img: Path, scale_name: str
             for fraction in few.fractions:
                 vals = _few_values(jobs, row, fraction, ev, few.seeds, tried if ev == "finetune" else None)
                 if vals:
-                    mean = sum(vals) / len(vals)
-                    xs.append(fraction * 100)
-                    means.append(mean)
-                    sds.append((sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5)
+                    mean, sd = _mean_sd(vals)
+                    xs, means, sds = [*xs, fraction * 100], [*means, mean], [*sds, sd]
             if f"row{row.id}_s0_{ev}" in jobs:
                 xs, means, sds = [*xs, 100.0], [*means, jobs[f"row{row.id}_s0_{ev}"]["acc1"]], [*sds, 0.0]
             if xs:

@@ -1549,8 +1549,8 @@ MUTATIONS = [
         "mean_std_population",
         "the seeds' standard deviation divides by n, not n - 1",
         "experiments/minitable.py",
-        "(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5",
-        "(sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5",
+        "sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5",
+        "sd = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5",
         ("tests/test_minitable.py::test_mean_std__the_seeds_mean_and_sample_standard_deviation",),
     ),
     Mutation(
