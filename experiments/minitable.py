@@ -1,7 +1,10 @@
-"""The paper's claim at small scale: UM-MAE vs SimMIM vs no pre-training, with the ablations
-(Secondary Masking and its ratio, uniform vs random sampling), as one resumable table.
+"""The paper's claim at small scale, as one resumable table: UM-MAE vs SimMIM vs no
+pre-training, with few labels and every label, each method pre-trained at the lr a held-out
+sweep chose, with the ablations (Secondary Masking and its ratio, uniform vs random sampling).
 
-    python experiments/minitable.py                       # the CPU table on imagenette_mini
+    python experiments/minitable.py                       # the CPU table on imagenette_mini (parts sweep, few)
+    python experiments/minitable.py --parts full          # ... and the rest of the full-label table
+    python experiments/minitable.py --variant lowlr       # another few-label fine-tuning try, kept beside the first
     python experiments/minitable.py --scale paper --data /data/imagenet --out runs/table_in1k
     python experiments/minitable.py --dry-run             # the ummae commands, one per line
     python experiments/minitable.py --scale paper --data /data/imagenet --launch "torchrun --nproc_per_node 8"
@@ -10,25 +13,33 @@ Every cell is an ``ummae`` run (pretrain, finetune, linprobe, knn) with ``--resu
 own folder under ``--out``; a finished run's figures go into ``--out/results.json`` at once, so
 a table run that stops (killed, machine gone) continues with the run it was in, from that run's
 last checkpoint, and never redoes a finished one. At the end (and after every run) the markdown
-table is written to ``--out/table.md`` and the plots to ``--img``. Several table processes may
+tables are written to ``--out/table.md`` and the plots to ``--img``. Several table processes may
 share ``--out`` (one per GPU: ``CUDA_VISIBLE_DEVICES=1 python experiments/minitable.py ...``, or
 two on a CPU whose cores one run does not fill): each takes the next run that no other one holds
-(a lock file per run) and whose pre-trained weights are there, and adds its figures to
-``results.json`` under a lock.
+(a lock file per run) and whose inputs are there (weights, the sweep's choice), and adds its
+figures to ``results.json`` under a lock.
 
-The rows (the issue's table): 1 no pre-training, 2 SimMIM, 3 UM-MAE (US + SM 0.25), 4 UM-MAE SM
-0 (US only), 5 UM-MAE SM 0.5 on Swin; 6 SimMIM and 7 UM-MAE on PVT; 8 MAE random sampling and
-UM on ViT. Every pre-training row uses its method's recipe (``ummae recipes``) at the scale's
-sizes; every fine-tuning uses the same recipe. Rows 1-3 run with two seeds. The budget curve
-fine-tunes rows 2 and 3 (seed 0) from their checkpoints after fewer pre-training epochs.
+The parts (``--parts``; the runs a part needs come along):
+- ``sweep``: per method (SimMIM, UM-MAE) and family (Swin, PVT), a short pre-training at each of
+  three base lrs, scored by kNN top-1 on a class-balanced tenth of the training images held out
+  of the bank (never val); the best lr feeds every row of that method and family.
+- ``few``: rows 1 (no pre-training), 2, 3 (Swin SimMIM / UM-MAE), 6, 7 (PVT SimMIM / UM-MAE),
+  pre-trained once on every training image (labels unused), then fine-tuned, probed and kNN'd on
+  1 % and 10 % of the labels (``--label-fraction``: class-balanced subsets, one per seed, 3
+  seeds; mean ± sd), evaluated on the full val split, and the same with every label (seed 0).
+  The few-label fine-tuning tries (``--variant``) are kept side by side.
+- ``full``: the rest of the full-label table: 4 UM-MAE SM 0 (US only), 5 UM-MAE SM 0.5 on
+  Swin; 8 MAE random sampling and UM on ViT; rows 1-3's second seed; the budget curve (rows 2
+  and 3 fine-tuned from their checkpoints after fewer pre-training epochs).
 
 Scales: ``mini`` (the CPU table, docs/experiments.md) changes the recipes' sizes only, the same
 way for every row: 64 px inputs with 8 px mask units (the 128 px / 16 px geometry halved), 30
-pre-training epochs at batch 128 and base lr 1.5e-3 (the recipes' 1.5e-4 is for 62k steps, this
-run has 930), fine-tuning 12 epochs at batch 128 without Mixup / CutMix (a 12-epoch schedule on
-4,000 images does not learn under them), linear probe 20 epochs at batch 256. ``paper`` is the
-recipes as they are: Swin-T / PVT-S at 256 px, ViT-B at 224 px, 200 pre-training epochs, 100
-fine-tuning epochs, MAE's 90-epoch linear probe, on the ImageNet-1k folder given by ``--data``.
+pre-training epochs at batch 128 (the sweep: 10), fine-tuning 12 epochs at batch 128 without
+Mixup / CutMix (a 12-epoch schedule on 4,000 images does not learn under them), linear probe 20
+epochs at batch 256; few labels at about 200 optimiser steps a run (``_MINI_FEW``). ``paper`` is
+the recipes as they are: Swin-T / PVT-S at 256 px, ViT-B at 224 px, 200 pre-training epochs,
+100 fine-tuning epochs, MAE's 90-epoch linear probe at its total batch 16384 (the family's
+``*_in1k_linprobe`` recipe, split over the processes), on the ImageNet-1k folder ``--data``.
 """
 
 from __future__ import annotations
