@@ -1566,8 +1566,9 @@ MUTATIONS = [
 
 def _copy(dst: Path) -> Path:
     main = dst / "main"
-    # experiments/coco_subset.py: the detection tests' coco_mini subsets (tests/_helpers.py)
-    for part in ("src", "tests", "pyproject.toml", "experiments/coco_subset.py"):
+    # experiments/coco_subset.py: the detection tests' coco_mini subsets (tests/_helpers.py);
+    # experiments/minitable.py: what tests/test_minitable.py tests (its mutations are in it)
+    for part in ("src", "tests", "pyproject.toml", "experiments/coco_subset.py", "experiments/minitable.py"):
         src = ROOT / part
         if src.is_dir():
             shutil.copytree(src, main / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
