@@ -170,6 +170,7 @@ def test_select__a_part_brings_the_runs_it_needs(tmp_path):
     keys = {j.key for j in few}
     assert {j.key for j in jobs if j.part == "sweep"} <= keys  # the swept lr comes first
     assert "row2_s1_pretrain" not in keys and "row8a_s0_finetune" not in keys
+    assert {"row2_s0_finetune", "row2_s0_knn"} <= keys and "row2_s0_linprobe" not in keys  # 100 %: probe in "full"
     assert [j.key for j in few] == [j.key for j in jobs if j.key in keys]  # the plan's order
     assert {j.part for j in mt.select(jobs, ("sweep",), "", False)} == {"sweep"}
 
