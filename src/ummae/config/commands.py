@@ -335,9 +335,9 @@ class FewLabels:
 
     label_fraction: float | None = option(
         None,
-        "train on this class-balanced fraction of the training images' labels, e.g. 0.01 (drawn once per "
-        "--label-seed, every class at least one image; the list goes to the run folder's label_subset.txt); "
-        "default: every label",
+        "use this class-balanced fraction of the training images and their labels, e.g. 0.01 (drawn once per "
+        "--label-seed, every class at least one image; a training run lists it in its folder's "
+        "label_subset.txt; kNN: the bank); default: every label",
         gt=0,
         lt=1,
         source="ours: every label (the reference trains on all of them)",
