@@ -356,9 +356,10 @@ def plan(scale: Scale, out: Path, data: str, workers: list[str], variant: str | 
             if row.method is None:
                 weights = str(out / f"row{row.id}_s{seed}_init" / "checkpoint-last.pth")
                 if row.few or ({"linprobe", "knn"} & set(row.evals) and seed in row.seeds):
-                    init = Job(f"row{row.id}_s{seed}_init", "init", [scale.families[row.family]["mae"]], row.id, seed)
-                    init.part = "few" if row.few else part
-                    (encoders if row.few else own).append(init)
+                    init_part = "few" if row.few else part  # every few-label seed probes its own
+                    init = Job(f"row{row.id}_s{seed}_init", "init", [scale.families[row.family]["mae"]], row.id, seed,
+                               init_part)  # fmt: skip
+                    (encoders if init_part == "few" else own).append(init)
             elif seed in row.seeds:
                 pt = f"row{row.id}_s{seed}_pretrain"
                 weights = str(out / pt / "checkpoint-last.pth")
