@@ -1,7 +1,10 @@
-"""The paper's claim at small scale: UM-MAE vs SimMIM vs no pre-training, with the ablations
-(Secondary Masking and its ratio, uniform vs random sampling), as one resumable table.
+"""The paper's claim at small scale, as one resumable table: UM-MAE vs SimMIM vs no
+pre-training, with few labels and every label, each method pre-trained at the lr a held-out
+sweep chose, with the ablations (Secondary Masking and its ratio, uniform vs random sampling).
 
-    python experiments/minitable.py                       # the CPU table on imagenette_mini
+    python experiments/minitable.py                       # the CPU table on imagenette_mini (parts sweep, few)
+    python experiments/minitable.py --parts full          # ... and the rest of the full-label table
+    python experiments/minitable.py --variant lowlr       # another few-label fine-tuning try, kept beside the first
     python experiments/minitable.py --scale paper --data /data/imagenet --out runs/table_in1k
     python experiments/minitable.py --dry-run             # the ummae commands, one per line
     python experiments/minitable.py --scale paper --data /data/imagenet --launch "torchrun --nproc_per_node 8"
@@ -10,25 +13,33 @@ Every cell is an ``ummae`` run (pretrain, finetune, linprobe, knn) with ``--resu
 own folder under ``--out``; a finished run's figures go into ``--out/results.json`` at once, so
 a table run that stops (killed, machine gone) continues with the run it was in, from that run's
 last checkpoint, and never redoes a finished one. At the end (and after every run) the markdown
-table is written to ``--out/table.md`` and the plots to ``--img``. Several table processes may
+tables are written to ``--out/table.md`` and the plots to ``--img``. Several table processes may
 share ``--out`` (one per GPU: ``CUDA_VISIBLE_DEVICES=1 python experiments/minitable.py ...``, or
 two on a CPU whose cores one run does not fill): each takes the next run that no other one holds
-(a lock file per run) and whose pre-trained weights are there, and adds its figures to
-``results.json`` under a lock.
+(a lock file per run) and whose inputs are there (weights, the sweep's choice), and adds its
+figures to ``results.json`` under a lock.
 
-The rows (the issue's table): 1 no pre-training, 2 SimMIM, 3 UM-MAE (US + SM 0.25), 4 UM-MAE SM
-0 (US only), 5 UM-MAE SM 0.5 on Swin; 6 SimMIM and 7 UM-MAE on PVT; 8 MAE random sampling and
-UM on ViT. Every pre-training row uses its method's recipe (``ummae recipes``) at the scale's
-sizes; every fine-tuning uses the same recipe. Rows 1-3 run with two seeds. The budget curve
-fine-tunes rows 2 and 3 (seed 0) from their checkpoints after fewer pre-training epochs.
+The parts (``--parts``; the runs a part needs come along):
+- ``sweep``: per method (SimMIM, UM-MAE) and family (Swin, PVT), a short pre-training at each of
+  three base lrs, scored by kNN top-1 on a class-balanced tenth of the training images held out
+  of the bank (never val); the best lr feeds every row of that method and family.
+- ``few``: rows 1 (no pre-training), 2, 3 (Swin SimMIM / UM-MAE), 6, 7 (PVT SimMIM / UM-MAE),
+  pre-trained once on every training image (labels unused), then fine-tuned, probed and kNN'd on
+  1 % and 10 % of the labels (``--label-fraction``: class-balanced subsets, one per seed, 3
+  seeds; mean ± sd), evaluated on the full val split, and the same with every label (seed 0).
+  The few-label fine-tuning tries (``--variant``) are kept side by side.
+- ``full``: the rest of the full-label table: 4 UM-MAE SM 0 (US only), 5 UM-MAE SM 0.5 on
+  Swin; 8 MAE random sampling and UM on ViT; rows 1-3's second seed; the budget curve (rows 2
+  and 3 fine-tuned from their checkpoints after fewer pre-training epochs).
 
 Scales: ``mini`` (the CPU table, docs/experiments.md) changes the recipes' sizes only, the same
 way for every row: 64 px inputs with 8 px mask units (the 128 px / 16 px geometry halved), 30
-pre-training epochs at batch 128 and base lr 1.5e-3 (the recipes' 1.5e-4 is for 62k steps, this
-run has 930), fine-tuning 12 epochs at batch 128 without Mixup / CutMix (a 12-epoch schedule on
-4,000 images does not learn under them), linear probe 20 epochs at batch 256. ``paper`` is the
-recipes as they are: Swin-T / PVT-S at 256 px, ViT-B at 224 px, 200 pre-training epochs, 100
-fine-tuning epochs, MAE's 90-epoch linear probe, on the ImageNet-1k folder given by ``--data``.
+pre-training epochs at batch 128 (the sweep: 10), fine-tuning 12 epochs at batch 128 without
+Mixup / CutMix (a 12-epoch schedule on 4,000 images does not learn under them), linear probe 20
+epochs at batch 256; few labels at about 200 optimiser steps a run (``_MINI_FEW``). ``paper`` is
+the recipes as they are: Swin-T / PVT-S at 256 px, ViT-B at 224 px, 200 pre-training epochs,
+100 fine-tuning epochs, MAE's 90-epoch linear probe at its total batch 16384 (the family's
+``*_in1k_linprobe`` recipe, split over the processes), on the ImageNet-1k folder ``--data``.
 """
 
 from __future__ import annotations
@@ -41,12 +52,43 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from ummae.data.sources import folder_samples
+from ummae.data.subset import balanced_subset, subset_lines
+
 HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class FewLabels:
+    """The few-label columns: each fraction's fine-tuning and probing sizes (a subset of 40
+    images needs a smaller batch and more epochs than one of 4,000), the seeds (each draws its
+    own subset and trains with its own seed), and the fine-tuning tries (``--variant``)."""
+
+    fractions: dict[float, dict[str, list[str]]]  # fraction -> {"finetune": flags, "linprobe": flags}
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # name -> flags added to every few-label fine-tuning; the first is the table's, the others are
+    # tries (`--variant NAME`) whose results are kept beside it, never overwritten
+    variants: dict[str, list[str]] = field(default_factory=lambda: {"base": []})
+    # the 100 % column's measures that part "few" runs (seed 0); the others come with part "full"
+    full_label: tuple[str, ...] = ("finetune", "linprobe", "knn")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The pre-training lr sweep: a short run per base lr, method and family, the lr chosen
+    by kNN top-1 on images held out of the training split (never val)."""
+
+    blrs: tuple[float, ...]
+    pretrain: list[str]  # flags after the scale's pre-training flags: the short schedule
+    families: tuple[str, ...] = ("swin", "pvt")
+    methods: tuple[str, ...] = ("simmim", "ummae")
+    holdout: float = 0.1  # the class-balanced share of the training images held out
+    holdout_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,6 +102,9 @@ class Scale:
     linprobe: list[str]
     knn: list[str]
     budget_epochs: tuple[int, ...]  # fewer pre-training epochs for the budget curve
+    sweep: Sweep
+    few: FewLabels
+    parts: tuple[str, ...]  # the parts (PARTS) a table run runs unless --parts says otherwise
     img_size: int | None = None  # input size of every run (None: the recipe's / the model's)
     unit_size: int | None = None  # mask unit of the pyramid rows (None: the recipe's)
 
@@ -71,14 +116,39 @@ class Scale:
         return {k: v for k, v in (("img_size", self.img_size), ("unit_size", self.unit_size)) if v}
 
 
+# The parts of the table: the lr sweep; the few-label table (its rows' pre-training, 1 % / 10 %
+# of the labels x seeds, and the 100 % column with one seed); the rest of the full-label table
+# (second seeds, the SM-ratio and ViT rows, the budget curve).
+PARTS = ("sweep", "few", "full")
+
 # The recipes (`ummae recipes`) each family's rows start from, at every scale.
 FAMILY_RECIPES = {
-    "swin": dict(
-        ummae="swin_tiny_ummae_in1k", simmim="swin_tiny_simmim_in1k", finetune="swin_tiny_ummae_in1k_finetune"
-    ),
-    "pvt": dict(ummae="pvt_small_ummae_in1k", simmim="pvt_small_simmim_in1k", finetune="pvt_small_ummae_in1k_finetune"),
-    "vit": dict(ummae="vit_base_ummae_in1k", mae="vit_base_mae_in1k", finetune="vit_base_ummae_in1k_finetune"),
-}
+    "swin": dict(ummae="swin_tiny_ummae_in1k", simmim="swin_tiny_simmim_in1k", finetune="swin_tiny_ummae_in1k_finetune",
+                 linprobe="swin_tiny_in1k_linprobe"),
+    "pvt": dict(ummae="pvt_small_ummae_in1k", simmim="pvt_small_simmim_in1k", finetune="pvt_small_ummae_in1k_finetune",
+                linprobe="pvt_small_in1k_linprobe"),
+    "vit": dict(ummae="vit_base_ummae_in1k", mae="vit_base_mae_in1k", finetune="vit_base_ummae_in1k_finetune",
+                linprobe="vit_base_in1k_linprobe"),
+}  # fmt: skip
+# Few labels at the CPU scale: the fine-tuning lr is the full-label column's (blr 5e-4 at batch 128:
+# lr 2.5e-4), held fixed: the scaling rule would give 3.9e-5 at batch 20, under which a 1 % run's
+# loss barely moves (2.30 -> 2.20 in 200 steps, 18 % top-1); about 200 optimiser steps per run.
+_MINI_FEW = FewLabels(
+    fractions={
+        0.01: {"finetune": ["--epochs", "100", "--warmup-epochs", "10", "--batch-size", "20", "--lr", "2.5e-4",
+                            "--eval-every", "50"],
+               "linprobe": ["--epochs", "100", "--warmup-epochs", "10", "--batch-size", "20", "--eval-every", "50"]},
+        0.1: {"finetune": ["--epochs", "30", "--warmup-epochs", "3", "--batch-size", "64", "--lr", "2.5e-4",
+                           "--eval-every", "10"],
+              "linprobe": ["--epochs", "20", "--warmup-epochs", "2", "--batch-size", "64", "--eval-every", "10"]},
+    },
+    variants={
+        "base": [],
+        "lowlr": ["--lr", "1e-4"],  # keep more of the pre-trained features
+        "ld065": ["--layer-decay", "0.65"],  # the lower layers train at a smaller share of the lr
+    },
+    full_label=("finetune", "knn"),  # the 100 % probe (18 min of the 3 h) comes with part "full"
+)  # fmt: skip
 SCALES = {
     "mini": Scale(
         data=str(HERE.parent.parent / "shared" / "data" / "imagenette_mini"),
@@ -91,10 +161,13 @@ SCALES = {
                   "--blr", "1.5e-3", "--keep-every", "10", "--vis-every", "0"],
         finetune=["--epochs", "12", "--warmup-epochs", "2", "--batch-size", "128", "--accum-iter", "1",
                   "--mixup", "0", "--cutmix", "0", "--eval-every", "4", "--keep-every", "0"],
-        linprobe=["--epochs", "20", "--warmup-epochs", "2", "--batch-size", "256", "--lr", "6.4", "--eval-every", "5",
-                  "--keep-every", "0"],
+        linprobe=["--epochs", "20", "--warmup-epochs", "2", "--batch-size", "256", "--accum-iter", "1", "--lr", "6.4",
+                  "--eval-every", "5", "--keep-every", "0"],
         knn=[],
         budget_epochs=(10, 20),
+        sweep=Sweep(blrs=(5e-4, 1.5e-3, 4.5e-3), pretrain=["--epochs", "10", "--warmup-epochs", "1", "--keep-every", "0"]),
+        few=_MINI_FEW,
+        parts=("sweep", "few"),
         img_size=64,
         unit_size=8,
     ),
@@ -107,9 +180,16 @@ SCALES = {
         },
         pretrain=["--keep-every", "50"],
         finetune=[],
-        linprobe=[],
+        linprobe=[],  # the family's linear-probe recipe: MAE's total batch 16384, split over the processes
         knn=[],
         budget_epochs=(50, 100),
+        sweep=Sweep(blrs=(7.5e-5, 1.5e-4, 3e-4), pretrain=["--epochs", "50", "--warmup-epochs", "5", "--keep-every", "0"]),
+        # 12,811 / 128,116 images: a probe's total batch of 16384 would be more than the subset
+        few=FewLabels(fractions={
+            0.01: {"finetune": [], "linprobe": ["--batch-size", "128", "--accum-iter", "1"]},
+            0.1: {"finetune": [], "linprobe": ["--batch-size", "512", "--accum-iter", "1"]},
+        }),
+        parts=PARTS,
     ),
     # A few seconds a run: the test of this script (tests/test_minitable.py), on tiny images.
     "test": Scale(
@@ -123,9 +203,14 @@ SCALES = {
                   "1", "--vis-every", "0"],
         finetune=["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--accum-iter", "1", "--mixup", "0",
                   "--cutmix", "0", "--keep-every", "0"],
-        linprobe=["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--keep-every", "0"],
+        linprobe=["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--accum-iter", "1", "--keep-every",
+                  "0"],
         knn=["--k", "2"],
         budget_epochs=(1,),
+        sweep=Sweep(blrs=(1e-3, 1e-2), pretrain=["--epochs", "1"], families=("swin",), holdout=0.25),
+        few=FewLabels(fractions={0.5: {"finetune": ["--batch-size", "2"], "linprobe": ["--batch-size", "2"]}},
+                      seeds=(0, 1), variants={"base": [], "lowlr": ["--lr", "1e-4"]}),
+        parts=PARTS,
         img_size=64,
         unit_size=8,
     ),
@@ -135,7 +220,8 @@ SCALES = {
 @dataclass(frozen=True)
 class Row:
     """One row of the table: an encoder family, how it is pre-trained (None: not at all), the
-    pre-training options that make the row, what is measured after it, and its seeds."""
+    pre-training options that make the row, what is measured after it with every label, its
+    seeds, whether it has the few-label columns, and whether the paper has no counterpart."""
 
     id: str
     label: str
@@ -144,21 +230,27 @@ class Row:
     options: tuple[str, ...] = ()
     evals: tuple[str, ...] = ("finetune",)
     seeds: tuple[int, ...] = (0,)
+    few: bool = False
+    ours: bool = False  # no counterpart in the paper or the reference
 
 
 ROWS = [
-    Row("1", "Swin, no pre-training", "swin", None, evals=("finetune", "linprobe", "knn"), seeds=(0, 1)),
-    Row("2", "Swin, SimMIM", "swin", "simmim", evals=("finetune", "linprobe", "knn"), seeds=(0, 1)),
+    Row("1", "Swin, no pre-training", "swin", None, evals=("finetune", "linprobe", "knn"), seeds=(0, 1), few=True,
+        ours=True),
+    Row("2", "Swin, SimMIM", "swin", "simmim", evals=("finetune", "linprobe", "knn"), seeds=(0, 1), few=True),
     Row("3", "Swin, UM-MAE (US + SM 0.25)", "swin", "ummae", ("--sm-ratio", "0.25"),
-        evals=("finetune", "linprobe", "knn"), seeds=(0, 1)),
-    Row("4", "Swin, UM-MAE SM 0 (US only)", "swin", "ummae", ("--sm-ratio", "0"), evals=("finetune", "linprobe", "knn")),
-    Row("5", "Swin, UM-MAE SM 0.5", "swin", "ummae", ("--sm-ratio", "0.5")),
-    Row("6", "PVT, SimMIM", "pvt", "simmim"),
-    Row("7", "PVT, UM-MAE (US + SM 0.25)", "pvt", "ummae", ("--sm-ratio", "0.25")),
+        evals=("finetune", "linprobe", "knn"), seeds=(0, 1), few=True),
+    Row("4", "Swin, UM-MAE SM 0 (US only)", "swin", "ummae", ("--sm-ratio", "0"), evals=("finetune", "linprobe", "knn"),
+        ours=True),
+    Row("5", "Swin, UM-MAE SM 0.5", "swin", "ummae", ("--sm-ratio", "0.5"), ours=True),
+    Row("6", "PVT, SimMIM", "pvt", "simmim", evals=("finetune", "linprobe", "knn"), few=True),
+    Row("7", "PVT, UM-MAE (US + SM 0.25)", "pvt", "ummae", ("--sm-ratio", "0.25"),
+        evals=("finetune", "linprobe", "knn"), few=True),
     Row("8a", "ViT, MAE random sampling", "vit", "mae"),
     Row("8b", "ViT, UM (US + SM 0.25)", "vit", "ummae", ("--sm-ratio", "0.25")),
 ]  # fmt: skip
 BUDGET_ROWS = ("2", "3")  # fine-tuned (and kNN) after fewer pre-training epochs, seed 0
+OURS_COLUMNS = ("kNN", "1 %", "10 %")  # headers of columns without a counterpart in the paper
 
 
 @dataclass
@@ -168,8 +260,10 @@ class Job:
     argv: list[str]  # the ummae command line (for "init": the model to save untrained)
     row: str
     seed: int
+    part: str = "full"  # the part of the table (PARTS) it belongs to
     weights: str | None = None  # the pre-training checkpoint it starts from
-    needs: str | None = None  # the run that writes those weights
+    needs: tuple[str, ...] = ()  # the runs that must be done first (its weights, its swept lr)
+    blr_from: tuple[str, str] | None = None  # (family, method): pre-trained at the sweep's lr
 
 
 def _pretrain_argv(row: Row, scale: Scale, seed: int, out: Path, data: str, workers: list[str]) -> list[str]:
@@ -183,31 +277,105 @@ def _pretrain_argv(row: Row, scale: Scale, seed: int, out: Path, data: str, work
     return [*argv, *row.options, "--seed", str(seed), *workers, "--output", str(out)]
 
 
-def plan(scale: Scale, out: Path, data: str, workers: list[str]) -> list[Job]:
-    """Every run of the table, in the order it runs: the main rows' first seed first (so a
-    table cut short still compares the methods), then the second seeds, the ablation rows and
-    the budget curve."""
-    main, later, budget = [], [], []
+# --- the lr sweep -------------------------------------------------------------------------------
+SWEEP_ROWS = {("swin", "simmim"): "2", ("swin", "ummae"): "3", ("pvt", "simmim"): "6", ("pvt", "ummae"): "7"}
+
+
+def _sweep_key(family: str, method: str, blr: float) -> str:
+    return f"sweep_{family}_{method}_blr{blr:g}"
+
+
+def holdout_lists(out: Path) -> tuple[Path, Path]:
+    """The list files of the sweep's kNN: the bank (the training images not held out) and the
+    held-out images it is scored on."""
+    return out / "heldout" / "bank.txt", out / "heldout" / "holdout.txt"
+
+
+def write_holdout_lists(sweep: Sweep, train: Path, out: Path) -> tuple[int, int]:
+    """Hold the sweep's class-balanced share of the training images out (drawn once, by
+    :func:`ummae.data.subset.balanced_subset`); write its list and the rest's. Returns their sizes."""
+    samples, _, names = folder_samples(str(train))
+    held = set(balanced_subset(samples, names, sweep.holdout, sweep.holdout_seed, "held-out split"))
+    bank_path, held_path = holdout_lists(out)
+    bank_path.parent.mkdir(parents=True, exist_ok=True)
+    for path, keep in ((bank_path, [i for i in range(len(samples)) if i not in held]), (held_path, sorted(held))):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in subset_lines(samples, keep)))
+        os.replace(tmp, path)  # a table run killed here leaves whole lists or none
+    return len(samples) - len(held), len(held)
+
+
+def sweep_jobs(scale: Scale, out: Path, data: str, workers: list[str]) -> list[Job]:
+    """A short pre-training per (family, method, base lr) and its held-out kNN, lr by lr so that
+    a table cut short has every method at its first lrs."""
+    jobs = []
+    bank, held = holdout_lists(out)
+    for blr in scale.sweep.blrs:
+        for family in scale.sweep.families:
+            for method in scale.sweep.methods:
+                row = next(r for r in ROWS if r.id == SWEEP_ROWS[family, method])
+                key = _sweep_key(family, method, blr)
+                folder = out / f"{key}_pretrain"
+                argv = _pretrain_argv(row, scale, 0, folder, data, workers)
+                argv[argv.index("--seed") : argv.index("--seed")] = [*scale.sweep.pretrain, "--blr", f"{blr:g}"]
+                jobs.append(Job(f"{key}_pretrain", "pretrain", argv, row.id, 0, "sweep"))
+                ckpt = str(folder / "checkpoint-last.pth")
+                knn = ["knn", "--model", scale.families[family]["classifier"], "--data", str(bank), "--val-data",
+                       str(held), "--data-root", f"{data}/train", *scale.size_flags(), *scale.knn, "--pretrained",
+                       ckpt, *workers]  # fmt: skip
+                jobs.append(Job(f"{key}_knn", "knn", knn, row.id, 0, "sweep", ckpt, (f"{key}_pretrain",)))
+    return jobs
+
+
+def chosen_blr(jobs: dict, sweep: Sweep, family: str, method: str) -> float | None:
+    """The sweep's base lr for ``method`` on ``family``: the highest held-out kNN top-1 (the
+    lowest lr among equals); None until every lr of the sweep has its kNN."""
+    scores = [(jobs.get(f"{_sweep_key(family, method, blr)}_knn", {}).get("acc1"), blr) for blr in sweep.blrs]
+    if any(acc is None for acc, _ in scores):
+        return None
+    return max(scores, key=lambda s: (s[0], -s[1]))[1]
+
+
+# --- the plan -----------------------------------------------------------------------------------
+def plan(scale: Scale, out: Path, data: str, workers: list[str], variant: str | None = None) -> list[Job]:
+    """Every run of the table, in the order it runs: the lr sweep; the few-label rows' encoders
+    (pre-trained once, seed 0; row 1's untrained one per seed), their 1 % / 10 % columns seed
+    by seed (a table cut short still compares the methods) and their 100 % column; then the
+    rest of the full-label table (second seeds, the ablation rows, the budget curve).
+    ``variant``: the few-label fine-tuning try (default: the first of ``scale.few.variants``)."""
+    variant = variant or next(iter(scale.few.variants))
+    encoders, few, full_labels, later, budget = [], [], [], [], []
     for row in ROWS:
-        for seed in row.seeds:
-            jobs = main if seed == 0 and row.id in ("1", "2", "3") else later
-            pt = f"row{row.id}_s{seed}_pretrain"
+        swept = row.family in scale.sweep.families and row.method in scale.sweep.methods
+        blr_from = (row.family, row.method) if swept else None
+        sweep_knns = tuple(f"{_sweep_key(row.family, row.method, b)}_knn" for b in scale.sweep.blrs) if swept else ()
+        for seed in sorted({*row.seeds, *(scale.few.seeds if row.few else ())}):
+            part = "few" if row.few and seed == 0 else "full"
+            own = encoders if part == "few" else later
+            weights = None
             if row.method is None:
                 weights = str(out / f"row{row.id}_s{seed}_init" / "checkpoint-last.pth")
-                if set(row.evals) & {"linprobe", "knn"}:
-                    jobs.append(
-                        Job(f"row{row.id}_s{seed}_init", "init", [scale.families[row.family]["mae"]], row.id, seed)
-                    )
-            else:
+                if row.few or ({"linprobe", "knn"} & set(row.evals) and seed in row.seeds):
+                    init_part = "few" if row.few else part  # every few-label seed probes its own
+                    init = Job(f"row{row.id}_s{seed}_init", "init", [scale.families[row.family]["mae"]], row.id, seed,
+                               init_part)  # fmt: skip
+                    (encoders if init_part == "few" else own).append(init)
+            elif seed in row.seeds:
+                pt = f"row{row.id}_s{seed}_pretrain"
                 weights = str(out / pt / "checkpoint-last.pth")
-                jobs.append(
-                    Job(pt, "pretrain", _pretrain_argv(row, scale, seed, out / pt, data, workers), row.id, seed)
-                )
-            for ev in row.evals:
-                key = f"row{row.id}_s{seed}_{ev}"
-                from_weights = ev != "finetune" or row.method is not None
-                jobs.append(_eval_job(key, ev, row.family, scale, seed, out, data, workers,
-                                      weights if from_weights else None, row.id))  # fmt: skip
+                argv = _pretrain_argv(row, scale, seed, out / pt, data, workers)
+                own.append(Job(pt, "pretrain", argv, row.id, seed, part, needs=sweep_knns, blr_from=blr_from))
+            if seed in row.seeds:
+                for ev in row.evals:
+                    from_weights = ev != "finetune" or row.method is not None
+                    ev_part = part if ev in scale.few.full_label else "full"
+                    job = _eval_job(f"row{row.id}_s{seed}_{ev}", ev, row.family, scale, seed, out, data, workers,
+                                    weights if from_weights else None, row.id, ev_part)  # fmt: skip
+                    (full_labels if ev_part == "few" else later).append(job)
+            if row.few:  # pre-trained once: every seed's subset starts from the seed-0 encoder
+                start = weights if row.method is None else str(out / f"row{row.id}_s0_pretrain" / "checkpoint-last.pth")
+                few += _few_jobs(row, scale, seed, out, data, workers, start, variant)
+    few.sort(key=lambda job: job.seed)  # seed by seed: every row and fraction at seed 0 first
     # The budget curve by pre-training epochs first, then row, kNN first: a table cut short has
     # both methods at its first point.
     for n in scale.budget_epochs:
@@ -215,20 +383,45 @@ def plan(scale: Scale, out: Path, data: str, workers: list[str]) -> list[Job]:
             ckpt = str(out / f"row{row.id}_s0_pretrain" / f"checkpoint-{n - 1}.pth")
             for ev in ("knn", "finetune"):
                 key = f"row{row.id}_s0_pt{n}_{ev}"
-                budget.append(_eval_job(key, ev, row.family, scale, 0, out, data, workers, ckpt, row.id))
-    return main + later + budget
+                budget.append(_eval_job(key, ev, row.family, scale, 0, out, data, workers, ckpt, row.id, "full"))
+    return sweep_jobs(scale, out, data, workers) + encoders + few + full_labels + later + budget
 
 
-def _eval_job(key, ev, family, scale, seed, out, data, workers, weights, row_id) -> Job:
+def few_key(row_id: str, fraction: float, seed: int, ev: str, variant: str | None = None) -> str:
+    """``row2_f1_s0_finetune``: row 2, 1 % of the labels, seed 0; a fine-tuning try other than
+    the first variant adds ``_vNAME``."""
+    return f"row{row_id}_f{fraction * 100:g}_s{seed}_{ev}" + (f"_v{variant}" if variant else "")
+
+
+def _few_jobs(row, scale, seed, out, data, workers, weights, variant) -> list[Job]:
+    """Row ``row``'s few-label runs with ``seed``: per fraction, the fine-tuning (of the try
+    ``variant``), the probe and the kNN on the subset ``--label-seed seed`` draws."""
+    jobs = []
+    first_variant = next(iter(scale.few.variants))
+    for fraction, flags in scale.few.fractions.items():
+        subset = ["--label-fraction", f"{fraction:g}", "--label-seed", str(seed)]
+        for ev in ("finetune", "linprobe", "knn"):
+            tried = variant if ev == "finetune" and variant != first_variant else None
+            key = few_key(row.id, fraction, seed, ev, tried)
+            extra = [*subset, *flags.get(ev, []), *(scale.few.variants[variant] if ev == "finetune" else [])]
+            from_weights = ev != "finetune" or row.method is not None
+            jobs.append(_eval_job(key, ev, row.family, scale, seed, out, data, workers,
+                                  weights if from_weights else None, row.id, "few", extra))  # fmt: skip
+    return jobs
+
+
+def _eval_job(key, ev, family, scale, seed, out, data, workers, weights, row_id, part, extra=()) -> Job:
     classifier = scale.families[family]["classifier"]
-    config = ["--config", FAMILY_RECIPES[family]["finetune"]] if ev == "finetune" else []
-    argv = [ev, *config, "--model", classifier, "--data", data, *scale.size_flags(), *getattr(scale, ev)]
+    recipe = {"finetune": FAMILY_RECIPES[family]["finetune"], "linprobe": FAMILY_RECIPES[family]["linprobe"]}
+    config = ["--config", recipe[ev]] if ev in recipe else []
+    argv = [ev, *config, "--model", classifier, "--data", data, *scale.size_flags(), *getattr(scale, ev), *extra]
     if ev != "knn":
         argv += ["--seed", str(seed), "--output", str(out / key)]
     if weights:
         argv += ["--pretrained", weights]
     argv += workers
-    return Job(key, ev, argv, row_id, seed, weights, needs=Path(weights).parent.name if weights else None)
+    needs = (Path(weights).parent.name,) if weights else ()
+    return Job(key, ev, argv, row_id, seed, part, weights, needs)
 
 
 # --- running and reading the runs ---------------------------------------------------------------
@@ -280,12 +473,22 @@ def _save_untrained(model: str, seed: int, path: Path, model_args: dict) -> None
     subprocess.run([sys.executable, "-c", code, model, str(seed), str(path), json.dumps(model_args)], check=True)
 
 
-def run_job(job: Job, scale: Scale, out: Path, launch: list[str]) -> dict:
+def command(job: Job, scale: Scale, jobs: dict) -> list[str]:
+    """The ummae command line of ``job`` as it runs: a row pre-trained at the sweep's lr gets
+    the lr the sweep chose (``--blr <swept ...>`` while the sweep is not done)."""
+    if job.blr_from is None:
+        return list(job.argv)
+    blr = chosen_blr(jobs, scale.sweep, *job.blr_from)
+    at = job.argv.index("--seed")  # after the scale's --blr: the later flag wins
+    return [*job.argv[:at], "--blr", f"{blr:g}" if blr else "<swept: {} {}>".format(*job.blr_from), *job.argv[at:]]
+
+
+def run_job(job: Job, scale: Scale, out: Path, launch: list[str], argv: list[str]) -> dict:
     folder = out / job.key
     if job.kind == "init":
         _save_untrained(job.argv[0], job.seed, folder / "checkpoint-last.pth", scale.model_args())
         return {}
-    argv = [*launch, "-m", "ummae", *job.argv]
+    argv = [*launch, "-m", "ummae", *argv]
     if job.kind != "knn":
         argv += ["--resume", "auto"]
     print(f"\n=== {job.key}: {shlex.join(argv)}", flush=True)
@@ -339,7 +542,7 @@ def _next_job(left: list[Job], results: dict, out: Path):
     """The first run not done whose weights are there and that no other table process runs
     (it holds the run's lock file while it runs it), with its lock; (None, None) if none is."""
     for job in left:
-        if job.needs and job.needs not in results["jobs"]:
+        if any(key not in results["jobs"] for key in job.needs):
             continue
         lock = open(out / f".{job.key}.lock", "a")  # noqa: SIM115 (held while the run runs)
         try:
@@ -378,11 +581,38 @@ def _median_epoch(pt: dict) -> float:
     return times[len(times) // 2]
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """The seeds' mean and sample standard deviation (n - 1; 0 for a single value)."""
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def mean_std(values: list[float], planned: int = 0) -> str:
+    """``mean ± sd`` of the seeds' top-1, one decimal; a single value as it is; ``(n of N)``
+    while fewer than the ``planned`` seeds are done."""
+    if not values:
+        return "-"
+    mean, sd = _mean_sd(values)
+    text = f"{mean:.1f}" + (f" ± {sd:.1f}" if len(values) > 1 else "")
+    return text + (f" ({len(values)} of {planned})" if len(values) < planned else "")
+
+
+def _ours(text: str, ours: bool) -> str:
+    return f"{text} †" if ours else text
+
+
+OURS_NOTE = "† ours: no counterpart in the paper or its reference code."
+
+
 def markdown_table(results: dict) -> str:
+    """The full-label table (every training label): pre-training cost, fine-tuning (last and
+    best epoch), probe and kNN per row, and the budget curve."""
     jobs = results["jobs"]
     lines = [
-        "| row | encoder, pre-training | pre-training time (median epoch) | images/s | peak MiB | fine-tune top-1 | linear probe | kNN |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | encoder, pre-training | pre-training time (median epoch) | images/s | peak MiB | fine-tune top-1 | "
+        "fine-tune best epoch | linear probe | kNN † |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
         pts = [jobs[k] for k in (f"row{row.id}_s{s}_pretrain" for s in row.seeds) if k in jobs]
@@ -395,10 +625,12 @@ def markdown_table(results: dict) -> str:
         else:
             time_s = rate = mem = "-"
         cells = [_cell(jobs, row, ev) if ev in row.evals else "" for ev in ("finetune", "linprobe", "knn")]
-        lines.append(f"| {row.id} | {row.label} | {time_s} | {rate} | {mem} | {' | '.join(cells)} |")
+        best = [jobs[k].get("best_acc1") for k in (f"row{row.id}_s{s}_finetune" for s in row.seeds) if k in jobs]
+        cells.insert(1, " / ".join(f"{b:.1f}" for b in best if b is not None) or "-")
+        lines.append(f"| {row.id} | {_ours(row.label, row.ours)} | {time_s} | {rate} | {mem} | {' | '.join(cells)} |")
     budget = [k for k in jobs if "_pt" in k and k.endswith("_finetune")]
     if budget:
-        lines += ["", "Budget curve (seed 0): fine-tune top-1 / kNN after N pre-training epochs", "",
+        lines += ["", "Budget curve † (seed 0): fine-tune top-1 / kNN after N pre-training epochs", "",
                   "| row | epochs | pre-training time (epochs x median epoch) | fine-tune top-1 | kNN |", "|---|---|---|---|---|"]  # fmt: skip
         for row_id in BUDGET_ROWS:
             pt = jobs.get(f"row{row_id}_s0_pretrain")
@@ -409,7 +641,92 @@ def markdown_table(results: dict) -> str:
                 lines.append(
                     f"| {row_id} | {n} | {t} | {jobs[key]['acc1']:.1f} | {knn if knn is None else f'{knn:.1f}'} |"
                 )
+    return "\n".join([*lines, "", OURS_NOTE]) + "\n"
+
+
+def sweep_table(results: dict, scale: Scale) -> str:
+    """Held-out kNN top-1 per base lr of the sweep, the chosen lr in bold."""
+    jobs = results["jobs"]
+    sweep = scale.sweep
+    lines = [f"| family, method | {' | '.join(f'blr {b:g}' for b in sweep.blrs)} | chosen |",
+             "|---|" + "---|" * (len(sweep.blrs) + 1)]  # fmt: skip
+    for family in sweep.families:
+        for method in sweep.methods:
+            chosen = chosen_blr(jobs, sweep, family, method)
+            cells = []
+            for blr in sweep.blrs:
+                acc = jobs.get(f"{_sweep_key(family, method, blr)}_knn", {}).get("acc1")
+                cell = "-" if acc is None else f"{acc:.1f}"
+                cells.append(f"**{cell}**" if blr == chosen else cell)
+            lines.append(f"| {family}, {method} | {' | '.join(cells)} | {'-' if chosen is None else f'{chosen:g}'} |")
     return "\n".join(lines) + "\n"
+
+
+def _few_values(jobs: dict, row: Row, fraction: float, ev: str, seeds, variant, what="acc1") -> list[float]:
+    keys = (few_key(row.id, fraction, s, ev, variant) for s in seeds)
+    return [jobs[k][what] for k in keys if k in jobs and what in jobs[k]]
+
+
+def few_label_table(results: dict, scale: Scale, variant: str | None = None) -> str:
+    """Top-1 with 1 % / 10 % of the labels (mean ± sd over the seeds; fine-tuning: last epoch,
+    best epoch in brackets) and with every label (seed 0), for the few-label rows."""
+    jobs, few = results["jobs"], scale.few
+    tried = variant if variant and variant != next(iter(few.variants)) else None
+    head = ["row", "encoder, pre-training"]
+    for fraction in few.fractions:
+        pct = f"{fraction * 100:g} % †"
+        head += [f"{pct} fine-tune (best)", f"{pct} probe", f"{pct} kNN"]
+    head += ["100 % fine-tune (best)", "100 % probe", "100 % kNN †"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in (r for r in ROWS if r.few):
+        cells = [row.id, _ours(row.label, row.ours)]
+        for fraction in few.fractions:
+            final = mean_std(_few_values(jobs, row, fraction, "finetune", few.seeds, tried), len(few.seeds))
+            best = mean_std(_few_values(jobs, row, fraction, "finetune", few.seeds, tried, "best_acc1"))
+            cells.append(f"{final} ({best})" if final != "-" else final)
+            cells += [mean_std(_few_values(jobs, row, fraction, ev, few.seeds, None), len(few.seeds))
+                      for ev in ("linprobe", "knn")]  # fmt: skip
+        ft = jobs.get(f"row{row.id}_s0_finetune", {})
+        cells.append(f"{ft['acc1']:.1f} ({ft['best_acc1']:.1f})" if "best_acc1" in ft else "-")
+        cells += [
+            mean_std([jobs[k]["acc1"]] if k in jobs else [])
+            for k in (f"row{row.id}_s0_{ev}" for ev in ("linprobe", "knn"))
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def tries_table(results: dict, scale: Scale) -> str:
+    """Every few-label fine-tuning try (``--variant``) found in the results, row by row: the
+    last-epoch top-1, mean ± sd over the seeds."""
+    jobs, few = results["jobs"], scale.few
+    first = next(iter(few.variants))
+    head = ["try (flags)", "row", *(f"{f * 100:g} % fine-tune" for f in few.fractions)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, flags in few.variants.items():
+        tried = None if name == first else name
+        for row in (r for r in ROWS if r.few):
+            vals = [_few_values(jobs, row, f, "finetune", few.seeds, tried) for f in few.fractions]
+            if any(vals):
+                cells = [
+                    f"{name} ({shlex.join(flags) or 'the table'})",
+                    row.id,
+                    *(mean_std(v, len(few.seeds)) for v in vals),
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(results: dict, scale: Scale, variant: str | None = None) -> str:
+    """table.md: the sweep, the few-label table and its tries, the full-label table."""
+    return "\n".join([
+        "## Pre-training lr sweep † (kNN top-1 on the held-out training images; bold: chosen)", "",
+        sweep_table(results, scale),
+        f"## Few labels (mean ± sd over seeds {', '.join(map(str, scale.few.seeds))}; val top-1)", "",
+        few_label_table(results, scale, variant),
+        "### Few-label fine-tuning tries", "", tries_table(results, scale),
+        "## Every label", "", markdown_table(results),
+    ])  # fmt: skip
 
 
 def _budget_panel(ax, jobs: dict, ev: str) -> None:
@@ -434,9 +751,9 @@ def _budget_panel(ax, jobs: dict, ev: str) -> None:
             ax.plot([ends[1][0]], [ends[1][1]], "x", color=line[0].get_color(), label=f"row {row_id}: seed 1")
 
 
-def plots(results: dict, img: Path, scale_name: str) -> list[Path]:
-    """Accuracy vs pre-training time for rows 1-3 (budget points and final), and the SM-ratio
-    curve (rows 3, 4, 5)."""
+def plots(results: dict, img: Path, scale_name: str, scale: Scale, variant: str | None = None) -> list[Path]:
+    """Accuracy vs pre-training time for rows 1-3 (budget points and final), the SM-ratio
+    curve (rows 3, 4, 5) and accuracy vs the share of labels (the few-label rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -475,7 +792,59 @@ def plots(results: dict, img: Path, scale_name: str) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
+    written.append(_few_label_plot(plt, results, scale, img, scale_name, variant))
     return written
+
+
+def _few_label_plot(plt, results: dict, scale: Scale, img: Path, scale_name: str, variant) -> Path:
+    """Top-1 against the share of labels (log axis: the fractions and every label), one line
+    per few-label row, the seeds' mean with their standard deviation as error bars."""
+    jobs, few = results["jobs"], scale.few
+    tried = variant if variant and variant != next(iter(few.variants)) else None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, ev, what in zip(axes, ("finetune", "linprobe", "knn"), ("fine-tune", "linear probe", "kNN"), strict=True):
+        for row in (r for r in ROWS if r.few):
+            xs, means, sds = [], [], []
+            for fraction in few.fractions:
+                vals = _few_values(jobs, row, fraction, ev, few.seeds, tried if ev == "finetune" else None)
+                if vals:
+                    mean, sd = _mean_sd(vals)
+                    xs, means, sds = [*xs, fraction * 100], [*means, mean], [*sds, sd]
+            if f"row{row.id}_s0_{ev}" in jobs:
+                xs, means, sds = [*xs, 100.0], [*means, jobs[f"row{row.id}_s0_{ev}"]["acc1"]], [*sds, 0.0]
+            if xs:
+                ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=f"{row.id}: {row.label}")
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training images (%)")
+        ax.set_ylabel(f"{what} top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Few labels: top-1 on the val split ({scale_name} table; mean ± sd over seeds, 100 %: seed 0)")
+    path = img / f"minitable_{scale_name}_few_labels.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def select(jobs: list[Job], parts, only: str, no_budget: bool) -> list[Job]:
+    """The runs of ``parts`` and those they need first (the sweep before a swept row, a row's
+    pre-training before its evaluations), in the plan's order; then ``--only`` / ``--no-budget``."""
+    by_key = {job.key: job for job in jobs}
+    wanted = {job.key for job in jobs if job.part in parts}
+    todo = list(wanted)
+    while todo:
+        for need in by_key[todo.pop()].needs:
+            if need in by_key and need not in wanted:
+                wanted.add(need)
+                todo.append(need)
+    jobs = [job for job in jobs if job.key in wanted]
+    if no_budget:
+        jobs = [j for j in jobs if "_pt" not in j.key or j.key.endswith("_pretrain")]
+    if only:
+        keys = set(only.split(","))
+        jobs = [j for j in jobs if j.key in keys or j.row in keys]
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -485,6 +854,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="runs and results.json (default runs/minitable_SCALE)")
     p.add_argument("--img", default=str(HERE.parent / "docs" / "img"), help="folder of the plots")
     p.add_argument("--num-workers", type=int, default=None, help="data-loading processes of every run")
+    p.add_argument("--parts", default=None,
+                   help=f"comma-separated parts of the table, of {', '.join(PARTS)} (default: the scale's; mini: "
+                        f"{','.join(SCALES['mini'].parts)}); the runs they need come along")  # fmt: skip
+    p.add_argument("--variant", default=None,
+                   help="the few-label fine-tuning try to run (default: the scale's first; mini: "
+                        f"{', '.join(SCALES['mini'].few.variants)}); every try's results stay in the table")  # fmt: skip
     p.add_argument("--only", default="", help="comma-separated job keys or row ids (e.g. 1,2,3): run only those")
     p.add_argument("--max-jobs", type=int, default=0, help="stop after running this many (0: all)")
     p.add_argument("--no-budget", action="store_true", help="leave out the budget curve's runs")
@@ -499,28 +874,32 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or scale.data
     if not data or not (Path(data) / "train").is_dir() or not (Path(data) / "val").is_dir():
         p.error(f"--data {data or '(none)'}: needs a folder with train/ and val/ image folders")
+    parts = tuple(args.parts.split(",")) if args.parts else scale.parts
+    if set(parts) - set(PARTS):
+        p.error(f"--parts {args.parts}: the parts are {', '.join(PARTS)}")
+    if args.variant is not None and args.variant not in scale.few.variants:
+        p.error(f"--variant {args.variant}: the {args.scale} table's tries are {', '.join(scale.few.variants)}")
     out = Path(args.out or f"runs/minitable_{args.scale}").resolve()
     workers = ["--num-workers", str(args.num_workers)] if args.num_workers is not None else []
-    jobs = plan(scale, out, str(Path(data).resolve()), workers)
-    if args.no_budget:
-        jobs = [j for j in jobs if "_pt" not in j.key or j.key.endswith("_pretrain")]
-    if args.only:
-        wanted = set(args.only.split(","))
-        jobs = [j for j in jobs if j.key in wanted or j.row in wanted]
+    data = str(Path(data).resolve())
+    jobs = select(plan(scale, out, data, workers, args.variant), parts, args.only, args.no_budget)
+    path = out / "results.json"
+    results = load_results(path, args.scale)
     if args.dry_run:
         prefix = ["ummae"] if args.launch == sys.executable else [*shlex.split(args.launch), "-m", "ummae"]
         for job in jobs:
+            argv = command(job, scale, results["jobs"])
             print(
-                f"{job.key}: "
-                + (f"(untrained {job.argv[0]})" if job.kind == "init" else shlex.join([*prefix, *job.argv]))
+                f"{job.key}: " + (f"(untrained {job.argv[0]})" if job.kind == "init" else shlex.join([*prefix, *argv]))
             )
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    results = load_results(path, args.scale)
+    if any(job.part == "sweep" for job in jobs):
+        n_bank, n_held = write_holdout_lists(scale.sweep, Path(data) / "train", out)
+        print(f"minitable: the sweep's kNN: bank {n_bank} training images, {n_held} held out ({out / 'heldout'})")
     left = [j for j in jobs if j.key not in results["jobs"]]
     print(f"minitable ({args.scale}): {len(jobs) - len(left)} of {len(jobs)} runs done, {len(left)} to go; {out}")
-    missing = {j.needs for j in left if j.needs} - {j.key for j in jobs} - set(results["jobs"])
+    missing = {n for j in left for n in j.needs} - {j.key for j in jobs} - set(results["jobs"])
     if missing:
         p.error(f"runs that are not done and not selected are needed first: {', '.join(sorted(missing))}")
     ran = 0
@@ -531,21 +910,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             try:
                 t0 = time.time()
-                result = run_job(job, scale, out, shlex.split(args.launch))
+                argv = command(job, scale, results["jobs"])
+                result = run_job(job, scale, out, shlex.split(args.launch), argv)
                 value = {**result, "kind": job.kind, "row": job.row, "seed": job.seed,
-                         "command": ["ummae", *job.argv] if job.kind != "init" else job.argv, "job_s": time.time() - t0}  # fmt: skip
+                         "command": ["ummae", *argv] if job.kind != "init" else job.argv, "job_s": time.time() - t0}  # fmt: skip
                 results = record_result(path, args.scale, job.key, value)
             finally:
                 lock.close()  # releases the run's lock
             ran += 1
-            (out / "table.md").write_text(markdown_table(results))
+            (out / "table.md").write_text(report(results, scale, args.variant))
             print(f"minitable: {job.key} done in {time.time() - t0:.0f} s", flush=True)
         results = load_results(path, args.scale)
         left = [j for j in jobs if j.key not in results["jobs"]]
-    (out / "table.md").write_text(markdown_table(results))
-    for img in plots(results, Path(args.img), args.scale):
+    (out / "table.md").write_text(report(results, scale, args.variant))
+    for img in plots(results, Path(args.img), args.scale, scale, args.variant):
         print(f"minitable: wrote {img}")
-    print(markdown_table(results))
+    print(report(results, scale, args.variant))
     return 0
 
 

@@ -22,6 +22,7 @@ _RUN_CONTROL = dict(
 _OPTIMISATION = dict(accum_iter=1, lr=None, min_lr=0.0, weight_decay=0.05, clip_grad=None)
 _DETECT_TEST = dict(test_scales=None, test_flip=False)  # one test at the img_size canvas (the plain test)
 _CLASSIFY_DATA = dict(model=None, data=None, val_data=None, data_root=None, img_size=None, crop_pct=None)
+_FEW_LABELS = dict(label_fraction=None, label_seed=0)  # every label (finetune, linprobe, knn)
 
 # command -> option -> its default
 DEFAULTS: dict[str, dict[str, object]] = {
@@ -36,7 +37,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
         "demo_repeats": 8, "vis_every": 20, "vis_images": 8,
     },
     "finetune": {
-        **_MACHINERY, **_RUN_CONTROL, **_OPTIMISATION, **_CLASSIFY_DATA,
+        **_MACHINERY, **_RUN_CONTROL, **_OPTIMISATION, **_CLASSIFY_DATA, **_FEW_LABELS,
         "output": "runs/finetune", "epochs": 100, "warmup_epochs": 5, "batch_size": 128, "blr": 5e-4,
         "min_lr": 1e-6, "pretrained": None, "num_classes": None, "samples_per_epoch": None,
         "drop_path": None, "window_size": None, "layer_decay": None,  # the model's (FAMILY_FINETUNE)
@@ -45,7 +46,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
         "ema_decay": 0.9999, "eval_every": 1,
     },
     "linprobe": {
-        **_MACHINERY, **_RUN_CONTROL, **_OPTIMISATION, **_CLASSIFY_DATA,
+        **_MACHINERY, **_RUN_CONTROL, **_OPTIMISATION, **_CLASSIFY_DATA, **_FEW_LABELS,
         "output": "runs/linprobe", "epochs": 90, "warmup_epochs": 10, "batch_size": 256, "blr": 0.1,
         "weight_decay": 0.0, "pretrained": None, "eval_every": 1,
     },
@@ -53,7 +54,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
         **_MACHINERY, **_CLASSIFY_DATA, "batch_size": 128, "checkpoint": None, "split": "val", "ema": False,
     },
     "knn": {
-        **_MACHINERY, **_CLASSIFY_DATA, "batch_size": 128, "pretrained": None, "k": 20, "temperature": 0.07,
+        **_MACHINERY, **_CLASSIFY_DATA, **_FEW_LABELS, "batch_size": 128, "pretrained": None, "k": 20, "temperature": 0.07,
     },
     "detect train": {
         **_MACHINERY, **_RUN_CONTROL, **_OPTIMISATION,

@@ -32,6 +32,8 @@ import ummae.tasks.segment as segment
 from _helpers import coco_subset, semseg_subset, write_colour_dataset, write_image
 from ummae.cli import COMMANDS
 from ummae.config import DetectConfig, FinetuneConfig, LinprobeConfig, PretrainConfig, SegmentConfig, resolve
+from ummae.data import build_classify_dataset
+from ummae.data.subset import balanced_subset
 from ummae.engine.dist import DistInfo
 from ummae.engine.schedule import Schedule
 from ummae.models.registry import create_model
@@ -250,12 +252,26 @@ def _classify_data(small_colours) -> dict[str, Reach | str]:
     }  # fmt: skip
 
 
+def _few_labels() -> dict[str, Reach]:
+    """--label-fraction keeps half of colour_data's 18 training images; --label-seed which half
+    (the draw of that seed over every training image)."""
+
+    def drawn(cfg) -> list[str]:
+        ds = build_classify_dataset(cfg.data, "train", None)
+        return sorted(ds.samples[i][0] for i in balanced_subset(ds.samples, ds.class_names, 0.5, cfg.label_seed, ""))
+
+    return {
+        "label_fraction": Reach(0.5, lambda b: len(b.train), 9),
+        "label_seed": Reach(1, lambda b: sorted(p for p, _ in b.train.samples), drawn, also=dict(label_fraction=0.5)),
+    }
+
+
 def test_finetune__every_option_reaches_what_it_sets(tmp_path, colour_data, small_colours):
     base = FinetuneConfig(model="swin_test", data=str(colour_data), output=str(tmp_path), device="cpu", num_workers=0,
                           epochs=1, warmup_epochs=0, batch_size=6, blr=0.05)  # fmt: skip
     mixup = lambda attr: lambda b: getattr(b.step.mixup, attr)  # noqa: E731 (timm's Mixup in the loss step)
     _walk(_training(FinetuneTask), base, {
-        **_MACHINERY, **_RUN_CONTROL, **_optimisation(6), **_epochs(), **_classify_data(small_colours),
+        **_MACHINERY, **_RUN_CONTROL, **_optimisation(6), **_epochs(), **_classify_data(small_colours), **_few_labels(),
         "pretrained": "weights loaded into the encoder: tests/test_classify.py, tests/test_transfer.py",
         "num_classes": Reach(7, lambda b: (b.model.num_classes, b.model.head.out_features), (7, 7)),
         "samples_per_epoch": "labelled tar shards only: tests/test_shards.py",
@@ -279,7 +295,7 @@ def test_linprobe__every_option_reaches_what_it_sets(tmp_path, colour_data, smal
     base = LinprobeConfig(pretrained=str(pretrain_ckpt("mae_swin_test")), data=str(colour_data), output=str(tmp_path),
                           device="cpu", num_workers=0, epochs=1, warmup_epochs=0, batch_size=6, blr=0.05)  # fmt: skip
     table = {
-        **_MACHINERY, **_RUN_CONTROL, **_optimisation(6), **_epochs(), **_classify_data(small_colours),
+        **_MACHINERY, **_RUN_CONTROL, **_optimisation(6), **_epochs(), **_classify_data(small_colours), **_few_labels(),
         "model": "taken from --pretrained (its classifier): tests/test_classify.py; another model refuses the weights",
         "pretrained": "weights loaded into the frozen encoder: tests/test_classify.py (linear probing)",
         "weight_decay": Reach(0.11, _group("weight_decay"), [0.11]),  # LARS on the head
@@ -544,6 +560,9 @@ def test_knn__every_option_reaches_what_it_sets(
         **_classify_inference(other_colours),
         "val_data": Reach(str(other_colours / "val"), lambda b: b.result["val_images"], 6),
         "pretrained": Reach(other, lambda b: b.calls.last("load_pretrained").args[1]),
+        "label_fraction": Reach(0.5, lambda b: b.result["train_images"], 3),  # the bank: 1 of each class's 2
+        "label_seed": "which images of the bank: the draw fine-tuning takes too (take_label_subset), "
+        "tests/test_fewlabel.py::test_subset__other_seeds_draw_other_images",
         "k": Reach(3, lambda b: evaluator(b).k),
         "temperature": Reach(0.5, lambda b: evaluator(b).temperature),
     })  # fmt: skip

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from ummae.cli import _parser, main
-from ummae.config import DetectConfig, FinetuneConfig, PretrainConfig, SegmentConfig, config_from_args, resolve
+from ummae.config import (
+    DetectConfig,
+    FinetuneConfig,
+    LinprobeConfig,
+    PretrainConfig,
+    SegmentConfig,
+    config_from_args,
+    resolve,
+)
 from ummae.config.recipes import RECIPES, markdown_table, sources_markdown, split_batch
 from ummae.errors import UsageError
 
@@ -67,6 +75,21 @@ def _finetune(target, model, input_size, per_gpu, accum, layer_decay, drop_path)
         "mixup_switch_prob": (0.5, f"{FT_DEFAULT} --mixup_switch_prob 0.5"),
     }
     return rows, per_gpu * accum * 8, per_gpu
+
+
+def _linprobe(model, input_size):
+    """MAE's main_linprobe.py: its defaults, at the total batch its README gives (16384)."""
+    lp = "MAE main_linprobe.py argparse default"
+    rows = {
+        "model": (model, "the family's classifier at its fine-tuning input size"),
+        "img_size": (input_size, "the fine-tuning input size (MAE: 224)"),
+        "epochs": (90, f"{lp} --epochs 90"),
+        "warmup_epochs": (10, f"{lp} --warmup_epochs 10"),
+        "blr": (0.1, f"{lp} --blr 0.1"),
+        "min_lr": (0.0, f"{lp} --min_lr 0"),
+        "weight_decay": (0.0, f"{lp} --weight_decay 0"),
+    }
+    return rows, 16384, 512  # MAE LINPROBE.md: 512 per GPU x 32 GPUs
 
 
 def _gfl(backbone, config):
@@ -220,6 +243,9 @@ REFERENCE = {
     "swin_large_ummae_in1k_finetune": _finetune(
         "finetune_mae_swin_large_256_mask_vmr025_200e_100e", "swin_large_256", 256, 32, 4, 0.7, 0.2
     ),
+    "vit_base_in1k_linprobe": _linprobe("vit_base_patch16", 224),
+    "swin_tiny_in1k_linprobe": _linprobe("swin_tiny_256", 256),
+    "pvt_small_in1k_linprobe": _linprobe("pvt_small_256", 256),
     "swin_tiny_ummae_gfl_coco": _gfl("swin_tiny_256", GFL.format("swin_tiny")),
     "pvt_small_ummae_gfl_coco": _gfl("pvt_small_256", GFL.format("pvt_small")),
     "swin_large_ummae_htcpp_coco": _htcpp(),
@@ -233,7 +259,7 @@ PUBLISHED_TOP1 = {
     "pvt_small_ummae_in1k": "79.31", "swin_tiny_simmim_in1k": "82.20", "swin_tiny_ummae_in1k": "82.04",
     "swin_large_ummae_in1k": "85.2",
 }  # fmt: skip
-CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "detect train": DetectConfig,
+CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linprobe": LinprobeConfig, "detect train": DetectConfig,
            "segment train": SegmentConfig}  # fmt: skip
 
 
@@ -255,7 +281,8 @@ def test_recipe__every_value_is_the_references(name):
     # on the reference's 8 GPUs the split is the reference's own
     assert split_batch(recipe.total_batch, recipe.ref_batch, 8) == (per_gpu, total // per_gpu // 8)
     # every option parses into the command's config and passes its checks
-    cfg = CONFIGS[recipe.command](**{**recipe.options(), "data": "/data"})
+    needs = {"pretrained": "/encoder.pth"} if recipe.command == "linprobe" else {}  # the encoder to probe
+    cfg = CONFIGS[recipe.command](**{**recipe.options(), "data": "/data", **needs})
     cfg.validate()
 
 

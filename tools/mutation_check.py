@@ -1756,13 +1756,98 @@ MUTATIONS = [
         "evaluate_coco(m, val_ds, val_loader, ctx.device, ctx.precision, iou_types)",
         ("tests/test_detect_tta.py::test_detect_train__evaluates_at_its_test_scales_and_flip",),
     ),
+    # issue 35: few labels (ummae.data.subset, --label-fraction) and the table's sweep and cells
+    Mutation(
+        "subset_unbalanced",
+        "the first class gives one image more than a balanced subset",
+        "src/ummae/data/subset.py",
+        "need = base + (label in favoured)",
+        "need = base + (label in favoured) + (label == 0)",
+        ("tests/test_fewlabel.py",),
+    ),
+    Mutation(
+        "subset_seed_ignored",
+        "every --label-seed draws the images of seed 0",
+        "src/ummae/data/subset.py",
+        "chosen += sorted(members, key=lambda i: _rank(seed, names[i]))[:need]",
+        "chosen += sorted(members, key=lambda i: _rank(0, names[i]))[:need]",
+        ("tests/test_fewlabel.py",),
+    ),
+    Mutation(
+        "subset_absolute_paths",
+        "the draw hashes absolute paths: the same folder elsewhere draws other images",
+        "src/ummae/data/subset.py",
+        'return [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]',
+        "return paths",
+        ("tests/test_fewlabel.py",),
+    ),
+    Mutation(
+        "subset_not_trained_on",
+        "the subset is drawn and recorded, but the run trains on every image",
+        "src/ummae/tasks/classify.py",
+        "train_ds.samples = [train_ds.samples[i] for i in keep]",
+        "train_ds.samples = train_ds.samples",
+        ("tests/test_fewlabel.py",),
+    ),
+    Mutation(
+        "subset_resume_unchecked",
+        "a resumed run does not check its recorded list against the draw",
+        "src/ummae/tasks/classify.py",
+        "if path.read_text().splitlines() != lines:",
+        "if False:",
+        ("tests/test_fewlabel.py",),
+    ),
+    Mutation(
+        "sweep_argmin",
+        "the sweep chooses the lr with the lowest held-out kNN",
+        "experiments/minitable.py",
+        "return max(scores, key=lambda s: (s[0], -s[1]))[1]",
+        "return min(scores, key=lambda s: (s[0], -s[1]))[1]",
+        (
+            "tests/test_minitable.py::test_chosen_blr__the_argmax_of_the_held_out_knn",
+            "tests/test_minitable.py::test_command__a_swept_row_pretrains_at_the_chosen_lr",
+        ),
+    ),
+    Mutation(
+        "sweep_lr_not_applied",
+        "a swept row pre-trains at the scale's lr, not the chosen one",
+        "experiments/minitable.py",
+        "    if job.blr_from is None:\n        return list(job.argv)",
+        "    if True:\n        return list(job.argv)",
+        ("tests/test_minitable.py::test_command__a_swept_row_pretrains_at_the_chosen_lr",),
+    ),
+    Mutation(
+        "holdout_in_bank",
+        "the held-out images stay in the sweep's kNN bank",
+        "experiments/minitable.py",
+        "[i for i in range(len(samples)) if i not in held]",
+        "list(range(len(samples)))",
+        ("tests/test_minitable.py::test_write_holdout_lists__a_class_balanced_tenth_held_out_once",),
+    ),
+    Mutation(
+        "mean_std_population",
+        "the seeds' standard deviation divides by n, not n - 1",
+        "experiments/minitable.py",
+        "sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5",
+        "sd = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5",
+        ("tests/test_minitable.py::test_mean_std__the_seeds_mean_and_sample_standard_deviation",),
+    ),
+    Mutation(
+        "paper_probe_per_process",
+        "the probe runs without its recipe: 256 per process, not MAE's total batch split over the processes",
+        "experiments/minitable.py",
+        '"linprobe": FAMILY_RECIPES[family]["linprobe"]}',
+        "}",
+        ("tests/test_minitable.py::test_plan__paper_scale_probe_is_maes_total_batch_split_over_the_processes",),
+    ),
 ]
 
 
 def _copy(dst: Path) -> Path:
     main = dst / "main"
-    # experiments/coco_subset.py: the detection tests' coco_mini subsets (tests/_helpers.py)
-    for part in ("src", "tests", "pyproject.toml", "experiments/coco_subset.py"):
+    # experiments/coco_subset.py: the detection tests' coco_mini subsets (tests/_helpers.py);
+    # experiments/minitable.py: what tests/test_minitable.py tests (its mutations are in it)
+    for part in ("src", "tests", "pyproject.toml", "experiments/coco_subset.py", "experiments/minitable.py"):
         src = ROOT / part
         if src.is_dir():
             shutil.copytree(src, main / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

@@ -329,7 +329,26 @@ class ClassifyData:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(RunConfig, ClassifyData):
+class FewLabels:
+    """Training on a class-balanced fraction of the labels (:mod:`ummae.data.subset`): fine-tuning,
+    probing and the kNN bank."""
+
+    label_fraction: float | None = option(
+        None,
+        "use this class-balanced fraction of the training images and their labels, e.g. 0.01 (drawn once per "
+        "--label-seed, every class at least one image; a training run lists it in its folder's "
+        "label_subset.txt; kNN: the bank); default: every label",
+        gt=0,
+        lt=1,
+        source="ours: every label (the reference trains on all of them)",
+    )
+    label_seed: int = option(
+        0, "seed of the --label-fraction draw (the same seed, the same images)", source="ours: the first draw"
+    )
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(RunConfig, FewLabels, ClassifyData):
     """End-to-end fine-tuning. Defaults are the paper's recipe (METHOD.md)."""
 
     pretrained: str | None = option(
@@ -425,7 +444,7 @@ class FinetuneConfig(RunConfig, ClassifyData):
 
 
 @dataclass(frozen=True)
-class LinprobeConfig(RunConfig, ClassifyData):
+class LinprobeConfig(RunConfig, FewLabels, ClassifyData):
     """Linear probing (MAE's recipe): frozen encoder, BatchNorm without affine + linear head,
     LARS, no weight decay, crop + flip only."""
 
@@ -500,7 +519,7 @@ class EvalConfig(InferenceConfig):
 
 
 @dataclass(frozen=True)
-class KnnConfig(InferenceConfig):
+class KnnConfig(InferenceConfig, FewLabels):
     """Weighted kNN on frozen features (cosine similarity, weights exp(sim / T))."""
 
     what: ClassVar[str] = "kNN evaluation"

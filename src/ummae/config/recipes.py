@@ -83,6 +83,18 @@ def _finetune(name, model, img_size, source, published, *, layer_decay=0.85, dro
     return Recipe(name, "finetune", 1024, ref_batch, values, f"Makefile: {source}", published)
 
 
+def _linprobe(name, model, img_size):
+    """MAE's linear probe (``main_linprobe.py``'s defaults; its README's total batch 16384 = 512
+    per GPU x 32 GPUs, here 512 x 4 accumulation x 8): the UM-MAE reference has no probing run,
+    so every family and method is probed the way MAE probes."""
+    values: dict[str, Any] = dict(
+        model=model, img_size=img_size, epochs=90, warmup_epochs=10, blr=0.1, min_lr=0.0, weight_decay=0.0,
+        output=f"runs/{name}",
+    )  # fmt: skip
+    source = "MAE main_linprobe.py defaults; MAE LINPROBE: total batch 16384 (512 per GPU x 32 GPUs)"
+    return Recipe(name, "linprobe", 16384, 512, values, source, _NOT_PUBLISHED)
+
+
 def _dense(name, command, backbone, defaults, source, published):
     values = dict(backbone=backbone, **defaults, output=f"runs/{name}")
     return Recipe(name, command, 16, 2, values, source, published)
@@ -199,6 +211,9 @@ RECIPES: dict[str, Recipe] = {
         _finetune("swin_large_ummae_in1k_finetune", "swin_large_256", 256,
                   "finetune_mae_swin_large_256_mask_vmr025_200e_100e", "85.2 top-1", layer_decay=0.7, drop_path=0.2,
                   ref_batch=32),
+        _linprobe("vit_base_in1k_linprobe", "vit_base_patch16", 224),
+        _linprobe("swin_tiny_in1k_linprobe", "swin_tiny_256", 256),
+        _linprobe("pvt_small_in1k_linprobe", "pvt_small_256", 256),
         _dense("swin_tiny_ummae_gfl_coco", "detect train", "swin_tiny_256", _GFL, _DET.format("swin_tiny"),
                _NOT_PUBLISHED),
         _dense("pvt_small_ummae_gfl_coco", "detect train", "pvt_small_256", _GFL, _DET.format("pvt_small"),

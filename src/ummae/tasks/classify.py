@@ -26,6 +26,8 @@ from timm.utils import ModelEmaV3
 from ummae.config import EvalConfig, FinetuneConfig, LinprobeConfig, resolve
 from ummae.data import build_classify_dataset, build_classify_transform
 from ummae.data.classify import default_crop_pct
+from ummae.data.dataset import ImageDataset
+from ummae.data.subset import SUBSET_FILE, balanced_subset, subset_lines
 from ummae.engine import dist as udist
 from ummae.engine.optim import build_optimizer
 from ummae.engine.precision import resolve_precision
@@ -101,14 +103,49 @@ def record_for_prediction(model: nn.Module, class_names: list[str], cfg) -> None
     model.model_args.update(class_names=names, crop_pct=crop_pct)
 
 
-def resumed_model_args(cfg) -> dict[str, Any] | None:
-    """The model_args of the checkpoint ``--resume`` continues (None: a new run)."""
+def resumed_checkpoint(cfg) -> Path | None:
+    """The checkpoint ``--resume`` continues (None: a new run)."""
     if not cfg.resume:
         return None
     path = Path(cfg.output) / "checkpoint-last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-    if not path.exists():  # resume auto without a checkpoint: a new run
-        return None
-    return ckpt.load(path, mmap=True).get("model_args") or {}
+    return path if path.exists() else None  # resume auto without a checkpoint: a new run
+
+
+def resumed_model_args(cfg) -> dict[str, Any] | None:
+    """The model_args of the checkpoint ``--resume`` continues (None: a new run)."""
+    path = resumed_checkpoint(cfg)
+    return None if path is None else ckpt.load(path, mmap=True).get("model_args") or {}
+
+
+def take_label_subset(train_ds, cfg, record: Path | None = None) -> None:
+    """``--label-fraction``: keep only the class-balanced subset of the training images that
+    ``--label-seed`` draws (:func:`ummae.data.subset.balanced_subset`). ``record``: the run
+    folder, whose ``label_subset.txt`` lists the subset (a list file: ``--data FILE
+    --data-root TRAIN_SPLIT`` reads it back); a resumed run's list must be the one it draws now,
+    else the training folder changed under the run and it is refused."""
+    if cfg.label_fraction is None:
+        return
+    if not isinstance(train_ds, ImageDataset):  # a shard stream has no list of images to draw from
+        raise UsageError("--label-fraction draws from a folder or a list file, not from tar shards")
+    flag = f"--label-fraction {cfg.label_fraction} --label-seed {cfg.label_seed}:"
+    keep = balanced_subset(train_ds.samples, train_ds.class_names, cfg.label_fraction, cfg.label_seed, flag[:-1])
+    lines = subset_lines(train_ds.samples, keep)
+    log.info("%s %d of the %d training images", flag, len(keep), len(train_ds.samples))
+    train_ds.samples = [train_ds.samples[i] for i in keep]
+    if record is None:
+        return
+    path = record / SUBSET_FILE
+    if resumed_checkpoint(cfg) is not None and path.exists():
+        if path.read_text().splitlines() != lines:
+            raise UsageError(
+                f"{path} lists other images than {flag[:-1]} draws from {cfg.data} now: the training images changed "
+                f"since the run started; resume it on the data it started with"
+            )
+        return
+    record.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)  # atomic: a killed run leaves the whole list or none
 
 
 def _build_classifier(cfg, num_classes: int, **overrides) -> nn.Module:
@@ -241,6 +278,7 @@ class ClassifyTask(Task):
         val_ds = build_classify_dataset(
             cfg.val_data or cfg.data, "val", None, cfg.data_root, class_names=train_ds.class_names
         )
+        take_label_subset(train_ds, cfg, Path(cfg.output) if ctx.is_main else None)
         num_classes = getattr(cfg, "num_classes", None) or train_ds.num_classes
         if num_classes < train_ds.num_classes:
             raise UsageError(f"num_classes={num_classes} but the training data has {train_ds.num_classes} classes")

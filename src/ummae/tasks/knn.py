@@ -15,7 +15,7 @@ from ummae.evaluation import inference_on_dataset, on_training_images, shard_loa
 from ummae.evaluation.classification import FeatureBank, KnnEvaluator, model_outputs
 from ummae.models.classifier import check_classifier
 from ummae.models.registry import create_model
-from ummae.tasks.classify import classifier_from_weights, no_val_split, same_images
+from ummae.tasks.classify import classifier_from_weights, no_val_split, same_images, take_label_subset
 from ummae.weights.load import OneReadPerFile, load_pretrained
 
 log = logging.getLogger("ummae")
@@ -36,6 +36,7 @@ def _knn(cfg: KnnConfig) -> dict[str, Any]:
         val_ds = build_classify_dataset(
             cfg.val_data or cfg.data, "val", None, cfg.data_root, class_names=train_ds.class_names
         )
+        take_label_subset(train_ds, cfg)  # the bank: the labelled images only
         model = create_model(cfg.model, num_classes=0, img_size=cfg.img_size, drop_path=0.0)  # head-less: features
         report = load_pretrained(model, cfg.pretrained)
         if info.is_main:
