@@ -27,6 +27,9 @@ ms per step of each phase:
 * ``optimiser``: the AdamW step (through the grad scaler) and the zeroing of the gradients.
 
 ``model step`` is the sum of the phases after ``data``, and ``images/s`` the batch over it.
+``vs SimMIM`` (here and for the epochs) is the median over the rounds of the UM-MAE row's
+images/s over the SimMIM row's in the same round: a round the machine was busier in slows
+both sides of its ratio.
 
 **Whole epochs.** Then each row's ``ummae pretrain`` command, one at a time (nothing else of
 this script runs meanwhile), with ``--epochs`` epochs, the same ``--workers`` and
@@ -227,6 +230,7 @@ def model_phases(rows: list[Row], warmup: int, repeats: int) -> list[dict[str, o
                 "model_step_ms": ms["model step"],
                 "model_images_per_s": 1000 * batch / ms["model step"],
                 "with_data_images_per_s": 1000 * batch / ms["with data"],
+                "model_images_per_s_rounds": [batch / sum(s[p] for p in PHASES[1:]) for s in row.steps],
                 "repeats": len(row.steps),
             }
         )
@@ -248,7 +252,7 @@ def whole_epochs(
     commands: list[tuple[str, list[str]]], epochs: int, rounds: int, threads: int, out: Path
 ) -> dict[str, list[float]]:
     """Each row's ``ummae pretrain`` for ``epochs`` epochs, alone, rows in turn for ``rounds``
-    rounds: the images/s of their epochs after the first, by row."""
+    rounds: by row, the images/s of each round's run (the median of its epochs after the first)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
     rates: dict[str, list[float]] = {label: [] for label, _ in commands}
     for r in range(rounds):
@@ -260,15 +264,18 @@ def whole_epochs(
             proc = subprocess.run([sys.executable, "-m", "ummae", *run], env=env, capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"pretrain_phases: {label} failed:\n{proc.stderr[-2000:]}")
-            rates[label] += _epoch_rates(folder)
+            rates[label].append(statistics.median(_epoch_rates(folder)))
     return rates
 
 
 def _ratio_to_simmim(results: list[dict[str, object]], key: str) -> None:
-    """``key``'s ratio of each row to the SimMIM row of its family (the row before it)."""
+    """``key``'s ratio of each row to the SimMIM row of its family (the row before it): the
+    median over the rounds of the ratio within each round (``key_rounds``), so that a round the
+    machine was busier in slows both sides of its ratio."""
     for simmim, ummae in zip(results[::2], results[1::2], strict=True):
+        pairs = zip(ummae[f"{key}_rounds"], simmim[f"{key}_rounds"], strict=True)
         simmim[f"{key}_ratio"] = 1.0
-        ummae[f"{key}_ratio"] = ummae[key] / simmim[key] if simmim.get(key) else None
+        ummae[f"{key}_ratio"] = statistics.median(u / s for u, s in pairs)
 
 
 def format_phases(results: list[dict[str, object]]) -> str:
@@ -343,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     for res, (label, cmd) in zip(results, commands, strict=True):
         res["command"] = ["ummae", *cmd[:-2]]  # without the temporary --output
         res["epoch_images_per_s"] = statistics.median(rates[label]) if rates[label] else None
-        res["epoch_images_per_s_all"] = rates[label]
+        res["epoch_images_per_s_rounds"] = rates[label]
     _ratio_to_simmim(results, "model_images_per_s")
     if args.epoch_rounds:
         _ratio_to_simmim(results, "epoch_images_per_s")

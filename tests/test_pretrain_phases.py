@@ -50,8 +50,9 @@ def test_pretrain_phases__the_tables_rows_phases_that_add_up_and_epoch_rates(tin
         assert sum(ms[p] for p in pp.PHASES[1:]) == pytest.approx(r["model_step_ms"], rel=1e-9)
         assert r["model_images_per_s"] == pytest.approx(4000 / r["model_step_ms"])
         assert r["with_data_images_per_s"] == pytest.approx(4000 / sum(ms.values()))
-        assert len(r["epoch_images_per_s_all"]) == 1 and r["epoch_images_per_s"] > 0  # epoch 2 of 2
-    for simmim, ummae in zip(rows[::2], rows[1::2], strict=True):
+        assert r["model_images_per_s_rounds"] == [pytest.approx(r["model_images_per_s"])]
+        assert r["epoch_images_per_s_rounds"] == [r["epoch_images_per_s"]] and r["epoch_images_per_s"] > 0
+    for simmim, ummae in zip(rows[::2], rows[1::2], strict=True):  # one round: its ratio
         for key in ("model_images_per_s", "epoch_images_per_s"):
             assert simmim[f"{key}_ratio"] == 1.0
             assert ummae[f"{key}_ratio"] == pytest.approx(ummae[key] / simmim[key])
@@ -78,3 +79,11 @@ def test_phase_clock__marks_each_moment_once_in_the_steps_order(tiny_data, tmp_p
         row.step()
         med = row.medians()
         assert med["encoder"] == pytest.approx(1000 * statistics.median(s["encoder"] for s in row.steps))
+
+
+def test_ratio_to_simmim__median_of_the_ratios_within_rounds():
+    """Not the ratio of the medians: a round that was slow for both rows cancels out."""
+    rows = [{"x_rounds": [100.0, 50.0, 100.0]}, {"x_rounds": [50.0, 50.0, 60.0]}]
+    pp._ratio_to_simmim(rows, "x")
+    assert rows[0]["x_ratio"] == 1.0
+    assert rows[1]["x_ratio"] == pytest.approx(statistics.median([50 / 100, 50 / 50, 60 / 100]))  # 0.6, not 0.5
