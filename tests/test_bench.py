@@ -179,3 +179,34 @@ def test_run_bench_compile__rows_side_by_side_and_the_same_training():
         assert eager["flops_per_image"] > 0 and fast["flops_per_image"] == eager["flops_per_image"]
     header = format_table(results).splitlines()[0]
     assert "compile s" in header and "speedup" in header
+
+
+def test_unit_size_reaches_the_model__its_masks_have_img_over_unit_units_a_side():
+    """``--unit-size`` builds each model at that mask unit (as ``pretrain --unit-size``): the
+    masks the timed steps draw cover (64 / 8)**2 units, against (64 / 16)**2 at the models' own
+    16 px units, for UM-MAE and SimMIM alike; the table shows the unit."""
+    models = ["mae_pvt_test", "simmim_pvt_test"]
+    fast = {**FAST, "img_size": 64, "steps": 1, "warmup": 0}
+    own = run_bench(models, seed=0, **fast)
+    small = run_bench(models, seed=0, unit_size=8, **fast)
+    assert [(r["unit_size"], r["mask_units"]) for r in own] == [(16, (64 // 16) ** 2)] * 2
+    assert [(r["unit_size"], r["mask_units"]) for r in small] == [(8, (64 // 8) ** 2)] * 2
+    lines = format_table(small).splitlines()
+    assert "unit" in lines[0].split() and lines[2].split()[3] == "8"
+
+
+@pytest.mark.parametrize(
+    ("models", "unit", "says"),
+    [
+        ("mae_pvt_test", "0", "unit_size must be >= 1"),
+        ("mae_pvt_test", "12", "mask unit size 12"),
+        ("simmim_pvt_test", "5", "multiple of the mask unit 5"),
+    ],
+)
+def test_bad_unit_size__one_line(models, unit, says, capsys):
+    args = add_bench_args(argparse.ArgumentParser()).parse_args(
+        ["--models", models, "--unit-size", unit, "--batch-size", "2", "--steps", "1", "--device", "cpu"]
+    )
+    assert bench_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1, err

@@ -320,14 +320,14 @@ def brute_compact_positions(choice, k):
     return out
 
 
-@pytest.mark.parametrize("unit,size", [(16, 64), (16, 96), (8, 64), (32, 128)])
+@pytest.mark.parametrize("unit,size", [(16, 64), (16, 96), (8, 64), (32, 128), (8, (64, 96))])
 def test_compact_image__equals_brute_force_gather(unit, size):
     g = _gen(41 + unit)
-    x = torch.randn(3, 3, size, size, generator=g)
-    grid = size // unit
-    choice = block_choice(uniform_sampling(3, grid, grid, generator=g), grid, grid)
+    h, w = size if isinstance(size, tuple) else (size, size)
+    x = torch.randn(3, 3, h, w, generator=g)
+    choice = block_choice(uniform_sampling(3, h // unit, w // unit, generator=g), h // unit, w // unit)
     got = compact_image(x, choice, unit)
-    assert got.shape == (3, 3, size // 2, size // 2)
+    assert got.shape == (3, 3, h // 2, w // 2)
     assert torch.equal(got, brute_compact_image(x, choice, unit))
 
 

@@ -1840,6 +1840,31 @@ MUTATIONS = [
         "}",
         ("tests/test_minitable.py::test_plan__paper_scale_probe_is_maes_total_batch_split_over_the_processes",),
     ),
+    # issue 35: the faster compaction and patchify (indexing and moves only)
+    Mutation(
+        "compact_index_height",
+        "compaction's flat pixel index steps rows by the image height instead of its width",
+        "src/ummae/models/masking.py",
+        "index = (rows * w + cols)",
+        "index = (rows * h + cols)",
+        ("tests/test_masking.py::test_compact_image__equals_brute_force_gather",),
+    ),
+    Mutation(
+        "compact_kept_column",
+        "compaction takes the kept unit's column from the choice's row bit",
+        "src/ummae/models/masking.py",
+        "view(1, 1, bw) + choice % 2) * unit",
+        "view(1, 1, bw) + choice // 2) * unit",
+        ("tests/test_masking.py::test_compact_image__equals_brute_force_gather",),
+    ),
+    Mutation(
+        "patchify_unit_axes",
+        "patchify orders a unit's pixels (dx, dy, c) instead of (dy, dx, c)",
+        "src/ummae/models/mae.py",
+        "return x.permute(0, 1, 3, 2, 4).reshape(n, (h // unit) * (w // unit), unit * unit * c)",
+        "return x.permute(0, 3, 1, 2, 4).reshape(n, (h // unit) * (w // unit), unit * unit * c)",
+        ("tests/test_models.py::test_patchify__matches_loop_and_round_trips",),
+    ),
 ]
 
 

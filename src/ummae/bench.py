@@ -216,7 +216,9 @@ def _warm_runtime(device: torch.device, precision: str) -> None:
         torch.cuda.set_rng_state(cuda_state, device)
 
 
-def _validate(models: list[str], batch_size: int, img_size: int | None, steps: int, warmup: int) -> None:
+def _validate(
+    models: list[str], batch_size: int, img_size: int | None, steps: int, warmup: int, unit_size: int | None = None
+) -> None:
     if isinstance(models, str):
         raise UsageError("models must be a list of model names, not a string")
     if not models:
@@ -229,6 +231,8 @@ def _validate(models: list[str], batch_size: int, img_size: int | None, steps: i
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     if img_size is not None and img_size < 1:
         raise UsageError(f"img_size must be >= 1, got {img_size}")
+    if unit_size is not None and unit_size < 1:
+        raise UsageError(f"unit_size must be >= 1, got {unit_size}")
     for name in models:  # all names checked before anything runs
         kind = model_kind(name)  # raises UsageError naming an unknown model
         if kind != "pretrain":
@@ -255,17 +259,18 @@ def _time_steps(
     compile: bool = False,
     flops: bool = False,
     backend: str = "inductor",
+    unit_size: int | None = None,
 ) -> dict[str, object]:
-    """Build model ``name`` and run ``warmup`` untimed then ``steps`` timed training steps on one
-    synthetic batch; ``img_size``, ``elapsed`` (seconds of the timed steps), last ``loss`` and
-    ``params_m``. The masks are drawn before the model call, as the training step draws them.
+    """Build model ``name`` (at ``img_size`` and mask ``unit_size``; None: the model's) and run
+    ``warmup`` untimed then ``steps`` timed training steps on one synthetic batch; ``img_size``,
+    ``unit_size``, ``mask_units`` (per image, of the masks drawn), ``elapsed`` (seconds of the timed steps), last ``loss`` and ``params_m``. The masks are drawn before the model call, as the training step draws them.
 
     ``compile``: the model call under ``torch.compile``; its first step is timed apart
     (``first_step_s``: compilation and one step) and counts as a warm-up step. ``flops``: one
     more (eager) step under ``FlopCounterMode`` gives ``flops_per_image`` (forward + backward)."""
     cuda = device.type == "cuda"
     torch.manual_seed(seed)  # same init and mask stream on every run
-    model = create_model(name, img_size=img_size).to(device).train()
+    model = create_model(name, img_size=img_size, unit_size=unit_size).to(device).train()
     size = img_size if img_size is not None else getattr(model, "default_img_size", None)
     if size is None:
         raise UsageError(f"model {name!r} has no default_img_size; pass img_size")
@@ -277,9 +282,12 @@ def _time_steps(
     imgs = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
     call = torch.compile(model, backend=backend) if compile else model
 
+    mask_units = []  # the units per image of the masks the steps drew (the grid the model masks)
+
     def step(call=call) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         mask, sm_mask = model.sample_masks(imgs.shape[0], imgs.device)  # outside the compiled call
+        mask_units[:] = [mask.shape[-1]]
         with autocast(device, precision):
             loss = _loss_of(call(imgs, mask=mask, sm_mask=sm_mask, validate=False))
         scaler.scale(loss).backward()
@@ -309,7 +317,14 @@ def _time_steps(
         loss = step()
     sync()
     elapsed = time.perf_counter() - t0
-    out = {"img_size": int(size), "elapsed": elapsed, "loss": float(loss.float().item()), "params_m": n_params / 1e6}
+    out = {
+        "img_size": int(size),
+        "unit_size": getattr(model, "unit_size", None),
+        "mask_units": mask_units[0],
+        "elapsed": elapsed,
+        "loss": float(loss.float().item()),
+        "params_m": n_params / 1e6,
+    }
     out["first_step_s"] = first_step_s
     if flops:
         with FlopCounterMode(display=False) as counter:
@@ -331,6 +346,7 @@ def _bench_one(
     compile: bool = False,
     flops: bool = False,
     backend: str = "inductor",
+    unit_size: int | None = None,
 ) -> dict[str, object]:
     """The result row of model ``name``: :func:`_time_steps` with its peak memory."""
     cuda = device.type == "cuda"
@@ -340,7 +356,9 @@ def _bench_one(
     sampler = _RssPeakSampler(rss) if rss is not None and not cuda else None
     baseline = sampler.peak if sampler is not None else 0
     with sampler if sampler is not None else contextlib.nullcontext():
-        out = _time_steps(name, batch_size, img_size, steps, warmup, device, precision, seed, compile, flops, backend)
+        out = _time_steps(
+            name, batch_size, img_size, steps, warmup, device, precision, seed, compile, flops, backend, unit_size
+        )
     if cuda:
         peak_mb: float | None = torch.cuda.max_memory_allocated(device) / _MIB
     elif sampler is not None:
@@ -361,6 +379,8 @@ def _bench_one(
         **extra,
         "batch_size": batch_size,
         "img_size": out["img_size"],
+        "unit_size": out["unit_size"],
+        "mask_units": out["mask_units"],
         "steps": steps,
         "device": str(device),
         "precision": precision,
@@ -384,6 +404,7 @@ def run_bench(
     compile: bool = False,
     flops: bool = False,
     compile_backend: str = "inductor",
+    unit_size: int | None = None,
 ) -> list[dict[str, object]]:
     """Time ``steps`` full training steps of each model (after ``warmup`` untimed ones).
 
@@ -393,12 +414,13 @@ def run_bench(
 
     Returns one dict per model, in order: ``model``, ``images_per_s``, ``step_time_ms``,
     ``peak_mem_mb`` (MiB; CUDA: peak allocated, CPU: peak RSS growth), ``ratio`` (images/s over
-    the first model's), ``batch_size``, ``img_size``, ``steps``, ``device``, ``precision``,
+    the first model's), ``batch_size``, ``img_size``, ``unit_size`` (the mask unit: ``unit_size``,
+    None: each model's own), ``mask_units`` (units per image of the masks drawn), ``steps``, ``device``, ``precision``,
     ``loss`` (last step), ``params_m`` and the environment (``torch``, ``device_name``,
     ``num_threads``). Raises UsageError for unknown models and bad sizes or counts.
     """
     models = list(models) if not isinstance(models, str) else models
-    _validate(models, batch_size, img_size, steps, warmup)
+    _validate(models, batch_size, img_size, steps, warmup, unit_size)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     env = _environment(dev)
@@ -410,7 +432,19 @@ def run_bench(
         for compiled in (False, True) if compile else (False,):
             _release_memory(dev)  # previous model's memory back to the OS: a fair baseline
             res = _bench_one(
-                name, batch_size, img_size, steps, warmup, dev, prec, seed, rss, compiled, flops, compile_backend
+                name,
+                batch_size,
+                img_size,
+                steps,
+                warmup,
+                dev,
+                prec,
+                seed,
+                rss,
+                compiled,
+                flops,
+                compile_backend,
+                unit_size,
             )
             res.update(env)
             if compiled:
@@ -582,16 +616,17 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(results: list[dict[str, object]]) -> str:
-    """A plain text table: model, batch, img, images/s, ms/step, peak MiB, ratio; with compiled
+    """A plain text table: model, batch, img, unit (the mask unit), images/s, ms/step, peak MiB, ratio; with compiled
     rows also the compile time and the speed-up over eager."""
     compiled = any(r.get("compiled") for r in results)
-    header = ["model", "batch", "img", "images/s", "ms/step", "peak MiB", "ratio"]
+    header = ["model", "batch", "img", "unit", "images/s", "ms/step", "peak MiB", "ratio"]
     header += ["compile s", "speedup"] if compiled else []
     rows = [
         [
             str(r["model"]) + (" (compiled)" if r.get("compiled") else ""),
             str(r["batch_size"]),
             str(r["img_size"]),
+            _fmt(r.get("unit_size"), "d"),
             _fmt(r["images_per_s"], ".2f"),
             _fmt(r["step_time_ms"], ".1f"),
             _fmt(r["peak_mem_mb"], ".1f"),
@@ -648,6 +683,13 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=200, help="with --data: images timed per pipeline (default 200)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: each model's own)")
+    parser.add_argument(
+        "--unit-size",
+        type=int,
+        default=None,
+        help="mask unit size in pixels, as `ummae pretrain --unit-size` (default: each model's own, 16 px for the "
+        "pyramid models)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per model (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -711,6 +753,7 @@ def bench_main(args: argparse.Namespace) -> int:
                 compile=getattr(args, "compile", False),
                 flops=getattr(args, "flops", False),
                 compile_backend=getattr(args, "compile_backend", "inductor"),
+                unit_size=getattr(args, "unit_size", None),
             )
             r0 = results[0]
             print(

@@ -21,8 +21,11 @@ from ummae.sampling import DEFAULT_MASK_RATIO, MaskingStrategy, get_strategy, st
 def patchify(imgs: Tensor, unit: int) -> Tensor:
     """``[N, C, H, W]`` -> ``[N, L, unit*unit*C]`` (row-major units, pixels (dy, dx, c))."""
     n, c, h, w = imgs.shape
-    x = imgs.reshape(n, c, h // unit, unit, w // unit, unit)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // unit) * (w // unit), unit * unit * c)
+    # Channels last first, then whole unit rows of unit*c values: two moves with contiguous
+    # runs, several times faster on CPU than one six-axis permute whose innermost axis steps
+    # over whole channel planes (the same values: data movement only).
+    x = imgs.permute(0, 2, 3, 1).reshape(n, h // unit, unit, w // unit, unit * c)
+    return x.permute(0, 1, 3, 2, 4).reshape(n, (h // unit) * (w // unit), unit * unit * c)
 
 
 def unpatchify(x: Tensor, unit: int, grid: tuple[int, int], channels: int = 3) -> Tensor:

@@ -86,11 +86,16 @@ def compact_image(x: Tensor, choice: Tensor, unit: int) -> Tensor:
     """
     n, c, h, w = x.shape
     bh, bw = choice.shape[1:]
-    units = x.view(n, c, bh, 2, unit, bw, 2, unit).permute(0, 2, 5, 3, 6, 1, 4, 7)
-    units = units.reshape(n, bh, bw, 4, c * unit * unit)
-    idx = choice.view(n, bh, bw, 1, 1).expand(n, bh, bw, 1, c * unit * unit)
-    kept = units.gather(3, idx).view(n, bh, bw, c, unit, unit)
-    return kept.permute(0, 3, 1, 4, 2, 5).reshape(n, c, bh * unit, bw * unit)
+    # The flat pixel index (row * w + col) of every compact pixel, shared by the channels, and
+    # one gather: several times faster on CPU than gathering whole units out of an 8-axis
+    # permuted copy of the image (the same values: indexing only).
+    off = torch.arange(unit, device=x.device)
+    rows = (2 * torch.arange(bh, device=x.device).view(1, bh, 1) + choice // 2) * unit  # kept unit's top row
+    cols = (2 * torch.arange(bw, device=x.device).view(1, 1, bw) + choice % 2) * unit  # ... and left column
+    rows = rows.view(n, bh, 1, bw, 1) + off.view(1, 1, unit, 1, 1)
+    cols = cols.view(n, bh, 1, bw, 1) + off.view(1, 1, 1, 1, unit)
+    index = (rows * w + cols).view(n, 1, bh * unit * bw * unit).expand(n, c, -1)
+    return x.reshape(n, c, h * w).gather(2, index).view(n, c, bh * unit, bw * unit)
 
 
 def compact_positions(choice: Tensor, k: int) -> Tensor:
