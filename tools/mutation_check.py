@@ -1774,8 +1774,8 @@ MUTATIONS = [
         "swin_pad_positions_repeat",
         "padded tokens repeat the last row's / column's positions",
         "src/ummae/models/swin.py",
-        "pos[:, -1:] + step * (pos[:, -1:] - pos[:, -2:-1])",
-        "pos[:, -1:] + 0 * step * (pos[:, -1:] - pos[:, -2:-1])",
+        "last + steps * (last - before)",
+        "last + 0 * steps * (last - before)",
         ("tests/test_swin_pad.py",),
     ),
     Mutation(

@@ -129,12 +129,14 @@ def pad_positions(pos: Tensor, pad_h: int, pad_w: int) -> Tensor:
     their place in the window, which continuing the grid reproduces with true positions. A map
     is only padded along a side of at least two tokens (the window is at most the map's short
     side, and a window of 1 tiles everything), so the last two rows / columns give the step."""
-    if pad_h:
-        step = torch.arange(1, pad_h + 1, device=pos.device, dtype=pos.dtype).view(1, pad_h, 1, 1)
-        pos = torch.cat([pos, pos[:, -1:] + step * (pos[:, -1:] - pos[:, -2:-1])], dim=1)
-    if pad_w:
-        step = torch.arange(1, pad_w + 1, device=pos.device, dtype=pos.dtype).view(1, 1, pad_w, 1)
-        pos = torch.cat([pos, pos[:, :, -1:] + step * (pos[:, :, -1:] - pos[:, :, -2:-1])], dim=2)
+    for dim, n in ((1, pad_h), (2, pad_w)):
+        if n:
+            side = pos.shape[dim]
+            last, before = pos.narrow(dim, side - 1, 1), pos.narrow(dim, side - 2, 1)
+            steps = torch.arange(1, n + 1, device=pos.device, dtype=pos.dtype).view(
+                [n if d == dim else 1 for d in range(4)]
+            )
+            pos = torch.cat([pos, last + steps * (last - before)], dim=dim)
     return pos
 
 
