@@ -1,9 +1,10 @@
 """The dense-prediction backbone shared by detection and segmentation (METHOD.md, "Transfer
 settings"): the encoder runs densely on the full image (Swin window 16, its maps padded to
-the window where it does not tile them; PVT sr 8-4-2-1; positions for the new size) and the output of the last block of each of its four stages
-(strides 4, 8, 16, 32) goes through its own projection to ``out_channels`` (768): a LayerNorm
-+ Linear in detection (``neck="ln_linear"``, the reference's ``DET/*.py`` ``up1..up4``), a 1x1
-convolution in segmentation (``neck="conv"``, its ``SEG/*.py`` ``fpn1..fpn4``, initialised
+the window where it does not tile them; PVT sr 8-4-2-1; positions for the new size) and the
+output of the last block of each of its four stages (strides 4, 8, 16, 32) goes through its
+own projection to ``out_channels`` (768): a LayerNorm + Linear in detection
+(``neck="ln_linear"``, the reference's ``DET/*.py`` ``up1..up4``), a 1x1 convolution in
+segmentation (``neck="conv"``, its ``SEG/*.py`` ``fpn1..fpn4``, initialised
 normal with std sqrt(2 / out_channels): Kaiming fan-out).
 
 HTC++'s extra global self-attention layer (``global_attn``, a detector option): one more
