@@ -220,10 +220,10 @@ def _same_detections(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("detector", list(SPECS))
 def test_one_scale_without_flip_at_the_canvas__is_the_plain_test(detector):
-    """MMDetection runs ``simple_test`` for one augmentation; at the canvas size (window 4:
-    the divisor is the 128 px canvas) it is the plain model's output, exactly."""
-    model = _detector(detector, window_size=4)
-    assert size_divisor(model) == model.transform.max_size == 128
+    """MMDetection runs ``simple_test`` for one augmentation; at the canvas size (the divisor,
+    64 or 128, divides the 128 px canvas) it is the plain model's output, exactly."""
+    model = _detector(detector)
+    assert model.transform.max_size == 128 and 128 % size_divisor(model) == 0
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 60, 90, generator=g), torch.rand(3, 128, 100, generator=g)]
     with torch.no_grad():  # image by image, as the test runs them (a batch's sums differ in the last bits)
@@ -300,11 +300,10 @@ def _interior(boxes, h: int, w: int, margin: int = 2):
     )[:, None]
 
 
-@pytest.mark.parametrize(("backbone", "divisor"), [("swin_test", 256), ("pvt_test", 128)])
+@pytest.mark.parametrize(("backbone", "divisor"), [("swin_test", 128), ("pvt_test", 128)])
 def test_size_divisor__test_images_are_padded_to_a_size_every_stage_runs(backbone, divisor):
-    """Swin's stage maps must be multiples of its window (8 on the dense map of swin_test):
-    32 x 8 = 256 px; PVT runs on any multiple of 32, and the P3-P7 pyramid's anchors need
-    multiples of 128. The transform at a test scale resizes by torchvision's (= MMDetection's
+    """Swin (its blocks pad to the window in the dense backbone) and PVT run on any multiple
+    of 32, and the P3-P7 pyramid's anchors need multiples of 128. The transform at a test scale resizes by torchvision's (= MMDetection's
     keep-ratio) rule and pads to the divisor."""
     model = build_detector("gfl", backbone, 5, drop_path=0.0, **TINY_DETECTOR).eval()
     assert size_divisor(model) == divisor
@@ -320,14 +319,13 @@ def test_size_divisor__test_images_are_padded_to_a_size_every_stage_runs(backbon
     assert maps["3"].shape[-2:] == tuple(s // 32 for s in images.tensors.shape[-2:])
 
 
-def test_swin__a_multiple_of_32_alone_does_not_run_through_its_windows():
-    """Why the divisor is the window's: 160 x 256 px (multiples of 32) leaves a 20 x 32
-    stage-2 map that window 8 does not tile."""
+def test_swin__a_multiple_of_32_runs_through_its_windows():
+    """Why the divisor is 32 for Swin too: 160 x 256 px leaves a 20 x 32 stage-2 map that
+    window 8 does not tile, which the dense backbone's blocks pad (tests/test_swin_pad.py)."""
     maps = build_stage_maps("swin_test", 64, 32, 0.0, window_size=8)
-    with pytest.raises(ValueError, match="does not tile"):
-        maps(torch.rand(1, 3, 160, 256))
-    assert maps.encoder.size_divisor == 256
-    maps(torch.rand(1, 3, 256, 512))
+    assert maps.encoder.size_divisor == 32
+    out = maps(torch.rand(1, 3, 160, 256))
+    assert out["1"].shape[-2:] == (20, 32)
 
 
 # -- the commands --------------------------------------------------------------------------

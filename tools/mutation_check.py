@@ -1730,17 +1730,6 @@ MUTATIONS = [
         ("tests/test_detect_tta.py::test_merge_proposals__is_merge_aug_proposals",),
     ),
     Mutation(
-        "tta_swin_divisor_without_window",
-        "Swin's test images are padded to a multiple of 32, which its windows do not tile",
-        "src/ummae/models/swin.py",
-        "return super().size_divisor * self.window_size",
-        "return super().size_divisor",
-        (
-            "tests/test_detect_tta.py::test_size_divisor__test_images_are_padded_to_a_size_every_stage_runs",
-            "tests/test_detect_tta.py::test_swin__a_multiple_of_32_alone_does_not_run_through_its_windows",
-        ),
-    ),
-    Mutation(
         "tta_divisor_without_the_pyramid",
         "test images padded for the backbone only: torchvision's anchors of P6 / P7 land off their strides",
         "src/ummae/models/detect_tta.py",
@@ -1864,6 +1853,59 @@ MUTATIONS = [
         "return x.permute(0, 1, 3, 2, 4).reshape(n, (h // unit) * (w // unit), unit * unit * c)",
         "return x.permute(0, 3, 1, 2, 4).reshape(n, (h // unit) * (w // unit), unit * unit * c)",
         ("tests/test_models.py::test_patchify__matches_loop_and_round_trips",),
+    ),
+    # Swin's padding to the window in the dense backbone (tests/test_swin_pad.py)
+    Mutation(
+        "swin_pad_mask_unpadded",
+        "shifted-window mask built on the unpadded map's size",
+        "src/ummae/models/swin.py",
+        "fn(hp, wp, ws, shift, x.device)",
+        "fn(h, w, ws, shift, x.device)",
+        ("tests/test_swin_pad.py",),
+    ),
+    Mutation(
+        "swin_pad_replicate",
+        "map padded with its border values, not zeros",
+        "src/ummae/models/swin.py",
+        "F.pad(y, (0, 0, 0, pad_w, 0, pad_h))",
+        "F.pad(y, (0, 0, 0, pad_w, 0, pad_h), mode='replicate')",
+        ("tests/test_swin_pad.py",),
+    ),
+    Mutation(
+        "swin_pad_no_crop",
+        "padded map not cropped back",
+        "src/ummae/models/swin.py",
+        "y = y[:, :h, :w]",
+        "y = y",
+        ("tests/test_swin_pad.py",),
+    ),
+    Mutation(
+        "swin_pad_positions_repeat",
+        "padded tokens repeat the last row's / column's positions",
+        "src/ummae/models/swin.py",
+        "last + steps * (last - before)",
+        "last + 0 * steps * (last - before)",
+        ("tests/test_swin_pad.py",),
+    ),
+    Mutation(
+        "swin_pad_divisor",
+        "the padding Swin keeps the divisor 32 x its window",
+        "src/ummae/models/swin.py",
+        "(1 if self.pad_to_window else self.window_size)",
+        "self.window_size",
+        (
+            "tests/test_swin_pad.py",
+            "tests/test_detect_tta.py::test_size_divisor__test_images_are_padded_to_a_size_every_stage_runs",
+            "tests/test_detect_tta.py::test_swin__a_multiple_of_32_runs_through_its_windows",
+        ),
+    ),
+    Mutation(
+        "swin_pad_not_in_backbone",
+        "the dense backbone built without the family's backbone settings (no padding)",
+        "src/ummae/models/dense.py",
+        "kwargs.update(families()[model_info(backbone).family].backbone)",
+        "pass",
+        ("tests/test_swin_pad.py",),
     ),
 ]
 

@@ -15,8 +15,7 @@ SPEC = DetectorSpec(
     differences=(
         "**Test size**: images are fitted into the 1024 x 1024 training canvas and padded to it (ViTDet's LSJ "
         "protocol); the reference config keeps MMDetection's base test pipeline (1333 x 800, padded to a multiple of "
-        "32), which its Swin pads per window. Our Swin needs stage maps that its window tiles, which the square canvas "
-        "guarantees.",
+        "32), which its Swin pads per window, as ours does: `--test-scales 1333x800` runs that test size.",
         "**Classes**: K + 1 outputs as torchvision's COCO models have (MMDetection's GFL: K sigmoid outputs); output "
         "0 is never a positive and its detections are dropped before evaluation.",
         "**Stage projections**: only the stage maps the detector reads (stages 2-4) get a LayerNorm + Linear; the "

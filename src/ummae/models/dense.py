@@ -1,9 +1,10 @@
 """The dense-prediction backbone shared by detection and segmentation (METHOD.md, "Transfer
-settings"): the encoder runs densely on the full image (Swin window 16, PVT sr 8-4-2-1,
-positions for the new size) and the output of the last block of each of its four stages
-(strides 4, 8, 16, 32) goes through its own projection to ``out_channels`` (768): a LayerNorm
-+ Linear in detection (``neck="ln_linear"``, the reference's ``DET/*.py`` ``up1..up4``), a 1x1
-convolution in segmentation (``neck="conv"``, its ``SEG/*.py`` ``fpn1..fpn4``, initialised
+settings"): the encoder runs densely on the full image (Swin window 16, its maps padded to
+the window where it does not tile them; PVT sr 8-4-2-1; positions for the new size) and the
+output of the last block of each of its four stages (strides 4, 8, 16, 32) goes through its
+own projection to ``out_channels`` (768): a LayerNorm + Linear in detection
+(``neck="ln_linear"``, the reference's ``DET/*.py`` ``up1..up4``), a 1x1 convolution in
+segmentation (``neck="conv"``, its ``SEG/*.py`` ``fpn1..fpn4``, initialised
 normal with std sqrt(2 / out_channels): Kaiming fan-out).
 
 HTC++'s extra global self-attention layer (``global_attn``, a detector option): one more
@@ -35,7 +36,8 @@ from torch import Tensor, nn
 from ummae.errors import UsageError
 from ummae.models.base import PyramidBackbone
 from ummae.models.classifier import Classifier
-from ummae.models.registry import create_model, model_kind
+from ummae.models.family import families
+from ummae.models.registry import create_model, model_info, model_kind
 
 NECKS = ("ln_linear", "conv")  # detection's projections, segmentation's
 
@@ -185,6 +187,7 @@ def build_stage_maps(
     ``neck``, ``pos_embed_mode`` and ``global_attn``: see the module's text."""
     check_dense_backbone(backbone)
     kwargs: dict[str, Any] = dict(num_classes=0, img_size=img_size, drop_path=drop_path, pos_embed_mode=pos_embed_mode)
+    kwargs.update(families()[model_info(backbone).family].backbone)  # Swin: pad maps to the window
     if window_size is not None:
         kwargs["window_size"] = window_size
     classifier = create_model(backbone, **kwargs)

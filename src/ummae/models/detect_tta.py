@@ -74,7 +74,8 @@ class MultiScaleFlip:
 
 def size_divisor(model: nn.Module) -> int:
     """What a test image is padded to a multiple of: the backbone's own need
-    (``PyramidBackbone.size_divisor``: 32; Swin 32 x its window, since its blocks do not pad)
+    (``PyramidBackbone.size_divisor``: 32, Swin's too, since its blocks pad to the window in
+    the dense backbone)
     and the pyramid's largest stride (torchvision's anchor generator places a level's anchors
     ``padded size // map size`` apart, the level's stride only then)."""
     return math.lcm(stage_maps_of(model).encoder.size_divisor, max(model.spec.pyramid.strides))

@@ -54,7 +54,10 @@ class Family:
 
     ``dense``: the encoder settings on the full token map (SimMIM, the classifier, dense tasks)
     where they differ from pre-training on the compact map (Swin's window 16, PVT's spatial
-    reduction 8-4-2-1); ``tunable``: those a classifier's caller may change. ``finetune``: the
+    reduction 8-4-2-1); ``tunable``: those a classifier's caller may change. ``backbone``: the
+    settings the encoder takes as a detection / segmentation backbone only
+    (``dense.build_stage_maps``: Swin pads its maps to the window), which a classifier's caller
+    may give too. ``finetune``: the
     classifier's defaults, ``drop_path`` and ``layer_decay``: the family's reference fine-tuning
     recipe, which a size overrides where the reference ran it otherwise. ``simmim``: whether
     the family has SimMIM models; ``learnable_pos``: whether the classifier learns its position
@@ -68,6 +71,7 @@ class Family:
     signature: Callable[[dict[str, Any]], Signature]
     dense: dict[str, Any] = field(default_factory=dict)
     tunable: tuple[str, ...] = ()
+    backbone: dict[str, Any] = field(default_factory=dict)
     simmim: bool = True
     learnable_pos: bool = False
 
@@ -157,7 +161,7 @@ def _classifier_builder(name: str, family: Family, size: Size):
             drop_path=defaults["drop_path"],
             layer_decay=defaults["layer_decay"],
             kw=kw,
-            tunable=family.tunable,
+            tunable=(*family.tunable, *family.backbone),
             learnable_pos=family.learnable_pos,
         )
 

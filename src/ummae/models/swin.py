@@ -3,6 +3,13 @@ small MLP of the tokens' TRUE relative positions (METHOD.md "pos-MLP"), so the s
 run on the compact map (pre-training, window 8) and on the full map (fine-tuning, window 16).
 Patch merging = LayerNorm + 2x2 stride-2 conv. The shifted-window mask is -inf where the
 reference adds -100: both give the masked pairs zero weight in fp32.
+
+As a detection / segmentation backbone (``pad_to_window``, set by ``dense.build_stage_maps``)
+a block pads a map its window does not tile, as Swin's own dense backbone does
+(Swin-Transformer-Object-Detection, ``SwinTransformerBlock.forward``): after ``norm1``, zeros on
+the right and bottom up to multiples of the window, the shift and its mask on the padded size,
+the result cropped back. Everywhere else (pre-training, fine-tuning, classification) such a map
+means a wrong configuration and is refused.
 """
 
 from __future__ import annotations
@@ -115,11 +122,32 @@ def shift_region_mask(h: int, w: int, ws: int, shift: int, device: torch.device)
 _cached_shift_region_mask = functools.lru_cache(maxsize=32)(shift_region_mask)
 
 
+def pad_positions(pos: Tensor, pad_h: int, pad_w: int) -> Tensor:
+    """``pos [P, H, W, 2]`` extended by ``pad_h`` rows and ``pad_w`` columns that continue its
+    grid (each new row / column one grid step past the last): padded tokens take part in
+    attention as keys, and Swin's bias, a table of in-window offsets, gives them the bias of
+    their place in the window, which continuing the grid reproduces with true positions. A map
+    is only padded along a side of at least two tokens (the window is at most the map's short
+    side, and a window of 1 tiles everything), so the last two rows / columns give the step."""
+    for dim, n in ((1, pad_h), (2, pad_w)):
+        if n:
+            side = pos.shape[dim]
+            last, before = pos.narrow(dim, side - 1, 1), pos.narrow(dim, side - 2, 1)
+            steps = torch.arange(1, n + 1, device=pos.device, dtype=pos.dtype).view(
+                [n if d == dim else 1 for d in range(4)]
+            )
+            pos = torch.cat([pos, last + steps * (last - before)], dim=dim)
+    return pos
+
+
 class SwinBlock(nn.Module):
-    def __init__(self, dim, num_heads, window_size, shift, mlp_ratio=4.0, drop_path=0.0, pos_hidden=32):
+    def __init__(
+        self, dim, num_heads, window_size, shift, mlp_ratio=4.0, drop_path=0.0, pos_hidden=32, pad_to_window=False
+    ):
         super().__init__()
         self.window_size = window_size
         self.shift = shift  # whether this block uses shifted windows (every second block)
+        self.pad_to_window = pad_to_window  # the dense backbone's padding (module docstring)
         # The reference builds its blocks without passing its norm_layer: their two norms have
         # nn.LayerNorm's default eps 1e-5 (the parity cases confirm it), the others 1e-6.
         self.norm1 = nn.LayerNorm(dim)
@@ -130,11 +158,21 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: Tensor, pos: Tensor, extent: int, frac_bits: int = 0) -> Tensor:
         b, h, w, c = x.shape
+        # A map smaller than the window gets one window of its short side and no shift (Swin's
+        # classification rule; its dense backbone pads such a map to the full window instead).
         ws = min(self.window_size, h, w)
-        if h % ws or w % ws:
+        pad_h, pad_w = -h % ws, -w % ws
+        if (pad_h or pad_w) and not self.pad_to_window:
             raise ValueError(f"Swin window {ws} does not tile a {h}x{w} token map")
         shift = ws // 2 if self.shift and min(h, w) > ws else 0
         y = self.norm1(x)
+        if pad_h or pad_w:
+            y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))  # zeros after the norm, as Swin pads
+            pos = pad_positions(pos, pad_h, pad_w)
+            # the cyclic shift puts first and last (padded) rows in one window: offsets reach
+            # the padded side, past the grid's extent; the table grows, no bias changes
+            extent = max(extent, h + pad_h, w + pad_w)
+        hp, wp = h + pad_h, w + pad_w
         if shift:
             y = torch.roll(y, (-shift, -shift), dims=(1, 2))
             pos = torch.roll(pos, (-shift, -shift), dims=(1, 2))
@@ -142,10 +180,12 @@ class SwinBlock(nn.Module):
         if shift:
             # torch.compile folds the mask into the graph itself and warns on lru_cache
             fn = shift_region_mask if torch.compiler.is_compiling() else _cached_shift_region_mask
-            bias = bias + fn(h, w, ws, shift, x.device)
-        y = window_reverse(self.attn(window_partition(y, ws), bias), ws, h, w)
+            bias = bias + fn(hp, wp, ws, shift, x.device)  # the regions of the padded map, as Swin's
+        y = window_reverse(self.attn(window_partition(y, ws), bias), ws, hp, wp)
         if shift:
             y = torch.roll(y, (shift, shift), dims=(1, 2))
+        if pad_h or pad_w:
+            y = y[:, :h, :w]
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -175,10 +215,12 @@ class SwinTransformer(PyramidBackbone):
         pos_hidden: int = 32,
         drop_path: float = 0.0,
         in_chans: int = 3,
+        pad_to_window: bool = False,
     ):
         dims = [embed_dim * 2**i for i in range(len(depths))]
         super().__init__(dims, in_chans)
         self.window_size = window_size
+        self.pad_to_window = pad_to_window  # the dense backbone's (module docstring); no parameters
         self.drop_path_rate = drop_path
         self.depths = list(depths)
         dpr = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()  # cpu: builds on "meta" too
@@ -196,6 +238,7 @@ class SwinTransformer(PyramidBackbone):
                         mlp_ratio=mlp_ratio,
                         drop_path=dpr[i + j],
                         pos_hidden=pos_hidden,
+                        pad_to_window=pad_to_window,
                     )
                     for j in range(depth)
                 )
@@ -215,12 +258,16 @@ class SwinTransformer(PyramidBackbone):
 
     @property
     def size_divisor(self) -> int:
-        """32 x the window: the blocks do not pad, so every stage map of an image of any size
-        must be a multiple of the window (a map smaller than it is only tiled when square)."""
-        return super().size_divisor * self.window_size
+        """32 x the window where the blocks do not pad: every stage map of an image of any size
+        must be a multiple of the window (a map smaller than it is only tiled when square).
+        Padding to the window (the dense backbone), 32: what the patch and the three 2x
+        merges need (a multiple of 32 leaves even maps before every merge)."""
+        return super().size_divisor * (1 if self.pad_to_window else self.window_size)
 
     def check_map_size(self, side: int, what: str) -> None:
         super().check_map_size(side, what)
+        if self.pad_to_window:
+            return
         for s in range(len(self.stages)):
             m = side // 2**s
             ws = min(self.window_size, m)
@@ -277,5 +324,6 @@ SWIN = Family(
     signature=signature,
     dense=dict(window_size=16),
     tunable=("window_size",),
+    backbone=dict(pad_to_window=True),
 )  # fmt: skip
 register_family(SWIN)

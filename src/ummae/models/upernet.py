@@ -216,7 +216,8 @@ class Segmenter(SegmenterInference, nn.Module):
         return (images.float() - self.mean) / self.std
 
     def fitting_side(self, side: int) -> int:
-        """The smallest side >= ``side`` the encoder runs on (Swin windows must tile each map)."""
+        """The smallest side >= ``side`` the encoder runs on (a multiple of 32: Swin's blocks pad
+        their maps to the window in the dense backbone)."""
         enc = self.backbone.encoder
         for s in range(side, side + 4096):
             try:
