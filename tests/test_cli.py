@@ -329,6 +329,15 @@ def test_builtin_configs__each_listed_for_the_commands_it_fits():
     from ummae.config import EvalConfig, FinetuneConfig, PretrainConfig, builtin_configs, load_yaml
 
     assert "demo" in builtin_configs(PretrainConfig) and "demo" not in builtin_configs(FinetuneConfig)
+    # a recipe is offered to its own command only: a linear-probe recipe's options are also
+    # pre-training and fine-tuning options
+    from ummae.config import LinprobeConfig
+    from ummae.config.recipes import RECIPES
+
+    assert builtin_configs(LinprobeConfig) == [n for n, r in RECIPES.items() if r.command == "linprobe"] != []
+    assert not set(builtin_configs(LinprobeConfig)) & (
+        set(builtin_configs(PretrainConfig)) | set(builtin_configs(FinetuneConfig))
+    )
     assert builtin_configs(FinetuneConfig) == [
         "vit_base_mae_in1k_finetune",
         "vit_base_ummae_in1k_finetune",

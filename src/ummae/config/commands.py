@@ -172,6 +172,8 @@ class IterationRunConfig(_RunControl, Machinery, _Optimisation, _RunOutput):
 class PretrainConfig(RunConfig):
     """Pre-training run. Defaults are the paper's recipe (METHOD.md)."""
 
+    recipe_command: ClassVar[str] = "pretrain"  # the recipes (Recipe.command) --config takes
+
     model: str = option(
         "mae_swin_tiny_256",
         "registered pre-training model (`ummae models`)",
@@ -351,6 +353,8 @@ class FewLabels:
 class FinetuneConfig(RunConfig, FewLabels, ClassifyData):
     """End-to-end fine-tuning. Defaults are the paper's recipe (METHOD.md)."""
 
+    recipe_command: ClassVar[str] = "finetune"
+
     pretrained: str | None = option(
         None,
         "pre-trained weights: an ummae checkpoint (.pth) or exported .safetensors; omitted: from scratch",
@@ -447,6 +451,8 @@ class FinetuneConfig(RunConfig, FewLabels, ClassifyData):
 class LinprobeConfig(RunConfig, FewLabels, ClassifyData):
     """Linear probing (MAE's recipe): frozen encoder, BatchNorm without affine + linear head,
     LARS, no weight decay, crop + flip only."""
+
+    recipe_command: ClassVar[str] = "linprobe"
 
     pretrained: str | None = option(
         None,
@@ -610,6 +616,8 @@ class DetectConfig(_DetectTest, RunConfig):
     """Detection / instance segmentation training on COCO. Defaults are the paper's GFL
     protocol (the reference's gfl_..._fpn_25ep_1024x1024_coco): large-scale jitter at 1024,
     AdamW lr 1e-4 at batch 16, 2000 warm-up steps, cosine to 0.01x, 25 epochs."""
+
+    recipe_command: ClassVar[str] = "detect train"
 
     backbone: str = option(
         "swin_tiny_256",
@@ -818,6 +826,8 @@ class SegmentConfig(IterationRunConfig):
     protocol (the reference's upernet_mae_swin_tiny_256_..._512_slide_160k_ade20k_lr1e4_lrd1_pt):
     512 crops of a 2048x512 image resized 0.5-2.0x, AdamW lr 1e-4 at batch 16, weight decay 0.05,
     layer decay 1.0, 1500 warm-up iterations, poly schedule, 160k iterations, sliding-window test."""
+
+    recipe_command: ClassVar[str] = "segment train"
 
     backbone: str = option(
         "swin_tiny_256",

@@ -93,13 +93,15 @@ def _convert_bool(value: Any) -> bool:
 def builtin_configs(cls=None):
     """Names of the built-in configs: the YAML files, then the recipes (:mod:`ummae.config.recipes`);
     with ``cls``, only those whose options all belong to it (a pre-training config is no
-    fine-tuning config)."""
+    fine-tuning config), and of the recipes those of its command (``cls.recipe_command``: a
+    linear-probe recipe's options are fine-tuning options too, but not its recipe)."""
     names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
     if cls is None:
         return names + list(RECIPES)
     known = {f.name for f in cls.options()}
     names = [n for n in names if set(yaml.safe_load((BUILTIN_CONFIGS / f"{n}.yaml").read_text()) or {}) <= known]
-    return names + [n for n, r in RECIPES.items() if set(r.options()) <= known]
+    command = getattr(cls, "recipe_command", None)
+    return names + [n for n, r in RECIPES.items() if r.command == command and set(r.options()) <= known]
 
 
 def load_yaml(cls, path: str | Path) -> dict[str, Any]:
