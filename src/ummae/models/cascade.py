@@ -251,6 +251,35 @@ def refine_labels(labels: Tensor, logits: Tensor) -> Tensor:
     return torch.where(labels > 0, labels, logits[:, 1:].argmax(1) + 1)
 
 
+def postprocess_candidates(
+    boxes: Tensor, scores: Tensor, score_thresh: float, nms_thresh: float, keep_top: int, test_nms: str = "nms"
+) -> dict[str, Tensor]:
+    """torchvision's ``postprocess_detections`` for one image's candidates (boxes ``[N, C, 4]``,
+    scores ``[N, C]``, background at 0): every (box, class > 0) pair scoring above
+    ``score_thresh``, small boxes dropped, NMS per class at ``nms_thresh`` (or, with ``test_nms``,
+    soft-NMS, linear at ``nms_thresh`` or Gaussian, whose decayed scores are reported), the best
+    ``keep_top``. The cascade's test and the multi-scale test of torchvision's RoI heads."""
+    num_classes = scores.shape[1]
+    labels = torch.arange(num_classes, device=scores.device).expand_as(scores)[:, 1:].reshape(-1)
+    boxes = boxes[:, 1:].reshape(-1, 4)
+    scores = scores[:, 1:].reshape(-1)
+    keep = torch.where(scores > score_thresh)[0]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = remove_small_boxes(boxes, 1e-2)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    if test_nms in SOFT_NMS_METHODS:
+        keep, scores = batched_soft_nms(
+            boxes, scores, labels, method=SOFT_NMS_METHODS[test_nms], iou_threshold=nms_thresh
+        )
+        order = scores.argsort(descending=True)
+        keep, scores = keep[order], scores[order]
+    else:
+        keep = batched_nms(boxes, scores, labels, nms_thresh)
+        scores = scores[keep]
+    keep, scores = keep[:keep_top], scores[:keep_top]
+    return {"boxes": boxes[keep], "scores": scores, "labels": labels[keep]}
+
+
 class CascadeRoIHeads(nn.Module):
     """The cascade's RoI heads (module docstring). ``num_classes`` counts the background (0)."""
 
@@ -486,29 +515,11 @@ class CascadeRoIHeads(nn.Module):
         return results
 
     def postprocess(self, boxes: Tensor, scores: Tensor) -> dict[str, Tensor]:
-        """torchvision's ``postprocess_detections`` for one image's candidates (boxes
-        ``[N, C, 4]``, scores ``[N, C]``, background at 0): every (box, class > 0) pair scoring
-        above ``score_thresh``, small boxes dropped, NMS per class at ``nms_thresh`` (or soft-NMS,
-        linear at ``nms_thresh`` or Gaussian, whose decayed scores are reported), the best
+        """:func:`postprocess_candidates` at this head's threshold, NMS kind and IoU and
         ``detections_per_img``."""
-        num_classes = scores.shape[1]
-        labels = torch.arange(num_classes, device=scores.device).expand_as(scores)[:, 1:].reshape(-1)
-        boxes = boxes[:, 1:].reshape(-1, 4)
-        scores = scores[:, 1:].reshape(-1)
-        keep = torch.where(scores > self.score_thresh)[0]
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = remove_small_boxes(boxes, 1e-2)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        if self.test_nms in SOFT_NMS_METHODS:
-            method = SOFT_NMS_METHODS[self.test_nms]
-            keep, scores = batched_soft_nms(boxes, scores, labels, method=method, iou_threshold=self.nms_thresh)
-            order = scores.argsort(descending=True)
-            keep, scores = keep[order], scores[order]
-        else:
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)
-            scores = scores[keep]
-        keep, scores = keep[: self.detections_per_img], scores[: self.detections_per_img]
-        return {"boxes": boxes[keep], "scores": scores, "labels": labels[keep]}
+        return postprocess_candidates(
+            boxes, scores, self.score_thresh, self.nms_thresh, self.detections_per_img, self.test_nms
+        )
 
     def semantic_feature(self, features: OrderedDict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
         """HTC's semantic branch on all five levels (P2-P6, as ``num_ins=5``): (stuff logits,

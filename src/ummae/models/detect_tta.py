@@ -43,9 +43,9 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import maskrcnn_inference, paste_masks_in_image
 from torchvision.models.detection.rpn import concat_box_prediction_layers
-from torchvision.ops import batched_nms, clip_boxes_to_image, nms, remove_small_boxes
+from torchvision.ops import batched_nms, clip_boxes_to_image, nms
 
-from ummae.models.cascade import CascadeRoIHeads
+from ummae.models.cascade import CascadeRoIHeads, postprocess_candidates
 from ummae.models.dense import stage_maps_of
 
 Size = tuple[int, int]  # (height, width)
@@ -193,16 +193,9 @@ class TorchvisionRoIHeads:
         ]
 
     def postprocess(self, boxes: Tensor, scores: Tensor) -> dict[str, Tensor]:
-        """``postprocess_detections`` from its threshold on: every (box, class > 0) pair
-        scoring above ``score_thresh``, small boxes dropped, NMS per class, the best
-        ``detections_per_img``."""
+        """``postprocess_detections`` from its threshold on (NMS per class)."""
         h = self.heads
-        labels = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)[:, 1:].reshape(-1)
-        boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
-        keep = torch.where(scores > h.score_thresh)[0]
-        keep = keep[remove_small_boxes(boxes[keep], 1e-2)]
-        keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], h.nms_thresh)[: h.detections_per_img]]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        return postprocess_candidates(boxes, scores, h.score_thresh, h.nms_thresh, h.detections_per_img)
 
     def mask_probs(self, features, boxes, labels, image_shapes, semantic=None) -> list[Tensor]:
         h = self.heads
