@@ -1490,8 +1490,8 @@ MUTATIONS = [
         "soft_nms_iou_not_passed",
         "--test-nms soft_linear ignores --test-nms-iou (mmcv's default 0.3)",
         "src/ummae/models/cascade.py",
-        "method=method, iou_threshold=self.nms_thresh)",
-        "method=method)",
+        "method=SOFT_NMS_METHODS[test_nms], iou_threshold=nms_thresh",
+        "method=SOFT_NMS_METHODS[test_nms]",
         ("tests/test_cascade.py::test_postprocess__test_nms_kinds_per_class_with_the_iou_threshold",),
     ),
     Mutation(
