@@ -718,11 +718,13 @@ def tries_table(results: dict, scale: Scale) -> str:
 
 
 def report(results: dict, scale: Scale, variant: str | None = None) -> str:
-    """table.md: the sweep, the few-label table and its tries, the full-label table."""
+    """table.md: the sweep, the few-label table and its tries, the full-label table. The
+    few-label table's fine-tuning cells are ``variant``'s (the run's try); its heading says so."""
+    tried = f"; fine-tuning: try {variant}" if variant and variant != next(iter(scale.few.variants)) else ""
     return "\n".join([
         "## Pre-training lr sweep † (kNN top-1 on the held-out training images; bold: chosen)", "",
         sweep_table(results, scale),
-        f"## Few labels (mean ± sd over seeds {', '.join(map(str, scale.few.seeds))}; val top-1)", "",
+        f"## Few labels (mean ± sd over seeds {', '.join(map(str, scale.few.seeds))}; val top-1{tried})", "",
         few_label_table(results, scale, variant),
         "### Few-label fine-tuning tries", "", tries_table(results, scale),
         "## Every label", "", markdown_table(results),
@@ -753,7 +755,9 @@ def _budget_panel(ax, jobs: dict, ev: str) -> None:
 
 def plots(results: dict, img: Path, scale_name: str, scale: Scale, variant: str | None = None) -> list[Path]:
     """Accuracy vs pre-training time for rows 1-3 (budget points and final), the SM-ratio
-    curve (rows 3, 4, 5) and accuracy vs the share of labels (the few-label rows)."""
+    curve (rows 3, 4, 5) and accuracy vs the share of labels (the few-label rows). The budget
+    and SM-ratio plots are written only when their runs are in the results: a run of the
+    default parts would otherwise replace the full-label table's figures with near-empty ones."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -761,6 +765,15 @@ def plots(results: dict, img: Path, scale_name: str, scale: Scale, variant: str 
 
     jobs, written = results["jobs"], []
     img.mkdir(parents=True, exist_ok=True)
+    if any("_pt" in k for k in jobs):
+        written.append(_budget_plot(plt, jobs, img, scale_name))
+    if any(k.startswith(("row4_", "row5_")) for k in jobs):
+        written.append(_sm_ratio_plot(plt, jobs, img, scale_name))
+    written.append(_few_label_plot(plt, results, scale, img, scale_name, variant))
+    return written
+
+
+def _budget_plot(plt, jobs: dict, img: Path, scale_name: str) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, ev, what in ((axes[0], "finetune", "fine-tune top-1 (%)"), (axes[1], "knn", "kNN top-1 (%)")):
         _budget_panel(ax, jobs, ev)
@@ -773,8 +786,10 @@ def plots(results: dict, img: Path, scale_name: str, scale: Scale, variant: str 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
+    return path
 
+
+def _sm_ratio_plot(plt, jobs: dict, img: Path, scale_name: str) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for ev, marker in (("finetune", "o-"), ("linprobe", "s--"), ("knn", "^:")):
         pts = [(sm, jobs[f"row{r}_s0_{ev}"]["acc1"]) for r, sm in (("4", 0.0), ("3", 0.25), ("5", 0.5))
@@ -791,9 +806,7 @@ def plots(results: dict, img: Path, scale_name: str, scale: Scale, variant: str 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
-    written.append(_few_label_plot(plt, results, scale, img, scale_name, variant))
-    return written
+    return path
 
 
 def _few_label_plot(plt, results: dict, scale: Scale, img: Path, scale_name: str, variant) -> Path:
@@ -819,7 +832,10 @@ def _few_label_plot(plt, results: dict, scale: Scale, img: Path, scale_name: str
         ax.set_ylabel(f"{what} top-1 (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Few labels: top-1 on the val split ({scale_name} table; mean ± sd over seeds, 100 %: seed 0)")
+    fine_tuning = f"; fine-tuning: try {tried}" if tried else ""
+    fig.suptitle(
+        f"Few labels: top-1 on the val split ({scale_name} table; mean ± sd over seeds, 100 %: seed 0{fine_tuning})"
+    )
     path = img / f"minitable_{scale_name}_few_labels.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -235,6 +235,27 @@ def test_few_label_table__mean_sd_per_cell_and_every_try_kept():
     assert any(line.startswith("| base (the table) | 3 | 32.0 ± 2.0 |") for line in tries)
     assert any(line.startswith("| lowlr (--lr 1e-4) | 3 | 22.0 ± 2.0 |") for line in tries)
     assert "1 % †" in table and "100 % kNN †" in table  # no counterpart in the paper: ours
+    # table.md names the try whose fine-tuning cells it shows; the first try's is unnamed
+    assert "val top-1; fine-tuning: try lowlr)" in mt.report({"jobs": jobs}, scale, "lowlr")
+    assert "try" not in mt.report({"jobs": jobs}, scale, "base").split("## Few labels")[1].splitlines()[0]
+
+
+def test_plots__a_plot_without_its_runs_leaves_the_file_there(tmp_path):
+    """The default parts have no budget points and no SM-ratio rows: their plots (the
+    full-label table's figures) must stay as they are, only the few-label plot is written."""
+    scale, few_only = mt.SCALES["mini"], {}
+    for seed in scale.few.seeds:
+        few_only[f"row3_f1_s{seed}_finetune"] = {"acc1": 30.0 + seed, "best_acc1": 31.0}
+    kept = tmp_path / "minitable_mini_budget.png"
+    kept.write_bytes(b"the full-label table's figure")
+    written = mt.plots({"jobs": few_only}, tmp_path, "mini", scale)
+    assert [p.name for p in written] == ["minitable_mini_few_labels.png"]
+    assert kept.read_bytes() == b"the full-label table's figure"
+    assert not (tmp_path / "minitable_mini_sm_ratio.png").exists()
+    with_budget = {**few_only, "row2_s0_pt10_knn": {"acc1": 20.0}, "row4_s0_knn": {"acc1": 21.0}}
+    names = {p.name for p in mt.plots({"jobs": with_budget}, tmp_path, "mini", scale)}
+    assert names == {"minitable_mini_budget.png", "minitable_mini_sm_ratio.png", "minitable_mini_few_labels.png"}
+    assert kept.read_bytes() != b"the full-label table's figure"
 
 
 @pytest.mark.parametrize("world", [1, 8, 64])
@@ -320,7 +341,8 @@ def test_table_run__stops_and_continues_without_redoing_a_finished_run(tiny_fold
         and "## Few labels" in table
         and "| 3 | Swin, UM-MAE (US + SM 0.25) |" in table
     )
-    assert (img / "minitable_test_few_labels.png").is_file() and (img / "minitable_test_budget.png").is_file()
+    assert (img / "minitable_test_few_labels.png").is_file()
+    assert (img / "minitable_test_budget.png").is_file() == any("_pt" in key for key in planned)
 
     third = _table(data=tiny_folder, out=out, img=img)  # nothing left: no run starts
     assert third.returncode == 0 and f"{len(planned)} of {len(planned)} runs done, 0 to go" in third.stdout
