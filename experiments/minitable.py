@@ -667,11 +667,17 @@ def _few_values(jobs: dict, row: Row, fraction: float, ev: str, seeds, variant, 
     return [jobs[k][what] for k in keys if k in jobs and what in jobs[k]]
 
 
+def _tried(scale: Scale, variant: str | None) -> str | None:
+    """The few-label try whose fine-tuning cells a table or plot shows: None for the first
+    (the table's own)."""
+    return variant if variant and variant != next(iter(scale.few.variants)) else None
+
+
 def few_label_table(results: dict, scale: Scale, variant: str | None = None) -> str:
     """Top-1 with 1 % / 10 % of the labels (mean ± sd over the seeds; fine-tuning: last epoch,
     best epoch in brackets) and with every label (seed 0), for the few-label rows."""
     jobs, few = results["jobs"], scale.few
-    tried = variant if variant and variant != next(iter(few.variants)) else None
+    tried = _tried(scale, variant)
     head = ["row", "encoder, pre-training"]
     for fraction in few.fractions:
         pct = f"{fraction * 100:g} % †"
@@ -720,7 +726,8 @@ def tries_table(results: dict, scale: Scale) -> str:
 def report(results: dict, scale: Scale, variant: str | None = None) -> str:
     """table.md: the sweep, the few-label table and its tries, the full-label table. The
     few-label table's fine-tuning cells are ``variant``'s (the run's try); its heading says so."""
-    tried = f"; fine-tuning: try {variant}" if variant and variant != next(iter(scale.few.variants)) else ""
+    name = _tried(scale, variant)
+    tried = f"; fine-tuning: try {name}" if name else ""
     return "\n".join([
         "## Pre-training lr sweep † (kNN top-1 on the held-out training images; bold: chosen)", "",
         sweep_table(results, scale),
@@ -813,7 +820,7 @@ def _few_label_plot(plt, results: dict, scale: Scale, img: Path, scale_name: str
     """Top-1 against the share of labels (log axis: the fractions and every label), one line
     per few-label row, the seeds' mean with their standard deviation as error bars."""
     jobs, few = results["jobs"], scale.few
-    tried = variant if variant and variant != next(iter(few.variants)) else None
+    tried = _tried(scale, variant)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, ev, what in zip(axes, ("finetune", "linprobe", "knn"), ("fine-tune", "linear probe", "kNN"), strict=True):
         for row in (r for r in ROWS if r.few):
